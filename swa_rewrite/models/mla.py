@@ -1,0 +1,194 @@
+"""The bundled DeepSeek-V3-style decoder, running MLA in absorbed form against a paged latent cache.
+
+One forward call processes one engine step: a ragged batch of ``T`` tokens described by the metadata of
+SPEC §5. Every attention layer writes this step's latents ``[c_kv_norm | rope(k_pe)]`` into its cache and
+then attends from the cache, so decode, fresh prefill, chunked prefill and prefix reuse are one path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .. import ops
+from .config import MLAConfig
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention of layer ``layer_idx`` (weights named as in DeepSeek-V3 checkpoints)."""
+
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        q_dim = self.num_heads * (self.nope_dim + self.rope_dim)
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=False)
+        self.softmax_scale = c.softmax_scale
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor,
+                slot_mapping: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        H, N, P, R = self.num_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, H, N + P)
+        q_nope, q_pe = q[..., :N], q[..., N:]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        interleave = self.config.rope_interleave
+        q_pe = apply_rope(q_pe, cos, sin, interleave)                           # [T, H, P]
+        k_pe = apply_rope(k_pe, cos, sin, interleave)                           # [T, P]
+
+        # Absorb W_UK into the query and W_UV into the output: attention runs on the latent directly.
+        w_kv_b = self.kv_b_proj.weight.view(H, N + self.v_dim, R)
+        w_uk, w_uv = w_kv_b[:, :N, :], w_kv_b[:, N:, :]                         # [H, N, R], [H, V, R]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)         # [T, H, R]
+        q_abs = torch.cat([q_lat, q_pe], dim=-1)                                # [T, H, D]
+        latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
+
+        torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, self.layer_idx)
+        o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(
+            q_abs, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+            batch_id_per_token, self.softmax_scale, P, self.layer_idx)          # [T, H, R]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+        return self.o_proj(o.reshape(T, H * self.v_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, cache, *meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, *meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MLAModel(nn.Module):
+    """DeepSeek-V3-style decoder (dense MLP, no MoE) over a paged latent cache.
+
+    ``forward`` processes one engine step; see its docstring. ``allocate_kv_cache`` builds the per-layer
+    caches through ``torch.ops.swa_rewrite.allocate_kv_cache`` so graph passes can rewrite it.
+    """
+
+    def __init__(self, config: MLAConfig, *, device: torch.device | str | None = None,
+                 dtype: Optional[torch.dtype] = None, seed: int = 0):
+        super().__init__()
+        self.config = config
+        with torch.device(device if device is not None else "cpu"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv_freq, self.rope_magnitude = rope_inv_freq(config)
+        self.register_buffer("rope_inv_freq", inv_freq.to(self.lm_head.weight.device), persistent=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters(seed)
+        if dtype is not None:
+            self.to(dtype)
+            self.rope_inv_freq = self.rope_inv_freq.float()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Deterministic init from ``seed``: linears ``N(0, 1/fan_in)``, embeddings ``N(0, 1)``, norms ``1 ± 0.1``."""
+        device = self.lm_head.weight.device
+        if device.type == "meta":
+            return
+        g = torch.Generator(device=device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=device))
+            elif name == "embed_tokens.weight":
+                p.copy_(torch.randn(p.shape, generator=g, device=device))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * p.shape[-1] ** -0.5)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def allocate_kv_cache(self, num_blocks: int, page_size: int,
+                          device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """One latent cache ``[num_blocks, page_size, R + P]`` of the model dtype per layer."""
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        dtype = self.lm_head.weight.dtype
+        width = self.config.latent_dim
+        return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, width, dtype, device, i)
+                for i in range(self.num_layers)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, slot_mapping: torch.Tensor,
+                logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run one step.
+
+        Args:
+            input_ids: ``[T]`` int64 tokens of the step, requests concatenated.
+            positions: ``[T]`` absolute positions (``seq_lens_decoder[b] + i``).
+            kv_caches: one cache per layer, as returned by ``allocate_kv_cache``; written in place.
+            block_tables: ``[B, max_blocks]`` int32 physical block of each logical block.
+            cu_seqlens_q: ``[B + 1]`` int32 prefix sums of the query tokens per request.
+            seq_lens_encoder: ``[B]`` int32 new prefill tokens this step (0 for decode).
+            seq_lens_decoder: ``[B]`` int32 tokens already cached before this step.
+            batch_id_per_token: ``[T]`` int32 request of each token (``-1`` for padding).
+            slot_mapping: ``[T]`` int64 cache slot of each token (``-1`` for padding: nothing written).
+            logits_indices: optional ``[n]`` token rows to compute logits for (default: all).
+        Returns:
+            logits ``[T or n, vocab]`` in the model dtype.
+        """
+        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)
+        x = self.embed_tokens(input_ids)
+        meta = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, slot_mapping)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[i], *meta)
+        x = self.norm(x)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)
+        return self.lm_head(x)

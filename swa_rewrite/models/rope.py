@@ -1,0 +1,59 @@
+"""Rotary position embedding of DeepSeek-V2/V3, plain and yarn-scaled, interleaved and NeoX layouts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import MLAConfig, yarn_mscale
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+    return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def rope_inv_freq(config: MLAConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[P/2]`` (float32) and the cos/sin magnitude factor for ``config``."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    freq_extra = 1.0 / base**exponent
+    rs = config.rope_scaling
+    if rs is None:
+        return freq_extra.float(), 1.0
+    factor = rs["factor"]
+    freq_inter = freq_extra / factor
+    low = math.floor(_yarn_correction_dim(rs.get("beta_fast", 32), dim, base, rs["original_max_position_embeddings"]))
+    high = math.ceil(_yarn_correction_dim(rs.get("beta_slow", 1), dim, base, rs["original_max_position_embeddings"]))
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = freq_inter * (1 - extrapolate) + freq_extra * extrapolate
+    magnitude = yarn_mscale(factor, rs.get("mscale", 1)) / yarn_mscale(factor, rs.get("mscale_all_dim", 0))
+    return inv_freq.float(), magnitude
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [T, P/2]`` in ``dtype`` for integer ``positions [T]``."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate ``x [T, ..., P]`` by ``cos, sin [T, P/2]``.
+
+    ``interleave=True`` reads rotation pairs as ``(x[2i], x[2i+1])`` (DeepSeek's checkpoint layout) and,
+    like transformers, writes the result de-interleaved: ``[rotated evens | rotated odds]``.
+    ``interleave=False`` is the NeoX layout: pairs are ``(x[i], x[i + P/2])``, written in place.
+    """
+    half = x.shape[-1] // 2
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., :half], x[..., half:]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    c, s = cos.view(shape), sin.view(shape)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

@@ -1,0 +1,116 @@
+"""Input validation shared by every op.
+
+Shape and dtype checks cost nothing and always run (they also run at trace time in the fake
+implementations). Data checks — slot ranges, block-table bounds — read tensor values, which
+synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
+capture and outside Dynamo tracing, unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def checks_enabled() -> bool:
+    """Whether data-dependent input checks run now (see module docstring)."""
+    if os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def check_index(name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        fail(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != dim:
+        fail(f"{name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      width: int) -> None:
+    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [T]``."""
+    if latent.dim() != 2:
+        fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
+    if cache.dim() != 3:
+        fail(f"cache must be [num_blocks, page_size, bytes_or_D], got shape {tuple(cache.shape)}")
+    if cache.shape[-1] != width:
+        fail(f"cache rows are {cache.shape[-1]} wide, expected {width} for latent width {latent.shape[1]}")
+    check_index("slot_mapping", slot_mapping, 1)
+    if slot_mapping.shape[0] != latent.shape[0]:
+        fail(f"slot_mapping has {slot_mapping.shape[0]} entries for {latent.shape[0]} latent rows")
+    if latent.device != cache.device or slot_mapping.device != cache.device:
+        fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
+             "must be on one device")
+    if checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
+        num_slots = cache.shape[0] * cache.shape[1]
+        bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            fail(f"slot_mapping[{i}] = {int(slot_mapping[i])} is out of range [-1, {num_slots})")
+        used = slot_mapping[slot_mapping >= 0]
+        if used.numel() != used.unique().numel():
+            fail("slot_mapping writes the same slot twice in one step")
+
+
+def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int) -> None:
+    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens."""
+    check_index("block_tables", block_tables, 2)
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
+                    ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
+        check_index(name, t, 1)
+    B = block_tables.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        fail(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected batch size + 1 = {B + 1}")
+    if seq_lens_encoder.shape[0] != B or seq_lens_decoder.shape[0] != B:
+        fail(f"seq_lens_encoder {tuple(seq_lens_encoder.shape)} and seq_lens_decoder "
+             f"{tuple(seq_lens_decoder.shape)} must both be [{B}]")
+    if batch_id_per_token.shape[0] != num_tokens:
+        fail(f"batch_id_per_token has {batch_id_per_token.shape[0]} entries for {num_tokens} tokens")
+    if page_size < 1:
+        fail(f"page_size must be >= 1, got {page_size}")
+    if not checks_enabled() or block_tables.device.type == "meta" or B == 0:
+        return
+    cu = cu_seqlens_q.long().cpu()
+    q_lens = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or bool((q_lens < 0).any()) or int(cu[-1]) > num_tokens:
+        fail(f"cu_seqlens_q must start at 0, not decrease and end at <= {num_tokens} tokens, got {cu.tolist()}")
+    enc = seq_lens_encoder.long().cpu()
+    dec = seq_lens_decoder.long().cpu()
+    if bool((dec < 0).any()) or bool((enc < 0).any()):
+        fail("seq_lens_encoder and seq_lens_decoder must be >= 0")
+    bad = (enc > 0) & (enc != q_lens)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        fail(f"request {b}: seq_lens_encoder = {int(enc[b])} but cu_seqlens_q gives it {int(q_lens[b])} tokens")
+    ends = dec + q_lens
+    capacity = block_tables.shape[1] * page_size
+    if bool((ends > capacity).any()):
+        b = int((ends > capacity).nonzero()[0, 0])
+        fail(f"request {b} reaches position {int(ends[b]) - 1} but its block table holds {capacity} positions "
+             f"({block_tables.shape[1]} blocks of {page_size})")
+    bt = block_tables.long().cpu()
+    used = torch.arange(block_tables.shape[1])[None, :] < ((ends + page_size - 1) // page_size)[:, None]
+    bad = used & ((bt < 0) | (bt >= num_blocks))
+    if bool(bad.any()):
+        b, i = (int(v) for v in bad.nonzero()[0])
+        fail(f"block_tables[{b}, {i}] = {int(bt[b, i])} is out of range [0, {num_blocks})")
+    bid = batch_id_per_token.long().cpu()
+    expected = torch.full((num_tokens,), -1, dtype=torch.long)
+    expected[: int(cu[-1])] = torch.repeat_interleave(torch.arange(B), q_lens)
+    if not torch.equal(bid, expected):
+        i = int((bid != expected).nonzero()[0, 0])
+        fail(f"batch_id_per_token[{i}] = {int(bid[i])} does not match cu_seqlens_q (expected {int(expected[i])}; "
+             "padding tokens after the last request carry -1)")

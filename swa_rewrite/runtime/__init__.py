@@ -1,0 +1,7 @@
+"""A small paged MLA runtime: block manager, step batches, greedy engine."""
+
+from .batch import StepBatch, StepItem
+from .block_manager import BlockManager, OutOfBlocksError
+from .engine import Engine
+
+__all__ = ["BlockManager", "Engine", "OutOfBlocksError", "StepBatch", "StepItem"]
