@@ -1,17 +1,21 @@
 """Public Python faces of the ``torch.ops.swa_rewrite.*`` ops (SPEC §7, §11).
 
 Importing this package registers the ops. Each function here calls its op, which dispatches to the
-Triton kernel on CUDA where one is registered and to the PyTorch reference (``ops.reference``) otherwise.
+Triton kernel on CUDA where one is registered and to the PyTorch reference (the ``*_reference``
+function of the op's module) otherwise.
+
+One module per op family, each holding its reference, its ``torch.library`` definition and fake:
+``kv_cache`` (allocation, model-dtype write), ``attention`` (paged and sparse MLA attention).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import custom_ops, reference  # noqa: F401  (registers torch.ops.swa_rewrite.*)
+from . import attention, kv_cache  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from .validation import checks_enabled
 
-__all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled", "reference"]
+__all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 
 
 def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,

@@ -1,0 +1,56 @@
+"""Latent-cache allocation and the model-dtype (bf16) cache write: ``allocate_kv_cache``, ``write_kv_cache``.
+
+Every op takes the layer index as an explicit ``layer`` argument. It does not change the result; it is
+how graph passes tell layers apart (SPEC §8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import check_cache_write, fail
+
+
+def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``; ``-1`` writes nothing."""
+    flat = cache.view(-1, cache.shape[-1])
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    # No boolean indexing (it would sync with the host): padding rows repeat the first real row's
+    # write exactly, or rewrite slot 0 with its own value when there is no real row.
+    first = torch.argmax(keep.to(torch.int32))
+    any_keep = keep.any()
+    sink = torch.where(any_keep, slots[first], 0) if slots.numel() else slots
+    sink_value = torch.where(any_keep, latent[first].to(flat.dtype), flat[0]) if slots.numel() else flat[:0]
+    target = torch.where(keep, slots, sink)
+    value = torch.where(keep[:, None], latent.to(flat.dtype), sink_value)
+    flat.index_copy_(0, target, value)
+
+
+
+@torch.library.custom_op("swa_rewrite::allocate_kv_cache", mutates_args=())
+def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,
+                      device: torch.device, layer: int) -> torch.Tensor:
+    """One layer's latent cache ``[num_blocks, page_size, width]`` of ``dtype`` (contents undefined)."""
+    if num_blocks < 1 or page_size < 1 or width < 1:
+        fail(f"cache dims must be >= 1, got num_blocks={num_blocks}, page_size={page_size}, width={width}")
+    return torch.empty((num_blocks, page_size, width), dtype=dtype, device=device)
+
+
+@allocate_kv_cache.register_fake
+def _(num_blocks, page_size, width, dtype, device, layer):
+    return torch.empty((num_blocks, page_size, width), dtype=dtype, device=device)
+
+
+@torch.library.custom_op("swa_rewrite::write_kv_cache", mutates_args=("cache",))
+def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, layer: int) -> None:
+    """Write ``latent [T, D]`` into the model-dtype ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``."""
+    check_cache_write(latent, cache, slot_mapping, latent.shape[-1])
+    if latent.dtype != cache.dtype:
+        fail(f"latent dtype {latent.dtype} does not match cache dtype {cache.dtype}")
+    write_kv_cache_reference(latent, cache, slot_mapping)
+
+
+@write_kv_cache.register_fake
+def _(latent, cache, slot_mapping, layer):
+    check_cache_write(latent, cache, slot_mapping, latent.shape[-1])
