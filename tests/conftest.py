@@ -25,3 +25,9 @@ def seed(request):
     torch.manual_seed(value)
     request.node.user_properties.append(("seed", value))
     return value
+
+
+# Test-only references (e.g. mla_reference.py) live beside this file.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -69,7 +69,7 @@ def paged_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_ta
 
 # ---------------------------------------------------------------------------------------------- op
 def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim):
+                           batch_id_per_token, rope_dim, data=True):
     if q.dim() != 3:
         fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
     if cache.dim() != 3 or cache.shape[-1] != q.shape[-1]:
@@ -79,7 +79,7 @@ def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encode
     if not 0 < rope_dim < q.shape[-1]:
         fail(f"rope_dim must be in (0, {q.shape[-1]}), got {rope_dim}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, cache.shape[1], cache.shape[0])
+                batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
 
 
 @torch.library.custom_op("swa_rewrite::paged_mla_attention", mutates_args=())
@@ -98,6 +98,6 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
       scale, rope_dim, layer):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim)
+                           batch_id_per_token, rope_dim, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)

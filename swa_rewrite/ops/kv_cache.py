@@ -53,4 +53,4 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
 
 @write_kv_cache.register_fake
 def _(latent, cache, slot_mapping, layer):
-    check_cache_write(latent, cache, slot_mapping, latent.shape[-1])
+    check_cache_write(latent, cache, slot_mapping, latent.shape[-1], data=False)

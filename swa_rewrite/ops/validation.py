@@ -38,8 +38,11 @@ def check_index(name: str, t: torch.Tensor, dim: int) -> None:
 
 
 def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                      width: int) -> None:
-    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [T]``."""
+                      width: int, *, data: bool = True) -> None:
+    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [T]``.
+
+    ``data=False`` (fake implementations) checks shapes and dtypes only.
+    """
     if latent.dim() != 2:
         fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
     if cache.dim() != 3:
@@ -52,7 +55,7 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
     if latent.device != cache.device or slot_mapping.device != cache.device:
         fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
              "must be on one device")
-    if checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
+    if data and checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
         num_slots = cache.shape[0] * cache.shape[1]
         bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
         if bool(bad.any()):
@@ -65,8 +68,8 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
 
 def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int) -> None:
-    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens."""
+                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, *, data: bool = True) -> None:
+    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens (``data=False``: shapes and dtypes only)."""
     check_index("block_tables", block_tables, 2)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
                     ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
@@ -81,7 +84,7 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
         fail(f"batch_id_per_token has {batch_id_per_token.shape[0]} entries for {num_tokens} tokens")
     if page_size < 1:
         fail(f"page_size must be >= 1, got {page_size}")
-    if not checks_enabled() or block_tables.device.type == "meta" or B == 0:
+    if not (data and checks_enabled()) or block_tables.device.type == "meta" or B == 0:
         return
     cu = cu_seqlens_q.long().cpu()
     q_lens = cu[1:] - cu[:-1]

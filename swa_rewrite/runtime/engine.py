@@ -75,7 +75,10 @@ class Engine:
 
     @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:
-        """Float32 logits ``[len(prompt), vocab]`` of every prompt position, computed through the paged path."""
+        """Float32 logits ``[len(prompt), vocab]`` of every prompt position, computed through the paged path.
+
+        Every position is computed (no prefix reuse for this prompt); its full blocks are still published.
+        """
         (req,) = self._run([prompt], 0, keep_logits=True)
         return torch.cat(req.logits)
 
@@ -97,7 +100,7 @@ class Engine:
             waiting.append(_Request(i, list(p), len(p), max_new_tokens))
         all_reqs, running = list(waiting), []
         while waiting or running:
-            self._admit(waiting, running)
+            self._admit(waiting, running, reuse=not keep_logits)
             items, reqs = self._schedule(running)
             if not items:
                 raise OutOfBlocksError("no request can make progress")  # cannot happen with reservations
@@ -111,7 +114,7 @@ class Engine:
     def _reserved(self, running: list[_Request]) -> int:
         return sum(self._blocks_for(r.num_prompt + r.max_new_tokens) - len(r.blocks) for r in running)
 
-    def _admit(self, waiting: list[_Request], running: list[_Request]) -> None:
+    def _admit(self, waiting: list[_Request], running: list[_Request], reuse: bool) -> None:
         """Admit waiting requests in order while their whole generation fits beside the running ones."""
         while waiting:
             r = waiting[0]
@@ -119,7 +122,7 @@ class Engine:
             if self.blocks.num_free - self._reserved(running) < need:
                 break
             waiting.pop(0)
-            if self.prefix_caching:
+            if self.prefix_caching and reuse:
                 # Keep at least the last prompt token to compute: its logits start the generation.
                 keys = prefix_block_keys(r.tokens[: r.num_prompt - 1], self.page_size)
                 r.blocks = self.blocks.match_prefix(keys)
