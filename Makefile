@@ -17,7 +17,7 @@ test: install
 	$(PYTHON) -m pytest -q -ra tests
 
 demo: install
-	$(PYTHON) -m swa_rewrite.demo
+	$(PYTHON) -m swa_rewrite demo
 
 gpu-test:
 	$(PYTHON) -m pytest -q -ra -m gpu tests
