@@ -10,12 +10,27 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
 from .. import ops
 from .config import MLAConfig
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def select_rows(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x[indices]`` along dim 0, or ``x`` when ``indices`` is None (a graph leaf, so traces keep the branch)."""
+    return x if indices is None else x.index_select(0, indices)
+
+
+def cache_device(device: Optional[torch.device | str], like: torch.Tensor) -> torch.device:
+    """``device`` as a ``torch.device``, defaulting to the device of ``like`` (a graph leaf for the same reason)."""
+    return torch.device(device) if device is not None else like.device
+
+
+torch.fx.wrap("select_rows")
+torch.fx.wrap("cache_device")
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +172,7 @@ class MLAModel(nn.Module):
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
         """One latent cache ``[num_blocks, page_size, R + P]`` of the model dtype per layer."""
-        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        device = cache_device(device, self.lm_head.weight)
         dtype = self.lm_head.weight.dtype
         width = self.config.latent_dim
         return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, width, dtype, device, i)
@@ -189,6 +204,4 @@ class MLAModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[i], *meta)
         x = self.norm(x)
-        if logits_indices is not None:
-            x = x.index_select(0, logits_indices)
-        return self.lm_head(x)
+        return self.lm_head(select_rows(x, logits_indices))
