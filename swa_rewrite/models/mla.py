@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .config import MLAConfig
+from .moe import MoE
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -118,7 +119,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLAAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        if config.is_moe_layer(layer_idx):  # DeepSeek-V2/V3 MoE; its shared experts are one wider MLP
+            width = config.n_shared_experts * config.moe_intermediate_size
+            self.mlp = MoE(config, layer_idx, MLP(config.hidden_size, width) if width else None)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, cache, *meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, *meta)

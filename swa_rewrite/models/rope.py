@@ -31,7 +31,12 @@ def rope_inv_freq(config: MLAConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate
     inv_freq = freq_inter * (1 - extrapolate) + freq_extra * extrapolate
-    magnitude = yarn_mscale(factor, rs.get("mscale", 1)) / yarn_mscale(factor, rs.get("mscale_all_dim", 0))
+    if rs.get("attention_factor") is not None:
+        # An explicit magnitude: transformers' yarn reads it first, and infers it differently from DeepSeek
+        # when only one of mscale / mscale_all_dim is set, so the HF loader stores the value it computes.
+        magnitude = float(rs["attention_factor"])
+    else:  # DeepSeek's formula
+        magnitude = yarn_mscale(factor, rs.get("mscale", 1)) / yarn_mscale(factor, rs.get("mscale_all_dim", 0))
     return inv_freq.float(), magnitude
 
 
