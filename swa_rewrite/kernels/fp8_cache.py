@@ -1,0 +1,183 @@
+"""Packed FP8 latent cache (SPEC §6): quantise-and-scatter write, and dequantise.
+
+One cache row (token) of ``R + 4*R/128 + 2*P`` bytes, byte-compatible with FlashMLA's "FP8 with scale"::
+
+    [0, R)                 R x float8_e4m3fn      latent[:R] / scale[tile]
+    [R, R + 4*R/128)       R/128 x float32        per-128-tile scale, a power of two
+    [R + 4*R/128, end)     P x bfloat16           latent[R:], the rope part, unquantised
+
+Tile scale: ``s = max(amax / 448, 1e-4)`` (IEEE float32 division), rounded *up* to a power of two;
+``q = e4m3fn(x / s)`` rounded to nearest even. Because ``s`` is a power of two, ``x * (1/s)`` is the
+exact quotient and dequantisation ``q * s`` is exact in bf16.
+
+Scales and rope values are written and read as single bytes, so rows need no alignment: any block
+stride works. All addresses are int64 (``slot * 656`` overflows int32 past ~3.2M slots).
+
+``SOFT_CVT``: the Triton interpreter truncates float32 -> bf16 and rounds float32 -> fp8 half-up without
+carrying into the exponent, so when interpreting the launchers round with integer arithmetic instead
+(bit-identical to the hardware ``cvt.rn`` conversions, which the GPU path uses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 128  # quantisation tile width (latent dims per float32 scale)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _fp32_to_e4m3_bits(y):
+    """float32 ``y`` (``|y| <= 448``) -> e4m3fn bit pattern as int32, round to nearest even, in integers."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = tl.where(bits < 0, 0x80, 0)
+    a = bits & 0x7FFFFFFF
+    e = a >> 23
+    # Normal e4m3 (|y| >= 2^-6): drop 20 mantissa bits with round-half-even; a carry moves into the
+    # exponent by itself. (a >> 20) is (exponent << 3 | 3 mantissa bits); rebias the exponent 127 -> 7.
+    r = a + 0x7FFFF + ((a >> 20) & 1)
+    normal = (r >> 20) - (120 << 3)
+    # Subnormal e4m3 (multiples of 2^-9): round full_significand * 2^(e - 150) / 2^-9 to an integer.
+    full = (a & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(141 - e, 31)
+    sub = (full + (1 << (shift - 1)) - 1 + ((full >> shift) & 1)) >> shift
+    return tl.where(e >= 121, normal, sub) | sign
+
+
+@triton.jit
+def _fp32_to_bf16_bits(x):
+    """float32 -> bf16 bit pattern (low 16 bits of an int32), round to nearest even, in integers."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+
+# ------------------------------------------------------------------------------------------ write
+@triton.jit
+def _write_fp8_cache_kernel(
+    latent_ptr, cache_ptr, slot_ptr,
+    num_tokens, num_slots, page_size,
+    stride_lt, stride_ld,            # latent [T, D]
+    stride_cb, stride_cp,            # cache [num_blocks, ps, bytes], byte strides (last one is 1)
+    R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    SOFT_CVT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
+    slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
+    # -1 (padding) and out-of-range slots write nothing: no other token's bytes can change.
+    keep = (slot >= 0) & (slot < num_slots)
+    slot = tl.where(keep, slot, 0)
+    row = cache_ptr + (slot // page_size) * stride_cb + (slot % page_size) * stride_cp  # [BLOCK_T] ptrs
+    src = latent_ptr + tok * stride_lt
+    cols = tl.arange(0, 128)
+
+    for i in tl.static_range(R // 128):
+        x = tl.load(src[:, None] + (i * 128 + cols)[None, :] * stride_ld, mask=keep[:, None],
+                    other=0.0).to(tl.float32)                                      # [BLOCK_T, 128]
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-4)
+        # Round s up to a power of two: add "all mantissa ones" and clear the mantissa.
+        s_bits = (s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
+        inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)                  # exactly 1 / s
+        y = x * inv[:, None]
+        if SOFT_CVT:
+            q = _fp32_to_e4m3_bits(y).to(tl.uint8)
+        else:
+            q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        tl.store(row[:, None] + (i * 128 + cols)[None, :], q, mask=keep[:, None])
+        for k in tl.static_range(4):  # little-endian float32 scale
+            tl.store(row + (R + 4 * i + k), ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=keep)
+
+    pcols = tl.arange(0, BLOCK_P)
+    pmask = keep[:, None] & (pcols < P)[None, :]
+    r = tl.load(src[:, None] + (R + pcols)[None, :] * stride_ld, mask=pmask, other=0.0)  # [BLOCK_T, BLOCK_P]
+    if r.dtype == tl.bfloat16:
+        h = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    elif SOFT_CVT:
+        h = _fp32_to_bf16_bits(r.to(tl.float32))
+    else:
+        h = r.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
+        h = h.to(tl.int32) & 0xFFFF
+    dst = row[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
+    tl.store(dst, (h & 0xFF).to(tl.uint8), mask=pmask)
+    tl.store(dst + 1, (h >> 8).to(tl.uint8), mask=pmask)
+
+
+def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                    rope_dim: int, block_t: int = 16, num_warps: int = 4,
+                    soft_cvt: bool | None = None) -> None:
+    """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into ``cache [num_blocks, ps, bytes]`` (uint8) rows.
+
+    Row ``slot_mapping[t]`` (int32/int64; ``-1`` or out of range: skipped) receives token ``t``.
+    ``cache`` may have any block stride; within a block rows must be ``bytes`` apart and bytes contiguous.
+    Inputs are not validated here (the op does that). ``soft_cvt`` defaults to "interpreting".
+    """
+    T, D = latent.shape
+    R = D - rope_dim
+    num_blocks, ps, _ = cache.shape
+    assert R % TILE == 0 and cache.stride(2) == 1, (R, cache.stride())
+    if T == 0:
+        return
+    soft = _interpreting() if soft_cvt is None else soft_cvt
+    grid = (triton.cdiv(T, block_t),)
+    _write_fp8_cache_kernel[grid](
+        latent, cache, slot_mapping, T, num_blocks * ps, ps,
+        latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
+        R=R, P=rope_dim, BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, SOFT_CVT=soft,
+        num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------------- dequantise
+@triton.jit
+def _dequantize_fp8_cache_kernel(
+    cache_ptr, out_ptr,
+    num_rows, inner,                 # rows are (outer, inner) pairs of a [outer, inner, bytes] view
+    stride_co, stride_ci,
+    R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
+    live = row < num_rows
+    src = cache_ptr + (row // inner) * stride_co + (row % inner) * stride_ci
+    dst = out_ptr + row * (R + P)
+    cols = tl.arange(0, 128)
+    for i in tl.static_range(R // 128):
+        s_bits = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for k in tl.static_range(4):
+            byte = tl.load(src + (R + 4 * i + k), mask=live, other=0).to(tl.int32)
+            s_bits = s_bits | (byte << (8 * k))
+        s = s_bits.to(tl.float32, bitcast=True)
+        q = tl.load(src[:, None] + (i * 128 + cols)[None, :], mask=live[:, None], other=0)
+        x = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]          # exact in bf16
+        tl.store(dst[:, None] + (i * 128 + cols)[None, :], x.to(tl.bfloat16), mask=live[:, None])
+    pcols = tl.arange(0, BLOCK_P)
+    pmask = live[:, None] & (pcols < P)[None, :]
+    rope = src[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
+    lo = tl.load(rope, mask=pmask, other=0).to(tl.int32)
+    hi = tl.load(rope + 1, mask=pmask, other=0).to(tl.int32)
+    h = (lo | (hi << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    tl.store(dst[:, None] + (R + pcols)[None, :], h, mask=pmask)
+
+
+def dequantize_fp8_cache(cache: torch.Tensor, out: torch.Tensor, *, rope_dim: int, block_t: int = 16,
+                         num_warps: int = 4) -> None:
+    """Dequantise ``cache [outer, inner, bytes]`` (uint8, last stride 1) into ``out [outer*inner, D]`` bf16."""
+    outer, inner, nbytes = cache.shape
+    D = out.shape[-1]
+    R = D - rope_dim
+    assert cache.stride(2) == 1 and out.is_contiguous() and out.shape[0] == outer * inner, (cache.stride(),)
+    assert nbytes == R + 4 * (R // TILE) + 2 * rope_dim, (nbytes, D, rope_dim)
+    n = outer * inner
+    if n == 0:
+        return
+    _dequantize_fp8_cache_kernel[(triton.cdiv(n, block_t),)](
+        cache, out, n, inner, cache.stride(0), cache.stride(1),
+        R=R, P=rope_dim, BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)

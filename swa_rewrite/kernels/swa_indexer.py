@@ -1,0 +1,84 @@
+"""Sliding-window indexer (SPEC §3, §7): per query token, the cache slots of its window.
+
+Token ``t`` of request ``b = batch_id_per_token[t]`` sits at ``p = seq_lens_decoder[b] + t - cu_seqlens_q[b]``
+(cached history counts, so chunked prefill, prefix reuse and multi-token decode are one case). Entry ``k``
+of its row is the slot of position ``q = p - W + 1 + k``::
+
+    indices[t, 0, k] = block_tables[b, q // ps] * ps + q % ps     if q >= 0, else -1
+
+and ``num_valid[t] = min(W, p + 1)``. Padding tokens (``b == -1``) get all ``-1`` and ``num_valid = 0``.
+
+Each program fills a ``[BLOCK_T, BLOCK_W]`` tile of tokens x window entries. The page size is a run-time
+argument; ``PAGE_SIZE > 0`` bakes it in as a compile-time constant instead (division becomes a multiply).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE_ELEMS = 2048  # window entries per program
+
+
+@triton.jit
+def _swa_indexer_kernel(
+    block_tables_ptr, cu_seqlens_ptr, seq_lens_decoder_ptr, batch_id_ptr,
+    indices_ptr, num_valid_ptr,
+    num_tokens, window, page_size, max_blocks,
+    stride_bt_b, stride_bt_i,
+    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    if PAGE_SIZE > 0:
+        ps = PAGE_SIZE
+    else:
+        ps = page_size
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                                 # [BLOCK_T]
+    tmask = tok < num_tokens
+    req = tl.load(batch_id_ptr + tok, mask=tmask, other=-1).to(tl.int32)
+    live = req >= 0
+    req = tl.where(live, req, 0)
+    start = tl.load(cu_seqlens_ptr + req, mask=tmask, other=0).to(tl.int32)
+    cached = tl.load(seq_lens_decoder_ptr + req, mask=tmask, other=0).to(tl.int32)
+    pos = cached + tok - start                                                    # [BLOCK_T]
+
+    k = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)                                   # [BLOCK_W]
+    q = pos[:, None] - window + 1 + k[None, :]                                    # [BLOCK_T, BLOCK_W]
+    qc = tl.maximum(q, 0)
+    page = qc // ps
+    valid = live[:, None] & (q >= 0) & (page < max_blocks)
+    row = block_tables_ptr + req.to(tl.int64) * stride_bt_b
+    blk = tl.load(row[:, None] + page.to(tl.int64) * stride_bt_i, mask=valid, other=-1)
+    slot = tl.where(valid & (blk >= 0), blk * ps + (qc - page * ps), -1)
+
+    out = indices_ptr + tok.to(tl.int64)[:, None] * window + k[None, :]
+    tl.store(out, slot.to(tl.int32), mask=tmask[:, None] & (k < window)[None, :])
+    if pid_w == 0:
+        n = tl.where(live, tl.minimum(pos + 1, window), 0)
+        tl.store(num_valid_ptr + tok, n.to(tl.int32), mask=tmask)
+
+
+def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                batch_id_per_token: torch.Tensor, indices: torch.Tensor, num_valid: torch.Tensor, *,
+                window: int, page_size: int, specialize_page_size: bool = False,
+                tile_elems: int = _TILE_ELEMS, num_warps: int = 4) -> None:
+    """Fill ``indices int32 [T, 1, window]`` (contiguous) and ``num_valid int32 [T]``.
+
+    ``block_tables [B, max_blocks]`` (int32/int64, any strides); ``cu_seqlens_q [B+1]``,
+    ``seq_lens_decoder [B]``, ``batch_id_per_token [T]`` contiguous int32/int64. Inputs are not validated
+    here (the op does that).
+    """
+    T = batch_id_per_token.shape[0]
+    assert indices.is_contiguous() and indices.shape == (T, 1, window) and num_valid.shape == (T,)
+    if T == 0:
+        return
+    block_w = min(triton.next_power_of_2(window), tile_elems)
+    block_t = max(1, min(tile_elems // block_w, triton.next_power_of_2(T)))
+    grid = (triton.cdiv(T, block_t), triton.cdiv(window, block_w))
+    _swa_indexer_kernel[grid](
+        block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, indices, num_valid,
+        T, window, page_size, block_tables.shape[1], block_tables.stride(0), block_tables.stride(1),
+        BLOCK_T=block_t, BLOCK_W=block_w, PAGE_SIZE=page_size if specialize_page_size else 0,
+        num_warps=num_warps)

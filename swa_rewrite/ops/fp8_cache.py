@@ -1,0 +1,177 @@
+"""Packed FP8 latent cache (SPEC §6): ``write_fp8_cache`` and ``dequantize_fp8_cache``.
+
+A token's cache row is ``fp8_cache_bytes(R, P)`` uint8 bytes (656 for DeepSeek-V3's ``R=512, P=64``),
+byte-compatible with FlashMLA's "FP8 with scale" KV cache::
+
+    bytes [0, R)                R x float8_e4m3fn   latent[:R] / scale of its 128-wide tile
+    bytes [R, R + 4*R/128)      R/128 x float32     tile scales, powers of two
+    bytes [R + 4*R/128, end)    P x bfloat16        latent[R:] (rope part), unquantised
+
+Tile scale ``s = max(amax / 448, 1e-4)`` in float32, rounded up to a power of two; ``q = e4m3fn(x / s)``
+with round-to-nearest-even. Dequantisation ``q * s`` is exact in bf16.
+
+CUDA tensors go through the Triton kernels of ``swa_rewrite.kernels.fp8_cache``; everything else through
+the PyTorch references below, which are also the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import check_cache_write, checks_enabled, fail
+
+_TILE = 128
+_LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def fp8_cache_bytes(kv_lora_rank: int, rope_dim: int) -> int:
+    """Bytes per token of the packed cache: ``R + 4*R/128 + 2*P`` (656 for ``R=512, P=64``)."""
+    if rope_dim < 0 or rope_dim % 2:
+        fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}")
+    if kv_lora_rank < _TILE or kv_lora_rank % _TILE:
+        fail(f"kv_lora_rank must be a positive multiple of {_TILE} for the FP8 cache, got {kv_lora_rank}")
+    return kv_lora_rank + 4 * (kv_lora_rank // _TILE) + 2 * rope_dim
+
+
+def _latent_rank(num_bytes: int, rope_dim: int) -> int:
+    """``R`` of a packed row of ``num_bytes`` bytes (inverse of ``fp8_cache_bytes``)."""
+    quantized = num_bytes - 2 * rope_dim                   # R + R/32
+    R = quantized * 32 // 33
+    if quantized <= 0 or R % _TILE or fp8_cache_bytes(R, rope_dim) != num_bytes:
+        fail(f"{num_bytes} bytes per row is not a packed FP8 row for rope_dim={rope_dim} "
+             f"(expected R + 4*R/128 + 2*rope_dim with R a multiple of {_TILE})")
+    return R
+
+
+# ------------------------------------------------------------------------------------ references
+def quantize_fp8_reference(latent: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Pack ``latent [T, R+P]`` (any float dtype) into ``uint8 [T, fp8_cache_bytes(R, P)]`` rows."""
+    T, D = latent.shape
+    R = D - rope_dim
+    nbytes = fp8_cache_bytes(R, rope_dim)
+    x = latent[:, :R].float().reshape(T, R // _TILE, _TILE)
+    amax = x.abs().amax(dim=-1)                                                 # [T, R/128]
+    s = torch.maximum(amax / 448.0, torch.tensor(1e-4, dtype=torch.float32, device=latent.device))
+    mant, exp = torch.frexp(s)                                                  # s = mant * 2^exp, mant in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(s), torch.where(mant == 0.5, exp - 1, exp))   # 2^ceil(log2 s)
+    q = (x / scale[..., None]).to(torch.float8_e4m3fn)                          # exact quotient, RNE cast
+    rope = latent[:, R:].to(torch.bfloat16).contiguous()
+    packed = torch.cat([q.reshape(T, R).view(torch.uint8), scale.contiguous().view(torch.uint8),
+                        rope.view(torch.uint8)], dim=1)
+    assert packed.shape == (T, nbytes)
+    return packed
+
+
+def dequantize_fp8_reference(packed: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Unpack ``uint8 [..., bytes]`` rows into ``bf16 [..., R+P]``."""
+    if packed.dtype != torch.uint8:
+        fail(f"packed FP8 cache must be uint8, got {packed.dtype}")
+    lead, nbytes = packed.shape[:-1], packed.shape[-1]
+    R = _latent_rank(nbytes, rope_dim)
+    nt = R // _TILE
+    rows = packed.reshape(-1, nbytes)
+    q = rows[:, :R].contiguous().view(torch.float8_e4m3fn).float().reshape(-1, nt, _TILE)
+    scale = rows[:, R:R + 4 * nt].contiguous().view(torch.float32)              # [N, R/128]
+    latent = (q * scale[..., None]).reshape(-1, R).to(torch.bfloat16)
+    rope = rows[:, R + 4 * nt:].contiguous().view(torch.bfloat16)
+    return torch.cat([latent, rope], dim=1).reshape(*lead, R + rope_dim)
+
+
+def write_fp8_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              rope_dim: int) -> None:
+    """Pack ``latent [T, D]`` into ``cache [num_blocks, ps, bytes]`` at ``slot_mapping [T]``.
+
+    ``-1`` and out-of-range slots write nothing (the op rejects out-of-range slots in checked mode).
+    """
+    ps = cache.shape[1]
+    slots = slot_mapping.long()
+    keep = (slots >= 0) & (slots < cache.shape[0] * ps)
+    packed = quantize_fp8_reference(latent[keep], rope_dim)
+    slots = slots[keep]
+    cache[slots // ps, slots % ps] = packed
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     rope_dim: int, *, data: bool = True) -> None:
+    """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and finiteness."""
+    if latent.dim() != 2:
+        fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
+    if latent.dtype not in _LATENT_DTYPES:
+        fail(f"latent must be bfloat16, float16 or float32, got {latent.dtype}")
+    if cache.dtype != torch.uint8:
+        fail(f"packed FP8 cache must be uint8, got {cache.dtype}")
+    if not 0 <= rope_dim < latent.shape[1]:
+        fail(f"rope_dim must be in [0, {latent.shape[1]}), got {rope_dim}")
+    check_cache_write(latent, cache, slot_mapping, fp8_cache_bytes(latent.shape[1] - rope_dim, rope_dim),
+                      data=data)
+    if cache.stride(2) != 1 or (cache.shape[1] > 1 and cache.stride(1) != cache.shape[2]):
+        fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "
+             f"got strides {cache.stride()}")
+    if data and checks_enabled() and latent.device.type != "meta" and latent.numel():
+        finite = torch.isfinite(latent).all(dim=1) | (slot_mapping < 0)
+        if not bool(finite.all()):
+            t = int((~finite).nonzero()[0, 0])
+            fail(f"latent row {t} (slot {int(slot_mapping[t])}) has non-finite values; the FP8 cache "
+                 "cannot store them")
+
+
+@torch.library.custom_op("swa_rewrite::write_fp8_cache", mutates_args=("cache",))
+def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, rope_dim: int,
+                    layer: int) -> None:
+    """Quantise ``latent [T, D]`` into the packed uint8 ``cache [num_blocks, ps, bytes]`` at ``slot_mapping``."""
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim)
+    write_fp8_cache_reference(latent, cache, slot_mapping, rope_dim)
+
+
+@write_fp8_cache.register_fake
+def _(latent, cache, slot_mapping, rope_dim, layer):
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim, data=False)
+
+
+@write_fp8_cache.register_kernel("cuda")
+def _(latent, cache, slot_mapping, rope_dim, layer):
+    from ..kernels.fp8_cache import write_fp8_cache as launch
+
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim)
+    launch(latent, cache, slot_mapping, rope_dim=rope_dim)
+
+
+def _as_3d(cache: torch.Tensor) -> torch.Tensor:
+    """A ``[outer, inner, bytes]`` view of ``cache [..., bytes]`` (last stride 1); copies only if it must."""
+    if cache.stride(-1) != 1:
+        cache = cache.contiguous()
+    lead = [d for d in range(cache.dim() - 1) if cache.shape[d] != 1]
+    if len(lead) > 2:
+        return cache.reshape(-1, cache.shape[-1])[None]
+    sizes = [1] * (2 - len(lead)) + [cache.shape[d] for d in lead] + [cache.shape[-1]]
+    strides = [0] * (2 - len(lead)) + [cache.stride(d) for d in lead] + [1]
+    return cache.as_strided(sizes, strides)
+
+
+def _dequantize_out(cache: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    if cache.dtype != torch.uint8 or cache.dim() < 1:
+        fail(f"packed FP8 cache must be a uint8 [..., bytes] tensor, got {cache.dtype} {tuple(cache.shape)}")
+    R = _latent_rank(cache.shape[-1], rope_dim)
+    return cache.new_empty(*cache.shape[:-1], R + rope_dim, dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("swa_rewrite::dequantize_fp8_cache", mutates_args=())
+def dequantize_fp8_cache(cache: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Dequantise packed rows ``uint8 [..., bytes]`` into ``bf16 [..., R+P]``."""
+    _dequantize_out(cache, rope_dim)
+    return dequantize_fp8_reference(cache, rope_dim)
+
+
+@dequantize_fp8_cache.register_fake
+def _(cache, rope_dim):
+    return _dequantize_out(cache, rope_dim)
+
+
+@dequantize_fp8_cache.register_kernel("cuda")
+def _(cache, rope_dim):
+    from ..kernels.fp8_cache import dequantize_fp8_cache as launch
+
+    out = _dequantize_out(cache, rope_dim)
+    launch(_as_3d(cache), out.view(-1, out.shape[-1]), rope_dim=rope_dim)
+    return out

@@ -1,0 +1,88 @@
+"""Sliding-window indexer (SPEC §3, §5, §7): ``swa_indexer``.
+
+For every query token of a ragged step, the cache slots of the ``W`` positions its window covers, in
+position order: entry ``k`` of the token at absolute position ``p`` is the slot of position
+``p - W + 1 + k``, or ``-1`` where that position is negative. A token attends to exactly
+``min(W, p + 1)`` entries (returned as ``num_valid``); the valid ones are the *last* ``num_valid``.
+
+The page size is an argument (any ``ps >= 1``), and the history already in the cache
+(``seq_lens_decoder``) counts for prefill tokens too, so chunked prefill and prefix reuse index correctly.
+CUDA tensors go through the Triton kernel of ``swa_rewrite.kernels.swa_indexer``; everything else through
+``swa_indexer_reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import token_positions
+from .validation import check_batch, fail
+
+# The indexer sees no cache, so block ids are checked only for being >= 0 (and < 2^31, the int32 slots).
+_MAX_BLOCKS = 2**31 - 1
+
+
+def swa_indexer_reference(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, window: int,
+                          page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices int32 [T, 1, W]`` and ``num_valid int32 [T]`` (see module docstring)."""
+    pos, req = token_positions(cu_seqlens_q, seq_lens_decoder, batch_id_per_token)   # [T], [T]
+    live = req >= 0
+    q = pos[:, None] - window + 1 + torch.arange(window, device=pos.device)         # [T, W]
+    qc = q.clamp(min=0)
+    page = qc // page_size
+    max_blocks = block_tables.shape[1]
+    # Metadata the op's checks would reject (page past the table, negative block) give -1 as in the kernel.
+    valid = live[:, None] & (q >= 0) & (page < max_blocks)
+    table = block_tables.long()
+    if table.numel() == 0:  # only padding tokens can pass the checks then
+        table = table.new_full((max(table.shape[0], 1), 1), -1)
+    blk = table[req.clamp(min=0)[:, None], page.clamp(max=max(max_blocks - 1, 0))]   # [T, W]
+    slots = torch.where(valid & (blk >= 0), blk * page_size + qc % page_size, -1)
+    num_valid = torch.where(live, torch.clamp(pos + 1, max=window), 0)
+    return slots.to(torch.int32)[:, None, :], num_valid.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- op
+def _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+                   window, page_size, data=True):
+    if window < 1:
+        fail(f"window must be >= 1, got {window}")
+    check_batch(batch_id_per_token.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, page_size, _MAX_BLOCKS, data=data)
+
+
+def _empty_outputs(batch_id_per_token: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = batch_id_per_token.shape[0]
+    return (batch_id_per_token.new_empty(T, 1, window, dtype=torch.int32),
+            batch_id_per_token.new_empty(T, dtype=torch.int32))
+
+
+@torch.library.custom_op("swa_rewrite::swa_indexer", mutates_args=())
+def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, window: int,
+                page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window slots ``int32 [T, 1, window]`` and valid counts ``int32 [T]`` of a ragged step."""
+    _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+                   window, page_size)
+    return swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, window,
+                                 page_size)
+
+
+@swa_indexer.register_fake
+def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size):
+    _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+                   window, page_size, data=False)
+    return _empty_outputs(batch_id_per_token, window)
+
+
+@swa_indexer.register_kernel("cuda")
+def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size):
+    from ..kernels.swa_indexer import swa_indexer as launch
+
+    _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+                   window, page_size)
+    indices, num_valid = _empty_outputs(batch_id_per_token, window)
+    launch(block_tables, cu_seqlens_q.contiguous(), seq_lens_decoder.contiguous(),
+           batch_id_per_token.contiguous(), indices, num_valid, window=window, page_size=page_size)
+    return indices, num_valid
