@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 
 from . import attention, kv_cache  # noqa: F401  (registers torch.ops.swa_rewrite.*)
+from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
+from .fp8_cache import fp8_cache_bytes
 from .validation import checks_enabled
 
 __all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
+__all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
 
 
 def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,
@@ -48,3 +51,34 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
     return torch.ops.swa_rewrite.paged_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
                                                      seq_lens_decoder, batch_id_per_token, scale, rope_dim,
                                                      layer)
+
+
+def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                    rope_dim: int = 64, layer: int = -1) -> None:
+    """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into the packed FP8 ``cache uint8 [NB, ps, bytes]``.
+
+    Row ``slot_mapping[t]`` receives token ``t`` in FlashMLA's "FP8 with scale" layout (SPEC §6, see
+    ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
+    in checked mode, on a bad slot or a non-finite latent row.
+    """
+    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+
+
+def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Tensor:
+    """Dequantise packed rows ``uint8 [..., bytes]`` (a whole cache or gathered slots) into ``bf16 [..., R+P]``."""
+    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, rope_dim)
+
+
+def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, *, window: int,
+                page_size: int, return_num_valid: bool = False):
+    """Cache slots of each query token's sliding window: ``int32 [T, 1, window]``.
+
+    Entry ``k`` of the token at position ``p`` is the slot of position ``p - window + 1 + k``, ``-1`` where
+    that is negative; padding tokens (``batch_id_per_token == -1``) get all ``-1``. With
+    ``return_num_valid`` also returns ``int32 [T]`` = ``min(window, p + 1)`` (0 for padding).
+    """
+    indices, num_valid = torch.ops.swa_rewrite.swa_indexer(block_tables, cu_seqlens_q, seq_lens_encoder,
+                                                           seq_lens_decoder, batch_id_per_token, window,
+                                                           page_size)
+    return (indices, num_valid) if return_num_valid else indices
