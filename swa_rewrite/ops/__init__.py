@@ -19,6 +19,7 @@ from .validation import checks_enabled
 
 __all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
+__all__ += ["sparse_mla_attention", "swa_mla_attention"]
 
 
 def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,
@@ -82,3 +83,28 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
                                                            seq_lens_decoder, batch_id_per_token, window,
                                                            page_size)
     return (indices, num_valid) if return_num_valid else indices
+
+
+def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, *,
+                         rope_dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA attention (MQA form) of ``q [T, H, D]`` to the slots ``indices [T, 1, K]`` (int32, ``-1`` skipped)
+    of the packed FP8 ``cache uint8 [NB, ps, bytes]`` → ``out [T, H, R]`` (q dtype), ``lse [T, H]`` float32
+    (natural log). A row with no valid index gives ``out = 0``, ``lse = +inf``. ``scale`` is the model's
+    softmax scale. Raises ``ValueError`` on bad shapes/dtypes and, in checked mode, on an index out of range.
+    """
+    return torch.ops.swa_rewrite.sparse_mla_attention(q, cache, indices, scale, rope_dim)
+
+
+def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                      batch_id_per_token: torch.Tensor, scale: float, *, window: int, rope_dim: int = 64,
+                      layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window MLA attention over the packed FP8 paged cache (what the graph pass inserts).
+
+    The token at position ``p`` of request ``b`` attends to positions ``max(0, p-W+1) … p`` of ``b``
+    (SPEC §3); arguments as ``paged_mla_attention`` plus ``window``. Returns ``out [T, H, R]`` and
+    ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
+    """
+    return torch.ops.swa_rewrite.swa_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
+                                                   seq_lens_decoder, batch_id_per_token, scale, rope_dim,
+                                                   window, layer)

@@ -1,14 +1,24 @@
 """MLA attention ops in absorbed (MQA) form.
 
-``paged_mla_attention``: full causal attention over the model-dtype paged cache (full layers).
-Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width.
+- ``paged_mla_attention``: full causal attention over the model-dtype paged cache (full layers);
+- ``sparse_mla_attention``: attention to an explicit slot list per token over the packed FP8 cache
+  (SPEC §6, §7), FlashMLA's sparse decode semantics;
+- ``swa_mla_attention``: the fused sliding-window op the graph pass inserts for SWA layers: the
+  arguments of ``paged_mla_attention`` plus ``window``, over the packed FP8 cache. Semantically
+  ``swa_indexer`` followed by ``sparse_mla_attention`` (SPEC §3); on CUDA one kernel walks the window
+  through the block table, or, for prefill-heavy steps, dequantises each request's window union once.
+
+Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width. Every op returns
+``out [T, H, R]`` in the query dtype and ``lse [T, H]`` float32 (natural log); a token with no key to
+attend to (padding, or only ``-1`` indices) gets ``out = 0`` and ``lse = +inf``. CUDA runs the Triton
+kernels of ``swa_rewrite.kernels.sparse_mla`` / ``paged_mla``; other devices run the references here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .validation import check_batch, fail
+from .validation import check_batch, check_index, checks_enabled, fail
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
 _GATHER_BUDGET = 1 << 26
@@ -52,19 +62,68 @@ def paged_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_ta
         rows = block_tables.long()[req[t0:t1].clamp(min=0)]                  # [t, max_blocks]
         slots = rows[:, j // ps] * ps + j % ps                                # [t, ctx]
         mask = (j[None, :] <= pos[t0:t1, None]) & (slots >= 0)                # [t, ctx]
-        kv = flat[slots.clamp(min=0)].to(acc)                                 # [t, ctx, D]
-        kv = torch.where(mask[..., None], kv, 0.0)                            # unused slots may hold NaN
-        s = torch.einsum("thd,tcd->thc", q[t0:t1].to(acc), kv) * scale
-        s = s.masked_fill(~mask[:, None, :], float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)                                      # [t, H]
-        empty = ~mask.any(dim=-1)[:, None]
-        p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
-        o = torch.einsum("thc,tcr->thr", p, kv[..., :R])
-        outs.append(torch.where(empty[..., None], 0.0, o).to(q.dtype))
-        lses.append(torch.where(empty, float("inf"), lse).float())
+        kv = flat[slots.clamp(min=0)]                                         # [t, ctx, D]
+        o, lse = _masked_attention(q[t0:t1], kv, mask, scale, R, acc)
+        outs.append(o)
+        lses.append(lse)
     if not outs:
         return q.new_zeros(0, H, R), q.new_zeros(0, H, dtype=torch.float32)
     return torch.cat(outs), torch.cat(lses)
+
+
+def _masked_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float, R: int,
+                      acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [t, H, D]`` against per-token keys ``kv [t, n, D]`` where ``mask [t, n]`` → ``out [t, H, R]``
+    (q dtype), ``lse [t, H]`` fp32; masked keys may hold anything (NaN included); no key → 0 / +inf."""
+    kv = torch.where(mask[..., None], kv.to(acc), 0.0)
+    s = torch.einsum("thd,tcd->thc", q.to(acc), kv) * scale
+    s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                          # [t, H]
+    empty = ~mask.any(dim=-1)[:, None]
+    p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
+    o = torch.einsum("thc,tcr->thr", p, kv[..., :R])
+    return torch.where(empty[..., None], 0.0, o).to(q.dtype), torch.where(empty, float("inf"), lse).float()
+
+
+def sparse_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float,
+                                   rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA attention (MQA form) of ``q [T, H, D]`` to the cache slots ``indices [T, 1, K]`` of the packed
+    FP8 ``cache uint8 [NB, ps, bytes]`` (slot = block·ps + offset; ``-1`` entries skipped, a repeated slot
+    counts once per occurrence). Keys are the dequantised rows (bf16 values, SPEC §6). Returns
+    ``out [T, H, R]`` in ``q.dtype`` and ``lse [T, H]`` float32; a row with no valid index gives
+    ``out = 0``, ``lse = +inf``. Computes in float32 (float64 for float64 ``q``).
+    """
+    from .fp8_cache import dequantize_fp8_reference
+
+    T, H, D = q.shape
+    R = D - rope_dim
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    flat = cache.reshape(-1, cache.shape[-1])                                 # [slots, bytes]
+    idx = indices.reshape(T, -1).long()                                       # [T, K]
+    step = max(1, _GATHER_BUDGET // max(1, idx.shape[1] * D))
+    outs, lses = [], []
+    for t0 in range(0, T, step):
+        ii = idx[t0:t0 + step]
+        kv = dequantize_fp8_reference(flat[ii.clamp(min=0)], rope_dim)       # [t, K, D] bf16
+        o, lse = _masked_attention(q[t0:t0 + step], kv, ii >= 0, scale, R, acc)
+        outs.append(o)
+        lses.append(lse)
+    if not outs:
+        return q.new_zeros(0, H, R), q.new_zeros(0, H, dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                                cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                                batch_id_per_token: torch.Tensor, scale: float, rope_dim: int,
+                                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window MLA attention over the packed FP8 paged cache: the token at position ``p`` attends
+    to positions ``max(0, p-W+1) … p`` of its request (SPEC §3). ``swa_indexer`` + sparse attention."""
+    from .swa_indexer import swa_indexer_reference
+
+    indices, _ = swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                                       window, cache.shape[1])
+    return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
 
 
 # ---------------------------------------------------------------------------------------------- op
@@ -101,3 +160,131 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
                            batch_id_per_token, rope_dim, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
+
+
+@paged_mla_attention.register_kernel("cuda")
+def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+      scale, rope_dim, layer):
+    _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                           batch_id_per_token, rope_dim)
+    if not _triton_supported(q, cache):
+        return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                             batch_id_per_token, scale, rope_dim)
+    from ..kernels.paged_mla import paged_mla_attention_fwd
+
+    return paged_mla_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                   batch_id_per_token, scale, rope_dim)
+
+
+def _triton_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """The Triton kernels take bf16/fp16 queries and caches whose rows are contiguous and 4-byte aligned."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and cache.stride(-1) == 1
+            and all(cache.stride(d) * cache.element_size() % 4 == 0 for d in range(cache.dim() - 1)))
+
+
+# ------------------------------------------------------------------------------------- sparse op
+def _fp8_latent_rank(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> int:
+    """Check ``cache`` is a packed FP8 cache ``uint8 [NB, ps, bytes]`` (or ``[NB, ps, 1, bytes]``) for ``q``."""
+    if q.dim() != 3:
+        fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        fail(f"q must be a floating-point tensor, got {q.dtype}")
+    if not 0 < rope_dim < q.shape[-1]:
+        fail(f"rope_dim must be in (0, {q.shape[-1]}), got {rope_dim}")
+    R = q.shape[-1] - rope_dim
+    if R % 128:
+        fail(f"the packed FP8 cache needs R = D - rope_dim to be a multiple of 128, got R = {R}")
+    nbytes = R + 4 * (R // 128) + 2 * rope_dim
+    if cache.dtype != torch.uint8:
+        fail(f"cache must be the packed FP8 cache (uint8), got {cache.dtype}")
+    if not (cache.dim() == 3 or (cache.dim() == 4 and cache.shape[2] == 1)) or cache.shape[-1] != nbytes:
+        fail(f"cache must be [num_blocks, page_size, {nbytes}] uint8 for R={R}, P={rope_dim}, "
+             f"got shape {tuple(cache.shape)}")
+    if cache.device != q.device:
+        fail(f"q ({q.device}) and cache ({cache.device}) must be on one device")
+    return R
+
+
+def _check_sparse_attention(q, cache, indices, rope_dim, data=True):
+    _fp8_latent_rank(cache, q, rope_dim)
+    check_index("indices", indices, 3)
+    if indices.shape[0] != q.shape[0] or indices.shape[1] != 1:
+        fail(f"indices must be [T={q.shape[0]}, 1, K], got shape {tuple(indices.shape)}")
+    if indices.device != q.device:
+        fail(f"indices ({indices.device}) and q ({q.device}) must be on one device")
+    if data and checks_enabled() and indices.numel() and indices.device.type != "meta":
+        num_slots = cache.shape[0] * cache.shape[1]
+        bad = (indices < -1) | (indices >= num_slots)
+        if bool(bad.any()):
+            t, _, k = (int(v) for v in bad.nonzero()[0])
+            fail(f"indices[{t}, 0, {k}] = {int(indices[t, 0, k])} is out of range [-1, {num_slots})")
+
+
+@torch.library.custom_op("swa_rewrite::sparse_mla_attention", mutates_args=())
+def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float,
+                         rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention over the packed FP8 cache → ``out [T, H, R]``, ``lse [T, H]`` fp32 (SPEC §7)."""
+    _check_sparse_attention(q, cache, indices, rope_dim)
+    return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
+
+
+@sparse_mla_attention.register_fake
+def _(q, cache, indices, scale, rope_dim):
+    _check_sparse_attention(q, cache, indices, rope_dim, data=False)
+    T, H, D = q.shape
+    return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
+
+
+@sparse_mla_attention.register_kernel("cuda")
+def _(q, cache, indices, scale, rope_dim):
+    _check_sparse_attention(q, cache, indices, rope_dim)
+    if not _triton_supported(q, cache):
+        return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
+    from ..kernels.sparse_mla import sparse_mla_attention_fwd
+
+    return sparse_mla_attention_fwd(q.contiguous(), cache, indices, scale, rope_dim)
+
+
+# ---------------------------------------------------------------------------------------- SWA op
+def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                         batch_id_per_token, rope_dim, window, data=True):
+    _fp8_latent_rank(cache, q, rope_dim)
+    if window < 1:
+        fail(f"window must be >= 1, got {window}")
+    check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
+
+
+@torch.library.custom_op("swa_rewrite::swa_mla_attention", mutates_args=())
+def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                      batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
+                      layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window MLA attention over the packed FP8 paged cache → ``out [T, H, R]``, ``lse [T, H]``."""
+    _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                         batch_id_per_token, rope_dim, window)
+    return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                       batch_id_per_token, scale, rope_dim, window)
+
+
+@swa_mla_attention.register_fake
+def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
+      rope_dim, window, layer):
+    _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                         batch_id_per_token, rope_dim, window, data=False)
+    T, H, D = q.shape
+    return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
+
+
+@swa_mla_attention.register_kernel("cuda")
+def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
+      rope_dim, window, layer):
+    _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                         batch_id_per_token, rope_dim, window)
+    if not _triton_supported(q, cache):
+        return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                           batch_id_per_token, scale, rope_dim, window)
+    from ..kernels.sparse_mla import swa_attention_fwd
+
+    return swa_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                             batch_id_per_token, scale, rope_dim, window)
