@@ -1,6 +1,13 @@
-"""swa-rewrite: turn full-attention layers of MLA models into sliding-window attention, as a compiler pass."""
+"""swa-rewrite: turn full-attention layers of MLA models into sliding-window attention, as a compiler pass.
+
+Public API (SPEC §11): ``Schedule``, ``apply``, ``graph_diff``, ``backend``; ``ops``; ``models``; ``runtime``.
+"""
 
 from . import ops  # noqa: F401  (registers torch.ops.swa_rewrite.*)
+from .graph_diff import GraphDiff, graph_diff
+from .passes import RewriteError
+from .rewrite import RewriteReport, SWAModule, apply
+from .schedule import Schedule
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["GraphDiff", "RewriteError", "RewriteReport", "SWAModule", "Schedule", "apply", "graph_diff", "ops", "__version__"]

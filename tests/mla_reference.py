@@ -59,6 +59,19 @@ def _rope(x, pos, inv_freq, mag, interleave):
     return torch.cat([z.real, z.imag], dim=-1)
 
 
+def fp8_round_trip(latent: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """What the packed FP8 cache gives back for ``latent [L, R+P]`` (SPEC §6), computed independently:
+    per 128-wide tile a power-of-two scale ``2^ceil(log2(max(amax/448, 1e-4)))``, e4m3 round-to-nearest-even
+    of ``x / scale``; the rope part through bf16."""
+    R = latent.shape[-1] - rope_dim
+    tiles = latent[:, :R].float().reshape(latent.shape[0], R // 128, 128)
+    amax = tiles.abs().amax(-1, keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / 448.0, min=1e-4))))
+    q = (tiles / scale).to(torch.float8_e4m3fn).float() * scale
+    rope = latent[:, R:].to(torch.bfloat16).double()
+    return torch.cat([q.reshape(latent.shape[0], R).double(), rope], -1)
+
+
 def softmax_scale(cfg):
     s = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
     rs = cfg.rope_scaling
@@ -68,8 +81,12 @@ def softmax_scale(cfg):
 
 
 @torch.no_grad()
-def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None) -> torch.Tensor:
-    """Float64 logits ``[L, vocab]`` of ``tokens`` (list of ints); ``windows[layer] = W`` makes that layer SWA."""
+def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8_layers=()) -> torch.Tensor:
+    """Float64 logits ``[L, vocab]`` of ``tokens`` (list of ints).
+
+    ``windows[layer] = W`` makes that layer SWA; layers in ``fp8_layers`` see their latents ``[c | k_pe]``
+    through the packed FP8 cache's round trip (so a rewritten model can be checked to float precision).
+    """
     cfg = model.config
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
     H, N, P, V, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
@@ -91,10 +108,13 @@ def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None) -> 
         q = q.view(L, H, N + P)
         ckv = h @ sd[a + "kv_a_proj_with_mqa.weight"].T
         c, k_pe = ckv[:, :R], ckv[:, R:]
-        kv = (_rms(c, sd[a + "kv_a_layernorm.weight"], eps) @ sd[a + "kv_b_proj.weight"].T).view(L, H, N + V)
-        k_nope, v = kv[..., :N], kv[..., N:]
         q_pe = _rope(q[..., N:], pos, inv_freq, mag, cfg.rope_interleave)
         k_pe = _rope(k_pe, pos, inv_freq, mag, cfg.rope_interleave)
+        c = _rms(c, sd[a + "kv_a_layernorm.weight"], eps)
+        if i in fp8_layers:
+            c, k_pe = fp8_round_trip(torch.cat([c, k_pe], -1), P).split([R, P], -1)
+        kv = (c @ sd[a + "kv_b_proj.weight"].T).view(L, H, N + V)
+        k_nope, v = kv[..., :N], kv[..., N:]
         qq = torch.cat([q[..., :N], q_pe], -1)                                  # [L, H, N+P]
         kk = torch.cat([k_nope, k_pe[:, None, :].expand(L, H, P)], -1)          # [L, H, N+P]
         s = torch.einsum("ihd,jhd->hij", qq, kk) * scale
@@ -112,8 +132,8 @@ def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None) -> 
     return x @ sd["lm_head.weight"].T
 
 
-def dense_greedy(model, prompt, max_new_tokens, windows=None) -> list[int]:
+def dense_greedy(model, prompt, max_new_tokens, windows=None, fp8_layers=()) -> list[int]:
     seq = list(prompt)
     for _ in range(max_new_tokens):
-        seq.append(int(dense_logits(model, seq, windows)[-1].argmax()))
+        seq.append(int(dense_logits(model, seq, windows, fp8_layers)[-1].argmax()))
     return seq[len(prompt):]

@@ -1,0 +1,186 @@
+"""Structural diff of two fx graphs, grouped by layer (SPEC §8).
+
+Nodes are matched by name: the rewrite re-targets nodes in place, so a node that keeps its name but
+calls another op is *re-targeted*, one that keeps its op but not its arguments has *changed arguments*,
+and names present on one side only are *added* / *removed*. Each layer's subgraph is also compared with
+``networkx`` (as ``DiGraph``s labelled by op and target) to show that untouched layers are structurally
+identical, not merely equal by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Optional, Union
+
+import networkx as nx
+import torch
+import torch.fx
+from networkx.algorithms.isomorphism import DiGraphMatcher
+
+GraphLike = Union[torch.fx.Graph, torch.fx.GraphModule]
+
+_LAYER_ARG_OPS = re.compile(r"^swa_rewrite::")
+_LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
+
+
+def node_layer(node: torch.fx.Node) -> Optional[int]:
+    """The layer a node belongs to: the ``layer`` argument of our ops, else the module path it came from."""
+    target = node.target
+    if node.op == "call_function" and isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        overload = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+        if _LAYER_ARG_OPS.match(overload._schema.name):
+            names = [a.name for a in overload._schema.arguments]
+            if "layer" in names:
+                i = names.index("layer")
+                layer = node.args[i] if i < len(node.args) else node.kwargs.get("layer")
+                if isinstance(layer, int) and layer >= 0:
+                    return layer
+    paths = []
+    if node.op in ("call_module", "get_attr"):
+        paths.append(str(node.target))
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        paths.append(str(value[0] if isinstance(value, tuple) else key))
+    for path in reversed(paths):
+        m = _LAYER_IN_PATH.findall(path)
+        if m:
+            return int(m[-1])
+    return None
+
+
+def _label(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        name = target._schema.name if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+        return f"{node.op}:{name}"
+    if node.op == "get_attr" or node.op == "call_module":
+        # Layer-relative path, so layer 3's q_a_proj and layer 5's compare equal.
+        return f"{node.op}:{_LAYER_IN_PATH.sub('layers.#', str(target))}"
+    return f"{node.op}:{getattr(target, '__name__', target)}"
+
+
+def _arg_repr(a) -> str:
+    if isinstance(a, torch.fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_arg_repr(x) for x in a) + "]"
+    return repr(a)
+
+
+def _call_repr(node: torch.fx.Node) -> str:
+    args = [_arg_repr(a) for a in node.args] + [f"{k}={_arg_repr(v)}" for k, v in node.kwargs.items()]
+    return f"{_label(node).split(':', 1)[1]}({', '.join(args)})"
+
+
+def to_digraph(graph: GraphLike, layer: Optional[int] = None, all_layers: bool = False) -> nx.DiGraph:
+    """The graph (or one layer's nodes, when ``layer`` is given) as a ``DiGraph`` labelled by op and target."""
+    graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    g = nx.DiGraph()
+    keep = {n for n in graph.nodes if all_layers or node_layer(n) == layer}
+    for n in keep:
+        g.add_node(n.name, label=_label(n))
+    for n in keep:
+        for inp in n.all_input_nodes:
+            if inp in keep:
+                g.add_edge(inp.name, n.name)
+    return g
+
+
+def isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
+    if a.number_of_nodes() != b.number_of_nodes() or a.number_of_edges() != b.number_of_edges():
+        return False
+    if collections.Counter(nx.get_node_attributes(a, "label").values()) != \
+            collections.Counter(nx.get_node_attributes(b, "label").values()):
+        return False
+    return DiGraphMatcher(a, b, node_match=lambda x, y: x["label"] == y["label"]).is_isomorphic()
+
+
+@dataclasses.dataclass
+class LayerDiff:
+    layer: Optional[int]
+    added: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    retargeted: list[str] = dataclasses.field(default_factory=list)
+    changed_args: list[str] = dataclasses.field(default_factory=list)
+    num_nodes: int = 0
+    isomorphic: bool = True
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.added or self.removed or self.retargeted or self.changed_args)
+
+
+@dataclasses.dataclass
+class GraphDiff:
+    """Per-layer differences between two graphs; ``str()`` renders the text form."""
+
+    layers: dict[Optional[int], LayerDiff]
+
+    @property
+    def changed_layers(self) -> list[Optional[int]]:
+        return [k for k, d in self.layers.items() if not d.unchanged]
+
+    def render(self, compact: bool = False) -> str:
+        out = []
+        same = [k for k, d in self.layers.items() if d.unchanged and k is not None]
+        for key in sorted(self.layers, key=lambda k: (k is None, k if k is not None else 0)):
+            d = self.layers[key]
+            if d.unchanged:
+                continue
+            title = "outside layers" if key is None else f"layer {key}"
+            out.append(f"{title}: {len(d.retargeted)} re-targeted, {len(d.changed_args)} with new arguments, "
+                       f"{len(d.added)} added, {len(d.removed)} removed")
+            if not compact:
+                out += [f"  ~ {x}" for x in d.retargeted] + [f"  * {x}" for x in d.changed_args]
+                out += [f"  + {x}" for x in d.added] + [f"  - {x}" for x in d.removed]
+        if same:
+            iso = all(self.layers[k].isomorphic for k in same)
+            out.append(f"unchanged layers {_ranges(same)}: "
+                       + ("structurally identical (networkx isomorphism)" if iso else "NOT isomorphic"))
+        if None in self.layers and self.layers[None].unchanged:
+            out.append(f"outside layers: unchanged ({self.layers[None].num_nodes} nodes)")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(values)
+    parts, start = [], values[0]
+    for prev, cur in zip(values, values[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
+
+
+def graph_diff(before: GraphLike, after: GraphLike) -> GraphDiff:
+    """Compare two graphs (e.g. a traced model and its rewrite) node by node, grouped by layer."""
+    gb = before.graph if isinstance(before, torch.fx.GraphModule) else before
+    ga = after.graph if isinstance(after, torch.fx.GraphModule) else after
+    nb, na = {n.name: n for n in gb.nodes}, {n.name: n for n in ga.nodes}
+    layers: dict[Optional[int], LayerDiff] = {}
+
+    def entry(layer):
+        return layers.setdefault(layer, LayerDiff(layer))
+
+    for name, n in nb.items():
+        d = entry(node_layer(n))
+        d.num_nodes += 1
+        if name not in na:
+            d.removed.append(f"{name} = {_call_repr(n)}")
+            continue
+        m = na[name]
+        if _label(m) != _label(n):
+            d.retargeted.append(f"{name}: {_label(n).split(':', 1)[1]} -> {_call_repr(m)}")
+        elif _call_repr(m) != _call_repr(n):
+            d.changed_args.append(f"{name}: {_call_repr(n)} -> {_call_repr(m)}")
+    for name, m in na.items():
+        if name not in nb:
+            entry(node_layer(m)).added.append(f"{name} = {_call_repr(m)}")
+    for key, d in layers.items():
+        if d.unchanged and key is not None:
+            d.isomorphic = isomorphic(to_digraph(gb, key), to_digraph(ga, key))
+    return GraphDiff(layers)

@@ -1,0 +1,150 @@
+"""The registry of MLA op families the rewrite recognises.
+
+An adapter tells the passes how one engine's ops look in a graph: which node is a full MLA attention,
+an SWA attention, a latent-cache write or a cache allocation; the layer index each carries; and how to
+turn each into its sliding-window / packed-FP8 counterpart in place. ``SwaRewriteOps`` covers this
+package's own ``torch.ops.swa_rewrite.*``. An engine with its own MLA op registers an adapter
+(``AdapterRegistry.register``) without touching the passes.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Iterable, Optional
+
+import torch
+import torch.fx
+
+from .graph_pass import bound_args, call_op, op_name
+
+
+class Role(enum.Enum):
+    FULL_ATTENTION = "full attention"
+    SWA_ATTENTION = "SWA attention"
+    CACHE_WRITE = "cache write"
+    PACKED_CACHE_WRITE = "packed cache write"
+    ALLOCATION = "cache allocation"
+
+
+class MLAOpAdapter:
+    """Interface of an adapter; see ``SwaRewriteOps`` for the reference implementation."""
+
+    name: str = "adapter"
+
+    def role(self, node: torch.fx.Node) -> Optional[Role]:
+        raise NotImplementedError
+
+    def op_names(self) -> list[str]:
+        """Names of the ops this adapter recognises (for error messages)."""
+        raise NotImplementedError
+
+    def layer_index(self, node: torch.fx.Node) -> Optional[int]:
+        """The layer index the node carries, or None if it carries none."""
+        raise NotImplementedError
+
+    def cache(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The cache tensor an attention or write node reads/writes."""
+        raise NotImplementedError
+
+    def window(self, node: torch.fx.Node) -> int:
+        raise NotImplementedError
+
+    def to_swa_attention(self, node: torch.fx.Node, window: int) -> None:
+        raise NotImplementedError
+
+    def to_packed_write(self, node: torch.fx.Node, rope_dim: int) -> None:
+        raise NotImplementedError
+
+    def rope_dim(self, node: torch.fx.Node) -> int:
+        raise NotImplementedError
+
+    def is_packed_allocation(self, node: torch.fx.Node) -> bool:
+        raise NotImplementedError
+
+    def to_packed_allocation(self, node: torch.fx.Node, rope_dim: int) -> None:
+        raise NotImplementedError
+
+
+class SwaRewriteOps(MLAOpAdapter):
+    """This package's ops: ``paged_mla_attention`` → ``swa_mla_attention``, ``write_kv_cache`` →
+    ``write_fp8_cache``, ``allocate_kv_cache(width=R+P, model dtype)`` → ``(width=packed bytes, uint8)``."""
+
+    name = "swa_rewrite"
+    _ROLES = {
+        "swa_rewrite::paged_mla_attention": Role.FULL_ATTENTION,
+        "swa_rewrite::swa_mla_attention": Role.SWA_ATTENTION,
+        "swa_rewrite::write_kv_cache": Role.CACHE_WRITE,
+        "swa_rewrite::write_fp8_cache": Role.PACKED_CACHE_WRITE,
+        "swa_rewrite::allocate_kv_cache": Role.ALLOCATION,
+    }
+
+    def role(self, node):
+        return self._ROLES.get(op_name(node.target)) if node.op == "call_function" else None
+
+    def op_names(self):
+        return sorted(self._ROLES)
+
+    def layer_index(self, node):
+        layer = bound_args(node).get("layer")
+        return layer if isinstance(layer, int) and layer >= 0 else None
+
+    def cache(self, node):
+        return bound_args(node)["cache"]
+
+    def window(self, node):
+        return bound_args(node)["window"]
+
+    def rope_dim(self, node):
+        return bound_args(node)["rope_dim"]
+
+    def to_swa_attention(self, node, window):
+        args = bound_args(node)
+        args["window"] = window
+        call_op(node, torch.ops.swa_rewrite.swa_mla_attention.default, args)
+
+    def to_packed_write(self, node, rope_dim):
+        args = bound_args(node)
+        args["rope_dim"] = rope_dim
+        call_op(node, torch.ops.swa_rewrite.write_fp8_cache.default, args)
+
+    def is_packed_allocation(self, node):
+        return bound_args(node)["dtype"] == torch.uint8
+
+    def to_packed_allocation(self, node, rope_dim):
+        from ..ops.fp8_cache import fp8_cache_bytes
+
+        args = bound_args(node)
+        width = args["width"]
+        if not isinstance(width, int):
+            raise TypeError(f"allocation width must be a constant int, got {width!r}")
+        args["width"] = fp8_cache_bytes(width - rope_dim, rope_dim)
+        args["dtype"] = torch.uint8
+        call_op(node, torch.ops.swa_rewrite.allocate_kv_cache.default, args)
+
+
+class AdapterRegistry:
+    """An ordered set of adapters; the first whose ``role`` recognises a node handles it."""
+
+    def __init__(self, adapters: Iterable[MLAOpAdapter] = ()):
+        self._adapters = list(adapters)
+
+    def register(self, adapter: MLAOpAdapter) -> None:
+        self._adapters.append(adapter)
+
+    def __iter__(self):
+        return iter(self._adapters)
+
+    def classify(self, node: torch.fx.Node) -> tuple[Optional[MLAOpAdapter], Optional[Role]]:
+        for adapter in self._adapters:
+            role = adapter.role(node)
+            if role is not None:
+                return adapter, role
+        return None, None
+
+    def op_names(self) -> list[str]:
+        return [n for a in self._adapters for n in a.op_names()]
+
+
+def default_registry() -> AdapterRegistry:
+    """A fresh registry holding this package's ops."""
+    return AdapterRegistry([SwaRewriteOps()])

@@ -1,0 +1,42 @@
+"""``PackCacheAllocationPass``: selected layers' cache allocation → packed FP8 ``uint8`` layout (SPEC §5, §6).
+
+Before (allocation graph, layer 3)::
+
+    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 576, dtype, device, 3)
+
+After (same node, re-targeted in place)::
+
+    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 656, torch.uint8, device, 3)
+"""
+
+from __future__ import annotations
+
+from ..schedule import Schedule
+from .graph_pass import PassResult, RewriteError, TracedModel
+
+
+class PackCacheAllocationPass:
+    name = "pack-cache-allocation"
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def config_key(self):
+        return self.schedule.to_dict()
+
+    def __call__(self, traced: TracedModel) -> PassResult:
+        result = PassResult(self.name)
+        for layer in sorted(self.schedule.swa_layers):
+            site = traced.sites[layer]
+            node = site.allocation
+            if node is None:
+                raise RewriteError(f"layer {layer} is selected but its cache allocation was not found in the "
+                                   f"allocation graph (allocations found for layers "
+                                   f"{sorted(l for l, s in traced.sites.items() if s.allocation is not None)})")
+            if site.allocation_adapter.is_packed_allocation(node):
+                result.skipped.append(f"layer {layer}: cache already packed")
+                continue
+            site.allocation_adapter.to_packed_allocation(node, site.adapter.rope_dim(site.attention))
+            result.num_matches += 1
+            result.details.append(f"layer {layer}: {node.name} -> packed uint8")
+        return result

@@ -1,0 +1,57 @@
+"""``ReplaceAttentionPass``: selected layers' attention → fused SWA op, their cache writes → packed FP8.
+
+Before (layer 3 selected, window 128)::
+
+    write_kv_cache_3 = swa_rewrite.write_kv_cache(latent, cache_3, slot_mapping, 3)
+    paged_mla_attention_3 = swa_rewrite.paged_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 3)
+
+After (same node names, re-targeted in place; nothing else in the graph changes)::
+
+    write_kv_cache_3 = swa_rewrite.write_fp8_cache(latent, cache_3, slot_mapping, 64, 3)
+    paged_mla_attention_3 = swa_rewrite.swa_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 128, 3)
+"""
+
+from __future__ import annotations
+
+from ..schedule import Schedule
+from .adapters import Role
+from .graph_pass import PassResult, RewriteError, TracedModel
+
+
+class ReplaceAttentionPass:
+    name = "replace-attention"
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def config_key(self):
+        return self.schedule.to_dict()
+
+    def __call__(self, traced: TracedModel) -> PassResult:
+        result = PassResult(self.name)
+        sites = traced.sites
+        W = self.schedule.window
+        for layer, site in sorted(sites.items()):
+            role = site.adapter.role(site.attention)
+            if not self.schedule.is_swa(layer):
+                if role is Role.SWA_ATTENTION:
+                    raise RewriteError(f"layer {layer} is already a sliding-window layer but the schedule keeps it "
+                                       "full; turning an SWA layer (packed FP8 cache) back into full attention is "
+                                       "not supported: apply the schedule to the original model")
+                continue
+            rope_dim = site.adapter.rope_dim(site.attention)
+            if role is Role.SWA_ATTENTION and site.adapter.window(site.attention) == W:
+                result.skipped.append(f"layer {layer}: already SWA with window {W}")
+            else:
+                site.adapter.to_swa_attention(site.attention, W)
+                result.num_matches += 1
+                result.details.append(f"layer {layer}: {site.attention.name} -> {site.attention.target} (window {W})")
+            for node in site.writes:
+                if site.adapter.role(node) is Role.CACHE_WRITE:
+                    site.adapter.to_packed_write(node, rope_dim)
+                    result.details.append(f"layer {layer}: {node.name} -> {node.target}")
+        missing = sorted(self.schedule.swa_layers - set(sites))
+        if missing:
+            raise RewriteError(f"the schedule selects layer(s) {missing}, but the graph has no MLA attention node for "
+                               f"them; attention nodes were found for layers {sorted(sites)}")
+        return result

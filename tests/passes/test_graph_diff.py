@@ -1,0 +1,71 @@
+"""Graph diffs: golden text for the bundled tiny model, and the networkx structural comparison."""
+
+import pathlib
+
+import pytest
+import torch
+
+from swa_rewrite import Schedule, apply, graph_diff
+from swa_rewrite.graph_diff import isomorphic, to_digraph
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.rewrite import trace
+
+GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
+TINY = MLAConfig.named("tiny")
+SCHEDULES = {
+    "skip-freq-2": Schedule.from_skip_freq(2, 4, window=16),
+    "skip-freq-list-0110": Schedule.from_skip_freq([0, 1, 1, 0], 4, window=128),
+    "all-layers-w1": Schedule(1, range(4), 4),
+    "no-layers": Schedule(64, [], 4),
+}
+
+
+def render(schedule):
+    model = MLAModel(TINY, device="meta")
+    before, after = trace(model), apply(model, schedule)
+    return (f"# {schedule!r}\n## forward graph\n{graph_diff(before.forward, after)}\n"
+            f"## cache allocation graph\n{graph_diff(before.allocation, after._swa_allocation)}\n")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_golden_diff(name, update_golden):
+    path = GOLDEN / f"tiny-{name}.diff"
+    text = render(SCHEDULES[name])
+    if update_golden:
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run pytest with --update-golden to create it"
+    assert text == path.read_text(), f"graph diff changed; inspect, then regenerate with --update-golden: {path}"
+
+
+def test_diff_sections_follow_the_schedule():
+    s = SCHEDULES["skip-freq-2"]
+    model = MLAModel(TINY)
+    d = graph_diff(trace(model).forward, apply(model, s))
+    assert sorted(d.changed_layers) == sorted(s.swa_layers)
+    for layer in s.swa_layers:
+        assert len(d.layers[layer].retargeted) == 2 and not d.layers[layer].added and not d.layers[layer].removed
+    assert all(d.layers[i].isomorphic for i in set(range(4)) - s.swa_layers)
+
+
+def test_diff_reports_added_and_removed_nodes():
+    def f(x):
+        return torch.relu(x) + 1
+
+    def g(x):
+        return torch.sigmoid(x) + 1
+
+    d = graph_diff(torch.fx.symbolic_trace(f), torch.fx.symbolic_trace(g))
+    text = str(d)
+    assert "relu" in text and "sigmoid" in text
+    assert d.layers[None].added or d.layers[None].retargeted
+
+
+def test_isomorphism_sees_structure_not_names():
+    a = torch.fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    b = torch.fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    for n in b.graph.nodes:
+        if n.op == "call_function":
+            n.name = f"renamed_{n.name}"
+    c = torch.fx.symbolic_trace(lambda x: torch.relu(x * 2))
+    assert isomorphic(to_digraph(a, all_layers=True), to_digraph(b, all_layers=True))
+    assert not isomorphic(to_digraph(a, all_layers=True), to_digraph(c, all_layers=True))

@@ -1,0 +1,65 @@
+"""Schedule constructors, validation and serialisation (SPEC §4)."""
+
+import json
+import random
+
+import pytest
+
+from swa_rewrite import Schedule
+
+
+def test_skip_freq_list_and_int_agree_with_megatron_semantics():
+    n = random.randint(2, 9)
+    s = Schedule.from_skip_freq(n, num_layers=24, window=128)
+    assert s.swa_layers == {i for i in range(24) if (i + 1) % n != 0}
+    as_list = [1 if (i + 1) % n else 0 for i in range(24)]
+    assert Schedule.from_skip_freq(as_list, 24, 128) == s
+    assert Schedule.from_skip_freq(1, 8, 64).swa_layers == set()   # every layer full
+
+
+def test_layer_types_and_hf_config():
+    types = random.choices(["sliding_attention", "full_attention"], k=10)
+    s = Schedule.from_layer_types(types, window=4096)
+    assert s.layer_types() == types and s.window == 4096 and s.num_layers == 10
+    cfg = {"layer_types": types, "sliding_window": 4096, "num_hidden_layers": 10}
+    assert Schedule.from_hf_config(cfg) == s
+
+    class Cfg:
+        layer_types, sliding_window, num_hidden_layers = types, 4096, 10
+    assert Schedule.from_hf_config(Cfg) == s
+    assert Schedule.from_hf_config({"num_hidden_layers": 3}).swa_layers == set()
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: Schedule(0, [1], 4), ValueError, "window must be >= 1, got 0"),
+    (lambda: Schedule(8, [4], 4), ValueError, "layer index 4 is out of range for 4 layers"),
+    (lambda: Schedule(8, [-1], 4), ValueError, "layer index -1"),
+    (lambda: Schedule(8, [1.0], 4), TypeError, "layer indices must be ints"),
+    (lambda: Schedule.from_skip_freq([1, 0, 1], 4, 8), ValueError, "3 entries for a model of 4 layers"),
+    (lambda: Schedule.from_skip_freq([1, 2, 1, 0], 4, 8), ValueError, r"window_attn_skip_freq\[1\] = 2"),
+    (lambda: Schedule.from_skip_freq(0, 4, 8), ValueError, "window_attn_skip_freq must be >= 1, got 0"),
+    (lambda: Schedule.from_layer_types(["full_attention", "local"], 8), ValueError, r"layer_types\[1\] = 'local'"),
+    (lambda: Schedule.from_hf_config({"layer_types": ["full_attention"]}), ValueError, "no sliding_window"),
+    (lambda: Schedule.from_hf_config({"layer_types": ["full_attention"], "sliding_window": 4,
+                                      "num_hidden_layers": 2}), ValueError, "1 entries for num_hidden_layers=2"),
+])
+def test_bad_schedules_name_the_value(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_round_trip_and_printing():
+    layers = random.sample(range(16), 5)
+    s = Schedule(512, layers, 16)
+    assert Schedule.from_dict(s.to_dict()) == s
+    assert Schedule.from_json(s.to_json()) == s
+    assert json.loads(s.to_json())["swa_layers"] == sorted(layers)
+    text = str(s)
+    assert "window=512" in text and "5/16" in text
+    assert "".join("S" if i in layers else "F" for i in range(16)) in text
+    assert eval(repr(s), {"Schedule": Schedule}) == s
+    with pytest.raises(ValueError, match="unknown schedule keys"):
+        Schedule.from_dict({**s.to_dict(), "extra": 1})
+    with pytest.raises(AttributeError):
+        s.window = 3  # frozen
+    assert Schedule(8, [], 3).swa_layers == frozenset()
