@@ -10,8 +10,8 @@ Tile scale: ``s = max(amax / 448, 1e-4)`` (IEEE float32 division), rounded *up* 
 ``q = e4m3fn(x / s)`` rounded to nearest even. Because ``s`` is a power of two, ``x * (1/s)`` is the
 exact quotient and dequantisation ``q * s`` is exact in bf16.
 
-Scales and rope values are written and read as single bytes, so rows need no alignment: any block
-stride works. All addresses are int64 (``slot * 656`` overflows int32 past ~3.2M slots).
+Rows need no alignment (any block stride works): scales and rope values go out as int32/int16 stores
+when rows are 4-byte aligned (``WIDE``), as single bytes otherwise, and are read back as bytes. All addresses are int64 (``slot * 656`` overflows int32 past ~3.2M slots).
 
 ``SOFT_CVT``: the Triton interpreter truncates float32 -> bf16 and rounds float32 -> fp8 half-up without
 carrying into the exponent, so when interpreting the launchers round with integer arithmetic instead
@@ -67,7 +67,7 @@ def _write_fp8_cache_kernel(
     stride_lt, stride_ld,            # latent [T, D]
     stride_cb, stride_cp,            # cache [num_blocks, ps, bytes], byte strides (last one is 1)
     R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    SOFT_CVT: tl.constexpr,
+    SOFT_CVT: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
@@ -93,8 +93,11 @@ def _write_fp8_cache_kernel(
         else:
             q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
         tl.store(row[:, None] + (i * 128 + cols)[None, :], q, mask=keep[:, None])
-        for k in tl.static_range(4):  # little-endian float32 scale
-            tl.store(row + (R + 4 * i + k), ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=keep)
+        if WIDE:
+            tl.store((row + (R + 4 * i)).to(tl.pointer_type(tl.int32)), s_bits, mask=keep)
+        else:
+            for k in tl.static_range(4):  # little-endian float32 scale
+                tl.store(row + (R + 4 * i + k), ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=keep)
 
     pcols = tl.arange(0, BLOCK_P)
     pmask = keep[:, None] & (pcols < P)[None, :]
@@ -106,19 +109,24 @@ def _write_fp8_cache_kernel(
     else:
         h = r.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
         h = h.to(tl.int32) & 0xFFFF
-    dst = row[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
-    tl.store(dst, (h & 0xFF).to(tl.uint8), mask=pmask)
-    tl.store(dst + 1, (h >> 8).to(tl.uint8), mask=pmask)
+    if WIDE:
+        dst16 = (row + (R + 4 * (R // 128))).to(tl.pointer_type(tl.int16))
+        tl.store(dst16[:, None] + pcols[None, :], h.to(tl.int16), mask=pmask)
+    else:
+        dst = row[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
+        tl.store(dst, (h & 0xFF).to(tl.uint8), mask=pmask)
+        tl.store(dst + 1, (h >> 8).to(tl.uint8), mask=pmask)
 
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                     rope_dim: int, block_t: int = 16, num_warps: int = 4,
-                    soft_cvt: bool | None = None) -> None:
+                    soft_cvt: bool | None = None, wide_stores: bool | None = None) -> None:
     """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into ``cache [num_blocks, ps, bytes]`` (uint8) rows.
 
     Row ``slot_mapping[t]`` (int32/int64; ``-1`` or out of range: skipped) receives token ``t``.
     ``cache`` may have any block stride; within a block rows must be ``bytes`` apart and bytes contiguous.
-    Inputs are not validated here (the op does that). ``soft_cvt`` defaults to "interpreting".
+    Inputs are not validated here (the op does that). ``soft_cvt`` defaults to "interpreting";
+    ``wide_stores`` (scales as int32, rope as int16 stores) defaults to "rows are 4-byte aligned".
     """
     T, D = latent.shape
     R = D - rope_dim
@@ -127,12 +135,15 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     if T == 0:
         return
     soft = _interpreting() if soft_cvt is None else soft_cvt
+    aligned = cache.data_ptr() % 4 == 0 and cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0
+    wide = aligned if wide_stores is None else wide_stores
+    assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
     grid = (triton.cdiv(T, block_t),)
     _write_fp8_cache_kernel[grid](
         latent, cache, slot_mapping, T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
         R=R, P=rope_dim, BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, SOFT_CVT=soft,
-        num_warps=num_warps)
+        WIDE=wide, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------- dequantise

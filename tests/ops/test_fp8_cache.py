@@ -139,16 +139,17 @@ def test_dequantize_reference_accepts_any_leading_shape(seed):
 
 # ------------------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("dtype,R,P,ps,T", [
-    (torch.bfloat16, 512, 64, 7, 19),
-    (torch.float32, 256, 64, 1, 3),
-    (torch.float16, 128, 6, 53, 17),
-    (torch.bfloat16, 384, 2, 16, 1),
+@pytest.mark.parametrize("dtype,R,P,ps,T,pad", [
+    (torch.bfloat16, 512, 64, 7, 19, 40),
+    (torch.bfloat16, 512, 64, 7, 19, 41),        # odd block stride: byte-wise scale/rope stores
+    (torch.float32, 256, 64, 1, 3, 0),
+    (torch.float16, 128, 6, 53, 17, 3),
+    (torch.bfloat16, 384, 2, 16, 1, 12),
 ])
-def test_write_kernel_bytes_equal_reference(seed, device, dtype, R, P, ps, T):
+def test_write_kernel_bytes_equal_reference(seed, device, dtype, R, P, ps, T, pad):
     nbytes = fp8_cache_bytes(R, P)
     num_blocks = T // ps + 3
-    storage, cache = poisoned_cache(num_blocks, ps, nbytes, pad=40, device=device)
+    storage, cache = poisoned_cache(num_blocks, ps, nbytes, pad=pad, device=device)
     x = random_latent(T, R, P, dtype, device)
     slots = torch.randperm(num_blocks * ps, device=device)[:T]
     if T > 4:
@@ -175,9 +176,11 @@ def test_soft_and_hardware_conversions_agree_with_reference(seed, device):
     x[:, R:] = ((bits & ~0xFFFF) | 0x8000).view(torch.float32)
     expected = quantize_fp8_reference(x.cpu(), P)
     for soft in ([True] if device == "cpu" else [True, False]):
-        _, cache = poisoned_cache(T, 1, fp8_cache_bytes(R, P), device=device)
-        _kernels().write_fp8_cache(x, cache, torch.arange(T, device=device), rope_dim=P, soft_cvt=soft)
-        assert torch.equal(cache.cpu()[:, 0], expected), soft
+        for wide in (True, False):
+            _, cache = poisoned_cache(T, 1, fp8_cache_bytes(R, P), device=device)
+            _kernels().write_fp8_cache(x, cache, torch.arange(T, device=device), rope_dim=P, soft_cvt=soft,
+                                       wide_stores=wide)
+            assert torch.equal(cache.cpu()[:, 0], expected), (soft, wide)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
