@@ -168,8 +168,8 @@ def main() -> int:
     print(f"{env}  device copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows: list = []
     write_sizes = [256] if args.cpu_smoke else [65536] if args.quick else [65536, 262144, 1048576]
-    configs = [dict(), dict(wide_stores=False), dict(block_t=8, num_warps=4), dict(block_t=32, num_warps=8),
-               dict(block_t=64, num_warps=8), dict(soft_cvt=True)]
+    configs = [dict(), dict(wide_stores=False), dict(block_t=4, num_warps=2), dict(block_t=16, num_warps=4),
+               dict(block_t=16, num_warps=8), dict(soft_cvt=True)]
     run_write(rows, write_sizes, configs, copy_gbs)
     print(table(rows), flush=True)
     idx_rows: list = []

@@ -66,9 +66,11 @@ def _write_fp8_cache_kernel(
     num_tokens, num_slots, page_size,
     stride_lt, stride_ld,            # latent [T, D]
     stride_cb, stride_cp,            # cache [num_blocks, ps, bytes], byte strides (last one is 1)
-    R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    SOFT_CVT: tl.constexpr, WIDE: tl.constexpr,
+    R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_T: tl.constexpr, SOFT_CVT: tl.constexpr, WIDE: tl.constexpr,
 ):
+    NT: tl.constexpr = R // 128          # scale tiles
+    BLOCK_NT: tl.constexpr = BLOCK_R // 128
     pid = tl.program_id(0)
     tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
     slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
@@ -77,31 +79,40 @@ def _write_fp8_cache_kernel(
     slot = tl.where(keep, slot, 0)
     row = cache_ptr + (slot // page_size) * stride_cb + (slot % page_size) * stride_cp  # [BLOCK_T] ptrs
     src = latent_ptr + tok * stride_lt
-    cols = tl.arange(0, 128)
 
-    for i in tl.static_range(R // 128):
-        x = tl.load(src[:, None] + (i * 128 + cols)[None, :] * stride_ld, mask=keep[:, None],
-                    other=0.0).to(tl.float32)                                      # [BLOCK_T, 128]
-        amax = tl.max(tl.abs(x), axis=1)
-        s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-4)
-        # Round s up to a power of two: add "all mantissa ones" and clear the mantissa.
-        s_bits = (s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
-        inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)                  # exactly 1 / s
-        y = x * inv[:, None]
-        if SOFT_CVT:
-            q = _fp32_to_e4m3_bits(y).to(tl.uint8)
-        else:
-            q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        tl.store(row[:, None] + (i * 128 + cols)[None, :], q, mask=keep[:, None])
-        if WIDE:
-            tl.store((row + (R + 4 * i)).to(tl.pointer_type(tl.int32)), s_bits, mask=keep)
-        else:
-            for k in tl.static_range(4):  # little-endian float32 scale
-                tl.store(row + (R + 4 * i + k), ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=keep)
-
+    # Whole rows at once (latent and rope loads all in flight before the first reduction).
+    cols = tl.arange(0, BLOCK_R)
+    if BLOCK_R == R:
+        lmask = keep[:, None]
+    else:
+        lmask = keep[:, None] & (cols < R)[None, :]
     pcols = tl.arange(0, BLOCK_P)
     pmask = keep[:, None] & (pcols < P)[None, :]
+    x = tl.load(src[:, None] + cols[None, :] * stride_ld, mask=lmask, other=0.0)      # [BLOCK_T, BLOCK_R]
     r = tl.load(src[:, None] + (R + pcols)[None, :] * stride_ld, mask=pmask, other=0.0)  # [BLOCK_T, BLOCK_P]
+
+    x = tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_NT, 128])
+    amax = tl.max(tl.abs(x), axis=2)                                                # [BLOCK_T, BLOCK_NT]
+    s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-4)
+    # Round s up to a power of two: add "all mantissa ones" and clear the mantissa.
+    s_bits = (s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
+    inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)                      # exactly 1 / s
+    y = x * inv[:, :, None]
+    if SOFT_CVT:
+        q = _fp32_to_e4m3_bits(y).to(tl.uint8)
+    else:
+        q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    tl.store(row[:, None] + cols[None, :], tl.reshape(q, [BLOCK_T, BLOCK_R]), mask=lmask)
+
+    tcols = tl.arange(0, BLOCK_NT)
+    smask = keep[:, None] & (tcols < NT)[None, :]
+    if WIDE:
+        tl.store((row + R).to(tl.pointer_type(tl.int32))[:, None] + tcols[None, :], s_bits, mask=smask)
+    else:
+        for k in tl.static_range(4):  # little-endian float32 scales
+            tl.store(row[:, None] + (R + 4 * tcols + k)[None, :], ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8),
+                     mask=smask)
+
     if r.dtype == tl.bfloat16:
         h = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     elif SOFT_CVT:
@@ -110,16 +121,16 @@ def _write_fp8_cache_kernel(
         h = r.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
         h = h.to(tl.int32) & 0xFFFF
     if WIDE:
-        dst16 = (row + (R + 4 * (R // 128))).to(tl.pointer_type(tl.int16))
+        dst16 = (row + (R + 4 * NT)).to(tl.pointer_type(tl.int16))
         tl.store(dst16[:, None] + pcols[None, :], h.to(tl.int16), mask=pmask)
     else:
-        dst = row[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
+        dst = row[:, None] + (R + 4 * NT + 2 * pcols)[None, :]
         tl.store(dst, (h & 0xFF).to(tl.uint8), mask=pmask)
         tl.store(dst + 1, (h >> 8).to(tl.uint8), mask=pmask)
 
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
-                    rope_dim: int, block_t: int = 16, num_warps: int = 4,
+                    rope_dim: int, block_t: int = 8, num_warps: int = 4,
                     soft_cvt: bool | None = None, wide_stores: bool | None = None) -> None:
     """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into ``cache [num_blocks, ps, bytes]`` (uint8) rows.
 
@@ -142,8 +153,8 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     _write_fp8_cache_kernel[grid](
         latent, cache, slot_mapping, T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
-        R=R, P=rope_dim, BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, SOFT_CVT=soft,
-        WIDE=wide, num_warps=num_warps)
+        R=R, P=rope_dim, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
+        BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------- dequantise
