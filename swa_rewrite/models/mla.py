@@ -179,8 +179,8 @@ class MLAModel(nn.Module):
         """One latent cache ``[num_blocks, page_size, R + P]`` of the model dtype per layer."""
         device = cache_device(device, self.lm_head.weight)
         dtype = self.lm_head.weight.dtype
-        width = self.config.latent_dim
-        return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, width, dtype, device, i)
+        R, P = self.config.kv_lora_rank, self.config.qk_rope_head_dim
+        return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, R, P, dtype, device, i)
                 for i in range(self.num_layers)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

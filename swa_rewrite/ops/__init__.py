@@ -22,11 +22,13 @@ __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_i
 __all__ += ["sparse_mla_attention", "swa_mla_attention"]
 
 
-def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,
+def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
                       device: torch.device | str | None = None, *, layer: int = -1) -> torch.Tensor:
-    """``[num_blocks, page_size, width]`` cache of ``dtype`` on ``device`` (contents undefined)."""
+    """A latent cache on ``device`` (contents undefined): ``[num_blocks, page_size, R + P]`` of ``dtype``,
+    or, for ``dtype=torch.uint8``, the packed FP8 layout ``[num_blocks, page_size, R + 4R/128 + 2P]``."""
     device = torch.device(device) if device is not None else torch.get_default_device()
-    return torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, width, dtype, device, layer)
+    return torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device,
+                                                   layer)
 
 
 def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,

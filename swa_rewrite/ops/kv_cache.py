@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_cache import fp8_cache_bytes
 from .validation import check_cache_write, fail
 
 
@@ -28,18 +29,28 @@ def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_map
 
 
 
+def cache_shape(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int,
+                dtype: torch.dtype) -> tuple[int, int, int]:
+    """``[num_blocks, page_size, R + P]`` for a model-dtype cache; ``uint8`` means the packed FP8 layout
+    ``[num_blocks, page_size, R + 4R/128 + 2P]`` of SPEC §6."""
+    width = fp8_cache_bytes(kv_lora_rank, rope_dim) if dtype == torch.uint8 else kv_lora_rank + rope_dim
+    return (num_blocks, page_size, width)
+
+
 @torch.library.custom_op("swa_rewrite::allocate_kv_cache", mutates_args=())
-def allocate_kv_cache(num_blocks: int, page_size: int, width: int, dtype: torch.dtype,
+def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
                       device: torch.device, layer: int) -> torch.Tensor:
-    """One layer's latent cache ``[num_blocks, page_size, width]`` of ``dtype`` (contents undefined)."""
-    if num_blocks < 1 or page_size < 1 or width < 1:
-        fail(f"cache dims must be >= 1, got num_blocks={num_blocks}, page_size={page_size}, width={width}")
-    return torch.empty((num_blocks, page_size, width), dtype=dtype, device=device)
+    """One layer's latent cache (see ``cache_shape``; contents undefined). ``dtype=torch.uint8`` allocates
+    the packed FP8 layout; the graph pass turns an SWA layer's allocation into that by changing ``dtype``."""
+    if num_blocks < 1 or page_size < 1 or kv_lora_rank < 1 or rope_dim < 0:
+        fail(f"cache dims must be positive, got num_blocks={num_blocks}, page_size={page_size}, "
+             f"kv_lora_rank={kv_lora_rank}, rope_dim={rope_dim}")
+    return torch.empty(cache_shape(num_blocks, page_size, kv_lora_rank, rope_dim, dtype), dtype=dtype, device=device)
 
 
 @allocate_kv_cache.register_fake
-def _(num_blocks, page_size, width, dtype, device, layer):
-    return torch.empty((num_blocks, page_size, width), dtype=dtype, device=device)
+def _(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device, layer):
+    return torch.empty(cache_shape(num_blocks, page_size, kv_lora_rank, rope_dim, dtype), dtype=dtype, device=device)
 
 
 @torch.library.custom_op("swa_rewrite::write_kv_cache", mutates_args=("cache",))

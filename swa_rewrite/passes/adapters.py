@@ -61,13 +61,14 @@ class MLAOpAdapter:
     def is_packed_allocation(self, node: torch.fx.Node) -> bool:
         raise NotImplementedError
 
-    def to_packed_allocation(self, node: torch.fx.Node, rope_dim: int) -> None:
+    def to_packed_allocation(self, node: torch.fx.Node) -> None:
         raise NotImplementedError
 
 
 class SwaRewriteOps(MLAOpAdapter):
     """This package's ops: ``paged_mla_attention`` → ``swa_mla_attention``, ``write_kv_cache`` →
-    ``write_fp8_cache``, ``allocate_kv_cache(width=R+P, model dtype)`` → ``(width=packed bytes, uint8)``."""
+    ``write_fp8_cache``, ``allocate_kv_cache(..., model dtype, ...)`` → ``allocate_kv_cache(..., uint8, ...)``
+    (the packed FP8 layout)."""
 
     name = "swa_rewrite"
     _ROLES = {
@@ -110,14 +111,8 @@ class SwaRewriteOps(MLAOpAdapter):
     def is_packed_allocation(self, node):
         return bound_args(node)["dtype"] == torch.uint8
 
-    def to_packed_allocation(self, node, rope_dim):
-        from ..ops.fp8_cache import fp8_cache_bytes
-
+    def to_packed_allocation(self, node):
         args = bound_args(node)
-        width = args["width"]
-        if not isinstance(width, int):
-            raise TypeError(f"allocation width must be a constant int, got {width!r}")
-        args["width"] = fp8_cache_bytes(width - rope_dim, rope_dim)
         args["dtype"] = torch.uint8
         call_op(node, torch.ops.swa_rewrite.allocate_kv_cache.default, args)
 

@@ -2,11 +2,11 @@
 
 Before (allocation graph, layer 3)::
 
-    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 576, dtype, device, 3)
+    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 512, 64, dtype, device, 3)
 
-After (same node, re-targeted in place)::
+After (same node, new arguments; ``uint8`` selects the packed layout, 656 bytes per token here)::
 
-    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 656, torch.uint8, device, 3)
+    allocate_kv_cache_3 = swa_rewrite.allocate_kv_cache(num_blocks, page_size, 512, 64, torch.uint8, device, 3)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class PackCacheAllocationPass:
             if site.allocation_adapter.is_packed_allocation(node):
                 result.skipped.append(f"layer {layer}: cache already packed")
                 continue
-            site.allocation_adapter.to_packed_allocation(node, site.adapter.rope_dim(site.attention))
+            site.allocation_adapter.to_packed_allocation(node)
             result.num_matches += 1
             result.details.append(f"layer {layer}: {node.name} -> packed uint8")
         return result

@@ -91,6 +91,14 @@ def test_paged_attention_padding_rows_give_zero_and_inf():
     assert torch.isfinite(out[:2]).all() and torch.isfinite(lse[:2]).all()
 
 
+def test_allocation_shapes():
+    assert ops.allocate_kv_cache(3, 5, 128, 16, torch.float32, "cpu").shape == (3, 5, 144)
+    packed = ops.allocate_kv_cache(3, 5, 512, 64, torch.uint8, "meta", layer=2)
+    assert packed.shape == (3, 5, 656) and packed.dtype == torch.uint8
+    with pytest.raises(ValueError, match="page_size=0"):
+        ops.allocate_kv_cache(3, 0, 128, 16, torch.float32, "cpu")
+
+
 def test_opcheck():
     b = _batch()
     cache = torch.randn(3, 4, 24)
@@ -100,5 +108,5 @@ def test_opcheck():
                           (torch.randn(4, 2, 24), cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder,
                            b.seq_lens_decoder, b.batch_id_per_token, 0.1, 8, 0))
     torch.library.opcheck(torch.ops.swa_rewrite.allocate_kv_cache.default,
-                          (2, 4, 24, torch.float32, torch.device("cpu"), 0),
+                          (2, 4, 16, 8, torch.float32, torch.device("cpu"), 0),
                           test_utils=("test_schema", "test_faketensor"))

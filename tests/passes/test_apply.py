@@ -226,7 +226,7 @@ def test_registry_accepts_an_engine_adapter():
             return q
 
         def allocate_kv_cache(self, num_blocks, page_size, device=None):
-            return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, 144, torch.float32,
+            return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, 128, 16, torch.float32,
                                                             torch.device("cpu"), i) for i in range(3)]
 
     registry = default_registry()
