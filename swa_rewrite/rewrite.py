@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
-                     ReplaceAttentionPass, RewriteError, TracedModel, default_registry)
+                     ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,7 @@ def _cache_layout(allocation: torch.fx.GraphModule) -> list[tuple[torch.dtype, i
 
 
 def _kind(site) -> str:
-    from .passes import Role
-
-    return "SWA" if site.adapter.role(site.attention) is Role.SWA_ATTENTION else "full"
+    return "SWA" if site.attention_role is Role.SWA_ATTENTION else "full"
 
 
 def apply(model: torch.nn.Module, schedule: Schedule, *,

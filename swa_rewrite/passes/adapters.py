@@ -18,6 +18,20 @@ import torch.fx
 from .graph_pass import bound_args, call_op, op_name
 
 
+def functionalized_op(node: torch.fx.Node) -> Optional[torch._ops.OpOverload]:
+    """The mutating op wrapped by an ``auto_functionalized`` (v1 or v2) node, as post-grad graphs show
+    in-place ops, else None."""
+    hop = getattr(torch.ops.higher_order, "auto_functionalized", None)
+    hop2 = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
+    if node.op == "call_function" and node.target in (hop, hop2) and node.args:
+        return node.args[0]
+    return None
+
+
+def _arguments(node: torch.fx.Node) -> dict:
+    return dict(node.kwargs) if functionalized_op(node) is not None else bound_args(node)
+
+
 class Role(enum.Enum):
     FULL_ATTENTION = "full attention"
     SWA_ATTENTION = "SWA attention"
@@ -80,17 +94,24 @@ class SwaRewriteOps(MLAOpAdapter):
     }
 
     def role(self, node):
-        return self._ROLES.get(op_name(node.target)) if node.op == "call_function" else None
+        if node.op != "call_function":
+            return None
+        inner = functionalized_op(node)
+        if inner is not None:
+            role = self._ROLES.get(op_name(inner))
+            return role if role in (Role.CACHE_WRITE, Role.PACKED_CACHE_WRITE) else None
+        return self._ROLES.get(op_name(node.target))
 
     def op_names(self):
         return sorted(self._ROLES)
 
     def layer_index(self, node):
-        layer = bound_args(node).get("layer")
+        layer = _arguments(node).get("layer")
         return layer if isinstance(layer, int) and layer >= 0 else None
 
     def cache(self, node):
-        return bound_args(node)["cache"]
+        # A functionalised write (v2) names its cache through `_all_bases`; no identity check then.
+        return _arguments(node).get("cache")
 
     def window(self, node):
         return bound_args(node)["window"]
@@ -104,9 +125,16 @@ class SwaRewriteOps(MLAOpAdapter):
         call_op(node, torch.ops.swa_rewrite.swa_mla_attention.default, args)
 
     def to_packed_write(self, node, rope_dim):
+        packed = torch.ops.swa_rewrite.write_fp8_cache.default
+        if functionalized_op(node) is not None:
+            # auto_functionalized(op, **kwargs): swap the op, add its extra argument; the mutated
+            # argument is `cache` in both ops, so the functionalisation bookkeeping stays valid.
+            node.args = (packed,) + tuple(node.args[1:])
+            node.kwargs = {**node.kwargs, "rope_dim": rope_dim}
+            return
         args = bound_args(node)
         args["rope_dim"] = rope_dim
-        call_op(node, torch.ops.swa_rewrite.write_fp8_cache.default, args)
+        call_op(node, packed, args)
 
     def is_packed_allocation(self, node):
         return bound_args(node)["dtype"] == torch.uint8

@@ -40,21 +40,33 @@ def layer_from_module_stack(node: torch.fx.Node) -> Optional[int]:
 
 @dataclasses.dataclass
 class LayerSites:
-    """Where one layer's attention lives in the traced graphs."""
+    """Where one layer's attention lives in the traced graphs; each site is ``(adapter, node)``."""
 
     layer: int
-    adapter: MLAOpAdapter
-    attention: torch.fx.Node
-    writes: list[torch.fx.Node] = dataclasses.field(default_factory=list)
-    allocation: Optional[torch.fx.Node] = None
-    allocation_adapter: Optional[MLAOpAdapter] = None
+    attention: Optional[tuple[MLAOpAdapter, torch.fx.Node]] = None
+    writes: list[tuple[MLAOpAdapter, torch.fx.Node]] = dataclasses.field(default_factory=list)
+    allocation: Optional[tuple[MLAOpAdapter, torch.fx.Node]] = None
+
+    @property
+    def attention_role(self) -> Optional[Role]:
+        return None if self.attention is None else self.attention[0].role(self.attention[1])
+
+    def rope_dim(self) -> int:
+        if self.attention is None:
+            raise RewriteError(f"layer {self.layer}: its cache write is in this graph but its attention is not, so "
+                               "the rope width of the packed cache is unknown")
+        adapter, node = self.attention
+        return adapter.rope_dim(node)
 
 
 class FindMLAAttentionPass:
+    """``partial=False`` (``apply``): the graphs are the whole model, every layer is expected complete.
+    ``partial=True`` (``torch.compile`` backends): a graph may hold any part of a model, even none of it."""
+
     name = "find-mla-attention"
 
-    def __init__(self, registry: AdapterRegistry):
-        self.registry = registry
+    def __init__(self, registry: AdapterRegistry, partial: bool = False):
+        self.registry, self.partial = registry, partial
 
     def _layer(self, adapter: MLAOpAdapter, node: torch.fx.Node, role: Role) -> int:
         layer = adapter.layer_index(node)
@@ -71,50 +83,52 @@ class FindMLAAttentionPass:
     def __call__(self, traced: TracedModel) -> PassResult:
         result = PassResult(self.name)
         sites: dict[int, LayerSites] = {}
-        writes: dict[int, list] = collections.defaultdict(list)
         seen = collections.Counter()
-        for node in traced.forward.graph.nodes:
-            adapter, role = self.registry.classify(node)
-            if role is None:
-                if node.op in ("call_function", "call_method", "call_module"):
-                    seen[str(node.target)] += 1
-                continue
-            layer = self._layer(adapter, node, role)
-            if role in (Role.FULL_ATTENTION, Role.SWA_ATTENTION):
-                if layer in sites:
-                    raise RewriteError(f"layer {layer} has two attention nodes: {sites[layer].attention.name} "
-                                       f"and {node.name}")
-                sites[layer] = LayerSites(layer, adapter, node)
-            elif role in (Role.CACHE_WRITE, Role.PACKED_CACHE_WRITE):
-                writes[layer].append((adapter, node))
-        if not sites:
-            common = ", ".join(f"{t} ×{n}" for t, n in seen.most_common(8)) or "nothing"
-            raise RewriteError(f"no MLA attention op found: searched {len(traced.forward.graph.nodes)} nodes of the "
-                               f"forward graph for {self.registry.op_names()}; most frequent calls found: {common}")
-        for layer, found in sorted(writes.items()):
-            if layer not in sites:
-                raise RewriteError(f"cache write {found[0][1].name} is for layer {layer}, which has no attention node")
-            site = sites[layer]
-            for adapter, node in found:
-                if adapter.cache(node) is not site.adapter.cache(site.attention):
-                    raise RewriteError(f"layer {layer}: cache write {node.name} and attention {site.attention.name} "
-                                       "use different cache tensors")
-                site.writes.append(node)
-        for node in traced.allocation.graph.nodes:
-            adapter, role = self.registry.classify(node)
-            if role is not Role.ALLOCATION:
-                continue
-            layer = adapter.layer_index(node)
-            if layer is None:
-                raise RewriteError(f"cache allocation {node.name} carries no layer index")
-            if layer in sites:
-                if sites[layer].allocation is not None:
-                    raise RewriteError(f"layer {layer} has two cache allocations")
-                sites[layer].allocation, sites[layer].allocation_adapter = node, adapter
+        num_nodes = 0
+        for graph in traced.graphs():
+            for node in graph.nodes:
+                num_nodes += 1
+                adapter, role = self.registry.classify(node)
+                if role is None:
+                    if node.op in ("call_function", "call_method", "call_module"):
+                        seen[str(node.target)] += 1
+                    continue
+                layer = self._layer(adapter, node, role)
+                site = sites.setdefault(layer, LayerSites(layer))
+                if role in (Role.FULL_ATTENTION, Role.SWA_ATTENTION):
+                    if site.attention is not None:
+                        raise RewriteError(f"layer {layer} has two attention nodes: {site.attention[1].name} "
+                                           f"and {node.name}")
+                    site.attention = (adapter, node)
+                elif role in (Role.CACHE_WRITE, Role.PACKED_CACHE_WRITE):
+                    site.writes.append((adapter, node))
+                else:
+                    if site.allocation is not None:
+                        raise RewriteError(f"layer {layer} has two cache allocations: {site.allocation[1].name} "
+                                           f"and {node.name}")
+                    site.allocation = (adapter, node)
+        if not self.partial:
+            if not any(s.attention for s in sites.values()):
+                common = ", ".join(f"{t} ×{n}" for t, n in seen.most_common(8)) or "nothing"
+                raise RewriteError(f"no MLA attention op found: searched {num_nodes} nodes for "
+                                   f"{self.registry.op_names()}; most frequent calls found: {common}")
+            for layer, site in sorted(sites.items()):
+                if site.attention is None and site.writes:
+                    raise RewriteError(f"cache write {site.writes[0][1].name} is for layer {layer}, which has no "
+                                       "attention node")
         for layer, site in sorted(sites.items()):
-            role = site.adapter.role(site.attention)
-            result.details.append(f"layer {layer}: {role.value} {site.attention.name}, {len(site.writes)} write(s), "
-                                  f"allocation {site.allocation.name if site.allocation is not None else None}")
+            if site.attention is None:
+                continue
+            adapter, attn = site.attention
+            for w_adapter, w in site.writes:
+                cache = w_adapter.cache(w)
+                if cache is not None and cache is not adapter.cache(attn):
+                    raise RewriteError(f"layer {layer}: cache write {w.name} and attention {attn.name} use "
+                                       "different cache tensors")
+        for layer, site in sorted(sites.items()):
+            role = site.attention_role
+            result.details.append(f"layer {layer}: {role.value if role else 'no attention'}, {len(site.writes)} "
+                                  f"write(s), allocation {site.allocation[1].name if site.allocation else None}")
         result.num_matches = len(sites)
         traced.sites = sites
         return result

@@ -26,13 +26,20 @@ class TracedModel:
     """The two graphs of a model the passes rewrite.
 
     ``forward``: the model's step (tokens, metadata, caches → logits). ``allocation``: its
-    ``allocate_kv_cache(num_blocks, page_size, device)``, returning one cache per layer.
+    ``allocate_kv_cache(num_blocks, page_size, device)``, returning one cache per layer. Either may be
+    absent when a compiler hands us one graph at a time.
     ``sites`` is filled by ``FindMLAAttentionPass``: layer index → ``LayerSites``.
     """
 
-    forward: torch.fx.GraphModule
-    allocation: torch.fx.GraphModule
+    forward: Optional[torch.fx.GraphModule]
+    allocation: Optional[torch.fx.GraphModule] = None
     sites: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+    def graphs(self) -> list[torch.fx.Graph]:
+        return [gm.graph for gm in (self.forward, self.allocation) if gm is not None]
+
+    def modules(self) -> list[torch.fx.GraphModule]:
+        return [gm for gm in (self.forward, self.allocation) if gm is not None]
 
 
 @dataclasses.dataclass
@@ -73,10 +80,10 @@ class PassManager:
         results = []
         for p in self.passes:
             results.append(p(traced))
-            canonicalize(traced.forward)
-            canonicalize(traced.allocation)
-        traced.forward.recompile()
-        traced.allocation.recompile()
+            for gm in traced.modules():
+                canonicalize(gm)
+        for gm in traced.modules():
+            gm.recompile()
         return results
 
     def uuid(self) -> str:

@@ -18,8 +18,8 @@ from .graph_pass import PassResult, RewriteError, TracedModel
 class PackCacheAllocationPass:
     name = "pack-cache-allocation"
 
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
+    def __init__(self, schedule: Schedule, partial: bool = False):
+        self.schedule, self.partial = schedule, partial
 
     def config_key(self):
         return self.schedule.to_dict()
@@ -27,16 +27,18 @@ class PackCacheAllocationPass:
     def __call__(self, traced: TracedModel) -> PassResult:
         result = PassResult(self.name)
         for layer in sorted(self.schedule.swa_layers):
-            site = traced.sites[layer]
-            node = site.allocation
-            if node is None:
+            site = traced.sites.get(layer)
+            if site is None or site.allocation is None:
+                if self.partial:
+                    continue
                 raise RewriteError(f"layer {layer} is selected but its cache allocation was not found in the "
                                    f"allocation graph (allocations found for layers "
                                    f"{sorted(l for l, s in traced.sites.items() if s.allocation is not None)})")
-            if site.allocation_adapter.is_packed_allocation(node):
+            adapter, node = site.allocation
+            if adapter.is_packed_allocation(node):
                 result.skipped.append(f"layer {layer}: cache already packed")
                 continue
-            site.allocation_adapter.to_packed_allocation(node)
+            adapter.to_packed_allocation(node)
             result.num_matches += 1
             result.details.append(f"layer {layer}: {node.name} -> packed uint8")
         return result

@@ -21,8 +21,8 @@ from .graph_pass import PassResult, RewriteError, TracedModel
 class ReplaceAttentionPass:
     name = "replace-attention"
 
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
+    def __init__(self, schedule: Schedule, partial: bool = False):
+        self.schedule, self.partial = schedule, partial
 
     def config_key(self):
         return self.schedule.to_dict()
@@ -32,26 +32,27 @@ class ReplaceAttentionPass:
         sites = traced.sites
         W = self.schedule.window
         for layer, site in sorted(sites.items()):
-            role = site.adapter.role(site.attention)
+            role = site.attention_role
             if not self.schedule.is_swa(layer):
                 if role is Role.SWA_ATTENTION:
                     raise RewriteError(f"layer {layer} is already a sliding-window layer but the schedule keeps it "
                                        "full; turning an SWA layer (packed FP8 cache) back into full attention is "
                                        "not supported: apply the schedule to the original model")
                 continue
-            rope_dim = site.adapter.rope_dim(site.attention)
-            if role is Role.SWA_ATTENTION and site.adapter.window(site.attention) == W:
+            if role is Role.SWA_ATTENTION and site.attention[0].window(site.attention[1]) == W:
                 result.skipped.append(f"layer {layer}: already SWA with window {W}")
-            else:
-                site.adapter.to_swa_attention(site.attention, W)
+            elif role is not None:
+                adapter, node = site.attention
+                adapter.to_swa_attention(node, W)
                 result.num_matches += 1
-                result.details.append(f"layer {layer}: {site.attention.name} -> {site.attention.target} (window {W})")
-            for node in site.writes:
-                if site.adapter.role(node) is Role.CACHE_WRITE:
-                    site.adapter.to_packed_write(node, rope_dim)
-                    result.details.append(f"layer {layer}: {node.name} -> {node.target}")
-        missing = sorted(self.schedule.swa_layers - set(sites))
-        if missing:
+                result.details.append(f"layer {layer}: {node.name} -> {node.target} (window {W})")
+            for adapter, node in site.writes:
+                if adapter.role(node) is Role.CACHE_WRITE:
+                    adapter.to_packed_write(node, site.rope_dim())
+                    result.details.append(f"layer {layer}: {node.name} -> packed FP8 write")
+        missing = sorted(l for l in self.schedule.swa_layers if l not in sites or sites[l].attention is None)
+        if missing and not self.partial:
             raise RewriteError(f"the schedule selects layer(s) {missing}, but the graph has no MLA attention node for "
-                               f"them; attention nodes were found for layers {sorted(sites)}")
+                               f"them; attention nodes were found for layers "
+                               f"{sorted(l for l, s in sites.items() if s.attention is not None)}")
         return result
