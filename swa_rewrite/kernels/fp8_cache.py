@@ -10,8 +10,11 @@ Tile scale: ``s = max(amax / 448, 1e-4)`` (IEEE float32 division), rounded *up* 
 ``q = e4m3fn(x / s)`` rounded to nearest even. Because ``s`` is a power of two, ``x * (1/s)`` is the
 exact quotient and dequantisation ``q * s`` is exact in bf16.
 
-Rows need no alignment (any block stride works): scales and rope values go out as int32/int16 stores
-when rows are 4-byte aligned (``WIDE``), as single bytes otherwise, and are read back as bytes. All addresses are int64 (``slot * 656`` overflows int32 past ~3.2M slots).
+A write program quantises ``BLOCK_T`` tokens, loading their whole latent rows at once (all loads in flight
+before the first tile reduction; the tiles are a reshape). Rows need no alignment (any block stride works):
+scales and rope values go out as int32/int16 stores when rows are 4-byte aligned (``WIDE``), as single
+bytes otherwise, and are read back as bytes. All addresses are int64 (``slot * 656`` overflows int32 past
+~3.2M slots). Measured on an H100: benchmarks/RESULTS.md.
 
 ``SOFT_CVT``: the Triton interpreter truncates float32 -> bf16 and rounds float32 -> fp8 half-up without
 carrying into the exponent, so when interpreting the launchers round with integer arithmetic instead

@@ -11,8 +11,8 @@ and ``num_valid[t] = min(W, p + 1)``. Padding tokens (``b == -1``) get all ``-1`
 Each program fills a ``[BLOCK_T, BLOCK_W]`` tile of tokens x window entries. The page size is an argument
 of every call, never assumed. By default the launcher passes it as the compile-time ``PAGE_SIZE`` (one
 compilation per page size a process uses; the per-entry ``// ps`` and ``% ps`` become multiplies), which
-measured 1.2-1.7x faster on an H100 (from 16K tokens x 512 entries up) than the run-time divisor (``specialize_page_size=False``,
-``PAGE_SIZE = 0``); see benchmarks/RESULTS.md.
+measured 1.2-1.7x faster on an H100 (from 16K tokens x 512 entries up) than the run-time divisor
+(``specialize_page_size=False``, ``PAGE_SIZE = 0``); see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def quantize_fp8_reference(latent: torch.Tensor, rope_dim: int) -> torch.Tensor:
     x = latent[:, :R].float().reshape(T, R // _TILE, _TILE)
     amax = x.abs().amax(dim=-1)                                                 # [T, R/128]
     s = torch.maximum(amax / 448.0, torch.tensor(1e-4, dtype=torch.float32, device=latent.device))
-    mant, exp = torch.frexp(s)                                                  # s = mant * 2^exp, mant in [0.5, 1)
+    mant, exp = torch.frexp(s)                                  # s = mant * 2^exp, mant in [0.5, 1)
     scale = torch.ldexp(torch.ones_like(s), torch.where(mant == 0.5, exp - 1, exp))   # 2^ceil(log2 s)
     q = (x / scale[..., None]).to(torch.float8_e4m3fn)                          # exact quotient, RNE cast
     rope = latent[:, R:].to(torch.bfloat16).contiguous()
