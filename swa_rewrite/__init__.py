@@ -4,10 +4,11 @@ Public API (SPEC §11): ``Schedule``, ``apply``, ``graph_diff``, ``backend``; ``
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.swa_rewrite.*)
+from .compile import SWABackend, SWACompiledModel, SWAPostGradPass, backend, compile
 from .graph_diff import GraphDiff, graph_diff
 from .passes import RewriteError
 from .rewrite import RewriteReport, SWAModule, apply
 from .schedule import Schedule
 
 __version__ = "0.1.0"
-__all__ = ["GraphDiff", "RewriteError", "RewriteReport", "SWAModule", "Schedule", "apply", "graph_diff", "ops", "__version__"]
+__all__ = ["GraphDiff", "RewriteError", "SWABackend", "SWACompiledModel", "SWAPostGradPass", "backend", "compile", "RewriteReport", "SWAModule", "Schedule", "apply", "graph_diff", "ops", "__version__"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_cache import fp8_cache_bytes
 from .validation import check_batch, check_index, checks_enabled, fail
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
@@ -127,16 +128,30 @@ def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tabl
 
 
 # ---------------------------------------------------------------------------------------------- op
+def _unpacked(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """A packed FP8 cache dequantised whole to ``q``'s dtype, else ``cache`` itself.
+
+    Full attention over a packed cache only happens when a graph is traced with a layer's packed cache but
+    has not been rewritten yet (``torch.compile`` with ``swa_rewrite.backend``, whose pass then swaps in the
+    sliding-window op); it is correct but reads and converts the whole cache.
+    """
+    if cache.dtype != torch.uint8:
+        return cache
+    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, rope_dim).to(q.dtype)
+
+
 def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                            batch_id_per_token, rope_dim, data=True):
     if q.dim() != 3:
         fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
-    if cache.dim() != 3 or cache.shape[-1] != q.shape[-1]:
-        fail(f"cache must be [num_blocks, page_size, {q.shape[-1]}], got shape {tuple(cache.shape)}")
-    if cache.dtype != q.dtype:
-        fail(f"q dtype {q.dtype} does not match cache dtype {cache.dtype}")
     if not 0 < rope_dim < q.shape[-1]:
         fail(f"rope_dim must be in (0, {q.shape[-1]}), got {rope_dim}")
+    packed = cache.dtype == torch.uint8
+    width = fp8_cache_bytes(q.shape[-1] - rope_dim, rope_dim) if packed else q.shape[-1]
+    if cache.dim() != 3 or cache.shape[-1] != width:
+        fail(f"cache must be [num_blocks, page_size, {width}], got shape {tuple(cache.shape)}")
+    if cache.dtype != q.dtype and not packed:
+        fail(f"q dtype {q.dtype} does not match cache dtype {cache.dtype}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
 
@@ -149,8 +164,8 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
     """Full causal MLA attention over the model-dtype paged cache → ``out [T, H, R]``, ``lse [T, H]`` fp32."""
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                            batch_id_per_token, rope_dim)
-    return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                                           batch_id_per_token, scale, rope_dim)
+    return paged_mla_attention_reference(q, _unpacked(cache, q, rope_dim), block_tables, cu_seqlens_q,
+                                         seq_lens_decoder, batch_id_per_token, scale, rope_dim)
 
 
 @paged_mla_attention.register_fake
@@ -167,6 +182,7 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
       scale, rope_dim, layer):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                            batch_id_per_token, rope_dim)
+    cache = _unpacked(cache, q, rope_dim)
     if not _triton_supported(q, cache):
         return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                              batch_id_per_token, scale, rope_dim)

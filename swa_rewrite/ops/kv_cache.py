@@ -53,15 +53,44 @@ def _(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device, layer):
     return torch.empty(cache_shape(num_blocks, page_size, kv_lora_rank, rope_dim, dtype), dtype=dtype, device=device)
 
 
-@torch.library.custom_op("swa_rewrite::write_kv_cache", mutates_args=("cache",))
-def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, layer: int) -> None:
-    """Write ``latent [T, D]`` into the model-dtype ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``."""
-    check_cache_write(latent, cache, slot_mapping, latent.shape[-1])
+def packed_rope_dim(latent_dim: int, packed_bytes: int) -> int:
+    """``P`` of a packed cache row of ``packed_bytes`` holding latents of width ``D = R + P``.
+
+    From ``D = R + P`` and ``bytes = R + R/32 + 2P``: ``R = 32 (2D - bytes) / 31``.
+    """
+    r32 = 32 * (2 * latent_dim - packed_bytes)
+    if r32 <= 0 or r32 % 31 or (r32 // 31) % 128 or r32 // 31 >= latent_dim:
+        fail(f"a uint8 cache row of {packed_bytes} bytes is not the packed FP8 layout of a latent of width "
+             f"{latent_dim} (R + 4R/128 + 2P bytes with R a multiple of 128)")
+    return latent_dim - r32 // 31
+
+
+def _check_write(latent, cache, slot_mapping, data=True):
+    if cache.dtype == torch.uint8:
+        if cache.dim() == 3:
+            packed_rope_dim(latent.shape[-1], cache.shape[-1])
+        check_cache_write(latent, cache, slot_mapping, cache.shape[-1] if cache.dim() == 3 else -1, data=data)
+        return
+    check_cache_write(latent, cache, slot_mapping, latent.shape[-1], data=data)
     if latent.dtype != cache.dtype:
         fail(f"latent dtype {latent.dtype} does not match cache dtype {cache.dtype}")
+
+
+@torch.library.custom_op("swa_rewrite::write_kv_cache", mutates_args=("cache",))
+def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, layer: int) -> None:
+    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` (model dtype) at ``slot_mapping [T]``.
+
+    A ``uint8`` cache is written in the packed FP8 layout (through ``write_fp8_cache``): a graph traced
+    with a layer's packed cache stays valid before the rewrite names the packed write explicitly.
+    """
+    _check_write(latent, cache, slot_mapping)
+    if cache.dtype == torch.uint8:
+        rope_dim = packed_rope_dim(latent.shape[-1], cache.shape[-1])
+        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+        return
     write_kv_cache_reference(latent, cache, slot_mapping)
 
 
 @write_kv_cache.register_fake
 def _(latent, cache, slot_mapping, layer):
-    check_cache_write(latent, cache, slot_mapping, latent.shape[-1], data=False)
+    _check_write(latent, cache, slot_mapping, data=False)

@@ -66,7 +66,8 @@ class MLAOpAdapter:
     def to_swa_attention(self, node: torch.fx.Node, window: int) -> None:
         raise NotImplementedError
 
-    def to_packed_write(self, node: torch.fx.Node, rope_dim: int) -> None:
+    def to_packed_write(self, node: torch.fx.Node, rope_dim: int) -> bool:
+        """Make a cache write produce the packed FP8 layout; False if the node was left as it is."""
         raise NotImplementedError
 
     def rope_dim(self, node: torch.fx.Node) -> int:
@@ -125,16 +126,15 @@ class SwaRewriteOps(MLAOpAdapter):
         call_op(node, torch.ops.swa_rewrite.swa_mla_attention.default, args)
 
     def to_packed_write(self, node, rope_dim):
-        packed = torch.ops.swa_rewrite.write_fp8_cache.default
         if functionalized_op(node) is not None:
-            # auto_functionalized(op, **kwargs): swap the op, add its extra argument; the mutated
-            # argument is `cache` in both ops, so the functionalisation bookkeeping stays valid.
-            node.args = (packed,) + tuple(node.args[1:])
-            node.kwargs = {**node.kwargs, "rope_dim": rope_dim}
-            return
+            # Inside auto_functionalized the wrapped op cannot be swapped safely (Inductor's decomposition
+            # of the wrapper keys on it). No need: write_kv_cache writes the packed layout into a uint8
+            # cache, so the write is already right once the allocation is packed.
+            return False
         args = bound_args(node)
         args["rope_dim"] = rope_dim
-        call_op(node, packed, args)
+        call_op(node, torch.ops.swa_rewrite.write_fp8_cache.default, args)
+        return True
 
     def is_packed_allocation(self, node):
         return bound_args(node)["dtype"] == torch.uint8

@@ -108,10 +108,7 @@ def op_name(target: Any) -> Optional[str]:
 
 def bound_args(node: torch.fx.Node) -> dict[str, Any]:
     """The node's arguments by schema name (positional and keyword merged)."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        target = target.default
-    names = [a.name for a in target._schema.arguments]
+    names = [a.name for a in _overload(node.target)._schema.arguments]
     out = dict(zip(names, node.args))
     out.update(node.kwargs)
     return out
@@ -119,6 +116,16 @@ def bound_args(node: torch.fx.Node) -> dict[str, Any]:
 
 def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str, Any]) -> None:
     """Re-target ``node`` in place to ``op`` with ``arguments`` by schema name (the node keeps its name)."""
+    eager = node.meta.get("eager_input_vals")
+    if eager is not None:
+        # Inductor lowers stride-sensitive ops from the recorded example inputs: keep them in step.
+        old = dict(zip([a.name for a in _overload(node.target)._schema.arguments], eager[0]))
+        old.update(eager[1])
+        node.meta["eager_input_vals"] = (tuple(old.get(a.name, arguments[a.name]) for a in op._schema.arguments), {})
     node.target = op
     node.args = tuple(arguments[a.name] for a in op._schema.arguments)
     node.kwargs = {}
+
+
+def _overload(target: Any) -> torch._ops.OpOverload:
+    return target.default if isinstance(target, torch._ops.OpOverloadPacket) else target

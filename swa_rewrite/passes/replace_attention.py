@@ -48,8 +48,11 @@ class ReplaceAttentionPass:
                 result.details.append(f"layer {layer}: {node.name} -> {node.target} (window {W})")
             for adapter, node in site.writes:
                 if adapter.role(node) is Role.CACHE_WRITE:
-                    adapter.to_packed_write(node, site.rope_dim())
-                    result.details.append(f"layer {layer}: {node.name} -> packed FP8 write")
+                    if adapter.to_packed_write(node, site.rope_dim()):
+                        result.details.append(f"layer {layer}: {node.name} -> packed FP8 write")
+                    else:
+                        result.skipped.append(f"layer {layer}: {node.name} kept (writes the packed layout into "
+                                              "a packed cache)")
         missing = sorted(l for l in self.schedule.swa_layers if l not in sites or sites[l].attention is None)
         if missing and not self.partial:
             raise RewriteError(f"the schedule selects layer(s) {missing}, but the graph has no MLA attention node for "

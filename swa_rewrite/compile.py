@@ -1,0 +1,142 @@
+"""``torch.compile`` integration (SPEC §8): a Dynamo backend, an Inductor post-grad pass, ``compile``.
+
+``torch.compile(model, backend=swa_rewrite.backend(schedule))`` runs the same passes as ``apply`` on each
+Dynamo graph (in *partial* mode: a graph may hold any part of the model), then hands the graph to Inductor.
+``SWAPostGradPass`` is the same rewrite as an Inductor custom post-grad pass with a stable ``uuid()``, for
+engines that own their pass manager. ``swa_rewrite.compile`` wraps a model so that its forward is compiled
+through the backend and its ``allocate_kv_cache`` returns the packed caches of the SWA layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.fx
+import torch.fx.experimental._config
+
+from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
+                     ReplaceAttentionPass, TracedModel, default_registry)
+from .schedule import Schedule
+
+try:  # Inductor's interface for custom passes; absent only in very old torch builds.
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover
+    CustomGraphPass = object
+
+log = logging.getLogger(__name__)
+
+
+def _pass_manager(schedule: Schedule, registry: Optional[AdapterRegistry]) -> PassManager:
+    registry = registry or default_registry()
+    return PassManager([FindMLAAttentionPass(registry, partial=True),
+                        ReplaceAttentionPass(schedule, partial=True),
+                        PackCacheAllocationPass(schedule, partial=True)])
+
+
+class SWABackend:
+    """A ``torch.compile`` backend: rewrite the Dynamo graph, then compile it with ``inner``.
+
+    ``inner`` is ``"inductor"`` (default), ``"eager"`` (run the rewritten graph as is) or any backend
+    callable. ``results`` keeps the pass results of every graph compiled, newest last.
+    """
+
+    def __init__(self, schedule: Schedule, *, inner: Union[str, Callable] = "inductor",
+                 registry: Optional[AdapterRegistry] = None):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
+        self.schedule, self.inner, self.registry = schedule, inner, registry
+        self.results: list[list[PassResult]] = []
+
+    def uuid(self) -> str:
+        return _pass_manager(self.schedule, self.registry).uuid()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
+        self.results.append(_pass_manager(self.schedule, self.registry)(TracedModel(gm)))
+        log.info("swa_rewrite backend: %s", "; ".join(str(r) for r in self.results[-1]))
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            # torch.compile(mode=..., options=...) with a custom backend passes these through to us.
+            patches = dict(kwargs.get("options") or {})
+            if kwargs.get("mode"):
+                patches.update(torch._inductor.list_mode_options(kwargs["mode"], kwargs.get("dynamic")))
+            return compile_fx(gm, example_inputs, config_patches=patches or None)
+        return self.inner(gm, example_inputs, **kwargs)
+
+
+def backend(schedule: Schedule, *, inner: Union[str, Callable] = "inductor",
+            registry: Optional[AdapterRegistry] = None) -> SWABackend:
+    """``torch.compile(model, backend=swa_rewrite.backend(schedule))``."""
+    return SWABackend(schedule, inner=inner, registry=registry)
+
+
+class SWAPostGradPass(CustomGraphPass):
+    """The rewrite as an Inductor custom post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``).
+
+    Post-grad graphs show in-place ops as ``auto_functionalized`` nodes; the adapters rewrite those too.
+    ``uuid()`` hashes the passes' source and the schedule, so Inductor's cache key changes with either.
+    """
+
+    def __init__(self, schedule: Schedule, registry: Optional[AdapterRegistry] = None):
+        self.schedule, self.registry = schedule, registry
+        self.results: list[list[PassResult]] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None:
+            gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        self.results.append(_pass_manager(self.schedule, self.registry)(TracedModel(gm)))
+
+    def uuid(self) -> str:
+        return _pass_manager(self.schedule, self.registry).uuid()
+
+
+def _mark_dynamic_step_inputs(args: tuple, kwargs: dict) -> None:
+    """Mark every dimension of the integer step tensors (tokens, batch, block-table width) dynamic."""
+    for t in list(args) + list(kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.int32, torch.int64):
+            for dim in range(t.dim()):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+class SWACompiledModel(torch.nn.Module):
+    """``model`` compiled through ``SWABackend``, with the packed cache allocation of the schedule.
+
+    ``forward`` marks the token/batch dimension of the integer step inputs dynamic (so a generation does not
+    recompile every step), and caches from ``allocate_kv_cache`` are marked as static addresses so CUDA
+    graphs (``mode="reduce-overhead"``) can be captured around their in-place writes.
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: Schedule, **compile_kwargs: Any):
+        super().__init__()
+        from .rewrite import apply
+
+        self.model = model
+        self.swa_backend = SWABackend(schedule, registry=compile_kwargs.pop("registry", None),
+                                      inner=compile_kwargs.pop("inner", "inductor"))
+        self.__dict__["_compiled"] = torch.compile(model, backend=self.swa_backend, **compile_kwargs)
+        self.__dict__["_rewritten"] = apply(model, schedule)  # its allocation graph packs the SWA layers
+        self.config = getattr(model, "config", None)
+
+    def allocate_kv_cache(self, num_blocks: int, page_size: int,
+                          device: torch.device | str | None = None) -> list[torch.Tensor]:
+        caches = self._rewritten.allocate_kv_cache(num_blocks, page_size, device)
+        for c in caches:
+            torch._dynamo.mark_static_address(c)
+        return caches
+
+    def forward(self, *args: Any, **kwargs: Any):
+        _mark_dynamic_step_inputs(args, kwargs)
+        # Sizes 0 and 1 would otherwise be specialised (a one-token decode step would compile anew).
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return self._compiled(*args, **kwargs)
+
+
+def compile(model: torch.nn.Module, schedule: Schedule, **torch_compile_kwargs: Any) -> SWACompiledModel:
+    """``torch.compile`` ``model`` through the SWA backend; ``torch_compile_kwargs`` go to ``torch.compile``
+    (``fullgraph``, ``dynamic``, ``mode``, ``options``), plus ``inner`` (``"inductor"`` / ``"eager"``)."""
+    return SWACompiledModel(model, schedule, **torch_compile_kwargs)

@@ -1,0 +1,191 @@
+"""torch.compile / torch.export integration (issue 6), in the style of vLLM's compile tests."""
+
+import copy
+import io
+import random
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+from torch._dynamo.utils import counters
+
+import swa_rewrite
+from swa_rewrite import Schedule, SWAPostGradPass, apply
+from swa_rewrite.graph_diff import node_layer
+from swa_rewrite.passes.graph_pass import op_name
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.runtime import Engine, StepBatch, StepItem
+
+TINY = MLAConfig.named("tiny")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Capture:
+    """A backend that keeps a copy of every graph it is given and runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        self.graphs.append(copy.deepcopy(gm.graph))
+        return gm.forward
+
+
+def op_count(graph, name):
+    """layer → number of ``swa_rewrite::<name>`` calls in ``graph``."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and op_name(n.target) == f"swa_rewrite::{name}":
+            out[node_layer(n)] = out.get(node_layer(n), 0) + 1
+    return out
+
+
+def step(model, caches, items, page_size):
+    b = StepBatch.build(items, page_size)
+    return model(b.input_ids, kv_caches=caches, **b.model_inputs())
+
+
+def packed_caches(model, schedule, num_blocks=8, page_size=16):
+    caches = apply(model, schedule).allocate_kv_cache(num_blocks, page_size)
+    for c in caches:
+        c.zero_()
+    return caches
+
+
+def random_items(rng, page_size):
+    return [StepItem([rng.randrange(256) for _ in range(rng.randint(1, 12))], 0, [b], True) for b in range(3)]
+
+
+@pytest.mark.parametrize("layers", [[0, 2], [1], [0, 1, 2, 3], []])
+def test_backend_rewrites_the_dynamo_graph(layers, seed):
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, layers, 4)
+    items = random_items(random.Random(seed), 16)
+    before, after = Capture(), Capture()
+    with torch.no_grad():
+        step(torch.compile(model, backend=before, fullgraph=True), packed_caches(model, schedule), items, 16)
+        torch._dynamo.reset()
+        be = swa_rewrite.backend(schedule, inner=after)
+        step(torch.compile(model, backend=be, fullgraph=True), packed_caches(model, schedule), items, 16)
+    (g0,), (g1,) = before.graphs, after.graphs
+    assert op_count(g0, "paged_mla_attention") == {i: 1 for i in range(4)}
+    assert op_count(g0, "swa_mla_attention") == {}
+    assert op_count(g1, "swa_mla_attention") == {i: 1 for i in layers}
+    assert op_count(g1, "write_fp8_cache") == {i: 1 for i in layers}
+    assert op_count(g1, "paged_mla_attention") == {i: 1 for i in range(4) if i not in layers}
+    assert be.results[-1][1].num_matches == len(layers)
+
+
+def test_uuid_is_stable_and_follows_the_schedule():
+    s = Schedule(8, [0, 2], 4)
+    a, b = SWAPostGradPass(s).uuid(), SWAPostGradPass(Schedule.from_json(s.to_json())).uuid()
+    assert a == b and len(a) == 64
+    assert SWAPostGradPass(Schedule(9, [0, 2], 4)).uuid() != a
+    assert SWAPostGradPass(Schedule(8, [0], 4)).uuid() != a
+    assert swa_rewrite.backend(s).uuid() == a
+
+
+def test_generation_recompiles_at_most_twice_fullgraph(seed):
+    """50 steps of changing batch composition: prefill chunks, decodes, requests joining and leaving."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [1, 3], 4)
+    compiled = swa_rewrite.compile(model, schedule, fullgraph=True, inner="eager")
+    engine = Engine(compiled, num_blocks=64, page_size=8, max_tokens_per_step=9)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (17, 3, 9, 1)]
+    got = engine.generate(prompts, 12)
+    assert engine.stats.steps >= 15
+    got += engine.generate([[rng.randrange(256) for _ in range(5)]], 35)   # a lone decode stream: T = 1
+    assert engine.stats.steps >= 50
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])    # first compile + at most 2
+    eager = Engine(apply(model, schedule), num_blocks=64, page_size=8, max_tokens_per_step=9)
+    assert got[:4] == eager.generate(prompts, 12)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_matches_eager_and_reference(seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(6, [0, 3], 4)
+    compiled = swa_rewrite.compile(model, schedule, fullgraph=True)      # Inductor's CPU backend
+    items = random_items(rng, 16)
+    with torch.no_grad():
+        got = step(compiled, packed_caches(model, schedule), items, 16)
+        ref = step(apply(model, schedule), packed_caches(model, schedule), items, 16)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert compiled.swa_backend.results[-1][1].num_matches == 2
+
+
+@pytest.mark.slow
+def test_inductor_post_grad_pass(seed):
+    """The same rewrite installed as Inductor's custom post-grad pass on a plain torch.compile."""
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    items = random_items(random.Random(seed), 16)
+    swa_pass = SWAPostGradPass(schedule)
+    ref_caches, caches = packed_caches(model, schedule), packed_caches(model, schedule)
+    with torch.no_grad():
+        ref = step(apply(model, schedule), ref_caches, items, 16)
+        with torch._inductor.config.patch(post_grad_custom_post_pass=swa_pass):
+            got = step(torch.compile(model, fullgraph=True), caches, items, 16)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert swa_pass.results[-1][1].num_matches == 2
+    for i in schedule.swa_layers:
+        # The packed caches agree up to an FP8 rounding flip where Inductor's float32 latents differ in
+        # the last bit from eager ones.
+        a, b = (swa_rewrite.ops.dequantize_fp8_cache(c[i], rope_dim=16).double() for c in (caches, ref_caches))
+        assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+def test_export_keeps_the_swa_op_and_round_trips(seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    swa = apply(model, schedule)
+    b = StepBatch.build(random_items(rng, 16), 16)
+    caches = packed_caches(model, schedule)
+    m = b.model_inputs()
+    # Positional, in signature order (exporting a GraphModule maps keyword inputs by position).
+    args = (b.input_ids, m["positions"], caches, m["block_tables"], m["cu_seqlens_q"], m["seq_lens_encoder"],
+            m["seq_lens_decoder"], m["batch_id_per_token"], m["slot_mapping"])
+    ep = torch.export.export(swa, args)
+    assert op_count(ep.graph, "swa_mla_attention") == {0: 1, 2: 1}
+    assert op_count(ep.graph, "paged_mla_attention") == {1: 1, 3: 1}
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
+    c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
+    with torch.no_grad():
+        out1 = swa(*args[:2], c1, *args[3:])
+        out2 = loaded.module()(*args[:2], c2, *args[3:])
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+def test_backend_rejects_non_schedules():
+    with pytest.raises(TypeError, match="schedule must be a swa_rewrite.Schedule"):
+        swa_rewrite.backend([1, 0, 1])
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager(seed):
+    """mode="reduce-overhead": the decode step is captured in a CUDA graph with the Triton ops."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    compiled = swa_rewrite.compile(model, schedule, fullgraph=True, mode="reduce-overhead")
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 30, 5, 21)]
+    got = Engine(compiled, num_blocks=64, page_size=16, max_tokens_per_step=64).generate(prompts, 16)
+    ref = Engine(apply(model, schedule), num_blocks=64, page_size=16, max_tokens_per_step=64).generate(prompts, 16)
+    assert got == ref
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
