@@ -1,4 +1,8 @@
-"""The ``swa-rewrite`` command line (also ``python -m swa_rewrite``)."""
+"""The ``swa-rewrite`` command line (also ``python -m swa_rewrite``).
+
+Subcommands: ``demo`` (rewrite the bundled model and generate with both), ``diff`` (graph diff),
+``memory`` (KV-cache table and plot), ``bench`` (end-to-end throughput on CUDA).
+"""
 
 from __future__ import annotations
 
@@ -9,64 +13,291 @@ import time
 from typing import Optional, Sequence
 
 
+class CLIError(Exception):
+    """A user-facing error: printed as ``swa-rewrite: error: ...`` with exit code 2."""
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_window: int) -> None:
+    g = p.add_argument_group("model and schedule")
+    g.add_argument("--config", default="tiny", choices=["tiny", "v3-attn"], help="bundled model config (default tiny)")
+    g.add_argument("--layers", type=_positive, help="override the config's number of layers")
+    g.add_argument("--hf", metavar="DIR", help="load a local Hugging Face DeepSeek-V2/V3 checkpoint instead")
+    g.add_argument("--window", type=_positive, default=default_window, help=f"SWA window W (default {default_window})")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--skip-freq", type=_positive, default=None,
+                   help="window_attn_skip_freq as an int: every n-th layer stays full (default 2)")
+    s.add_argument("--swa-layers", type=_int_list, metavar="I,J,...", help="explicit SWA layer indices")
+    s.add_argument("--skip-freq-list", type=_int_list, metavar="1,0,...",
+                   help="window_attn_skip_freq as a list: 1 = SWA layer, 0 = full")
+
+
+def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
     import torch
 
     from .models import MLAConfig, MLAModel
+
+    if getattr(args, "hf", None):
+        from .models import from_pretrained
+
+        if meta:
+            raise CLIError("--hf loads real weights; this subcommand works from configs only")
+        try:
+            return from_pretrained(args.hf, dtype=dtype or torch.float32, device=device)
+        except FileNotFoundError as e:
+            raise CLIError(f"--hf {args.hf}: {e}") from None
+    config = MLAConfig.named(args.config)
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    return MLAModel(config, device="meta" if meta else device, dtype=dtype, seed=getattr(args, "seed", 0))
+
+
+def _schedule(args, num_layers: int):
+    from .schedule import Schedule
+
+    try:
+        if args.swa_layers is not None:
+            return Schedule(args.window, args.swa_layers, num_layers)
+        if args.skip_freq_list is not None:
+            return Schedule.from_skip_freq(args.skip_freq_list, num_layers, args.window)
+        return Schedule.from_skip_freq(args.skip_freq or 2, num_layers, args.window)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .graph_diff import graph_diff
+    from .rewrite import apply, trace
     from .runtime import Engine
 
-    config = MLAConfig.named(args.config)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = MLAModel(config, device=device, dtype=dtype, seed=args.seed)
+    cuda = torch.cuda.is_available() and not args.cpu
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    model = _build_model(args, device=device, dtype=dtype)
+    cfg = model.config
+    schedule = _schedule(args, cfg.num_hidden_layers)
+    swa = apply(model, schedule)
+    print(swa.swa_report.render(args.report_tokens))
+    print("\ngraph diff (forward):")
+    print(graph_diff(trace(model).forward, swa).render(compact=True))
+
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(config.vocab_size) for _ in range(n)] for n in args.prompt_lens]
-    engine = Engine(model, num_blocks=args.num_blocks, page_size=args.page_size,
-                    max_tokens_per_step=args.max_tokens_per_step)
-    t0 = time.perf_counter()
-    outputs = engine.generate(prompts, args.max_new_tokens)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    s = engine.stats
-    print(f"model     {args.config}: {config.num_hidden_layers} layers, H={config.num_attention_heads}, "
-          f"R={config.kv_lora_rank}, P={config.qk_rope_head_dim} on {device} ({dtype})")
-    print(f"runtime   page size {args.page_size}, {args.num_blocks} blocks, "
-          f"{args.max_tokens_per_step} tokens per step (chunked prefill)")
-    for p, out in zip(prompts, outputs):
-        print(f"prompt    {len(p):4d} tokens -> {' '.join(map(str, out))}")
-    print(f"steps     {s.steps}  prefill tokens {s.prefill_tokens}  decode tokens {s.decode_tokens}  "
-          f"reused prefix tokens {s.reused_tokens}")
-    print(f"time      {dt * 1e3:.1f} ms  ({(s.prefill_tokens + s.decode_tokens) / dt:.0f} tokens/s)")
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in args.prompt_lens]
+    kw = dict(num_blocks=args.num_blocks, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step)
+    # The same layers with a window covering every sequence: only the FP8 cache differs from the original.
+    longest = max(args.prompt_lens) + args.max_new_tokens
+    fp8_only = apply(model, type(schedule)(max(longest, schedule.window), schedule.swa_layers, schedule.num_layers))
+    results = {}
+    for name, m in (("original", model), ("rewritten", swa), ("fp8-only", fp8_only)):
+        engine = Engine(m, **kw)
+        t0 = time.perf_counter()
+        tokens = engine.generate(prompts, args.max_new_tokens)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        cache_bytes = sum(c.numel() * c.element_size() for c in engine.kv_caches)
+        logits = Engine(m, **kw).logits(prompts[0])
+        results[name] = (tokens, seconds, cache_bytes, logits, engine.stats)
+
+    (t0, s0, b0, l0, st), (t1, s1, b1, l1, _) = results["original"], results["rewritten"]
+    t2, _, _, l2, _ = results["fp8-only"]
+    print(f"\nmodel      {args.hf or args.config}: {cfg.num_hidden_layers} layers, H={cfg.num_attention_heads}, "
+          f"R={cfg.kv_lora_rank}, P={cfg.qk_rope_head_dim}, on {device} ({str(dtype).replace('torch.', '')})")
+    print(f"runtime    page size {args.page_size}, {args.num_blocks} blocks, {args.max_tokens_per_step} tokens "
+          f"per step; {st.steps} steps, {st.prefill_tokens} prefill + {st.decode_tokens} decode tokens")
+    print(f"kv cache   {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} allocated for {args.num_blocks * args.page_size} "
+          f"token slots ({100 * (1 - b1 / b0):.1f}% less)")
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    def agree(x, y):
+        return f"{sum(a == b for p, q in zip(x, y) for a, b in zip(p, q))}/{sum(len(p) for p in x)}"
+
+    print(f"agreement  vs the original, prompt 0 logits (relative) and all generated tokens:")
+    print(f"  window {schedule.window:>5} + FP8 cache: logits {rel(l1, l0):.2e}, tokens {agree(t1, t0)} "
+          "(the window changes the model: expected to differ)")
+    print(f"  window {fp8_only.swa_schedule.window:>5} + FP8 cache: logits {rel(l2, l0):.2e}, tokens "
+          f"{agree(t2, t0)} (window covers every sequence: FP8 error only)")
+    for i, (a, b) in enumerate(zip(t0, t1)):
+        print(f"  prompt {i} ({len(prompts[i])} tokens)\n    original  {' '.join(map(str, a))}\n"
+              f"    rewritten {' '.join(map(str, b))}")
+    if cuda:
+        print(f"time       original {s0 * 1e3:.1f} ms, rewritten {s1 * 1e3:.1f} ms")
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- diff
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .graph_diff import graph_diff
+    from .rewrite import apply, trace
+
+    model = _build_model(args, meta=True)
+    schedule = _schedule(args, model.config.num_hidden_layers)
+    before, after = trace(model), apply(model, schedule)
+    print(f"# {schedule}")
+    print("## forward graph")
+    print(graph_diff(before.forward, after).render(compact=args.compact))
+    print("## cache allocation graph")
+    print(graph_diff(before.allocation, after._swa_allocation).render(compact=args.compact))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def memory_table(report, contexts: Sequence[int], page_size: int) -> str:
+    lines = [f"{'context':>9} {'full cache':>12} {'rewritten':>12} {'saved':>12} {'ratio':>7}"]
+    for ctx in contexts:
+        slots = -(-ctx // page_size) * page_size
+        b0, b1 = report.bytes_per_token(after=False) * slots, report.bytes_per_token(after=True) * slots
+        lines.append(f"{ctx:>9} {_fmt_bytes(b0):>12} {_fmt_bytes(b1):>12} {_fmt_bytes(b0 - b1):>12} {b1 / b0:>7.3f}")
+    return "\n".join(lines)
+
+
+def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise CLIError("the memory plot needs matplotlib: pip install 'swa-rewrite[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # The requested contexts plus every power of two in their range, for a smooth curve.
+    lo, hi = min(contexts), max(contexts)
+    xs = sorted(set(contexts) | {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi})
+    slots = [-(-c // page_size) * page_size for c in xs]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    ax.plot(xs, [report.bytes_per_token(False) * s / 2**30 for s in slots], marker="o", label="full attention (bf16)")
+    ax.plot(xs, [report.bytes_per_token(True) * s / 2**30 for s in slots], marker="o",
+            label=f"rewritten ({len(report.schedule.swa_layers)} SWA layers, packed FP8)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens, one request)")
+    ax.set_ylabel("KV-cache bytes (GiB)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rewrite import apply
+
+    model = _build_model(args, meta=True, dtype=torch.bfloat16)
+    schedule = _schedule(args, model.config.num_hidden_layers)
+    report = apply(model, schedule).swa_report
+    print(report.render(max(args.contexts)))
+    print(f"\npage size {args.page_size}; bytes for one request's cache at each context length:")
+    print(memory_table(report, args.contexts, args.page_size))
+    if args.plot:
+        plot_memory(report, args.contexts, args.page_size, args.plot,
+                    f"KV cache, {args.hf or args.config}: {schedule}")
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError("bench needs a CUDA device (none is visible); run it on a GPU machine")
+    from .bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swa-rewrite", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate with the bundled model through the paged runtime")
-    demo.add_argument("--config", default="tiny", choices=["tiny", "v3-attn"], help="bundled model config")
+    parser = argparse.ArgumentParser(prog="swa-rewrite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,memory,bench}")
+
+    demo = sub.add_parser("demo", help="rewrite the bundled model, generate with it and the original side by side",
+                          description="Rewrite the bundled tiny model (or --hf DIR), run a generation through the "
+                                      "rewritten and the original model, and compare them.")
+    _add_model_args(demo, default_window=16)
     demo.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
     demo.add_argument("--prompt-lens", type=_positive, nargs="+", default=[37, 5, 64], help="prompt lengths")
     demo.add_argument("--max-new-tokens", type=_positive, default=16)
     demo.add_argument("--page-size", type=_positive, default=16)
     demo.add_argument("--num-blocks", type=_positive, default=256)
-    demo.add_argument("--max-tokens-per-step", type=_positive, default=32)
+    demo.add_argument("--max-tokens-per-step", type=_positive, default=32, help="chunked-prefill token budget")
+    demo.add_argument("--report-tokens", type=_positive, default=128 * 1024,
+                      help="cached tokens for the report's bytes-saved line")
     demo.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     demo.set_defaults(func=cmd_demo)
+
+    diff = sub.add_parser("diff", help="print the graph diff of the rewrite for a config and schedule",
+                          description="Trace the model (on the meta device) and print what the rewrite changes, "
+                                      "grouped by layer.")
+    _add_model_args(diff, default_window=128)
+    diff.add_argument("--compact", action="store_true", help="one line per changed layer")
+    diff.set_defaults(func=cmd_diff)
+
+    memory = sub.add_parser("memory", help="KV-cache bytes per layer and per context length, with a PNG plot",
+                            description="Per-layer cache table and totals for a config and schedule, and a PNG plot "
+                                        "of KV-cache bytes against context length (full vs rewritten).")
+    _add_model_args(memory, default_window=4096)
+    memory.set_defaults(config="v3-attn")
+    memory.add_argument("--page-size", type=_positive, default=64)
+    memory.add_argument("--contexts", type=_int_list, default=[4096, 32768, 131072],
+                        metavar="N,N,...", help="context lengths (default 4096,32768,131072)")
+    memory.add_argument("--plot", metavar="PNG", default="kv-cache.png", help="where to write the plot ('' = none)")
+    memory.set_defaults(func=cmd_memory)
+
+    bench = sub.add_parser("bench", help="end-to-end decode/prefill throughput on CUDA, original vs rewritten",
+                           description="Decode and prefill throughput of the v3-attn config, unrewritten vs "
+                                       "rewritten, at several contexts (CUDA only).")
+    _add_model_args(bench, default_window=128)
+    bench.set_defaults(config="v3-attn")
+    bench.add_argument("--contexts", type=_int_list, default=[4096, 32768, 131072], metavar="N,N,...")
+    bench.add_argument("--batch", type=_positive, default=16, help="decode requests per step")
+    bench.add_argument("--prefill-tokens", type=_positive, default=2048, help="tokens in the timed prefill chunk")
+    bench.add_argument("--page-size", type=_positive, default=64)
+    bench.add_argument("--iters", type=_positive, default=20)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "contexts", None) is not None and (not args.contexts or min(args.contexts) < 1):
+        parser.error(f"--contexts must be positive integers, got {args.contexts}")
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"swa-rewrite: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""End-to-end decode and prefill throughput, original vs rewritten (``swa-rewrite bench``, CUDA only).
+
+The caches are filled with random latents instead of prefilling 128K-token prompts: what is timed is one
+engine step at a given context, through the model and the same ops the runtime uses. Decode steps are
+captured in a CUDA graph (the ops never synchronise with the host), as a serving engine would run them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from typing import Callable
+
+import torch
+
+from .models import MLAModel
+from .rewrite import apply
+from .runtime import StepBatch, StepItem
+
+
+def _progress(i: int, n: int, label: str) -> None:
+    width = 30
+    done = int(width * i / n)
+    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label:<48}")
+    sys.stdout.flush()
+    if i == n:
+        sys.stdout.write("\n")
+
+
+def _median_us(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _fill(caches: list[torch.Tensor], latent_dim: int) -> None:
+    """Write random latents into every slot, through the cache write op of each cache's format."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for layer, c in enumerate(caches):
+        num_slots = c.shape[0] * c.shape[1]
+        for start in range(0, num_slots, 1 << 18):
+            slots = torch.arange(start, min(num_slots, start + (1 << 18)), device="cuda")
+            latent = torch.randn(slots.numel(), latent_dim, generator=g, device="cuda").to(torch.bfloat16)
+            torch.ops.swa_rewrite.write_kv_cache(latent, c, slots, layer)
+
+
+def run_bench(args) -> None:
+    os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # serving mode: no host round trips for input checks
+    torch.set_grad_enabled(False)
+    from .cli import _build_model, _schedule, _fmt_bytes
+
+    model: MLAModel = _build_model(args, device="cuda", dtype=torch.bfloat16)
+    cfg = model.config
+    schedule = _schedule(args, cfg.num_hidden_layers)
+    swa = apply(model, schedule)
+    report = swa.swa_report
+    ps, B = args.page_size, args.batch
+    L, W = cfg.num_hidden_layers, schedule.window
+    n_swa = len(schedule.swa_layers)
+    print(report.render(max(args.contexts)))
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; decode: {B} requests x 1 token, "
+          f"CUDA graph; prefill: one chunk of {args.prefill_tokens} tokens ending at the context")
+    rows = []
+    steps = len(args.contexts) * 2
+    k = 0
+    for ctx in args.contexts:
+        blocks = -(-(ctx + 1) // ps)
+        num_blocks = B * blocks
+        result = {}
+        for name, m in (("original", model), ("rewritten", swa)):
+            _progress(k, steps, f"context {ctx}: {name}")
+            caches = m.allocate_kv_cache(num_blocks, ps)
+            _fill(caches, cfg.latent_dim)
+            allocated = sum(c.numel() * c.element_size() for c in caches)
+            dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
+                                   for b in range(B)], ps, device="cuda")
+            step = lambda: m(dec.input_ids, kv_caches=caches, logits_indices=dec.last_token_index,  # noqa: E731
+                             **dec.model_inputs())
+            decode_us = _median_us(_graphed(step), args.iters)
+            T = min(args.prefill_tokens, ctx)
+            pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, device="cuda")
+            last = pre.last_token_index
+            prefill_us = _median_us(lambda: m(pre.input_ids, kv_caches=caches, logits_indices=last,
+                                              **pre.model_inputs()), max(3, args.iters // 4))
+            result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
+            del caches
+            torch.cuda.empty_cache()
+            k += 1
+        rows.append((ctx, result))
+    _progress(steps, steps, "done")
+    # Expected decode speed-up from bytes: weights are read once per step, each full layer reads B·ctx
+    # cache rows of D model-dtype values, each SWA layer B·min(W, ctx) packed rows.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bpt_full = cfg.latent_dim * 2
+    bpt_swa = report.rows[next(iter(schedule.swa_layers))].cache_after[1] if n_swa else 0
+    print(f"\n{'context':>8} {'decode tok/s orig':>18} {'rewritten':>10} {'speed-up':>9} {'expected':>9} "
+          f"{'prefill tok/s orig':>19} {'rewritten':>10} {'speed-up':>9} {'cache B/token orig':>19} {'rewritten':>10}")
+    for ctx, r in rows:
+        (d0, p0, T, c0), (d1, p1, _, c1) = r["original"], r["rewritten"]
+        full_bytes = weights + L * B * ctx * bpt_full
+        swa_bytes = weights + (L - n_swa) * B * ctx * bpt_full + n_swa * B * min(W, ctx) * bpt_swa
+        print(f"{ctx:>8} {B / d0 * 1e6:>18.0f} {B / d1 * 1e6:>10.0f} {d0 / d1:>8.2f}x {full_bytes / swa_bytes:>8.2f}x "
+              f"{T / p0 * 1e6:>19.0f} {T / p1 * 1e6:>10.0f} {p0 / p1:>8.2f}x {c0:>19.0f} {c1:>10.0f}")
+    print(f"report: {report.bytes_per_token(False)} -> {report.bytes_per_token(True)} bytes/token "
+          f"(weights {_fmt_bytes(weights)} read per step)")

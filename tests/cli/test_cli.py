@@ -1,0 +1,95 @@
+"""Every subcommand of the ``swa-rewrite`` CLI on CPU (issue 8)."""
+
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from swa_rewrite.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_demo_runs_and_reports_everything(capsys):
+    code, out, _ = run(["demo", "--prompt-lens", "9", "20", "--max-new-tokens", "4", "--cpu"], capsys)
+    assert code == 0
+    for expected in ("full -> SWA", "bytes/token", "graph diff", "structurally identical", "kv cache",
+                     "agreement", "FP8 error only", "tokens"):
+        assert expected in out, expected
+
+
+def test_diff_prints_changed_and_unchanged_layers(capsys):
+    code, out, _ = run(["diff", "--swa-layers", "1,3", "--window", "64"], capsys)
+    assert code == 0
+    assert "layer 1: 2 re-targeted" in out and "layer 3: 2 re-targeted" in out
+    assert "unchanged layers 0, 2: structurally identical" in out
+    assert "swa_mla_attention" in out and "torch.uint8" in out
+    code, out, _ = run(["diff", "--config", "v3-attn", "--layers", "8", "--skip-freq", "4", "--compact"], capsys)
+    assert code == 0 and "unchanged layers 3, 7" in out and "~" not in out
+
+
+def read_png_size(path):
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        chunks.setdefault(kind, []).append(body)
+        pos += 12 + length
+    assert b"IEND" in chunks and b"IDAT" in chunks
+    width, height = struct.unpack(">II", chunks[b"IHDR"][0][:8])
+    zlib.decompress(b"".join(chunks[b"IDAT"]))          # the image data inflates
+    return width, height
+
+
+def test_memory_table_and_png(tmp_path, capsys):
+    png = tmp_path / "kv.png"
+    code, out, _ = run(["memory", "--contexts", "4096,32768", "--page-size", "64", "--skip-freq", "2",
+                        "--window", "1024", "--plot", str(png)], capsys)
+    assert code == 0
+    # v3-attn dims: full layers 1152 B/token, SWA layers 656 B/token (4 layers, 2 SWA).
+    assert "1152 -> 656" in out and "4608 -> 3616 bytes/token" in out
+    assert "0.785" in out and f"wrote {png}" in out
+    assert read_png_size(png) == (800, 500)
+
+
+def test_bench_fails_clearly_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: bench would run")
+    code, _, err = run(["bench"], capsys)
+    assert code == 2 and "bench needs a CUDA device" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--window", "0"], "must be >= 1, got 0"),
+    (["memory", "--contexts", "4096,x"], "expected comma-separated integers"),
+    (["diff", "--swa-layers", "7"], "layer index 7 is out of range for 4 layers"),
+    (["diff", "--skip-freq-list", "1,0"], "2 entries for a model of 4 layers"),
+    (["demo", "--config", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_arguments_get_clear_messages(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_entry_points_and_help():
+    out = subprocess.run([sys.executable, "-m", "swa_rewrite", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "memory" in out.stdout
+    for sub in ("demo", "diff", "memory", "bench"):
+        out = subprocess.run([sys.executable, "-m", "swa_rewrite", sub, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--window" in out.stdout, sub
