@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 os.environ.setdefault("SWA_REWRITE_CHECKS", "0")
@@ -23,22 +22,8 @@ import triton  # noqa: E402
 import swa_rewrite  # noqa: E402
 from swa_rewrite import Schedule, apply  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
+from swa_rewrite.bench import median_us as cuda_time  # noqa: E402
 from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
-
-
-def cuda_time(fn, iters=30, warmup=5) -> float:
-    """Median µs of ``fn`` over ``iters`` CUDA-event timed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def decode_batch(batch: int, context: int, page_size: int) -> StepBatch:

@@ -28,7 +28,8 @@ def _progress(i: int, n: int, label: str) -> None:
         sys.stdout.write("\n")
 
 
-def _median_us(fn: Callable[[], object], iters: int) -> float:
+def median_us(fn: Callable[[], object], iters: int = 30) -> float:
+    """Median µs of ``fn`` over ``iters`` CUDA-event timed calls, after 3 warm-up calls."""
     for _ in range(3):
         fn()
     times = []
@@ -98,11 +99,11 @@ def run_bench(args) -> None:
                                    for b in range(B)], ps, device="cuda")
             step = lambda: m(dec.input_ids, kv_caches=caches, logits_indices=dec.last_token_index,  # noqa: E731
                              **dec.model_inputs())
-            decode_us = _median_us(_graphed(step), args.iters)
+            decode_us = median_us(_graphed(step), args.iters)
             T = min(args.prefill_tokens, ctx)
             pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, device="cuda")
             last = pre.last_token_index
-            prefill_us = _median_us(lambda: m(pre.input_ids, kv_caches=caches, logits_indices=last,
+            prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, logits_indices=last,
                                               **pre.model_inputs()), max(3, args.iters // 4))
             result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
             del caches

@@ -92,6 +92,12 @@ def test_uuid_is_stable_and_follows_the_schedule():
     assert SWAPostGradPass(Schedule(8, [0], 4)).uuid() != a
     assert swa_rewrite.backend(s).uuid() == a
 
+    class OtherAdapter(swa_rewrite.passes.SwaRewriteOps):    # new adapter code → new uuid
+        pass
+    registry = swa_rewrite.passes.default_registry()
+    registry.register(OtherAdapter())
+    assert SWAPostGradPass(s, registry).uuid() != a
+
 
 def test_generation_recompiles_at_most_twice_fullgraph(seed):
     """50 steps of changing batch composition: prefill chunks, decodes, requests joining and leaving."""

@@ -16,8 +16,9 @@ from .sparse_mla import paged_attention_fwd
 def paged_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                             batch_id_per_token: torch.Tensor, scale: float, rope_dim: int,
-                            config: dict | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                            config: dict | None = None, out=None,
+                            stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of ``q [T, H, D]`` over ``cache [NB, ps, D]`` (q dtype) → ``out [T, H, R]``,
     ``lse [T, H]`` fp32; padding tokens (``batch_id_per_token == -1``) give ``out = 0``, ``lse = +inf``."""
     return paged_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                               scale, rope_dim, 0, False, config, out)
+                               scale, rope_dim, 0, False, config, out, stats)

@@ -86,7 +86,7 @@ def _round_to_bf16_grid(x):
 def _mla_attention_fwd_kernel(
         q_ptr, cache_ptr, idx_ptr, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
         qk_scale,                                   # softmax scale · log2(e)
-        H, K, window, page_size,
+        H, K, window, page_size, num_splits,
         stride_qt, stride_qh,
         stride_cb, stride_cr,                       # cache block / row strides (cache elements)
         stride_it, stride_bt,
@@ -94,7 +94,7 @@ def _mla_attention_fwd_kernel(
         stride_ls, stride_lt,                       # lse (or partial lse: split, token); head stride 1
         R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, KEYS: tl.constexpr, FP8: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr):
+        PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -118,7 +118,7 @@ def _mla_attention_fwd_kernel(
         if KEYS == 2:                               # KEYS_ROWS
             # Staging rows of request b start at cu_b + b·(W-1) and hold positions dec_b - W + 1 + j.
             row0 = cu_b + bb * (window - 1) - (dec_b - window + 1) + lo
-    tiles_per_split = tl.cdiv(tl.cdiv(n_keys, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(n_keys, BLOCK_N), num_splits)
     k_begin = pid_s * tiles_per_split * BLOCK_N
     k_end = tl.minimum(n_keys, k_begin + tiles_per_split * BLOCK_N)
 
@@ -162,10 +162,10 @@ def _mla_attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * _LN2
-    if NUM_SPLITS == 1:
-        lse = tl.where(empty, float("inf"), lse)        # final: a row with no key has lse = +inf
-    else:
+    if PARTIAL:
         lse = tl.where(empty, float("-inf"), lse)       # partial: weight exp(-inf) = 0 in the combine
+    else:
+        lse = tl.where(empty, float("inf"), lse)        # final: a row with no key has lse = +inf
     if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
         o = _round_to_bf16_grid(o)
     o_ptrs = out_ptr + pid_s * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_r[None, :]
@@ -174,25 +174,25 @@ def _mla_attention_fwd_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, H,
+def _combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, H, num_splits,
                            stride_pos, stride_pot, stride_poh, stride_pls, stride_plt,
                            stride_ot, stride_oh, stride_lt,
                            R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-                           NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr):
+                           INTERPRET: tl.constexpr):
     """out = Σ_s exp(lse_s - lse)·o_s with lse = log Σ_s exp(lse_s); no key anywhere → out 0, lse +inf."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     h_mask = offs_h < H
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         ls = tl.load(part_lse_ptr + s * stride_pls + t * stride_plt + offs_h, mask=h_mask, other=float("-inf"))
         m = tl.maximum(m, ls)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
     mask = h_mask[:, None] & (offs_r < R)[None, :]
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         ls = tl.load(part_lse_ptr + s * stride_pls + t * stride_plt + offs_h, mask=h_mask, other=float("-inf"))
         w = tl.exp(ls - m_safe)
         o = tl.load(part_o_ptr + s * stride_pos + t * stride_pot + offs_h[:, None] * stride_poh + offs_r[None, :],
@@ -255,12 +255,12 @@ def _sm_count(device: torch.device) -> int:
 # Tunables of the forward kernel, chosen from measurements (benchmarks/NOTES-attention.md).
 # `min_tiles_per_split`: a split must cover at least this many BLOCK_N tiles, so partial outputs
 # (H·R·4 bytes written and read per split) stay small next to the cache bytes they summarise.
-DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=1, min_tiles_per_split=4, stage_block_n=32)
+DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32)
 
 
 def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None):
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    block_h = 64 if H > 32 else max(16, triton.next_power_of_2(H))
+    block_h = cfg.get("block_h") or (64 if H > 32 else max(16, triton.next_power_of_2(H)))
     block_n = cfg["block_n"]
     num_warps = cfg["num_warps"] if block_h == 64 else 4
     if _interpreting():
@@ -278,7 +278,7 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
 
 
 def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=None, bt=None, cu=None,
-            dec=None, bid=None, window=0, page_size=1, stride_cb=0, stride_cr=0, config=None):
+            dec=None, bid=None, window=0, page_size=1, stride_cb=0, stride_cr=0, config=None, stats=None):
     T, H, D = q.shape
     R, P = D - rope_dim, rope_dim
     plan = _plan(T, H, max_keys, q.device, config)
@@ -301,22 +301,24 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         l_strides = (0, lse.stride(0))
     grid = (T, plan["n_hb"], splits)
     if T > 0:
-        _mla_attention_fwd_kernel[grid](
+        compiled = _mla_attention_fwd_kernel[grid](
             q, cache, idx, bt, cu, dec, bid, o_t, l_t,
-            scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size,
+            scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
             q.stride(0), q.stride(1), stride_cb, stride_cr,
             idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
             *o_strides, *l_strides,
             R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
-            KEYS=keys, FP8=fp8, NUM_SPLITS=splits, INTERPRET=_interpreting(),
+            KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=_interpreting(),
             num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+        if stats is not None:
+            stats.update(attention=compiled, plan=plan)
         if splits > 1:
             bh = 16
             _combine_splits_kernel[(T, triton.cdiv(H, bh))](
-                part_o, part_lse, out, lse, H,
+                part_o, part_lse, out, lse, H, splits,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
-                R=R, BLOCK_R=block_r, BLOCK_H=bh, NUM_SPLITS=splits, INTERPRET=_interpreting(),
+                R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=_interpreting(),
                 num_warps=4)
     return out, lse
 
@@ -331,7 +333,8 @@ def _outputs(q, R, out):
 
 
 def sparse_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float,
-                             rope_dim: int, config: dict | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                             rope_dim: int, config: dict | None = None, out=None,
+                             stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA attention of ``q [T, H, D]`` (bf16) over the packed FP8 ``cache [NB, ps, bytes]`` (uint8)
     at ``indices [T, 1, K]`` (slots, ``-1`` skipped) → ``out [T, H, R]`` bf16, ``lse [T, H]`` fp32."""
     R = q.shape[-1] - rope_dim
@@ -341,13 +344,14 @@ def sparse_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, indices: torc
         idx = idx.contiguous()
     return _launch(q, cache, out, lse, keys=KEYS_INDICES, fp8=True, scale=scale, rope_dim=rope_dim,
                    max_keys=idx.shape[1], idx=idx, page_size=cache.shape[1], stride_cb=cache.stride(0),
-                   stride_cr=cache.stride(1), config=config)
+                   stride_cr=cache.stride(1), config=config, stats=stats)
 
 
 def paged_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                         batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
-                        fp8: bool, config: dict | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        fp8: bool, config: dict | None = None, out=None,
+                        stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token to positions ``max(0, p-W+1) … p`` of its request (all of ``0 … p``
     when ``window == 0``) read through ``block_tables`` from ``cache`` (packed FP8 when ``fp8``, else the
     model-dtype ``[NB, ps, D]`` cache) → ``out [T, H, R]`` (q dtype), ``lse [T, H]`` fp32."""
@@ -358,13 +362,14 @@ def paged_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
     return _launch(q, cache, out, lse, keys=KEYS_PAGED, fp8=fp8, scale=scale, rope_dim=rope_dim,
                    max_keys=max_keys, bt=block_tables, cu=cu_seqlens_q, dec=seq_lens_decoder,
                    bid=batch_id_per_token, window=window, page_size=cache.shape[1],
-                   stride_cb=cache.stride(0), stride_cr=cache.stride(1), config=config)
+                   stride_cb=cache.stride(0), stride_cr=cache.stride(1), config=config, stats=stats)
 
 
 def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                              batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
-                             config: dict | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                             config: dict | None = None, out=None,
+                             stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """SWA attention for prefill-heavy steps: dequantise the union of each request's windows once into a
     bf16 staging buffer of ``T + B·(W-1)`` rows, then attend from its contiguous rows. Same result as
     ``paged_attention_fwd(..., window=W, fp8=True)``."""
@@ -375,15 +380,17 @@ def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables:
     stage = torch.empty((T + B * (window - 1), D), dtype=q.dtype, device=q.device)
     block_n = cfg["stage_block_n"] if not _interpreting() else 16
     if T > 0 and B > 0:
-        _stage_windows_kernel[(B, triton.cdiv(T + window - 1, block_n))](
+        staged_kernel = _stage_windows_kernel[(B, triton.cdiv(T + window - 1, block_n))](
             cache, block_tables, cu_seqlens_q, seq_lens_decoder, stage, window, cache.shape[1],
             cache.stride(0), cache.stride(1), block_tables.stride(0), stage.stride(0),
             R=R, P=rope_dim, BLOCK_R=max(16, triton.next_power_of_2(R)),
             BLOCK_P=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n, FP8=True, num_warps=4)
+        if stats is not None:
+            stats.update(stage=staged_kernel)
     out, lse = _outputs(q, R, out)
     return _launch(q, stage, out, lse, keys=KEYS_ROWS, fp8=False, scale=scale, rope_dim=rope_dim,
                    max_keys=window, cu=cu_seqlens_q, dec=seq_lens_decoder, bid=batch_id_per_token,
-                   window=window, stride_cr=stage.stride(0), config=config)
+                   window=window, stride_cr=stage.stride(0), config=config, stats=stats)
 
 
 # Prefill-heavy steps (many query tokens per request) stage each request's window union in bf16 once;
@@ -395,7 +402,8 @@ STAGING_MAX_BYTES = 1 << 30
 def swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float,
                       rope_dim: int, window: int, config: dict | None = None,
-                      staged: bool | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      staged: bool | None = None, out=None,
+                      stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window attention over the packed FP8 paged cache; picks the staged (prefill) or the direct
     (decode) path from shapes alone, so the choice never synchronises with the device."""
     T, _, D = q.shape
@@ -405,6 +413,6 @@ def swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
         staged = T >= STAGING_MIN_TOKENS_PER_REQUEST * max(B, 1) and stage_bytes <= STAGING_MAX_BYTES
     if staged:
         return staged_swa_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                                        batch_id_per_token, scale, rope_dim, window, config, out)
+                                        batch_id_per_token, scale, rope_dim, window, config, out, stats)
     return paged_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                               scale, rope_dim, window, True, config, out)
+                               scale, rope_dim, window, True, config, out, stats)

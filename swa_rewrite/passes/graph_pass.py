@@ -64,6 +64,19 @@ class GraphPass(Protocol):
     def __call__(self, traced: TracedModel) -> PassResult: ...
 
 
+class SchedulePass:
+    """Base of the passes driven by a schedule. ``partial=True``: the graphs may hold any part of the model
+    (a compiler's graph), so layers the schedule selects may be absent without error."""
+
+    name = "schedule-pass"
+
+    def __init__(self, schedule: Any, partial: bool = False):
+        self.schedule, self.partial = schedule, partial
+
+    def config_key(self) -> dict:
+        return {"schedule": self.schedule.to_dict(), "partial": self.partial}
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> None:
     """Drop dead nodes (mutating ops are kept: their schema marks them impure) and lint."""
     gm.graph.eliminate_dead_code()
@@ -87,10 +100,14 @@ class PassManager:
         return results
 
     def uuid(self) -> str:
+        """Changes when a pass's code (its classes, the adapters it uses) or its configuration changes."""
         h = hashlib.sha256()
         for p in self.passes:
-            h.update(type(p).__qualname__.encode())
-            h.update(inspect.getsource(type(p)).encode())
+            classes = [c for c in type(p).__mro__ if c.__module__.startswith("swa_rewrite")]
+            classes += [type(a) for a in getattr(p, "registry", ())]
+            for cls in classes:
+                h.update(cls.__qualname__.encode())
+                h.update(inspect.getsource(cls).encode())
             config = getattr(p, "config_key", None)
             if config is not None:
                 h.update(repr(config()).encode())

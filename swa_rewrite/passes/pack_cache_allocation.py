@@ -11,18 +11,11 @@ After (same node, new arguments; ``uint8`` selects the packed layout, 656 bytes 
 
 from __future__ import annotations
 
-from ..schedule import Schedule
-from .graph_pass import PassResult, RewriteError, TracedModel
+from .graph_pass import PassResult, RewriteError, SchedulePass, TracedModel
 
 
-class PackCacheAllocationPass:
+class PackCacheAllocationPass(SchedulePass):
     name = "pack-cache-allocation"
-
-    def __init__(self, schedule: Schedule, partial: bool = False):
-        self.schedule, self.partial = schedule, partial
-
-    def config_key(self):
-        return self.schedule.to_dict()
 
     def __call__(self, traced: TracedModel) -> PassResult:
         result = PassResult(self.name)

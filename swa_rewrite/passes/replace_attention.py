@@ -13,19 +13,12 @@ After (same node names, re-targeted in place; nothing else in the graph changes)
 
 from __future__ import annotations
 
-from ..schedule import Schedule
 from .adapters import Role
-from .graph_pass import PassResult, RewriteError, TracedModel
+from .graph_pass import PassResult, RewriteError, SchedulePass, TracedModel
 
 
-class ReplaceAttentionPass:
+class ReplaceAttentionPass(SchedulePass):
     name = "replace-attention"
-
-    def __init__(self, schedule: Schedule, partial: bool = False):
-        self.schedule, self.partial = schedule, partial
-
-    def config_key(self):
-        return self.schedule.to_dict()
 
     def __call__(self, traced: TracedModel) -> PassResult:
         result = PassResult(self.name)

@@ -76,20 +76,22 @@ def make_cache(num_blocks, ps, R, P, used_slots, device, pad=32):
     return cache.to(device), keys.to(device)
 
 
-def attention_oracle(q, keys, slots, scale, R):
+def attention_oracle(q, keys, slots, scale, R, chunk=16):
     """float64: ``q [T, H, D]``, ``keys [S, D]``, ``slots [T, K]`` (-1 skipped) → out [T, H, R], lse [T, H]."""
     T, H, _ = q.shape
-    out = torch.zeros(T, H, R, dtype=torch.float64, device=q.device)
-    lse = torch.full((T, H), float("inf"), dtype=torch.float64, device=q.device)
-    for t in range(T):
-        s_t = slots[t][slots[t] >= 0]
-        if s_t.numel() == 0:
-            continue
-        k = keys[s_t]                                                           # [n, D]
-        logits = (q[t].double() @ k.T) * scale                                  # [H, n]
-        lse[t] = torch.logsumexp(logits, -1)
-        out[t] = torch.softmax(logits, -1) @ k[:, :R]
-    return out, lse
+    outs, lses = [], []
+    for t0 in range(0, T, chunk):
+        sl = slots[t0:t0 + chunk]
+        valid = sl >= 0                                                          # [c, K]
+        k = torch.where(valid[..., None], keys[sl.clamp(min=0)], 0.0)            # [c, K, D]
+        logits = torch.einsum("chd,ckd->chk", q[t0:t0 + chunk].double(), k) * scale
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, -1)                                        # [c, H]
+        empty = ~valid.any(-1)[:, None]
+        w = torch.exp(logits - torch.where(empty, 0.0, lse)[..., None])
+        outs.append(torch.where(empty[..., None], 0.0, torch.einsum("chk,ckr->chr", w, k[..., :R])))
+        lses.append(torch.where(empty, float("inf"), lse))
+    return torch.cat(outs), torch.cat(lses)
 
 
 def assert_matches(out, lse, ref_out, ref_lse, *, rtol=5e-3, atol_lse=1e-3):
@@ -204,15 +206,10 @@ def make_batch(requests, ps, device, num_pad=2, extra_blocks=3):
 def window_slots(meta, pos, bid, window, ps):
     """``[T, W]`` slots of each token's window (oracle side, from the block table), ``-1`` outside."""
     bt = meta["block_tables"].cpu().long()
-    T = pos.shape[0]
-    slots = torch.full((T, window), -1, dtype=torch.long)
-    for t in range(T):
-        if bid[t] < 0:
-            continue
-        for k, p in enumerate(range(int(pos[t]) - window + 1, int(pos[t]) + 1)):
-            if p >= 0:
-                slots[t, k] = int(bt[bid[t], p // ps]) * ps + p % ps
-    return slots
+    p = pos[:, None] - window + 1 + torch.arange(window)[None, :]                 # [T, W] positions
+    valid = (p >= 0) & (bid[:, None] >= 0)
+    blk = bt[bid.clamp(min=0)[:, None], p.clamp(min=0) // ps]
+    return torch.where(valid, blk * ps + p.clamp(min=0) % ps, -1)
 
 
 def _run_swa(device, requests, window, ps, H=4, R=128, P=16, staged=None, config=None, use_op=False):
