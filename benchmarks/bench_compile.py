@@ -74,8 +74,6 @@ def main() -> None:
     compile_and_time("original, torch.compile (inductor)", lambda: torch.compile(model, fullgraph=True), caches_full)
     compile_and_time("swa_rewrite.compile (backend + inductor)",
                      lambda: swa_rewrite.compile(model, schedule, fullgraph=True), caches_swa)
-    compile_and_time("original, torch.compile reduce-overhead",
-                     lambda: torch.compile(model, fullgraph=True, mode="reduce-overhead"), caches_full)
     compile_and_time("swa_rewrite.compile reduce-overhead",
                      lambda: swa_rewrite.compile(model, schedule, fullgraph=True, mode="reduce-overhead"), caches_swa)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; v3-attn "
