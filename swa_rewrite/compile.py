@@ -10,6 +10,7 @@ through the backend and its ``allocate_kv_cache`` returns the packed caches of t
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -48,12 +49,15 @@ class SWABackend:
             raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
         self.schedule, self.inner, self.registry = schedule, inner, registry
         self.results: list[list[PassResult]] = []
+        self.pass_seconds = 0.0   # time spent in the rewrite itself, all graphs
 
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
+        t0 = time.perf_counter()
         self.results.append(_pass_manager(self.schedule, self.registry)(TracedModel(gm)))
+        self.pass_seconds += time.perf_counter() - t0
         log.info("swa_rewrite backend: %s", "; ".join(str(r) for r in self.results[-1]))
         if self.inner == "eager":
             return gm.forward

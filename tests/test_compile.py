@@ -190,13 +190,26 @@ def test_backend_rejects_non_schedules():
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(seed):
-    """mode="reduce-overhead": the decode step is captured in a CUDA graph with the Triton ops."""
+    """mode="reduce-overhead": decode steps replay a CUDA graph with the Triton ops; logits and cache
+    writes equal eager ones (bf16, so compared in norm: greedy tokens of a random model can flip on ties)."""
     rng = random.Random(seed)
     model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     compiled = swa_rewrite.compile(model, schedule, fullgraph=True, mode="reduce-overhead")
+    eager = apply(model, schedule)
+    caches = compiled.allocate_kv_cache(16, 16, "cuda")
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 30, 5, 21)]
-    got = Engine(compiled, num_blocks=64, page_size=16, max_tokens_per_step=64).generate(prompts, 16)
-    ref = Engine(apply(model, schedule), num_blocks=64, page_size=16, max_tokens_per_step=64).generate(prompts, 16)
-    assert got == ref
+    tables = [[4 * b + i for i in range(4)] for b in range(4)]
+    with torch.no_grad():
+        step(eager, caches, [StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16)   # prefill
+        for i in range(5):                                                                      # decodes
+            items = [StepItem([rng.randrange(256)], len(p) + i, t, False) for p, t in zip(prompts, tables)]
+            ref_caches = [c.clone() for c in caches]
+            ref = step(eager, ref_caches, items, 16)
+            got = step(compiled, caches, items, 16)
+            assert rel_err(got, ref) < 2e-2, i
+            for a, b in zip(caches, ref_caches):
+                if a.dtype != torch.uint8:
+                    assert rel_err(a.float().nan_to_num(), b.float().nan_to_num()) < 2e-2
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+    assert counters["inductor"].get("cudagraph_recorded_non_static_inputs", 0) == 0, dict(counters["inductor"])
