@@ -17,12 +17,15 @@ def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_map
     flat = cache.view(-1, cache.shape[-1])
     slots = slot_mapping.long()
     keep = slots >= 0
-    # No boolean indexing (it would sync with the host): padding rows repeat the first real row's
-    # write exactly, or rewrite slot 0 with its own value when there is no real row.
-    first = torch.argmax(keep.to(torch.int32))
+    if slots.numel() == 0:
+        return
+    # Nothing here may synchronise with the host (CUDA-graph capture): no boolean indexing, no indexing
+    # by a tensor scalar. Padding rows repeat the first real row's write exactly, or rewrite slot 0 with
+    # its own value when there is no real row.
+    first = torch.argmax(keep.to(torch.int32)).reshape(1)
     any_keep = keep.any()
-    sink = torch.where(any_keep, slots[first], 0) if slots.numel() else slots
-    sink_value = torch.where(any_keep, latent[first].to(flat.dtype), flat[0]) if slots.numel() else flat[:0]
+    sink = torch.where(any_keep, slots.index_select(0, first), 0)                          # [1]
+    sink_value = torch.where(any_keep, latent.index_select(0, first).to(flat.dtype), flat[:1])   # [1, D]
     target = torch.where(keep, slots, sink)
     value = torch.where(keep[:, None], latent.to(flat.dtype), sink_value)
     flat.index_copy_(0, target, value)
