@@ -53,7 +53,7 @@ def op_count(graph, name):
 
 
 def step(model, caches, items, page_size):
-    b = StepBatch.build(items, page_size)
+    b = StepBatch.build(items, page_size, device=caches[0].device)
     return model(b.input_ids, kv_caches=caches, **b.model_inputs())
 
 
