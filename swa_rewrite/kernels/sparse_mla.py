@@ -41,36 +41,89 @@ _M_INIT: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _load_latent_tile(cache_ptr, row, valid, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-    """Rows ``row [BLOCK_N]`` (int64 element offsets) of the cache → latent ``[BLOCK_N, BLOCK_R]`` and
-    rope ``[BLOCK_N, BLOCK_P]``, bf16 (fp32 when ``INTERPRET``); masked rows and padding columns are 0."""
+def _tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS: tl.constexpr):
+    """The index loads of a tile of keys ``kk [BLOCK_N]``: its slot-list entries (``KEYS_INDICES``) or the
+    block ids of its positions (``KEYS_PAGED``); staging rows (``KEYS_ROWS``) need none."""
+    valid = kk < k_end
+    if KEYS == 0:
+        key = tl.load(idx_row_ptr + kk, mask=valid, other=-1).to(tl.int64)
+    elif KEYS == 1:
+        key = tl.load(bt_row_ptr + (lo + kk) // page_size, mask=valid, other=0).to(tl.int64)
+    else:
+        key = kk.to(tl.int64)
+    return key
+
+
+@triton.jit
+def _tile_rows(key, kk, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS: tl.constexpr):
+    """Element offsets (int64) of the cache rows of keys ``kk`` and which of them are valid."""
+    valid = kk < k_end
+    if KEYS == 0:
+        valid = valid & (key >= 0)
+        slot = tl.maximum(key, 0)
+        row = (slot // page_size) * stride_cb + (slot % page_size) * stride_cr
+    elif KEYS == 1:
+        row = key * stride_cb + ((lo + kk) % page_size) * stride_cr
+    else:
+        row = (row0 + kk) * stride_cr
+    return row, valid
+
+
+@triton.jit
+def _load_tile(cache_ptr, row, valid, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_P: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr):
+    """Raw cache rows: latent ``[BLOCK_N, BLOCK_R]`` (e4m3 bytes or model dtype), tile scales
+    ``[BLOCK_N, NT]`` fp32 (FP8 only, else ones) and rope ``[BLOCK_N, BLOCK_P]``; masked entries are 0."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, NT)
     lat_mask = valid[:, None] & (offs_r < R)[None, :]
     pe_mask = valid[:, None] & (offs_p < P)[None, :]
     if FP8:
         # Packed row: R × e4m3 | R/128 × fp32 scale | P × bf16 (SPEC §6).
-        NT: tl.constexpr = BLOCK_R // 128
-        offs_c = tl.arange(0, NT)
         raw = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=lat_mask, other=0)
         sc_ptr = (cache_ptr + row[:, None] + R + 4 * offs_c[None, :]).to(tl.pointer_type(tl.float32))
-        sc = tl.load(sc_ptr, mask=valid[:, None] & (offs_c < R // 128)[None, :], other=0.0)   # [N, NT]
+        sc = tl.load(sc_ptr, mask=valid[:, None] & (offs_c < R // 128)[None, :], other=0.0)
+        pe_ptr = (cache_ptr + row[:, None] + (R + R // 32)).to(tl.pointer_type(tl.bfloat16))
+        pe = tl.load(pe_ptr + offs_p[None, :], mask=pe_mask, other=0.0)
+    else:
+        raw = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=lat_mask, other=0.0)
+        sc = tl.full([row.shape[0], NT], 1.0, tl.float32)
+        pe = tl.load(cache_ptr + row[:, None] + R + offs_p[None, :], mask=pe_mask, other=0.0)
+    return raw, sc, pe
+
+
+@triton.jit
+def _dequantize_tile(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NT: tl.constexpr,
+                     FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Raw rows → latent ``[BLOCK_N, BLOCK_R]`` and rope in bf16 (fp32 when ``INTERPRET``)."""
+    if FP8:
         x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         # Power-of-two scales: the product is exact, and so is its rounding to bf16.
         x = tl.reshape(x, [BLOCK_N, NT, 128]) * sc[:, :, None]
         lat = tl.reshape(x, [BLOCK_N, BLOCK_R]).to(tl.bfloat16)
-        pe_ptr = (cache_ptr + row[:, None] + (R + R // 32)).to(tl.pointer_type(tl.bfloat16))
-        pe = tl.load(pe_ptr + offs_p[None, :], mask=pe_mask, other=0.0)
     else:
-        lat = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=lat_mask, other=0.0)
-        pe = tl.load(cache_ptr + row[:, None] + R + offs_p[None, :], mask=pe_mask, other=0.0)
+        lat = raw
     if INTERPRET:
         # The Triton interpreter's bf16 dot is wrong; fp32 operands are exact there. Never set on GPU.
         lat = lat.to(tl.float32)
         pe = pe.to(tl.float32)
     return lat, pe
+
+
+@triton.jit
+def _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale):
+    """One online-softmax step: scores of ``BLOCK_H`` heads against a tile of keys, running max ``m_i``
+    (log2 units), running sum ``l_i`` and unnormalised output ``acc [BLOCK_H, BLOCK_R]`` updated."""
+    s = tl.dot(q_pe, tl.trans(pe))
+    s = tl.dot(q_lat, tl.trans(kv), s)                                      # [BLOCK_H, BLOCK_N]
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])                  # [BLOCK_H, BLOCK_R]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -86,18 +139,27 @@ def _round_to_bf16_grid(x):
 def _mla_attention_fwd_kernel(
         q_ptr, cache_ptr, idx_ptr, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
         qk_scale,                                   # softmax scale · log2(e)
-        H, K, window, page_size, num_splits,
+        T, H, K, window, page_size, num_splits,
         stride_qt, stride_qh,
         stride_cb, stride_cr,                       # cache block / row strides (cache elements)
         stride_it, stride_bt,
         stride_os, stride_ot, stride_oh,            # out (or partials: split, token, head)
         stride_ls, stride_lt,                       # lse (or partial lse: split, token); head stride 1
         R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, KEYS: tl.constexpr, FP8: tl.constexpr,
-        PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NT: tl.constexpr, KEYS: tl.constexpr,
+        FP8: tl.constexpr, PARTIAL: tl.constexpr, HB_FAST: tl.constexpr, PREFETCH: tl.constexpr,
+        INTERPRET: tl.constexpr):
+    # Grid axis 0 enumerates (token, head block) pairs; with HB_FAST the head blocks of one token are
+    # neighbours, so they run together and the second one finds the token's cache rows in L2.
+    pid = tl.program_id(0)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    if HB_FAST:
+        t = (pid // n_hb).to(tl.int64)
+        pid_h = pid % n_hb
+    else:
+        t = (pid % T).to(tl.int64)
+        pid_h = pid // T
+    pid_s = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
@@ -105,6 +167,9 @@ def _mla_attention_fwd_kernel(
     h_mask = offs_h < H
 
     # ---- this token's key range [0, n_keys) in key-list coordinates
+    lo = 0
+    row0 = 0
+    bb = 0
     if KEYS == 0:                                   # KEYS_INDICES
         n_keys = K
     else:
@@ -121,6 +186,8 @@ def _mla_attention_fwd_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(n_keys, BLOCK_N), num_splits)
     k_begin = pid_s * tiles_per_split * BLOCK_N
     k_end = tl.minimum(n_keys, k_begin + tiles_per_split * BLOCK_N)
+    idx_row_ptr = idx_ptr + t * stride_it
+    bt_row_ptr = bt_ptr + bb * stride_bt
 
     q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
     q_lat = tl.load(q_row + offs_r[None, :], mask=h_mask[:, None] & (offs_r < R)[None, :], other=0.0)
@@ -132,31 +199,32 @@ def _mla_attention_fwd_kernel(
     m_i = tl.full([BLOCK_H], _M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_N):
-        kk = k0 + offs_n
-        valid = kk < k_end
-        if KEYS == 0:
-            slot = tl.load(idx_ptr + t * stride_it + kk, mask=valid, other=-1).to(tl.int64)
-            valid = valid & (slot >= 0)
-            slot = tl.maximum(slot, 0)
-            row = (slot // page_size) * stride_cb + (slot % page_size) * stride_cr
-        elif KEYS == 1:                             # KEYS_PAGED
-            kpos = lo + kk
-            blk = tl.load(bt_ptr + bb * stride_bt + kpos // page_size, mask=valid, other=0).to(tl.int64)
-            row = blk * stride_cb + (kpos % page_size) * stride_cr
-        else:
-            row = (row0 + kk) * stride_cr
-        kv, pe = _load_latent_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, BLOCK_N, FP8, INTERPRET)
-
-        s = tl.dot(q_pe, tl.trans(pe))
-        s = tl.dot(q_lat, tl.trans(kv), s)                                 # [BLOCK_H, BLOCK_N]
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])             # [BLOCK_H, BLOCK_R]
-        m_i = m_new
+    if PREFETCH:
+        # Software pipeline by hand: while tile i is computed, the rows of tile i+1 are in flight and the
+        # index loads of tile i+2 too, so no load latency sits between two tiles. (Triton's own pipeliner
+        # issues a gathered tile's copies at the end of the previous iteration and waits for them at the
+        # start of the next, which overlaps nothing.)
+        kk = k_begin + offs_n
+        row, valid = _tile_rows(_tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS), kk, k_end,
+                                lo, row0, page_size, stride_cb, stride_cr, KEYS)
+        raw, sc, pe_raw = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
+        key_n = _tile_keys(kk + BLOCK_N, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
+        for k0 in range(k_begin, k_end, BLOCK_N):
+            kk_n = k0 + BLOCK_N + offs_n
+            row_n, valid_n = _tile_rows(key_n, kk_n, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
+            raw_n, sc_n, pe_n = _load_tile(cache_ptr, row_n, valid_n, R, P, BLOCK_R, BLOCK_P, NT, FP8)
+            key_n = _tile_keys(kk_n + BLOCK_N, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
+            kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
+            m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
+            raw, sc, pe_raw, valid = raw_n, sc_n, pe_n, valid_n
+    else:
+        for k0 in range(k_begin, k_end, BLOCK_N):
+            kk = k0 + offs_n
+            key = _tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
+            row, valid = _tile_rows(key, kk, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
+            raw, sc, pe_raw = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
+            kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
+            m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -212,7 +280,7 @@ def _combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, H, num_sp
 def _stage_windows_kernel(cache_ptr, bt_ptr, cu_ptr, dec_ptr, stage_ptr, window, page_size,
                           stride_cb, stride_cr, stride_bt, stride_sr,
                           R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+                          BLOCK_N: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr):
     """Dequantise the positions ``dec_b - W + 1 … dec_b + q_len_b - 1`` of request ``b`` (those ≥ 0) into
     staging rows ``cu_b + b·(W-1) + j`` (bf16 ``[rows, R + P]``): the union of the windows of this step's
     query tokens of ``b``, each cache row read once."""
@@ -226,7 +294,8 @@ def _stage_windows_kernel(cache_ptr, bt_ptr, cu_ptr, dec_ptr, stage_ptr, window,
         kpos = tl.maximum(kpos, 0)
         blk = tl.load(bt_ptr + b * stride_bt + kpos // page_size, mask=valid, other=0).to(tl.int64)
         row = blk * stride_cb + (kpos % page_size) * stride_cr
-        lat, pe = _load_latent_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, BLOCK_N, FP8, False)
+        raw, sc, pe = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
+        lat, pe = _dequantize_tile(raw, sc, pe, BLOCK_N, BLOCK_R, NT, FP8, False)
         dst = stage_ptr + (cu_b + b * (window - 1) + j)[:, None] * stride_sr
         offs_r = tl.arange(0, BLOCK_R)
         offs_p = tl.arange(0, BLOCK_P)
@@ -255,7 +324,8 @@ def _sm_count(device: torch.device) -> int:
 # Tunables of the forward kernel, chosen from measurements (benchmarks/NOTES-attention.md).
 # `min_tiles_per_split`: a split must cover at least this many BLOCK_N tiles, so partial outputs
 # (H·R·4 bytes written and read per split) stay small next to the cache bytes they summarise.
-DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32)
+DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32, hb_fast=True,
+                      prefetch=False)
 
 
 def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None):
@@ -274,7 +344,8 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     if "splits" in cfg:
         splits = cfg["splits"]
     return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=cfg["num_stages"],
-                n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"])
+                n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"], hb_fast=cfg["hb_fast"],
+                prefetch=cfg["prefetch"])
 
 
 def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=None, bt=None, cu=None,
@@ -299,16 +370,17 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         o_t, l_t = out, lse
         o_strides = (0, out.stride(0), out.stride(1))
         l_strides = (0, lse.stride(0))
-    grid = (T, plan["n_hb"], splits)
+    grid = (T * plan["n_hb"], splits)
     if T > 0:
         compiled = _mla_attention_fwd_kernel[grid](
             q, cache, idx, bt, cu, dec, bid, o_t, l_t,
-            scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
+            scale * _LOG2E, T, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
             q.stride(0), q.stride(1), stride_cb, stride_cr,
             idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
             *o_strides, *l_strides,
             R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
-            KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=_interpreting(),
+            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, HB_FAST=plan["hb_fast"],
+            PREFETCH=plan["prefetch"], INTERPRET=_interpreting(),
             num_warps=plan["num_warps"], num_stages=plan["num_stages"])
         if stats is not None:
             stats.update(attention=compiled, plan=plan)
@@ -384,7 +456,8 @@ def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables:
             cache, block_tables, cu_seqlens_q, seq_lens_decoder, stage, window, cache.shape[1],
             cache.stride(0), cache.stride(1), block_tables.stride(0), stage.stride(0),
             R=R, P=rope_dim, BLOCK_R=max(16, triton.next_power_of_2(R)),
-            BLOCK_P=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n, FP8=True, num_warps=4)
+            BLOCK_P=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n,
+            NT=max(16, triton.next_power_of_2(R)) // 128, FP8=True, num_warps=4)
         if stats is not None:
             stats.update(stage=staged_kernel)
     out, lse = _outputs(q, R, out)
