@@ -21,6 +21,7 @@ import torch.fx
 
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
+from .passes.graph_pass import resolve_overloads
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,8 @@ def _graph_module(root: torch.nn.Module, graph: torch.fx.Graph, name: str,
     return gm
 
 
-def _resolve_overloads(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """``torch.ops.ns.op`` (a packet) → ``torch.ops.ns.op.default``: one spelling per op in the graph, and
-    dead-code elimination sees the schema (an in-place cache write must never be dropped)."""
-    for node in graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket):
-            if node.target.overloads() == ["default"]:
-                node.target = node.target.default
-    return graph
-
-
 def _traced_graph(root: torch.nn.Module) -> torch.fx.Graph:
-    graph = _resolve_overloads(torch.fx.Tracer().trace(root))
+    graph = resolve_overloads(torch.fx.Tracer().trace(root))
     graph.owning_module = root   # the purity check of dead-code elimination looks modules up here
     graph.eliminate_dead_code()  # canonical from the start, so before/after graphs compare node for node
     return graph

@@ -77,9 +77,29 @@ class SchedulePass:
         return {"schedule": self.schedule.to_dict(), "partial": self.partial}
 
 
+def resolve_overloads(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """``torch.ops.ns.op`` (a packet) → ``torch.ops.ns.op.default``, so each op has one spelling in the
+    graph and its schema is visible (an in-place cache write must never look dead)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket):
+            if node.target.overloads() == ["default"]:
+                node.target = node.target.default
+    return graph
+
+
+def _is_impure(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.is_impure() or (node.op == "call_function" and schema is not None and schema.is_mutable)
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> None:
-    """Drop dead nodes (mutating ops are kept: their schema marks them impure) and lint."""
-    gm.graph.eliminate_dead_code()
+    """Drop dead nodes and lint. Nodes calling ops with a mutable schema (cache writes) are never dead,
+    whatever this torch version's purity check says (torch 2.11's dropped unresolved packets)."""
+    resolve_overloads(gm.graph)
+    try:
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    except TypeError:  # older torch: no custom purity check, rely on the resolved schemas
+        gm.graph.eliminate_dead_code()
     gm.graph.lint()
 
 
