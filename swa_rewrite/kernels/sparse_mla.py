@@ -14,12 +14,13 @@ One forward kernel serves every attention op of the package; compile-time switch
 
 A program owns one query token, ``BLOCK_H`` heads and one split of the token's keys. The head block is the
 M dimension of both matrix products (``S = Q·Kᵀ`` over ``D = R + P``, ``O += P·V`` over ``R``; V is the
-first ``R`` columns of the same tile), so one dequantised tile serves ``BLOCK_H`` heads. With
-``NUM_SPLITS > 1`` (few tokens: decode) each split writes a normalised fp32 partial and its lse, and
+first ``R`` columns of the same tile), so one dequantised tile serves ``BLOCK_H`` heads. With more than one
+split (few tokens: decode) each split writes a normalised fp32 partial and its lse, and
 ``_combine_splits_kernel`` merges them lse-weighted; all grid sizes depend on shapes only, so no host
 synchronisation happens and a decode step can be captured in a CUDA graph.
 
 Launchers (grids, block sizes, allocation) are at the bottom; ``swa_rewrite.ops.attention`` calls them.
+Measurements and the reasons for the configuration: ``benchmarks/NOTES-attention.md``.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def _round_to_bf16_grid(x):
 def _mla_attention_fwd_kernel(
         q_ptr, cache_ptr, idx_ptr, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
         qk_scale,                                   # softmax scale · log2(e)
-        T, H, K, window, page_size, num_splits,
+        H, K, window, page_size, num_splits,
         stride_qt, stride_qh,
         stride_cb, stride_cr,                       # cache block / row strides (cache elements)
         stride_it, stride_bt,
@@ -147,18 +148,13 @@ def _mla_attention_fwd_kernel(
         stride_ls, stride_lt,                       # lse (or partial lse: split, token); head stride 1
         R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NT: tl.constexpr, KEYS: tl.constexpr,
-        FP8: tl.constexpr, PARTIAL: tl.constexpr, HB_FAST: tl.constexpr, PREFETCH: tl.constexpr,
-        INTERPRET: tl.constexpr):
-    # Grid axis 0 enumerates (token, head block) pairs; with HB_FAST the head blocks of one token are
-    # neighbours, so they run together and the second one finds the token's cache rows in L2.
+        FP8: tl.constexpr, PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
+    # Grid axis 0 enumerates (token, head block) pairs, head blocks of one token adjacent (axis 0 holds up
+    # to 2^31 - 1 programs; T alone may pass the 65535 of axes 1 and 2).
     pid = tl.program_id(0)
     n_hb = tl.cdiv(H, BLOCK_H)
-    if HB_FAST:
-        t = (pid // n_hb).to(tl.int64)
-        pid_h = pid % n_hb
-    else:
-        t = (pid % T).to(tl.int64)
-        pid_h = pid // T
+    t = (pid // n_hb).to(tl.int64)
+    pid_h = pid % n_hb
     pid_s = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
@@ -199,32 +195,13 @@ def _mla_attention_fwd_kernel(
     m_i = tl.full([BLOCK_H], _M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-    if PREFETCH:
-        # Software pipeline by hand: while tile i is computed, the rows of tile i+1 are in flight and the
-        # index loads of tile i+2 too, so no load latency sits between two tiles. (Triton's own pipeliner
-        # issues a gathered tile's copies at the end of the previous iteration and waits for them at the
-        # start of the next, which overlaps nothing.)
-        kk = k_begin + offs_n
-        row, valid = _tile_rows(_tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS), kk, k_end,
-                                lo, row0, page_size, stride_cb, stride_cr, KEYS)
+    for k0 in range(k_begin, k_end, BLOCK_N):
+        kk = k0 + offs_n
+        key = _tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
+        row, valid = _tile_rows(key, kk, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
         raw, sc, pe_raw = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
-        key_n = _tile_keys(kk + BLOCK_N, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
-        for k0 in range(k_begin, k_end, BLOCK_N):
-            kk_n = k0 + BLOCK_N + offs_n
-            row_n, valid_n = _tile_rows(key_n, kk_n, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
-            raw_n, sc_n, pe_n = _load_tile(cache_ptr, row_n, valid_n, R, P, BLOCK_R, BLOCK_P, NT, FP8)
-            key_n = _tile_keys(kk_n + BLOCK_N, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
-            kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
-            m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
-            raw, sc, pe_raw, valid = raw_n, sc_n, pe_n, valid_n
-    else:
-        for k0 in range(k_begin, k_end, BLOCK_N):
-            kk = k0 + offs_n
-            key = _tile_keys(kk, k_end, idx_row_ptr, bt_row_ptr, lo, page_size, KEYS)
-            row, valid = _tile_rows(key, kk, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
-            raw, sc, pe_raw = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
-            kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
-            m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
+        kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
+        m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -324,8 +301,7 @@ def _sm_count(device: torch.device) -> int:
 # Tunables of the forward kernel, chosen from measurements (benchmarks/NOTES-attention.md).
 # `min_tiles_per_split`: a split must cover at least this many BLOCK_N tiles, so partial outputs
 # (H·R·4 bytes written and read per split) stay small next to the cache bytes they summarise.
-DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32, hb_fast=True,
-                      prefetch=False)
+DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32)
 
 
 def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None):
@@ -344,8 +320,7 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     if "splits" in cfg:
         splits = cfg["splits"]
     return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=cfg["num_stages"],
-                n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"], hb_fast=cfg["hb_fast"],
-                prefetch=cfg["prefetch"])
+                n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"])
 
 
 def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=None, bt=None, cu=None,
@@ -374,13 +349,12 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
     if T > 0:
         compiled = _mla_attention_fwd_kernel[grid](
             q, cache, idx, bt, cu, dec, bid, o_t, l_t,
-            scale * _LOG2E, T, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
+            scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
             q.stride(0), q.stride(1), stride_cb, stride_cr,
             idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
             *o_strides, *l_strides,
             R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
-            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, HB_FAST=plan["hb_fast"],
-            PREFETCH=plan["prefetch"], INTERPRET=_interpreting(),
+            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=_interpreting(),
             num_warps=plan["num_warps"], num_stages=plan["num_stages"])
         if stats is not None:
             stats.update(attention=compiled, plan=plan)

@@ -140,15 +140,14 @@ def _run_sparse_kernel(device, T, H, K, ps, R, P, config=None):
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
-@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize("T,H,K,ps,R,P", [
     (3, 1, 1, 1, 128, 16),
     (4, 4, 3, 53, 128, 16),
     (3, 16, 37, 5, 128, 16),
     (2, 20, 19, 1, 256, 32),                  # two scale tiles, heads not a power of two
 ])
-def test_sparse_kernel_interpreter(seed, T, H, K, ps, R, P, prefetch):
-    _run_sparse_kernel("cpu", T, H, K, ps, R, P, config={"prefetch": prefetch})
+def test_sparse_kernel_interpreter(seed, T, H, K, ps, R, P):
+    _run_sparse_kernel("cpu", T, H, K, ps, R, P)
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
@@ -237,11 +236,10 @@ MIXED = [(0, 9), (11, 5), (17, 2), (23, 1), (0, 1)]
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
-@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
 @pytest.mark.parametrize("window,ps", [(1, 1), (3, 7), (8, 3), (40, 16)])
-def test_swa_kernel_interpreter(seed, window, ps, staged, prefetch):
-    _run_swa("cpu", MIXED, window, ps, staged=staged, config={"prefetch": prefetch})
+def test_swa_kernel_interpreter(seed, window, ps, staged):
+    _run_swa("cpu", MIXED, window, ps, staged=staged)
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
