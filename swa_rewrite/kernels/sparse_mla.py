@@ -301,7 +301,7 @@ def _sm_count(device: torch.device) -> int:
 # Tunables of the forward kernel, chosen from measurements (benchmarks/NOTES-attention.md).
 # `min_tiles_per_split`: a split must cover at least this many BLOCK_N tiles, so partial outputs
 # (H·R·4 bytes written and read per split) stay small next to the cache bytes they summarise.
-DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=4, stage_block_n=32)
+DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=2, stage_block_n=32)
 
 
 def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None):
