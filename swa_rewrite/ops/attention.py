@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_cache import fp8_cache_bytes
+from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .validation import check_batch, check_index, checks_enabled, fail
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
@@ -94,8 +94,6 @@ def sparse_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, indices
     ``out [T, H, R]`` in ``q.dtype`` and ``lse [T, H]`` float32; a row with no valid index gives
     ``out = 0``, ``lse = +inf``. Computes in float32 (float64 for float64 ``q``).
     """
-    from .fp8_cache import dequantize_fp8_reference
-
     T, H, D = q.shape
     R = D - rope_dim
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -120,7 +118,7 @@ def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tabl
                                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache: the token at position ``p`` attends
     to positions ``max(0, p-W+1) … p`` of its request (SPEC §3). ``swa_indexer`` + sparse attention."""
-    from .swa_indexer import swa_indexer_reference
+    from .swa_indexer import swa_indexer_reference   # lazy: swa_indexer imports this module
 
     indices, _ = swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
                                        window, cache.shape[1])
@@ -210,7 +208,7 @@ def _fp8_latent_rank(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> int
     R = q.shape[-1] - rope_dim
     if R % 128:
         fail(f"the packed FP8 cache needs R = D - rope_dim to be a multiple of 128, got R = {R}")
-    nbytes = R + 4 * (R // 128) + 2 * rope_dim
+    nbytes = fp8_cache_bytes(R, rope_dim)
     if cache.dtype != torch.uint8:
         fail(f"cache must be the packed FP8 cache (uint8), got {cache.dtype}")
     if not (cache.dim() == 3 or (cache.dim() == 4 and cache.shape[2] == 1)) or cache.shape[-1] != nbytes:
