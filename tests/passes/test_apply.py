@@ -243,3 +243,20 @@ def test_registry_accepts_an_engine_adapter():
 def test_apply_rejects_non_schedules():
     with pytest.raises(TypeError, match="schedule must be a swa_rewrite.Schedule"):
         apply(MLAModel(TINY), {"window": 3})
+
+
+def test_canonicalize_keeps_cache_writes_whatever_the_purity_check_says(monkeypatch):
+    """torch 2.11's dead-code elimination treated unresolved op packets as pure and dropped the cache
+    writes of Dynamo graphs; ops with a mutable schema must survive even a purity check that says no."""
+    from swa_rewrite.passes import canonicalize
+
+    def f(latent, cache, slots):
+        torch.ops.swa_rewrite.write_kv_cache(latent, cache, slots, 0)   # result unused
+        return latent * 2
+
+    gm = torch.fx.symbolic_trace(f)
+    assert isinstance(next(n for n in gm.graph.nodes if "write" in str(n.target)).target, torch._ops.OpOverloadPacket)
+    monkeypatch.setattr(torch.fx.Node, "is_impure", lambda self, *a, **k: self.op in ("placeholder", "output"))
+    canonicalize(gm)
+    writes = [n for n in gm.graph.nodes if "write_kv_cache" in str(n.target)]
+    assert len(writes) == 1 and writes[0].target is torch.ops.swa_rewrite.write_kv_cache.default
