@@ -32,6 +32,8 @@ def token_positions(cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
     Query token ``i`` of request ``b`` sits at ``seq_lens_decoder[b] + i`` (SPEC §5).
     """
     req = batch_id_per_token.long()
+    if seq_lens_decoder.numel() == 0:  # no request: every token is padding
+        return torch.full_like(req, -1), torch.full_like(req, -1)
     b = req.clamp(min=0)
     tok = torch.arange(req.shape[0], device=req.device)
     pos = seq_lens_decoder.long()[b] + tok - cu_seqlens_q.long()[b]

@@ -213,3 +213,13 @@ def test_opcheck_and_fake_shapes():
         indices, num_valid = ops.swa_indexer(**meta, window=9, page_size=4, return_num_valid=True)
     assert indices.shape == (6, 1, 9) and indices.dtype == torch.int32
     assert num_valid.shape == (6,) and num_valid.dtype == torch.int32
+
+
+def test_all_padding_step_with_no_request():
+    """A step of padding tokens only (B = 0), as a CUDA-graph engine pads an empty batch."""
+    i32 = dict(dtype=torch.int32)
+    idx, num_valid = ops.swa_indexer(torch.zeros(0, 3, **i32), torch.zeros(1, **i32), torch.zeros(0, **i32),
+                                     torch.zeros(0, **i32), torch.full((5,), -1, **i32), window=7, page_size=16,
+                                     return_num_valid=True)
+    assert idx.shape == (5, 1, 7) and bool((idx == -1).all())
+    assert num_valid.tolist() == [0] * 5
