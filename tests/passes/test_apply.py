@@ -118,8 +118,13 @@ def test_empty_schedule_changes_nothing():
 
 
 def test_61_layer_v3_definition_on_meta_rewrites_in_about_a_second():
-    cfg = MLAConfig.named("v3-attn").replace(num_hidden_layers=61)
+    """DeepSeek-V3 itself: 61 layers, 3 dense then 58 MoE (256 routed + 1 shared expert), 671B parameters."""
+    cfg = MLAConfig.named("v3-attn").replace(
+        num_hidden_layers=61, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=2048, first_k_dense_replace=3, n_group=8, topk_group=4, topk_method="noaux_tc",
+        scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
     model = MLAModel(cfg, device="meta", dtype=torch.bfloat16)
+    assert 670e9 < sum(p.numel() for p in model.parameters()) < 672e9
     t0 = time.perf_counter()
     out = apply(model, Schedule.from_skip_freq(4, 61, 4096))
     seconds = time.perf_counter() - t0
