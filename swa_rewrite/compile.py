@@ -19,6 +19,7 @@ import torch.fx.experimental._config
 
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, TracedModel, default_registry)
+from .ops.validation import checks_disabled
 from .schedule import Schedule
 
 try:  # Inductor's interface for custom passes; absent only in very old torch builds.
@@ -34,6 +35,18 @@ def _pass_manager(schedule: Schedule, registry: Optional[AdapterRegistry]) -> Pa
     return PassManager([FindMLAAttentionPass(registry, partial=True),
                         ReplaceAttentionPass(schedule, partial=True),
                         PackCacheAllocationPass(schedule, partial=True)])
+
+
+def _allocate_packed(model: torch.nn.Module, schedule: Schedule, registry: Optional[AdapterRegistry],
+                     num_blocks: int, page_size: int, device) -> list[torch.Tensor]:
+    """``model``'s caches with the schedule's layers in the packed layout, marked as static addresses so
+    CUDA graphs can capture their in-place writes."""
+    from .rewrite import apply
+
+    caches = apply(model, schedule, registry=registry).allocate_kv_cache(num_blocks, page_size, device)
+    for c in caches:
+        torch._dynamo.mark_static_address(c)
+    return caches
 
 
 class SWABackend:
@@ -53,6 +66,11 @@ class SWABackend:
 
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
+
+    def allocate_kv_cache(self, model: torch.nn.Module, num_blocks: int, page_size: int,
+                          device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The caches a model compiled with this backend needs: packed ``uint8`` for the SWA layers."""
+        return _allocate_packed(model, self.schedule, self.registry, num_blocks, page_size, device)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
         t0 = time.perf_counter()
@@ -98,6 +116,11 @@ class SWAPostGradPass(CustomGraphPass):
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
 
+    def allocate_kv_cache(self, model: torch.nn.Module, num_blocks: int, page_size: int,
+                          device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The caches a model compiled with this pass needs: packed ``uint8`` for the SWA layers."""
+        return _allocate_packed(model, self.schedule, self.registry, num_blocks, page_size, device)
+
 
 def _mark_dynamic_step_inputs(args: tuple, kwargs: dict) -> None:
     """Mark every dimension of the integer step tensors (tokens, batch, block-table width) dynamic."""
@@ -117,26 +140,21 @@ class SWACompiledModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, **compile_kwargs: Any):
         super().__init__()
-        from .rewrite import apply
-
         self.model = model
         self.swa_backend = SWABackend(schedule, registry=compile_kwargs.pop("registry", None),
                                       inner=compile_kwargs.pop("inner", "inductor"))
         self.__dict__["_compiled"] = torch.compile(model, backend=self.swa_backend, **compile_kwargs)
-        self.__dict__["_rewritten"] = apply(model, schedule)  # its allocation graph packs the SWA layers
         self.config = getattr(model, "config", None)
 
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
-        caches = self._rewritten.allocate_kv_cache(num_blocks, page_size, device)
-        for c in caches:
-            torch._dynamo.mark_static_address(c)
-        return caches
+        return self.swa_backend.allocate_kv_cache(self.model, num_blocks, page_size, device)
 
     def forward(self, *args: Any, **kwargs: Any):
         _mark_dynamic_step_inputs(args, kwargs)
         # Sizes 0 and 1 would otherwise be specialised (a one-token decode step would compile anew).
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        # Input checks read tensor values (a host round trip per op): off inside the compiled step.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True), checks_disabled():
             return self._compiled(*args, **kwargs)
 
 

@@ -23,17 +23,14 @@ carrying into the exponent, so when interpreting the launchers round with intege
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+
 TILE = 128  # quantisation tile width (latent dims per float32 scale)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -148,7 +145,7 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     assert R % TILE == 0 and cache.stride(2) == 1, (R, cache.stride())
     if T == 0:
         return
-    soft = _interpreting() if soft_cvt is None else soft_cvt
+    soft = interpreting() if soft_cvt is None else soft_cvt
     aligned = cache.data_ptr() % 4 == 0 and cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0
     wide = aligned if wide_stores is None else wide_stores
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"

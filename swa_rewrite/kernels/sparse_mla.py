@@ -26,11 +26,12 @@ Measurements and the reasons for the configuration: ``benchmarks/NOTES-attention
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 KEYS_INDICES, KEYS_PAGED, KEYS_ROWS = 0, 1, 2
 
@@ -283,10 +284,6 @@ def _stage_windows_kernel(cache_ptr, bt_ptr, cu_ptr, dec_ptr, stage_ptr, window,
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -309,7 +306,7 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     block_h = cfg.get("block_h") or (64 if H > 32 else max(16, triton.next_power_of_2(H)))
     block_n = cfg["block_n"]
     num_warps = cfg["num_warps"] if block_h == 64 else 4
-    if _interpreting():
+    if interpreting():
         block_n = min(block_n, 16)
     n_hb = triton.cdiv(H, block_h)
     tiles = triton.cdiv(max(max_keys, 1), block_n)
@@ -327,6 +324,11 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
             dec=None, bid=None, window=0, page_size=1, stride_cb=0, stride_cr=0, config=None, stats=None):
     T, H, D = q.shape
     R, P = D - rope_dim, rope_dim
+    if dec is not None and dec.shape[0] == 0:
+        # No request: every token is padding. Empty metadata tensors have no memory to read.
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
     plan = _plan(T, H, max_keys, q.device, config)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
@@ -354,7 +356,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
             idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
             *o_strides, *l_strides,
             R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
-            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=_interpreting(),
+            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=interpreting(),
             num_warps=plan["num_warps"], num_stages=plan["num_stages"])
         if stats is not None:
             stats.update(attention=compiled, plan=plan)
@@ -364,7 +366,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
                 part_o, part_lse, out, lse, H, splits,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
-                R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=_interpreting(),
+                R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(),
                 num_warps=4)
     return out, lse
 
@@ -424,7 +426,7 @@ def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables:
     B = block_tables.shape[0]
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     stage = torch.empty((T + B * (window - 1), D), dtype=q.dtype, device=q.device)
-    block_n = cfg["stage_block_n"] if not _interpreting() else 16
+    block_n = cfg["stage_block_n"] if not interpreting() else 16
     if T > 0 and B > 0:
         staged_kernel = _stage_windows_kernel[(B, triton.cdiv(T + window - 1, block_n))](
             cache, block_tables, cu_seqlens_q, seq_lens_decoder, stage, window, cache.shape[1],

@@ -77,6 +77,10 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
     assert indices.is_contiguous() and indices.shape == (T, 1, window) and num_valid.shape == (T,)
     if T == 0:
         return
+    if block_tables.shape[0] == 0:  # no request: all padding; empty metadata has no memory to read
+        indices.fill_(-1)
+        num_valid.zero_()
+        return
     block_w = min(triton.next_power_of_2(window), tile_elems)
     block_t = max(1, min(tile_elems // block_w, triton.next_power_of_2(T)))
     grid = (triton.cdiv(T, block_t), triton.cdiv(window, block_w))

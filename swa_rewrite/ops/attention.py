@@ -52,17 +52,20 @@ def paged_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_ta
     """
     T, H, D = q.shape
     R = D - rope_dim
+    if block_tables.shape[0] == 0:  # no request: every token is padding
+        return q.new_zeros(T, H, R), q.new_full((T, H), float("inf"), dtype=torch.float32)
     ps = cache.shape[1]
     ctx = block_tables.shape[1] * ps
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     pos, req = token_positions(cu_seqlens_q, seq_lens_decoder, batch_id_per_token)
     j = torch.arange(ctx, device=q.device)
-    flat = cache.view(-1, D)
+    flat = cache.reshape(-1, D)  # a view unless the block stride is padded
     outs, lses = [], []
     step = max(1, _GATHER_BUDGET // max(1, ctx * D))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        rows = block_tables.long()[req[t0:t1].clamp(min=0)]                  # [t, max_blocks]
+        # Columns past a request's end may hold stale ids: clamp them for the gather, the mask drops them.
+        rows = block_tables.long()[req[t0:t1].clamp(min=0)].clamp(max=cache.shape[0] - 1)  # [t, max_blocks]
         slots = rows[:, j // ps] * ps + j % ps                                # [t, ctx]
         mask = (j[None, :] <= pos[t0:t1, None]) & (slots >= 0)                # [t, ctx]
         kv = flat[slots.clamp(min=0)]                                         # [t, ctx, D]
@@ -188,13 +191,15 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
                                              batch_id_per_token, scale, rope_dim)
     from ..kernels.paged_mla import paged_mla_attention_fwd
 
-    return paged_mla_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                                   batch_id_per_token, scale, rope_dim)
+    # The kernels index the metadata with unit column strides.
+    return paged_mla_attention_fwd(q.contiguous(), cache, block_tables.contiguous(), cu_seqlens_q.contiguous(),
+                                   seq_lens_decoder.contiguous(), batch_id_per_token.contiguous(), scale, rope_dim)
 
 
 def _triton_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """The Triton kernels take bf16/fp16 queries and caches whose rows are contiguous and 4-byte aligned."""
-    return (q.dtype in (torch.bfloat16, torch.float16) and cache.stride(-1) == 1
+    """The Triton kernels take bf16 queries (FP8 tiles dequantise to bf16 for the dot with q) and caches
+    whose rows are contiguous and 4-byte aligned; anything else takes the PyTorch reference."""
+    return (q.dtype == torch.bfloat16 and cache.stride(-1) == 1 and cache.data_ptr() % 4 == 0
             and all(cache.stride(d) * cache.element_size() % 4 == 0 for d in range(cache.dim() - 1)))
 
 
@@ -258,7 +263,7 @@ def _(q, cache, indices, scale, rope_dim):
         return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
     from ..kernels.sparse_mla import sparse_mla_attention_fwd
 
-    return sparse_mla_attention_fwd(q.contiguous(), cache, indices, scale, rope_dim)
+    return sparse_mla_attention_fwd(q.contiguous(), cache, indices.contiguous(), scale, rope_dim)
 
 
 # ---------------------------------------------------------------------------------------- SWA op
@@ -302,5 +307,6 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
                                            batch_id_per_token, scale, rope_dim, window)
     from ..kernels.sparse_mla import swa_attention_fwd
 
-    return swa_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                             batch_id_per_token, scale, rope_dim, window)
+    return swa_attention_fwd(q.contiguous(), cache, block_tables.contiguous(), cu_seqlens_q.contiguous(),
+                             seq_lens_decoder.contiguous(), batch_id_per_token.contiguous(), scale, rope_dim,
+                             window)

@@ -100,7 +100,9 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
     if latent.dtype not in _LATENT_DTYPES:
         fail(f"latent must be bfloat16, float16 or float32, got {latent.dtype}")
     if cache.dtype != torch.uint8:
-        fail(f"packed FP8 cache must be uint8, got {cache.dtype}")
+        fail(f"packed FP8 cache must be uint8, got {cache.dtype}: a sliding-window layer's cache must come "
+             "from the rewritten allocation (swa_rewrite.apply(...).allocate_kv_cache, "
+             "swa_rewrite.compile(...).allocate_kv_cache or swa_rewrite.backend(...).allocate_kv_cache(model, ...))")
     if not 0 <= rope_dim < latent.shape[1]:
         fail(f"rope_dim must be in [0, {latent.shape[1]}), got {rope_dim}")
     check_cache_write(latent, cache, slot_mapping, fp8_cache_bytes(latent.shape[1] - rope_dim, rope_dim),

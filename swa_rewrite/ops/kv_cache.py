@@ -13,23 +13,23 @@ from .validation import check_cache_write, fail
 
 
 def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``; ``-1`` writes nothing."""
-    flat = cache.view(-1, cache.shape[-1])
+    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` (any block stride) at ``slot_mapping [T]``;
+    ``-1`` writes nothing."""
     slots = slot_mapping.long()
-    keep = slots >= 0
     if slots.numel() == 0:
         return
+    ps = cache.shape[1]
+    keep = slots >= 0
     # Nothing here may synchronise with the host (CUDA-graph capture): no boolean indexing, no indexing
     # by a tensor scalar. Padding rows repeat the first real row's write exactly, or rewrite slot 0 with
     # its own value when there is no real row.
     first = torch.argmax(keep.to(torch.int32)).reshape(1)
     any_keep = keep.any()
-    sink = torch.where(any_keep, slots.index_select(0, first), 0)                          # [1]
-    sink_value = torch.where(any_keep, latent.index_select(0, first).to(flat.dtype), flat[:1])   # [1, D]
+    sink = torch.where(any_keep, slots.index_select(0, first), 0)                              # [1]
+    sink_value = torch.where(any_keep, latent.index_select(0, first).to(cache.dtype), cache[0, :1])  # [1, D]
     target = torch.where(keep, slots, sink)
-    value = torch.where(keep[:, None], latent.to(flat.dtype), sink_value)
-    flat.index_copy_(0, target, value)
-
+    value = torch.where(keep[:, None], latent.to(cache.dtype), sink_value)
+    cache.index_put_((target // ps, target % ps), value)
 
 
 def cache_shape(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int,

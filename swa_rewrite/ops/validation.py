@@ -3,21 +3,38 @@
 Shape and dtype checks cost nothing and always run (they also run at trace time in the fake
 implementations). Data checks — slot ranges, block-table bounds — read tensor values, which
 synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
-capture and outside Dynamo tracing, unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
+capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks (``swa_rewrite.compile`` runs its
+compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def checks_disabled():
+    """Turn data checks off in this thread for the block (e.g. around a compiled step)."""
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous
+
+
 def checks_enabled() -> bool:
     """Whether data-dependent input checks run now (see module docstring)."""
-    if os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
+    if getattr(_state, "disabled", False) or os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
         return False
     if torch.compiler.is_compiling():
         return False

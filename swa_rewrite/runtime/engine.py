@@ -55,7 +55,8 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, page_size: int, max_tokens_per_step: int,
-                 prefix_caching: bool = True, device: torch.device | str | None = None):
+                 prefix_caching: bool = True, device: torch.device | str | None = None,
+                 kv_caches: Optional[list[torch.Tensor]] = None):
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step must be >= 1, got {max_tokens_per_step}")
         self.model = model
@@ -63,7 +64,12 @@ class Engine:
         self.page_size, self.max_tokens_per_step = page_size, max_tokens_per_step
         self.prefix_caching = prefix_caching
         self.blocks = BlockManager(num_blocks, page_size)
-        self.kv_caches = model.allocate_kv_cache(num_blocks, page_size, self.device)
+        # Caches come from the model unless given (e.g. a compiled model: swa_rewrite.backend(...).allocate_kv_cache).
+        self.kv_caches = (model.allocate_kv_cache(num_blocks, page_size, self.device) if kv_caches is None
+                          else kv_caches)
+        for i, c in enumerate(self.kv_caches):
+            if c.shape[:2] != (num_blocks, page_size):
+                raise ValueError(f"kv_caches[{i}] has shape {tuple(c.shape)}, expected [{num_blocks}, {page_size}, ...]")
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------------------------------ public
