@@ -7,7 +7,6 @@ captured in a CUDA graph (the ops never synchronise with the host), as a serving
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from typing import Callable
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 
 from .models import MLAModel
+from .ops.validation import checks_disabled
 from .rewrite import apply
 from .runtime import StepBatch, StepItem
 
@@ -68,8 +68,11 @@ def _fill(caches: list[torch.Tensor], latent_dim: int) -> None:
 
 
 def run_bench(args) -> None:
-    os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # serving mode: no host round trips for input checks
-    torch.set_grad_enabled(False)
+    with checks_disabled(), torch.no_grad():   # serving mode: no host round trips for input checks
+        _run_bench(args)
+
+
+def _run_bench(args) -> None:
     from .cli import _build_model, _schedule, _fmt_bytes
 
     model: MLAModel = _build_model(args, device="cuda", dtype=torch.bfloat16)
@@ -106,7 +109,7 @@ def run_bench(args) -> None:
             prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, logits_indices=last,
                                               **pre.model_inputs()), max(3, args.iters // 4))
             result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
-            del caches
+            caches = None  # free this context's caches before the next allocation
             torch.cuda.empty_cache()
             k += 1
         rows.append((ctx, result))

@@ -19,10 +19,11 @@ import torch
 import torch.fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
+from .passes.find_attention import LAYER_IN_PATH as _LAYER_IN_PATH
+
 GraphLike = Union[torch.fx.Graph, torch.fx.GraphModule]
 
 _LAYER_ARG_OPS = re.compile(r"^swa_rewrite::")
-_LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
 
 
 def node_layer(node: torch.fx.Node) -> Optional[int]:

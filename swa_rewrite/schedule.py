@@ -85,7 +85,9 @@ class Schedule:
                 raise ValueError("config has neither layer_types nor num_hidden_layers")
             return cls(window or 1, [], num_layers)
         if window is None:
-            raise ValueError("config has layer_types but no sliding_window")
+            if SLIDING in layer_types:
+                raise ValueError("config has sliding_attention layer_types but no sliding_window")
+            window = 1  # nothing slides: the window is never used
         if num_layers is not None and len(layer_types) != num_layers:
             raise ValueError(f"config.layer_types has {len(layer_types)} entries for num_hidden_layers={num_layers}")
         return cls.from_layer_types(layer_types, window)

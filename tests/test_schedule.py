@@ -28,6 +28,7 @@ def test_layer_types_and_hf_config():
         layer_types, sliding_window, num_hidden_layers = types, 4096, 10
     assert Schedule.from_hf_config(Cfg) == s
     assert Schedule.from_hf_config({"num_hidden_layers": 3}).swa_layers == set()
+    assert Schedule.from_hf_config({"layer_types": ["full_attention"] * 2}).swa_layers == set()
 
 
 @pytest.mark.parametrize("make,exc,match", [
@@ -39,7 +40,7 @@ def test_layer_types_and_hf_config():
     (lambda: Schedule.from_skip_freq([1, 2, 1, 0], 4, 8), ValueError, r"window_attn_skip_freq\[1\] = 2"),
     (lambda: Schedule.from_skip_freq(0, 4, 8), ValueError, "window_attn_skip_freq must be >= 1, got 0"),
     (lambda: Schedule.from_layer_types(["full_attention", "local"], 8), ValueError, r"layer_types\[1\] = 'local'"),
-    (lambda: Schedule.from_hf_config({"layer_types": ["full_attention"]}), ValueError, "no sliding_window"),
+    (lambda: Schedule.from_hf_config({"layer_types": ["sliding_attention"]}), ValueError, "no sliding_window"),
     (lambda: Schedule.from_hf_config({"layer_types": ["full_attention"], "sliding_window": 4,
                                       "num_hidden_layers": 2}), ValueError, "1 entries for num_hidden_layers=2"),
 ])

@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
 from .config import MLAConfig
 from .moe import MoE
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -131,7 +131,7 @@ class DecoderLayer(nn.Module):
 
 
 class MLAModel(nn.Module):
-    """DeepSeek-V3-style decoder (dense MLP, no MoE) over a paged latent cache.
+    """DeepSeek-V2/V3-style decoder (dense MLP or MoE per layer, see ``MLAConfig``) over a paged latent cache.
 
     ``forward`` processes one engine step; see its docstring. ``allocate_kv_cache`` builds the per-layer
     caches through ``torch.ops.swa_rewrite.allocate_kv_cache`` so graph passes can rewrite it.

@@ -5,7 +5,8 @@ Triton kernel on CUDA where one is registered and to the PyTorch reference (the 
 function of the op's module) otherwise.
 
 One module per op family, each holding its reference, its ``torch.library`` definition and fake:
-``kv_cache`` (allocation, model-dtype write), ``attention`` (paged and sparse MLA attention).
+``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
+``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention).
 """
 
 from __future__ import annotations

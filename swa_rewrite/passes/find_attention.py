@@ -24,7 +24,7 @@ import torch.fx
 from .adapters import AdapterRegistry, MLAOpAdapter, Role
 from .graph_pass import PassResult, RewriteError, TracedModel
 
-_LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
+LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
 
 
 def layer_from_module_stack(node: torch.fx.Node) -> Optional[int]:
@@ -32,7 +32,7 @@ def layer_from_module_stack(node: torch.fx.Node) -> Optional[int]:
     stack = node.meta.get("nn_module_stack") or {}
     for key, value in reversed(list(stack.items())):
         path = value[0] if isinstance(value, tuple) else key
-        m = _LAYER_IN_PATH.findall(str(path))
+        m = LAYER_IN_PATH.findall(str(path))
         if m:
             return int(m[-1])
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import sys
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
@@ -122,15 +123,25 @@ class PassManager:
     def uuid(self) -> str:
         """Changes when a pass's code (its classes, the adapters it uses) or its configuration changes."""
         h = hashlib.sha256()
+        modules: dict[str, None] = {}
         for p in self.passes:
             classes = [c for c in type(p).__mro__ if c.__module__.startswith("swa_rewrite")]
             classes += [type(a) for a in getattr(p, "registry", ())]
             for cls in classes:
-                h.update(cls.__qualname__.encode())
-                h.update(inspect.getsource(cls).encode())
+                h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+                modules[cls.__module__] = None
+                try:
+                    h.update(inspect.getsource(cls).encode())
+                except (OSError, TypeError):  # defined interactively: its name has to do
+                    pass
             config = getattr(p, "config_key", None)
             if config is not None:
                 h.update(repr(config()).encode())
+        for name in modules:  # whole modules, so helper functions (call_op, canonicalize, ...) count too
+            try:
+                h.update(inspect.getsource(sys.modules[name]).encode())
+            except (OSError, TypeError, KeyError):
+                pass
         return h.hexdigest()
 
 
@@ -158,7 +169,9 @@ def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str,
         # Inductor lowers stride-sensitive ops from the recorded example inputs: keep them in step.
         old = dict(zip([a.name for a in _overload(node.target)._schema.arguments], eager[0]))
         old.update(eager[1])
-        node.meta["eager_input_vals"] = (tuple(old.get(a.name, arguments[a.name]) for a in op._schema.arguments), {})
+        # Tensors keep their recorded example values; constants (a new window, say) take the new value.
+        node.meta["eager_input_vals"] = (tuple(old.get(a.name) if isinstance(arguments[a.name], torch.fx.Node)
+                                               else arguments[a.name] for a in op._schema.arguments), {})
     node.target = op
     node.args = tuple(arguments[a.name] for a in op._schema.arguments)
     node.kwargs = {}

@@ -8,6 +8,8 @@ cached (and reusable) until allocation needs them back, oldest first.
 
 from __future__ import annotations
 
+import array
+import hashlib
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
@@ -17,8 +19,11 @@ class OutOfBlocksError(RuntimeError):
 
 
 def chain_block_key(parent: Hashable, block_tokens: Sequence[int]) -> Hashable:
-    """Key of a full block given the key of the block before it (``None`` for the first)."""
-    return (hash(parent), tuple(block_tokens))
+    """Key of a full block given the key of the block before it (``None`` for the first): a SHA-256
+    digest of the parent's key and the block's tokens, so two different prefixes never share a block."""
+    h = hashlib.sha256(parent if isinstance(parent, bytes) else b"")
+    h.update(array.array("q", block_tokens).tobytes())
+    return h.digest()
 
 
 def prefix_block_keys(tokens: Sequence[int], page_size: int) -> list[Hashable]:
