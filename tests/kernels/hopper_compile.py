@@ -1,0 +1,102 @@
+"""Compile every Triton kernel for Hopper (sm_90) without a GPU: run the launchers on CPU tensors with the
+kernels' ``run`` replaced by an ahead-of-time ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``.
+
+Run as a script (``TRITON_INTERPRET`` must be unset, so the kernels are real ``JITFunction``s); prints one
+line per compiled kernel variant and exits non-zero if any fails. ``test_hopper_compile.py`` runs it.
+"""
+
+import os
+import sys
+import traceback
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET for an AOT compile"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+_PTR = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
+        torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+compiled, failures = [], []
+
+
+def _type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _PTR[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type {value!r}")
+
+
+def aot_run(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+    bound = dict(zip(self.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(self.arg_names):
+        value = bound[name] if name in bound else self.params[i].default
+        if i in self.constexprs:
+            signature[name], constexprs[(i,)] = "constexpr", value
+        else:
+            signature[name] = _type(value)
+    shown = [f"{self.arg_names[i]}={v}" for (i,), v in constexprs.items() if v is not None and v is not False]
+    label = f"{self.fn.__name__}({', '.join(shown)})"
+    try:
+        kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+        assert "cubin" in kernel.asm, "no cubin"
+        compiled.append(label)
+    except Exception:
+        failures.append((label, traceback.format_exc(limit=3)))
+
+
+JITFunction.run = aot_run
+
+
+def main():
+    from swa_rewrite.kernels import fp8_cache, sparse_mla, swa_indexer
+    from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
+    from swa_rewrite.runtime import StepBatch, StepItem
+
+    R, P, H, ps = 512, 64, 128, 64
+    D, nbytes = R + P, fp8_cache_bytes(R, P)
+    decode = StepBatch.build([StepItem([1], 300, [0, 1, 2, 3, 4, 5], False),
+                              StepItem([2], 90, [6, 7], False)], ps)
+    prefill = StepBatch.build([StepItem(list(range(40)), 100, [0, 1, 2], True)], ps)
+    packed = torch.zeros(8, ps, nbytes, dtype=torch.uint8)
+    bf16 = torch.zeros(8, ps, D, dtype=torch.bfloat16)
+
+    fp8_cache.write_fp8_cache(torch.zeros(4, D, dtype=torch.bfloat16), packed, torch.arange(4), rope_dim=P)
+    fp8_cache.dequantize_fp8_cache(packed, torch.empty(8 * ps, D, dtype=torch.bfloat16),
+                                   rope_dim=P)
+    for b in (decode, prefill):
+        T = b.batch_id_per_token.shape[0]
+        swa_indexer.swa_indexer(b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder, b.batch_id_per_token,
+                                torch.empty(T, 1, 128, dtype=torch.int32), torch.empty(T, dtype=torch.int32),
+                                window=128, page_size=ps)
+        q = torch.zeros(T, H, D, dtype=torch.bfloat16)
+        meta = (b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder, b.batch_id_per_token, 0.1, P)
+        sparse_mla.paged_attention_fwd(q, bf16, *meta, 0, False)              # dense paged (full layers)
+        sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=False)     # SWA, walking the block table
+        sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=True)      # SWA, staged window union
+        sparse_mla.sparse_mla_attention_fwd(q, packed, torch.zeros(T, 1, 128, dtype=torch.int32), 0.1, P)
+    # A tensor-parallel shard with few heads takes smaller head blocks and fewer warps.
+    q16 = torch.zeros(decode.batch_id_per_token.shape[0], 16, D, dtype=torch.bfloat16)
+    sparse_mla.swa_attention_fwd(q16, packed, decode.block_tables, decode.cu_seqlens_q, decode.seq_lens_decoder,
+                                 decode.batch_id_per_token, 0.1, P, 128, staged=False)
+    for label in compiled:
+        print("compiled", label[:160])
+    for label, tb in failures:
+        print("FAILED", label[:160], "\n", tb)
+    return 1 if failures or not compiled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
