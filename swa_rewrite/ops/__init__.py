@@ -6,14 +6,15 @@ function of the op's module) otherwise.
 
 One module per op family, each holding its reference, its ``torch.library`` definition and fake:
 ``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
-``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention).
+``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention),
+``moe`` (the routed experts of a MoE block).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import attention, kv_cache  # noqa: F401  (registers torch.ops.swa_rewrite.*)
+from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
 from .fp8_cache import fp8_cache_bytes
 from .validation import checks_enabled
