@@ -97,3 +97,18 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
 @write_kv_cache.register_fake
 def _(latent, cache, slot_mapping, layer):
     _check_write(latent, cache, slot_mapping, data=False)
+
+
+@write_kv_cache.register_kernel("cuda")
+def _(latent, cache, slot_mapping, layer):
+    _check_write(latent, cache, slot_mapping)
+    if cache.dtype == torch.uint8:
+        rope_dim = packed_rope_dim(latent.shape[-1], cache.shape[-1])
+        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+        return
+    if latent.stride(-1) != 1 or cache.stride(-1) != 1:
+        write_kv_cache_reference(latent, cache, slot_mapping)
+        return
+    from ..kernels.kv_cache import write_kv_cache as launch
+
+    launch(latent, cache, slot_mapping.contiguous())

@@ -61,7 +61,7 @@ JITFunction.run = aot_run
 
 
 def main():
-    from swa_rewrite.kernels import fp8_cache, sparse_mla, swa_indexer
+    from swa_rewrite.kernels import fp8_cache, kv_cache, sparse_mla, swa_indexer
     from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
     from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -73,6 +73,7 @@ def main():
     packed = torch.zeros(8, ps, nbytes, dtype=torch.uint8)
     bf16 = torch.zeros(8, ps, D, dtype=torch.bfloat16)
 
+    kv_cache.write_kv_cache(torch.zeros(4, D, dtype=torch.bfloat16), bf16, torch.arange(4))
     fp8_cache.write_fp8_cache(torch.zeros(4, D, dtype=torch.bfloat16), packed, torch.arange(4), rope_dim=P)
     fp8_cache.dequantize_fp8_cache(packed, torch.empty(8 * ps, D, dtype=torch.bfloat16),
                                    rope_dim=P)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 SCRIPT = pathlib.Path(__file__).with_name("hopper_compile.py")
-KERNELS = ("_write_fp8_cache_kernel", "_dequantize_fp8_cache_kernel", "_swa_indexer_kernel",
+KERNELS = ("_write_kv_cache_kernel", "_write_fp8_cache_kernel", "_dequantize_fp8_cache_kernel", "_swa_indexer_kernel",
            "_mla_attention_fwd_kernel", "_combine_splits_kernel", "_stage_windows_kernel")
 
 

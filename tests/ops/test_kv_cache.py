@@ -110,3 +110,25 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.swa_rewrite.allocate_kv_cache.default,
                           (2, 4, 16, 8, torch.float32, torch.device("cpu"), 0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("T,D,ps,pad", [(1, 24, 4, 0), (19, 144, 7, 3), (64, 576, 16, 40)])
+def test_write_kernel_matches_reference(T, D, ps, pad, seed):
+    """The Triton write kernel (interpreter on CPU, compiled on CUDA) against the reference, padded block
+    stride, -1 slots and NaN-poisoned unused slots included."""
+    from swa_rewrite.kernels.kv_cache import write_kv_cache as kernel
+    from swa_rewrite.ops.kv_cache import write_kv_cache_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_blocks = -(-T // ps) + 2
+    def make():
+        storage = torch.full((num_blocks, ps * D + pad), float("nan"), device=device)
+        return storage, storage[:, : ps * D].view(num_blocks, ps, D)
+    latent = torch.randn(T, D, device=device)
+    slots = torch.randperm(num_blocks * ps, device=device)[:T]
+    slots[torch.rand(T, device=device) < 0.3] = -1
+    s1, c1 = make()
+    s2, c2 = make()
+    kernel(latent, c1, slots)
+    write_kv_cache_reference(latent, c2, slots)
+    assert torch.equal(s1.isnan(), s2.isnan()) and torch.equal(s1.nan_to_num(), s2.nan_to_num())
