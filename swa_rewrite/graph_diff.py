@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import networkx as nx
 import torch
@@ -74,17 +74,41 @@ def _call_repr(node: torch.fx.Node) -> str:
     return f"{_label(node).split(':', 1)[1]}({', '.join(args)})"
 
 
-def to_digraph(graph: GraphLike, layer: Optional[int] = None, all_layers: bool = False) -> nx.DiGraph:
-    """The graph (or one layer's nodes, when ``layer`` is given) as a ``DiGraph`` labelled by op and target."""
+# The rewrite's op pairs: the same role in the dataflow, whichever of the two a node calls.
+_ROLE = {"swa_rewrite::paged_mla_attention": "MLA attention", "swa_rewrite::swa_mla_attention": "MLA attention",
+         "swa_rewrite::write_kv_cache": "cache write", "swa_rewrite::write_fp8_cache": "cache write"}
+
+
+def role_label(node: torch.fx.Node) -> str:
+    """``_label`` with each rewritten op replaced by its role, to compare dataflow across the rewrite."""
+    label = _label(node)
+    return _ROLE.get(label.split(":", 1)[1], label) if node.op == "call_function" else label
+
+
+def to_digraph(graph: GraphLike, layer: Optional[int] = None, all_layers: bool = False,
+               label: Callable[[torch.fx.Node], str] = None) -> nx.DiGraph:
+    """The graph (or one layer's nodes, when ``layer`` is given) as a ``DiGraph`` whose nodes are labelled
+    by op and target (or by ``label``)."""
     graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    label = label or _label
     g = nx.DiGraph()
     keep = {n for n in graph.nodes if all_layers or node_layer(n) == layer}
     for n in keep:
-        g.add_node(n.name, label=_label(n))
+        g.add_node(n.name, label=label(n))
     for n in keep:
-        for inp in n.all_input_nodes:
+        # Edges carry the argument positions they feed, so swapping two inputs is a structural change.
+        positions: dict[torch.fx.Node, list[int]] = collections.defaultdict(list)
+        counter = iter(range(1 << 30))
+
+        def visit(a):
+            if isinstance(a, torch.fx.Node):
+                positions[a].append(next(counter))
+            return a
+
+        torch.fx.node.map_aggregate((n.args, n.kwargs), visit)
+        for inp, pos in positions.items():
             if inp in keep:
-                g.add_edge(inp.name, n.name)
+                g.add_edge(inp.name, n.name, args=tuple(pos))
     return g
 
 
@@ -94,7 +118,8 @@ def isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
     if collections.Counter(nx.get_node_attributes(a, "label").values()) != \
             collections.Counter(nx.get_node_attributes(b, "label").values()):
         return False
-    return DiGraphMatcher(a, b, node_match=lambda x, y: x["label"] == y["label"]).is_isomorphic()
+    return DiGraphMatcher(a, b, node_match=lambda x, y: x["label"] == y["label"],
+                          edge_match=lambda x, y: x.get("args") == y.get("args")).is_isomorphic()
 
 
 @dataclasses.dataclass
@@ -105,7 +130,8 @@ class LayerDiff:
     retargeted: list[str] = dataclasses.field(default_factory=list)
     changed_args: list[str] = dataclasses.field(default_factory=list)
     num_nodes: int = 0
-    isomorphic: bool = True
+    isomorphic: bool = True          # unchanged layers: same graph, node for node
+    same_dataflow: bool = True       # changed layers: same graph once rewritten ops count by their role
 
     @property
     def unchanged(self) -> bool:
@@ -130,8 +156,9 @@ class GraphDiff:
             if d.unchanged:
                 continue
             title = "outside layers" if key is None else f"layer {key}"
+            flow = ("same dataflow, ops swapped in place" if d.same_dataflow else "dataflow changed")
             out.append(f"{title}: {len(d.retargeted)} re-targeted, {len(d.changed_args)} with new arguments, "
-                       f"{len(d.added)} added, {len(d.removed)} removed")
+                       f"{len(d.added)} added, {len(d.removed)} removed; {flow}")
             if not compact:
                 out += [f"  ~ {x}" for x in d.retargeted] + [f"  * {x}" for x in d.changed_args]
                 out += [f"  + {x}" for x in d.added] + [f"  - {x}" for x in d.removed]
@@ -184,4 +211,6 @@ def graph_diff(before: GraphLike, after: GraphLike) -> GraphDiff:
     for key, d in layers.items():
         if d.unchanged and key is not None:
             d.isomorphic = isomorphic(to_digraph(gb, key), to_digraph(ga, key))
+        elif not d.unchanged:
+            d.same_dataflow = isomorphic(to_digraph(gb, key, label=role_label), to_digraph(ga, key, label=role_label))
     return GraphDiff(layers)

@@ -44,6 +44,7 @@ def test_diff_sections_follow_the_schedule():
     assert sorted(d.changed_layers) == sorted(s.swa_layers)
     for layer in s.swa_layers:
         assert len(d.layers[layer].retargeted) == 2 and not d.layers[layer].added and not d.layers[layer].removed
+        assert d.layers[layer].same_dataflow      # only the two ops changed; every edge is where it was
     assert all(d.layers[i].isomorphic for i in set(range(4)) - s.swa_layers)
 
 
@@ -58,6 +59,19 @@ def test_diff_reports_added_and_removed_nodes():
     text = str(d)
     assert "relu" in text and "sigmoid" in text
     assert d.layers[None].added or d.layers[None].retargeted
+
+
+def test_dataflow_check_sees_a_rewired_graph():
+    """Swapping an op keeps the dataflow; re-wiring its inputs does not."""
+    model = MLAModel(TINY, device="meta")
+    before = trace(model).forward
+    after = apply(model, SCHEDULES["skip-freq-2"])
+    attn = next(n for n in after.graph.nodes if n.name == "paged_mla_attention_2")
+    q_abs, cache = attn.args[0], attn.args[1]
+    attn.args = (cache, q_abs) + tuple(attn.args[2:])          # same ops, different wiring
+    d = graph_diff(before, after)
+    assert d.layers[0].same_dataflow and not d.layers[2].same_dataflow
+    assert "layer 2:" in str(d) and "dataflow changed" in str(d)
 
 
 def test_isomorphism_sees_structure_not_names():
