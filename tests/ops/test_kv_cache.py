@@ -132,3 +132,23 @@ def test_write_kernel_matches_reference(T, D, ps, pad, seed):
     kernel(latent, c1, slots)
     write_kv_cache_reference(latent, c2, slots)
     assert torch.equal(s1.isnan(), s2.isnan()) and torch.equal(s1.nan_to_num(), s2.nan_to_num())
+
+
+def test_batch_checks_run_once_per_step_and_never_go_stale(monkeypatch):
+    """Every layer's attention sees the same metadata: it is read from the device once per step; an in-place
+    change (or new tensors) is checked again."""
+    from swa_rewrite.ops import validation
+
+    calls = []
+    real = validation._check_batch_data
+    monkeypatch.setattr(validation, "_check_batch_data", lambda *a: calls.append(1) or real(*a))
+    b = _batch()
+    q, cache = torch.randn(4, 2, 24), torch.randn(3, 4, 24)
+    for _ in range(4):                                   # four layers of one step
+        _attend(q, cache, b)
+    assert len(calls) == 1
+    b.block_tables[0, 1] = 7                             # corrupted in place after it was checked
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 7 is out of range"):
+        _attend(q, cache, b)
+    _attend(q, cache, _batch())                          # a new step's tensors are checked again
+    assert len(calls) == 3
