@@ -235,3 +235,46 @@ def test_cuda_graph_decode_matches_eager(seed):
                 assert rel_err(a.float().nan_to_num(), b.float().nan_to_num()) < 2e-2, (i, layer)
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
     assert counters["inductor"].get("cudagraph_recorded_non_static_inputs", 0) == 0, dict(counters["inductor"])
+
+
+def test_export_with_dynamic_step_shapes(seed):
+    """One exported program serves every step shape: tokens, requests and block-table width are dynamic."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule(8, [0, 2], 4))
+
+    def inputs(items, max_blocks):
+        b = StepBatch.build(items, 16, max_blocks=max_blocks)
+        m = b.model_inputs()
+        return (b.input_ids, m["positions"], packed_caches(model, Schedule(8, [0, 2], 4)), m["block_tables"],
+                m["cu_seqlens_q"], m["seq_lens_encoder"], m["seq_lens_decoder"], m["batch_id_per_token"],
+                m["slot_mapping"])
+
+    T, B, NB = (torch.export.Dim(n, min=2, max=4096) for n in ("T", "B", "NB"))
+    shapes = ({0: T}, {0: T}, [None] * 4, {0: B, 1: NB}, {0: B + 1}, {0: B}, {0: B}, {0: T}, {0: T})
+    example = inputs([StepItem([1, 2, 3, 4, 5], 0, [0], True), StepItem([7, 8], 3, [1], True)], 2)
+    ep = torch.export.export(swa, example, dynamic_shapes=shapes)
+    other = inputs([StepItem([rng.randrange(256) for _ in range(9)], 0, [0], True),
+                    StepItem([rng.randrange(256)], 20, [1, 2], False),
+                    StepItem([rng.randrange(256) for _ in range(4)], 0, [3, 4, 5], True)], 3)
+    caches = [c.clone() for c in other[2]]
+    with torch.no_grad():
+        got = ep.module()(*other)
+        ref = swa(*other[:2], caches, *other[3:])
+    assert got.shape == (14, TINY.vocab_size)
+    torch.testing.assert_close(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(other[2], caches))
+
+
+def test_the_rewritten_module_compiles_too(seed):
+    """torch.compile of the result of apply(): Dynamo traces the rewritten graph module, fullgraph."""
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(5, [1, 2], 4)
+    swa = apply(model, schedule)
+    items = random_items(random.Random(seed), 16)
+    capture = Capture()
+    with torch.no_grad():
+        got = step(torch.compile(swa, backend=capture, fullgraph=True), packed_caches(model, schedule), items, 16)
+        ref = step(swa, packed_caches(model, schedule), items, 16)
+    torch.testing.assert_close(got, ref)
+    assert op_count(capture.graphs[0], "swa_mla_attention") == {1: 1, 2: 1}
