@@ -161,7 +161,15 @@ class Engine:
         logits = self.model(batch.input_ids, kv_caches=self.kv_caches, logits_indices=logits_indices,
                             **batch.model_inputs()).float()
         self.stats.steps += 1
-        cu = batch.cu_seqlens_q.tolist()
+        cu = [0]
+        for it in items:
+            cu.append(cu[-1] + len(it.tokens))
+        # One device-to-host copy per step: the greedy token of every request (and all logits if kept).
+        if keep_logits:
+            logits = logits.cpu()
+            greedy = logits[torch.tensor(cu[1:]) - 1].argmax(-1).tolist()
+        else:
+            greedy = logits.argmax(-1).tolist()
         for b, (it, r) in enumerate(zip(items, reqs)):
             n = len(it.tokens)
             if it.is_prefill:
@@ -169,11 +177,10 @@ class Engine:
             else:
                 self.stats.decode_tokens += n
             if keep_logits:
-                r.logits.append(logits[cu[b]:cu[b + 1]].cpu())
+                r.logits.append(logits[cu[b]:cu[b + 1]])
             r.num_computed += n
             if not r.in_prefill and not r.done:
-                row = logits[cu[b + 1] - 1] if keep_logits else logits[b]
-                r.tokens.append(int(row.argmax()))
+                r.tokens.append(greedy[b])
             if self.prefix_caching:
                 self._publish_full_blocks(r)
 
