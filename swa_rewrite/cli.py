@@ -56,8 +56,19 @@ def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
     if getattr(args, "hf", None):
         from .models import from_pretrained
 
-        if meta:
-            raise CLIError("--hf loads real weights; this subcommand works from configs only")
+        if meta:   # graph and memory questions need the config only: no weights are read
+            import json
+            import os
+
+            from .models.hf import config_from_hf
+
+            path = os.path.join(args.hf, "config.json")
+            try:
+                with open(path) as f:
+                    config = config_from_hf(json.load(f))
+            except (OSError, json.JSONDecodeError) as e:
+                raise CLIError(f"--hf {args.hf}: cannot read {path}: {e}") from None
+            return MLAModel(config, device="meta", dtype=dtype)
         try:
             return from_pretrained(args.hf, dtype=dtype or torch.float32, device=device)
         except FileNotFoundError as e:

@@ -93,3 +93,23 @@ def test_entry_points_and_help():
     for sub in ("demo", "diff", "memory", "bench"):
         out = subprocess.run([sys.executable, "-m", "swa_rewrite", sub, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--window" in out.stdout, sub
+
+
+def test_diff_and_memory_read_only_the_config_of_a_checkpoint(tmp_path, capsys):
+    """--hf DIR for diff/memory needs config.json only (a 671B checkpoint's weights are never read)."""
+    import json
+
+    cfg = {"model_type": "deepseek_v3", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 96,
+           "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+           "hidden_act": "silu", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run(["diff", "--hf", str(tmp_path), "--swa-layers", "0,2", "--compact"], capsys)
+    assert code == 0, err
+    assert "layer 0: 2 re-targeted" in out and "unchanged layers 1" in out
+    code, out, err = run(["memory", "--hf", str(tmp_path), "--swa-layers", "1", "--plot", ""], capsys)
+    assert code == 0, err
+    assert "288 -> 164" in out      # bf16 [144] -> packed [164] bytes per token
+    code, _, err = run(["diff", "--hf", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "cannot read" in err
