@@ -5,38 +5,22 @@ from the block table. Unwritten cache slots hold NaN, outputs are NaN before the
 runs under the Triton interpreter on CPU (tiny shapes) and on the GPU under ``-m gpu``.
 """
 
-import math
 import os
 
 import pytest
 import torch
 
+from paged_batches import make_batch as make_paged_batch
 from swa_rewrite import ops
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def make_batch(requests, ps, device, num_pad=2):
-    """SPEC §5 metadata for ``requests = [(cached_before, new_tokens), …]``, shuffled physical blocks."""
-    B = len(requests)
-    max_blocks = max(math.ceil((d + n) / ps) for d, n in requests) + 1
-    total = sum(math.ceil((d + n) / ps) for d, n in requests) + 2
-    perm = torch.randperm(total)
-    bt = torch.full((B, max_blocks), -1, dtype=torch.int32)
-    used = 0
-    for b, (d, n) in enumerate(requests):
-        k = math.ceil((d + n) / ps)
-        bt[b, :k] = perm[used:used + k].to(torch.int32)
-        used += k
-    q_lens = torch.tensor([n for _, n in requests])
-    cu = torch.zeros(B + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(q_lens, 0)
-    enc = torch.tensor([n if d == 0 else 0 for d, n in requests], dtype=torch.int32)
-    dec = torch.tensor([d for d, _ in requests], dtype=torch.int32)
-    bid = torch.cat([torch.repeat_interleave(torch.arange(B), q_lens), torch.full((num_pad,), -1)]).to(torch.int32)
-    pos = torch.cat([torch.arange(d, d + n) for d, n in requests] + [torch.full((num_pad,), -1)])
-    meta = (bt, cu, enc, dec, bid)
-    return tuple(m.to(device) for m in meta), pos, bid.long(), total
+    """``(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)`` as a tuple,
+    per-token positions/requests and the number of blocks (see ``paged_batches.make_batch``)."""
+    meta, pos, bid, num_blocks = make_paged_batch(requests, ps, device, num_pad=num_pad, extra_blocks=2)
+    return tuple(meta.values()), pos, bid, num_blocks
 
 
 def make_cache(requests, bt, num_blocks, ps, D, device):
