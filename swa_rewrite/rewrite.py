@@ -21,7 +21,7 @@ import torch.fx
 
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
-from .passes.graph_pass import resolve_overloads
+from .passes.graph_pass import eliminate_dead_code
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,9 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _traced_graph(root: torch.nn.Module) -> torch.fx.Graph:
-    graph = resolve_overloads(_Tracer().trace(root))
-    graph.owning_module = root   # the purity check of dead-code elimination looks modules up here
-    graph.eliminate_dead_code()  # canonical from the start, so before/after graphs compare node for node
+    graph = _Tracer().trace(root)
+    graph.owning_module = root
+    eliminate_dead_code(graph)  # canonical from the start, so before/after graphs compare node for node
     return graph
 
 

@@ -93,14 +93,20 @@ def _is_impure(node: torch.fx.Node) -> bool:
     return node.is_impure() or (node.op == "call_function" and schema is not None and schema.is_mutable)
 
 
-def canonicalize(gm: torch.fx.GraphModule) -> None:
-    """Drop dead nodes and lint. Nodes calling ops with a mutable schema (cache writes) are never dead,
-    whatever this torch version's purity check says (torch 2.11's dropped unresolved packets)."""
-    resolve_overloads(gm.graph)
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """Drop dead nodes. Nodes calling ops with a mutable schema (cache writes) are never dead, whatever this
+    torch version's purity check says (torch 2.11's dropped unresolved packets). The graph needs an owning
+    module (the purity check looks modules up there)."""
+    resolve_overloads(graph)
     try:
-        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        graph.eliminate_dead_code(is_impure_node=_is_impure)
     except TypeError:  # older torch: no custom purity check, rely on the resolved schemas
-        gm.graph.eliminate_dead_code()
+        graph.eliminate_dead_code()
+
+
+def canonicalize(gm: torch.fx.GraphModule) -> None:
+    """Drop dead nodes (see ``eliminate_dead_code``) and lint."""
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
 
 
