@@ -20,8 +20,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed(request):
-    """A fresh seed per test (printed on failure), so inputs are random but a failure can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test (printed on failure), so inputs are random but a failure can be replayed:
+    ``SWA_TEST_SEED=<seed> pytest <test>``."""
+    value = int(os.environ.get("SWA_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(value)
     request.node.user_properties.append(("seed", value))
     return value

@@ -43,6 +43,20 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def assert_fp8_caches_close(a, b, kv_lora_rank):
+    """Two dequantised packed caches ``[.., R+P]`` that hold the same latents up to float32 last-bit noise:
+    every element is within one e4m3 step of the other at its tile's scale (a rounding flip, or a tile
+    whose power-of-two scale flipped), the rope part within one bf16 step, and flips are rare."""
+    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
+    R = kv_lora_rank
+    tile_amax = b[:, :R].abs().unflatten(-1, (R // 128, 128)).amax(-1, keepdim=True)
+    bound_c = 2.0**-3 * torch.maximum(a[:, :R].abs(), b[:, :R].abs()) + 2.0**-8 * tile_amax.expand(-1, -1, 128).flatten(1)
+    bound_rope = 2.0**-7 * torch.maximum(a[:, R:].abs(), b[:, R:].abs())
+    diff = (a - b).abs()
+    assert (diff[:, :R] <= bound_c).all() and (diff[:, R:] <= bound_rope).all()
+    assert (diff > 0).double().mean().item() < 0.02
+
+
 def op_count(graph, name):
     """layer → number of ``swa_rewrite::<name>`` calls in ``graph``."""
     out = {}
@@ -171,10 +185,10 @@ def test_inductor_post_grad_pass(seed):
     assert rel_err(got, ref) < 1e-3
     assert swa_pass.results[-1][1].num_matches == 2
     for i in schedule.swa_layers:
-        # The packed caches agree up to an FP8 rounding flip where Inductor's float32 latents differ in
-        # the last bit from eager ones.
-        a, b = (swa_rewrite.ops.dequantize_fp8_cache(c[i], rope_dim=16).double() for c in (caches, ref_caches))
-        assert ((a - b).norm() / b.norm()).item() < 1e-3
+        # The packed caches agree up to FP8 rounding flips where Inductor's float32 latents differ in the
+        # last bit from eager ones.
+        a, b = (swa_rewrite.ops.dequantize_fp8_cache(c[i], rope_dim=TINY.qk_rope_head_dim) for c in (caches, ref_caches))
+        assert_fp8_caches_close(a, b, TINY.kv_lora_rank)
 
 
 def test_export_keeps_the_swa_op_and_round_trips(seed):
