@@ -15,6 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
+from ..ops.validation import checked_slot_mapping
 from .config import MLAConfig
 from .moe import MoE
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -32,6 +33,8 @@ def cache_device(device: Optional[torch.device | str], like: torch.Tensor) -> to
 
 torch.fx.wrap("select_rows")
 torch.fx.wrap("cache_device")
+# A graph leaf: the rewritten module keeps checking its inputs at run time (Dynamo traces through it).
+torch.fx.wrap("checked_slot_mapping")
 
 
 class RMSNorm(nn.Module):
@@ -203,6 +206,8 @@ class MLAModel(nn.Module):
         Returns:
             logits ``[T or n, vocab]`` in the model dtype.
         """
+        slot_mapping = checked_slot_mapping(positions, slot_mapping, kv_caches[0], block_tables, cu_seqlens_q,
+                                            seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
         cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)
         x = self.embed_tokens(input_ids)
         meta = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, slot_mapping)

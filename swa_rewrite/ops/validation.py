@@ -150,3 +150,48 @@ def _check_batch_data(num_tokens, block_tables, cu_seqlens_q, seq_lens_encoder, 
         i = int((bid != expected).nonzero()[0, 0])
         fail(f"batch_id_per_token[{i}] = {int(bid[i])} does not match cu_seqlens_q (expected {int(expected[i])}; "
              "padding tokens after the last request carry -1)")
+
+
+def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
+                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.Tensor:
+    """``slot_mapping``, after checking a model step's inputs against each other (checked mode only).
+
+    The cache ops see slots only, so they cannot tell a slot of another request from the right one: this
+    check, run once per step before any cache write, requires token ``i`` of request ``b`` to sit at
+    position ``seq_lens_decoder[b] + i`` and to write the slot its block table gives that position (SPEC
+    §5), and padding tokens to write nothing. ``cache`` (any layer's) gives the page size and block count.
+    """
+    if positions.dim() != 1 or slot_mapping.dim() != 1 or positions.shape != slot_mapping.shape:
+        fail(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} must both be [T]")
+    check_index("positions", positions, 1)
+    check_index("slot_mapping", slot_mapping, 1)
+    num_blocks, page_size = cache.shape[0], cache.shape[1]
+    check_batch(positions.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, page_size, num_blocks)
+    if not checks_enabled() or positions.device.type == "meta":
+        return slot_mapping
+    T = positions.shape[0]
+    cu = cu_seqlens_q.long().cpu()
+    n = int(cu[-1]) if cu.numel() else 0
+    pos, slots = positions.long().cpu(), slot_mapping.long().cpu()
+    if n:
+        bid = batch_id_per_token[:n].long().cpu()
+        want_pos = seq_lens_decoder.long().cpu()[bid] + torch.arange(n) - cu[bid]
+        bad = pos[:n] != want_pos
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            fail(f"positions[{t}] = {int(pos[t])}, but token {t} is token {t - int(cu[bid[t]])} of request "
+                 f"{int(bid[t])}, which has {int(seq_lens_decoder[bid[t]])} cached: expected {int(want_pos[t])}")
+        blocks = block_tables.long().cpu()[bid, want_pos // page_size]
+        want_slots = blocks * page_size + want_pos % page_size
+        bad = slots[:n] != want_slots
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            fail(f"slot_mapping[{t}] = {int(slots[t])}, but position {int(want_pos[t])} of request {int(bid[t])} "
+                 f"is slot {int(want_slots[t])} of its block table (page size {page_size})")
+    bad = slots[n:] != -1
+    if bool(bad.any()):
+        t = n + int(bad.nonzero()[0, 0])
+        fail(f"slot_mapping[{t}] = {int(slots[t])} for a padding token (after the last request): must be -1")
+    return slot_mapping

@@ -1,0 +1,81 @@
+"""A model step's positions and slots are checked against its block tables before any cache write: a
+wrong slot raises a ValueError naming it and leaves every cache (every request's data) untouched."""
+
+import random
+
+import pytest
+import torch
+
+from swa_rewrite import Schedule, apply
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.ops.validation import checks_disabled
+from swa_rewrite.runtime import StepBatch, StepItem
+
+TINY = MLAConfig.named("tiny")
+PAGE = 4
+
+
+def raw(t):
+    """The bytes of ``t`` (NaN poison compares equal to itself)."""
+    return t.contiguous().view(torch.uint8).clone()
+
+
+def two_requests(rng):
+    """A chunk over cached history for request 0, a decode for request 1, two padding tokens."""
+    blocks = rng.sample(range(12), 8)
+    items = [StepItem([rng.randrange(256) for _ in range(5)], 6, blocks[:4], True),
+             StepItem([rng.randrange(256)], 9, blocks[4:], False)]
+    return StepBatch.build(items, PAGE, pad_to=8)
+
+
+def filled(model, rewritten, value):
+    caches = (rewritten or model).allocate_kv_cache(12, PAGE)
+    for c in caches:
+        c.fill_(255 if value != value and c.dtype == torch.uint8 else value)    # 0xFF: an FP8 NaN
+    return caches
+
+
+def corrupt(batch, which):
+    inputs = batch.model_inputs()
+    if which == "slot of another request":
+        other = int(batch.block_tables[1, 0]) * PAGE           # request 1's first slot, for request 0's token 2
+        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_fill_(0, torch.tensor([2]), other)
+        return inputs, r"slot_mapping\[2\] = \d+, but position 8 of request 0 is slot \d+ of its block table"
+    if which == "slot off by one":
+        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_add_(0, torch.tensor([5]), torch.tensor([1]))
+        return inputs, r"slot_mapping\[5\] = \d+, but position 9 of request 1"
+    if which == "padding that writes":
+        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_fill_(0, torch.tensor([7]), 3)
+        return inputs, r"slot_mapping\[7\] = 3 for a padding token"
+    if which == "wrong position":
+        inputs["positions"] = inputs["positions"].clone().index_fill_(0, torch.tensor([0]), 5)
+        return inputs, r"positions\[0\] = 5, .* expected 6"
+    raise AssertionError(which)
+
+
+CORRUPTIONS = ["slot of another request", "slot off by one", "padding that writes", "wrong position"]
+
+
+@pytest.mark.parametrize("rewritten", [False, True], ids=["original", "rewritten"])
+@pytest.mark.parametrize("which", CORRUPTIONS)
+def test_bad_step_is_rejected_before_any_write(which, rewritten, seed):
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule(4, [0, 2], TINY.num_layers)) if rewritten else None
+    batch = two_requests(random.Random(seed))
+    caches = filled(model, swa, float("nan"))
+    before = [raw(c) for c in caches]
+    inputs, message = corrupt(batch, which)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        (swa or model)(batch.input_ids, kv_caches=caches, **inputs)
+    assert all(torch.equal(raw(c), b) for c, b in zip(caches, before))
+
+
+def test_consistent_step_passes_and_checks_can_be_turned_off(seed):
+    model = MLAModel(TINY, seed=seed)
+    batch = two_requests(random.Random(seed))
+    with torch.no_grad():
+        logits = model(batch.input_ids, kv_caches=filled(model, None, 0.0), **batch.model_inputs())
+        assert logits.shape == (8, TINY.vocab_size) and torch.isfinite(logits[:6]).all()
+        inputs, _ = corrupt(batch, "slot off by one")
+        with checks_disabled():    # compiled steps and CUDA graphs run unchecked: the caller owns the metadata
+            model(batch.input_ids, kv_caches=filled(model, None, 0.0), **inputs)
