@@ -251,6 +251,7 @@ VARIANTS = {
     "s1": dict(block_n=64, num_stages=1),
     "n32": dict(block_n=32, num_stages=2),
     "n32s3": dict(block_n=32, num_stages=3),
+    "untiled": dict(block_n=64, num_stages=2, block_t=1),   # staged prefill, few heads: one token per program
 }
 
 
@@ -366,10 +367,10 @@ def bench_variants(log, names):
                     stats=st) for s in sets], time_graph)
             del dense
         del cache, sets
-    for S, W in [(4096, 128), (4096, 2048)]:
-        cache, s = prefill_set(S, W, 128)
-        run(f"prefill S={S} W={W}", lambda cfg, st: [ours_swa(cache, s, W, config=cfg, staged=True, stats=st)],
-            time_eager, reps=3)
+    for H, S, W in [(128, 4096, 128), (128, 4096, 2048), (16, 4096, 128), (16, 4096, 2048), (16, 16384, 1024)]:
+        cache, s = prefill_set(S, W, H)
+        run(f"prefill H={H} S={S} W={W}",
+            lambda cfg, st: [ours_swa(cache, s, W, config=cfg, staged=True, stats=st)], time_eager, reps=3)
         del cache, s
     torch.cuda.empty_cache()
 

@@ -114,12 +114,28 @@ def _dequantize_tile(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, 
 
 
 @triton.jit
-def _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale):
-    """One online-softmax step: scores of ``BLOCK_H`` heads against a tile of keys, running max ``m_i``
-    (log2 units), running sum ``l_i`` and unnormalised output ``acc [BLOCK_H, BLOCK_R]`` updated."""
+def _load_queries(row_ptrs, row_mask, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
+    """Query rows at ``row_ptrs [M]``: latent part ``[M, BLOCK_R]`` and rope part ``[M, BLOCK_P]``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_p = tl.arange(0, BLOCK_P)
+    q_lat = tl.load(row_ptrs[:, None] + offs_r[None, :], mask=row_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+    q_pe = tl.load(row_ptrs[:, None] + R + offs_p[None, :], mask=row_mask[:, None] & (offs_p < P)[None, :],
+                   other=0.0)
+    if INTERPRET:
+        q_lat = q_lat.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    return q_lat, q_pe
+
+
+@triton.jit
+def _attend_tile(q_lat, q_pe, kv, pe, allowed, m_i, l_i, acc, qk_scale):
+    """One online-softmax step: scores of the ``M`` query rows against a tile of keys where ``allowed``
+    (``[M or 1, BLOCK_N]``), running max ``m_i`` (log2 units), running sum ``l_i`` and unnormalised output
+    ``acc [M, BLOCK_R]`` updated."""
     s = tl.dot(q_pe, tl.trans(pe))
-    s = tl.dot(q_lat, tl.trans(kv), s)                                      # [BLOCK_H, BLOCK_N]
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    s = tl.dot(q_lat, tl.trans(kv), s)                                      # [M, BLOCK_N]
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -158,8 +174,6 @@ def _mla_attention_fwd_kernel(
     pid_h = pid % n_hb
     pid_s = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     h_mask = offs_h < H
 
@@ -186,13 +200,8 @@ def _mla_attention_fwd_kernel(
     idx_row_ptr = idx_ptr + t * stride_it
     bt_row_ptr = bt_ptr + bb * stride_bt
 
-    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
-    q_lat = tl.load(q_row + offs_r[None, :], mask=h_mask[:, None] & (offs_r < R)[None, :], other=0.0)
-    q_pe = tl.load(q_row + R + offs_p[None, :], mask=h_mask[:, None] & (offs_p < P)[None, :], other=0.0)
-    if INTERPRET:
-        q_lat = q_lat.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
-
+    q_lat, q_pe = _load_queries(q_ptr + t * stride_qt + offs_h * stride_qh, h_mask, R, P, BLOCK_R, BLOCK_P,
+                                INTERPRET)
     m_i = tl.full([BLOCK_H], _M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
@@ -202,21 +211,93 @@ def _mla_attention_fwd_kernel(
         row, valid = _tile_rows(key, kk, k_end, lo, row0, page_size, stride_cb, stride_cr, KEYS)
         raw, sc, pe_raw = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
         kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET)
-        m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, valid[None, :], m_i, l_i, acc, qk_scale)
 
+    _store_rows(out_ptr, lse_ptr, acc, m_i, l_i, pid_s * stride_os + t * stride_ot + offs_h * stride_oh,
+                pid_s * stride_ls + t * stride_lt + offs_h, h_mask, R, BLOCK_R, PARTIAL, INTERPRET)
+
+
+@triton.jit
+def _store_rows(out_ptr, lse_ptr, acc, m_i, l_i, o_row_offs, lse_offs, row_mask, R: tl.constexpr,
+                BLOCK_R: tl.constexpr, PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
+    """Normalise and store ``M`` rows: ``out`` at element offsets ``o_row_offs [M]`` (+ column), natural-log
+    ``lse`` at ``lse_offs [M]``. A row with no key gets ``out = 0`` and ``lse = +inf`` (a partial: ``-inf``,
+    weight 0 in the combine)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * _LN2
     if PARTIAL:
-        lse = tl.where(empty, float("-inf"), lse)       # partial: weight exp(-inf) = 0 in the combine
+        lse = tl.where(empty, float("-inf"), lse)
     else:
-        lse = tl.where(empty, float("inf"), lse)        # final: a row with no key has lse = +inf
+        lse = tl.where(empty, float("inf"), lse)
     if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
         o = _round_to_bf16_grid(o)
-    o_ptrs = out_ptr + pid_s * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_r[None, :]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & (offs_r < R)[None, :])
-    tl.store(lse_ptr + pid_s * stride_ls + t * stride_lt + offs_h, lse, mask=h_mask)
+    offs_r = tl.arange(0, BLOCK_R)
+    tl.store(out_ptr + o_row_offs[:, None] + offs_r[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_r < R)[None, :])
+    tl.store(lse_ptr + lse_offs, lse, mask=row_mask)
+
+
+@triton.jit
+def _staged_tiled_fwd_kernel(
+        q_ptr, stage_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
+        qk_scale, T, H, window, num_splits,
+        stride_qt, stride_qh, stride_sr,
+        stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+        R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
+    """SWA prefill over the staging rows with ``BLOCK_T`` adjacent query tokens × ``BLOCK_H`` heads per
+    program (few heads: a tensor-parallel shard). Adjacent tokens' windows overlap in all but one row, so
+    each key tile loaded serves all ``BLOCK_T`` tokens; row ``m`` of the ``M = BLOCK_T·BLOCK_H`` matrix
+    rows is head ``m % BLOCK_H`` of token ``m // BLOCK_H`` and masks the keys outside its own window.
+    Tokens of a tile may belong to two requests: their staging rows are adjacent, the masks keep them apart."""
+    BLOCK_M: tl.constexpr = BLOCK_T * BLOCK_H
+    pid = tl.program_id(0)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    pid_s = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = (pid // n_hb).to(tl.int64) * BLOCK_T + offs_m // BLOCK_H
+    head = (pid % n_hb) * BLOCK_H + offs_m % BLOCK_H
+    row_mask = (tok < T) & (head < H)
+    tok_c = tl.minimum(tok, T - 1)
+    head_c = tl.minimum(head, H - 1)
+
+    # ---- each row's keys: staging rows [first, first + n_keys) (layout of _stage_windows_kernel)
+    b = tl.load(bid_ptr + tok_c, mask=tok < T, other=-1).to(tl.int64)
+    bb = tl.maximum(b, 0)
+    cu_b = tl.load(cu_ptr + bb).to(tl.int64)
+    dec_b = tl.load(dec_ptr + bb).to(tl.int64)
+    pos = dec_b + tok - cu_b
+    lo = tl.maximum(pos - window + 1, 0)
+    n_keys = tl.where(b >= 0, pos - lo + 1, 0)
+    first = cu_b + bb * (window - 1) - (dec_b - window + 1) + lo
+    end = first + n_keys
+    # The union of the rows' ranges, split evenly in tiles across pid_s.
+    u_lo = tl.min(tl.where(n_keys > 0, first, 2**62))
+    u_hi = tl.max(tl.where(n_keys > 0, end, 0))
+    n_union = tl.maximum(u_hi - u_lo, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(n_union, BLOCK_N), num_splits)
+    k_begin = u_lo + pid_s * tiles_per_split * BLOCK_N
+    k_end = tl.minimum(u_hi, k_begin + tiles_per_split * BLOCK_N)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    q_lat, q_pe = _load_queries(q_ptr + tok_c * stride_qt + head_c * stride_qh, row_mask, R, P, BLOCK_R, BLOCK_P,
+                                INTERPRET)
+    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_N):
+        rr = k0 + offs_n
+        in_tile = rr < k_end
+        raw, sc, pe_raw = _load_tile(stage_ptr, rr * stride_sr, in_tile, R, P, BLOCK_R, BLOCK_P, 1, False)
+        kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, 1, False, INTERPRET)
+        allowed = (rr[None, :] >= first[:, None]) & (rr[None, :] < end[:, None]) & in_tile[None, :]
+        m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, allowed, m_i, l_i, acc, qk_scale)
+
+    _store_rows(out_ptr, lse_ptr, acc, m_i, l_i, pid_s * stride_os + tok_c * stride_ot + head_c * stride_oh,
+                pid_s * stride_ls + tok_c * stride_lt + head_c, row_mask, R, BLOCK_R, PARTIAL, INTERPRET)
 
 
 @triton.jit
@@ -277,10 +358,11 @@ def _stage_windows_kernel(cache_ptr, bt_ptr, cu_ptr, dec_ptr, stage_ptr, window,
         dst = stage_ptr + (cu_b + b * (window - 1) + j)[:, None] * stride_sr
         offs_r = tl.arange(0, BLOCK_R)
         offs_p = tl.arange(0, BLOCK_P)
-        tl.store(dst + offs_r[None, :], lat.to(stage_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_r < R)[None, :])
-        tl.store(dst + R + offs_p[None, :], pe.to(stage_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_p < P)[None, :])
+        # Rows of negative positions are written too, as zeros: the token-tiled kernel loads whole tiles of
+        # the union of its tokens' ranges and masks scores only, so no staging row may hold garbage.
+        rows = (j < n_rows)[:, None]
+        tl.store(dst + offs_r[None, :], lat.to(stage_ptr.dtype.element_ty), mask=rows & (offs_r < R)[None, :])
+        tl.store(dst + R + offs_p[None, :], pe.to(stage_ptr.dtype.element_ty), mask=rows & (offs_p < P)[None, :])
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -301,23 +383,34 @@ def _sm_count(device: torch.device) -> int:
 DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split=2, stage_block_n=32)
 
 
-def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None):
+def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None, keys: int = KEYS_INDICES):
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    block_h = cfg.get("block_h") or (64 if H > 32 else max(16, triton.next_power_of_2(H)))
+    # Few heads (a tensor-parallel shard) on staging rows: tile BLOCK_T adjacent tokens so the matrix
+    # products keep 64 rows and every key tile serves BLOCK_T tokens (``block_t=1`` turns it off).
+    block_t = cfg.get("block_t")
+    if block_t is None:
+        block_t = 64 // triton.next_power_of_2(H) if keys == KEYS_ROWS and H <= 32 else 1
+    if block_t > 1:
+        block_h = cfg.get("block_h") or triton.next_power_of_2(H)
+        if block_t * block_h < 16:
+            raise ValueError(f"block_t * block_h must be >= 16 (the smallest matrix-product tile), got "
+                             f"{block_t} * {block_h}")
+    else:
+        block_h = cfg.get("block_h") or (64 if H > 32 else max(16, triton.next_power_of_2(H)))
     block_n = cfg["block_n"]
-    num_warps = cfg["num_warps"] if block_h == 64 else 4
+    num_warps = cfg["num_warps"] if block_h * block_t == 64 else 4
     if interpreting():
         block_n = min(block_n, 16)
     n_hb = triton.cdiv(H, block_h)
-    tiles = triton.cdiv(max(max_keys, 1), block_n)
-    progs = max(T * n_hb, 1)
+    tiles = triton.cdiv(max(max_keys + block_t - 1, 1), block_n)
+    progs = max(triton.cdiv(T, block_t) * n_hb, 1)
     splits = 1
     if progs < _sm_count(device):
         splits = max(1, min(_sm_count(device) // progs, tiles // cfg["min_tiles_per_split"]))
     if "splits" in cfg:
         splits = cfg["splits"]
-    return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=cfg["num_stages"],
-                n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"])
+    return dict(block_h=block_h, block_t=block_t, block_n=block_n, num_warps=num_warps,
+                num_stages=cfg["num_stages"], n_hb=n_hb, splits=splits, stage_block_n=cfg["stage_block_n"])
 
 
 def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=None, bt=None, cu=None,
@@ -329,7 +422,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    plan = _plan(T, H, max_keys, q.device, config)
+    plan = _plan(T, H, max_keys, q.device, config, keys)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
@@ -347,17 +440,26 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         o_t, l_t = out, lse
         o_strides = (0, out.stride(0), out.stride(1))
         l_strides = (0, lse.stride(0))
-    grid = (T * plan["n_hb"], splits)
+    block_t = plan["block_t"]
+    grid = (triton.cdiv(T, block_t) * plan["n_hb"], splits)
+    common = dict(R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
+                  PARTIAL=splits > 1, INTERPRET=interpreting(), num_warps=plan["num_warps"],
+                  num_stages=plan["num_stages"])
+    if block_t > 1 and keys != KEYS_ROWS:
+        raise ValueError(f"token tiles (block_t = {block_t}) need the staged path")
     if T > 0:
-        compiled = _mla_attention_fwd_kernel[grid](
-            q, cache, idx, bt, cu, dec, bid, o_t, l_t,
-            scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
-            q.stride(0), q.stride(1), stride_cb, stride_cr,
-            idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
-            *o_strides, *l_strides,
-            R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
-            NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, PARTIAL=splits > 1, INTERPRET=interpreting(),
-            num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+        if block_t > 1:
+            compiled = _staged_tiled_fwd_kernel[grid](
+                q, cache, cu, dec, bid, o_t, l_t, scale * _LOG2E, T, H, window, splits,
+                q.stride(0), q.stride(1), stride_cr, *o_strides, *l_strides, BLOCK_T=block_t, **common)
+        else:
+            compiled = _mla_attention_fwd_kernel[grid](
+                q, cache, idx, bt, cu, dec, bid, o_t, l_t,
+                scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
+                q.stride(0), q.stride(1), stride_cb, stride_cr,
+                idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
+                *o_strides, *l_strides,
+                NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, **common)
         if stats is not None:
             stats.update(attention=compiled, plan=plan)
         if splits > 1:

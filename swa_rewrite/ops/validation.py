@@ -171,7 +171,6 @@ def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, ca
                 batch_id_per_token, page_size, num_blocks)
     if not checks_enabled() or positions.device.type == "meta":
         return slot_mapping
-    T = positions.shape[0]
     cu = cu_seqlens_q.long().cpu()
     n = int(cu[-1]) if cu.numel() else 0
     pos, slots = positions.long().cpu(), slot_mapping.long().cpu()

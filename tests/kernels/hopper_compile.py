@@ -3,9 +3,14 @@ kernels' ``run`` replaced by an ahead-of-time ``triton.compile`` for ``GPUTarget
 
 Run as a script (``TRITON_INTERPRET`` must be unset, so the kernels are real ``JITFunction``s); prints one
 line per compiled kernel variant and exits non-zero if any fails. ``test_hopper_compile.py`` runs it.
+``--resources`` adds each variant's registers, spill bytes and shared memory (``ptxas -v`` on the PTX,
+Triton's own report): the compiler's resource report, without a GPU.
 """
 
+import contextlib
+import io
 import os
+import re
 import sys
 import traceback
 
@@ -21,6 +26,10 @@ _PTR = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", to
         torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 compiled, failures = [], []
+RESOURCES = "--resources" in sys.argv
+if RESOURCES:
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"     # a cache hit would skip ptxas and its log
 
 
 def _type(value):
@@ -49,12 +58,22 @@ def aot_run(self, *args, grid, warmup, **kwargs):
     shown = [f"{self.arg_names[i]}={v}" for (i,), v in constexprs.items() if v is not None and v is not False]
     label = f"{self.fn.__name__}({', '.join(shown)})"
     try:
-        kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options=options)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):        # Triton prints its ptxas -v log when asked to
+            kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", 90, 32), options=options)
         assert "cubin" in kernel.asm, "no cubin"
-        compiled.append(label)
+        compiled.append(label + (" " + resources(log.getvalue(), kernel) if RESOURCES else ""))
     except Exception:
         failures.append((label, traceback.format_exc(limit=3)))
+
+
+def resources(report: str, kernel) -> str:
+    """``regs=… spill_stores=… spill_loads=… smem=…`` from the ``ptxas -v`` log Triton printed."""
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return (f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'} "
+            f"spill_loads={spills.group(2) if spills else '?'} smem={kernel.metadata.shared}")
 
 
 JITFunction.run = aot_run
@@ -88,12 +107,15 @@ def main():
         sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=False)     # SWA, walking the block table
         sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=True)      # SWA, staged window union
         sparse_mla.sparse_mla_attention_fwd(q, packed, torch.zeros(T, 1, 128, dtype=torch.int32), 0.1, P)
-    # A tensor-parallel shard with few heads takes smaller head blocks and fewer warps.
-    q16 = torch.zeros(decode.batch_id_per_token.shape[0], 16, D, dtype=torch.bfloat16)
-    sparse_mla.swa_attention_fwd(q16, packed, decode.block_tables, decode.cu_seqlens_q, decode.seq_lens_decoder,
-                                 decode.batch_id_per_token, 0.1, P, 128, staged=False)
+    # A tensor-parallel shard with few heads takes smaller head blocks and fewer warps (decode), or tiles of
+    # adjacent tokens (staged prefill).
+    for b in (decode, prefill):
+        for heads in (16, 1):
+            qh = torch.zeros(b.batch_id_per_token.shape[0], heads, D, dtype=torch.bfloat16)
+            sparse_mla.swa_attention_fwd(qh, packed, b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder,
+                                         b.batch_id_per_token, 0.1, P, 128, staged=b is prefill)
     for label in compiled:
-        print("compiled", label[:160])
+        print("compiled", label[:160] if not RESOURCES else label)
     for label, tb in failures:
         print("FAILED", label[:160], "\n", tb)
     return 1 if failures or not compiled else 0

@@ -219,6 +219,27 @@ def test_swa_kernel_interpreter(seed, window, ps, staged):
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("H", [1, 4, 16])
+@pytest.mark.parametrize("window,ps", [(1, 1), (8, 3), (40, 16)])
+def test_swa_token_tiles_interpreter(seed, H, window, ps):
+    """Few heads: the staged path puts 64/H adjacent tokens in one program; tiles cross request borders
+    (MIXED's first tiles hold tokens of several requests) and end in padding."""
+    _run_swa("cpu", MIXED, window, ps, H=H, staged=True)
+    _run_swa("cpu", [(40, 1), (3, 30), (0, 7)], 35, 4, H=H, staged=True, config={"splits": 3})
+
+
+def test_token_tiles_are_planned_for_few_heads_on_the_staged_path():
+    from swa_rewrite.kernels.sparse_mla import KEYS_INDICES, KEYS_PAGED, KEYS_ROWS, _plan
+    cpu = torch.device("cpu")
+    assert [_plan(4096, H, 128, cpu, None, KEYS_ROWS)["block_t"] for H in (1, 5, 16, 32, 64, 128)] == [64, 8, 4, 2, 1, 1]
+    assert _plan(4096, 16, 128, cpu, None, KEYS_PAGED)["block_t"] == 1
+    assert _plan(4096, 16, 128, cpu, None, KEYS_INDICES)["block_t"] == 1
+    assert _plan(4096, 16, 128, cpu, {"block_t": 1}, KEYS_ROWS)["block_t"] == 1
+    with pytest.raises(ValueError, match="block_t \\* block_h must be >= 16"):
+        _plan(4096, 2, 128, cpu, {"block_t": 4}, KEYS_ROWS)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
 def test_swa_kernel_split_window_interpreter(seed):
     _run_swa("cpu", [(40, 1), (3, 1), (0, 1)], 35, 4, staged=False, config={"splits": 2})
 
@@ -236,6 +257,15 @@ def test_swa_kernel_gpu(seed, window, ps, staged):
 @pytest.mark.parametrize("H", [16, 64])
 def test_swa_op_gpu_heads(seed, H):
     _run_swa("cuda", [(0, 200), (700, 1), (64, 1)], 256, 64, H=H, R=512, P=64, use_op=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [1, 8, 16, 32])
+@pytest.mark.parametrize("window", [1, 128, 1000])
+def test_swa_token_tiles_gpu(seed, H, window):
+    requests = [(0, 300), (1500, 64), (900, 1), (2047, 3), (5, 1), (0, 1)]
+    _run_swa("cuda", requests, window, 53, H=H, R=512, P=64, staged=True)
+    _run_swa("cuda", requests, window, 64, H=H, R=512, P=64, staged=True, config={"splits": 4})
 
 
 @pytest.mark.gpu
