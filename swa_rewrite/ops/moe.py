@@ -27,8 +27,8 @@ def moe_experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         ``[T, H]`` in ``x.dtype``, accumulated in float32.
 
     (token, choice) pairs are sorted by expert so each expert runs one matmul on its rows. Reading the
-    per-expert row counts synchronises with the host once per call; this op is meant for eager execution
-    and tracing, not for CUDA-graph capture.
+    per-expert row counts synchronises with the host once per call (the op's CUDA path,
+    ``moe_experts_grouped``, does not).
     """
     T, k = topk_ids.shape
     E = gate_up_proj.shape[0]
@@ -51,6 +51,37 @@ def moe_experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     return out.to(x.dtype)
 
 
+def moe_experts_grouped(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                        topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """``moe_experts_reference`` without reading anything on the host, so a decode step with MoE layers can
+    be captured in a CUDA graph: the per-expert row counts stay on the device as the group offsets of two
+    grouped matrix products (``torch._grouped_mm``, one group per expert, empty groups allowed)."""
+    T, k = topk_ids.shape
+    E = gate_up_proj.shape[0]
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)                                 # [T*k] pairs by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)                          # end row of each expert
+    token = order // k
+    rows = x.index_select(0, token)                                              # [T*k, H]
+    # Weights as stored ([E, out, in]); the transposed views are the column-major operands grouped GEMMs take.
+    gate, up = torch._grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+    out_rows = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets).float()
+    weights = topk_weights.reshape(-1).index_select(0, order).float()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token, out_rows * weights[:, None])
+    return out.to(x.dtype)
+
+
+def grouped_path_supported(x: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
+    """Whether the op takes ``moe_experts_grouped``: CUDA, bf16 (the grouped GEMM's dtype) and every row
+    16-byte aligned (hidden and intermediate sizes multiples of 8), as the grouped GEMM requires."""
+    I2, H = gate_up_proj.shape[1:]
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and gate_up_proj.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm") and H % 8 == 0 and (I2 // 2) % 8 == 0)
+
+
 def _check_moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights) -> None:
     if x.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
         raise ValueError(f"moe_experts: x must be [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]; got "
@@ -69,8 +100,10 @@ def _check_moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights) -> No
 @torch.library.custom_op("swa_rewrite::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts of a MoE block; see ``moe_experts_reference``."""
+    """Routed experts of a MoE block; see ``moe_experts_reference`` (``moe_experts_grouped`` on CUDA)."""
     _check_moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights)
+    if grouped_path_supported(x, gate_up_proj):
+        return moe_experts_grouped(x, gate_up_proj, down_proj, topk_ids, topk_weights)
     return moe_experts_reference(x, gate_up_proj, down_proj, topk_ids, topk_weights)
 
 

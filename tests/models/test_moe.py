@@ -8,6 +8,7 @@ import torch.fx
 
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.models.moe import MoE, MoERouter, moe_experts_reference
+from swa_rewrite.ops.moe import moe_experts_grouped
 
 H = 32
 
@@ -101,23 +102,75 @@ def test_noaux_tc_bias_only_steers_the_choice(seed):
     torch.testing.assert_close(picked, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("T", [0, 1, 3, 19, 99])
-def test_experts_match_per_token_reference(T, seed):
-    E, I, k = 6, 10, 2
-    x = torch.randn(T, H)
-    gate_up, down = torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5
-    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
-    weights = torch.rand(T, k)
-    got = torch.ops.swa_rewrite.moe_experts(x, gate_up, down, ids, weights)
-    ref = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        for j in range(k):
-            e = ids[t, j].item()   # expert E-1 never receives a token: the empty group must be skipped
+def experts_per_token(x, gate_up, down, ids, weights):
+    """float64, one token and one choice at a time."""
+    I = down.shape[-1]
+    ref = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j].item()
             g, u = gate_up[e, :I].double() @ x[t].double(), gate_up[e, I:].double() @ x[t].double()
             ref[t] += weights[t, j].double() * (down[e].double() @ (torch.nn.functional.silu(g) * u))
+    return ref
+
+
+def random_experts(T, E, I, k, skewed=False):
+    x = torch.randn(T, H)
+    gate_up, down = torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5
+    # Expert E-1 never receives a token (an empty group); ``skewed``: most pairs go to expert 0.
+    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
+    if skewed and T:
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, E - 2, ids[:, 1:])
+    return x, gate_up, down, ids, torch.rand(T, k)
+
+
+@pytest.mark.parametrize("T", [0, 1, 3, 19, 99])
+def test_experts_match_per_token_reference(T, seed):
+    x, gate_up, down, ids, weights = random_experts(T, 6, 10, 2)
+    got = torch.ops.swa_rewrite.moe_experts(x, gate_up, down, ids, weights)
     assert got.shape == (T, H) and got.dtype == x.dtype
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), experts_per_token(x, gate_up, down, ids, weights), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moe_experts_reference(x, gate_up, down, ids.int(), weights), got)
+
+
+@pytest.mark.parametrize("T", [0, 1, 19, 99])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_grouped_experts_match_per_token_reference(T, skewed, seed):
+    """The CUDA path (grouped GEMMs with device-side offsets), run on CPU."""
+    x, gate_up, down, ids, weights = random_experts(T, 6, 16, 3, skewed)
+    got = moe_experts_grouped(x, gate_up, down, ids, weights)
+    assert got.shape == (T, H) and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), experts_per_token(x, gate_up, down, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_experts_read_nothing_on_the_host():
+    """On ``meta`` tensors any host read of data (``.tolist()``, ``.item()``, data-dependent shapes) raises:
+    the grouped path runs there, the loop with its per-expert counts does not."""
+    x, gate_up, down, ids, weights = random_experts(8, 6, 16, 2)
+    meta = [t.to("meta") for t in (x.bfloat16(), gate_up.bfloat16(), down.bfloat16(), ids, weights)]
+    assert moe_experts_grouped(*meta).shape == (8, H)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        moe_experts_reference(*meta)
+
+
+@pytest.mark.gpu
+def test_grouped_experts_capture_in_a_cuda_graph(seed):
+    """bf16 on CUDA takes the grouped path; one captured graph replays new routings correctly."""
+    x, gate_up, down, ids, weights = (t.cuda() for t in random_experts(64, 8, 32, 2))
+    x, gate_up, down = x.bfloat16(), gate_up.bfloat16(), down.bfloat16()
+    op = torch.ops.swa_rewrite.moe_experts
+    op(x, gate_up, down, ids, weights)                              # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(x, gate_up, down, ids, weights)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        ids.copy_(torch.stack([torch.randperm(8, device="cuda")[:2] for _ in range(64)]))
+        weights.copy_(torch.rand_like(weights))
+        graph.replay()
+        ref = moe_experts_reference(x, gate_up, down, ids, weights)
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 1e-2
 
 
 def test_experts_op_rejects_bad_shapes():
