@@ -75,7 +75,9 @@ class Schedule:
     def from_hf_config(cls, config: Any) -> "Schedule":
         """From a Hugging Face config object or dict with ``layer_types`` and ``sliding_window``.
 
-        Without ``layer_types`` (the case for DeepSeek-V3 checkpoints), every layer stays full.
+        Without ``layer_types`` (the case for DeepSeek-V3 checkpoints) every layer stays full, provided the
+        config sets no ``sliding_window`` or turns it off (``use_sliding_window=False``, as Qwen2-style
+        configs do); a window with no ``layer_types`` does not say which layers slide, so it is an error.
         """
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         num_layers = get("num_hidden_layers")
@@ -83,6 +85,10 @@ class Schedule:
         if layer_types is None:
             if num_layers is None:
                 raise ValueError("config has neither layer_types nor num_hidden_layers")
+            if window is not None and get("use_sliding_window", True) is not False:
+                raise ValueError(f"config has sliding_window={window} but no layer_types, so which layers slide "
+                                 "is not stated: build the schedule with Schedule(window, swa_layers, num_layers) "
+                                 "or Schedule.from_layer_types(...)")
             return cls(window or 1, [], num_layers)
         if window is None:
             if SLIDING in layer_types:

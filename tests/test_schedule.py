@@ -29,6 +29,9 @@ def test_layer_types_and_hf_config():
     assert Schedule.from_hf_config(Cfg) == s
     assert Schedule.from_hf_config({"num_hidden_layers": 3}).swa_layers == set()
     assert Schedule.from_hf_config({"layer_types": ["full_attention"] * 2}).swa_layers == set()
+    # Qwen2-style: a window that is switched off.
+    off = {"num_hidden_layers": 3, "sliding_window": 4096, "use_sliding_window": False}
+    assert Schedule.from_hf_config(off).swa_layers == set()
 
 
 @pytest.mark.parametrize("make,exc,match", [
@@ -41,6 +44,8 @@ def test_layer_types_and_hf_config():
     (lambda: Schedule.from_skip_freq(0, 4, 8), ValueError, "window_attn_skip_freq must be >= 1, got 0"),
     (lambda: Schedule.from_layer_types(["full_attention", "local"], 8), ValueError, r"layer_types\[1\] = 'local'"),
     (lambda: Schedule.from_hf_config({"layer_types": ["sliding_attention"]}), ValueError, "no sliding_window"),
+    (lambda: Schedule.from_hf_config({"num_hidden_layers": 2, "sliding_window": 64}), ValueError,
+     "sliding_window=64 but no layer_types"),
     (lambda: Schedule.from_hf_config({"layer_types": ["full_attention"], "sliding_window": 4,
                                       "num_hidden_layers": 2}), ValueError, "1 entries for num_hidden_layers=2"),
 ])

@@ -151,7 +151,7 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
     grid = (triton.cdiv(T, block_t),)
     _write_fp8_cache_kernel[grid](
-        latent, cache, slot_mapping, T, num_blocks * ps, ps,
+        latent, cache, slot_mapping.contiguous(), T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
         R=R, P=rope_dim, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
         BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)

@@ -489,7 +489,7 @@ def sparse_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, indices: torc
     at ``indices [T, 1, K]`` (slots, ``-1`` skipped) → ``out [T, H, R]`` bf16, ``lse [T, H]`` fp32."""
     R = q.shape[-1] - rope_dim
     out, lse = _outputs(q, R, out)
-    idx = indices.reshape(indices.shape[0], -1)
+    idx = indices.reshape(indices.shape[0], indices.shape[-1])
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
     return _launch(q, cache, out, lse, keys=KEYS_INDICES, fp8=True, scale=scale, rope_dim=rope_dim,

@@ -103,7 +103,7 @@ def sparse_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, indices
     R = D - rope_dim
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     flat = cache.reshape(-1, cache.shape[-1])                                 # [slots, bytes]
-    idx = indices.reshape(T, -1).long()                                       # [T, K]
+    idx = indices.reshape(T, indices.shape[-1]).long()                        # [T, K]
     step = max(1, _GATHER_BUDGET // max(1, idx.shape[1] * D))
     outs, lses = [], []
     for t0 in range(0, T, step):
@@ -125,6 +125,9 @@ def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tabl
     to positions ``max(0, p-W+1) … p`` of its request (SPEC §3). ``swa_indexer`` + sparse attention."""
     from .swa_indexer import swa_indexer_reference   # lazy: swa_indexer imports this module
 
+    # No position reaches past the block tables: with a window far beyond them (a Hugging Face window of
+    # 128K over short requests) the leading entries would all be -1, so index only what the tables hold.
+    window = max(1, min(window, block_tables.shape[1] * cache.shape[1]))
     indices, _ = swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
                                        window, cache.shape[1])
     return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)

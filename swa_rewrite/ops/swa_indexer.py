@@ -18,8 +18,6 @@ import torch
 from .attention import token_positions
 from .validation import check_batch, fail
 
-# The indexer sees no cache, so block ids are checked only for being >= 0 (and < 2^31, the int32 slots).
-_MAX_BLOCKS = 2**31 - 1
 
 
 def swa_indexer_reference(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -48,8 +46,9 @@ def _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decode
                    window, page_size, data=True):
     if window < 1:
         fail(f"window must be >= 1, got {window}")
+    # The indexer sees no cache: block ids are only required to give slots that fit the int32 output.
     check_batch(batch_id_per_token.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, page_size, _MAX_BLOCKS, data=data)
+                batch_id_per_token, page_size, 2**31 // page_size if page_size >= 1 else 1, data=data)
 
 
 def _empty_outputs(batch_id_per_token: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import weakref
 
 import torch
 
@@ -102,29 +101,31 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
         fail(f"batch_id_per_token has {batch_id_per_token.shape[0]} entries for {num_tokens} tokens")
     if page_size < 1:
         fail(f"page_size must be >= 1, got {page_size}")
-    if not (data and checks_enabled()) or block_tables.device.type == "meta" or B == 0:
+    devices = {t.device for t in (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)}
+    if len(devices) > 1:
+        fail(f"the step's metadata tensors must be on one device, got {sorted(map(str, devices))}")
+    if not (data and checks_enabled()) or block_tables.device.type == "meta":
         return
-    # Every attention op of a step sees the same metadata tensors: read them from the device once per step.
+    # One device-to-host copy per call. Every attention op of a step sees the same metadata, so content
+    # already validated is only compared (by content, not identity: a buffer refilled in place, by numpy,
+    # DLPack or a kernel, without torch seeing the write, is validated again).
     tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
-    key = (num_tokens, page_size, num_blocks) + tuple(t._version for t in tensors)
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).cpu()
+    key = (num_tokens, page_size, num_blocks, tuple(block_tables.shape))
     last = getattr(_state, "last_batch", None)
-    if last is not None and last[0] == key and all(r() is t for r, t in zip(last[1], tensors)):
+    if last is not None and last[0] == key and torch.equal(last[1], flat):
         return
-    _check_batch_data(num_tokens, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                      batch_id_per_token, page_size, num_blocks)
-    # Weak references: a tensor that died cannot be mistaken for a new one at the same address.
-    _state.last_batch = (key, tuple(weakref.ref(t) for t in tensors))
+    host = flat.split([t.numel() for t in tensors])
+    _check_batch_data(num_tokens, host[0].view(block_tables.shape), *host[1:], page_size, num_blocks)
+    _state.last_batch = (key, flat)
 
 
-def _check_batch_data(num_tokens, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                      batch_id_per_token, page_size, num_blocks) -> None:
-    B = block_tables.shape[0]
-    cu = cu_seqlens_q.long().cpu()
+def _check_batch_data(num_tokens, bt, cu, enc, dec, bid, page_size, num_blocks) -> None:
+    """The checks of ``check_batch`` on host int64 copies of the metadata."""
+    B = bt.shape[0]
     q_lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or bool((q_lens < 0).any()) or int(cu[-1]) > num_tokens:
         fail(f"cu_seqlens_q must start at 0, not decrease and end at <= {num_tokens} tokens, got {cu.tolist()}")
-    enc = seq_lens_encoder.long().cpu()
-    dec = seq_lens_decoder.long().cpu()
     if bool((dec < 0).any()) or bool((enc < 0).any()):
         fail("seq_lens_encoder and seq_lens_decoder must be >= 0")
     bad = (enc > 0) & (enc != q_lens)
@@ -132,18 +133,16 @@ def _check_batch_data(num_tokens, block_tables, cu_seqlens_q, seq_lens_encoder, 
         b = int(bad.nonzero()[0, 0])
         fail(f"request {b}: seq_lens_encoder = {int(enc[b])} but cu_seqlens_q gives it {int(q_lens[b])} tokens")
     ends = dec + q_lens
-    capacity = block_tables.shape[1] * page_size
+    capacity = bt.shape[1] * page_size
     if bool((ends > capacity).any()):
         b = int((ends > capacity).nonzero()[0, 0])
         fail(f"request {b} reaches position {int(ends[b]) - 1} but its block table holds {capacity} positions "
-             f"({block_tables.shape[1]} blocks of {page_size})")
-    bt = block_tables.long().cpu()
-    used = torch.arange(block_tables.shape[1])[None, :] < ((ends + page_size - 1) // page_size)[:, None]
+             f"({bt.shape[1]} blocks of {page_size})")
+    used = torch.arange(bt.shape[1])[None, :] < ((ends + page_size - 1) // page_size)[:, None]
     bad = used & ((bt < 0) | (bt >= num_blocks))
     if bool(bad.any()):
         b, i = (int(v) for v in bad.nonzero()[0])
         fail(f"block_tables[{b}, {i}] = {int(bt[b, i])} is out of range [0, {num_blocks})")
-    bid = batch_id_per_token.long().cpu()
     expected = torch.full((num_tokens,), -1, dtype=torch.long)
     expected[: int(cu[-1])] = torch.repeat_interleave(torch.arange(B), q_lens)
     if not torch.equal(bid, expected):

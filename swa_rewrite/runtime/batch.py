@@ -46,6 +46,8 @@ class StepBatch:
         width = max([len(it.block_table) for it in items] + [max_blocks or 0, 1])
         table = torch.full((len(items), width), -1, dtype=torch.int32)
         for b, it in enumerate(items):
+            if it.num_cached < 0:
+                raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
             end = it.num_cached + len(it.tokens)
             if end > len(it.block_table) * page_size:
                 raise ValueError(f"request {b} reaches position {end - 1} but has {len(it.block_table)} "

@@ -55,6 +55,8 @@ class BlockManager:
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks, each with one reference."""
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if n > self.num_free:
             raise OutOfBlocksError(f"need {n} blocks, {self.num_free} free of {self.num_blocks}")
         out = []

@@ -167,6 +167,23 @@ def test_write_kernel_bytes_equal_reference(seed, device, dtype, R, P, ps, T, pa
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_write_kernel_with_a_strided_slot_view(seed, device):
+    """``slot_mapping`` may be a view with a stride (e.g. a column of a metadata matrix)."""
+    R, P, ps, T = 128, 16, 4, 6
+    nbytes = fp8_cache_bytes(R, P)
+    _, cache = poisoned_cache(4, ps, nbytes, device=device)
+    both = torch.randperm(16, device=device)[:2 * T].view(T, 2)
+    slots = both[:, 0]
+    assert not slots.is_contiguous()
+    x = random_latent(T, R, P, device=device)
+    _kernels().write_fp8_cache(x, cache, slots, rope_dim=P)
+    assert torch.equal(cache.cpu().reshape(-1, nbytes)[slots.cpu()], quantize_fp8_reference(x.cpu(), P))
+    unwritten = torch.ones(16, dtype=torch.bool)
+    unwritten[slots.cpu()] = False
+    assert (cache.cpu().reshape(-1, nbytes)[unwritten] == POISON).all()
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_soft_and_hardware_conversions_agree_with_reference(seed, device):
     """Both float32 -> fp8/bf16 paths of the kernel (integer rounding, ``cvt`` on GPU) are bit-exact."""
     R, P, T = 256, 64, 64

@@ -94,3 +94,97 @@ def test_strided_metadata_views_on_cuda(seed):
     got = ops.swa_mla_attention(q, packed, strided, *args, rope_dim=64, window=8)
     ref = ops.swa_mla_attention(q, packed, b.block_tables, *args, rope_dim=64, window=8)
     assert torch.equal(got[0], ref[0])
+
+
+# ------------------------------------------------------------------- found in review (second session)
+def test_steps_with_no_token():
+    """T = 0 (an idle data-parallel rank): every attention op returns empty outputs."""
+    packed = torch.zeros(2, 16, fp8_cache_bytes(R, P), dtype=torch.uint8)
+    q = torch.randn(0, H, D)
+    out, lse = ops.sparse_mla_attention(q, packed, torch.zeros(0, 1, 8, **I32), 0.1, rope_dim=P)
+    assert out.shape == (0, H, R) and lse.shape == (0, H)
+    for bt, cu, enc, dec, bid in (empty_step(0), (torch.zeros(1, 2, **I32), torch.zeros(2, **I32),
+                                                  torch.zeros(1, **I32), torch.tensor([5], **I32),
+                                                  torch.zeros(0, **I32))):
+        out, lse = ops.swa_mla_attention(q, packed, bt, cu, enc, dec, bid, 0.1, rope_dim=P, window=4)
+        assert out.shape == (0, H, R) and lse.shape == (0, H)
+    out, lse = _sparse_kernel_launch(q.to(torch.bfloat16), packed, torch.zeros(0, 1, 8, **I32))
+    assert out.shape == (0, H, R)
+
+
+def _sparse_kernel_launch(q, cache, idx):
+    from swa_rewrite.kernels.sparse_mla import sparse_mla_attention_fwd
+    return sparse_mla_attention_fwd(q, cache, idx, 0.1, P)
+
+
+def test_checks_work_in_inference_mode():
+    """Tensors made under ``torch.inference_mode`` have no version counter; the checks must not need one."""
+    b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
+    with torch.inference_mode():
+        bt = b.block_tables.clone()
+        args = (b.cu_seqlens_q.clone(), b.seq_lens_encoder.clone(), b.seq_lens_decoder.clone(),
+                b.batch_id_per_token.clone(), 0.1)
+        out, _ = ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), bt, *args, rope_dim=P)
+        assert out.shape == (3, H, R)
+        bt[0, 0] = 9
+        with pytest.raises(ValueError, match=r"block_tables\[0, 0\] = 9 is out of range \[0, 2\)"):
+            ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), bt, *args, rope_dim=P)
+
+
+def test_metadata_refilled_behind_torchs_back_is_checked_again():
+    """A buffer rewritten without a version bump (numpy view, DLPack, a kernel) is validated again: the
+    per-step check memory is keyed on content, not on tensor identity."""
+    b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
+    args = (b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token, 0.1)
+    cache, bt = torch.randn(2, 16, D), b.block_tables.clone()
+    ops.paged_mla_attention(torch.randn(3, H, D), cache, bt, *args, rope_dim=P)
+    version = bt._version
+    bt.numpy()[0, 0] = 1000
+    assert bt._version == version
+    with pytest.raises(ValueError, match=r"block_tables\[0, 0\] = 1000 is out of range \[0, 2\)"):
+        ops.paged_mla_attention(torch.randn(3, H, D), cache, bt, *args, rope_dim=P)
+
+
+def test_a_step_with_no_request_still_checks_its_tokens():
+    bt, cu, enc, dec, bid = empty_step(2)
+    q, cache = torch.randn(2, H, D), torch.randn(2, 16, D)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must start at 0.*got \[2\]"):
+        ops.paged_mla_attention(q, cache, bt, torch.tensor([2], **I32), enc, dec, bid, 0.1, rope_dim=P)
+    with pytest.raises(ValueError, match=r"batch_id_per_token\[0\] = 0 does not match"):
+        ops.paged_mla_attention(q, cache, bt, cu, enc, dec, torch.zeros(2, **I32), 0.1, rope_dim=P)
+
+
+def test_metadata_on_two_devices_is_rejected():
+    b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
+    with pytest.raises(ValueError, match="metadata tensors must be on one device"):
+        ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), b.block_tables,
+                                b.cu_seqlens_q.to("meta"), b.seq_lens_encoder, b.seq_lens_decoder,
+                                b.batch_id_per_token, 0.1, rope_dim=P)
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 53])
+def test_indexer_rejects_blocks_whose_slots_overflow_int32(page_size):
+    limit = 2**31 // page_size
+    bt = torch.tensor([[limit - 1]], **I32)
+    meta = (torch.tensor([0, 1], **I32), torch.tensor([1], **I32), torch.tensor([0], **I32), torch.zeros(1, **I32))
+    idx = ops.swa_indexer(bt, *meta, window=1, page_size=page_size)
+    assert int(idx[0, 0, 0]) == (limit - 1) * page_size          # the largest slot that fits
+    with pytest.raises(ValueError, match=rf"block_tables\[0, 0\] = {limit} is out of range \[0, {limit}\)"):
+        ops.swa_indexer(torch.tensor([[limit]]), *meta, window=1, page_size=page_size)   # int64 table
+
+
+def test_window_far_beyond_the_context_on_cpu(seed):
+    """A Hugging Face-sized window (128K) over a short prompt: same result as W = context, without
+    materialising T × 128K indices."""
+    b = StepBatch.build([StepItem(list(range(40)), 0, [3, 1, 0], True), StepItem([7], 20, [2, 4], False)], 16)
+    cache = torch.full((5, 16, fp8_cache_bytes(R, P)), 255, dtype=torch.uint8)
+    ops.write_fp8_cache(torch.randn(41, D), cache, b.slot_mapping, rope_dim=P)
+    history = [2 * 16 + p for p in range(16)] + [4 * 16 + p for p in range(4)]      # request 1's 20 cached
+    cache.view(-1, cache.shape[-1])[history] = 0                                     # zero latents
+    m = b.model_inputs()
+    args = (m["block_tables"], m["cu_seqlens_q"], m["seq_lens_encoder"], m["seq_lens_decoder"],
+            m["batch_id_per_token"], 0.1)
+    q = torch.randn(41, H, D)
+    huge = ops.swa_mla_attention(q, cache, *args, rope_dim=P, window=131072)
+    exact = ops.swa_mla_attention(q, cache, *args, rope_dim=P, window=41)
+    torch.testing.assert_close(huge, exact, rtol=1e-6, atol=1e-6)

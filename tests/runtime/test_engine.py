@@ -90,6 +90,8 @@ def test_block_manager_refcounts_and_eviction():
         bm.allocate(1)
     with pytest.raises(ValueError, match="freed more often"):
         BlockManager(1, 1).free([0])
+    with pytest.raises(ValueError, match=r"negative number of blocks \(-1\)"):
+        BlockManager(1, 1).allocate(-1)
 
 
 def test_step_batch_layout():
@@ -104,3 +106,5 @@ def test_step_batch_layout():
     assert b.block_tables.tolist() == [[3, 1, -1, -1], [0, -1, -1, -1]]
     with pytest.raises(ValueError, match="request 0 reaches position 10 but has 2 blocks of 5"):
         StepBatch.build([StepItem([1], 10, [0, 1], False)], 5)
+    with pytest.raises(ValueError, match="request 1: num_cached must be >= 0, got -2"):
+        StepBatch.build([StepItem([1], 0, [0], True), StepItem([1], -2, [1], False)], 5)
