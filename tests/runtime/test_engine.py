@@ -29,6 +29,16 @@ def test_greedy_generation_matches_dense(page_size, budget, seed):
     assert engine.stats.steps > 0 and engine.stats.decode_tokens == 3 * 5
 
 
+def test_generation_under_inference_mode(seed):
+    """Engines usually run under ``torch.inference_mode()``; the checked ops must work there too."""
+    rng = random.Random(seed)
+    model = MLAModel(MLAConfig.named("tiny"), seed=seed)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in (9, 3)]
+    with torch.inference_mode():
+        got = poison(Engine(model, num_blocks=16, page_size=4, max_tokens_per_step=8)).generate(prompts, 4)
+    assert got == [dense_greedy(model, p, 4) for p in prompts]
+
+
 def test_prefix_reuse_shares_blocks(seed):
     rng = random.Random(seed)
     model = MLAModel(MLAConfig.named("tiny"), seed=seed)
