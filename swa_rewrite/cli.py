@@ -56,6 +56,9 @@ def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
     if getattr(args, "hf", None):
         from .models import from_pretrained
 
+        if getattr(args, "layers", None):
+            raise CLIError("--layers applies to --config models; a checkpoint's layer count comes from its config")
+
         if meta:   # graph and memory questions need the config only: no weights are read
             import json
             import os
@@ -68,10 +71,12 @@ def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
                     config = config_from_hf(json.load(f))
             except (OSError, json.JSONDecodeError) as e:
                 raise CLIError(f"--hf {args.hf}: cannot read {path}: {e}") from None
+            except ValueError as e:       # not a DeepSeek-V2/V3 config, or one we do not support
+                raise CLIError(f"--hf {args.hf}: {e}") from None
             return MLAModel(config, device="meta", dtype=dtype)
         try:
             return from_pretrained(args.hf, dtype=dtype or torch.float32, device=device)
-        except FileNotFoundError as e:
+        except (OSError, ValueError) as e:    # missing files, unsupported config, tensors that do not match
             raise CLIError(f"--hf {args.hf}: {e}") from None
     config = MLAConfig.named(args.config)
     if args.layers:
@@ -128,7 +133,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, m in (("original", model), ("rewritten", swa), ("fp8-only", fp8_only)):
         engine = Engine(m, **kw)
         t0 = time.perf_counter()
-        tokens = engine.generate(prompts, args.max_new_tokens)
+        try:
+            tokens = engine.generate(prompts, args.max_new_tokens)
+        except ValueError as e:           # e.g. a prompt that needs more blocks than --num-blocks
+            raise CLIError(f"{e} (see --num-blocks, --page-size, --max-tokens-per-step)") from None
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -223,8 +231,12 @@ def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, titl
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as e:
+        raise CLIError(f"--plot {path}: cannot write the image: {e}") from None
+    finally:
+        plt.close(fig)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:

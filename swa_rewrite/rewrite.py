@@ -29,20 +29,57 @@ log = logging.getLogger(__name__)
 DEFAULT_REPORT_TOKENS = 128 * 1024
 
 
+# SWAModule state beyond the forward graph (kept in __dict__: none of it is a submodule or a parameter).
+_SWA_STATE = ("_swa_allocation", "_swa_allocation_inputs", "swa_schedule", "swa_report", "config")
+
+
 class SWAModule(torch.fx.GraphModule):
     """The rewritten model: a drop-in replacement with the same ``forward`` signature and shared parameters.
 
     ``allocate_kv_cache(num_blocks, page_size, device=None)`` runs the rewritten allocation graph (packed
-    ``uint8`` caches for SWA layers). ``swa_schedule`` and ``swa_report`` describe the rewrite.
+    ``uint8`` caches for SWA layers) on this module's current weights, so it follows ``to()``,
+    ``to_empty()`` and ``load_state_dict(..., assign=True)``. ``swa_schedule`` and ``swa_report`` describe
+    the rewrite. The module deep-copies and pickles (``torch.save``) with all of it.
     """
 
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
-        return self._swa_allocation(num_blocks, page_size, device)
+        return self._swa_allocation(*_fetch_attrs(self, self._swa_allocation_inputs), num_blocks, page_size, device)
 
     @property
     def num_layers(self) -> int:
         return self.swa_schedule.num_layers
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)      # keeps the class, not attributes the graph does not use
+        copied.__class__.__name__ = type(self).__name__
+        for name in _SWA_STATE:
+            if name in self.__dict__:
+                copied.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
+        return copied
+
+    def __reduce__(self):
+        state = {name: self.__dict__[name] for name in _SWA_STATE if name in self.__dict__}
+        return _rebuild_swa_module, (super().__reduce__(), state)
+
+
+def _rebuild_swa_module(graph_module_reduce, state) -> SWAModule:
+    """Unpickle: GraphModule's own reconstruction (code and tensors), then the SWAModule class and state."""
+    rebuild, args = graph_module_reduce[:2]
+    plain = rebuild(*args)
+    module = _graph_module(plain, plain.graph, "SWAModule", SWAModule)
+    module.__dict__.update(state)
+    return module
+
+
+def _fetch_attrs(root: torch.nn.Module, targets: list[str]) -> list:
+    out = []
+    for target in targets:
+        obj = root
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        out.append(obj)
+    return out
 
 
 class _AllocateCaches(torch.nn.Module):
@@ -95,8 +132,26 @@ class _Tracer(torch.fx.Tracer):
 def _traced_graph(root: torch.nn.Module) -> torch.fx.Graph:
     graph = _Tracer().trace(root)
     graph.owning_module = root
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None    # a string annotation (postponed evaluation) breaks pickling the module's code
     eliminate_dead_code(graph)  # canonical from the start, so before/after graphs compare node for node
     return graph
+
+
+def _allocation_without_attributes(graph: torch.fx.Graph) -> tuple[torch.fx.GraphModule, list[str]]:
+    """The traced allocation with each attribute read (the model weight whose dtype and device the caches
+    take) turned into a leading input: a parameter-free module, run against the live model's attributes."""
+    first = next(iter(graph.nodes))
+    targets = []
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        with graph.inserting_before(first):
+            placeholder = graph.placeholder(node.name + "_input")
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        targets.append(node.target.removeprefix("model."))    # relative to the model, not _AllocateCaches
+    graph.owning_module = None
+    return _graph_module(torch.nn.Module(), graph, "AllocateKVCache"), targets
 
 
 def trace(model: torch.nn.Module) -> TracedModel:
@@ -105,9 +160,8 @@ def trace(model: torch.nn.Module) -> TracedModel:
         raise RewriteError(f"{type(model).__name__} has no allocate_kv_cache(num_blocks, page_size, device): the "
                            "rewrite needs the cache allocation to change the selected layers' cache layout")
     forward = _graph_module(model, _traced_graph(model), "SWAModule", SWAModule)
-    alloc_root = _AllocateCaches(model)
-    allocation = _graph_module(alloc_root, _traced_graph(alloc_root), "AllocateKVCache")
-    return TracedModel(forward, allocation)
+    allocation, inputs = _allocation_without_attributes(_traced_graph(_AllocateCaches(model)))
+    return TracedModel(forward, allocation, allocation_inputs=inputs)
 
 
 @dataclasses.dataclass
@@ -161,8 +215,8 @@ class RewriteReport:
         return self.render()
 
 
-def _cache_layout(allocation: torch.fx.GraphModule) -> list[tuple[torch.dtype, int]]:
-    caches = allocation(1, 1, "meta")
+def _cache_layout(traced: TracedModel, model: torch.nn.Module) -> list[tuple[torch.dtype, int]]:
+    caches = traced.allocation(*_fetch_attrs(model, traced.allocation_inputs), 1, 1, "meta")
     return [(c.dtype, c.shape[-1]) for c in caches]
 
 
@@ -185,13 +239,13 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     t0 = time.perf_counter()
     if isinstance(model, SWAModule):
         traced = TracedModel(_graph_module(model, copy.deepcopy(model.graph), "SWAModule", SWAModule),
-                             _graph_module(model._swa_allocation, copy.deepcopy(model._swa_allocation.graph),
-                                           "AllocateKVCache"))
+                             copy.deepcopy(model._swa_allocation),
+                             allocation_inputs=list(model._swa_allocation_inputs))
         config = getattr(model, "config", None)
     else:
         traced = trace(model)
         config = getattr(model, "config", None)
-    layout_before = _cache_layout(traced.allocation)
+    layout_before = _cache_layout(traced, model)
     find = FindMLAAttentionPass(registry)
     results = [find(traced)]
     num_layers = getattr(config, "num_hidden_layers", None) or len(layout_before)
@@ -200,13 +254,14 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     kinds_before = {layer: _kind(site) for layer, site in traced.sites.items()}
     manager = PassManager([ReplaceAttentionPass(schedule), PackCacheAllocationPass(schedule)])
     results += manager(traced)
-    layout_after = _cache_layout(traced.allocation)
+    layout_after = _cache_layout(traced, model)
     rows = [LayerRow(layer, kinds_before[layer], _kind(site),
                      schedule.window if schedule.is_swa(layer) else None,
                      layout_before[layer], layout_after[layer])
             for layer, site in sorted(traced.sites.items())]
     out = traced.forward
-    out.__dict__["_swa_allocation"] = traced.allocation  # not a submodule: its parameters are already ours
+    out.__dict__["_swa_allocation"] = traced.allocation  # parameter-free; not a submodule
+    out.__dict__["_swa_allocation_inputs"] = traced.allocation_inputs
     out.config = config
     out.swa_schedule = schedule
     out.swa_report = RewriteReport(schedule, rows, results, time.perf_counter() - t0,

@@ -185,7 +185,15 @@ class _TensorSource:
         t = self._read(name)
         if name in self._scales:
             t = self._dequantize(name, t)
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointMismatchError(f"{name} is stored in {t.dtype} but the checkpoint has no "
+                                          f"{name}_scale_inv to dequantise it with")
         return t.to(dtype)
+
+    def orphan_scales(self) -> list[str]:
+        """``*.weight_scale_inv`` tensors whose weight is not in the checkpoint."""
+        names = set(self.names)
+        return sorted(n + "_scale_inv" for n in self._scales if n not in names)
 
     def _dequantize(self, name: str, w: torch.Tensor) -> torch.Tensor:
         s = self._read(name + "_scale_inv").float()
@@ -241,7 +249,8 @@ def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -
 
     for key, target in model.state_dict(keep_vars=True).items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
-            used.add(key)  # tied to embed_tokens.weight; a checkpoint may or may not repeat it
+            if key in available:    # tied to embed_tokens.weight; a checkpoint may repeat it (shape-checked)
+                fetch(key, tuple(target.shape), target.dtype)
             continue
         stacked = _EXPERT_STACK.fullmatch(key)
         if stacked and key not in available:
@@ -251,7 +260,7 @@ def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -
         if t is not None:
             target.data.copy_(t)
 
-    unexpected = sorted(available[k] for k in set(available) - used)
+    unexpected = sorted(available[k] for k in set(available) - used) + source.orphan_scales()
     if missing or unexpected or misshaped:
         parts = [f"{title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
                  for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))

@@ -35,6 +35,9 @@ class TracedModel:
     forward: Optional[torch.fx.GraphModule]
     allocation: Optional[torch.fx.GraphModule] = None
     sites: dict[int, Any] = dataclasses.field(default_factory=dict)
+    # The allocation graph holds no parameters: its leading inputs are these attributes of the model
+    # (e.g. ``lm_head.weight``, whose dtype and device the caches take), read at call time.
+    allocation_inputs: list[str] = dataclasses.field(default_factory=list)
 
     def graphs(self) -> list[torch.fx.Graph]:
         return [gm.graph for gm in (self.forward, self.allocation) if gm is not None]

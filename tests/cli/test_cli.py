@@ -77,6 +77,9 @@ def test_bench_fails_clearly_without_cuda(capsys):
     (["diff", "--swa-layers", "7"], "layer index 7 is out of range for 4 layers"),
     (["diff", "--skip-freq-list", "1,0"], "2 entries for a model of 4 layers"),
     (["demo", "--config", "huge"], "invalid choice: 'huge'"),
+    (["demo", "--cpu", "--num-blocks", "2", "--layers", "2"], "needs 4 blocks of 16 positions, the cache has 2"),
+    (["memory", "--plot", "/nonexistent-dir/x.png"], "--plot /nonexistent-dir/x.png: cannot write the image"),
+    (["diff", "--hf", "/nonexistent-dir", "--layers", "3"], "--layers applies to --config models"),
 ])
 def test_bad_arguments_get_clear_messages(argv, message, capsys):
     try:
@@ -113,3 +116,12 @@ def test_diff_and_memory_read_only_the_config_of_a_checkpoint(tmp_path, capsys):
     assert "288 -> 164" in out      # bf16 [144] -> packed [164] bytes per token
     code, _, err = run(["diff", "--hf", str(tmp_path / "missing")], capsys)
     assert code == 2 and "cannot read" in err
+
+
+@pytest.mark.parametrize("sub", ["diff", "memory", "demo"])
+def test_a_checkpoint_that_is_not_deepseek_gets_a_clear_message(sub, tmp_path, capsys):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    code, _, err = run([sub, "--hf", str(tmp_path)] + (["--plot", ""] if sub == "memory" else []), capsys)
+    assert code == 2 and "not a DeepSeek-V2/V3 config" in err

@@ -211,6 +211,11 @@ def _edit_config(path, **changes):
     (lambda t: t.update({"model.norm.weight": torch.ones(65)}), r"mis-shaped \(1\): model\.norm\.weight: \(65,\)"),
     (lambda t: t.update({"model.layers.2.mlp.gate.weight": torch.zeros(8, 63)}),
      r"mis-shaped \(1\).*mlp\.gate\.weight"),
+    (lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight":
+                         t["model.layers.0.self_attn.kv_b_proj.weight"].to(torch.float8_e4m3fn)}),
+     r"kv_b_proj\.weight is stored in torch\.float8_e4m3fn but the checkpoint has no .*weight_scale_inv"),
+    (lambda t: t.update({"model.layers.0.self_attn.xx_proj.weight_scale_inv": torch.ones(1, 1)}),
+     r"unexpected \(1\): model\.layers\.0\.self_attn\.xx_proj\.weight_scale_inv"),
 ])
 def test_checkpoint_mismatch_is_named(damage, match, tmp_path, seed):
     hf_model("v3", seed).save_pretrained(tmp_path)
@@ -426,3 +431,10 @@ def test_apply_with_small_window_matches_windowed_transformers(variant, seed):
     assert sorted(schedule.swa_layers) == [0, 2] and schedule.window == over["sliding_window"]
     tokens = [rng.randrange(V) for _ in range(PROMPT)]
     check_rewritten_against(hf, make_swa_reference(hf_model(variant, seed, **over)), tokens, rng)
+
+
+def test_tied_checkpoint_repeating_a_mis_shaped_lm_head_is_rejected(tmp_path, seed):
+    hf_model("v3-yarn-alldim-tied", seed).save_pretrained(tmp_path)
+    _rewrite_checkpoint(tmp_path, lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)}))
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped \(1\): lm_head\.weight: \(7, 3\)"):
+        from_pretrained(tmp_path)

@@ -94,6 +94,52 @@ def test_drop_in_shares_parameters_retraces_and_reloads():
     assert ops_by_layer(retraced, "swa_mla_attention") == ops_by_layer(out, "swa_mla_attention")
 
 
+def _step_logits(model, seed):
+    from swa_rewrite.runtime import StepBatch, StepItem
+    rng = random.Random(seed)
+    b = StepBatch.build([StepItem([rng.randrange(256) for _ in range(9)], 0, [1, 0], True)], 8)
+    caches = model.allocate_kv_cache(4, 8)
+    for c in caches:
+        c.zero_()
+    with torch.no_grad():
+        return model(b.input_ids, kv_caches=caches, **b.model_inputs())
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_rewritten_module_copies_and_saves_whole(how, seed):
+    import copy
+    import io
+    swa = apply(MLAModel(TINY, seed=seed), Schedule(4, [0, 2], 4))
+    if how == "deepcopy":
+        other = copy.deepcopy(swa)
+    else:
+        buf = io.BytesIO()
+        torch.save(swa, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    assert isinstance(other, swa_rewrite.rewrite.SWAModule) and type(other).__name__ == "SWAModule"
+    assert other.swa_schedule == swa.swa_schedule
+    assert str(other.swa_report) == str(swa.swa_report) and other.config == swa.config
+    assert [(c.dtype, c.shape) for c in other.allocate_kv_cache(3, 8)] == \
+        [(c.dtype, c.shape) for c in swa.allocate_kv_cache(3, 8)]
+    assert all(a is not b for a, b in zip(other.parameters(), swa.parameters()))
+    assert torch.equal(_step_logits(other, seed), _step_logits(swa, seed))
+    assert ops_by_layer(apply(other, swa.swa_schedule), "swa_mla_attention") == ops_by_layer(swa, "swa_mla_attention")
+
+
+def test_allocation_follows_the_modules_current_weights(seed):
+    """The meta-device workflow: rewrite on meta, then materialise; caches follow the live weights."""
+    schedule = Schedule(4, [1], 4)
+    swa = apply(MLAModel(TINY, device="meta", dtype=torch.bfloat16), schedule)
+    assert {c.device.type for c in swa.allocate_kv_cache(2, 8)} == {"meta"}
+    swa.load_state_dict(MLAModel(TINY, seed=seed).state_dict(), assign=True)      # float32 on the CPU
+    caches = swa.allocate_kv_cache(2, 8)
+    assert [(c.device.type, c.dtype) for c in caches] == [("cpu", torch.float32), ("cpu", torch.uint8),
+                                                           ("cpu", torch.float32), ("cpu", torch.float32)]
+    other = apply(MLAModel(TINY, device="meta"), schedule).to_empty(device="cpu")
+    assert {c.device.type for c in other.allocate_kv_cache(2, 8)} == {"cpu"}
+
+
 def test_apply_is_idempotent():
     model = MLAModel(TINY)
     s = random_schedule()
