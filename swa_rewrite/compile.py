@@ -152,7 +152,8 @@ class SWACompiledModel(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any):
         _mark_dynamic_step_inputs(args, kwargs)
-        # Sizes 0 and 1 would otherwise be specialised (a one-token decode step would compile anew).
+        # Sizes 0 and 1 would otherwise be specialised on every input. One recompile remains, for the first
+        # one-token step: the reshape of the attention output guards on whether a copy is needed (T == 1).
         # Input checks read tensor values (a host round trip per op): off inside the compiled step.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True), checks_disabled():
             return self._compiled(*args, **kwargs)
