@@ -136,6 +136,16 @@ def test_uuid_is_stable_and_follows_the_schedule():
     registry.register(OtherAdapter())
     assert SWAPostGradPass(s, registry).uuid() != a
 
+    class Configurable(swa_rewrite.passes.SwaRewriteOps):   # same code, other settings → new uuid
+        def __init__(self, prefix):
+            self.prefix = prefix
+
+    def uuid_with(prefix):
+        registry = swa_rewrite.passes.default_registry()
+        registry.register(Configurable(prefix))
+        return SWAPostGradPass(s, registry).uuid()
+    assert uuid_with("vllm") == uuid_with("vllm") != uuid_with("sglang")
+
 
 def test_generation_recompiles_at_most_twice_fullgraph(seed):
     """50 steps of changing batch composition: prefill chunks, decodes, requests joining and leaving."""

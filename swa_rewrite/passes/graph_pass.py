@@ -143,6 +143,8 @@ class PassManager:
                     h.update(inspect.getsource(cls).encode())
                 except (OSError, TypeError):  # defined interactively: its name has to do
                     pass
+            for adapter in getattr(p, "registry", ()):   # two adapters of one class may differ in their settings
+                h.update(repr(sorted(vars(adapter).items(), key=lambda kv: kv[0])).encode())
             config = getattr(p, "config_key", None)
             if config is not None:
                 h.update(repr(config()).encode())

@@ -22,6 +22,7 @@ import swa_rewrite  # noqa: E402
 from swa_rewrite.models import CheckpointMismatchError, from_hf, from_pretrained  # noqa: E402
 from swa_rewrite.models.hf import config_from_hf  # noqa: E402
 from swa_rewrite.models.moe import MoE  # noqa: E402
+from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
 from swa_rewrite.runtime import Engine  # noqa: E402
 
 V = 96          # vocab
@@ -387,20 +388,44 @@ def test_windowed_reference_is_a_window(seed):
     assert 1e-3 < rel_err(fp8_roundtrip(x), x) < 0.05 and torch.equal(fp8_roundtrip(fp8_roundtrip(x)), fp8_roundtrip(x))
 
 
+def one_step_logits(model, tokens):
+    """Logits of ``tokens`` as one prefill step (no chunks) over NaN-poisoned caches, page size 16."""
+    b = StepBatch.build([StepItem(tokens, 0, list(range(-(-len(tokens) // 16))), True)], 16)
+    caches = model.allocate_kv_cache(-(-len(tokens) // 16), 16)
+    for c in caches:
+        c.fill_(float("nan") if c.is_floating_point() else 0xFF)
+    with torch.no_grad():
+        return model(b.input_ids, kv_caches=caches, **b.model_inputs()).float()
+
+
 def check_rewritten_against(hf, reference, tokens, rng):
-    """``swa_rewrite.apply`` with the schedule of ``hf.config`` vs ``reference``: logits through the paged engine
-    and 16 greedy tokens. Returns both logits."""
+    """``swa_rewrite.apply`` with the schedule of ``hf.config`` vs ``reference``: logits in one step and through
+    the paged engine (chunked prefill), and 16 greedy tokens. Returns the one-step and the reference's logits.
+
+    One step computes every latent as transformers does, so the FP8 rounding of the reference explains our
+    logits up to float32 noise (a latent element that noise tips across an e4m3 boundary moves logits by a few
+    1e-4). Chunks change the float32 summation order, so elements cross boundaries, and these random
+    unit-scale models amplify one crossing in an early token to ~1e-2 of the logits (seen in 2 of 500
+    seeds): the engine is held to SPEC §9's FP8 envelope, 3e-2, against the one-step logits, and greedy
+    tokens may part where the reference's top two are closer than that envelope."""
     schedule = swa_rewrite.Schedule.from_hf_config(hf.config)
     model = swa_rewrite.apply(from_hf(hf), schedule)
-    got, ref = poisoned_engine(model, rng).logits(tokens), hf_logits(reference, tokens)
-    # Float32 noise between the two models' latents can tip an element across an e4m3 rounding boundary
-    # (one FP8 step, ~6 % of that element): a few 1e-4 of logits at most. Without the FP8 rounding in the
-    # reference the error is ~3e-2 and more (MoE routing amplifies it).
-    assert rel_err(got, ref) <= 3e-3
+    ref = hf_logits(reference, tokens)
+    single = one_step_logits(model, tokens)
+    assert rel_err(single, ref) <= 3e-3
+    got = poisoned_engine(model, rng).logits(tokens)
+    assert rel_err(got, single) <= 3e-2
     ours = poisoned_engine(model, rng).generate([tokens], 16)[0]
-    assert_greedy_agrees(ours, hf_greedy(reference, tokens, 16), tokens,
-                         lambda p: poisoned_engine(model, rng).logits(p), lambda p: hf_logits(reference, p), 3e-3)
-    return got, ref
+    theirs = hf_greedy(reference, tokens, 16)
+    if ours != theirs:
+        i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        prefix = tokens + theirs[:i]
+        ref_i = hf_logits(reference, prefix)[-1]
+        envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # SPEC §9's bound, per logit (RMS)
+        assert rel_err(one_step_logits(model, prefix)[-1], ref_i) <= 3e-3
+        margin = (ref_i[theirs[i]] - ref_i[ours[i]]).item()
+        assert margin <= envelope, f"token {i}: ours {ours[i]} vs reference {theirs[i]}, margin {margin:.4g}"
+    return single, ref
 
 
 @needs_apply
