@@ -114,6 +114,15 @@ def _dequantize_tile(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, 
 
 
 @triton.jit
+def _split_range(lo, hi, num_splits, pid_s, BLOCK_N: tl.constexpr):
+    """``[begin, end)`` of split ``pid_s`` when keys ``[lo, hi)`` are cut into ``num_splits`` runs of whole
+    ``BLOCK_N`` tiles (empty for splits past the end)."""
+    tiles = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits)
+    begin = lo + pid_s * tiles * BLOCK_N
+    return begin, tl.minimum(hi, begin + tiles * BLOCK_N)
+
+
+@triton.jit
 def _load_queries(row_ptrs, row_mask, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
     """Query rows at ``row_ptrs [M]``: latent part ``[M, BLOCK_R]`` and rope part ``[M, BLOCK_P]``."""
@@ -194,9 +203,7 @@ def _mla_attention_fwd_kernel(
         if KEYS == 2:                               # KEYS_ROWS
             # Staging rows of request b start at cu_b + b·(W-1) and hold positions dec_b - W + 1 + j.
             row0 = cu_b + bb * (window - 1) - (dec_b - window + 1) + lo
-    tiles_per_split = tl.cdiv(tl.cdiv(n_keys, BLOCK_N), num_splits)
-    k_begin = pid_s * tiles_per_split * BLOCK_N
-    k_end = tl.minimum(n_keys, k_begin + tiles_per_split * BLOCK_N)
+    k_begin, k_end = _split_range(0, n_keys, num_splits, pid_s, BLOCK_N)
     idx_row_ptr = idx_ptr + t * stride_it
     bt_row_ptr = bt_ptr + bb * stride_bt
 
@@ -277,10 +284,7 @@ def _staged_tiled_fwd_kernel(
     # The union of the rows' ranges, split evenly in tiles across pid_s.
     u_lo = tl.min(tl.where(n_keys > 0, first, 2**62))
     u_hi = tl.max(tl.where(n_keys > 0, end, 0))
-    n_union = tl.maximum(u_hi - u_lo, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(n_union, BLOCK_N), num_splits)
-    k_begin = u_lo + pid_s * tiles_per_split * BLOCK_N
-    k_end = tl.minimum(u_hi, k_begin + tiles_per_split * BLOCK_N)
+    k_begin, k_end = _split_range(u_lo, u_hi, num_splits, pid_s, BLOCK_N)
 
     offs_n = tl.arange(0, BLOCK_N)
     q_lat, q_pe = _load_queries(q_ptr + tok_c * stride_qt + head_c * stride_qh, row_mask, R, P, BLOCK_R, BLOCK_P,
