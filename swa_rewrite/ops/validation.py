@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import Optional
 
 import torch
 
@@ -85,8 +86,12 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
 
 def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, *, data: bool = True) -> None:
-    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens (``data=False``: shapes and dtypes only)."""
+                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, *,
+                data: bool = True) -> Optional[tuple[torch.Tensor, ...]]:
+    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens (``data=False``: shapes and dtypes only).
+
+    Returns the host int64 copies ``(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+    batch_id_per_token)`` the data checks ran on, or None when they did not run."""
     check_index("block_tables", block_tables, 2)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
                     ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
@@ -105,19 +110,20 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
     if len(devices) > 1:
         fail(f"the step's metadata tensors must be on one device, got {sorted(map(str, devices))}")
     if not (data and checks_enabled()) or block_tables.device.type == "meta":
-        return
+        return None
     # One device-to-host copy per call. Every attention op of a step sees the same metadata, so content
     # already validated is only compared (by content, not identity: a buffer refilled in place, by numpy,
     # DLPack or a kernel, without torch seeing the write, is validated again).
     tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
     flat = torch.cat([t.reshape(-1).long() for t in tensors]).cpu()
     key = (num_tokens, page_size, num_blocks, tuple(block_tables.shape))
-    last = getattr(_state, "last_batch", None)
-    if last is not None and last[0] == key and torch.equal(last[1], flat):
-        return
     host = flat.split([t.numel() for t in tensors])
-    _check_batch_data(num_tokens, host[0].view(block_tables.shape), *host[1:], page_size, num_blocks)
-    _state.last_batch = (key, flat)
+    host = (host[0].view(block_tables.shape),) + host[1:]
+    last = getattr(_state, "last_batch", None)
+    if last is None or last[0] != key or not torch.equal(last[1], flat):
+        _check_batch_data(num_tokens, *host, page_size, num_blocks)
+        _state.last_batch = (key, flat)
+    return host
 
 
 def _check_batch_data(num_tokens, bt, cu, enc, dec, bid, page_size, num_blocks) -> None:
@@ -165,23 +171,26 @@ def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, ca
         fail(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} must both be [T]")
     check_index("positions", positions, 1)
     check_index("slot_mapping", slot_mapping, 1)
+    if positions.device != batch_id_per_token.device or slot_mapping.device != batch_id_per_token.device:
+        fail(f"positions ({positions.device}) and slot_mapping ({slot_mapping.device}) must be on the device of "
+             f"the step's metadata ({batch_id_per_token.device})")
     num_blocks, page_size = cache.shape[0], cache.shape[1]
-    check_batch(positions.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, page_size, num_blocks)
-    if not checks_enabled() or positions.device.type == "meta":
+    host = check_batch(positions.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                       batch_id_per_token, page_size, num_blocks)
+    if host is None:
         return slot_mapping
-    cu = cu_seqlens_q.long().cpu()
-    n = int(cu[-1]) if cu.numel() else 0
-    pos, slots = positions.long().cpu(), slot_mapping.long().cpu()
+    bt, cu, _, dec, bid = host                   # validated host copies: cu and bid agree
+    n = int(cu[-1])
+    pos, slots = torch.stack([positions.long(), slot_mapping.long()]).cpu()
     if n:
-        bid = batch_id_per_token[:n].long().cpu()
-        want_pos = seq_lens_decoder.long().cpu()[bid] + torch.arange(n) - cu[bid]
+        bid = bid[:n]
+        want_pos = dec[bid] + torch.arange(n) - cu[bid]
         bad = pos[:n] != want_pos
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
             fail(f"positions[{t}] = {int(pos[t])}, but token {t} is token {t - int(cu[bid[t]])} of request "
-                 f"{int(bid[t])}, which has {int(seq_lens_decoder[bid[t]])} cached: expected {int(want_pos[t])}")
-        blocks = block_tables.long().cpu()[bid, want_pos // page_size]
+                 f"{int(bid[t])}, which has {int(dec[bid[t]])} cached: expected {int(want_pos[t])}")
+        blocks = bt[bid, want_pos // page_size]
         want_slots = blocks * page_size + want_pos % page_size
         bad = slots[:n] != want_slots
         if bool(bad.any()):
