@@ -51,7 +51,10 @@ def assert_fp8_caches_close(a, b, kv_lora_rank):
     R = kv_lora_rank
     tile_amax = b[:, :R].abs().unflatten(-1, (R // 128, 128)).amax(-1, keepdim=True)
     bound_c = 2.0**-3 * torch.maximum(a[:, :R].abs(), b[:, :R].abs()) + 2.0**-8 * tile_amax.expand(-1, -1, 128).flatten(1)
-    bound_rope = 2.0**-7 * torch.maximum(a[:, R:].abs(), b[:, R:].abs())
+    # Rope values near zero come from cancellation (x cos - y sin): a last-bit difference of the float32
+    # inputs is large relative to such a result, so the bound has a floor at float32 noise of the row.
+    rope_row_amax = torch.maximum(a[:, R:].abs(), b[:, R:].abs()).amax(-1, keepdim=True)
+    bound_rope = 2.0**-7 * torch.maximum(a[:, R:].abs(), b[:, R:].abs()) + 2.0**-20 * rope_row_amax
     diff = (a - b).abs()
     assert (diff[:, :R] <= bound_c).all() and (diff[:, R:] <= bound_rope).all()
     assert (diff > 0).double().mean().item() < 0.02
