@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from .models.rope import reset_rope_buffer
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
 from .passes.graph_pass import eliminate_dead_code
@@ -49,6 +50,14 @@ class SWAModule(torch.fx.GraphModule):
     @property
     def num_layers(self) -> int:
         return self.swa_schedule.num_layers
+
+    def _apply(self, fn, recurse=True):
+        # As MLAModel does: the rope table is rebuilt from the config after any move (to_empty included).
+        module = super()._apply(fn, recurse)
+        config = self.__dict__.get("config")
+        if config is not None:
+            reset_rope_buffer(self, config)
+        return module
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)      # keeps the class, not attributes the graph does not use
@@ -114,7 +123,13 @@ def _graph_module(root: torch.nn.Module, graph: torch.fx.Graph, name: str,
 
 class _Tracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` that finds a parameter's name in a dict instead of scanning every parameter of
-    the model on each access (that scan made tracing a 61-layer MoE model take seconds)."""
+    the model on each access (that scan made tracing a 61-layer MoE model take seconds).
+
+    Buffers are traced as ``get_attr`` nodes (not frozen into constants), so a computation on a buffer
+    (the rope table's ``bits.view(float32)``) stays in the graph and follows the buffer through moves.
+    """
+
+    proxy_buffer_attributes = True
 
     def trace(self, root, concrete_args=None):
         self._param_names = {id(p): n for n, p in root.named_parameters()} if isinstance(root, torch.nn.Module) else {}

@@ -43,7 +43,6 @@ import torch
 
 from .config import MLAConfig, yarn_mscale
 from .mla import MLAModel
-from .rope import rope_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +287,7 @@ def _load_expert_stack(prefix: str, which: str, target: torch.Tensor, fetch) -> 
 def _empty_model(config: MLAConfig, dtype: torch.dtype, device: torch.device) -> MLAModel:
     """An ``MLAModel`` with uninitialised weights on ``device`` (no random init of weights about to be loaded)."""
     model = MLAModel(config, device="meta", dtype=dtype)
-    model.to_empty(device=device)
-    model.rope_inv_freq = rope_inv_freq(config)[0].to(device)  # non-persistent: to_empty left it undefined
+    model.to_empty(device=device)  # MLAModel recomputes its rope table after any move
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model

@@ -18,7 +18,7 @@ from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops thi
 from ..ops.validation import checked_slot_mapping
 from .config import MLAConfig
 from .moe import MoE
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .rope import apply_rope, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits
 
 
 def select_rows(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
@@ -149,14 +149,26 @@ class MLAModel(nn.Module):
             self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv_freq, self.rope_magnitude = rope_inv_freq(config)
-        self.register_buffer("rope_inv_freq", inv_freq.to(self.lm_head.weight.device), persistent=False)
+        self.rope_magnitude = rope_inv_freq(config)[1]
+        # float32 bits in an int32 buffer: exact under any dtype move (see ``rope_inv_freq_bits``).
+        self.register_buffer("rope_inv_freq_bits", rope_inv_freq_bits(config, self.lm_head.weight.device),
+                             persistent=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters(seed)
         if dtype is not None:
             self.to(dtype)
-            self.rope_inv_freq = self.rope_inv_freq.float()
+
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """``[P/2]`` float32 inverse rope frequencies (a view of the int32 bits buffer)."""
+        return self.rope_inv_freq_bits.view(torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        # Recompute the rope table after any move: ``to_empty`` (meta -> device) leaves buffers undefined.
+        module = super()._apply(fn, recurse)
+        reset_rope_buffer(self, self.config)
+        return module
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -208,7 +220,9 @@ class MLAModel(nn.Module):
         """
         slot_mapping = checked_slot_mapping(positions, slot_mapping, kv_caches[0], block_tables, cu_seqlens_q,
                                             seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)
+        # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
+        inv_freq = self.rope_inv_freq_bits.view(torch.float32)
+        cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)
         x = self.embed_tokens(input_ids)
         meta = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, slot_mapping)
         for i, layer in enumerate(self.layers):

@@ -40,6 +40,28 @@ def rope_inv_freq(config: MLAConfig) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), magnitude
 
 
+def rope_inv_freq_bits(config: MLAConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """The float32 inverse frequencies of ``config`` stored as their ``int32`` bit patterns ``[P/2]``.
+
+    Models keep the rope table in this form because ``Module.to(dtype)``, ``.half()`` and friends cast
+    every floating-point buffer: a float32 table moved to bf16 and back keeps the rounding, which puts
+    rotary angles off by radians at long positions. Integer buffers are left alone by dtype moves; read
+    the table back with ``bits.view(torch.float32)``.
+    """
+    return rope_inv_freq(config)[0].view(torch.int32).to(device)
+
+
+def reset_rope_buffer(module: torch.nn.Module, config: MLAConfig) -> None:
+    """Recompute ``module.rope_inv_freq_bits`` from ``config`` on the buffer's device.
+
+    Called after every ``Module._apply`` (``to``, ``cuda``, ``to_empty``...): ``to_empty`` from ``meta``
+    leaves buffers undefined. A no-op for modules without the buffer and on ``meta``.
+    """
+    bits = module._buffers.get("rope_inv_freq_bits")
+    if bits is not None and bits.device.type != "meta":
+        module._buffers["rope_inv_freq_bits"] = rope_inv_freq_bits(config, bits.device)
+
+
 def rope_cos_sin(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin [T, P/2]`` in ``dtype`` for integer ``positions [T]``."""
