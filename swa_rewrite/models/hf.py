@@ -5,7 +5,15 @@
 without importing ``transformers``. Both map every tensor by name and raise ``CheckpointMismatchError``
 listing each missing, unexpected or mis-shaped tensor; nothing is silently dropped except the multi-token
 prediction layers (``model.layers.{num_hidden_layers + i}``, which the base decoder does not run; logged) and
-stale ``rotary_emb.inv_freq`` buffers.
+stale ``rotary_emb.inv_freq`` buffers. An MTP layer is told by its own tensors (``embed_tokens``, ``enorm``,
+``hnorm``, ``eh_proj``, ``shared_head``), not by its index alone: a layer past ``num_hidden_layers`` without
+them is a decoder layer the config does not cover, and loading fails (transformers writes
+``num_nextn_predict_layers: 1`` into every DeepSeek-V3 config, so the index alone would drop a real layer).
+
+Which files are read, as transformers decides: with ``model.safetensors.index.json``, exactly the shards its
+``weight_map`` names (other ``*.safetensors`` files are ignored, logged); without it, the folder must hold
+exactly one ``*.safetensors`` file. Every shard is opened (its header checked) before any weight is read;
+an unreadable or malformed file raises ``ValueError`` naming it, a missing one ``CheckpointNotFoundError``.
 
 What is mapped and how it matches ``transformers`` (the parity tests check each point):
 
@@ -32,6 +40,7 @@ What is mapped and how it matches ``transformers`` (the parity tests check each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,7 +55,8 @@ from .mla import MLAModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointMismatchError", "config_from_hf", "from_hf", "from_pretrained"]
+__all__ = ["CheckpointMismatchError", "CheckpointNotFoundError", "config_from_hf", "config_from_pretrained",
+           "from_hf", "from_pretrained"]
 
 # model_type → DeepSeek generation. Kimi-K2 ships the DeepSeek-V3 architecture under its own name.
 _MODEL_TYPES = {"deepseek_v3": "v3", "kimi_k2": "v3", "deepseek_v2": "v2"}
@@ -66,7 +76,55 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model its config describes (names and shapes listed)."""
 
 
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """A file or folder the checkpoint needs is absent. Both a ``FileNotFoundError`` (what Python code
+    expects of a missing file) and a ``ValueError`` (the project's type for bad user input)."""
+
+
+# Names a dtype may be given by (``torch.<name>`` too), and the dtypes the bundled model runs in.
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+_MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+# Tensors only DeepSeek-V3's multi-token-prediction layer has (``model.layers.{L}.<part>...``).
+_MTP_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
+
+
 # ---------------------------------------------------------------------------------------------- config
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The model dtype named by ``dtype``: a ``torch.dtype`` or a name such as ``"bfloat16"``, ``"bf16"``,
+    ``"fp16"``, ``"float32"``, ``"torch.bfloat16"``. Raises ``TypeError`` for another type and ``ValueError``
+    for an unknown name or a dtype the model cannot run in (integers, FP8)."""
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not a known dtype name; expected one of {sorted(_DTYPES)} "
+                             f"(optionally prefixed 'torch.') or a torch.dtype")
+        return _DTYPES[key]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or a dtype name such as 'bfloat16', got {dtype!r} "
+                        f"({type(dtype).__name__})")
+    if dtype not in _MODEL_DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported for model weights; expected one of "
+                         f"{', '.join(str(d) for d in _MODEL_DTYPES)}")
+    return dtype
+
+
+def _config_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
+    """The checkpoint's own dtype (``dtype`` / ``torch_dtype``), float32 when absent or not a model dtype
+    (DeepSeek-V3's FP8 release names ``bfloat16``; an FP8 name would make an unusable model)."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if name is None:
+        return torch.float32
+    try:
+        return _resolve_dtype(name)
+    except (TypeError, ValueError):
+        log.warning("config.json has dtype %r, which is not a model dtype; loading in float32", name)
+        return torch.float32
+
+
 def _generation(cfg: Mapping[str, Any]) -> str:
     kind = _MODEL_TYPES.get(cfg.get("model_type", ""))
     if kind is None:
@@ -147,16 +205,25 @@ def config_from_hf(hf_config: Any) -> MLAConfig:
     Raises ``ValueError`` for another architecture or a variant the bundled model does not implement
     (attention or MLP biases, non-SiLU activations, rope types other than default/yarn).
     """
-    cfg = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    if isinstance(hf_config, Mapping):
+        cfg = dict(hf_config)
+    elif callable(getattr(hf_config, "to_dict", None)):
+        cfg = hf_config.to_dict()
+    else:
+        raise TypeError(f"expected a transformers config or a config dict, got {type(hf_config).__name__}")
     kind = _generation(cfg)
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, want) != want:
             raise ValueError(f"{key}={cfg[key]!r} is not supported (expected {want!r})")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                           "v_head_dim", "max_position_embeddings") if cfg.get(k) is None]
+    dims = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+    missing = [k for k in dims if cfg.get(k) is None]
     if missing:
         raise ValueError(f"config lacks {missing}")
+    # A string or float here would fail deep inside the model with an unrelated message.
+    for key in dims + ("q_lora_rank",):
+        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool)):
+            raise ValueError(f"config {key}={cfg[key]!r} must be an integer")
     theta, rope_scaling = _rope_from_hf(cfg)
     return MLAConfig(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
@@ -216,20 +283,14 @@ _EXPERT_STACK = re.compile(r"(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_pro
 @torch.no_grad()
 def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -> None:
     """Copy every tensor of ``source`` into ``model`` (shapes checked, dtypes converted)."""
-    config, L = model.config, model.config.num_hidden_layers
+    config = model.config
     available: dict[str, str] = {}
-    skipped_mtp = 0
     for name in source.names:
         local = _local_name(name)
-        layer = re.match(r"layers\.(\d+)\.", local)
         if local.endswith("rotary_emb.inv_freq") or local.endswith(".weight_scale_inv"):
             continue  # recomputed / read with its weight
-        if layer and L <= int(layer[1]) < L + num_mtp_layers:
-            skipped_mtp += 1
-            continue
         available[local] = name
-    if skipped_mtp:
-        log.info("skipped %d tensors of the %d multi-token-prediction layer(s)", skipped_mtp, num_mtp_layers)
+    _drop_mtp_layers(available, config.num_hidden_layers, num_mtp_layers)
 
     used: set[str] = set()
     missing: list[str] = []
@@ -267,6 +328,30 @@ def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -
         raise CheckpointMismatchError("checkpoint does not match the config's model; " + "; ".join(parts))
 
 
+def _drop_mtp_layers(available: dict[str, str], L: int, num_mtp_layers: int) -> None:
+    """Remove the multi-token-prediction layers ``L … L + num_mtp_layers - 1`` from ``available``
+    (local name → checkpoint name). A layer ``>= L`` is MTP only if it carries one of ``_MTP_PARTS``;
+    one without is a decoder layer ``config.num_hidden_layers`` leaves out: ``CheckpointMismatchError``.
+    MTP layers past ``L + num_mtp_layers`` stay, to be reported as unexpected."""
+    beyond: dict[int, list[str]] = {}
+    for local in available:
+        layer = re.match(r"layers\.(\d+)\.", local)
+        if layer and int(layer[1]) >= L:
+            beyond.setdefault(int(layer[1]), []).append(local)
+    is_mtp = {i: any(n.split(".")[2] in _MTP_PARTS for n in names) for i, names in beyond.items()}
+    decoder = sorted(i for i, mtp in is_mtp.items() if not mtp)
+    if decoder:
+        raise CheckpointMismatchError(
+            f"the checkpoint has more layers than config.num_hidden_layers={L}: layer(s) {decoder} have no "
+            f"multi-token-prediction tensors ({', '.join(_MTP_PARTS)}), so they are decoder layers the config "
+            f"does not cover; set num_hidden_layers to the checkpoint's layer count")
+    skipped = [local for i in sorted(beyond) if i < L + num_mtp_layers for local in beyond[i]]
+    for local in skipped:
+        del available[local]
+    if skipped:
+        log.info("skipped %d tensors of the %d multi-token-prediction layer(s)", len(skipped), num_mtp_layers)
+
+
 def _load_expert_stack(prefix: str, which: str, target: torch.Tensor, fetch) -> None:
     """Fill a stacked ``[E, 2I, H]`` / ``[E, H, I]`` expert tensor from one tensor per expert."""
     E = target.shape[0]
@@ -294,71 +379,151 @@ def _empty_model(config: MLAConfig, dtype: torch.dtype, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------------- public
-def from_hf(hf_model: torch.nn.Module, *, dtype: Optional[torch.dtype] = None,
+def from_hf(hf_model: torch.nn.Module, *, dtype: torch.dtype | str | None = None,
             device: torch.device | str | None = None) -> MLAModel:
     """The bundled ``MLAModel`` with the weights of a ``transformers`` DeepSeek-V2/V3 causal LM.
 
-    ``dtype`` and ``device`` default to those of ``hf_model``'s embedding. Weights are copied, not shared.
+    ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``) and ``device`` default to those of ``hf_model``'s
+    embedding. Weights are copied, not shared.
     Raises ``ValueError`` for unsupported configs and ``CheckpointMismatchError`` for tensors that do not fit.
     """
     config = config_from_hf(hf_model.config)
     if not hasattr(hf_model, "lm_head") and not config.tie_word_embeddings:
         raise TypeError(f"{type(hf_model).__name__} has no lm_head; pass the *ForCausalLM model")
     embed = hf_model.get_input_embeddings().weight
-    model = _empty_model(config, dtype or embed.dtype, torch.device(device) if device is not None else embed.device)
+    dtype = _resolve_dtype(dtype) if dtype is not None else embed.dtype
+    model = _empty_model(config, dtype, torch.device(device) if device is not None else embed.device)
     state = hf_model.state_dict()
     _load_weights(model, _TensorSource(state, state.__getitem__), _num_mtp_layers(hf_model.config.to_dict()))
     return model.eval()
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> MLAModel:
     """The bundled ``MLAModel`` from a local Hugging Face DeepSeek-V2/V3 checkpoint directory.
 
-    Reads ``config.json`` and the ``*.safetensors`` files (``model.safetensors.index.json`` when sharded).
-    ``dtype`` defaults to the config's ``dtype`` / ``torch_dtype`` (float32 if absent), ``device`` to CPU.
-    Does not need ``transformers``; needs ``safetensors``.
+    Reads ``config.json`` and the ``*.safetensors`` files: the shards ``model.safetensors.index.json`` names
+    when there is one, else the folder's only ``*.safetensors`` file (module docstring). ``dtype`` — a
+    ``torch.dtype`` or a name such as ``"bfloat16"`` / ``"bf16"`` — defaults to the config's ``dtype`` /
+    ``torch_dtype`` (float32 if absent), ``device`` to CPU. Does not need ``transformers``; needs
+    ``safetensors``. Raises ``CheckpointNotFoundError`` for a missing folder or file, ``ValueError`` naming
+    the file for one that cannot be read, and ``CheckpointMismatchError`` for tensors that do not fit.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path!r}")
-    with open(config_path) as f:
-        cfg = json.load(f)
+    cfg = _read_config(path)
     config = config_from_hf(cfg)
+    dtype = _resolve_dtype(dtype) if dtype is not None else _config_dtype(cfg)
+    block = _fp8_block_size(cfg)
+    num_mtp_layers = _num_mtp_layers(cfg)
+    with contextlib.ExitStack() as files:      # every shard handle is closed, whatever happens
+        shard_of = _open_shards(path, files)   # all files checked before the model's memory is taken
+        model = _empty_model(config, dtype, torch.device(device) if device is not None else torch.device("cpu"))
 
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            file_of = {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {path!r}")
-        file_of = {}
-        for file in files:
-            with safe_open(os.path.join(path, file), framework="pt") as f:
-                file_of.update((name, os.path.join(path, file)) for name in f.keys())
+        def read(name: str) -> torch.Tensor:
+            file, handle = shard_of[name]
+            try:
+                return handle.get_tensor(name)
+            except Exception as e:  # safetensors raises its own SafetensorError, not an OSError/ValueError
+                raise ValueError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
-    handles: dict[str, Any] = {}
-
-    def read(name: str) -> torch.Tensor:
-        file = file_of[name]
-        if file not in handles:
-            handles[file] = safe_open(file, framework="pt", device="cpu")
-        return handles[file].get_tensor(name)
-
-    quant = cfg.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size") or (128, 128))
-    if dtype is None:
-        name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        dtype = getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
-    model = _empty_model(config, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    _load_weights(model, _TensorSource(file_of, read, block), _num_mtp_layers(cfg))
+        _load_weights(model, _TensorSource(shard_of, read, block), num_mtp_layers)
     return model.eval()
 
 
+def config_from_pretrained(path: str | os.PathLike) -> MLAConfig:
+    """``MLAConfig`` of a checkpoint directory, from its ``config.json`` alone (no weight is read)."""
+    return config_from_hf(_read_config(os.fspath(path)))
+
+
+# ------------------------------------------------------------------------------------------------ files
+_INDEX = "model.safetensors.index.json"
+
+
+def _read_json(file: str, what: str) -> Any:
+    """The parsed JSON of ``file``; ``CheckpointNotFoundError`` if absent, ``ValueError`` naming it if not JSON."""
+    if not os.path.isfile(file):
+        raise CheckpointNotFoundError(f"no {what} at {file!r}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a valid JSON {what}: {e}") from None
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """``config.json`` of the checkpoint folder ``path`` as a dict."""
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"checkpoint directory {path!r} does not exist or is not a directory")
+    file = os.path.join(path, "config.json")
+    cfg = _read_json(file, "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object of config keys, got a JSON {type(cfg).__name__}")
+    return cfg
+
+
+def _shard_files(path: str) -> tuple[dict[str, str], list[str]]:
+    """``(tensor name → shard file, shard files)`` of the checkpoint folder; ``{}`` for the names when the
+    folder has no index (the only shard's own keys are the names)."""
+    present = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    index = os.path.join(path, _INDEX)
+    if not os.path.isfile(index):
+        if len(present) != 1:
+            problem = "no *.safetensors file" if not present else f"{len(present)} *.safetensors files {present}"
+            error = CheckpointNotFoundError if not present else ValueError
+            raise error(f"{path}: {problem} and no {_INDEX}; expected exactly one *.safetensors file, or an "
+                        f"index naming the shards to read")
+        return {}, [os.path.join(path, present[0])]
+    weight_map = _read_json(index, _INDEX)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' object of tensor name -> shard file")
+    named = sorted(set(weight_map.values()))
+    ignored = sorted(set(present) - set(named))
+    if ignored:
+        log.info("%s: ignoring %s, which the index does not name", path, ignored)
+    missing = [f for f in named if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CheckpointNotFoundError(f"{index} names shard(s) that are not in {path!r}: {missing}")
+    return {n: os.path.join(path, f) for n, f in weight_map.items()}, [os.path.join(path, f) for f in named]
+
+
+def _open_shards(path: str, files: contextlib.ExitStack) -> dict[str, tuple[str, Any]]:
+    """Open every shard of the checkpoint (closed with ``files``): tensor name → ``(file, safe_open handle)``.
+    Each shard's header is read here, so a corrupt file or an index naming a tensor its shard lacks fails
+    before any weight is copied."""
+    from safetensors import safe_open
+
+    file_of, shards = _shard_files(path)
+    handles = {}
+    for file in shards:
+        try:
+            handles[file] = files.enter_context(safe_open(file, framework="pt", device="cpu"))
+        except Exception as e:  # SafetensorError (a bad header, a truncated file) or an OSError
+            raise ValueError(f"{file}: not a readable safetensors file: {e}") from None
+    if not file_of:                          # no index: the one shard's tensors
+        (file,) = shards
+        return {name: (file, handles[file]) for name in handles[file].keys()}
+    keys = {file: set(h.keys()) for file, h in handles.items()}
+    absent = [f"{name} ({os.path.basename(file)})" for name, file in file_of.items() if name not in keys[file]]
+    if absent:
+        raise ValueError(f"{os.path.join(path, _INDEX)} maps {len(absent)} tensor(s) to shards that do not hold "
+                         f"them: {', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}")
+    return {name: (file, handles[file]) for name, file in file_of.items()}
+
+
+def _fp8_block_size(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` (DeepSeek-V3's FP8 release: ``[128, 128]``)."""
+    quant = cfg.get("quantization_config") or {}
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    block = (128, 128) if block is None else block
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"config quantization_config.weight_block_size={block!r}: expected two positive integers")
+    return tuple(block)
+
+
 def _num_mtp_layers(cfg: Mapping[str, Any]) -> int:
-    return int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0)
+    value = cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config num_nextn_predict_layers={value!r}: expected a non-negative integer")
+    return value
