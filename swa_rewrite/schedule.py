@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
+from .ops.arguments import int_argument
+
 SLIDING, FULL = "sliding_attention", "full_attention"
+_KEYS = ("window", "swa_layers", "num_layers")   # of to_dict / from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,21 +26,21 @@ class Schedule:
     num_layers: int
 
     def __init__(self, window: int, swa_layers: Iterable[int], num_layers: int):
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"window must be an int, got {window!r}")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int):
-            raise TypeError(f"num_layers must be an int, got {num_layers!r}")
+        # NumPy integers are ints here (a schedule built from a config array); bools and floats are not.
+        window, num_layers = int_argument(window, "window"), int_argument(num_layers, "num_layers")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if isinstance(swa_layers, (str, bytes)) or not isinstance(swa_layers, Iterable):
+            raise TypeError(f"swa_layers must be an iterable of layer indices, got {swa_layers!r}")
         layers = []
         for i in swa_layers:
-            if isinstance(i, bool) or not isinstance(i, int):
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"layer indices must be ints, got {i!r}")
             if not 0 <= i < num_layers:
                 raise ValueError(f"layer index {i} is out of range for {num_layers} layers")
-            layers.append(i)
+            layers.append(int(i))
         object.__setattr__(self, "window", window)
         object.__setattr__(self, "swa_layers", frozenset(layers))
         object.__setattr__(self, "num_layers", num_layers)
@@ -49,23 +53,29 @@ class Schedule:
         A list: entry ``1`` makes that layer SWA, ``0`` keeps it full (length must be ``num_layers``).
         An int ``n``: 0-based layer ``i`` is SWA iff ``(i + 1) % n != 0`` (every ``n``-th layer stays full).
         """
-        if isinstance(freq, bool):
-            raise TypeError(f"window_attn_skip_freq must be an int or a list of 0/1, got {freq!r}")
-        if isinstance(freq, int):
+        num_layers = int_argument(num_layers, "num_layers")
+        if isinstance(freq, numbers.Integral) and not isinstance(freq, bool):
             if freq < 1:
                 raise ValueError(f"window_attn_skip_freq must be >= 1, got {freq}")
             return cls(window, [i for i in range(num_layers) if (i + 1) % freq != 0], num_layers)
+        if isinstance(freq, (bool, numbers.Number, str, bytes)) or not isinstance(freq, Iterable):
+            raise TypeError(f"window_attn_skip_freq must be an int or a list of 0/1, got {freq!r}")
         freq = list(freq)
         if len(freq) != num_layers:
             raise ValueError(f"window_attn_skip_freq has {len(freq)} entries for a model of {num_layers} layers")
         for i, f in enumerate(freq):
-            if f not in (0, 1) or isinstance(f, float):
+            if isinstance(f, bool) or not isinstance(f, numbers.Integral):
+                raise TypeError(f"window_attn_skip_freq[{i}] = {f!r}, expected the int 0 (full) or 1 (SWA)")
+            if f not in (0, 1):
                 raise ValueError(f"window_attn_skip_freq[{i}] = {f!r}, expected 0 (full) or 1 (SWA)")
         return cls(window, [i for i, f in enumerate(freq) if f == 1], num_layers)
 
     @classmethod
     def from_layer_types(cls, layer_types: Sequence[str], window: int) -> "Schedule":
         """Hugging Face ``layer_types`` (``"sliding_attention"`` / ``"full_attention"``) plus ``sliding_window``."""
+        if isinstance(layer_types, (str, bytes)) or not isinstance(layer_types, Iterable):
+            raise TypeError(f"layer_types must be a list of {SLIDING!r} / {FULL!r}, got {layer_types!r}")
+        layer_types = list(layer_types)
         for i, t in enumerate(layer_types):
             if t not in (SLIDING, FULL):
                 raise ValueError(f"layer_types[{i}] = {t!r}, expected {SLIDING!r} or {FULL!r}")
@@ -115,9 +125,15 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Schedule":
-        unknown = set(d) - {"window", "swa_layers", "num_layers"}
+        """The inverse of ``to_dict``: exactly the keys ``window``, ``swa_layers`` and ``num_layers``."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a schedule dict must be a mapping with keys {list(_KEYS)}, got {d!r}")
+        unknown = set(d) - set(_KEYS)
         if unknown:
-            raise ValueError(f"unknown schedule keys {sorted(unknown)}")
+            raise ValueError(f"unknown schedule keys {sorted(map(str, unknown))}, expected {list(_KEYS)}")
+        missing = [k for k in _KEYS if k not in d]
+        if missing:
+            raise ValueError(f"schedule dict is missing key(s) {missing} (has {sorted(map(str, d))}, needs {list(_KEYS)})")
         return cls(d["window"], d["swa_layers"], d["num_layers"])
 
     def to_json(self) -> str:

@@ -69,3 +69,52 @@ def test_round_trip_and_printing():
     with pytest.raises(AttributeError):
         s.window = 3  # frozen
     assert Schedule(8, [], 3).swa_layers == frozenset()
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    s = Schedule(np.int64(8), [np.int32(1), np.int64(3)], np.int64(4))
+    assert s == Schedule(8, [1, 3], 4)
+    assert all(type(v) is int for v in (s.window, s.num_layers, *s.swa_layers))
+    assert Schedule.from_json(s.to_json()) == s                      # plain ints: JSON serialises them
+    assert Schedule.from_skip_freq(np.int64(2), np.int64(4), np.int64(8)) == Schedule(8, [0, 2], 4)
+    assert Schedule.from_skip_freq(np.array([1, 0, 1, 0]), 4, 8) == Schedule(8, [0, 2], 4)
+    assert Schedule.from_layer_types(["sliding_attention", "full_attention"], np.int32(16)).window == 16
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Schedule(8.0, [1], 4), r"window must be an int, got 8\.0"),
+    (lambda: Schedule(True, [1], 4), "window must be an int, got True"),
+    (lambda: Schedule(8, [1], 4.0), r"num_layers must be an int, got 4\.0"),
+    (lambda: Schedule(8, [True], 4), "layer indices must be ints, got True"),
+    (lambda: Schedule(8, 1, 4), "swa_layers must be an iterable of layer indices, got 1"),
+    (lambda: Schedule(8, "01", 4), "swa_layers must be an iterable of layer indices, got '01'"),
+    (lambda: Schedule.from_skip_freq(2.0, 4, 8), r"window_attn_skip_freq must be an int or a list of 0/1, got 2\.0"),
+    (lambda: Schedule.from_skip_freq(True, 4, 8), "window_attn_skip_freq must be an int or a list of 0/1, got True"),
+    (lambda: Schedule.from_skip_freq([1, 0.0, 1, 0], 4, 8), r"window_attn_skip_freq\[1\] = 0\.0"),
+    (lambda: Schedule.from_skip_freq([1, 0, True, 0], 4, 8), r"window_attn_skip_freq\[2\] = True"),
+    (lambda: Schedule.from_skip_freq(2, 4.0, 8), r"num_layers must be an int, got 4\.0"),
+    (lambda: Schedule.from_skip_freq(2, 4, 8.5), r"window must be an int, got 8\.5"),
+    (lambda: Schedule.from_layer_types(["full_attention"], 8.0), r"window must be an int, got 8\.0"),
+    (lambda: Schedule.from_layer_types("full_attention", 8), "layer_types must be a list"),
+])
+def test_bools_and_floats_are_type_errors_naming_the_value(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_from_dict_names_a_missing_key_and_a_wrong_type():
+    good = Schedule(8, [1], 4).to_dict()
+    for key in good:
+        with pytest.raises(ValueError, match=rf"missing key\(s\) \['{key}'\]"):
+            Schedule.from_dict({k: v for k, v in good.items() if k != key})
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['window', 'swa_layers', 'num_layers'\]"):
+        Schedule.from_json("{}")
+    with pytest.raises(TypeError, match=r"must be a mapping .* got \[8, \[1\], 4\]"):
+        Schedule.from_json("[8, [1], 4]")
+    with pytest.raises(TypeError, match="window must be an int, got '8'"):
+        Schedule.from_dict({**good, "window": "8"})
+    with pytest.raises(TypeError, match="swa_layers must be an iterable of layer indices, got 1"):
+        Schedule.from_dict({**good, "swa_layers": 1})
+    with pytest.raises(TypeError, match=r"num_layers must be an int, got 4\.0"):
+        Schedule.from_json('{"window": 8, "swa_layers": [1], "num_layers": 4.0}')
