@@ -133,7 +133,8 @@ class Schedule:
             raise ValueError(f"unknown schedule keys {sorted(map(str, unknown))}, expected {list(_KEYS)}")
         missing = [k for k in _KEYS if k not in d]
         if missing:
-            raise ValueError(f"schedule dict is missing key(s) {missing} (has {sorted(map(str, d))}, needs {list(_KEYS)})")
+            raise ValueError(f"schedule dict is missing key(s) {missing} (has {sorted(map(str, d))}, "
+                             f"needs {list(_KEYS)})")
         return cls(d["window"], d["swa_layers"], d["num_layers"])
 
     def to_json(self) -> str:
