@@ -219,7 +219,8 @@ class MLAModel(nn.Module):
             logits ``[T or n, vocab]`` in the model dtype.
         """
         slot_mapping = checked_slot_mapping(positions, slot_mapping, kv_caches[0], block_tables, cu_seqlens_q,
-                                            seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
+                                            seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
+                                            kv_caches=kv_caches, num_layers=len(self.layers))
         # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
         inv_freq = self.rope_inv_freq_bits.view(torch.float32)
         cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)

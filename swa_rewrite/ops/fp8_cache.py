@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_cache_write, checks_enabled, fail
+from .validation import check_cache_write, check_finite_latent, fail
 
 _TILE = 128
 _LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -110,12 +110,8 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
     if cache.stride(2) != 1 or (cache.shape[1] > 1 and cache.stride(1) != cache.shape[2]):
         fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "
              f"got strides {cache.stride()}")
-    if data and checks_enabled() and latent.device.type != "meta" and latent.numel():
-        finite = torch.isfinite(latent).all(dim=1) | (slot_mapping < 0)
-        if not bool(finite.all()):
-            t = int((~finite).nonzero()[0, 0])
-            fail(f"latent row {t} (slot {int(slot_mapping[t])}) has non-finite values; the FP8 cache "
-                 "cannot store them")
+    if data:
+        check_finite_latent(latent, slot_mapping)
 
 
 @torch.library.custom_op("swa_rewrite::write_fp8_cache", mutates_args=("cache",))

@@ -10,9 +10,10 @@ compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environmen
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import threading
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -46,6 +47,30 @@ def checks_enabled() -> bool:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+class NonFiniteLatentError(ValueError):
+    """A latent row to be cached holds NaN or inf, which the packed FP8 cache cannot store.
+
+    ``row`` is the row of the write's ``latent`` and ``slot`` the cache slot it was going to. A caller that
+    knows the step (the engine) re-raises it with ``request`` and ``position`` filled in.
+    """
+
+    def __init__(self, message: str, *, row: int, slot: int, request: Optional[int] = None,
+                 position: Optional[int] = None):
+        super().__init__(message)
+        self.row, self.slot, self.request, self.position = row, slot, request, position
+
+
+def check_int(name: str, value: Any, *, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python ``int``: ints and numpy integers pass; bools, floats and anything else raise
+    ``TypeError``, values below ``minimum`` ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        fail(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_index(name: str, t: torch.Tensor, dim: int) -> None:
@@ -82,6 +107,59 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
         used = slot_mapping[slot_mapping >= 0]
         if used.numel() != used.unique().numel():
             fail("slot_mapping writes the same slot twice in one step")
+
+
+def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """In checked mode, every row of ``latent [T, D]`` that is written (``slot_mapping [T] >= 0``) is finite;
+    raises ``NonFiniteLatentError`` naming the first row that is not."""
+    if not checks_enabled() or latent.device.type == "meta" or not latent.numel():
+        return
+    finite = torch.isfinite(latent).all(dim=1) | (slot_mapping < 0)
+    if not bool(finite.all()):
+        t = int((~finite).nonzero()[0, 0])
+        slot = int(slot_mapping[t])
+        raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache cannot "
+                                   "store them", row=t, slot=slot)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses ``t`` can touch (strides are never negative in torch)."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def check_kv_caches(kv_caches: Sequence[torch.Tensor], num_layers: Optional[int], *,
+                    blocks: Optional[tuple[int, int]] = None, device: Optional[torch.device] = None) -> None:
+    """``kv_caches``: one cache ``[num_blocks, page_size, ...]`` per layer, no two overlapping in memory.
+
+    ``num_layers`` (if known) is the number of caches expected; ``blocks`` the ``(num_blocks, page_size)``
+    every cache must lead with (default: the first cache's); ``device`` the device of every cache (default:
+    the first cache's). Caches that share memory would overwrite each other's latents, and a missing or
+    smaller cache would fail a layer after earlier layers wrote: both are rejected before anything runs.
+    """
+    if not isinstance(kv_caches, (list, tuple)):
+        raise TypeError(f"kv_caches must be a list with one cache tensor per layer, got {type(kv_caches).__name__}")
+    if num_layers is not None and len(kv_caches) != num_layers:
+        fail(f"kv_caches holds {len(kv_caches)} caches, expected one per layer: {num_layers}")
+    for i, c in enumerate(kv_caches):
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"kv_caches[{i}] must be a tensor, got {type(c).__name__}")
+    if not kv_caches:
+        return
+    blocks = tuple(kv_caches[0].shape[:2]) if blocks is None else tuple(blocks)
+    device = kv_caches[0].device if device is None else torch.device(device)
+    for i, c in enumerate(kv_caches):
+        if c.dim() != 3 or tuple(c.shape[:2]) != blocks:
+            fail(f"kv_caches[{i}] has shape {tuple(c.shape)}, expected [{blocks[0]}, {blocks[1]}, ...]")
+        if c.device.type != device.type or (device.index is not None and c.device.index != device.index):
+            fail(f"kv_caches[{i}] is on {c.device}, expected {device}")
+    if device.type == "meta":
+        return
+    ranges = sorted((*_byte_range(c), i) for i, c in enumerate(kv_caches) if c.numel())
+    for (_, end, i), (start, _, j) in zip(ranges, ranges[1:]):
+        if start < end:
+            fail(f"kv_caches[{min(i, j)}] and kv_caches[{max(i, j)}] share memory: every layer needs a cache "
+                 "of its own")
 
 
 def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -159,13 +237,19 @@ def _check_batch_data(num_tokens, bt, cu, enc, dec, bid, page_size, num_blocks) 
 
 def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                          block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
-                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.Tensor:
+                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, *,
+                         kv_caches: Optional[Sequence[torch.Tensor]] = None,
+                         num_layers: Optional[int] = None) -> torch.Tensor:
     """``slot_mapping``, after checking a model step's inputs against each other (checked mode only).
 
     The cache ops see slots only, so they cannot tell a slot of another request from the right one: this
     check, run once per step before any cache write, requires token ``i`` of request ``b`` to sit at
     position ``seq_lens_decoder[b] + i`` and to write the slot its block table gives that position (SPEC
     §5), and padding tokens to write nothing. ``cache`` (any layer's) gives the page size and block count.
+
+    ``kv_caches`` (every layer's cache, ``num_layers`` of them) must hold one cache per layer (always
+    checked: a static length) and, in checked mode, caches of ``cache``'s block count and page size on the
+    metadata's device that share no memory (see ``check_kv_caches``).
     """
     if positions.dim() != 1 or slot_mapping.dim() != 1 or positions.shape != slot_mapping.shape:
         fail(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} must both be [T]")
@@ -174,6 +258,11 @@ def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, ca
     if positions.device != batch_id_per_token.device or slot_mapping.device != batch_id_per_token.device:
         fail(f"positions ({positions.device}) and slot_mapping ({slot_mapping.device}) must be on the device of "
              f"the step's metadata ({batch_id_per_token.device})")
+    if kv_caches is not None:
+        if num_layers is not None and len(kv_caches) != num_layers:
+            fail(f"kv_caches holds {len(kv_caches)} caches, expected one per layer: {num_layers}")
+        if checks_enabled():
+            check_kv_caches(kv_caches, num_layers, blocks=tuple(cache.shape[:2]), device=batch_id_per_token.device)
     num_blocks, page_size = cache.shape[0], cache.shape[1]
     host = check_batch(positions.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                        batch_id_per_token, page_size, num_blocks)

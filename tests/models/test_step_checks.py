@@ -79,3 +79,39 @@ def test_consistent_step_passes_and_checks_can_be_turned_off(seed):
         inputs, _ = corrupt(batch, "slot off by one")
         with checks_disabled():    # compiled steps and CUDA graphs run unchecked: the caller owns the metadata
             model(batch.input_ids, kv_caches=filled(model, None, 0.0), **inputs)
+
+
+def bad_cache_list(caches, which):
+    """``caches`` (4 layers, 12 blocks each) spoilt as ``which`` says, and the error that names it."""
+    if which == "two layers share one cache":
+        return caches[:2] + [caches[0], caches[3]], r"kv_caches\[0\] and kv_caches\[2\] share memory"
+    if which == "a layer missing":
+        return caches[:3], r"kv_caches holds 3 caches, expected one per layer: 4"
+    if which == "a cache too many":
+        return caches + [caches[0].clone()], r"kv_caches holds 5 caches, expected one per layer: 4"
+    if which == "a layer with fewer blocks":
+        return caches[:3] + [caches[3][:10]], r"kv_caches\[3\] has shape \(10, 4, \d+\), expected \[12, 4, \.\.\.\]"
+    raise AssertionError(which)
+
+
+@pytest.mark.parametrize("rewritten", [False, True], ids=["original", "rewritten"])
+@pytest.mark.parametrize("which", ["two layers share one cache", "a layer missing", "a cache too many",
+                                   "a layer with fewer blocks"])
+def test_bad_cache_list_is_rejected_before_any_write(which, rewritten, seed):
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule(4, [0, 2], TINY.num_layers)) if rewritten else None
+    batch = two_requests(random.Random(seed))
+    caches, message = bad_cache_list(filled(model, swa, float("nan")), which)
+    before = [raw(c) for c in caches]
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        (swa or model)(batch.input_ids, kv_caches=caches, **batch.model_inputs())
+    assert all(torch.equal(raw(c), b) for c, b in zip(caches, before))
+
+
+def test_cache_count_is_checked_even_with_checks_off(seed):
+    """The count is static (no tensor read): it is checked in compiled and captured steps too."""
+    model = MLAModel(TINY, seed=seed)
+    batch = two_requests(random.Random(seed))
+    caches = filled(model, None, 0.0)
+    with torch.no_grad(), checks_disabled(), pytest.raises(ValueError, match="kv_caches holds 3 caches"):
+        model(batch.input_ids, kv_caches=caches[:3], **batch.model_inputs())
