@@ -83,3 +83,43 @@ def test_isomorphism_sees_structure_not_names():
     c = torch.fx.symbolic_trace(lambda x: torch.relu(x * 2))
     assert isomorphic(to_digraph(a, all_layers=True), to_digraph(b, all_layers=True))
     assert not isomorphic(to_digraph(a, all_layers=True), to_digraph(c, all_layers=True))
+
+
+def test_diff_of_modules_equals_diff_of_their_traces():
+    model = MLAModel(TINY, device="meta")
+    rewritten = apply(model, SCHEDULES["skip-freq-2"])
+    assert str(graph_diff(model, rewritten)) == str(graph_diff(trace(model).forward, rewritten))
+    with pytest.raises(TypeError, match="int"):
+        graph_diff(3, rewritten)
+
+
+def test_diff_is_linear_in_the_graph(monkeypatch):
+    """Each node's layer is computed once, and name-preserving layers need no isomorphism search (the
+    search made a 488-layer diff take minutes)."""
+    import importlib
+
+    gd = importlib.import_module("swa_rewrite.graph_diff")   # the package attribute is the function
+
+    model = MLAModel(TINY.replace(num_hidden_layers=12), device="meta")
+    before, after = trace(model).forward, apply(model, Schedule.from_skip_freq(3, 12, window=16))
+    calls = []
+    real = gd.node_layer
+    monkeypatch.setattr(gd, "node_layer", lambda n: calls.append(n) or real(n))
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("VF2 search ran although node names give the isomorphism")
+
+    monkeypatch.setattr(gd, "DiGraphMatcher", no_search)
+    d = graph_diff(before, after)
+    assert len(calls) == len(before.graph.nodes) + len(after.graph.nodes)
+    assert sorted(d.changed_layers) == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert all(d.layers[i].isomorphic for i in (2, 5, 8, 11))
+
+
+def test_name_shortcut_does_not_hide_a_rewiring():
+    """Same names and labels but swapped inputs: the shortcut fails and the search decides (not isomorphic)."""
+    a = torch.fx.symbolic_trace(lambda x, y: torch.sub(x, torch.relu(y)))
+    b = torch.fx.symbolic_trace(lambda x, y: torch.sub(x, torch.relu(y)))
+    sub = next(n for n in b.graph.nodes if n.name == "sub")
+    sub.args = (sub.args[1], sub.args[0])
+    assert not isomorphic(to_digraph(a, all_layers=True), to_digraph(b, all_layers=True))
