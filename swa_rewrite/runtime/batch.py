@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops.validation import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class StepItem:
@@ -40,8 +42,11 @@ class StepBatch:
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
               max_blocks: Optional[int] = None, device: torch.device | str | None = None) -> "StepBatch":
         """Pack ``items`` into step tensors; pad to ``pad_to`` tokens and ``max_blocks`` table columns if given."""
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        page_size = check_int("page_size", page_size, minimum=1)
+        if pad_to is not None:
+            pad_to = check_int("pad_to", pad_to)
+        if max_blocks is not None:
+            max_blocks = check_int("max_blocks", max_blocks, minimum=0)
         ids, pos, slots, bids, cu = [], [], [], [], [0]
         width = max([len(it.block_table) for it in items] + [max_blocks or 0, 1])
         table = torch.full((len(items), width), -1, dtype=torch.int32)
@@ -88,3 +93,15 @@ class StepBatch:
         return dict(positions=self.positions, block_tables=self.block_tables, cu_seqlens_q=self.cu_seqlens_q,
                     seq_lens_encoder=self.seq_lens_encoder, seq_lens_decoder=self.seq_lens_decoder,
                     batch_id_per_token=self.batch_id_per_token, slot_mapping=self.slot_mapping)
+
+
+def token_of_slot(items: Sequence[StepItem], slot: int, page_size: int) -> Optional[tuple[int, int]]:
+    """``(b, position)``: the request ``b`` of ``items`` and the position in it whose token this step writes
+    to cache ``slot``, or None if no token of the step writes there (an error path's lookup, not a hot one)."""
+    block, offset = divmod(slot, page_size)
+    for b, it in enumerate(items):
+        for i, table_block in enumerate(it.block_table):
+            position = i * page_size + offset
+            if table_block == block and it.num_cached <= position < it.num_cached + len(it.tokens):
+                return b, position
+    return None

@@ -9,9 +9,13 @@ cached (and reusable) until allocation needs them back, oldest first.
 from __future__ import annotations
 
 import array
+import collections
 import hashlib
+import numbers
 from collections import OrderedDict
 from typing import Hashable, Sequence
+
+from ..ops.validation import check_int
 
 
 class OutOfBlocksError(RuntimeError):
@@ -36,12 +40,17 @@ def prefix_block_keys(tokens: Sequence[int], page_size: int) -> list[Hashable]:
 
 
 class BlockManager:
+    """Reference-counted blocks ``0 .. num_blocks - 1`` of ``page_size`` positions each.
+
+    Every method that takes block ids rejects ids outside ``[0, num_blocks)`` and non-integers, before it
+    changes anything: a bad id never gives a block two owners.
+    """
+
     def __init__(self, num_blocks: int, page_size: int):
-        if num_blocks < 1 or page_size < 1:
-            raise ValueError(f"num_blocks and page_size must be >= 1, got {num_blocks}, {page_size}")
-        self.num_blocks, self.page_size = num_blocks, page_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out block 0 first
-        self._refs = [0] * num_blocks
+        self.num_blocks = check_int("num_blocks", num_blocks, minimum=1)
+        self.page_size = check_int("page_size", page_size, minimum=1)
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
+        self._refs = [0] * self.num_blocks
         self._key_of: dict[int, Hashable] = {}
         self._block_of: dict[Hashable, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with no user, oldest first
@@ -50,11 +59,20 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self._free) + len(self._evictable)
 
+    def _block(self, block: int) -> int:
+        """``block`` as an int, after checking it names a block of this pool."""
+        if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+            raise TypeError(f"block id must be an integer, got {block!r} ({type(block).__name__})")
+        if not 0 <= block < self.num_blocks:
+            raise ValueError(f"block id {block} is out of range [0, {self.num_blocks})")
+        return int(block)
+
     def refcount(self, block: int) -> int:
-        return self._refs[block]
+        return self._refs[self._block(block)]
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks, each with one reference."""
+        n = check_int("number of blocks to allocate", n)
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if n > self.num_free:
@@ -83,17 +101,39 @@ class BlockManager:
             out.append(block)
         return out
 
-    def register(self, block: int, key: Hashable) -> None:
-        """Publish a full, written ``block`` as the cache of prefix ``key`` (first writer wins)."""
+    def register(self, block: int, key: Hashable) -> bool:
+        """Publish a full, written, allocated ``block`` as the cache of prefix ``key`` (first writer wins).
+
+        Returns whether this call published it (False if ``key`` or ``block`` was already published)."""
+        block = self._block(block)
+        if self._refs[block] <= 0:
+            raise ValueError(f"block {block} is not allocated: only a block a request holds can be published")
         if key in self._block_of or block in self._key_of:
-            return
+            return False
         self._block_of[key], self._key_of[block] = block, key
+        return True
+
+    def unregister(self, block: int, key: Hashable) -> None:
+        """Withdraw ``block`` as the cache of ``key`` (e.g. its contents are not trusted any more); a no-op
+        if ``block`` is not published under ``key`` now. Holders keep the block; unheld, it becomes free."""
+        block = self._block(block)
+        if self._key_of.get(block) != key:
+            return
+        del self._key_of[block], self._block_of[key]
+        if block in self._evictable:
+            del self._evictable[block]
+            self._free.append(block)
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Drop one reference on each block; unreferenced blocks become free (or evictable if cached)."""
+        """Drop one reference on each block; unreferenced blocks become free (or evictable if cached).
+
+        All ids are checked first: a bad id, or a block freed more often than it is held, changes nothing."""
+        blocks = [self._block(b) for b in blocks]
+        for block, count in collections.Counter(blocks).items():
+            if self._refs[block] < count:
+                raise ValueError(f"block {block} freed more often than allocated (freed {count} times, "
+                                 f"held {self._refs[block]} times)")
         for block in blocks:
-            if self._refs[block] <= 0:
-                raise ValueError(f"block {block} freed more often than allocated")
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if block in self._key_of:

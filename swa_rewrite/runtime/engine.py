@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from typing import Optional, Sequence
+import numbers
+from typing import Any, Hashable, Optional
 
 import torch
 
-from .batch import StepBatch, StepItem
+from ..ops.validation import NonFiniteLatentError, check_int, check_kv_caches
+from .batch import StepBatch, StepItem, token_of_slot
 from .block_manager import BlockManager, OutOfBlocksError, chain_block_key, prefix_block_keys
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,7 @@ class _Request:
     blocks: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0        # positions whose latents are in the cache
     block_keys: list = dataclasses.field(default_factory=list)  # prefix keys of the full, written blocks
+    published: list[tuple[int, Hashable]] = dataclasses.field(default_factory=list)  # (block, key) it published
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @property
@@ -57,25 +61,42 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, page_size: int, max_tokens_per_step: int,
                  prefix_caching: bool = True, device: torch.device | str | None = None,
                  kv_caches: Optional[list[torch.Tensor]] = None):
-        if max_tokens_per_step < 1:
-            raise ValueError(f"max_tokens_per_step must be >= 1, got {max_tokens_per_step}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
+                            f"swa_rewrite.compile return), got {type(model).__name__}")
+        num_blocks = check_int("num_blocks", num_blocks, minimum=1)
+        page_size = check_int("page_size", page_size, minimum=1)
+        self.max_tokens_per_step = check_int("max_tokens_per_step", max_tokens_per_step, minimum=1)
         self.model = model
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.page_size, self.max_tokens_per_step = page_size, max_tokens_per_step
+        self.device = _run_device(model, device)
+        self.vocab_size = _vocab_size(model)
+        self.page_size = page_size
         self.prefix_caching = prefix_caching
         self.blocks = BlockManager(num_blocks, page_size)
         # Caches come from the model unless given (e.g. a compiled model: swa_rewrite.backend(...).allocate_kv_cache).
-        self.kv_caches = (model.allocate_kv_cache(num_blocks, page_size, self.device) if kv_caches is None
-                          else kv_caches)
-        for i, c in enumerate(self.kv_caches):
-            if c.shape[:2] != (num_blocks, page_size):
-                raise ValueError(f"kv_caches[{i}] has shape {tuple(c.shape)}, expected [{num_blocks}, {page_size}, ...]")
+        if kv_caches is None:
+            if not callable(getattr(model, "allocate_kv_cache", None)):
+                raise TypeError(f"{type(model).__name__} has no allocate_kv_cache method: pass kv_caches= "
+                                f"(one [num_blocks, page_size, ...] cache per layer)")
+            kv_caches = model.allocate_kv_cache(num_blocks, page_size, self.device)
+        check_kv_caches(kv_caches, _num_layers(model), blocks=(num_blocks, page_size), device=self.device)
+        self.kv_caches = kv_caches
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of each prompt: ``max_new_tokens`` new tokens per prompt."""
+        """Greedy continuation of each prompt: ``max_new_tokens`` new tokens per prompt.
+
+        ``prompts``: a list of non-empty sequences of token ids in ``[0, vocab_size)`` (Python or numpy ints).
+        If the call fails, every block it took is released and nothing it published stays in the prefix
+        cache: the engine is as it was before the call.
+        """
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of prompts (each a list of token ids), got "
+                            f"{type(prompts).__name__}")
+        prompts = [self._checked_prompt(f"prompt {i}", p, max_new_tokens) for i, p in enumerate(prompts)]
         reqs = self._run(prompts, max_new_tokens, keep_logits=False)
         return [r.generated for r in reqs]
 
@@ -85,37 +106,67 @@ class Engine:
 
         Every position is computed (no prefix reuse for this prompt); its full blocks are still published.
         """
-        (req,) = self._run([prompt], 0, keep_logits=True)
+        (req,) = self._run([self._checked_prompt("prompt", prompt, 0)], 0, keep_logits=True)
         return torch.cat(req.logits)
 
     # ----------------------------------------------------------------------------------------- internals
     def _blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.page_size)
 
-    def _run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, keep_logits: bool) -> list[_Request]:
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        waiting = []
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            need = self._blocks_for(len(p) + max_new_tokens)
-            if need > self.blocks.num_blocks:
-                raise ValueError(f"prompt {i} needs {need} blocks of {self.page_size} positions, the cache has "
-                                 f"{self.blocks.num_blocks}")
-            waiting.append(_Request(i, list(p), len(p), max_new_tokens))
-        all_reqs, running = list(waiting), []
-        while waiting or running:
-            self._admit(waiting, running, reuse=not keep_logits)
-            items, reqs = self._schedule(running)
-            if not items:
-                raise OutOfBlocksError("no request can make progress")  # cannot happen with reservations
-            self._step(items, reqs, keep_logits)
-            for r in [r for r in running if r.done and not r.in_prefill]:
-                self.blocks.free(r.blocks)
-                r.blocks = []
-                running.remove(r)
+    def _checked_prompt(self, name: str, prompt: Any, max_new_tokens: int) -> list[int]:
+        """``prompt`` as a list of Python ints, after checking its ids and that its generation fits the cache."""
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__") or not hasattr(prompt, "__iter__"):
+            raise TypeError(f"{name} must be a sequence of token ids, got {prompt!r} ({type(prompt).__name__})")
+        if len(prompt) == 0:
+            raise ValueError(f"{name} is empty")
+        for j, tok in enumerate(prompt):
+            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
+                raise TypeError(f"{name}: token {j} is {tok!r} ({type(tok).__name__}), expected an integer "
+                                f"token id (a Python or numpy int)")
+            if tok < 0 or (self.vocab_size is not None and tok >= self.vocab_size):
+                raise ValueError(f"{name}: token {j} is {tok}, expected an id in "
+                                 f"[0, {self.vocab_size if self.vocab_size is not None else 'vocab_size'})")
+        need = self._blocks_for(len(prompt) + max_new_tokens)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"{name} needs {need} blocks of {self.page_size} positions, the cache has "
+                             f"{self.blocks.num_blocks}")
+        return [int(tok) for tok in prompt]
+
+    def _run(self, prompts: list[list[int]], max_new_tokens: int, keep_logits: bool) -> list[_Request]:
+        """Run checked ``prompts`` to completion; on any error release everything the call took, then re-raise."""
+        all_reqs = [_Request(i, p, len(p), max_new_tokens) for i, p in enumerate(prompts)]
+        waiting, running = list(all_reqs), []
+        try:
+            while waiting or running:
+                self._admit(waiting, running, reuse=not keep_logits)
+                items, reqs = self._schedule(running)
+                if not items:
+                    raise OutOfBlocksError("no request can make progress")  # cannot happen with reservations
+                self._step(items, reqs, keep_logits)
+                for r in [r for r in running if r.done and not r.in_prefill]:
+                    self._release(r)
+                    running.remove(r)
+        except BaseException:
+            # Whatever failed (a non-finite latent, a model error, an interrupt), the call's blocks come back.
+            # Blocks of the failed step are half written (some layers only) and were never published; the
+            # call's earlier publications are withdrawn too, since the cause (e.g. a non-finite weight) may
+            # have tainted them: the prefix cache is left as it was before the call.
+            for r in all_reqs:
+                self._release(r, withdraw=True)
+            log.debug("engine call failed: released the blocks of its %d request(s)", len(all_reqs))
+            raise
         return all_reqs
+
+    def _release(self, r: _Request, *, withdraw: bool = False) -> None:
+        """Drop ``r``'s references on its blocks (a no-op once released); with ``withdraw`` also take back
+        the prefix-cache entries ``r`` published, whose contents are not trusted (blocks other requests
+        still hold stay theirs)."""
+        if withdraw:
+            for block, key in r.published:
+                self.blocks.unregister(block, key)
+            r.published = []
+        blocks, r.blocks = r.blocks, []
+        self.blocks.free(blocks)
 
     def _reserved(self, running: list[_Request]) -> int:
         return sum(self._blocks_for(r.num_prompt + r.max_new_tokens) - len(r.blocks) for r in running)
@@ -158,8 +209,11 @@ class Engine:
     def _step(self, items: list[StepItem], reqs: list[_Request], keep_logits: bool) -> None:
         batch = StepBatch.build(items, self.page_size, device=self.device)
         logits_indices = None if keep_logits else batch.last_token_index
-        logits = self.model(batch.input_ids, kv_caches=self.kv_caches, logits_indices=logits_indices,
-                            **batch.model_inputs()).float()
+        try:
+            logits = self.model(batch.input_ids, kv_caches=self.kv_caches, logits_indices=logits_indices,
+                                **batch.model_inputs()).float()
+        except NonFiniteLatentError as e:
+            raise self._name_token(e, items, reqs) from e
         self.stats.steps += 1
         cu = [0]
         for it in items:
@@ -184,10 +238,55 @@ class Engine:
             if self.prefix_caching:
                 self._publish_full_blocks(r)
 
+    def _name_token(self, e: NonFiniteLatentError, items: list[StepItem], reqs: list[_Request]) -> Exception:
+        """``e`` (a cache write's row and slot) restated as the request and token position that caused it."""
+        located = token_of_slot(items, e.slot, self.page_size)
+        if located is None:
+            return e
+        b, position = located
+        r = reqs[b]
+        kind = "prompt" if position < r.num_prompt else "generated"
+        return NonFiniteLatentError(
+            f"request {r.rid}, token position {position} ({kind} token {r.tokens[position]}): the model produced "
+            f"a non-finite latent for it ({e})", row=e.row, slot=e.slot, request=r.rid, position=position)
+
     def _publish_full_blocks(self, r: _Request) -> None:
         ps = self.page_size
         while (len(r.block_keys) + 1) * ps <= r.num_computed:
             k = len(r.block_keys)
             key = chain_block_key(r.block_keys[-1] if r.block_keys else None, r.tokens[k * ps:(k + 1) * ps])
-            self.blocks.register(r.blocks[k], key)
+            if self.blocks.register(r.blocks[k], key):
+                r.published.append((r.blocks[k], key))
             r.block_keys.append(key)
+
+
+def _run_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device steps run on: ``device``, else the model's; a model with weights on meta has no data."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"model {type(model).__name__} has {name} on the meta device (no data): materialise "
+                             "it first (e.g. model.to_empty(device=...) and load its weights)")
+    if device is None:
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError(f"model {type(model).__name__} has no parameters to take the device from: pass device=")
+        return first.device
+    device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data: an engine needs a real device (e.g. 'cpu' or 'cuda')")
+    return device
+
+
+def _vocab_size(model: torch.nn.Module) -> Optional[int]:
+    """Token ids the model embeds: ``model.config.vocab_size``, else its ``embed_tokens`` rows (None if unknown)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        return vocab
+    embed = getattr(model, "embed_tokens", None)
+    return embed.num_embeddings if isinstance(embed, torch.nn.Embedding) else None
+
+
+def _num_layers(model: torch.nn.Module) -> Optional[int]:
+    """``model.config.num_hidden_layers`` (one cache per layer), None if the model does not say."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
