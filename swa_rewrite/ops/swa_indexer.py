@@ -19,26 +19,56 @@ from .attention import token_positions
 from .validation import check_batch, fail
 
 
+# Bound the [tokens, band] int64 temporaries of the reference to about this many elements each.
+_INDEX_BUDGET = 1 << 20
+
 
 def swa_indexer_reference(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, window: int,
                           page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``indices int32 [T, 1, W]`` and ``num_valid int32 [T]`` (see module docstring)."""
+    """``indices int32 [T, 1, W]`` and ``num_valid int32 [T]`` (see module docstring).
+
+    Entry ``k`` holds position ``p - W + 1 + k``, and only positions the block tables reach (``< capacity =
+    max_blocks * page_size``) can hold a slot: a token's non-``-1`` entries lie in one band of
+    ``min(W, capacity)`` columns. Only that band is computed, a bounded number of tokens at a time, so the
+    temporaries stay small however large ``W`` is (a Hugging Face window of 128K, or 10^7, over short
+    requests); the output itself is ``[T, 1, W]`` by contract.
+    """
     pos, req = token_positions(cu_seqlens_q, seq_lens_decoder, batch_id_per_token)   # [T], [T]
-    live = req >= 0
-    q = pos[:, None] - window + 1 + torch.arange(window, device=pos.device)         # [T, W]
-    qc = q.clamp(min=0)
-    page = qc // page_size
+    T = pos.shape[0]
     max_blocks = block_tables.shape[1]
-    # Metadata the op's checks would reject (page past the table, negative block) give -1 as in the kernel.
-    valid = live[:, None] & (q >= 0) & (page < max_blocks)
+    band = max(1, min(window, max_blocks * page_size))
     table = block_tables.long()
     if table.numel() == 0:  # only padding tokens can pass the checks then
         table = table.new_full((max(table.shape[0], 1), 1), -1)
-    blk = table[req.clamp(min=0)[:, None], page.clamp(max=max(max_blocks - 1, 0))]   # [T, W]
-    slots = torch.where(valid & (blk >= 0), blk * page_size + qc % page_size, -1)
-    num_valid = torch.where(live, torch.clamp(pos + 1, max=window), 0)
-    return slots.to(torch.int32)[:, None, :], num_valid.to(torch.int32)
+    indices = torch.full((T, window), -1, dtype=torch.int32, device=pos.device)
+    j = torch.arange(band, device=pos.device)
+    step = max(1, _INDEX_BUDGET // band)
+    for t0 in range(0, T, step):
+        first = pos[t0:t0 + step] - window + 1                            # [t] position of entry 0
+        # First column of the band: the column of position 0, kept inside the row.
+        lo = (-first).clamp(min=0, max=window - band)                      # [t]
+        slots = _window_slots(first[:, None] + lo[:, None] + j, req[t0:t0 + step], table, page_size,
+                              max_blocks)                                   # [t, band] int32
+        if band == window:
+            indices[t0:t0 + step] = slots
+        else:
+            indices[t0:t0 + step].scatter_(1, lo[:, None] + j, slots)
+    num_valid = torch.where(req >= 0, torch.clamp(pos + 1, max=window), 0)
+    return indices[:, None, :], num_valid.to(torch.int32)
+
+
+def _window_slots(q: torch.Tensor, req: torch.Tensor, table: torch.Tensor, page_size: int,
+                  max_blocks: int) -> torch.Tensor:
+    """Slots ``int32 [t, n]`` of positions ``q [t, n]`` (int64) of requests ``req [t]`` (``-1`` = padding)
+    through the block tables ``table [B, max_blocks]`` (int64); ``-1`` for a negative position, a padding
+    token, or metadata the op's checks would reject (a page past the table, a negative block), as in the
+    kernel."""
+    qc = q.clamp(min=0)
+    page = qc // page_size
+    valid = (req >= 0)[:, None] & (q >= 0) & (page < max_blocks)
+    blk = table[req.clamp(min=0)[:, None], page.clamp(max=max(max_blocks - 1, 0))]  # [t, n]
+    return torch.where(valid & (blk >= 0), blk * page_size + qc % page_size, -1).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------- op

@@ -223,3 +223,43 @@ def test_all_padding_step_with_no_request():
                                      return_num_valid=True)
     assert idx.shape == (5, 1, 7) and bool((idx == -1).all())
     assert num_valid.tolist() == [0] * 5
+
+
+def _peak_rss_growth(fn):
+    """``fn()`` and the growth of this process's peak resident memory while it ran, in bytes (Linux: the
+    peak is reset through ``/proc/self/clear_refs``), or None where that cannot be measured. Torch's CPU
+    allocations are invisible to tracemalloc and torch keeps no CPU allocator statistics."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status("VmRSS:")
+    except (OSError, StopIteration):
+        return fn(), None
+    out = fn()
+    return out, status("VmHWM:") - base
+
+
+def test_huge_window_over_a_short_context_has_bounded_temporaries_and_right_values(seed):
+    """W = 2^21 over 3 tokens and 2 blocks of 4: a token's slots lie in a band of at most 8 entries, so the
+    reference builds no [T, W] int64 temporaries (it peaked at ~15x its output, and W = 10^7 killed the
+    process); the output itself is [T, 1, W] int32 by contract."""
+    W, ps = 1 << 21, 4
+    b = StepBatch.build([StepItem([1, 2, 3], 2, [3, 1], True)], ps, pad_to=4)
+    args = (b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token)
+    (indices, num_valid), growth = _peak_rss_growth(
+        lambda: ops.swa_indexer(*args, window=W, page_size=ps, return_num_valid=True))
+    output_bytes = indices.numel() * indices.element_size()
+    if growth is not None:
+        assert growth < 2 * output_bytes, \
+            f"peak grew {growth / 2**20:.0f} MiB for a {output_bytes / 2**20:.0f} MiB output"
+    # Positions 2, 3, 4 (2 cached); position q is slot table[q // 4] * 4 + q % 4 with table [3, 1].
+    slot = {0: 12, 1: 13, 2: 14, 3: 15, 4: 4}
+    for t, p in enumerate([2, 3, 4]):
+        tail = indices[t, 0, W - (p + 1):].tolist()
+        assert tail == [slot[q] for q in range(p + 1)]
+        assert bool((indices[t, 0, :W - (p + 1)] == -1).all())           # positions < 0
+    assert bool((indices[3] == -1).all())                                 # padding
+    assert num_valid.tolist() == [3, 4, 5, 0]
