@@ -16,6 +16,7 @@ import torch
 
 from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
+from .arguments import finite_scale, int_argument
 from .fp8_cache import fp8_cache_bytes
 from .validation import checks_enabled
 
@@ -29,8 +30,12 @@ def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_d
     """A latent cache on ``device`` (contents undefined): ``[num_blocks, page_size, R + P]`` of ``dtype``,
     or, for ``dtype=torch.uint8``, the packed FP8 layout ``[num_blocks, page_size, R + 4R/128 + 2P]``."""
     device = torch.device(device) if device is not None else torch.get_default_device()
-    return torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device,
-                                                   layer)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return torch.ops.swa_rewrite.allocate_kv_cache(
+        int_argument(num_blocks, "num_blocks"), int_argument(page_size, "page_size"),
+        int_argument(kv_lora_rank, "kv_lora_rank"), int_argument(rope_dim, "rope_dim"), dtype, device,
+        int_argument(layer, "layer"))
 
 
 def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -40,7 +45,7 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
     ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and, in checked mode,
     on a slot out of range or written twice.
     """
-    torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, layer)
+    torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, int_argument(layer, "layer"))
 
 
 def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -54,8 +59,8 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
     padding tokens (``batch_id_per_token == -1``) give ``out = 0``, ``lse = +inf``.
     """
     return torch.ops.swa_rewrite.paged_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                     seq_lens_decoder, batch_id_per_token, scale, rope_dim,
-                                                     layer)
+                                                     seq_lens_decoder, batch_id_per_token, finite_scale(scale),
+                                                     int_argument(rope_dim, "rope_dim"), int_argument(layer, "layer"))
 
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -66,12 +71,13 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
     in checked mode, on a bad slot or a non-finite latent row.
     """
-    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, int_argument(rope_dim, "rope_dim"),
+                                          int_argument(layer, "layer"))
 
 
 def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Tensor:
     """Dequantise packed rows ``uint8 [..., bytes]`` (a whole cache or gathered slots) into ``bf16 [..., R+P]``."""
-    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, rope_dim)
+    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, int_argument(rope_dim, "rope_dim"))
 
 
 def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
@@ -84,8 +90,9 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
     ``return_num_valid`` also returns ``int32 [T]`` = ``min(window, p + 1)`` (0 for padding).
     """
     indices, num_valid = torch.ops.swa_rewrite.swa_indexer(block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                           seq_lens_decoder, batch_id_per_token, window,
-                                                           page_size)
+                                                           seq_lens_decoder, batch_id_per_token,
+                                                           int_argument(window, "window"),
+                                                           int_argument(page_size, "page_size"))
     return (indices, num_valid) if return_num_valid else indices
 
 
@@ -96,7 +103,8 @@ def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Te
     (natural log). A row with no valid index gives ``out = 0``, ``lse = +inf``. ``scale`` is the model's
     softmax scale. Raises ``ValueError`` on bad shapes/dtypes and, in checked mode, on an index out of range.
     """
-    return torch.ops.swa_rewrite.sparse_mla_attention(q, cache, indices, scale, rope_dim)
+    return torch.ops.swa_rewrite.sparse_mla_attention(q, cache, indices, finite_scale(scale),
+                                                      int_argument(rope_dim, "rope_dim"))
 
 
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -110,5 +118,6 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
     ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
     """
     return torch.ops.swa_rewrite.swa_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                   seq_lens_decoder, batch_id_per_token, scale, rope_dim,
-                                                   window, layer)
+                                                   seq_lens_decoder, batch_id_per_token, finite_scale(scale),
+                                                   int_argument(rope_dim, "rope_dim"), int_argument(window, "window"),
+                                                   int_argument(layer, "layer"))

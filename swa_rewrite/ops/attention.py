@@ -16,6 +16,8 @@ kernels of ``swa_rewrite.kernels.sparse_mla`` / ``paged_mla``; other devices run
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
@@ -146,18 +148,33 @@ def _unpacked(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> torch.Tens
     return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, rope_dim).to(q.dtype)
 
 
+def _check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        fail(f"scale must be a finite softmax scale, got {scale}")
+
+
 def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim, data=True):
+                           batch_id_per_token, scale, rope_dim, data=True):
     if q.dim() != 3:
         fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        fail(f"q must be a floating-point tensor, got {q.dtype}")
+    _check_scale(scale)
     if not 0 < rope_dim < q.shape[-1]:
         fail(f"rope_dim must be in (0, {q.shape[-1]}), got {rope_dim}")
     packed = cache.dtype == torch.uint8
-    width = fp8_cache_bytes(q.shape[-1] - rope_dim, rope_dim) if packed else q.shape[-1]
-    if cache.dim() != 3 or cache.shape[-1] != width:
-        fail(f"cache must be [num_blocks, page_size, {width}], got shape {tuple(cache.shape)}")
+    if not (packed or cache.dtype.is_floating_point):
+        fail(f"cache must be the model-dtype cache ({q.dtype}, as q) or the packed FP8 cache (uint8), "
+             f"got {cache.dtype}")
     if cache.dtype != q.dtype and not packed:
         fail(f"q dtype {q.dtype} does not match cache dtype {cache.dtype}")
+    width = fp8_cache_bytes(q.shape[-1] - rope_dim, rope_dim) if packed else q.shape[-1]
+    if cache.dim() != 3 or cache.shape[-1] != width:
+        R = q.shape[-1] - rope_dim
+        if not packed and R % 128 == 0 and cache.shape[-1] == fp8_cache_bytes(R, rope_dim):
+            fail(f"cache rows are {cache.shape[-1]} wide, the packed FP8 layout, but its dtype is {cache.dtype}: "
+                 "a packed cache must be uint8 (as the rewritten allocation makes it)")
+        fail(f"cache must be [num_blocks, page_size, {width}], got shape {tuple(cache.shape)}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
 
@@ -169,7 +186,7 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
                         scale: float, rope_dim: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full causal MLA attention over the model-dtype paged cache → ``out [T, H, R]``, ``lse [T, H]`` fp32."""
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim)
+                           batch_id_per_token, scale, rope_dim)
     return paged_mla_attention_reference(q, _unpacked(cache, q, rope_dim), block_tables, cu_seqlens_q,
                                          seq_lens_decoder, batch_id_per_token, scale, rope_dim)
 
@@ -178,7 +195,7 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
       scale, rope_dim, layer):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim, data=False)
+                           batch_id_per_token, scale, rope_dim, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
@@ -187,7 +204,7 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
       scale, rope_dim, layer):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, rope_dim)
+                           batch_id_per_token, scale, rope_dim)
     cache = _unpacked(cache, q, rope_dim)
     if not _triton_supported(q, cache):
         return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
@@ -229,8 +246,9 @@ def _fp8_latent_rank(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> int
     return R
 
 
-def _check_sparse_attention(q, cache, indices, rope_dim, data=True):
+def _check_sparse_attention(q, cache, indices, scale, rope_dim, data=True):
     _fp8_latent_rank(cache, q, rope_dim)
+    _check_scale(scale)
     check_index("indices", indices, 3)
     if indices.shape[0] != q.shape[0] or indices.shape[1] != 1:
         fail(f"indices must be [T={q.shape[0]}, 1, K], got shape {tuple(indices.shape)}")
@@ -248,20 +266,20 @@ def _check_sparse_attention(q, cache, indices, rope_dim, data=True):
 def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float,
                          rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA attention over the packed FP8 cache → ``out [T, H, R]``, ``lse [T, H]`` fp32 (SPEC §7)."""
-    _check_sparse_attention(q, cache, indices, rope_dim)
+    _check_sparse_attention(q, cache, indices, scale, rope_dim)
     return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
 
 
 @sparse_mla_attention.register_fake
 def _(q, cache, indices, scale, rope_dim):
-    _check_sparse_attention(q, cache, indices, rope_dim, data=False)
+    _check_sparse_attention(q, cache, indices, scale, rope_dim, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
 @sparse_mla_attention.register_kernel("cuda")
 def _(q, cache, indices, scale, rope_dim):
-    _check_sparse_attention(q, cache, indices, rope_dim)
+    _check_sparse_attention(q, cache, indices, scale, rope_dim)
     if not _triton_supported(q, cache):
         return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
     from ..kernels.sparse_mla import sparse_mla_attention_fwd
@@ -271,8 +289,9 @@ def _(q, cache, indices, scale, rope_dim):
 
 # ---------------------------------------------------------------------------------------- SWA op
 def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, rope_dim, window, data=True):
+                         batch_id_per_token, scale, rope_dim, window, data=True):
     _fp8_latent_rank(cache, q, rope_dim)
+    _check_scale(scale)
     if window < 1:
         fail(f"window must be >= 1, got {window}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
@@ -286,7 +305,7 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
                       layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache → ``out [T, H, R]``, ``lse [T, H]``."""
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, rope_dim, window)
+                         batch_id_per_token, scale, rope_dim, window)
     return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                        batch_id_per_token, scale, rope_dim, window)
 
@@ -295,7 +314,7 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
       rope_dim, window, layer):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, rope_dim, window, data=False)
+                         batch_id_per_token, scale, rope_dim, window, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
@@ -304,7 +323,7 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
       rope_dim, window, layer):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, rope_dim, window)
+                         batch_id_per_token, scale, rope_dim, window)
     if not _triton_supported(q, cache):
         return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                            batch_id_per_token, scale, rope_dim, window)
@@ -313,3 +332,4 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
     return swa_attention_fwd(q.contiguous(), cache, block_tables.contiguous(), cu_seqlens_q.contiguous(),
                              seq_lens_decoder.contiguous(), batch_id_per_token.contiguous(), scale, rope_dim,
                              window)
+

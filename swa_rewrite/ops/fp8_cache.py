@@ -16,6 +16,8 @@ the PyTorch references below, which are also the test oracle.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .validation import check_cache_write, check_finite_latent, fail
@@ -31,6 +33,35 @@ def fp8_cache_bytes(kv_lora_rank: int, rope_dim: int) -> int:
     if kv_lora_rank < _TILE or kv_lora_rank % _TILE:
         fail(f"kv_lora_rank must be a positive multiple of {_TILE} for the FP8 cache, got {kv_lora_rank}")
     return kv_lora_rank + 4 * (kv_lora_rank // _TILE) + 2 * rope_dim
+
+
+def implied_rope_dim(latent_dim: int, packed_bytes: int) -> Optional[int]:
+    """``P`` of a packed row of ``packed_bytes`` holding latents of width ``D = R + P``, or None if no such row.
+
+    From ``D = R + P`` and ``bytes = R + R/32 + 2P``: ``R = 32 (2D - bytes) / 31``.
+    """
+    r32 = 32 * (2 * latent_dim - packed_bytes)
+    if r32 <= 0 or r32 % 31 or (r32 // 31) % _TILE or r32 // 31 >= latent_dim:
+        return None
+    return latent_dim - r32 // 31
+
+
+def packed_row_bytes(width: int, rope_dim: int, what: str, cache: Optional[torch.Tensor] = None) -> int:
+    """Bytes of the packed row of a latent ``width = R + rope_dim`` wide, the width of tensor ``what``.
+
+    An op sees the latent width and ``rope_dim``, not ``R``: a bad pair is reported in those terms, with the
+    ``rope_dim`` that ``cache``'s rows imply for this width when there is one.
+    """
+    R = width - rope_dim
+    implied = None if cache is None or cache.dim() < 1 else implied_rope_dim(width, cache.shape[-1])
+    hint = "" if implied in (None, rope_dim) else \
+        f"; the cache's {cache.shape[-1]}-byte rows fit this {what} with rope_dim={implied}"
+    if rope_dim < 0 or rope_dim % 2:
+        fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}{hint}")
+    if R < _TILE or R % _TILE:
+        fail(f"{what} is {width} wide with rope_dim={rope_dim}, which leaves R = {R} for the FP8 part: the packed "
+             f"cache needs R a positive multiple of {_TILE} (DeepSeek-V3: 576 = 512 + 64){hint}")
+    return fp8_cache_bytes(R, rope_dim)
 
 
 def _latent_rank(num_bytes: int, rope_dim: int) -> int:
@@ -105,7 +136,7 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
              "swa_rewrite.compile(...).allocate_kv_cache or swa_rewrite.backend(...).allocate_kv_cache(model, ...))")
     if not 0 <= rope_dim < latent.shape[1]:
         fail(f"rope_dim must be in [0, {latent.shape[1]}), got {rope_dim}")
-    check_cache_write(latent, cache, slot_mapping, fp8_cache_bytes(latent.shape[1] - rope_dim, rope_dim),
+    check_cache_write(latent, cache, slot_mapping, packed_row_bytes(latent.shape[1], rope_dim, "latent", cache),
                       data=data)
     if cache.stride(2) != 1 or (cache.shape[1] > 1 and cache.stride(1) != cache.shape[2]):
         fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "

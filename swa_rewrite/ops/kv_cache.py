@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_cache import fp8_cache_bytes
+from .fp8_cache import fp8_cache_bytes, implied_rope_dim
 from .validation import check_cache_write, fail
 
 
@@ -40,32 +40,39 @@ def cache_shape(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: in
     return (num_blocks, page_size, width)
 
 
+def _check_allocation(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int,
+                      dtype: torch.dtype) -> None:
+    if num_blocks < 1 or page_size < 1 or kv_lora_rank < 1 or rope_dim < 0:
+        fail(f"cache dims must be positive, got num_blocks={num_blocks}, page_size={page_size}, "
+             f"kv_lora_rank={kv_lora_rank}, rope_dim={rope_dim}")
+    if not (dtype == torch.uint8 or dtype.is_floating_point):
+        fail(f"cache dtype must be the model's floating-point dtype or torch.uint8 (the packed FP8 layout), "
+             f"got {dtype}")
+
+
 @torch.library.custom_op("swa_rewrite::allocate_kv_cache", mutates_args=())
 def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
                       device: torch.device, layer: int) -> torch.Tensor:
     """One layer's latent cache (see ``cache_shape``; contents undefined). ``dtype=torch.uint8`` allocates
     the packed FP8 layout; the graph pass turns an SWA layer's allocation into that by changing ``dtype``."""
-    if num_blocks < 1 or page_size < 1 or kv_lora_rank < 1 or rope_dim < 0:
-        fail(f"cache dims must be positive, got num_blocks={num_blocks}, page_size={page_size}, "
-             f"kv_lora_rank={kv_lora_rank}, rope_dim={rope_dim}")
+    _check_allocation(num_blocks, page_size, kv_lora_rank, rope_dim, dtype)
     return torch.empty(cache_shape(num_blocks, page_size, kv_lora_rank, rope_dim, dtype), dtype=dtype, device=device)
 
 
 @allocate_kv_cache.register_fake
 def _(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device, layer):
+    _check_allocation(num_blocks, page_size, kv_lora_rank, rope_dim, dtype)
     return torch.empty(cache_shape(num_blocks, page_size, kv_lora_rank, rope_dim, dtype), dtype=dtype, device=device)
 
 
 def packed_rope_dim(latent_dim: int, packed_bytes: int) -> int:
-    """``P`` of a packed cache row of ``packed_bytes`` holding latents of width ``D = R + P``.
-
-    From ``D = R + P`` and ``bytes = R + R/32 + 2P``: ``R = 32 (2D - bytes) / 31``.
-    """
-    r32 = 32 * (2 * latent_dim - packed_bytes)
-    if r32 <= 0 or r32 % 31 or (r32 // 31) % 128 or r32 // 31 >= latent_dim:
+    """``P`` of a packed cache row of ``packed_bytes`` holding latents of width ``D = R + P``
+    (see ``fp8_cache.implied_rope_dim``)."""
+    rope_dim = implied_rope_dim(latent_dim, packed_bytes)
+    if rope_dim is None:
         fail(f"a uint8 cache row of {packed_bytes} bytes is not the packed FP8 layout of a latent of width "
              f"{latent_dim} (R + 4R/128 + 2P bytes with R a multiple of 128)")
-    return latent_dim - r32 // 31
+    return rope_dim
 
 
 def _check_write(latent, cache, slot_mapping, data=True):
@@ -74,6 +81,9 @@ def _check_write(latent, cache, slot_mapping, data=True):
             packed_rope_dim(latent.shape[-1], cache.shape[-1])
         check_cache_write(latent, cache, slot_mapping, cache.shape[-1] if cache.dim() == 3 else -1, data=data)
         return
+    if not cache.dtype.is_floating_point:
+        fail(f"cache must be the model-dtype cache (a floating-point dtype, as latent) or the packed FP8 cache "
+             f"(uint8), got {cache.dtype}")
     check_cache_write(latent, cache, slot_mapping, latent.shape[-1], data=data)
     if latent.dtype != cache.dtype:
         fail(f"latent dtype {latent.dtype} does not match cache dtype {cache.dtype}")

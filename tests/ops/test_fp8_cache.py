@@ -305,7 +305,11 @@ def test_unchecked_non_finite_latent_touches_only_its_own_row(seed, device, monk
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(latent=torch.randn(3, 320)), "rows are 656 wide, expected 392"),
-    (dict(latent=torch.randn(3, 300)), "kv_lora_rank must be a positive multiple of 128"),
+    # The op sees the latent width and rope_dim, so the error is in those terms (not kv_lora_rank), and says
+    # which rope_dim the cache's rows would fit.
+    (dict(latent=torch.randn(3, 300)), r"latent is 300 wide with rope_dim=64, which leaves R = 236 .* multiple of 128"),
+    (dict(rope_dim=0), r"latent is 576 wide with rope_dim=0, .*656-byte rows fit this latent with rope_dim=64"),
+    (dict(rope_dim=62), r"latent is 576 wide with rope_dim=62, .*rope_dim=64"),
     (dict(latent=torch.randn(3, 576, dtype=torch.float64)), "bfloat16, float16 or float32"),
     (dict(latent=torch.randn(3, 576), rope_dim=63), "rope_dim must be even"),
     (dict(cache=torch.full((2, 4, 656), -1, dtype=torch.int8)), "must be uint8"),
