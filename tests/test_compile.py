@@ -305,3 +305,45 @@ def test_the_rewritten_module_compiles_too(seed):
         ref = step(swa, packed_caches(model, schedule), items, 16)
     torch.testing.assert_close(got, ref)
     assert op_count(capture.graphs[0], "swa_mla_attention") == {1: 1, 2: 1}
+
+
+# ------------------------------------------------------------------------------- outside torch.no_grad()
+def _grad_mode_step(compiled, model, schedule, items):
+    """One step of ``compiled`` with grad mode on (parameters require grad), and the eager no-grad reference."""
+    got = step(compiled, packed_caches(model, schedule), items, 16)
+    with torch.no_grad():
+        ref = step(apply(model, schedule), packed_caches(model, schedule), items, 16)
+    return got, ref
+
+
+def _assert_backward_names_the_op(out):
+    """Inference works with grad mode on; only an actual backward fails, naming the op and the fix."""
+    with pytest.raises(NotImplementedError, match=r"swa_rewrite::\w+_attention has no gradient.*torch.no_grad"):
+        out.float().sum().backward()
+
+
+@pytest.mark.slow
+def test_backend_compiled_step_runs_outside_no_grad(seed):
+    """Was: AOTAutograd traced a backward of ops with no autograd formula, so the first step died in a
+    Dynamo/Inductor traceback."""
+    model = MLAModel(TINY, seed=seed)
+    assert all(p.requires_grad for p in model.parameters())
+    schedule = Schedule(8, [0, 2], 4)
+    items = random_items(random.Random(seed), 16)
+    compiled = torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True)
+    got, ref = _grad_mode_step(compiled, model, schedule, items)
+    assert rel_err(got.detach(), ref) < 1e-3
+    _assert_backward_names_the_op(got)
+
+
+@pytest.mark.slow
+def test_post_grad_pass_compiled_step_runs_outside_no_grad(seed):
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [1, 3], 4)
+    items = random_items(random.Random(seed), 16)
+    swa_pass = SWAPostGradPass(schedule)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=swa_pass, fx_graph_cache=False):
+        got, ref = _grad_mode_step(torch.compile(model, fullgraph=True), model, schedule, items)
+    assert swa_pass.results[0][1].num_matches == 2         # the forward graph's attention nodes were rewritten
+    assert rel_err(got.detach(), ref) < 1e-3
+    _assert_backward_names_the_op(got)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
+from .inference_only import register_inference_only
 from .validation import check_batch, check_index, checks_enabled, fail
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
@@ -333,3 +334,6 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
                              seq_lens_decoder.contiguous(), batch_id_per_token.contiguous(), scale, rope_dim,
                              window)
 
+
+for _op in (paged_mla_attention, sparse_mla_attention, swa_mla_attention):
+    register_inference_only(_op)

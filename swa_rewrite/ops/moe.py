@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .inference_only import register_inference_only
+
 
 def moe_experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                           topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -111,3 +113,6 @@ def moe_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
 def _(x, gate_up_proj, down_proj, topk_ids, topk_weights):
     _check_moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights)
     return x.new_empty(x.shape)
+
+
+register_inference_only(moe_experts)
