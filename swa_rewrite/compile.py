@@ -18,7 +18,7 @@ import torch.fx
 import torch.fx.experimental._config
 
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
-                     ReplaceAttentionPass, TracedModel, default_registry)
+                     ReplaceAttentionPass, RewriteError, TracedModel, default_registry)
 from .ops.validation import checks_disabled
 from .schedule import Schedule
 
@@ -28,6 +28,47 @@ except ImportError:  # pragma: no cover
     CustomGraphPass = object
 
 log = logging.getLogger(__name__)
+
+
+def _num_layers(module: Any) -> Optional[int]:
+    """The layer count a module states (``config.num_hidden_layers``, else ``num_layers``), or None. A layer
+    module with the model's config (``MLAAttention``) states the model's count too."""
+    for value in (getattr(getattr(module, "config", None), "num_hidden_layers", None),
+                  getattr(module, "num_layers", None)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _compiled_module() -> Optional[torch.nn.Module]:
+    """The module whose ``forward`` Dynamo is compiling now, or None (a function, or not under Dynamo).
+
+    A backend sees one graph, which may hold any part of the model, so the graph cannot say how many layers
+    the model has; the frame Dynamo compiles can. Read through Dynamo's current instruction translator
+    (private, so any failure just means "unknown").
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        module = tx.output.root_tx.f_locals.get("self") if tx is not None else None
+    except Exception:  # noqa: BLE001 - another torch version: the check is best-effort
+        return None
+    return module if isinstance(module, torch.nn.Module) else None
+
+
+def _check_model_layers(schedule: Schedule, module: Optional[torch.nn.Module]) -> None:
+    """As ``apply`` does: a schedule for another layer count is a RewriteError (the layers the model lacks would
+    otherwise be silently ignored)."""
+    num_layers = _num_layers(module)
+    if num_layers is not None and num_layers != schedule.num_layers:
+        raise RewriteError(f"the schedule is for {schedule.num_layers} layers, the model has {num_layers}")
+
+
+def _rewrite(schedule: Schedule, registry: Optional[AdapterRegistry], gm: torch.fx.GraphModule) -> list[PassResult]:
+    """The compile-time rewrite of one graph (partial: any part of the model) of the module being compiled."""
+    _check_model_layers(schedule, _compiled_module())
+    return _pass_manager(schedule, registry)(TracedModel(gm))
 
 
 def _pass_manager(schedule: Schedule, registry: Optional[AdapterRegistry]) -> PassManager:
@@ -63,6 +104,7 @@ class SWABackend:
         self.schedule, self.inner, self.registry = schedule, inner, registry
         self.results: list[list[PassResult]] = []
         self.pass_seconds = 0.0   # time spent in the rewrite itself, all graphs
+        self.rewrite_error: Optional[Exception] = None   # why the last graph could not be rewritten
 
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
@@ -74,7 +116,11 @@ class SWABackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
         t0 = time.perf_counter()
-        self.results.append(_pass_manager(self.schedule, self.registry)(TracedModel(gm)))
+        try:
+            self.results.append(_rewrite(self.schedule, self.registry, gm))
+        except (RewriteError, TypeError) as e:
+            self.rewrite_error = e       # Dynamo wraps it; swa_rewrite.compile unwraps exactly this one
+            raise
         self.pass_seconds += time.perf_counter() - t0
         log.info("swa_rewrite backend: %s", "; ".join(str(r) for r in self.results[-1]))
         if self.inner == "eager":
@@ -104,6 +150,8 @@ class SWAPostGradPass(CustomGraphPass):
     """
 
     def __init__(self, schedule: Schedule, registry: Optional[AdapterRegistry] = None):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
         self.schedule, self.registry = schedule, registry
         self.results: list[list[PassResult]] = []
 
@@ -111,7 +159,7 @@ class SWAPostGradPass(CustomGraphPass):
         gm = graph.owning_module
         if gm is None:
             gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-        self.results.append(_pass_manager(self.schedule, self.registry)(TracedModel(gm)))
+        self.results.append(_rewrite(self.schedule, self.registry, gm))
 
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
@@ -140,6 +188,9 @@ class SWACompiledModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, **compile_kwargs: Any):
         super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
+        _check_model_layers(schedule, model)     # now, not at the first step
         self.model = model
         self.swa_backend = SWABackend(schedule, registry=compile_kwargs.pop("registry", None),
                                       inner=compile_kwargs.pop("inner", "inductor"))
@@ -156,7 +207,14 @@ class SWACompiledModel(torch.nn.Module):
         # one-token step: the reshape of the attention output guards on whether a copy is needed (T == 1).
         # Input checks read tensor values (a host round trip per op): off inside the compiled step.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True), checks_disabled():
-            return self._compiled(*args, **kwargs)
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                # The rewrite's own errors (a schedule or model it cannot rewrite) surface as apply raises them,
+                # not wrapped in Dynamo's backend failure.
+                if e.inner_exception is not None and e.inner_exception is self.swa_backend.rewrite_error:
+                    raise e.inner_exception from None
+                raise
 
 
 def compile(model: torch.nn.Module, schedule: Schedule, **torch_compile_kwargs: Any) -> SWACompiledModel:

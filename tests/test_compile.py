@@ -3,6 +3,7 @@
 import copy
 import io
 import random
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch._inductor.config
 from torch._dynamo.utils import counters
 
 import swa_rewrite
-from swa_rewrite import Schedule, SWAPostGradPass, apply
+from swa_rewrite import RewriteError, Schedule, SWAPostGradPass, apply
 from swa_rewrite.graph_diff import node_layer
 from swa_rewrite.passes.graph_pass import op_name
 from swa_rewrite.models import MLAConfig, MLAModel
@@ -347,3 +348,78 @@ def test_post_grad_pass_compiled_step_runs_outside_no_grad(seed):
     assert swa_pass.results[0][1].num_matches == 2         # the forward graph's attention nodes were rewritten
     assert rel_err(got.detach(), ref) < 1e-3
     _assert_backward_names_the_op(got)
+
+
+# ------------------------------------------------------------------ schedules and models the pass rejects
+def _backend_failure(compiled, model, items, caches=None):
+    """The exception of a first step that Dynamo's backend call failed; Dynamo wraps what a backend raises."""
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info, torch.no_grad():
+        step(compiled, caches or packed_caches(model, Schedule(8, [], 4)), items, 16)
+    return info.value.inner_exception
+
+
+@pytest.mark.parametrize("schedule", [Schedule(8, [0, 5], 6), Schedule(8, [0], 2), Schedule(8, [], 5)])
+def test_backend_rejects_a_schedule_for_another_layer_count_as_apply_does(schedule, seed):
+    """Was: the backend rewrote the layers the model has and silently ignored the others."""
+    model = MLAModel(TINY, seed=seed)
+    items = random_items(random.Random(seed), 16)
+    message = f"the schedule is for {schedule.num_layers} layers, the model has 4"
+    with pytest.raises(RewriteError, match=message):
+        apply(model, schedule)
+    error = _backend_failure(torch.compile(model, backend=swa_rewrite.backend(schedule, inner="eager")), model, items)
+    assert isinstance(error, RewriteError) and str(error) == message
+    torch._dynamo.reset()
+    with pytest.raises(RewriteError, match=message):           # swa_rewrite.compile: at once, unwrapped
+        swa_rewrite.compile(model, schedule, inner="eager")
+
+
+def test_any_graph_holding_a_layer_the_schedule_cannot_index_is_rejected(seed):
+    """Where the module is unknown (a compiled function, the post-grad pass on a captured graph), a layer index
+    past the schedule's layer count still shows the schedule is for another model."""
+    model = MLAModel(TINY, seed=seed)
+    items = random_items(random.Random(seed), 16)
+    schedule = Schedule(8, [0], 2)
+
+    def run(*args, **kwargs):
+        return model(*args, **kwargs)
+    error = _backend_failure(torch.compile(run, backend=swa_rewrite.backend(schedule, inner="eager")), model, items)
+    assert isinstance(error, RewriteError)
+    assert "the schedule is for 2 layers, but the graph holds layer(s) [2, 3]" in str(error)
+    torch._dynamo.reset()
+    capture = Capture()
+    with torch.no_grad():
+        step(torch.compile(model, backend=capture, fullgraph=True), packed_caches(model, Schedule(8, [], 4)), items, 16)
+    with pytest.raises(RewriteError, match=r"graph holds layer\(s\) \[2, 3\]"):
+        SWAPostGradPass(schedule)(capture.graphs[0])
+    with pytest.raises(TypeError, match="schedule must be a swa_rewrite.Schedule"):
+        SWAPostGradPass({"window": 8})
+
+
+def test_backend_rejects_a_float64_model_with_sliding_layers_as_apply_does(seed):
+    """Was: compiled, then every step failed in the packed write."""
+    model = MLAModel(TINY, dtype=torch.float64, seed=seed)
+    schedule = Schedule(8, [1], 4)
+    items = random_items(random.Random(seed), 16)
+    match = r"layer 1 .*bfloat16, float16 or float32 .* model's dtype is torch.float64"
+    with pytest.raises(TypeError, match=match):
+        apply(model, schedule)
+    error = _backend_failure(torch.compile(model, backend=swa_rewrite.backend(schedule, inner="eager")), model, items)
+    assert isinstance(error, TypeError) and re.search(match, str(error))
+    torch._dynamo.reset()
+    with pytest.raises(TypeError, match=match), torch.no_grad():
+        step(swa_rewrite.compile(model, schedule, inner="eager"), packed_caches(model, Schedule(8, [], 4)), items, 16)
+
+
+def test_post_grad_pass_rejects_a_schedule_for_another_layer_count(seed):
+    model = MLAModel(TINY, seed=seed)
+    items = random_items(random.Random(seed), 16)
+    swa_pass = SWAPostGradPass(Schedule(8, [0, 5], 6))
+    # Inductor wraps what a post-grad pass raises (InductorError, itself wrapped by Dynamo in some versions).
+    with torch._inductor.config.patch(post_grad_custom_post_pass=swa_pass, fx_graph_cache=False), \
+            pytest.raises(Exception) as info, torch.no_grad():
+        step(torch.compile(model, fullgraph=True), packed_caches(model, Schedule(8, [], 4)), items, 16)
+    error = info.value
+    while not isinstance(error, RewriteError) and getattr(error, "inner_exception", None) is not None:
+        error = error.inner_exception
+    assert isinstance(error, RewriteError) and str(error) == "the schedule is for 6 layers, the model has 4"
+    assert swa_pass.results == []                               # nothing was rewritten

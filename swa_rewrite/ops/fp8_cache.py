@@ -23,7 +23,8 @@ import torch
 from .validation import check_cache_write, check_finite_latent, fail
 
 _TILE = 128
-_LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).
+LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def fp8_cache_bytes(kv_lora_rank: int, rope_dim: int) -> int:
@@ -128,7 +129,7 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
     """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and finiteness."""
     if latent.dim() != 2:
         fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
-    if latent.dtype not in _LATENT_DTYPES:
+    if latent.dtype not in LATENT_DTYPES:
         fail(f"latent must be bfloat16, float16 or float32, got {latent.dtype}")
     if cache.dtype != torch.uint8:
         fail(f"packed FP8 cache must be uint8, got {cache.dtype}: a sliding-window layer's cache must come "

@@ -66,6 +66,12 @@ class MLAOpAdapter:
     def to_swa_attention(self, node: torch.fx.Node, window: int) -> None:
         raise NotImplementedError
 
+    def latent_dtype(self, node: torch.fx.Node) -> Optional[torch.dtype]:
+        """The dtype of the latent a cache write node writes, where the graph records it (Dynamo's and
+        Inductor's graphs carry example values; a symbolic fx trace does not), else None. Called for the
+        writes of selected layers, before ``to_packed_write``; the default knows nothing."""
+        return None
+
     def to_packed_write(self, node: torch.fx.Node, rope_dim: int) -> bool:
         """Make a cache write produce the packed FP8 layout; False if the node was left as it is."""
         raise NotImplementedError
@@ -119,6 +125,11 @@ class SwaRewriteOps(MLAOpAdapter):
 
     def rope_dim(self, node):
         return bound_args(node)["rope_dim"]
+
+    def latent_dtype(self, node):
+        latent = _arguments(node).get("latent")
+        value = latent.meta.get("val", latent.meta.get("example_value")) if isinstance(latent, torch.fx.Node) else None
+        return value.dtype if isinstance(value, torch.Tensor) else None
 
     def to_swa_attention(self, node, window):
         args = bound_args(node)

@@ -80,6 +80,14 @@ class SchedulePass:
     def config_key(self) -> dict:
         return {"schedule": self.schedule.to_dict(), "partial": self.partial}
 
+    def check_layer_range(self, traced: TracedModel) -> None:
+        """A graph layer the schedule cannot index means the schedule is for another model. Partial graphs
+        (a compiler's) may lack layers, so this is the one layer-count check that holds for any graph."""
+        beyond = sorted(layer for layer in traced.sites if layer >= self.schedule.num_layers)
+        if beyond:
+            raise RewriteError(f"the schedule is for {self.schedule.num_layers} layers, but the graph holds layer(s) "
+                               f"{beyond}: build the schedule for the model's layer count")
+
 
 def resolve_overloads(graph: torch.fx.Graph) -> torch.fx.Graph:
     """``torch.ops.ns.op`` (a packet) → ``torch.ops.ns.op.default``, so each op has one spelling in the

@@ -18,6 +18,7 @@ class PackCacheAllocationPass(SchedulePass):
     name = "pack-cache-allocation"
 
     def __call__(self, traced: TracedModel) -> PassResult:
+        self.check_layer_range(traced)
         result = PassResult(self.name)
         for layer in sorted(self.schedule.swa_layers):
             site = traced.sites.get(layer)

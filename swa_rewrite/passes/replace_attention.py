@@ -13,14 +13,32 @@ After (same node names, re-targeted in place; nothing else in the graph changes)
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
+from ..ops.fp8_cache import LATENT_DTYPES
 from .adapters import Role
 from .graph_pass import PassResult, RewriteError, SchedulePass, TracedModel
+
+
+def check_packable_dtype(layer: int, dtype: Optional[torch.dtype]) -> None:
+    """A selected layer's latents (the model dtype) must be a dtype the packed FP8 write quantises; ``None``
+    (not known in this graph) passes. A TypeError, not a RewriteError: the model's dtype is the user's to
+    change, and no graph could make a float64 model's sliding-window layers run."""
+    if dtype is not None and dtype not in LATENT_DTYPES:
+        names = [str(d).replace("torch.", "") for d in LATENT_DTYPES]
+        supported = ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"layer {layer} is selected for a sliding-window layer, whose packed FP8 cache takes "
+                        f"{supported} latents, but the model's dtype is {dtype}: cast the model first "
+                        "(e.g. model.to(torch.bfloat16)) or keep the layer full")
 
 
 class ReplaceAttentionPass(SchedulePass):
     name = "replace-attention"
 
     def __call__(self, traced: TracedModel) -> PassResult:
+        self.check_layer_range(traced)
         result = PassResult(self.name)
         sites = traced.sites
         W = self.schedule.window
@@ -40,6 +58,7 @@ class ReplaceAttentionPass(SchedulePass):
                 result.num_matches += 1
                 result.details.append(f"layer {layer}: {node.name} -> {node.target} (window {W})")
             for adapter, node in site.writes:
+                check_packable_dtype(layer, adapter.latent_dtype(node))
                 if adapter.role(node) is Role.CACHE_WRITE:
                     if adapter.to_packed_write(node, site.rope_dim()):
                         result.details.append(f"layer {layer}: {node.name} -> packed FP8 write")
