@@ -23,6 +23,7 @@ from .models.rope import reset_rope_buffer
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
 from .passes.graph_pass import eliminate_dead_code
+from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -239,14 +240,40 @@ def _kind(site) -> str:
     return "SWA" if site.attention_role is Role.SWA_ATTENTION else "full"
 
 
+_TRACE_CONTRACT = (
+    "apply traces model.forward and model.allocate_kv_cache with torch.fx (symbolically: no example inputs), "
+    "so both must be fx-traceable: no Python control flow on tensor values or shapes that vary per step. "
+    "forward takes the step (input_ids, positions, kv_caches, block_tables, cu_seqlens_q, seq_lens_encoder, "
+    "seq_lens_decoder, batch_id_per_token, slot_mapping, ...) and calls torch.ops.swa_rewrite.write_kv_cache "
+    "and torch.ops.swa_rewrite.paged_mla_attention with each layer's index as an explicit argument; "
+    "allocate_kv_cache(num_blocks, page_size, device=None) returns one "
+    "torch.ops.swa_rewrite.allocate_kv_cache(...) per layer. swa_rewrite.models.MLAModel is the reference "
+    "(docs/design.md §8). A model fx cannot trace can still be rewritten at compile time: "
+    "torch.compile(model, backend=swa_rewrite.backend(schedule))")
+
+
+def _trace_or_explain(model: torch.nn.Module) -> TracedModel:
+    """``trace(model)``; an fx failure (``TraceError``, or a ``Proxy`` used as a value) becomes a RewriteError
+    stating the contract a traceable model meets, chained to the original error."""
+    try:
+        return trace(model)
+    except RewriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracing runs arbitrary model code: any failure is untraceable code
+        raise RewriteError(f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}). "
+                           f"{_TRACE_CONTRACT}") from e
+
+
 def apply(model: torch.nn.Module, schedule: Schedule, *,
           registry: Optional[AdapterRegistry] = None) -> SWAModule:
     """Rewrite the layers ``schedule`` selects into sliding-window layers with packed FP8 caches.
 
     Returns an ``SWAModule`` sharing ``model``'s parameters; ``result.swa_report`` prints the per-layer
     table. Works on ``meta``-device models. Applying the same schedule again changes nothing. Raises
-    ``RewriteError`` (a ``ValueError``) when the model has no MLA attention, a selected layer has none,
-    the schedule is for another layer count, or the ops carry no layer index.
+    ``RewriteError`` (a ``ValueError``) when fx cannot trace the model, the model has no MLA attention, a
+    selected layer has none, the schedule is for another layer count, or the ops carry no layer index;
+    ``TypeError`` for a non-``Schedule`` or a selected layer whose dtype the packed FP8 cache does not take
+    (float64: the supported model dtypes are bfloat16, float16 and float32).
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
@@ -258,7 +285,7 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
                              allocation_inputs=list(model._swa_allocation_inputs))
         config = getattr(model, "config", None)
     else:
-        traced = trace(model)
+        traced = _trace_or_explain(model)
         config = getattr(model, "config", None)
     layout_before = _cache_layout(traced, model)
     find = FindMLAAttentionPass(registry)
@@ -266,6 +293,9 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     num_layers = getattr(config, "num_hidden_layers", None) or len(layout_before)
     if schedule.num_layers != num_layers:
         raise RewriteError(f"the schedule is for {schedule.num_layers} layers, the model has {num_layers}")
+    for layer in sorted(schedule.swa_layers):   # fx records no dtypes: the model's caches tell the latent dtype
+        if layer < len(layout_before) and layout_before[layer][0] != torch.uint8:
+            check_packable_dtype(layer, layout_before[layer][0])
     kinds_before = {layer: _kind(site) for layer, site in traced.sites.items()}
     manager = PassManager([ReplaceAttentionPass(schedule), PackCacheAllocationPass(schedule)])
     results += manager(traced)
