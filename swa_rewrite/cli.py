@@ -7,14 +7,30 @@ Subcommands: ``demo`` (rewrite the bundled model and generate with both), ``diff
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 from typing import Optional, Sequence
 
+# Far beyond any released model (DeepSeek-V3: 61 layers); more would only make tracing crawl.
+_MAX_LAYERS = 1024
+
 
 class CLIError(Exception):
     """A user-facing error: printed as ``swa-rewrite: error: ...`` with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _positive(text: str) -> int:
@@ -24,6 +40,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**63 <= value < 2**63:        # what torch's generators take
+        raise argparse.ArgumentTypeError(f"must be a 64-bit integer, got {value}")
     return value
 
 
@@ -48,40 +74,92 @@ def _add_model_args(p: argparse.ArgumentParser, default_window: int) -> None:
                    help="window_attn_skip_freq as a list: 1 = SWA layer, 0 = full")
 
 
-def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
-    import torch
-
-    from .models import MLAConfig, MLAModel
+def _config(args):
+    """The ``MLAConfig`` of ``--hf DIR`` (its config.json alone) or of ``--config`` / ``--layers``."""
+    from .models import MLAConfig
 
     if getattr(args, "hf", None):
-        from .models import from_pretrained
+        from .models.hf import config_from_pretrained
 
         if getattr(args, "layers", None):
             raise CLIError("--layers applies to --config models; a checkpoint's layer count comes from its config")
-
-        if meta:   # graph and memory questions need the config only: no weights are read
-            import json
-            import os
-
-            from .models.hf import config_from_hf
-
-            path = os.path.join(args.hf, "config.json")
-            try:
-                with open(path) as f:
-                    config = config_from_hf(json.load(f))
-            except (OSError, json.JSONDecodeError) as e:
-                raise CLIError(f"--hf {args.hf}: cannot read {path}: {e}") from None
-            except ValueError as e:       # not a DeepSeek-V2/V3 config, or one we do not support
-                raise CLIError(f"--hf {args.hf}: {e}") from None
-            return MLAModel(config, device="meta", dtype=dtype)
-        try:
-            return from_pretrained(args.hf, dtype=dtype or torch.float32, device=device)
-        except (OSError, ValueError) as e:    # missing files, unsupported config, tensors that do not match
-            raise CLIError(f"--hf {args.hf}: {e}") from None
+        config = _read_checkpoint(args.hf, config_from_pretrained)
+        if config.num_hidden_layers > _MAX_LAYERS:
+            raise CLIError(f"--hf {args.hf}: config.json has num_hidden_layers={config.num_hidden_layers}; "
+                           f"at most {_MAX_LAYERS} layers are supported")
+        return config
+    if args.layers and args.layers > _MAX_LAYERS:
+        raise CLIError(f"--layers {args.layers}: at most {_MAX_LAYERS} layers are supported")
     config = MLAConfig.named(args.config)
-    if args.layers:
-        config = config.replace(num_hidden_layers=args.layers)
-    return MLAModel(config, device="meta" if meta else device, dtype=dtype, seed=getattr(args, "seed", 0))
+    return config.replace(num_hidden_layers=args.layers) if args.layers else config
+
+
+def _read_checkpoint(path: str, read, **kw):
+    """``read(path, **kw)``, its errors (missing or unreadable files, unsupported configs, tensors that do not
+    match) turned into ``CLIError`` naming ``--hf``."""
+    try:
+        return read(path, **kw)
+    except OSError as e:            # missing files and folders (CheckpointNotFoundError is one too)
+        raise CLIError(f"--hf {path}: cannot read the checkpoint: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--hf {path}: {e}") from None
+
+
+def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
+    """The model of ``--config`` / ``--hf``: on the meta device (config only, no weights read) when ``meta``."""
+    import torch
+
+    from .models import MLAModel, from_pretrained
+
+    config = _config(args)
+    if meta:   # graph and memory questions need the config only: no weights are read
+        return MLAModel(config, device="meta", dtype=dtype)
+    if getattr(args, "hf", None):
+        return _read_checkpoint(args.hf, from_pretrained, dtype=dtype or torch.float32, device=device)
+    return MLAModel(config, device=device, dtype=dtype, seed=getattr(args, "seed", 0))
+
+
+def _available_bytes(device) -> Optional[int]:
+    """Free memory of ``device`` in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable, else
+    physical memory), or None where the platform does not say."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            continue
+    return None
+
+
+def _check_fits(device, needs: dict[str, int]) -> None:
+    """Refuse, before anything is allocated, sizes whose bytes (``needs``: what → bytes) exceed ``device``'s
+    free memory: an absurd ``--num-blocks`` would otherwise fail deep in the allocator, or get the process
+    killed when the pages are touched."""
+    total, available = sum(needs.values()), _available_bytes(device)
+    if available is not None and total > available:
+        parts = ", ".join(f"{what} {_fmt_bytes(n)}" for what, n in needs.items())
+        raise CLIError(f"this needs {_fmt_bytes(total)} of {device} memory ({parts}), more than the "
+                       f"{_fmt_bytes(available)} available")
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _cache_bytes_per_slot(model) -> int:
+    """Bytes one token slot takes in the unrewritten model's caches, all layers (model on any device)."""
+    return sum(c.numel() * c.element_size() for c in model.allocate_kv_cache(1, 1, device="meta"))
 
 
 def _schedule(args, num_layers: int):
@@ -106,6 +184,23 @@ def _fmt_bytes(n: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- demo
+def _check_demo_sizes(args: argparse.Namespace, device: str, dtype) -> None:
+    """Before any weight, cache or prompt is allocated: every prompt's generation fits in the cache, and
+    the weights plus caches fit in ``device``'s memory."""
+    nb, ps = args.num_blocks, args.page_size
+    for i, n in enumerate(args.prompt_lens):
+        need = -(-(n + args.max_new_tokens) // ps)
+        if need > nb:
+            raise CLIError(f"prompt {i} needs {need} blocks of {ps} positions, the cache has {nb} "
+                           f"(see --num-blocks, --page-size, --prompt-lens, --max-new-tokens)")
+    skeleton = _build_model(args, meta=True, dtype=dtype)
+    # Two engines' caches are alive at once (one generating, one scoring prompt 0); the unrewritten
+    # model's cache is the largest of the three models'.
+    _check_fits(device, {"weights": _weight_bytes(skeleton),
+                         f"KV caches (2 engines x --num-blocks {nb} x --page-size {ps})":
+                         2 * nb * ps * _cache_bytes_per_slot(skeleton)})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -115,6 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available() and not args.cpu
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    _check_demo_sizes(args, device, dtype)
     model = _build_model(args, device=device, dtype=dtype)
     cfg = model.config
     schedule = _schedule(args, cfg.num_hidden_layers)
@@ -263,6 +359,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise CLIError("bench needs a CUDA device (none is visible); run it on a GPU machine")
+    # The largest context's caches (original model, --batch requests; see bench.py) beside the weights.
+    skeleton = _build_model(args, meta=True, dtype=torch.bfloat16)
+    slots = args.batch * -(-(max(args.contexts) + 1) // args.page_size) * args.page_size
+    _check_fits("cuda", {"weights": _weight_bytes(skeleton),
+                         f"KV caches (--batch {args.batch} x context {max(args.contexts)})":
+                         slots * _cache_bytes_per_slot(skeleton)})
     from .bench import run_bench
 
     run_bench(args)
@@ -271,15 +373,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swa-rewrite", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="swa-rewrite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,memory,bench}")
 
     demo = sub.add_parser("demo", help="rewrite the bundled model, generate with it and the original side by side",
                           description="Rewrite the bundled tiny model (or --hf DIR), run a generation through the "
                                       "rewritten and the original model, and compare them.")
     _add_model_args(demo, default_window=16)
-    demo.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
+    demo.add_argument("--seed", type=_seed, default=0, help="weights and prompt seed")
     demo.add_argument("--prompt-lens", type=_positive, nargs="+", default=[37, 5, 64], help="prompt lengths")
     demo.add_argument("--max-new-tokens", type=_positive, default=16)
     demo.add_argument("--page-size", type=_positive, default=16)
@@ -323,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code: 0, or 2 after one ``swa-rewrite: error: ...`` line on
+    stderr (bad arguments exit through ``SystemExit(2)`` with the same one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "contexts", None) is not None and (not args.contexts or min(args.contexts) < 1):
@@ -330,8 +433,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"swa-rewrite: error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+    # The library's answers to bad input (ValueError/TypeError, RewriteError, OSError for files) reach the
+    # user as they are; bugs (AssertionError, RuntimeError) keep their traceback.
+    except (ValueError, TypeError, OSError) as e:
+        message = str(e)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        message = f"out of memory: {e} (try smaller sizes)"
+    print(f"swa-rewrite: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's (CUDA) OutOfMemoryError, or the CPU allocator's
+    RuntimeError, which has no type of its own."""
+    torch = sys.modules.get("torch")
+    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(e))
 
 
 if __name__ == "__main__":
