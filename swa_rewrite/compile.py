@@ -5,6 +5,9 @@ Dynamo graph (in *partial* mode: a graph may hold any part of the model), then h
 ``SWAPostGradPass`` is the same rewrite as an Inductor custom post-grad pass with a stable ``uuid()``, for
 engines that own their pass manager. ``swa_rewrite.compile`` wraps a model so that its forward is compiled
 through the backend and its ``allocate_kv_cache`` returns the packed caches of the SWA layers.
+
+A step may run with grad mode on: the ops' backward is traceable and raises only if it runs
+(``ops/inference_only.py``); ``torch.no_grad()`` still saves the activations AOTAutograd keeps for it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ function of the op's module) otherwise.
 One module per op family, each holding its reference, its ``torch.library`` definition and fake:
 ``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
 ``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention),
-``moe`` (the routed experts of a MoE block).
+``moe`` (the routed experts of a MoE block). ``inference_only`` gives the ops a backward that raises only when
+it runs (steps work with grad mode on); ``arguments`` checks the plain arguments of the functions here.
 """
 
 from __future__ import annotations
