@@ -186,6 +186,9 @@ def test_from_pretrained_dtype_and_device(tmp_path, seed):
     assert block.gate.weight.dtype == block.gate.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(block.gate.e_score_correction_bias, hf.model.layers[1].mlp.gate.e_score_correction_bias)
     assert from_pretrained(tmp_path).lm_head.weight.dtype == torch.float32   # the config's dtype
+    assert from_hf(hf, dtype="bf16").lm_head.weight.dtype == torch.bfloat16    # dtype names, as from_pretrained
+    with pytest.raises(ValueError, match="dtype='bf17' is not a known dtype name"):
+        from_hf(hf, dtype="bf17")
 
 
 def _rewrite_checkpoint(path, edit):
