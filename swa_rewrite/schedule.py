@@ -7,7 +7,7 @@ import json
 import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
-from .ops.arguments import int_argument
+from .ops.validation import check_int
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _KEYS = ("window", "swa_layers", "num_layers")   # of to_dict / from_dict
@@ -27,7 +27,7 @@ class Schedule:
 
     def __init__(self, window: int, swa_layers: Iterable[int], num_layers: int):
         # NumPy integers are ints here (a schedule built from a config array); bools and floats are not.
-        window, num_layers = int_argument(window, "window"), int_argument(num_layers, "num_layers")
+        window, num_layers = check_int("window", window), check_int("num_layers", num_layers)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if num_layers < 1:
@@ -53,7 +53,7 @@ class Schedule:
         A list: entry ``1`` makes that layer SWA, ``0`` keeps it full (length must be ``num_layers``).
         An int ``n``: 0-based layer ``i`` is SWA iff ``(i + 1) % n != 0`` (every ``n``-th layer stays full).
         """
-        num_layers = int_argument(num_layers, "num_layers")
+        num_layers = check_int("num_layers", num_layers)
         if isinstance(freq, numbers.Integral) and not isinstance(freq, bool):
             if freq < 1:
                 raise ValueError(f"window_attn_skip_freq must be >= 1, got {freq}")

@@ -83,9 +83,9 @@ def test_numpy_integers_are_ints():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: Schedule(8.0, [1], 4), r"window must be an int, got 8\.0"),
-    (lambda: Schedule(True, [1], 4), "window must be an int, got True"),
-    (lambda: Schedule(8, [1], 4.0), r"num_layers must be an int, got 4\.0"),
+    (lambda: Schedule(8.0, [1], 4), r"window must be an integer, got 8\.0"),
+    (lambda: Schedule(True, [1], 4), "window must be an integer, got True"),
+    (lambda: Schedule(8, [1], 4.0), r"num_layers must be an integer, got 4\.0"),
     (lambda: Schedule(8, [True], 4), "layer indices must be ints, got True"),
     (lambda: Schedule(8, 1, 4), "swa_layers must be an iterable of layer indices, got 1"),
     (lambda: Schedule(8, "01", 4), "swa_layers must be an iterable of layer indices, got '01'"),
@@ -93,9 +93,9 @@ def test_numpy_integers_are_ints():
     (lambda: Schedule.from_skip_freq(True, 4, 8), "window_attn_skip_freq must be an int or a list of 0/1, got True"),
     (lambda: Schedule.from_skip_freq([1, 0.0, 1, 0], 4, 8), r"window_attn_skip_freq\[1\] = 0\.0"),
     (lambda: Schedule.from_skip_freq([1, 0, True, 0], 4, 8), r"window_attn_skip_freq\[2\] = True"),
-    (lambda: Schedule.from_skip_freq(2, 4.0, 8), r"num_layers must be an int, got 4\.0"),
-    (lambda: Schedule.from_skip_freq(2, 4, 8.5), r"window must be an int, got 8\.5"),
-    (lambda: Schedule.from_layer_types(["full_attention"], 8.0), r"window must be an int, got 8\.0"),
+    (lambda: Schedule.from_skip_freq(2, 4.0, 8), r"num_layers must be an integer, got 4\.0"),
+    (lambda: Schedule.from_skip_freq(2, 4, 8.5), r"window must be an integer, got 8\.5"),
+    (lambda: Schedule.from_layer_types(["full_attention"], 8.0), r"window must be an integer, got 8\.0"),
     (lambda: Schedule.from_layer_types("full_attention", 8), "layer_types must be a list"),
 ])
 def test_bools_and_floats_are_type_errors_naming_the_value(make, match):
@@ -112,9 +112,9 @@ def test_from_dict_names_a_missing_key_and_a_wrong_type():
         Schedule.from_json("{}")
     with pytest.raises(TypeError, match=r"must be a mapping .* got \[8, \[1\], 4\]"):
         Schedule.from_json("[8, [1], 4]")
-    with pytest.raises(TypeError, match="window must be an int, got '8'"):
+    with pytest.raises(TypeError, match="window must be an integer, got '8'"):
         Schedule.from_dict({**good, "window": "8"})
     with pytest.raises(TypeError, match="swa_layers must be an iterable of layer indices, got 1"):
         Schedule.from_dict({**good, "swa_layers": 1})
-    with pytest.raises(TypeError, match=r"num_layers must be an int, got 4\.0"):
+    with pytest.raises(TypeError, match=r"num_layers must be an integer, got 4\.0"):
         Schedule.from_json('{"window": 8, "swa_layers": [1], "num_layers": 4.0}')

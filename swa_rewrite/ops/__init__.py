@@ -8,7 +8,8 @@ One module per op family, each holding its reference, its ``torch.library`` defi
 ``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
 ``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention),
 ``moe`` (the routed experts of a MoE block). ``inference_only`` gives the ops a backward that raises only when
-it runs (steps work with grad mode on); ``arguments`` checks the plain arguments of the functions here.
+it runs (steps work with grad mode on). The functions here check their plain arguments first (the
+dispatcher would turn ``True`` into ``1`` and reject a float ``int`` with a RuntimeError).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 
 from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
-from .arguments import finite_scale, int_argument
+from .attention import finite_scale
 from .fp8_cache import fp8_cache_bytes
-from .validation import checks_enabled
+from .validation import check_int, checks_enabled
 
 __all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
@@ -34,9 +35,9 @@ def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_d
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     return torch.ops.swa_rewrite.allocate_kv_cache(
-        int_argument(num_blocks, "num_blocks"), int_argument(page_size, "page_size"),
-        int_argument(kv_lora_rank, "kv_lora_rank"), int_argument(rope_dim, "rope_dim"), dtype, device,
-        int_argument(layer, "layer"))
+        check_int("num_blocks", num_blocks), check_int("page_size", page_size),
+        check_int("kv_lora_rank", kv_lora_rank), check_int("rope_dim", rope_dim), dtype, device,
+        check_int("layer", layer))
 
 
 def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -46,7 +47,7 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
     ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and, in checked mode,
     on a slot out of range or written twice.
     """
-    torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, int_argument(layer, "layer"))
+    torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, check_int("layer", layer))
 
 
 def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -61,7 +62,7 @@ def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torc
     """
     return torch.ops.swa_rewrite.paged_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
                                                      seq_lens_decoder, batch_id_per_token, finite_scale(scale),
-                                                     int_argument(rope_dim, "rope_dim"), int_argument(layer, "layer"))
+                                                     check_int("rope_dim", rope_dim), check_int("layer", layer))
 
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -72,13 +73,13 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
     in checked mode, on a bad slot or a non-finite latent row.
     """
-    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, int_argument(rope_dim, "rope_dim"),
-                                          int_argument(layer, "layer"))
+    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, check_int("rope_dim", rope_dim),
+                                          check_int("layer", layer))
 
 
 def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Tensor:
     """Dequantise packed rows ``uint8 [..., bytes]`` (a whole cache or gathered slots) into ``bf16 [..., R+P]``."""
-    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, int_argument(rope_dim, "rope_dim"))
+    return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, check_int("rope_dim", rope_dim))
 
 
 def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
@@ -92,8 +93,8 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
     """
     indices, num_valid = torch.ops.swa_rewrite.swa_indexer(block_tables, cu_seqlens_q, seq_lens_encoder,
                                                            seq_lens_decoder, batch_id_per_token,
-                                                           int_argument(window, "window"),
-                                                           int_argument(page_size, "page_size"))
+                                                           check_int("window", window),
+                                                           check_int("page_size", page_size))
     return (indices, num_valid) if return_num_valid else indices
 
 
@@ -105,7 +106,7 @@ def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Te
     softmax scale. Raises ``ValueError`` on bad shapes/dtypes and, in checked mode, on an index out of range.
     """
     return torch.ops.swa_rewrite.sparse_mla_attention(q, cache, indices, finite_scale(scale),
-                                                      int_argument(rope_dim, "rope_dim"))
+                                                      check_int("rope_dim", rope_dim))
 
 
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -120,5 +121,5 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
     """
     return torch.ops.swa_rewrite.swa_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
                                                    seq_lens_decoder, batch_id_per_token, finite_scale(scale),
-                                                   int_argument(rope_dim, "rope_dim"), int_argument(window, "window"),
-                                                   int_argument(layer, "layer"))
+                                                   check_int("rope_dim", rope_dim), check_int("window", window),
+                                                   check_int("layer", layer))

@@ -17,6 +17,8 @@ kernels of ``swa_rewrite.kernels.sparse_mla`` / ``paged_mla``; other devices run
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 
@@ -147,6 +149,15 @@ def _unpacked(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> torch.Tens
     if cache.dtype != torch.uint8:
         return cache
     return torch.ops.swa_rewrite.dequantize_fp8_cache(cache, rope_dim).to(q.dtype)
+
+
+def finite_scale(scale: Any) -> float:
+    """The ``scale`` argument of the public attention functions: a finite real number (TypeError for a
+    non-number or a bool, ValueError for NaN / inf, which would poison every output)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float, got {scale!r} ({type(scale).__name__})")
+    _check_scale(float(scale))
+    return float(scale)
 
 
 def _check_scale(scale: float) -> None:

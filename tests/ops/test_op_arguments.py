@@ -66,7 +66,7 @@ def test_bools_and_floats_are_type_errors_naming_the_value(argument, value):
     names = [n for n in names if argument != "page_size" or n in ("swa_indexer", "allocate_kv_cache")]
     assert names
     for name in names:
-        with pytest.raises(TypeError, match=rf"{argument} must be an int, got {value!r}"):
+        with pytest.raises(TypeError, match=rf"{argument} must be an integer, got {value!r}"):
             calls[name]()
 
 
