@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
                      ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
@@ -269,12 +270,17 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     """Rewrite the layers ``schedule`` selects into sliding-window layers with packed FP8 caches.
 
     Returns an ``SWAModule`` sharing ``model``'s parameters; ``result.swa_report`` prints the per-layer
-    table. Works on ``meta``-device models. Applying the same schedule again changes nothing. Raises
+    table. A ``transformers`` DeepSeek-V2/V3 model is converted with ``models.from_hf`` first (weights
+    copied into the bundled paged model; logged). Works on ``meta``-device models. Applying the same
+    schedule again changes nothing. Raises
     ``RewriteError`` (a ``ValueError``) when fx cannot trace the model, the model has no MLA attention, a
     selected layer has none, the schedule is for another layer count, or the ops carry no layer index;
     ``TypeError`` for a non-``Schedule`` or a selected layer whose dtype the packed FP8 cache does not take
     (float64: the supported model dtypes are bfloat16, float16 and float32).
     """
+    if is_hf_deepseek(model):   # a transformers DeepSeek-V2/V3: convert to the bundled paged model first
+        log.info("swa_rewrite.apply: converting %s to the bundled MLAModel (models.from_hf)", type(model).__name__)
+        model = from_hf(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
     registry = registry or default_registry()

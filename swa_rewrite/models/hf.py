@@ -56,7 +56,7 @@ from .mla import MLAModel
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointMismatchError", "CheckpointNotFoundError", "config_from_hf", "config_from_pretrained",
-           "from_hf", "from_pretrained"]
+           "from_hf", "from_pretrained", "is_hf_deepseek"]
 
 # model_type → DeepSeek generation. Kimi-K2 ships the DeepSeek-V3 architecture under its own name.
 _MODEL_TYPES = {"deepseek_v3": "v3", "kimi_k2": "v3", "deepseek_v2": "v2"}
@@ -379,6 +379,15 @@ def _empty_model(config: MLAConfig, dtype: torch.dtype, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------------- public
+def is_hf_deepseek(model: Any) -> bool:
+    """Whether ``model`` is a ``transformers``-style DeepSeek-V2/V3 module (``*ForCausalLM`` or its inner
+    ``*Model``): not one of ours, with a ``config`` whose ``model_type`` is a DeepSeek one. Decided from the
+    config, so remote-code variants (Kimi-K2) count too, and ``transformers`` is never imported."""
+    config = getattr(model, "config", None)
+    return (isinstance(model, torch.nn.Module) and not isinstance(model, MLAModel)
+            and not isinstance(config, MLAConfig) and getattr(config, "model_type", None) in _MODEL_TYPES)
+
+
 def from_hf(hf_model: torch.nn.Module, *, dtype: torch.dtype | str | None = None,
             device: torch.device | str | None = None) -> MLAModel:
     """The bundled ``MLAModel`` with the weights of a ``transformers`` DeepSeek-V2/V3 causal LM.

@@ -466,3 +466,21 @@ def test_tied_checkpoint_repeating_a_mis_shaped_lm_head_is_rejected(tmp_path, se
     _rewrite_checkpoint(tmp_path, lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)}))
     with pytest.raises(CheckpointMismatchError, match=r"mis-shaped \(1\): lm_head\.weight: \(7, 3\)"):
         from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- apply(hf_model)
+@pytest.mark.parametrize("variant", ["v3", "v2-greedy"])
+def test_apply_converts_a_transformers_model(variant, seed, caplog):
+    """``apply(hf_model, schedule)`` converts with ``from_hf`` first (logged) and equals rewriting the
+    converted model; the inner ``*Model`` (no lm_head) is refused with a TypeError naming the class."""
+    hf = hf_model(variant, seed, kv_lora_rank=128)   # the packed FP8 cache takes R % 128 == 0
+    schedule = swa_rewrite.Schedule(window=5, swa_layers=[0, 2], num_layers=3)
+    with caplog.at_level("INFO", logger="swa_rewrite.rewrite"):
+        swa = swa_rewrite.apply(hf, schedule)
+    assert isinstance(swa, swa_rewrite.SWAModule) and swa.swa_schedule == schedule
+    assert any("converting" in r.getMessage() and type(hf).__name__ in r.getMessage() for r in caplog.records)
+    tokens = [random.Random(seed).randrange(V) for _ in range(PROMPT)]
+    expected = one_step_logits(swa_rewrite.apply(from_hf(hf), schedule), tokens)
+    torch.testing.assert_close(one_step_logits(swa, tokens), expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=f"{type(hf.model).__name__} has no lm_head"):
+        swa_rewrite.apply(hf.model, schedule)
