@@ -6,6 +6,7 @@ Public API (SPEC §11): ``Schedule``, ``apply``, ``graph_diff``, ``backend``; ``
 from . import ops  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from .compile import SWABackend, SWACompiledModel, SWAPostGradPass, backend, compile  # noqa: F401
 from .graph_diff import GraphDiff, graph_diff
+from .models import from_pretrained, save_pretrained  # noqa: F401  (saved rewritten models, models/saving.py)
 from .passes import RewriteError
 from .rewrite import RewriteReport, SWAModule, apply
 from .schedule import Schedule

@@ -52,6 +52,7 @@ import torch
 
 from .config import MLAConfig, yarn_mscale
 from .mla import MLAModel
+from .saving import SAVED_KEY, saved_schedule
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +409,10 @@ def from_hf(hf_model: torch.nn.Module, *, dtype: torch.dtype | str | None = None
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None) -> MLAModel:
-    """The bundled ``MLAModel`` from a local Hugging Face DeepSeek-V2/V3 checkpoint directory.
+                    device: torch.device | str | None = None) -> torch.nn.Module:
+    """The bundled ``MLAModel`` from a local Hugging Face DeepSeek-V2/V3 checkpoint directory; the rewritten
+    ``SWAModule`` when the folder is one ``save_pretrained`` wrote from a rewritten model (its ``config.json``
+    carries the schedule under the ``swa_rewrite`` key, see ``models/saving.py``).
 
     Reads ``config.json`` and the ``*.safetensors`` files: the shards ``model.safetensors.index.json`` names
     when there is one, else the folder's only ``*.safetensors`` file (module docstring). ``dtype`` — a
@@ -421,6 +424,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     path = os.fspath(path)
     cfg = _read_config(path)
     config = config_from_hf(cfg)
+    schedule = saved_schedule(cfg, os.path.join(path, "config.json"))   # checked before any weight is read
     dtype = _resolve_dtype(dtype) if dtype is not None else _config_dtype(cfg)
     block = _fp8_block_size(cfg)
     num_mtp_layers = _num_mtp_layers(cfg)
@@ -436,7 +440,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                 raise ValueError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
         _load_weights(model, _TensorSource(shard_of, read, block), num_mtp_layers)
-    return model.eval()
+    model.eval()
+    if schedule is None:
+        return model
+    from ..rewrite import apply   # a folder save_pretrained wrote from a rewritten model: rewrite it again
+
+    log.info("%s carries %s (%s key): returning the rewritten model", path, schedule, SAVED_KEY)
+    return apply(model, schedule)
 
 
 def config_from_pretrained(path: str | os.PathLike) -> MLAConfig:
