@@ -20,8 +20,7 @@ import torch
 import torch.fx
 import torch.fx.experimental._config
 
-from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
-                     ReplaceAttentionPass, RewriteError, TracedModel, default_registry)
+from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, TracedModel, swa_pass_manager
 from .ops.validation import checks_disabled
 from .schedule import Schedule
 
@@ -75,10 +74,8 @@ def _rewrite(schedule: Schedule, registry: Optional[AdapterRegistry], gm: torch.
 
 
 def _pass_manager(schedule: Schedule, registry: Optional[AdapterRegistry]) -> PassManager:
-    registry = registry or default_registry()
-    return PassManager([FindMLAAttentionPass(registry, partial=True),
-                        ReplaceAttentionPass(schedule, partial=True),
-                        PackCacheAllocationPass(schedule, partial=True)])
+    """The compile-time pipeline: ``apply``'s passes (``passes.swa_passes``) in partial mode."""
+    return swa_pass_manager(schedule, registry, partial=True)
 
 
 def _allocate_packed(model: torch.nn.Module, schedule: Schedule, registry: Optional[AdapterRegistry],

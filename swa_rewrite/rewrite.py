@@ -21,8 +21,7 @@ import torch.fx
 
 from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
-from .passes import (AdapterRegistry, FindMLAAttentionPass, PackCacheAllocationPass, PassManager, PassResult,
-                     ReplaceAttentionPass, RewriteError, Role, TracedModel, default_registry)
+from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
 from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
@@ -283,7 +282,6 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
         model = from_hf(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
-    registry = registry or default_registry()
     t0 = time.perf_counter()
     if isinstance(model, SWAModule):
         traced = TracedModel(_graph_module(model, copy.deepcopy(model.graph), "SWAModule", SWAModule),
@@ -294,7 +292,8 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
         traced = _trace_or_explain(model)
         config = getattr(model, "config", None)
     layout_before = _cache_layout(traced, model)
-    find = FindMLAAttentionPass(registry)
+    passes = swa_passes(schedule, registry)
+    find, *rewrite = passes      # the schedule is checked against what `find` found before anything changes
     results = [find(traced)]
     num_layers = getattr(config, "num_hidden_layers", None) or len(layout_before)
     if schedule.num_layers != num_layers:
@@ -303,8 +302,7 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
         if layer < len(layout_before) and layout_before[layer][0] != torch.uint8:
             check_packable_dtype(layer, layout_before[layer][0])
     kinds_before = {layer: _kind(site) for layer, site in traced.sites.items()}
-    manager = PassManager([ReplaceAttentionPass(schedule), PackCacheAllocationPass(schedule)])
-    results += manager(traced)
+    results += PassManager(rewrite)(traced)
     layout_after = _cache_layout(traced, model)
     rows = [LayerRow(layer, kinds_before[layer], _kind(site),
                      schedule.window if schedule.is_swa(layer) else None,
@@ -316,6 +314,6 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     out.config = config
     out.swa_schedule = schedule
     out.swa_report = RewriteReport(schedule, rows, results, time.perf_counter() - t0,
-                                   PassManager([find] + manager.passes).uuid())
+                                   PassManager(passes).uuid())
     log.info("swa_rewrite.apply: %s", "; ".join(str(r) for r in results))
     return out
