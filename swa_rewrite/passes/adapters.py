@@ -9,6 +9,7 @@ package's own ``torch.ops.swa_rewrite.*``. An engine with its own MLA op registe
 
 from __future__ import annotations
 
+import abc
 import enum
 from typing import Iterable, Optional
 
@@ -40,31 +41,68 @@ class Role(enum.Enum):
     ALLOCATION = "cache allocation"
 
 
-class MLAOpAdapter:
-    """Interface of an adapter; see ``SwaRewriteOps`` for the reference implementation."""
+class MLAOpAdapter(abc.ABC):
+    """How one engine's MLA ops look in a graph, and how to turn them into the sliding-window / packed-FP8
+    ones in place. ``SwaRewriteOps`` is the reference implementation; register others with
+    ``AdapterRegistry.register``.
+
+    Every adapter implements the three abstract methods: ``role`` (which node is what), ``layer_index`` and
+    ``op_names``; ``graph_diff`` needs no more. The other methods are called only for nodes to which this
+    adapter's ``role`` gave the role they name, so an adapter implements those of the roles it recognises
+    (one that only recognises attention needs ``cache``, ``rope_dim``, ``window`` and ``to_swa_attention``);
+    the defaults raise ``NotImplementedError`` naming the method. A method that edits a node re-targets it in
+    place (``graph_pass.call_op``): the node keeps its name, so graphs before and after diff node for node.
+    """
 
     name: str = "adapter"
 
+    @abc.abstractmethod
     def role(self, node: torch.fx.Node) -> Optional[Role]:
-        raise NotImplementedError
+        """The ``Role`` of ``node`` if it is one of this adapter's ops, else None (the node is not ours).
 
+        Called for every node of every graph by ``FindMLAAttentionPass`` (through
+        ``AdapterRegistry.classify``: the first adapter returning a role owns the node), again by
+        ``ReplaceAttentionPass`` for the attention and cache writes of each layer, and by ``graph_diff``.
+        Must be cheap and side-effect free; post-grad graphs show in-place writes as ``auto_functionalized``
+        nodes (see ``functionalized_op``)."""
+
+    @abc.abstractmethod
     def op_names(self) -> list[str]:
-        """Names of the ops this adapter recognises (for error messages)."""
-        raise NotImplementedError
+        """The ``"namespace::name"`` of every op this adapter recognises. Called only to word the
+        ``RewriteError`` raised when no MLA attention is found."""
 
+    @abc.abstractmethod
     def layer_index(self, node: torch.fx.Node) -> Optional[int]:
-        """The layer index the node carries, or None if it carries none."""
-        raise NotImplementedError
+        """The layer index ``node`` carries as an explicit argument (an ``int`` ≥ 0), or None if it carries
+        none (then ``FindMLAAttentionPass`` raises a ``RewriteError``: layers are never guessed from graph
+        order). Called for every node ``role`` recognises, by ``FindMLAAttentionPass`` and ``graph_diff``."""
 
-    def cache(self, node: torch.fx.Node) -> torch.fx.Node:
-        """The cache tensor an attention or write node reads/writes."""
-        raise NotImplementedError
+    def cache(self, node: torch.fx.Node) -> Optional[torch.fx.Node]:
+        """The cache tensor (a graph node) an attention or cache-write node reads or writes, or None where the
+        graph does not say (then no check is made). Called by ``FindMLAAttentionPass`` for each layer's
+        attention and writes, to check that both use the same cache."""
+        raise NotImplementedError(f"{type(self).__name__}.cache: required by an adapter that recognises "
+                                  "attention or cache writes")
+
+    def rope_dim(self, node: torch.fx.Node) -> int:
+        """The rope width ``P`` of an attention node (``FULL_ATTENTION`` or ``SWA_ATTENTION``), which fixes the
+        packed row layout (docs/design.md §6). Called by ``ReplaceAttentionPass`` before it packs the
+        layer's cache writes."""
+        raise NotImplementedError(f"{type(self).__name__}.rope_dim: required by an adapter that recognises "
+                                  "attention")
 
     def window(self, node: torch.fx.Node) -> int:
-        raise NotImplementedError
+        """The window ``W`` of an ``SWA_ATTENTION`` node. Called by ``ReplaceAttentionPass`` for selected
+        layers that are already sliding-window layers (same window: skipped, e.g. on a second ``apply``)."""
+        raise NotImplementedError(f"{type(self).__name__}.window: required by an adapter that recognises "
+                                  "SWA attention")
 
     def to_swa_attention(self, node: torch.fx.Node, window: int) -> None:
-        raise NotImplementedError
+        """Re-target an attention node of a selected layer, in place, to sliding-window attention with
+        ``window`` over the packed FP8 cache; returns nothing. Called by ``ReplaceAttentionPass`` for
+        ``FULL_ATTENTION`` nodes and for ``SWA_ATTENTION`` nodes with another window."""
+        raise NotImplementedError(f"{type(self).__name__}.to_swa_attention: required by an adapter that "
+                                  "recognises attention")
 
     def latent_dtype(self, node: torch.fx.Node) -> Optional[torch.dtype]:
         """The dtype of the latent a cache write node writes, where the graph records it (Dynamo's and
@@ -73,17 +111,24 @@ class MLAOpAdapter:
         return None
 
     def to_packed_write(self, node: torch.fx.Node, rope_dim: int) -> bool:
-        """Make a cache write produce the packed FP8 layout; False if the node was left as it is."""
-        raise NotImplementedError
-
-    def rope_dim(self, node: torch.fx.Node) -> int:
-        raise NotImplementedError
+        """Make a ``CACHE_WRITE`` node of a selected layer write the packed FP8 layout (rope width
+        ``rope_dim``), in place. Returns True if the node was changed, False if it was left as it is (it
+        already writes the packed layout into a packed cache; reported as skipped). Called by
+        ``ReplaceAttentionPass``."""
+        raise NotImplementedError(f"{type(self).__name__}.to_packed_write: required by an adapter that "
+                                  "recognises cache writes")
 
     def is_packed_allocation(self, node: torch.fx.Node) -> bool:
-        raise NotImplementedError
+        """Whether an ``ALLOCATION`` node already allocates the packed ``uint8`` layout. Called by
+        ``PackCacheAllocationPass`` for selected layers, before ``to_packed_allocation``."""
+        raise NotImplementedError(f"{type(self).__name__}.is_packed_allocation: required by an adapter that "
+                                  "recognises cache allocations")
 
     def to_packed_allocation(self, node: torch.fx.Node) -> None:
-        raise NotImplementedError
+        """Make an ``ALLOCATION`` node of a selected layer allocate the packed ``uint8`` layout, in place;
+        returns nothing. Called by ``PackCacheAllocationPass`` when ``is_packed_allocation`` is False."""
+        raise NotImplementedError(f"{type(self).__name__}.to_packed_allocation: required by an adapter that "
+                                  "recognises cache allocations")
 
 
 class SwaRewriteOps(MLAOpAdapter):
