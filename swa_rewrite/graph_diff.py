@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
+import functools
 from typing import Callable, Optional, Union
 
 import networkx as nx
@@ -19,46 +19,31 @@ import torch
 import torch.fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from .passes.find_attention import LAYER_IN_PATH as _LAYER_IN_PATH
+from .passes.adapters import AdapterRegistry, Role, default_registry
+from .passes.graph_pass import LAYER_IN_PATH, layer_from_module_path, op_name
 
 GraphLike = Union[torch.fx.Graph, torch.fx.GraphModule]
 
-_LAYER_ARG_OPS = re.compile(r"^swa_rewrite::")
 
-
-def node_layer(node: torch.fx.Node) -> Optional[int]:
-    """The layer a node belongs to: the ``layer`` argument of our ops, else the module path it came from."""
-    target = node.target
-    if node.op == "call_function" and isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        overload = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
-        if _LAYER_ARG_OPS.match(overload._schema.name):
-            names = [a.name for a in overload._schema.arguments]
-            if "layer" in names:
-                i = names.index("layer")
-                layer = node.args[i] if i < len(node.args) else node.kwargs.get("layer")
-                if isinstance(layer, int) and layer >= 0:
-                    return layer
-    paths = []
-    if node.op in ("call_module", "get_attr"):
-        paths.append(str(node.target))
-    for key, value in (node.meta.get("nn_module_stack") or {}).items():
-        paths.append(str(value[0] if isinstance(value, tuple) else key))
-    for path in reversed(paths):
-        m = _LAYER_IN_PATH.findall(path)
-        if m:
-            return int(m[-1])
-    return None
+def node_layer(node: torch.fx.Node, registry: Optional[AdapterRegistry] = None) -> Optional[int]:
+    """The layer a node belongs to: the layer index an MLA op carries (asked of the adapter of ``registry``,
+    default this package's ops, that recognises the node), else the module path it came from."""
+    adapter, role = (registry or default_registry()).classify(node)
+    if role is not None:
+        layer = adapter.layer_index(node)
+        if layer is not None:
+            return layer
+    return layer_from_module_path(node)
 
 
 def _label(node: torch.fx.Node) -> str:
-    target = node.target
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        name = target._schema.name if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+    name = op_name(node.target)
+    if name is not None:
         return f"{node.op}:{name}"
     if node.op == "get_attr" or node.op == "call_module":
         # Layer-relative path, so layer 3's q_a_proj and layer 5's compare equal.
-        return f"{node.op}:{_LAYER_IN_PATH.sub('layers.#', str(target))}"
-    return f"{node.op}:{getattr(target, '__name__', target)}"
+        return f"{node.op}:{LAYER_IN_PATH.sub('layers.#', str(node.target))}"
+    return f"{node.op}:{getattr(node.target, '__name__', node.target)}"
 
 
 def _arg_repr(a) -> str:
@@ -75,22 +60,26 @@ def _call_repr(node: torch.fx.Node) -> str:
 
 
 # The rewrite's op pairs: the same role in the dataflow, whichever of the two a node calls.
-_ROLE = {"swa_rewrite::paged_mla_attention": "MLA attention", "swa_rewrite::swa_mla_attention": "MLA attention",
-         "swa_rewrite::write_kv_cache": "cache write", "swa_rewrite::write_fp8_cache": "cache write"}
+_ROLE_LABEL = {Role.FULL_ATTENTION: "MLA attention", Role.SWA_ATTENTION: "MLA attention",
+               Role.CACHE_WRITE: "cache write", Role.PACKED_CACHE_WRITE: "cache write",
+               Role.ALLOCATION: "cache allocation"}
 
 
-def role_label(node: torch.fx.Node) -> str:
-    """``_label`` with each rewritten op replaced by its role, to compare dataflow across the rewrite."""
-    label = _label(node)
-    return _ROLE.get(label.split(":", 1)[1], label) if node.op == "call_function" else label
+def role_label(node: torch.fx.Node, registry: Optional[AdapterRegistry] = None) -> str:
+    """``_label`` with each MLA op (as the adapters of ``registry`` classify it) replaced by its role, to compare
+    dataflow across the rewrite."""
+    _, role = (registry or default_registry()).classify(node)
+    return _ROLE_LABEL[role] if role is not None else _label(node)
 
 
-def nodes_by_layer(graph: GraphLike) -> dict[Optional[int], list[torch.fx.Node]]:
+def nodes_by_layer(graph: GraphLike,
+                   registry: Optional[AdapterRegistry] = None) -> dict[Optional[int], list[torch.fx.Node]]:
     """The graph's nodes grouped by ``node_layer`` (``None``: outside layers), in graph order; one pass."""
     graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    registry = registry or default_registry()
     groups: dict[Optional[int], list[torch.fx.Node]] = collections.defaultdict(list)
     for n in graph.nodes:
-        groups[node_layer(n)].append(n)
+        groups[node_layer(n, registry)].append(n)
     return groups
 
 
@@ -212,14 +201,18 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def graph_diff(before: GraphLike | torch.nn.Module, after: GraphLike | torch.nn.Module) -> GraphDiff:
+def graph_diff(before: GraphLike | torch.nn.Module, after: GraphLike | torch.nn.Module, *,
+               registry: Optional[AdapterRegistry] = None) -> GraphDiff:
     """Compare two graphs (e.g. a traced model and its rewrite) node by node, grouped by layer.
 
     Either side may be a plain module (e.g. the original model): it is traced as ``apply`` traces it.
-    Linear in the graph size: every node's layer is computed once.
+    ``registry`` (default: this package's ops) tells which nodes are MLA ops, their layer and their role, as
+    it does for ``apply``: pass the registry the rewrite used. Linear in the graph size: every node's layer
+    is computed once.
     """
+    registry = registry or default_registry()
     gb, ga = _as_graph(before), _as_graph(after)
-    groups_b, groups_a = nodes_by_layer(gb), nodes_by_layer(ga)
+    groups_b, groups_a = nodes_by_layer(gb, registry), nodes_by_layer(ga, registry)
     nb, na = {n.name: n for n in gb.nodes}, {n.name: n for n in ga.nodes}
     layers: dict[Optional[int], LayerDiff] = {}
 
@@ -246,8 +239,9 @@ def graph_diff(before: GraphLike | torch.nn.Module, after: GraphLike | torch.nn.
             d.isomorphic = isomorphic(to_digraph(gb, nodes=groups_b.get(key, [])),
                                       to_digraph(ga, nodes=groups_a.get(key, [])))
         elif not d.unchanged:
-            d.same_dataflow = isomorphic(to_digraph(gb, label=role_label, nodes=groups_b.get(key, [])),
-                                         to_digraph(ga, label=role_label, nodes=groups_a.get(key, [])))
+            by_role = functools.partial(role_label, registry=registry)
+            d.same_dataflow = isomorphic(to_digraph(gb, label=by_role, nodes=groups_b.get(key, [])),
+                                         to_digraph(ga, label=by_role, nodes=groups_a.get(key, [])))
     return GraphDiff(layers)
 
 

@@ -16,26 +16,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Optional
 
 import torch.fx
 
 from .adapters import AdapterRegistry, MLAOpAdapter, Role
-from .graph_pass import PassResult, RewriteError, TracedModel
-
-LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
-
-
-def layer_from_module_stack(node: torch.fx.Node) -> Optional[int]:
-    """The ``layers.<i>`` index of the innermost module that called ``node``, if the tracer recorded one."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for key, value in reversed(list(stack.items())):
-        path = value[0] if isinstance(value, tuple) else key
-        m = LAYER_IN_PATH.findall(str(path))
-        if m:
-            return int(m[-1])
-    return None
+from .graph_pass import PassResult, RewriteError, TracedModel, layer_from_module_path
 
 
 @dataclasses.dataclass
@@ -74,7 +60,7 @@ class FindMLAAttentionPass:
             raise RewriteError(f"{role.value} node {node.name} ({node.target}) carries no layer index "
                                f"(its layer argument is {node.args[-1] if node.args else None!r}); the rewrite "
                                "identifies layers only by that explicit argument")
-        stack_layer = layer_from_module_stack(node)
+        stack_layer = layer_from_module_path(node)
         if stack_layer is not None and stack_layer != layer:
             raise RewriteError(f"{role.value} node {node.name} says layer {layer} but was called from module "
                                f"layers.{stack_layer}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import re
 import sys
 from typing import Any, Optional, Protocol, Sequence
 
@@ -194,6 +195,23 @@ def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str,
     node.target = op
     node.args = tuple(arguments[a.name] for a in op._schema.arguments)
     node.kwargs = {}
+
+
+# A layer's module path: `layers.3` (named_modules), `layers[3]` (Dynamo's sources), `layers_3` (node names).
+LAYER_IN_PATH = re.compile(r"layers(?:\.|\[|_)(\d+)")
+
+
+def layer_from_module_path(node: torch.fx.Node) -> Optional[int]:
+    """The ``layers.<i>`` index of the innermost module that holds ``node``: the target of a ``call_module`` /
+    ``get_attr`` node, else the ``nn_module_stack`` the tracer recorded; None if neither names a layer."""
+    paths = [str(node.target)] if node.op in ("call_module", "get_attr") else []
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        paths.append(str(value[0] if isinstance(value, tuple) else key))
+    for path in reversed(paths):
+        m = LAYER_IN_PATH.findall(path)
+        if m:
+            return int(m[-1])
+    return None
 
 
 def _overload(target: Any) -> torch._ops.OpOverload:

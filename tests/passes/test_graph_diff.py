@@ -8,6 +8,8 @@ import torch
 from swa_rewrite import Schedule, apply, graph_diff
 from swa_rewrite.graph_diff import isomorphic, to_digraph
 from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.passes import MLAOpAdapter, Role, default_registry
+from swa_rewrite.passes.graph_pass import bound_args, call_op
 from swa_rewrite.rewrite import trace
 
 GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
@@ -104,7 +106,7 @@ def test_diff_is_linear_in_the_graph(monkeypatch):
     before, after = trace(model).forward, apply(model, Schedule.from_skip_freq(3, 12, window=16))
     calls = []
     real = gd.node_layer
-    monkeypatch.setattr(gd, "node_layer", lambda n: calls.append(n) or real(n))
+    monkeypatch.setattr(gd, "node_layer", lambda n, *args: calls.append(n) or real(n, *args))
 
     def no_search(*args, **kwargs):
         raise AssertionError("VF2 search ran although node names give the isomorphism")
@@ -123,3 +125,64 @@ def test_name_shortcut_does_not_hide_a_rewiring():
     sub = next(n for n in b.graph.nodes if n.name == "sub")
     sub.args = (sub.args[1], sub.args[0])
     assert not isomorphic(to_digraph(a, all_layers=True), to_digraph(b, all_layers=True))
+
+
+# --------------------------------------------------------------------------- a foreign op, through its adapter
+torch.library.define("swa_rewrite_diff_test::mla", "(Tensor q, Tensor kv, int layer_id) -> Tensor")
+torch.library.define("swa_rewrite_diff_test::swa", "(Tensor q, Tensor kv, int window, int layer_id) -> Tensor")
+
+
+class ForeignAdapter(MLAOpAdapter):
+    """Another engine's attention ops, whose layer argument is named ``layer_id`` (not ``layer``)."""
+
+    name = "diff-test-engine"
+
+    def role(self, node):
+        name = str(getattr(node.target, "_schema", ""))
+        if name.startswith("swa_rewrite_diff_test::mla("):
+            return Role.FULL_ATTENTION
+        return Role.SWA_ATTENTION if name.startswith("swa_rewrite_diff_test::swa(") else None
+
+    def op_names(self):
+        return ["swa_rewrite_diff_test::mla", "swa_rewrite_diff_test::swa"]
+
+    def layer_index(self, node):
+        return bound_args(node)["layer_id"]
+
+    def cache(self, node):
+        return bound_args(node)["kv"]
+
+    def rope_dim(self, node):
+        return 16
+
+    def window(self, node):
+        return bound_args(node)["window"]
+
+    def to_swa_attention(self, node, window):
+        call_op(node, torch.ops.swa_rewrite_diff_test.swa.default, {**bound_args(node), "window": window})
+
+
+class ForeignModel(torch.nn.Module):
+    def forward(self, q, kv):
+        for i in range(3):      # no `layers.<i>` modules: only the op's own argument says the layer
+            q = torch.ops.swa_rewrite_diff_test.mla(q, kv, i)
+        return q
+
+    def allocate_kv_cache(self, num_blocks, page_size, device=None):
+        return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, 128, 16, torch.float32,
+                                                        torch.device("cpu"), i) for i in range(3)]
+
+
+def test_a_foreign_op_diffs_by_the_layer_and_role_its_adapter_gives():
+    registry = default_registry()
+    registry.register(ForeignAdapter())
+    model = ForeignModel()
+    before, after = trace(model).forward, apply(model, Schedule(5, [1], 3), registry=registry)
+    d = graph_diff(before, after, registry=registry)
+    assert d.changed_layers == [1]
+    layer = d.layers[1]
+    assert len(layer.retargeted) == 1 and "swa_rewrite_diff_test::swa" in layer.retargeted[0]
+    assert layer.same_dataflow            # mla → swa is the same role: only a constant (the window) was added
+    assert d.layers[0].unchanged and d.layers[2].unchanged and d.layers[None].unchanged
+    # Without the adapter the foreign ops are anonymous calls outside any layer.
+    assert graph_diff(before, after).changed_layers == [None]
