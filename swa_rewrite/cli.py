@@ -1,12 +1,16 @@
 """The ``swa-rewrite`` command line (also ``python -m swa_rewrite``).
 
 Subcommands: ``demo`` (rewrite the bundled model and generate with both), ``diff`` (graph diff),
-``memory`` (KV-cache table and plot), ``bench`` (end-to-end throughput on CUDA).
+``memory`` (KV-cache table, and a plot when asked), ``bench`` (end-to-end throughput on CUDA). Every
+subcommand takes the same model and schedule options with the same defaults; ``demo``, ``diff`` and
+``memory`` print their report as one JSON object with ``--json`` (keys in README.md, "Machine-readable reports").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import random
 import sys
@@ -15,10 +19,26 @@ from typing import Optional, Sequence
 
 # Far beyond any released model (DeepSeek-V3: 61 layers); more would only make tracing crawl.
 _MAX_LAYERS = 1024
+# One model and one schedule for every subcommand unless told otherwise: the tiny config runs anywhere,
+# and a window of 128 slides over the demo's longest prompt while covering its short ones.
+DEFAULT_CONFIG = "tiny"
+DEFAULT_WINDOW = 128
+DEFAULT_SKIP_FREQ = 2
 
 
 class CLIError(Exception):
     """A user-facing error: printed as ``swa-rewrite: error: ...`` with exit code 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's real default appended to its help (flags and options
+    without a default say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help:
+            help += " (default: %(default)s)"
+        return help
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,15 +80,17 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_window: int) -> None:
-    g = p.add_argument_group("model and schedule")
-    g.add_argument("--config", default="tiny", choices=["tiny", "v3-attn"], help="bundled model config (default tiny)")
-    g.add_argument("--layers", type=_positive, help="override the config's number of layers")
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and schedule (the same defaults for every subcommand)")
+    g.add_argument("--config", default=DEFAULT_CONFIG, choices=["tiny", "v3-attn"],
+                   help="bundled model config (v3-attn: DeepSeek-V3's attention dims, 4 layers)")
+    g.add_argument("--layers", type=_positive, help="override the config's number of layers (61: DeepSeek-V3)")
     g.add_argument("--hf", metavar="DIR", help="load a local Hugging Face DeepSeek-V2/V3 checkpoint instead")
-    g.add_argument("--window", type=_positive, default=default_window, help=f"SWA window W (default {default_window})")
+    g.add_argument("--window", type=_positive, default=DEFAULT_WINDOW, help="SWA window W in tokens")
     s = g.add_mutually_exclusive_group()
-    s.add_argument("--skip-freq", type=_positive, default=None,
-                   help="window_attn_skip_freq as an int: every n-th layer stays full (default 2)")
+    # No argparse default: one equal to a given value would hide the clash with --swa-layers.
+    s.add_argument("--skip-freq", type=_positive,
+                   help=f"window_attn_skip_freq as an int: every n-th layer stays full (default: {DEFAULT_SKIP_FREQ})")
     s.add_argument("--swa-layers", type=_int_list, metavar="I,J,...", help="explicit SWA layer indices")
     s.add_argument("--skip-freq-list", type=_int_list, metavar="1,0,...",
                    help="window_attn_skip_freq as a list: 1 = SWA layer, 0 = full")
@@ -170,7 +192,7 @@ def _schedule(args, num_layers: int):
             return Schedule(args.window, args.swa_layers, num_layers)
         if args.skip_freq_list is not None:
             return Schedule.from_skip_freq(args.skip_freq_list, num_layers, args.window)
-        return Schedule.from_skip_freq(args.skip_freq or 2, num_layers, args.window)
+        return Schedule.from_skip_freq(args.skip_freq or DEFAULT_SKIP_FREQ, num_layers, args.window)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -181,6 +203,15 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError
+
+
+def _fmt_tokens(n: float) -> str:
+    """``4096`` -> ``4K``, ``131072`` -> ``128K``, ``1048576`` -> ``1M`` (plot ticks); other counts as they are."""
+    n = int(round(n))
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 # ------------------------------------------------------------------------------------------------- demo
@@ -206,76 +237,138 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .graph_diff import graph_diff
     from .rewrite import apply, trace
-    from .runtime import Engine
 
     cuda = torch.cuda.is_available() and not args.cpu
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     _check_demo_sizes(args, device, dtype)
     model = _build_model(args, device=device, dtype=dtype)
-    cfg = model.config
-    schedule = _schedule(args, cfg.num_hidden_layers)
+    schedule = _schedule(args, model.config.num_hidden_layers)
     swa = apply(model, schedule)
-    print(swa.swa_report.render(args.report_tokens))
-    print("\ngraph diff (forward):")
-    print(graph_diff(trace(model).forward, swa).render(compact=True))
-
+    diff = graph_diff(trace(model).forward, swa)
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in args.prompt_lens]
-    kw = dict(num_blocks=args.num_blocks, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in args.prompt_lens]
     # The same layers with a window covering every sequence: only the FP8 cache differs from the original.
     longest = max(args.prompt_lens) + args.max_new_tokens
     fp8_only = apply(model, type(schedule)(max(longest, schedule.window), schedule.swa_layers, schedule.num_layers))
-    results = {}
-    for name, m in (("original", model), ("rewritten", swa), ("fp8-only", fp8_only)):
-        engine = Engine(m, **kw)
-        t0 = time.perf_counter()
-        try:
-            tokens = engine.generate(prompts, args.max_new_tokens)
-        except ValueError as e:           # e.g. a prompt that needs more blocks than --num-blocks
-            raise CLIError(f"{e} (see --num-blocks, --page-size, --max-tokens-per-step)") from None
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        cache_bytes = sum(c.numel() * c.element_size() for c in engine.kv_caches)
-        logits = Engine(m, **kw).logits(prompts[0])
-        results[name] = (tokens, seconds, cache_bytes, logits, engine.stats)
+    runs = {name: _demo_generate(m, prompts, args, cuda)
+            for name, m in (("original", model), ("rewritten", swa), ("fp8-only", fp8_only))}
+    summary = _demo_summary(args, model, prompts, runs, device, dtype)
+    summary["agreement"] = [_agreement(model, prompts, runs[name], runs["original"], w, args)
+                            for name, w in (("rewritten", schedule.window),
+                                            ("fp8-only", fp8_only.swa_schedule.window))]
+    if args.json:
+        _print_json({**summary, "report": _report_json(swa.swa_report), "graph_diff": _diff_json(diff)})
+        return 0
+    print(swa.swa_report.render(args.report_tokens))
+    print("\ngraph diff (forward):")
+    print(diff.render(compact=True))
+    _print_demo(summary, cuda)
+    return 0
 
-    (t0, s0, b0, l0, st), (t1, s1, b1, l1, _) = results["original"], results["rewritten"]
-    t2, _, _, l2, _ = results["fp8-only"]
-    print(f"\nmodel      {args.hf or args.config}: {cfg.num_hidden_layers} layers, H={cfg.num_attention_heads}, "
-          f"R={cfg.kv_lora_rank}, P={cfg.qk_rope_head_dim}, on {device} ({str(dtype).replace('torch.', '')})")
-    print(f"runtime    page size {args.page_size}, {args.num_blocks} blocks, {args.max_tokens_per_step} tokens "
-          f"per step; {st.steps} steps, {st.prefill_tokens} prefill + {st.decode_tokens} decode tokens")
-    print(f"kv cache   {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} allocated for {args.num_blocks * args.page_size} "
+
+def _engine_kw(args) -> dict:
+    return dict(num_blocks=args.num_blocks, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step)
+
+
+def _demo_generate(model, prompts, args, cuda: bool) -> dict:
+    """Greedy generation of every prompt, its time, the cache bytes and prompt 0's logits."""
+    import torch
+
+    from .runtime import Engine
+
+    engine = Engine(model, **_engine_kw(args))
+    t0 = time.perf_counter()
+    try:
+        tokens = engine.generate(prompts, args.max_new_tokens)
+    except ValueError as e:           # e.g. a prompt that needs more blocks than --num-blocks
+        raise CLIError(f"{e} (see --num-blocks, --page-size, --max-tokens-per-step)") from None
+    if cuda:
+        torch.cuda.synchronize()
+    return dict(tokens=tokens, seconds=time.perf_counter() - t0, stats=engine.stats,
+                cache_bytes=sum(c.numel() * c.element_size() for c in engine.kv_caches),
+                logits=Engine(model, **_engine_kw(args)).logits(prompts[0]))
+
+
+def _agreement(model, prompts, run: dict, original: dict, window: int, args) -> dict:
+    """How close a rewritten model's generation is to the original's: prompt 0's logits (relative
+    difference), generated tokens equal (free-running), and tokens equal to the original's own greedy pick
+    on the same prefix (free-running agreement stops counting at the first near-tie that flips)."""
+    from .runtime import Engine
+
+    a, b = run["logits"].double(), original["logits"].double()
+    equal = sum(x == y for p, q in zip(run["tokens"], original["tokens"]) for x, y in zip(p, q))
+    forced = 0
+    for p, gen in zip(prompts, run["tokens"]):
+        top = Engine(model, **_engine_kw(args)).logits(p + gen)[len(p) - 1:-1].argmax(-1).tolist()
+        forced += sum(x == y for x, y in zip(top, gen))
+    total = sum(len(g) for g in run["tokens"])
+    return dict(window=window, logits_relative_difference=float((a - b).norm() / b.norm()),
+                tokens_equal=equal, teacher_forced_equal=forced, tokens=total)
+
+
+def _demo_summary(args, model, prompts, runs: dict, device: str, dtype) -> dict:
+    cfg, st = model.config, runs["original"]["stats"]
+    return dict(
+        model=dict(name=args.hf or args.config, num_layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                   kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, device=device,
+                   dtype=str(dtype).replace("torch.", "")),
+        runtime=dict(page_size=args.page_size, num_blocks=args.num_blocks,
+                     max_tokens_per_step=args.max_tokens_per_step, steps=st.steps,
+                     prefill_tokens=st.prefill_tokens, decode_tokens=st.decode_tokens),
+        kv_cache_bytes={name: r["cache_bytes"] for name, r in runs.items() if name != "fp8-only"},
+        seconds={name: r["seconds"] for name, r in runs.items() if name != "fp8-only"},
+        prompts=[dict(length=len(p), original=o, rewritten=r)
+                 for p, o, r in zip(prompts, runs["original"]["tokens"], runs["rewritten"]["tokens"])])
+
+
+def _print_demo(summary: dict, cuda: bool) -> None:
+    m, rt, kv = summary["model"], summary["runtime"], summary["kv_cache_bytes"]
+    b0, b1 = kv["original"], kv["rewritten"]
+    print(f"\nmodel      {m['name']}: {m['num_layers']} layers, H={m['heads']}, R={m['kv_lora_rank']}, "
+          f"P={m['rope_dim']}, on {m['device']} ({m['dtype']})")
+    print(f"runtime    page size {rt['page_size']}, {rt['num_blocks']} blocks, {rt['max_tokens_per_step']} tokens "
+          f"per step; {rt['steps']} steps, {rt['prefill_tokens']} prefill + {rt['decode_tokens']} decode tokens")
+    print(f"kv cache   {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} allocated for {rt['num_blocks'] * rt['page_size']} "
           f"token slots ({100 * (1 - b1 / b0):.1f}% less)")
-
-    def rel(a, b):
-        return float((a.double() - b.double()).norm() / b.double().norm())
-
-    def agree(x, y):
-        return f"{sum(a == b for p, q in zip(x, y) for a, b in zip(p, q))}/{sum(len(p) for p in x)}"
-
-    def teacher_forced(tokens):
-        """How many generated tokens are the original model's own greedy choice on the same prefix
-        (free-running agreement stops counting at the first near-tie that flips)."""
-        hits = 0
-        for p, gen in zip(prompts, tokens):
-            top = Engine(model, **kw).logits(p + gen)[len(p) - 1:-1].argmax(-1).tolist()
-            hits += sum(a == b for a, b in zip(top, gen))
-        return f"{hits}/{sum(len(g) for g in tokens)}"
-
     print("agreement  with the original: prompt 0 logits (relative difference), generated tokens equal "
           "(free-running), and equal to the original's pick on the same prefix")
-    print(f"  window {schedule.window:>5} + FP8 cache: logits {rel(l1, l0):.2e}, tokens {agree(t1, t0)}, "
-          f"{teacher_forced(t1)} (the window changes the model: expected to differ)")
-    print(f"  window {fp8_only.swa_schedule.window:>5} + FP8 cache: logits {rel(l2, l0):.2e}, tokens "
-          f"{agree(t2, t0)}, {teacher_forced(t2)} (window covers every sequence: FP8 error only)")
-    for i, (a, b) in enumerate(zip(t0, t1)):
-        print(f"  prompt {i} ({len(prompts[i])} tokens)\n    original  {' '.join(map(str, a))}\n"
-              f"    rewritten {' '.join(map(str, b))}")
+    notes = ["(the window changes the model: expected to differ)",
+             "(window covers every sequence: FP8 error only)"]
+    for a, note in zip(summary["agreement"], notes):
+        print(f"  window {a['window']:>5} + FP8 cache: logits {a['logits_relative_difference']:.2e}, tokens "
+              f"{a['tokens_equal']}/{a['tokens']}, {a['teacher_forced_equal']}/{a['tokens']} {note}")
+    for i, p in enumerate(summary["prompts"]):
+        print(f"  prompt {i} ({p['length']} tokens)\n    original  {' '.join(map(str, p['original']))}\n"
+              f"    rewritten {' '.join(map(str, p['rewritten']))}")
     if cuda:
-        print(f"time       original {s0 * 1e3:.1f} ms, rewritten {s1 * 1e3:.1f} ms")
-    return 0
+        sec = summary["seconds"]
+        print(f"time       original {sec['original'] * 1e3:.1f} ms, rewritten {sec['rewritten'] * 1e3:.1f} ms")
+
+
+# --------------------------------------------------------------------------------------------- reports
+def _print_json(obj: dict) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _report_json(report) -> dict:
+    """``RewriteReport`` as JSON: the schedule, per-layer rows, totals and the passes' results."""
+    def cache(c):
+        return {"dtype": str(c[0]).replace("torch.", ""), "width": c[1], "bytes_per_token": c[1] * c[0].itemsize}
+
+    return dict(schedule=report.schedule.to_dict(),
+                bytes_per_token=dict(full=report.bytes_per_token(False), rewritten=report.bytes_per_token(True)),
+                layers=[dict(layer=r.layer, attention_before=r.kind_before, attention_after=r.kind_after,
+                             window=r.window, cache_before=cache(r.cache_before), cache_after=cache(r.cache_after))
+                        for r in report.rows],
+                passes=[dict(name=p.name, matched=p.num_matches, skipped=list(p.skipped)) for p in report.passes],
+                pass_uuid=report.uuid)
+
+
+def _diff_json(diff) -> dict:
+    """``GraphDiff`` as JSON: one entry per layer (``layer`` null for nodes outside any layer)."""
+    return dict(changed_layers=diff.changed_layers,
+                layers=[dataclasses.asdict(d) for _, d in sorted(diff.layers.items(),
+                                                                 key=lambda kv: (kv[0] is None, kv[0] or 0))])
 
 
 # ------------------------------------------------------------------------------------------------- diff
@@ -286,46 +379,76 @@ def cmd_diff(args: argparse.Namespace) -> int:
     model = _build_model(args, meta=True)
     schedule = _schedule(args, model.config.num_hidden_layers)
     before, after = trace(model), apply(model, schedule)
+    forward, allocation = graph_diff(before.forward, after), graph_diff(before.allocation, after._swa_allocation)
+    if args.json:
+        _print_json(dict(schedule=schedule.to_dict(), forward=_diff_json(forward),
+                         cache_allocation=_diff_json(allocation)))
+        return 0
     print(f"# {schedule}")
     print("## forward graph")
-    print(graph_diff(before.forward, after).render(compact=args.compact))
+    print(forward.render(compact=args.compact))
     print("## cache allocation graph")
-    print(graph_diff(before.allocation, after._swa_allocation).render(compact=args.compact))
+    print(allocation.render(compact=args.compact))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def memory_table(report, contexts: Sequence[int], page_size: int) -> str:
-    lines = [f"{'context':>9} {'full cache':>12} {'rewritten':>12} {'saved':>12} {'ratio':>7}"]
+def _context_bytes(report, contexts: Sequence[int], page_size: int) -> list[dict]:
+    """One request's cache bytes at each context (whole pages), full and rewritten."""
+    rows = []
     for ctx in contexts:
         slots = -(-ctx // page_size) * page_size
         b0, b1 = report.bytes_per_token(after=False) * slots, report.bytes_per_token(after=True) * slots
-        lines.append(f"{ctx:>9} {_fmt_bytes(b0):>12} {_fmt_bytes(b1):>12} {_fmt_bytes(b0 - b1):>12} {b1 / b0:>7.3f}")
+        rows.append(dict(context=ctx, full_bytes=b0, rewritten_bytes=b1, saved_bytes=b0 - b1, ratio=b1 / b0))
+    return rows
+
+
+def memory_table(report, contexts: Sequence[int], page_size: int) -> str:
+    lines = [f"{'context':>9} {'full cache':>12} {'rewritten':>12} {'saved':>12} {'ratio':>7}"]
+    for r in _context_bytes(report, contexts, page_size):
+        lines.append(f"{r['context']:>9} {_fmt_bytes(r['full_bytes']):>12} {_fmt_bytes(r['rewritten_bytes']):>12} "
+                     f"{_fmt_bytes(r['saved_bytes']):>12} {r['ratio']:>7.3f}")
     return "\n".join(lines)
 
 
 def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, title: str) -> None:
+    """A PNG of one request's KV-cache bytes against context length, full vs rewritten: both axes log-scaled
+    and labelled (the curves span orders of magnitude), the window marked, the saving at the longest context
+    written on the plot; readable for 61-layer schedules (the title names counts, not the layout)."""
     try:
         import matplotlib
     except ImportError:
         raise CLIError("the memory plot needs matplotlib: pip install 'swa-rewrite[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (FuncFormatter below)
 
-    # The requested contexts plus every power of two in their range, for a smooth curve.
-    lo, hi = min(contexts), max(contexts)
-    xs = sorted(set(contexts) | {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi})
-    slots = [-(-c // page_size) * page_size for c in xs]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    ax.plot(xs, [report.bytes_per_token(False) * s / 2**30 for s in slots], marker="o", label="full attention (bf16)")
-    ax.plot(xs, [report.bytes_per_token(True) * s / 2**30 for s in slots], marker="o",
-            label=f"rewritten ({len(report.schedule.swa_layers)} SWA layers, packed FP8)")
+    window = report.schedule.window
+    # The requested contexts, the window, and every power of two in their range, for a smooth curve.
+    lo, hi = min(min(contexts), window), max(contexts)
+    xs = sorted(set(contexts) | {window} | {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi})
+    rows = _context_bytes(report, xs, page_size)
+    n_swa, n, last = len(report.schedule.swa_layers), report.schedule.num_layers, rows[-1]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    ax.plot(xs, [r["full_bytes"] for r in rows], marker="o", markersize=3, label=f"full attention ({n} layers)")
+    ax.plot(xs, [r["rewritten_bytes"] for r in rows], marker="o", markersize=3,
+            label=f"rewritten ({n_swa} of {n} layers SWA, packed FP8): {_fmt_bytes(last['saved_bytes'])} less "
+                  f"at {_fmt_tokens(last['context'])} tokens (x{last['ratio']:.2f})")
+    ax.axvline(window, color="gray", linestyle="--", linewidth=1)
+    # Top left is empty: both curves rise to the right and the legend sits bottom right.
+    ax.annotate(f" window W = {_fmt_tokens(window)} ", (window, 0.97), xycoords=("data", "axes fraction"),
+                rotation=90, ha="left", va="top", fontsize=9, color="gray")
+    ax.set_xlim(lo / 1.25, hi * 1.25)     # the window line off the frame
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens, one request)")
-    ax.set_ylabel("KV-cache bytes (GiB)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.set_yscale("log", base=2)
+    ticker = matplotlib.ticker
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_tokens(v)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_bytes(v)))
+    ax.set_xlabel("context length (tokens of one request, log scale)")
+    ax.set_ylabel("KV-cache size (log scale)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     try:
         fig.savefig(path, format="png")
@@ -343,12 +466,19 @@ def cmd_memory(args: argparse.Namespace) -> int:
     model = _build_model(args, meta=True, dtype=torch.bfloat16)
     schedule = _schedule(args, model.config.num_hidden_layers)
     report = apply(model, schedule).swa_report
+    name = args.hf or args.config
+    if args.plot:
+        plot_memory(report, args.contexts, args.page_size, args.plot,
+                    f"KV cache of one request: {name}, {len(schedule.swa_layers)} of {schedule.num_layers} "
+                    f"layers SWA, W = {schedule.window}")
+    if args.json:
+        _print_json(dict(model=name, page_size=args.page_size, report=_report_json(report),
+                         contexts=_context_bytes(report, args.contexts, args.page_size), plot=args.plot))
+        return 0
     print(report.render(max(args.contexts)))
     print(f"\npage size {args.page_size}; bytes for one request's cache at each context length:")
     print(memory_table(report, args.contexts, args.page_size))
     if args.plot:
-        plot_memory(report, args.contexts, args.page_size, args.plot,
-                    f"KV cache, {args.hf or args.config}: {schedule}")
         print(f"\nwrote {args.plot}")
     return 0
 
@@ -373,52 +503,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="swa-rewrite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser = _Parser(prog="swa-rewrite", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,memory,bench}")
 
-    demo = sub.add_parser("demo", help="rewrite the bundled model, generate with it and the original side by side",
-                          description="Rewrite the bundled tiny model (or --hf DIR), run a generation through the "
-                                      "rewritten and the original model, and compare them.")
-    _add_model_args(demo, default_window=16)
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+        _add_model_args(p)
+        return p
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true",
+                       help="print the report as one JSON object instead of text (keys: README.md)")
+
+    demo = command("demo", "rewrite the bundled model, generate with it and the original side by side",
+                   "Rewrite the bundled tiny model (or --hf DIR), run a generation through the rewritten and the "
+                   "original model, and compare them.")
     demo.add_argument("--seed", type=_seed, default=0, help="weights and prompt seed")
-    demo.add_argument("--prompt-lens", type=_positive, nargs="+", default=[37, 5, 64], help="prompt lengths")
-    demo.add_argument("--max-new-tokens", type=_positive, default=16)
-    demo.add_argument("--page-size", type=_positive, default=16)
-    demo.add_argument("--num-blocks", type=_positive, default=256)
+    demo.add_argument("--prompt-lens", type=_positive, nargs="+", default=[200, 37, 5],
+                      help="prompt lengths (the first is longer than the default window)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=16, help="tokens generated per prompt")
+    demo.add_argument("--page-size", type=_positive, default=16, help="positions per cache block")
+    demo.add_argument("--num-blocks", type=_positive, default=256, help="cache blocks per engine")
     demo.add_argument("--max-tokens-per-step", type=_positive, default=32, help="chunked-prefill token budget")
     demo.add_argument("--report-tokens", type=_positive, default=128 * 1024,
                       help="cached tokens for the report's bytes-saved line")
     demo.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    json_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
-    diff = sub.add_parser("diff", help="print the graph diff of the rewrite for a config and schedule",
-                          description="Trace the model (on the meta device) and print what the rewrite changes, "
-                                      "grouped by layer.")
-    _add_model_args(diff, default_window=128)
+    diff = command("diff", "print the graph diff of the rewrite for a config and schedule",
+                   "Trace the model (on the meta device) and print what the rewrite changes, grouped by layer.")
     diff.add_argument("--compact", action="store_true", help="one line per changed layer")
+    json_flag(diff)
     diff.set_defaults(func=cmd_diff)
 
-    memory = sub.add_parser("memory", help="KV-cache bytes per layer and per context length, with a PNG plot",
-                            description="Per-layer cache table and totals for a config and schedule, and a PNG plot "
-                                        "of KV-cache bytes against context length (full vs rewritten).")
-    _add_model_args(memory, default_window=4096)
-    memory.set_defaults(config="v3-attn")
-    memory.add_argument("--page-size", type=_positive, default=64)
-    memory.add_argument("--contexts", type=_int_list, default=[4096, 32768, 131072],
-                        metavar="N,N,...", help="context lengths (default 4096,32768,131072)")
-    memory.add_argument("--plot", metavar="PNG", default="kv-cache.png", help="where to write the plot ('' = none)")
+    memory = command("memory", "KV-cache bytes per layer and per context length, and a PNG plot when asked",
+                     "Per-layer cache table and totals for a config and schedule; with --plot, a PNG of KV-cache "
+                     "bytes against context length (full vs rewritten, log axes, the window marked).")
+    memory.add_argument("--page-size", type=_positive, default=64, help="positions per cache block")
+    memory.add_argument("--contexts", type=_int_list, default="4096,32768,131072", metavar="N,N,...",
+                        help="context lengths")
+    memory.add_argument("--plot", metavar="PNG", default=None, help="write the plot to this PNG file")
+    json_flag(memory)
     memory.set_defaults(func=cmd_memory)
 
-    bench = sub.add_parser("bench", help="end-to-end decode/prefill throughput on CUDA, original vs rewritten",
-                           description="Decode and prefill throughput of the v3-attn config, unrewritten vs "
-                                       "rewritten, at several contexts (CUDA only).")
-    _add_model_args(bench, default_window=128)
-    bench.set_defaults(config="v3-attn")
-    bench.add_argument("--contexts", type=_int_list, default=[4096, 32768, 131072], metavar="N,N,...")
+    bench = command("bench", "end-to-end decode/prefill throughput on CUDA, original vs rewritten",
+                    "Decode and prefill throughput, unrewritten vs rewritten, at several contexts (CUDA only; "
+                    "--config v3-attn for DeepSeek-V3's attention dims).")
+    bench.add_argument("--contexts", type=_int_list, default="4096,32768,131072", metavar="N,N,...",
+                       help="context lengths")
     bench.add_argument("--batch", type=_positive, default=16, help="decode requests per step")
     bench.add_argument("--prefill-tokens", type=_positive, default=2048, help="tokens in the timed prefill chunk")
-    bench.add_argument("--page-size", type=_positive, default=64)
-    bench.add_argument("--iters", type=_positive, default=20)
+    bench.add_argument("--page-size", type=_positive, default=64, help="positions per cache block")
+    bench.add_argument("--iters", type=_positive, default=20, help="timed decode steps per point")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when not a TTY)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,5 +1,6 @@
 """Every subcommand of the ``swa-rewrite`` CLI on CPU (issue 8)."""
 
+import json
 import struct
 import subprocess
 import sys
@@ -55,13 +56,13 @@ def read_png_size(path):
 
 def test_memory_table_and_png(tmp_path, capsys):
     png = tmp_path / "kv.png"
-    code, out, _ = run(["memory", "--contexts", "4096,32768", "--page-size", "64", "--skip-freq", "2",
-                        "--window", "1024", "--plot", str(png)], capsys)
+    code, out, _ = run(["memory", "--config", "v3-attn", "--contexts", "4096,32768", "--page-size", "64",
+                        "--skip-freq", "2", "--window", "1024", "--plot", str(png)], capsys)
     assert code == 0
     # v3-attn dims: full layers 1152 B/token, SWA layers 656 B/token (4 layers, 2 SWA).
     assert "1152 -> 656" in out and "4608 -> 3616 bytes/token" in out
     assert "0.785" in out and f"wrote {png}" in out
-    assert read_png_size(png) == (800, 500)
+    assert read_png_size(png) == (900, 550)
 
 
 def test_bench_fails_clearly_without_cuda(capsys):
@@ -77,7 +78,7 @@ def test_bench_fails_clearly_without_cuda(capsys):
     (["diff", "--swa-layers", "7"], "layer index 7 is out of range for 4 layers"),
     (["diff", "--skip-freq-list", "1,0"], "2 entries for a model of 4 layers"),
     (["demo", "--config", "huge"], "invalid choice: 'huge'"),
-    (["demo", "--cpu", "--num-blocks", "2", "--layers", "2"], "needs 4 blocks of 16 positions, the cache has 2"),
+    (["demo", "--cpu", "--num-blocks", "2", "--layers", "2"], "needs 14 blocks of 16 positions, the cache has 2"),
     (["memory", "--plot", "/nonexistent-dir/x.png"], "--plot /nonexistent-dir/x.png: cannot write the image"),
     (["diff", "--hf", "/nonexistent-dir", "--layers", "3"], "--layers applies to --config models"),
 ])
@@ -125,3 +126,68 @@ def test_a_checkpoint_that_is_not_deepseek_gets_a_clear_message(sub, tmp_path, c
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
     code, _, err = run([sub, "--hf", str(tmp_path)] + (["--plot", ""] if sub == "memory" else []), capsys)
     assert code == 2 and "not a DeepSeek-V2/V3 config" in err
+
+
+# ------------------------------------------------------------------------------------------ issue 12
+def test_version_and_help_state_the_real_defaults(capsys):
+    from swa_rewrite import __version__
+    from swa_rewrite.cli import DEFAULT_CONFIG, DEFAULT_WINDOW, build_parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"swa-rewrite {__version__}"
+    parser = build_parser()
+    for sub in ("demo", "diff", "memory", "bench"):
+        args = parser.parse_args([sub])
+        assert (args.config, args.window) == (DEFAULT_CONFIG, DEFAULT_WINDOW), sub
+        with pytest.raises(SystemExit):
+            parser.parse_args([sub, "--help"])
+        text = " ".join(capsys.readouterr().out.split())       # argparse wraps lines
+        assert f"SWA window W in tokens (default: {DEFAULT_WINDOW})" in text, sub
+        assert f"(default: {DEFAULT_CONFIG})" in text and "(default: None)" not in text, sub
+        assert "every n-th layer stays full (default: 2)" in text, sub
+
+
+def test_memory_writes_a_plot_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["memory"], capsys)
+    assert code == 0 and "wrote" not in out and list(tmp_path.iterdir()) == []
+
+
+def test_memory_json(tmp_path, capsys):
+    png = tmp_path / "kv.png"
+    code, out, _ = run(["memory", "--config", "v3-attn", "--layers", "61", "--skip-freq", "4", "--window", "4096",
+                        "--contexts", "4096,131072", "--json", "--plot", str(png)], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["plot"] == str(png) and png.exists()
+    assert report["report"]["schedule"] == {"window": 4096, "swa_layers": [i for i in range(61) if (i + 1) % 4],
+                                            "num_layers": 61}
+    assert report["report"]["bytes_per_token"] == {"full": 61 * 1152, "rewritten": 15 * 1152 + 46 * 656}
+    assert len(report["report"]["layers"]) == 61
+    assert report["report"]["layers"][0]["cache_after"] == {"dtype": "uint8", "width": 656, "bytes_per_token": 656}
+    big = report["contexts"][1]
+    assert big["context"] == 131072 and big["full_bytes"] == 131072 * 61 * 1152
+    assert big["saved_bytes"] == big["full_bytes"] - big["rewritten_bytes"]
+
+
+def test_diff_json(capsys):
+    code, out, _ = run(["diff", "--swa-layers", "1,3", "--json"], capsys)
+    diff = json.loads(out)
+    assert code == 0 and diff["schedule"]["swa_layers"] == [1, 3]
+    assert diff["forward"]["changed_layers"] == [1, 3] and diff["cache_allocation"]["changed_layers"] == [1, 3]
+    layer1 = next(d for d in diff["forward"]["layers"] if d["layer"] == 1)
+    assert len(layer1["retargeted"]) == 2 and layer1["same_dataflow"]
+    assert all(d["isomorphic"] for d in diff["forward"]["layers"] if d["layer"] in (0, 2))
+
+
+def test_demo_json(capsys):
+    code, out, _ = run(["demo", "--prompt-lens", "9", "20", "--max-new-tokens", "4", "--cpu", "--window", "8",
+                        "--json"], capsys)
+    demo = json.loads(out)
+    assert code == 0 and demo["model"]["name"] == "tiny" and demo["report"]["schedule"]["window"] == 8
+    assert [p["length"] for p in demo["prompts"]] == [9, 20] and all(len(p["rewritten"]) == 4 for p in demo["prompts"])
+    assert demo["kv_cache_bytes"]["rewritten"] < demo["kv_cache_bytes"]["original"]
+    windowed, fp8_only = demo["agreement"]
+    assert windowed["window"] == 8 and fp8_only["window"] == 24 and fp8_only["tokens"] == 8
+    assert 0 <= fp8_only["logits_relative_difference"] < 0.1
+    assert demo["graph_diff"]["changed_layers"] == [0, 2]

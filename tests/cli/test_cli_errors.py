@@ -59,7 +59,7 @@ def assert_one_line_error(code, lines, *fragments):
     (["demo", "--cpu", "--layers", "100000"], ["--layers 100000: at most 1024 layers are supported"]),
     (["diff", "--layers", "5000"], ["--layers 5000: at most 1024 layers"]),
     (["demo", "--cpu", "--prompt-lens", "100000000"], ["prompt 0 needs 6250001 blocks of 16 positions"]),
-    (["demo", "--cpu", "--max-new-tokens", str(10**9)], ["needs 62500003 blocks"]),
+    (["demo", "--cpu", "--max-new-tokens", str(10**9)], ["needs 62500013 blocks"]),
     # paths
     (["diff", "--hf", "/nonexistent-dir"], ["--hf /nonexistent-dir: cannot read the checkpoint"]),
     (["memory", "--hf", os.devnull, "--plot", ""], ["is not a directory"]),
