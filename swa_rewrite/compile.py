@@ -6,12 +6,16 @@ Dynamo graph (in *partial* mode: a graph may hold any part of the model), then h
 engines that own their pass manager. ``swa_rewrite.compile`` wraps a model so that its forward is compiled
 through the backend and its ``allocate_kv_cache`` returns the packed caches of the SWA layers.
 
+Dynamo and Inductor are imported when a backend or pass is built or used, not by ``import swa_rewrite``
+(Inductor alone takes seconds to import).
+
 A step may run with grad mode on: the ops' backward is traceable and raises only if it runs
 (``ops/inference_only.py``); ``torch.no_grad()`` still saves the activations AOTAutograd keeps for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Optional, Union
@@ -20,14 +24,10 @@ import torch
 import torch.fx
 import torch.fx.experimental._config
 
-from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, TracedModel, swa_pass_manager
+from .passes import (AdapterRegistry, PassManager, PassResult, RewriteError, TracedModel, default_registry,
+                     swa_pass_manager)
 from .ops.validation import checks_disabled
 from .schedule import Schedule
-
-try:  # Inductor's interface for custom passes; absent only in very old torch builds.
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # pragma: no cover
-    CustomGraphPass = object
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def _check_model_layers(schedule: Schedule, module: Optional[torch.nn.Module]) -
         raise RewriteError(f"the schedule is for {schedule.num_layers} layers, the model has {num_layers}")
 
 
-def _rewrite(schedule: Schedule, registry: Optional[AdapterRegistry], gm: torch.fx.GraphModule) -> list[PassResult]:
+def _rewrite(schedule: Schedule, registry: Optional[AdapterRegistry], traced: TracedModel) -> list[PassResult]:
     """The compile-time rewrite of one graph (partial: any part of the model) of the module being compiled."""
     _check_model_layers(schedule, _compiled_module())
-    return _pass_manager(schedule, registry)(TracedModel(gm))
+    return _pass_manager(schedule, registry)(traced)
 
 
 def _pass_manager(schedule: Schedule, registry: Optional[AdapterRegistry]) -> PassManager:
@@ -117,7 +117,7 @@ class SWABackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
         t0 = time.perf_counter()
         try:
-            self.results.append(_rewrite(self.schedule, self.registry, gm))
+            self.results.append(_rewrite(self.schedule, self.registry, TracedModel(gm)))
         except (RewriteError, TypeError) as e:
             self.rewrite_error = e       # Dynamo wraps it; swa_rewrite.compile unwraps exactly this one
             raise
@@ -142,16 +142,20 @@ def backend(schedule: Schedule, *, inner: Union[str, Callable] = "inductor",
     return SWABackend(schedule, inner=inner, registry=registry)
 
 
-class SWAPostGradPass(CustomGraphPass):
+class SWAPostGradPass:
     """The rewrite as an Inductor custom post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``).
 
     Post-grad graphs show in-place ops as ``auto_functionalized`` nodes; the adapters rewrite those too.
     ``uuid()`` hashes the passes' source and the schedule, so Inductor's cache key changes with either.
+    A graph with no MLA attention op while the schedule selects layers is logged as a warning (the model was
+    probably not built with the ops the adapters know). An Inductor ``CustomGraphPass`` (registered as a virtual subclass when the first one is built, so that
+    ``import swa_rewrite`` does not import Inductor; Inductor only checks ``isinstance``).
     """
 
     def __init__(self, schedule: Schedule, registry: Optional[AdapterRegistry] = None):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
+        _register_with_inductor()
         self.schedule, self.registry = schedule, registry
         self.results: list[list[PassResult]] = []
 
@@ -159,7 +163,15 @@ class SWAPostGradPass(CustomGraphPass):
         gm = graph.owning_module
         if gm is None:
             gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-        self.results.append(_rewrite(self.schedule, self.registry, gm))
+        traced = TracedModel(gm)
+        self.results.append(_rewrite(self.schedule, self.registry, traced))
+        if self.schedule.swa_layers and not any(site.attention for site in traced.sites.values()):
+            log.warning("swa_rewrite post-grad pass: the schedule selects layers %s but this graph (%d nodes) holds "
+                        "no MLA attention op (searched for %s), so nothing was rewritten. Usually the model was not "
+                        "built with these ops (or its engine's ops have no adapter registered); harmless for a "
+                        "graph that holds only part of the model (after a graph break).",
+                        sorted(self.schedule.swa_layers), len(graph.nodes),
+                        (self.registry or default_registry()).op_names())
 
     def uuid(self) -> str:
         return _pass_manager(self.schedule, self.registry).uuid()
@@ -170,9 +182,21 @@ class SWAPostGradPass(CustomGraphPass):
         return _allocate_packed(model, self.schedule, self.registry, num_blocks, page_size, device)
 
 
+@functools.cache
+def _register_with_inductor() -> None:
+    """Make ``SWAPostGradPass`` a ``torch._inductor.custom_graph_pass.CustomGraphPass`` (an ABC), importing
+    Inductor on first use."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - very old torch: no custom pass interface to join
+        return
+    CustomGraphPass.register(SWAPostGradPass)
+
+
 def _mark_dynamic_step_inputs(args: tuple, kwargs: dict) -> None:
-    """Mark every dimension of the integer step tensors (tokens, batch, block-table width) dynamic."""
-    for t in list(args) + list(kwargs.values()):
+    """Mark every dimension of the integer step tensors (tokens, batch, block-table width, cache groups) dynamic:
+    ``input_ids``, ``logits_indices`` and every tensor of the ``StepMetadata`` (a pytree, so its leaves)."""
+    for t in torch.utils._pytree.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor) and t.dtype in (torch.int32, torch.int64):
             for dim in range(t.dim()):
                 torch._dynamo.maybe_mark_dynamic(t, dim)

@@ -423,3 +423,38 @@ def test_post_grad_pass_rejects_a_schedule_for_another_layer_count(seed):
         error = error.inner_exception
     assert isinstance(error, RewriteError) and str(error) == "the schedule is for 6 layers, the model has 4"
     assert swa_pass.results == []                               # nothing was rewritten
+
+
+def test_import_does_not_import_inductor_or_dynamo():
+    """Inductor takes seconds to import: ``import swa_rewrite`` leaves it (and Dynamo) to the first backend."""
+    import subprocess
+    import sys
+
+    code = ("import sys, swa_rewrite; "
+            "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_post_grad_pass_is_an_inductor_custom_graph_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    assert isinstance(SWAPostGradPass(Schedule(8, [0], 4)), CustomGraphPass)
+
+
+def test_post_grad_pass_warns_when_the_graph_has_no_mla_attention(caplog):
+    """The schedule selects layers but the graph holds none of our ops: usually a model not built with them."""
+    plain = torch.fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    with caplog.at_level("WARNING", logger="swa_rewrite.compile"):
+        SWAPostGradPass(Schedule(8, [0, 2], 4))(plain.graph)
+    [record] = [r for r in caplog.records if r.name == "swa_rewrite.compile"]
+    assert record.levelname == "WARNING"
+    assert "selects layers [0, 2]" in record.message and "no MLA attention op" in record.message
+    assert "swa_rewrite::paged_mla_attention" in record.message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="swa_rewrite.compile"):
+        SWAPostGradPass(Schedule(8, [], 4))(plain.graph)                              # nothing selected
+        swa_pass = SWAPostGradPass(Schedule(8, [0, 2], 4))
+        swa_pass(swa_rewrite.rewrite.trace(MLAModel(TINY)).forward.graph)             # attention found
+    assert not [r for r in caplog.records if r.name == "swa_rewrite.compile"]
+    assert swa_pass.results[-1][1].num_matches == 2
