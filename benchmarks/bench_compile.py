@@ -22,7 +22,7 @@ import triton  # noqa: E402
 import swa_rewrite  # noqa: E402
 from swa_rewrite import Schedule, apply  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
-from swa_rewrite.bench import median_us as cuda_time  # noqa: E402
+from swa_rewrite.timing import median_us as cuda_time  # noqa: E402
 from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
 
 

@@ -7,8 +7,6 @@ captured in a CUDA graph (the ops never synchronise with the host), as a serving
 
 from __future__ import annotations
 
-import statistics
-import sys
 from typing import Callable
 
 import torch
@@ -17,30 +15,8 @@ from .models import MLAModel
 from .ops.validation import checks_disabled
 from .rewrite import apply
 from .runtime import StepBatch, StepItem
-
-
-def _progress(i: int, n: int, label: str) -> None:
-    width = 30
-    done = int(width * i / n)
-    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label:<48}")
-    sys.stdout.flush()
-    if i == n:
-        sys.stdout.write("\n")
-
-
-def median_us(fn: Callable[[], object], iters: int = 30) -> float:
-    """Median µs of ``fn`` over ``iters`` CUDA-event timed calls, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+from .schedule import Schedule
+from .timing import median_us, progress
 
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -67,17 +43,16 @@ def _fill(caches: list[torch.Tensor], latent_dim: int) -> None:
             torch.ops.swa_rewrite.write_kv_cache(latent, c, slots, layer)
 
 
-def run_bench(args) -> None:
+def run_bench(model: MLAModel, schedule: Schedule, args) -> None:
+    """Time ``model`` (on CUDA, bf16) and its rewrite by ``schedule``; ``args`` carries the sizes of
+    ``swa-rewrite bench`` (``contexts``, ``batch``, ``prefill_tokens``, ``page_size``, ``iters``,
+    ``no_progress``). The CLI builds the model and the schedule: this module never imports the CLI."""
     with checks_disabled(), torch.no_grad():   # serving mode: no host round trips for input checks
-        _run_bench(args)
+        _run_bench(model, schedule, args)
 
 
-def _run_bench(args) -> None:
-    from .cli import _build_model, _schedule, _fmt_bytes
-
-    model: MLAModel = _build_model(args, device="cuda", dtype=torch.bfloat16)
+def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
     cfg = model.config
-    schedule = _schedule(args, cfg.num_hidden_layers)
     swa = apply(model, schedule)
     report = swa.swa_report
     ps, B = args.page_size, args.batch
@@ -87,14 +62,13 @@ def _run_bench(args) -> None:
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; decode: {B} requests x 1 token, "
           f"CUDA graph; prefill: one chunk of {args.prefill_tokens} tokens ending at the context")
     rows = []
-    steps = len(args.contexts) * 2
-    k = 0
-    for ctx in args.contexts:
+    bar = progress(args.contexts, desc="bench", disable=getattr(args, "no_progress", False))
+    for ctx in bar:
         blocks = -(-(ctx + 1) // ps)
         num_blocks = B * blocks
         result = {}
         for name, m in (("original", model), ("rewritten", swa)):
-            _progress(k, steps, f"context {ctx}: {name}")
+            bar.set_postfix_str(f"context {ctx}: {name}")
             caches = m.allocate_kv_cache(num_blocks, ps)
             _fill(caches, cfg.latent_dim)
             allocated = sum(c.numel() * c.element_size() for c in caches)
@@ -111,9 +85,7 @@ def _run_bench(args) -> None:
             result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
             caches = None  # free this context's caches before the next allocation
             torch.cuda.empty_cache()
-            k += 1
         rows.append((ctx, result))
-    _progress(steps, steps, "done")
     # Expected decode speed-up from bytes: weights are read once per step, each full layer reads B·ctx
     # cache rows of D model-dtype values, each SWA layer B·min(W, ctx) packed rows.
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -128,4 +100,4 @@ def _run_bench(args) -> None:
         print(f"{ctx:>8} {B / d0 * 1e6:>18.0f} {B / d1 * 1e6:>10.0f} {d0 / d1:>8.2f}x {full_bytes / swa_bytes:>8.2f}x "
               f"{T / p0 * 1e6:>19.0f} {T / p1 * 1e6:>10.0f} {p0 / p1:>8.2f}x {c0:>19.0f} {c1:>10.0f}")
     print(f"report: {report.bytes_per_token(False)} -> {report.bytes_per_token(True)} bytes/token "
-          f"(weights {_fmt_bytes(weights)} read per step)")
+          f"(weights {weights / 2**30:.2f} GiB read per step)")

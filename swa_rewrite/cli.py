@@ -497,7 +497,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          slots * _cache_bytes_per_slot(skeleton)})
     from .bench import run_bench
 
-    run_bench(args)
+    model = _build_model(args, device="cuda", dtype=torch.bfloat16)
+    run_bench(model, _schedule(args, model.config.num_hidden_layers), args)
     return 0
 
 

@@ -191,3 +191,10 @@ def test_demo_json(capsys):
     assert windowed["window"] == 8 and fp8_only["window"] == 24 and fp8_only["tokens"] == 8
     assert 0 <= fp8_only["logits_relative_difference"] < 0.1
     assert demo["graph_diff"]["changed_layers"] == [0, 2]
+
+
+def test_bench_module_does_not_import_the_cli():
+    """No circle: the CLI builds the model and schedule and hands them to bench.run_bench."""
+    code = "import sys, swa_rewrite.bench; assert 'swa_rewrite.cli' not in sys.modules, 'bench imported the cli'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

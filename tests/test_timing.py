@@ -1,0 +1,45 @@
+"""``swa_rewrite.timing``: the one timing helper and progress bar (issue 12)."""
+
+import io
+import time
+
+import pytest
+
+from swa_rewrite.timing import median_us, progress
+
+
+def test_median_us_times_warmup_then_iters_on_cpu():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    us = median_us(fn, iters=5, warmup=2, device="cpu")
+    assert len(calls) == 7
+    assert 1500 < us < 200_000           # ~2 ms in µs, loose for a busy machine
+
+
+@pytest.mark.parametrize("kw, match", [(dict(iters=0), "iters must be an integer >= 1, got 0"),
+                                       (dict(warmup=-1), "warmup must be an integer >= 0, got -1")])
+def test_median_us_rejects_bad_counts(kw, match):
+    with pytest.raises(ValueError, match=match):
+        median_us(lambda: None, device="cpu", **kw)
+
+
+def test_progress_is_silent_off_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stderr", io.StringIO())     # not a TTY
+    assert list(progress(range(4), desc="x")) == [0, 1, 2, 3]
+    assert __import__("sys").stderr.getvalue() == ""
+
+
+def test_progress_draws_on_a_terminal_unless_disabled(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for disable, drawn in ((False, True), (True, False)):
+        err = Terminal()
+        monkeypatch.setattr("sys.stderr", err)
+        assert list(progress(range(3), desc="steps", disable=disable)) == [0, 1, 2]
+        assert ("steps" in err.getvalue()) == drawn
