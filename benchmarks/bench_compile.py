@@ -55,7 +55,7 @@ def main() -> None:
     idx = b.last_token_index
 
     def call(m, caches):
-        return lambda: m(b.input_ids, kv_caches=caches, logits_indices=idx, **b.model_inputs())
+        return lambda: m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=idx)
 
     rows = []
 

@@ -74,14 +74,14 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
             allocated = sum(c.numel() * c.element_size() for c in caches)
             dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
                                    for b in range(B)], ps, device="cuda")
-            step = lambda: m(dec.input_ids, kv_caches=caches, logits_indices=dec.last_token_index,  # noqa: E731
-                             **dec.model_inputs())
+            step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
+                             logits_indices=dec.last_token_index)
             decode_us = median_us(_graphed(step), args.iters)
             T = min(args.prefill_tokens, ctx)
             pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, device="cuda")
             last = pre.last_token_index
-            prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, logits_indices=last,
-                                              **pre.model_inputs()), max(3, args.iters // 4))
+            prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta, logits_indices=last),
+                                   max(3, args.iters // 4))
             result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
             caches = None  # free this context's caches before the next allocation
             torch.cuda.empty_cache()

@@ -243,8 +243,8 @@ def _kind(site) -> str:
 _TRACE_CONTRACT = (
     "apply traces model.forward and model.allocate_kv_cache with torch.fx (symbolically: no example inputs), "
     "so both must be fx-traceable: no Python control flow on tensor values or shapes that vary per step. "
-    "forward takes the step (input_ids, positions, kv_caches, block_tables, cu_seqlens_q, seq_lens_encoder, "
-    "seq_lens_decoder, batch_id_per_token, slot_mapping, ...) and calls torch.ops.swa_rewrite.write_kv_cache "
+    "forward takes the step (input_ids, kv_caches, meta: StepMetadata, ...) and calls "
+    "torch.ops.swa_rewrite.write_kv_cache "
     "and torch.ops.swa_rewrite.paged_mla_attention with each layer's index as an explicit argument; "
     "allocate_kv_cache(num_blocks, page_size, device=None) returns one "
     "torch.ops.swa_rewrite.allocate_kv_cache(...) per layer. swa_rewrite.models.MLAModel is the reference "

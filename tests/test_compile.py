@@ -1,6 +1,7 @@
 """torch.compile / torch.export integration (issue 6), in the style of vLLM's compile tests."""
 
 import copy
+import dataclasses
 import io
 import random
 import re
@@ -16,6 +17,7 @@ from swa_rewrite import RewriteError, Schedule, SWAPostGradPass, apply
 from swa_rewrite.graph_diff import node_layer
 from swa_rewrite.passes.graph_pass import op_name
 from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.ops import StepMetadata
 from swa_rewrite.runtime import Engine, StepBatch, StepItem
 
 TINY = MLAConfig.named("tiny")
@@ -72,7 +74,7 @@ def op_count(graph, name):
 
 def step(model, caches, items, page_size):
     b = StepBatch.build(items, page_size, device=caches[0].device)
-    return model(b.input_ids, kv_caches=caches, **b.model_inputs())
+    return model(b.input_ids, kv_caches=caches, meta=b.meta)
 
 
 def packed_caches(model, schedule, num_blocks=8, page_size=16):
@@ -212,22 +214,38 @@ def test_export_keeps_the_swa_op_and_round_trips(seed):
     swa = apply(model, schedule)
     b = StepBatch.build(random_items(rng, 16), 16)
     caches = packed_caches(model, schedule)
-    m = b.model_inputs()
-    # Positional, in signature order (exporting a GraphModule maps keyword inputs by position).
-    args = (b.input_ids, m["positions"], caches, m["block_tables"], m["cu_seqlens_q"], m["seq_lens_encoder"],
-            m["seq_lens_decoder"], m["batch_id_per_token"], m["slot_mapping"])
-    ep = torch.export.export(swa, args)
+    ep = torch.export.export(swa, (b.input_ids, caches, b.meta))
     assert op_count(ep.graph, "swa_mla_attention") == {0: 1, 2: 1}
     assert op_count(ep.graph, "paged_mla_attention") == {1: 1, 3: 1}
     buf = io.BytesIO()
-    torch.export.save(ep, buf)
+    torch.export.save(ep, buf)                      # the StepMetadata input spec serialises too
     buf.seek(0)
     loaded = torch.export.load(buf)
     c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
     with torch.no_grad():
-        out1 = swa(*args[:2], c1, *args[3:])
-        out2 = loaded.module()(*args[:2], c2, *args[3:])
+        out1 = swa(b.input_ids, c1, b.meta)
+        out2 = loaded.module()(b.input_ids, c2, b.meta)
     assert torch.equal(out1, out2)
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+def test_export_takes_keyword_arguments(seed):
+    """The engine calls ``model(input_ids, kv_caches=..., meta=..., logits_indices=...)``: export takes the
+    same call, the StepMetadata flattened as a pytree (keyword inputs once failed inside the step check)."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule(8, [1], 4))
+    b = StepBatch.build(random_items(rng, 16), 16)
+    caches = packed_caches(model, Schedule(8, [1], 4))
+    kwargs = dict(kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)
+    ep = torch.export.export(swa, (b.input_ids,), kwargs)
+    assert op_count(ep.graph, "swa_mla_attention") == {1: 1}
+    c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
+    with torch.no_grad():
+        got = ep.module()(b.input_ids, kv_caches=c1, meta=b.meta, logits_indices=b.last_token_index)
+        ref = swa(b.input_ids, kv_caches=c2, meta=b.meta, logits_indices=b.last_token_index)
+    assert got.shape == (b.last_token_index.shape[0], TINY.vocab_size)
+    torch.testing.assert_close(got, ref)
     assert all(torch.equal(x, y) for x, y in zip(c1, c2))
 
 
@@ -273,25 +291,25 @@ def test_export_with_dynamic_step_shapes(seed):
 
     def inputs(items, max_blocks):
         b = StepBatch.build(items, 16, max_blocks=max_blocks)
-        m = b.model_inputs()
-        return (b.input_ids, m["positions"], packed_caches(model, Schedule(8, [0, 2], 4)), m["block_tables"],
-                m["cu_seqlens_q"], m["seq_lens_encoder"], m["seq_lens_decoder"], m["batch_id_per_token"],
-                m["slot_mapping"])
+        return (b.input_ids, packed_caches(model, Schedule(8, [0, 2], 4)), b.meta)
 
     T, B, NB = (torch.export.Dim(n, min=2, max=4096) for n in ("T", "B", "NB"))
-    shapes = ({0: T}, {0: T}, [None] * 4, {0: B, 1: NB}, {0: B + 1}, {0: B}, {0: B}, {0: T}, {0: T})
+    # A pytree node's dynamic shapes are a list, one entry per field (StepMetadata's field order).
+    meta_shapes = dict(positions={0: T}, cu_seqlens_q={0: B + 1}, seq_lens_encoder={0: B}, seq_lens_decoder={0: B},
+                       batch_id_per_token={0: T}, block_tables={1: B, 2: NB}, slot_mapping={1: T})
+    shapes = ({0: T}, [None] * 4, [meta_shapes[f.name] for f in dataclasses.fields(StepMetadata)])
     example = inputs([StepItem([1, 2, 3, 4, 5], 0, [0], True), StepItem([7, 8], 3, [1], True)], 2)
     ep = torch.export.export(swa, example, dynamic_shapes=shapes)
     other = inputs([StepItem([rng.randrange(256) for _ in range(9)], 0, [0], True),
                     StepItem([rng.randrange(256)], 20, [1, 2], False),
                     StepItem([rng.randrange(256) for _ in range(4)], 0, [3, 4, 5], True)], 3)
-    caches = [c.clone() for c in other[2]]
+    caches = [c.clone() for c in other[1]]
     with torch.no_grad():
         got = ep.module()(*other)
-        ref = swa(*other[:2], caches, *other[3:])
+        ref = swa(other[0], caches, other[2])
     assert got.shape == (14, TINY.vocab_size)
     torch.testing.assert_close(got, ref)
-    assert all(torch.equal(a, b) for a, b in zip(other[2], caches))
+    assert all(torch.equal(a, b) for a, b in zip(other[1], caches))
 
 
 def test_the_rewritten_module_compiles_too(seed):

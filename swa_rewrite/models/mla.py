@@ -1,7 +1,7 @@
 """The bundled DeepSeek-V3-style decoder, running MLA in absorbed form against a paged latent cache.
 
-One forward call processes one engine step: a ragged batch of ``T`` tokens described by the metadata of
-SPEC §5. Every attention layer writes this step's latents ``[c_kv_norm | rope(k_pe)]`` into its cache and
+One forward call processes one engine step: a ragged batch of ``T`` tokens described by one
+``StepMetadata`` (SPEC §5). Every attention layer writes this step's latents ``[c_kv_norm | rope(k_pe)]`` into its cache and
 then attends from the cache, so decode, fresh prefill, chunked prefill and prefix reuse are one path.
 """
 
@@ -15,7 +15,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
-from ..ops.validation import checked_slot_mapping
+from ..ops.step_metadata import StepMetadata
+from ..ops.validation import checked_step_metadata
 from .config import MLAConfig
 from .moe import MoE
 from .rope import apply_rope, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits
@@ -34,7 +35,13 @@ def cache_device(device: Optional[torch.device | str], like: torch.Tensor) -> to
 torch.fx.wrap("select_rows")
 torch.fx.wrap("cache_device")
 # A graph leaf: the rewritten module keeps checking its inputs at run time (Dynamo traces through it).
-torch.fx.wrap("checked_slot_mapping")
+torch.fx.wrap("checked_step_metadata")
+
+
+def cache_group(config: MLAConfig, layer_idx: int) -> int:
+    """The cache group of layer ``layer_idx`` (SPEC §12: layers with equal cache specs share one). The
+    bundled model's layers all have one spec, so one group; the rewrite's sliding layers keep it for now."""
+    return 0
 
 
 class RMSNorm(nn.Module):
@@ -71,11 +78,12 @@ class MLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=False)
         self.softmax_scale = c.softmax_scale
+        self.cache_group = cache_group(c, layer_idx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
-                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor,
-                slot_mapping: torch.Tensor) -> torch.Tensor:
+                meta: StepMetadata) -> torch.Tensor:
+        """``x [T, hidden]`` → ``[T, hidden]``; writes this step's latents into ``cache`` (the rows
+        ``meta.slot_mapping[self.cache_group]``), then attends from it."""
         T = x.shape[0]
         H, N, P, R = self.num_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
         if self.config.q_lora_rank is None:
@@ -97,10 +105,12 @@ class MLAAttention(nn.Module):
         q_abs = torch.cat([q_lat, q_pe], dim=-1)                                # [T, H, D]
         latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
 
-        torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, self.layer_idx)
+        # The layer and its cache group are constant arguments: the pass finds layers by the first and
+        # sets the second in place, as it does the window (SPEC §8, §12).
+        torch.ops.swa_rewrite.write_kv_cache(latent, cache, meta.slot_mapping, self.layer_idx, self.cache_group)
         o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(
-            q_abs, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-            batch_id_per_token, self.softmax_scale, P, self.layer_idx)          # [T, H, R]
+            q_abs, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens_encoder, meta.seq_lens_decoder,
+            meta.batch_id_per_token, self.softmax_scale, P, self.layer_idx, self.cache_group)  # [T, H, R]
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
         return self.o_proj(o.reshape(T, H * self.v_dim))
 
@@ -128,8 +138,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache, *meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, *meta)
+    def forward(self, x, cos, sin, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -189,6 +199,11 @@ class MLAModel(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def cache_groups(self) -> tuple[int, ...]:
+        """The cache group of each layer: the row of the step's block tables and slots it uses."""
+        return tuple(cache_group(self.config, i) for i in range(self.num_layers))
+
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
         """One latent cache ``[num_blocks, page_size, R + P]`` of the model dtype per layer."""
@@ -198,35 +213,26 @@ class MLAModel(nn.Module):
         return [torch.ops.swa_rewrite.allocate_kv_cache(num_blocks, page_size, R, P, dtype, device, i)
                 for i in range(self.num_layers)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
-                seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, slot_mapping: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], meta: StepMetadata,
                 logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run one step.
 
         Args:
             input_ids: ``[T]`` int64 tokens of the step, requests concatenated.
-            positions: ``[T]`` absolute positions (``seq_lens_decoder[b] + i``).
             kv_caches: one cache per layer, as returned by ``allocate_kv_cache``; written in place.
-            block_tables: ``[B, max_blocks]`` int32 physical block of each logical block.
-            cu_seqlens_q: ``[B + 1]`` int32 prefix sums of the query tokens per request.
-            seq_lens_encoder: ``[B]`` int32 new prefill tokens this step (0 for decode).
-            seq_lens_decoder: ``[B]`` int32 tokens already cached before this step.
-            batch_id_per_token: ``[T]`` int32 request of each token (``-1`` for padding).
-            slot_mapping: ``[T]`` int64 cache slot of each token (``-1`` for padding: nothing written).
+            meta: the step's ``StepMetadata`` (positions, per-request metadata, ``block_tables [G, B, nb]``,
+                ``slot_mapping [G, T]``; see ``swa_rewrite.runtime.StepBatch.build``).
             logits_indices: optional ``[n]`` token rows to compute logits for (default: all).
         Returns:
             logits ``[T or n, vocab]`` in the model dtype.
         """
-        slot_mapping = checked_slot_mapping(positions, slot_mapping, kv_caches[0], block_tables, cu_seqlens_q,
-                                            seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-                                            kv_caches=kv_caches, num_layers=len(self.layers))
+        # Checked mode: the whole step is validated here, once, before any layer writes its cache.
+        meta = checked_step_metadata(meta, kv_caches, self.cache_groups)
         # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
         inv_freq = self.rope_inv_freq_bits.view(torch.float32)
-        cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, positions, self.lm_head.weight.dtype)
+        cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype)
         x = self.embed_tokens(input_ids)
-        meta = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, slot_mapping)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[i], *meta)
+            x = layer(x, cos, sin, kv_caches[i], meta)
         x = self.norm(x)
         return self.lm_head(select_rows(x, logits_indices))

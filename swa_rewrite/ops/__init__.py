@@ -7,9 +7,14 @@ function of the op's module) otherwise.
 One module per op family, each holding its reference, its ``torch.library`` definition and fake:
 ``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
 ``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention),
-``moe`` (the routed experts of a MoE block). ``inference_only`` gives the ops a backward that raises only when
-it runs (steps work with grad mode on). The functions here check their plain arguments first (the
-dispatcher would turn ``True`` into ``1`` and reject a float ``int`` with a RuntimeError).
+``moe`` (the routed experts of a MoE block); ``step_metadata`` holds ``StepMetadata``, the step's metadata.
+
+The ops take the step's ``block_tables [G, B, nb]`` / ``slot_mapping [G, T]`` (one row per cache group) and
+the layer's ``group``; the functions here also take one group's ``block_tables [B, nb]`` / ``slot_mapping [T]``
+(then ``group`` must be 0).
+
+``inference_only`` gives the ops a backward that raises only when it runs (steps work with grad mode
+on). The functions here check their plain arguments first (the dispatcher would turn ``True`` into ``1`` and reject a float ``int`` with a RuntimeError).
 """
 
 from __future__ import annotations
@@ -20,11 +25,20 @@ from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_r
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
 from .attention import finite_scale
 from .fp8_cache import fp8_cache_bytes
+from .step_metadata import StepMetadata
 from .validation import check_int, checks_enabled
 
-__all__ = ["allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
+__all__ = ["StepMetadata", "allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
 __all__ += ["sparse_mla_attention", "swa_mla_attention"]
+
+
+def _grouped(t: torch.Tensor, name: str, group_dims: int) -> torch.Tensor:
+    """``t`` with its cache-group dimension: a single group's ``[B, nb]`` table (``[T]`` slots) becomes the
+    ``[1, B, nb]`` (``[1, T]``) view the ops take; ``group_dims`` is the rank with that dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    return t.unsqueeze(0) if t.dim() == group_dims - 1 else t
 
 
 def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
@@ -41,40 +55,46 @@ def allocate_kv_cache(num_blocks: int, page_size: int, kv_lora_rank: int, rope_d
 
 
 def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
-                   layer: int = -1) -> None:
-    """Write ``latent [T, D]`` (cache dtype) into ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``.
+                   layer: int = -1, group: int = 0) -> None:
+    """Write ``latent [T, D]`` (cache dtype) into ``cache [num_blocks, ps, D]`` at ``slot_mapping [T]``
+    (or at row ``group`` of ``slot_mapping [G, T]``).
 
     ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and, in checked mode,
     on a slot out of range or written twice.
     """
-    torch.ops.swa_rewrite.write_kv_cache(latent, cache, slot_mapping, check_int("layer", layer))
+    torch.ops.swa_rewrite.write_kv_cache(latent, cache, _grouped(slot_mapping, "slot_mapping", 2),
+                                         check_int("layer", layer), check_int("group", group))
 
 
 def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float,
-                        *, rope_dim: int = 64, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal MLA attention (MQA form) of ``q [T, H, D]`` over a paged model-dtype cache.
+                        *, rope_dim: int = 64, layer: int = -1, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal MLA attention (MQA form) of ``q [T, H, D]`` over a paged model-dtype cache, through
+    ``block_tables [B, nb]`` (or row ``group`` of ``block_tables [G, B, nb]``).
 
     Query token ``i`` of request ``b`` sits at position ``seq_lens_decoder[b] + i`` and attends to
     positions ``0 … p``. Returns ``out [T, H, R]`` (q dtype) and ``lse [T, H]`` (float32, natural log);
     padding tokens (``batch_id_per_token == -1``) give ``out = 0``, ``lse = +inf``.
     """
-    return torch.ops.swa_rewrite.paged_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                     seq_lens_decoder, batch_id_per_token, finite_scale(scale),
-                                                     check_int("rope_dim", rope_dim), check_int("layer", layer))
+    return torch.ops.swa_rewrite.paged_mla_attention(q, cache, _grouped(block_tables, "block_tables", 3),
+                                                     cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                                                     batch_id_per_token, finite_scale(scale),
+                                                     check_int("rope_dim", rope_dim), check_int("layer", layer),
+                                                     check_int("group", group))
 
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
-                    rope_dim: int = 64, layer: int = -1) -> None:
+                    rope_dim: int = 64, layer: int = -1, group: int = 0) -> None:
     """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into the packed FP8 ``cache uint8 [NB, ps, bytes]``.
 
-    Row ``slot_mapping[t]`` receives token ``t`` in FlashMLA's "FP8 with scale" layout (SPEC §6, see
-    ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
+    Row ``slot_mapping[t]`` (or ``slot_mapping[group, t]`` of a ``[G, T]`` mapping) receives token ``t`` in
+    FlashMLA's "FP8 with scale" layout (SPEC §6, see ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
     in checked mode, on a bad slot or a non-finite latent row.
     """
-    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, check_int("rope_dim", rope_dim),
-                                          check_int("layer", layer))
+    torch.ops.swa_rewrite.write_fp8_cache(latent, cache, _grouped(slot_mapping, "slot_mapping", 2),
+                                          check_int("rope_dim", rope_dim), check_int("layer", layer),
+                                          check_int("group", group))
 
 
 def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Tensor:
@@ -84,17 +104,19 @@ def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Te
 
 def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
                 seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, *, window: int,
-                page_size: int, return_num_valid: bool = False):
-    """Cache slots of each query token's sliding window: ``int32 [T, 1, window]``.
+                page_size: int, return_num_valid: bool = False, group: int = 0):
+    """Cache slots of each query token's sliding window: ``int32 [T, 1, window]``, through
+    ``block_tables [B, nb]`` (or row ``group`` of ``block_tables [G, B, nb]``).
 
     Entry ``k`` of the token at position ``p`` is the slot of position ``p - window + 1 + k``, ``-1`` where
     that is negative; padding tokens (``batch_id_per_token == -1``) get all ``-1``. With
     ``return_num_valid`` also returns ``int32 [T]`` = ``min(window, p + 1)`` (0 for padding).
     """
-    indices, num_valid = torch.ops.swa_rewrite.swa_indexer(block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                           seq_lens_decoder, batch_id_per_token,
-                                                           check_int("window", window),
-                                                           check_int("page_size", page_size))
+    indices, num_valid = torch.ops.swa_rewrite.swa_indexer(_grouped(block_tables, "block_tables", 3),
+                                                           cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                                                           batch_id_per_token, check_int("window", window),
+                                                           check_int("page_size", page_size),
+                                                           check_int("group", group))
     return (indices, num_valid) if return_num_valid else indices
 
 
@@ -112,14 +134,15 @@ def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Te
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
                       batch_id_per_token: torch.Tensor, scale: float, *, window: int, rope_dim: int = 64,
-                      layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+                      layer: int = -1, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache (what the graph pass inserts).
 
     The token at position ``p`` of request ``b`` attends to positions ``max(0, p-W+1) … p`` of ``b``
     (SPEC §3); arguments as ``paged_mla_attention`` plus ``window``. Returns ``out [T, H, R]`` and
     ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
     """
-    return torch.ops.swa_rewrite.swa_mla_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
-                                                   seq_lens_decoder, batch_id_per_token, finite_scale(scale),
+    return torch.ops.swa_rewrite.swa_mla_attention(q, cache, _grouped(block_tables, "block_tables", 3),
+                                                   cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                                                   batch_id_per_token, finite_scale(scale),
                                                    check_int("rope_dim", rope_dim), check_int("window", window),
-                                                   check_int("layer", layer))
+                                                   check_int("layer", layer), check_int("group", group))

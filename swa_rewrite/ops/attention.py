@@ -8,7 +8,9 @@
   ``swa_indexer`` followed by ``sparse_mla_attention`` (SPEC §3); on CUDA one kernel walks the window
   through the block table, or, for prefill-heavy steps, dequantises each request's window union once.
 
-Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width. Every op returns
+The ops taking block tables take the step's ``block_tables [G, B, nb]`` and the layer's cache ``group``
+(a constant beside ``layer``) and read ``block_tables[group]``, a view; the references take one group's
+``[B, nb]`` table. Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width. Every op returns
 ``out [T, H, R]`` in the query dtype and ``lse [T, H]`` float32 (natural log); a token with no key to
 attend to (padding, or only ``-1`` indices) gets ``out = 0`` and ``lse = +inf``. CUDA runs the Triton
 kernels of ``swa_rewrite.kernels.sparse_mla`` / ``paged_mla``; other devices run the references here.
@@ -166,7 +168,7 @@ def _check_scale(scale: float) -> None:
 
 
 def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, scale, rope_dim, data=True):
+                           batch_id_per_token, scale, rope_dim, group, data=True):
     if q.dim() != 3:
         fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
     if not q.dtype.is_floating_point:
@@ -188,35 +190,39 @@ def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encode
                  "a packed cache must be uint8 (as the rewritten allocation makes it)")
         fail(f"cache must be [num_blocks, page_size, {width}], got shape {tuple(cache.shape)}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
+                batch_id_per_token, cache.shape[1], cache.shape[0], group, data=data)
 
 
 @torch.library.custom_op("swa_rewrite::paged_mla_attention", mutates_args=())
 def paged_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor,
-                        scale: float, rope_dim: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full causal MLA attention over the model-dtype paged cache → ``out [T, H, R]``, ``lse [T, H]`` fp32."""
+                        scale: float, rope_dim: int, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full causal MLA attention over the model-dtype paged cache → ``out [T, H, R]``, ``lse [T, H]`` fp32.
+
+    ``block_tables [G, B, nb]``: the layer reads row ``group`` (its cache group, see ``ops.step_metadata``).
+    """
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, scale, rope_dim)
-    return paged_mla_attention_reference(q, _unpacked(cache, q, rope_dim), block_tables, cu_seqlens_q,
+                           batch_id_per_token, scale, rope_dim, group)
+    return paged_mla_attention_reference(q, _unpacked(cache, q, rope_dim), block_tables[group], cu_seqlens_q,
                                          seq_lens_decoder, batch_id_per_token, scale, rope_dim)
 
 
 @paged_mla_attention.register_fake
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-      scale, rope_dim, layer):
+      scale, rope_dim, layer, group):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, scale, rope_dim, data=False)
+                           batch_id_per_token, scale, rope_dim, group, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
 @paged_mla_attention.register_kernel("cuda")
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-      scale, rope_dim, layer):
+      scale, rope_dim, layer, group):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                           batch_id_per_token, scale, rope_dim)
+                           batch_id_per_token, scale, rope_dim, group)
+    block_tables = block_tables[group]                   # a view of the group's tables: no copy, no sync
     cache = _unpacked(cache, q, rope_dim)
     if not _triton_supported(q, cache):
         return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
@@ -301,41 +307,45 @@ def _(q, cache, indices, scale, rope_dim):
 
 # ---------------------------------------------------------------------------------------- SWA op
 def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, data=True):
+                         batch_id_per_token, scale, rope_dim, window, group, data=True):
     _fp8_latent_rank(cache, q, rope_dim)
     _check_scale(scale)
     if window < 1:
         fail(f"window must be >= 1, got {window}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, cache.shape[1], cache.shape[0], data=data)
+                batch_id_per_token, cache.shape[1], cache.shape[0], group, data=data)
 
 
 @torch.library.custom_op("swa_rewrite::swa_mla_attention", mutates_args=())
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
                       batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
-                      layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sliding-window MLA attention over the packed FP8 paged cache → ``out [T, H, R]``, ``lse [T, H]``."""
+                      layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window MLA attention over the packed FP8 paged cache → ``out [T, H, R]``, ``lse [T, H]``.
+
+    ``block_tables [G, B, nb]``: the layer reads row ``group`` (its cache group, see ``ops.step_metadata``).
+    """
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window)
-    return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                         batch_id_per_token, scale, rope_dim, window, group)
+    return swa_mla_attention_reference(q, cache, block_tables[group], cu_seqlens_q, seq_lens_decoder,
                                        batch_id_per_token, scale, rope_dim, window)
 
 
 @swa_mla_attention.register_fake
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
-      rope_dim, window, layer):
+      rope_dim, window, layer, group):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, data=False)
+                         batch_id_per_token, scale, rope_dim, window, group, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
 @swa_mla_attention.register_kernel("cuda")
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
-      rope_dim, window, layer):
+      rope_dim, window, layer, group):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window)
+                         batch_id_per_token, scale, rope_dim, window, group)
+    block_tables = block_tables[group]                   # a view of the group's tables: no copy, no sync
     if not _triton_supported(q, cache):
         return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                            batch_id_per_token, scale, rope_dim, window)

@@ -125,7 +125,7 @@ def write_fp8_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_ma
 
 # ---------------------------------------------------------------------------------------------- ops
 def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                     rope_dim: int, *, data: bool = True) -> None:
+                     rope_dim: int, group: int, *, data: bool = True) -> None:
     """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and finiteness."""
     if latent.dim() != 2:
         fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
@@ -138,33 +138,34 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
     if not 0 <= rope_dim < latent.shape[1]:
         fail(f"rope_dim must be in [0, {latent.shape[1]}), got {rope_dim}")
     check_cache_write(latent, cache, slot_mapping, packed_row_bytes(latent.shape[1], rope_dim, "latent", cache),
-                      data=data)
+                      group, data=data)
     if cache.stride(2) != 1 or (cache.shape[1] > 1 and cache.stride(1) != cache.shape[2]):
         fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "
              f"got strides {cache.stride()}")
     if data:
-        check_finite_latent(latent, slot_mapping)
+        check_finite_latent(latent, slot_mapping[group])
 
 
 @torch.library.custom_op("swa_rewrite::write_fp8_cache", mutates_args=("cache",))
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, rope_dim: int,
-                    layer: int) -> None:
-    """Quantise ``latent [T, D]`` into the packed uint8 ``cache [num_blocks, ps, bytes]`` at ``slot_mapping``."""
-    _check_fp8_write(latent, cache, slot_mapping, rope_dim)
-    write_fp8_cache_reference(latent, cache, slot_mapping, rope_dim)
+                    layer: int, group: int) -> None:
+    """Quantise ``latent [T, D]`` into the packed uint8 ``cache [num_blocks, ps, bytes]`` at
+    ``slot_mapping[group]`` (``slot_mapping [G, T]``, one row per cache group)."""
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim, group)
+    write_fp8_cache_reference(latent, cache, slot_mapping[group], rope_dim)
 
 
 @write_fp8_cache.register_fake
-def _(latent, cache, slot_mapping, rope_dim, layer):
-    _check_fp8_write(latent, cache, slot_mapping, rope_dim, data=False)
+def _(latent, cache, slot_mapping, rope_dim, layer, group):
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim, group, data=False)
 
 
 @write_fp8_cache.register_kernel("cuda")
-def _(latent, cache, slot_mapping, rope_dim, layer):
+def _(latent, cache, slot_mapping, rope_dim, layer, group):
     from ..kernels.fp8_cache import write_fp8_cache as launch
 
-    _check_fp8_write(latent, cache, slot_mapping, rope_dim)
-    launch(latent, cache, slot_mapping, rope_dim=rope_dim)
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim, group)
+    launch(latent, cache, slot_mapping[group], rope_dim=rope_dim)
 
 
 def _as_3d(cache: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Latent-cache allocation and the model-dtype (bf16) cache write: ``allocate_kv_cache``, ``write_kv_cache``.
 
 Every op takes the layer index as an explicit ``layer`` argument. It does not change the result; it is
-how graph passes tell layers apart (SPEC §8).
+how graph passes tell layers apart (SPEC §8). The write also takes the layer's cache ``group``: the row of
+the step's ``slot_mapping [G, T]`` it writes (see ``ops.step_metadata``).
 """
 
 from __future__ import annotations
@@ -75,50 +76,54 @@ def packed_rope_dim(latent_dim: int, packed_bytes: int) -> int:
     return rope_dim
 
 
-def _check_write(latent, cache, slot_mapping, data=True):
+def _check_write(latent, cache, slot_mapping, group, data=True):
     if cache.dtype == torch.uint8:
         if cache.dim() == 3:
             packed_rope_dim(latent.shape[-1], cache.shape[-1])
-        check_cache_write(latent, cache, slot_mapping, cache.shape[-1] if cache.dim() == 3 else -1, data=data)
+        check_cache_write(latent, cache, slot_mapping, cache.shape[-1] if cache.dim() == 3 else -1, group,
+                          data=data)
         return
     if not cache.dtype.is_floating_point:
         fail(f"cache must be the model-dtype cache (a floating-point dtype, as latent) or the packed FP8 cache "
              f"(uint8), got {cache.dtype}")
-    check_cache_write(latent, cache, slot_mapping, latent.shape[-1], data=data)
+    check_cache_write(latent, cache, slot_mapping, latent.shape[-1], group, data=data)
     if latent.dtype != cache.dtype:
         fail(f"latent dtype {latent.dtype} does not match cache dtype {cache.dtype}")
 
 
 @torch.library.custom_op("swa_rewrite::write_kv_cache", mutates_args=("cache",))
-def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, layer: int) -> None:
-    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` (model dtype) at ``slot_mapping [T]``.
+def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, layer: int,
+                   group: int) -> None:
+    """Write ``latent [T, D]`` into ``cache [num_blocks, ps, D]`` (model dtype) at ``slot_mapping[group]``
+    (``slot_mapping [G, T]``, one row per cache group).
 
     A ``uint8`` cache is written in the packed FP8 layout (through ``write_fp8_cache``): a graph traced
     with a layer's packed cache stays valid before the rewrite names the packed write explicitly.
     """
-    _check_write(latent, cache, slot_mapping)
+    _check_write(latent, cache, slot_mapping, group)
     if cache.dtype == torch.uint8:
         rope_dim = packed_rope_dim(latent.shape[-1], cache.shape[-1])
-        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer, group)
         return
-    write_kv_cache_reference(latent, cache, slot_mapping)
+    write_kv_cache_reference(latent, cache, slot_mapping[group])
 
 
 @write_kv_cache.register_fake
-def _(latent, cache, slot_mapping, layer):
-    _check_write(latent, cache, slot_mapping, data=False)
+def _(latent, cache, slot_mapping, layer, group):
+    _check_write(latent, cache, slot_mapping, group, data=False)
 
 
 @write_kv_cache.register_kernel("cuda")
-def _(latent, cache, slot_mapping, layer):
-    _check_write(latent, cache, slot_mapping)
+def _(latent, cache, slot_mapping, layer, group):
+    _check_write(latent, cache, slot_mapping, group)
     if cache.dtype == torch.uint8:
         rope_dim = packed_rope_dim(latent.shape[-1], cache.shape[-1])
-        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer)
+        torch.ops.swa_rewrite.write_fp8_cache(latent, cache, slot_mapping, rope_dim, layer, group)
         return
+    slots = slot_mapping[group]                          # a view of the group's row: no copy
     if latent.stride(-1) != 1 or cache.stride(-1) != 1:
-        write_kv_cache_reference(latent, cache, slot_mapping)
+        write_kv_cache_reference(latent, cache, slots)
         return
     from ..kernels.kv_cache import write_kv_cache as launch
 
-    launch(latent, cache, slot_mapping.contiguous())
+    launch(latent, cache, slots.contiguous())

@@ -73,12 +73,12 @@ def _window_slots(q: torch.Tensor, req: torch.Tensor, table: torch.Tensor, page_
 
 # ---------------------------------------------------------------------------------------------- op
 def _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-                   window, page_size, data=True):
+                   window, page_size, group, data=True):
     if window < 1:
         fail(f"window must be >= 1, got {window}")
     # The indexer sees no cache: block ids are only required to give slots that fit the int32 output.
     check_batch(batch_id_per_token.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, page_size, 2**31 // page_size if page_size >= 1 else 1, data=data)
+                batch_id_per_token, page_size, 2**31 // page_size if page_size >= 1 else 1, group, data=data)
 
 
 def _empty_outputs(batch_id_per_token: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,28 +90,31 @@ def _empty_outputs(batch_id_per_token: torch.Tensor, window: int) -> tuple[torch
 @torch.library.custom_op("swa_rewrite::swa_indexer", mutates_args=())
 def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
                 seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, window: int,
-                page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window slots ``int32 [T, 1, window]`` and valid counts ``int32 [T]`` of a ragged step."""
+                page_size: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window slots ``int32 [T, 1, window]`` and valid counts ``int32 [T]`` of a ragged step, through the
+    block tables ``block_tables[group]`` of ``block_tables [G, B, nb]``."""
     _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-                   window, page_size)
-    return swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, window,
+                   window, page_size, group)
+    return swa_indexer_reference(block_tables[group], cu_seqlens_q, seq_lens_decoder, batch_id_per_token, window,
                                  page_size)
 
 
 @swa_indexer.register_fake
-def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size):
+def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size,
+      group):
     _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-                   window, page_size, data=False)
+                   window, page_size, group, data=False)
     return _empty_outputs(batch_id_per_token, window)
 
 
 @swa_indexer.register_kernel("cuda")
-def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size):
+def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size,
+      group):
     from ..kernels.swa_indexer import swa_indexer as launch
 
     _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
-                   window, page_size)
+                   window, page_size, group)
     indices, num_valid = _empty_outputs(batch_id_per_token, window)
-    launch(block_tables, cu_seqlens_q.contiguous(), seq_lens_decoder.contiguous(),
+    launch(block_tables[group], cu_seqlens_q.contiguous(), seq_lens_decoder.contiguous(),
            batch_id_per_token.contiguous(), indices, num_valid, window=window, page_size=page_size)
     return indices, num_valid

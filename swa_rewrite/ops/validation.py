@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .step_metadata import StepMetadata
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -80,9 +82,16 @@ def check_index(name: str, t: torch.Tensor, dim: int) -> None:
         fail(f"{name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
+def check_group(name: str, t: torch.Tensor, group: int) -> None:
+    """``group`` indexes the leading cache-group dimension of ``t`` (``block_tables`` or ``slot_mapping``)."""
+    if not 0 <= group < t.shape[0]:
+        fail(f"group {group} is out of range for {name} of {t.shape[0]} cache group(s), shape {tuple(t.shape)}")
+
+
 def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                      width: int, *, data: bool = True) -> None:
-    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [T]``.
+                      width: int, group: int, *, data: bool = True) -> None:
+    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [G, T]`` of which row ``group``
+    is this cache's.
 
     ``data=False`` (fake implementations) checks shapes and dtypes only.
     """
@@ -92,12 +101,14 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
         fail(f"cache must be [num_blocks, page_size, bytes_or_D], got shape {tuple(cache.shape)}")
     if cache.shape[-1] != width:
         fail(f"cache rows are {cache.shape[-1]} wide, expected {width} for latent width {latent.shape[1]}")
-    check_index("slot_mapping", slot_mapping, 1)
-    if slot_mapping.shape[0] != latent.shape[0]:
-        fail(f"slot_mapping has {slot_mapping.shape[0]} entries for {latent.shape[0]} latent rows")
+    check_index("slot_mapping", slot_mapping, 2)
+    check_group("slot_mapping", slot_mapping, group)
+    if slot_mapping.shape[1] != latent.shape[0]:
+        fail(f"slot_mapping has {slot_mapping.shape[1]} entries for {latent.shape[0]} latent rows")
     if latent.device != cache.device or slot_mapping.device != cache.device:
         fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
              "must be on one device")
+    slot_mapping = slot_mapping[group]
     if data and checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
         num_slots = cache.shape[0] * cache.shape[1]
         bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
@@ -129,11 +140,13 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def check_kv_caches(kv_caches: Sequence[torch.Tensor], num_layers: Optional[int], *,
-                    blocks: Optional[tuple[int, int]] = None, device: Optional[torch.device] = None) -> None:
+                    blocks: Optional[tuple[int, int] | Sequence[tuple[int, int]]] = None,
+                    device: Optional[torch.device] = None) -> None:
     """``kv_caches``: one cache ``[num_blocks, page_size, ...]`` per layer, no two overlapping in memory.
 
     ``num_layers`` (if known) is the number of caches expected; ``blocks`` the ``(num_blocks, page_size)``
-    every cache must lead with (default: the first cache's); ``device`` the device of every cache (default:
+    every cache must lead with (default: the first cache's), or a list of one such pair per layer (caches of
+    different cache groups may differ); ``device`` the device of every cache (default:
     the first cache's). Caches that share memory would overwrite each other's latents, and a missing or
     smaller cache would fail a layer after earlier layers wrote: both are rejected before anything runs.
     """
@@ -146,11 +159,13 @@ def check_kv_caches(kv_caches: Sequence[torch.Tensor], num_layers: Optional[int]
             raise TypeError(f"kv_caches[{i}] must be a tensor, got {type(c).__name__}")
     if not kv_caches:
         return
-    blocks = tuple(kv_caches[0].shape[:2]) if blocks is None else tuple(blocks)
+    if blocks is None:
+        blocks = tuple(kv_caches[0].shape[:2])
+    per_layer = list(blocks) if blocks and isinstance(blocks[0], tuple) else [tuple(blocks)] * len(kv_caches)
     device = kv_caches[0].device if device is None else torch.device(device)
-    for i, c in enumerate(kv_caches):
-        if c.dim() != 3 or tuple(c.shape[:2]) != blocks:
-            fail(f"kv_caches[{i}] has shape {tuple(c.shape)}, expected [{blocks[0]}, {blocks[1]}, ...]")
+    for i, (c, want) in enumerate(zip(kv_caches, per_layer)):
+        if c.dim() != 3 or tuple(c.shape[:2]) != want:
+            fail(f"kv_caches[{i}] has shape {tuple(c.shape)}, expected [{want[0]}, {want[1]}, ...]")
         if c.device.type != device.type or (device.index is not None and c.device.index != device.index):
             fail(f"kv_caches[{i}] is on {c.device}, expected {device}")
     if device.type == "meta":
@@ -164,13 +179,16 @@ def check_kv_caches(kv_caches: Sequence[torch.Tensor], num_layers: Optional[int]
 
 def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, *,
+                batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, group: int, *,
                 data: bool = True) -> Optional[tuple[torch.Tensor, ...]]:
-    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens (``data=False``: shapes and dtypes only).
+    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens, ``block_tables [G, B, nb]`` read at
+    ``group`` (``data=False``: shapes and dtypes only).
 
-    Returns the host int64 copies ``(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+    Returns the host int64 copies ``(block_tables[group], cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
     batch_id_per_token)`` the data checks ran on, or None when they did not run."""
-    check_index("block_tables", block_tables, 2)
+    check_index("block_tables", block_tables, 3)
+    check_group("block_tables", block_tables, group)
+    block_tables = block_tables[group]
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
                     ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
         check_index(name, t, 1)
@@ -235,42 +253,61 @@ def _check_batch_data(num_tokens, bt, cu, enc, dec, bid, page_size, num_blocks) 
              "padding tokens after the last request carry -1)")
 
 
-def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
-                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
-                         seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, *,
-                         kv_caches: Optional[Sequence[torch.Tensor]] = None,
-                         num_layers: Optional[int] = None) -> torch.Tensor:
-    """``slot_mapping``, after checking a model step's inputs against each other (checked mode only).
+def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
+                          cache_groups: Sequence[int]) -> StepMetadata:
+    """``meta``, after checking a model step's inputs against each other (data checks in checked mode only).
 
     The cache ops see slots only, so they cannot tell a slot of another request from the right one: this
     check, run once per step before any cache write, requires token ``i`` of request ``b`` to sit at
-    position ``seq_lens_decoder[b] + i`` and to write the slot its block table gives that position (SPEC
-    §5), and padding tokens to write nothing. ``cache`` (any layer's) gives the page size and block count.
+    position ``seq_lens_decoder[b] + i`` and, in every cache group ``g``, to write the slot
+    ``block_tables[g]`` gives that position (SPEC §5), and padding tokens to write nothing.
 
-    ``kv_caches`` (every layer's cache, ``num_layers`` of them) must hold one cache per layer (always
-    checked: a static length) and, in checked mode, caches of ``cache``'s block count and page size on the
-    metadata's device that share no memory (see ``check_kv_caches``).
+    ``kv_caches`` holds one cache per layer and ``cache_groups`` the cache group of each layer (always
+    checked: static lengths). In checked mode the caches must be on the metadata's device, share no memory,
+    and the caches of one group lead with one ``(num_blocks, page_size)`` (see ``check_kv_caches``); the
+    first cache of group ``g`` gives that group's page size and block count.
     """
-    if positions.dim() != 1 or slot_mapping.dim() != 1 or positions.shape != slot_mapping.shape:
-        fail(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} must both be [T]")
+    if not isinstance(meta, StepMetadata):
+        raise TypeError(f"meta must be a swa_rewrite.ops.StepMetadata (built by StepBatch.build), "
+                        f"got {type(meta).__name__}")
+    if not isinstance(kv_caches, (list, tuple)):
+        raise TypeError(f"kv_caches must be a list with one cache tensor per layer, got {type(kv_caches).__name__}")
+    if len(kv_caches) != len(cache_groups):
+        fail(f"kv_caches holds {len(kv_caches)} caches, expected one per layer: {len(cache_groups)}")
+    positions, slot_mapping, block_tables = meta.positions, meta.slot_mapping, meta.block_tables
     check_index("positions", positions, 1)
-    check_index("slot_mapping", slot_mapping, 1)
-    if positions.device != batch_id_per_token.device or slot_mapping.device != batch_id_per_token.device:
+    check_index("slot_mapping", slot_mapping, 2)
+    check_index("block_tables", block_tables, 3)
+    if slot_mapping.shape[1] != positions.shape[0] or slot_mapping.shape[0] != block_tables.shape[0]:
+        fail(f"slot_mapping {tuple(slot_mapping.shape)} must be [G, T] for positions {tuple(positions.shape)} "
+             f"and block_tables {tuple(block_tables.shape)} [G, B, nb]")
+    device = meta.batch_id_per_token.device
+    if positions.device != device or slot_mapping.device != device:
         fail(f"positions ({positions.device}) and slot_mapping ({slot_mapping.device}) must be on the device of "
-             f"the step's metadata ({batch_id_per_token.device})")
-    if kv_caches is not None:
-        if num_layers is not None and len(kv_caches) != num_layers:
-            fail(f"kv_caches holds {len(kv_caches)} caches, expected one per layer: {num_layers}")
-        if checks_enabled():
-            check_kv_caches(kv_caches, num_layers, blocks=tuple(cache.shape[:2]), device=batch_id_per_token.device)
-    num_blocks, page_size = cache.shape[0], cache.shape[1]
-    host = check_batch(positions.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                       batch_id_per_token, page_size, num_blocks)
-    if host is None:
-        return slot_mapping
+             f"the step's metadata ({device})")
+    first = {}                                               # group -> its first layer
+    for layer, g in enumerate(cache_groups):
+        first.setdefault(g, layer)
+        check_group("block_tables", block_tables, g)
+    if checks_enabled():
+        check_kv_caches(kv_caches, len(cache_groups), device=device,
+                        blocks=[tuple(kv_caches[first[g]].shape[:2]) for g in cache_groups])
+    hosts = {g: check_batch(positions.shape[0], block_tables, *meta.batch_tensors(), kv_caches[layer].shape[1],
+                            kv_caches[layer].shape[0], g) for g, layer in first.items()}
+    if any(h is None for h in hosts.values()) or not hosts:
+        return meta
+    pos, slots = torch.cat([positions.long()[None], slot_mapping.long()]).cpu().split([1, slot_mapping.shape[0]])
+    for g, host in hosts.items():
+        _check_slots(pos[0], slots[g], host, kv_caches[first[g]].shape[1], g)
+    return meta
+
+
+def _check_slots(pos: torch.Tensor, slots: torch.Tensor, host: tuple[torch.Tensor, ...], page_size: int,
+                 group: int) -> None:
+    """Host int64 ``pos [T]`` and group ``group``'s ``slots [T]`` against the validated host metadata."""
     bt, cu, _, dec, bid = host                   # validated host copies: cu and bid agree
     n = int(cu[-1])
-    pos, slots = torch.stack([positions.long(), slot_mapping.long()]).cpu()
+    where = "slot_mapping" if group == 0 else f"slot_mapping[{group}]"
     if n:
         bid = bid[:n]
         want_pos = dec[bid] + torch.arange(n) - cu[bid]
@@ -284,10 +321,9 @@ def checked_slot_mapping(positions: torch.Tensor, slot_mapping: torch.Tensor, ca
         bad = slots[:n] != want_slots
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
-            fail(f"slot_mapping[{t}] = {int(slots[t])}, but position {int(want_pos[t])} of request {int(bid[t])} "
+            fail(f"{where}[{t}] = {int(slots[t])}, but position {int(want_pos[t])} of request {int(bid[t])} "
                  f"is slot {int(want_slots[t])} of its block table (page size {page_size})")
     bad = slots[n:] != -1
     if bool(bad.any()):
         t = n + int(bad.nonzero()[0, 0])
-        fail(f"slot_mapping[{t}] = {int(slots[t])} for a padding token (after the last request): must be -1")
-    return slot_mapping
+        fail(f"{where}[{t}] = {int(slots[t])} for a padding token (after the last request): must be -1")

@@ -1,4 +1,5 @@
-"""Batch metadata of one engine step (SPEC §5), built from per-request work items."""
+"""The builder of one engine step's inputs (SPEC §5): ``StepBatch.build`` packs per-request work items
+(``StepItem``) into the token ids and the ``StepMetadata`` the model takes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops.step_metadata import StepMetadata
 from ..ops.validation import check_int
 
 
@@ -26,17 +28,13 @@ class StepItem:
 
 @dataclasses.dataclass
 class StepBatch:
-    """Tensors of one step; ``T`` tokens (``num_padding`` trailing padding tokens among them), ``B`` requests."""
+    """What one step feeds the model: ``input_ids [T]`` int64 (``num_padding`` trailing padding tokens among
+    the ``T``), the step's ``meta`` (``StepMetadata``: positions, per-request metadata, ``G = 1`` cache group
+    of block tables and slots) and ``last_token_index [B]`` int64, the row of each request's last token."""
 
-    input_ids: torch.Tensor           # [T] int64
-    positions: torch.Tensor           # [T] int64
-    block_tables: torch.Tensor        # [B, max_blocks] int32, unused entries -1
-    cu_seqlens_q: torch.Tensor        # [B + 1] int32
-    seq_lens_encoder: torch.Tensor    # [B] int32, prefill tokens this step (0 for decode)
-    seq_lens_decoder: torch.Tensor    # [B] int32, tokens cached before this step
-    batch_id_per_token: torch.Tensor  # [T] int32, -1 for padding
-    slot_mapping: torch.Tensor        # [T] int64, -1 for padding
-    last_token_index: torch.Tensor    # [B] int64 row of each request's last token
+    input_ids: torch.Tensor
+    meta: StepMetadata
+    last_token_index: torch.Tensor
 
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
@@ -49,7 +47,7 @@ class StepBatch:
             max_blocks = check_int("max_blocks", max_blocks, minimum=0)
         ids, pos, slots, bids, cu = [], [], [], [], [0]
         width = max([len(it.block_table) for it in items] + [max_blocks or 0, 1])
-        table = torch.full((len(items), width), -1, dtype=torch.int32)
+        table = torch.full((1, len(items), width), -1, dtype=torch.int32)       # one cache group today
         for b, it in enumerate(items):
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
@@ -59,7 +57,7 @@ class StepBatch:
                                  f"blocks of {page_size}")
             if not it.tokens:
                 raise ValueError(f"request {b} has no tokens to run")
-            table[b, :len(it.block_table)] = torch.tensor(list(it.block_table), dtype=torch.int32)
+            table[0, b, :len(it.block_table)] = torch.tensor(list(it.block_table), dtype=torch.int32)
             for i, tok in enumerate(it.tokens):
                 p = it.num_cached + i
                 ids.append(tok)
@@ -76,23 +74,17 @@ class StepBatch:
         slots += [-1] * pad
         bids += [-1] * pad
         i32 = dict(dtype=torch.int32, device=device)
-        return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        meta = StepMetadata(
             positions=torch.tensor(pos, dtype=torch.int64, device=device),
-            block_tables=table.to(device),
             cu_seqlens_q=torch.tensor(cu, **i32),
             seq_lens_encoder=torch.tensor([len(it.tokens) if it.is_prefill else 0 for it in items], **i32),
             seq_lens_decoder=torch.tensor([it.num_cached for it in items], **i32),
             batch_id_per_token=torch.tensor(bids, **i32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            last_token_index=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1,
+            block_tables=table.to(device),
+            slot_mapping=torch.tensor([slots], dtype=torch.int64, device=device),
         )
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments of ``MLAModel.forward`` (all but ``input_ids`` and ``kv_caches``)."""
-        return dict(positions=self.positions, block_tables=self.block_tables, cu_seqlens_q=self.cu_seqlens_q,
-                    seq_lens_encoder=self.seq_lens_encoder, seq_lens_decoder=self.seq_lens_decoder,
-                    batch_id_per_token=self.batch_id_per_token, slot_mapping=self.slot_mapping)
+        return StepBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=device), meta=meta,
+                         last_token_index=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1)
 
 
 def token_of_slot(items: Sequence[StepItem], slot: int, page_size: int) -> Optional[tuple[int, int]]:

@@ -210,8 +210,8 @@ class Engine:
         batch = StepBatch.build(items, self.page_size, device=self.device)
         logits_indices = None if keep_logits else batch.last_token_index
         try:
-            logits = self.model(batch.input_ids, kv_caches=self.kv_caches, logits_indices=logits_indices,
-                                **batch.model_inputs()).float()
+            logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
+                                logits_indices=logits_indices).float()
         except NonFiniteLatentError as e:
             raise self._name_token(e, items, reqs) from e
         self.stats.steps += 1

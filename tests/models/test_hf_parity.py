@@ -398,7 +398,7 @@ def one_step_logits(model, tokens):
     for c in caches:
         c.fill_(float("nan") if c.is_floating_point() else 0xFF)
     with torch.no_grad():
-        return model(b.input_ids, kv_caches=caches, **b.model_inputs()).float()
+        return model(b.input_ids, kv_caches=caches, meta=b.meta).float()
 
 
 def check_rewritten_against(hf, reference, tokens, rng):

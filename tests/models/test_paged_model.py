@@ -31,7 +31,7 @@ def nan_caches(model, num_blocks, page_size):
 
 def run_step(model, caches, items, page_size, **kw):
     batch = StepBatch.build(items, page_size, **kw)
-    return model(batch.input_ids, kv_caches=caches, **batch.model_inputs()), batch
+    return model(batch.input_ids, kv_caches=caches, meta=batch.meta), batch
 
 
 def prefill_in_chunks(model, tokens, chunk, page_size, block_table, caches):
@@ -93,12 +93,12 @@ def test_prefix_reuse_and_mixed_batch(seed):
              StepItem(seq_b[20:33], 20, table_b, True),
              StepItem(seq_c[14:], 14, table_c, True)]
     logits, batch = run_step(model, caches, items, page_size, pad_to=30, max_blocks=8)
-    cu = batch.cu_seqlens_q.tolist()
+    cu = batch.meta.cu_seqlens_q.tolist()
     assert rel_err(logits[cu[0]:cu[1]], dense_logits(model, seq_a)[29:30]) < 1e-5
     assert rel_err(logits[cu[1]:cu[2]], dense_logits(model, seq_b)[20:33]) < 1e-5
     assert rel_err(logits[cu[2]:cu[3]], dense_logits(model, seq_c)[14:]) < 1e-5
     # The shared prefix blocks were read, never rewritten; padding wrote nothing anywhere.
-    written = set(batch.slot_mapping[batch.slot_mapping >= 0].tolist())
+    written = set(batch.meta.slot_mapping[batch.meta.slot_mapping >= 0].tolist())
     for before, after in zip(snapshot, caches):
         b, a = before.view(-1, before.shape[-1]), after.view(-1, after.shape[-1])
         untouched = torch.tensor([s not in written for s in range(b.shape[0])])
@@ -122,9 +122,9 @@ def test_logits_indices_selects_rows(seed):
     model = MLAModel(MLAConfig.named("tiny"), seed=seed)
     tokens = torch.randint(0, model.config.vocab_size, (12,)).tolist()
     batch = StepBatch.build([StepItem(tokens, 0, [0], True)], 16)
-    full = model(batch.input_ids, kv_caches=nan_caches(model, 1, 16), **batch.model_inputs())
+    full = model(batch.input_ids, kv_caches=nan_caches(model, 1, 16), meta=batch.meta)
     idx = torch.tensor([11, 0, 5])
-    part = model(batch.input_ids, kv_caches=nan_caches(model, 1, 16), logits_indices=idx, **batch.model_inputs())
+    part = model(batch.input_ids, kv_caches=nan_caches(model, 1, 16), logits_indices=idx, meta=batch.meta)
     torch.testing.assert_close(part, full[idx])
 
 
@@ -143,7 +143,7 @@ def test_meta_device_model_and_cache():
     assert all(c.device.type == "meta" and c.shape == (4, 64, 576) and c.dtype == torch.bfloat16 for c in caches)
     tiny = MLAModel(MLAConfig.named("tiny"), device="meta")
     batch = StepBatch.build([StepItem([1, 2, 3], 0, [0], True)], 16, device="meta")
-    out = tiny(batch.input_ids, kv_caches=tiny.allocate_kv_cache(2, 16), **batch.model_inputs())
+    out = tiny(batch.input_ids, kv_caches=tiny.allocate_kv_cache(2, 16), meta=batch.meta)
     assert out.shape == (3, tiny.config.vocab_size) and out.device.type == "meta"
 
 

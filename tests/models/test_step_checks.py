@@ -1,6 +1,7 @@
 """A model step's positions and slots are checked against its block tables before any cache write: a
 wrong slot raises a ValueError naming it and leaves every cache (every request's data) untouched."""
 
+import dataclasses
 import random
 
 import pytest
@@ -36,21 +37,25 @@ def filled(model, rewritten, value):
 
 
 def corrupt(batch, which):
-    inputs = batch.model_inputs()
+    """A copy of ``batch.meta`` with one inconsistency, and the error it must raise."""
+    meta = batch.meta
+    slots, positions = meta.slot_mapping.clone(), meta.positions.clone()
     if which == "slot of another request":
-        other = int(batch.block_tables[1, 0]) * PAGE           # request 1's first slot, for request 0's token 2
-        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_fill_(0, torch.tensor([2]), other)
-        return inputs, r"slot_mapping\[2\] = \d+, but position 8 of request 0 is slot \d+ of its block table"
-    if which == "slot off by one":
-        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_add_(0, torch.tensor([5]), torch.tensor([1]))
-        return inputs, r"slot_mapping\[5\] = \d+, but position 9 of request 1"
-    if which == "padding that writes":
-        inputs["slot_mapping"] = inputs["slot_mapping"].clone().index_fill_(0, torch.tensor([7]), 3)
-        return inputs, r"slot_mapping\[7\] = 3 for a padding token"
-    if which == "wrong position":
-        inputs["positions"] = inputs["positions"].clone().index_fill_(0, torch.tensor([0]), 5)
-        return inputs, r"positions\[0\] = 5, .* expected 6"
-    raise AssertionError(which)
+        other = int(meta.block_tables[0, 1, 0]) * PAGE           # request 1's first slot, for request 0's token 2
+        slots[0, 2] = other
+        error = r"slot_mapping\[2\] = \d+, but position 8 of request 0 is slot \d+ of its block table"
+    elif which == "slot off by one":
+        slots[0, 5] += 1
+        error = r"slot_mapping\[5\] = \d+, but position 9 of request 1"
+    elif which == "padding that writes":
+        slots[0, 7] = 3
+        error = r"slot_mapping\[7\] = 3 for a padding token"
+    elif which == "wrong position":
+        positions[0] = 5
+        error = r"positions\[0\] = 5, .* expected 6"
+    else:
+        raise AssertionError(which)
+    return dataclasses.replace(meta, slot_mapping=slots, positions=positions), error
 
 
 CORRUPTIONS = ["slot of another request", "slot off by one", "padding that writes", "wrong position"]
@@ -64,9 +69,9 @@ def test_bad_step_is_rejected_before_any_write(which, rewritten, seed):
     batch = two_requests(random.Random(seed))
     caches = filled(model, swa, float("nan"))
     before = [raw(c) for c in caches]
-    inputs, message = corrupt(batch, which)
+    meta, message = corrupt(batch, which)
     with torch.no_grad(), pytest.raises(ValueError, match=message):
-        (swa or model)(batch.input_ids, kv_caches=caches, **inputs)
+        (swa or model)(batch.input_ids, kv_caches=caches, meta=meta)
     assert all(torch.equal(raw(c), b) for c, b in zip(caches, before))
 
 
@@ -74,11 +79,11 @@ def test_consistent_step_passes_and_checks_can_be_turned_off(seed):
     model = MLAModel(TINY, seed=seed)
     batch = two_requests(random.Random(seed))
     with torch.no_grad():
-        logits = model(batch.input_ids, kv_caches=filled(model, None, 0.0), **batch.model_inputs())
+        logits = model(batch.input_ids, kv_caches=filled(model, None, 0.0), meta=batch.meta)
         assert logits.shape == (8, TINY.vocab_size) and torch.isfinite(logits[:6]).all()
-        inputs, _ = corrupt(batch, "slot off by one")
+        meta, _ = corrupt(batch, "slot off by one")
         with checks_disabled():    # compiled steps and CUDA graphs run unchecked: the caller owns the metadata
-            model(batch.input_ids, kv_caches=filled(model, None, 0.0), **inputs)
+            model(batch.input_ids, kv_caches=filled(model, None, 0.0), meta=meta)
 
 
 def bad_cache_list(caches, which):
@@ -104,7 +109,7 @@ def test_bad_cache_list_is_rejected_before_any_write(which, rewritten, seed):
     caches, message = bad_cache_list(filled(model, swa, float("nan")), which)
     before = [raw(c) for c in caches]
     with torch.no_grad(), pytest.raises(ValueError, match=message):
-        (swa or model)(batch.input_ids, kv_caches=caches, **batch.model_inputs())
+        (swa or model)(batch.input_ids, kv_caches=caches, meta=batch.meta)
     assert all(torch.equal(raw(c), b) for c, b in zip(caches, before))
 
 
@@ -114,4 +119,4 @@ def test_cache_count_is_checked_even_with_checks_off(seed):
     batch = two_requests(random.Random(seed))
     caches = filled(model, None, 0.0)
     with torch.no_grad(), checks_disabled(), pytest.raises(ValueError, match="kv_caches holds 3 caches"):
-        model(batch.input_ids, kv_caches=caches[:3], **batch.model_inputs())
+        model(batch.input_ids, kv_caches=caches[:3], meta=batch.meta)

@@ -326,7 +326,7 @@ def test_op_rejects_bad_input(kwargs, match):
 
 def test_opcheck_and_fake_shapes(seed):
     x, cache, slots = _op_case("cpu", T=5, R=128, P=8, ps=2)
-    torch.library.opcheck(torch.ops.swa_rewrite.write_fp8_cache.default, (x, cache, slots, 8, 0))
+    torch.library.opcheck(torch.ops.swa_rewrite.write_fp8_cache.default, (x, cache, slots[None], 8, 0, 0))
     packed = quantize_fp8_reference(x, 8).view(5, 1, -1)      # no poison: NaN != NaN would fail the check
     torch.library.opcheck(torch.ops.swa_rewrite.dequantize_fp8_cache.default, (packed, 8))
     with torch.device("meta"):

@@ -13,8 +13,8 @@ PS = 4
 
 def _meta():
     b = StepBatch.build([StepItem([1, 2, 3], 5, [2, 0], True), StepItem([4], 2, [1], False)], PS)
-    return dict(block_tables=b.block_tables, cu_seqlens_q=b.cu_seqlens_q, seq_lens_encoder=b.seq_lens_encoder,
-                seq_lens_decoder=b.seq_lens_decoder, batch_id_per_token=b.batch_id_per_token)
+    return dict(block_tables=b.meta.block_tables, cu_seqlens_q=b.meta.cu_seqlens_q, seq_lens_encoder=b.meta.seq_lens_encoder,
+                seq_lens_decoder=b.meta.seq_lens_decoder, batch_id_per_token=b.meta.batch_id_per_token)
 
 
 def _packed_cache():

@@ -54,8 +54,8 @@ def _batch(ps=4):
 
 
 def _attend(q, cache, b, **changes):
-    args = dict(block_tables=b.block_tables, cu_seqlens_q=b.cu_seqlens_q, seq_lens_encoder=b.seq_lens_encoder,
-                seq_lens_decoder=b.seq_lens_decoder, batch_id_per_token=b.batch_id_per_token)
+    args = dict(block_tables=b.meta.block_tables, cu_seqlens_q=b.meta.cu_seqlens_q, seq_lens_encoder=b.meta.seq_lens_encoder,
+                seq_lens_decoder=b.meta.seq_lens_decoder, batch_id_per_token=b.meta.batch_id_per_token)
     args.update(changes)
     return ops.paged_mla_attention(q, cache, scale=0.1, rope_dim=8, **args)
 
@@ -103,10 +103,10 @@ def test_opcheck():
     b = _batch()
     cache = torch.randn(3, 4, 24)
     torch.library.opcheck(torch.ops.swa_rewrite.write_kv_cache.default,
-                          (torch.randn(4, 24), cache, b.slot_mapping, 0))
+                          (torch.randn(4, 24), cache, b.meta.slot_mapping, 0, 0))
     torch.library.opcheck(torch.ops.swa_rewrite.paged_mla_attention.default,
-                          (torch.randn(4, 2, 24), cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder,
-                           b.seq_lens_decoder, b.batch_id_per_token, 0.1, 8, 0))
+                          (torch.randn(4, 2, 24), cache, b.meta.block_tables, b.meta.cu_seqlens_q, b.meta.seq_lens_encoder,
+                           b.meta.seq_lens_decoder, b.meta.batch_id_per_token, 0.1, 8, 0, 0))
     torch.library.opcheck(torch.ops.swa_rewrite.allocate_kv_cache.default,
                           (2, 4, 16, 8, torch.float32, torch.device("cpu"), 0),
                           test_utils=("test_schema", "test_faketensor"))
@@ -148,7 +148,7 @@ def test_batch_checks_run_once_per_step_and_never_go_stale(monkeypatch):
     for _ in range(4):                                   # four layers of one step
         _attend(q, cache, b)
     assert len(calls) == 1
-    b.block_tables[0, 1] = 7                             # corrupted in place after it was checked
+    b.meta.block_tables[0, 0, 1] = 7                     # corrupted in place after it was checked
     with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 7 is out of range"):
         _attend(q, cache, b)
     _attend(q, cache, _batch())                          # same content in new tensors: known good

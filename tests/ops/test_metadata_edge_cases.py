@@ -51,13 +51,13 @@ def test_ops_on_a_step_with_no_request():
 
 def test_stale_block_ids_in_unused_columns_are_never_read():
     b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16, max_blocks=3)
-    table = b.block_tables.clone()
+    table = b.meta.block_tables.clone()
     table[0, 1:] = 4000                       # stale ids far outside the cache, past the request's end
     cache = torch.randn(2, 16, D)
     q = torch.randn(3, H, D)
-    args = (b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token, 0.1)
+    args = (b.meta.cu_seqlens_q, b.meta.seq_lens_encoder, b.meta.seq_lens_decoder, b.meta.batch_id_per_token, 0.1)
     got = ops.paged_mla_attention(q, cache, table, *args, rope_dim=P)
-    ref = ops.paged_mla_attention(q, cache, b.block_tables, *args, rope_dim=P)
+    ref = ops.paged_mla_attention(q, cache, b.meta.block_tables, *args, rope_dim=P)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
@@ -79,20 +79,20 @@ def test_strided_metadata_views_on_cuda(seed):
     """Column-strided block tables (and other metadata views) give the same result as contiguous ones."""
     b = StepBatch.build([StepItem(list(range(20)), 0, [2, 0], True), StepItem([5], 30, [1, 3], False)], 16,
                         device="cuda")
-    wide = torch.stack([b.block_tables, torch.full_like(b.block_tables, 999)], dim=-1).flatten(1)
+    wide = torch.stack([b.meta.block_tables, torch.full_like(b.meta.block_tables, 999)], dim=-1).flatten(1)
     strided = wide[:, ::2]
-    assert strided.stride(1) == 2 and torch.equal(strided, b.block_tables)
+    assert strided.stride(1) == 2 and torch.equal(strided, b.meta.block_tables)
     q = torch.randn(b.input_ids.shape[0], 16, 576, device="cuda").to(torch.bfloat16)
     cache = torch.randn(4, 16, 576, device="cuda").to(torch.bfloat16)
-    args = (b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token, 0.07)
+    args = (b.meta.cu_seqlens_q, b.meta.seq_lens_encoder, b.meta.seq_lens_decoder, b.meta.batch_id_per_token, 0.07)
     got = ops.paged_mla_attention(q, cache, strided, *args, rope_dim=64)
-    ref = ops.paged_mla_attention(q, cache, b.block_tables, *args, rope_dim=64)
+    ref = ops.paged_mla_attention(q, cache, b.meta.block_tables, *args, rope_dim=64)
     assert torch.equal(got[0], ref[0])
     packed = torch.zeros(4, 16, 656, dtype=torch.uint8, device="cuda")
     ops.write_fp8_cache(torch.randn(64, 576, device="cuda").to(torch.bfloat16), packed,
                         torch.arange(64, device="cuda"))
     got = ops.swa_mla_attention(q, packed, strided, *args, rope_dim=64, window=8)
-    ref = ops.swa_mla_attention(q, packed, b.block_tables, *args, rope_dim=64, window=8)
+    ref = ops.swa_mla_attention(q, packed, b.meta.block_tables, *args, rope_dim=64, window=8)
     assert torch.equal(got[0], ref[0])
 
 
@@ -121,9 +121,9 @@ def test_checks_work_in_inference_mode():
     """Tensors made under ``torch.inference_mode`` have no version counter; the checks must not need one."""
     b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
     with torch.inference_mode():
-        bt = b.block_tables.clone()
-        args = (b.cu_seqlens_q.clone(), b.seq_lens_encoder.clone(), b.seq_lens_decoder.clone(),
-                b.batch_id_per_token.clone(), 0.1)
+        bt = b.meta.block_tables.clone()
+        args = (b.meta.cu_seqlens_q.clone(), b.meta.seq_lens_encoder.clone(), b.meta.seq_lens_decoder.clone(),
+                b.meta.batch_id_per_token.clone(), 0.1)
         out, _ = ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), bt, *args, rope_dim=P)
         assert out.shape == (3, H, R)
         bt[0, 0] = 9
@@ -135,8 +135,8 @@ def test_metadata_refilled_behind_torchs_back_is_checked_again():
     """A buffer rewritten without a version bump (numpy view, DLPack, a kernel) is validated again: the
     per-step check memory is keyed on content, not on tensor identity."""
     b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
-    args = (b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token, 0.1)
-    cache, bt = torch.randn(2, 16, D), b.block_tables.clone()
+    args = (b.meta.cu_seqlens_q, b.meta.seq_lens_encoder, b.meta.seq_lens_decoder, b.meta.batch_id_per_token, 0.1)
+    cache, bt = torch.randn(2, 16, D), b.meta.block_tables.clone()
     ops.paged_mla_attention(torch.randn(3, H, D), cache, bt, *args, rope_dim=P)
     version = bt._version
     bt.numpy()[0, 0] = 1000
@@ -157,9 +157,9 @@ def test_a_step_with_no_request_still_checks_its_tokens():
 def test_metadata_on_two_devices_is_rejected():
     b = StepBatch.build([StepItem([1, 2, 3], 0, [1], True)], 16)
     with pytest.raises(ValueError, match="metadata tensors must be on one device"):
-        ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), b.block_tables,
-                                b.cu_seqlens_q.to("meta"), b.seq_lens_encoder, b.seq_lens_decoder,
-                                b.batch_id_per_token, 0.1, rope_dim=P)
+        ops.paged_mla_attention(torch.randn(3, H, D), torch.randn(2, 16, D), b.meta.block_tables,
+                                b.meta.cu_seqlens_q.to("meta"), b.meta.seq_lens_encoder, b.meta.seq_lens_decoder,
+                                b.meta.batch_id_per_token, 0.1, rope_dim=P)
 
 
 @pytest.mark.parametrize("page_size", [1, 8, 53])
@@ -178,12 +178,10 @@ def test_window_far_beyond_the_context_on_cpu(seed):
     materialising T × 128K indices."""
     b = StepBatch.build([StepItem(list(range(40)), 0, [3, 1, 0], True), StepItem([7], 20, [2, 4], False)], 16)
     cache = torch.full((5, 16, fp8_cache_bytes(R, P)), 255, dtype=torch.uint8)
-    ops.write_fp8_cache(torch.randn(41, D), cache, b.slot_mapping, rope_dim=P)
+    ops.write_fp8_cache(torch.randn(41, D), cache, b.meta.slot_mapping, rope_dim=P)
     history = [2 * 16 + p for p in range(16)] + [4 * 16 + p for p in range(4)]      # request 1's 20 cached
     cache.view(-1, cache.shape[-1])[history] = 0                                     # zero latents
-    m = b.model_inputs()
-    args = (m["block_tables"], m["cu_seqlens_q"], m["seq_lens_encoder"], m["seq_lens_decoder"],
-            m["batch_id_per_token"], 0.1)
+    args = (b.meta.block_tables, *b.meta.batch_tensors(), 0.1)
     q = torch.randn(41, H, D)
     huge = ops.swa_mla_attention(q, cache, *args, rope_dim=P, window=131072)
     exact = ops.swa_mla_attention(q, cache, *args, rope_dim=P, window=41)

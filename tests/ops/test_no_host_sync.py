@@ -29,7 +29,7 @@ def no_host_reads(monkeypatch):
 def test_every_op_runs_without_reading_tensors_on_the_host(no_host_reads):
     b = StepBatch.build([StepItem(list(range(9)), 4, [2, 0], True), StepItem([3], 13, [1, 3], False)], 8,
                         pad_to=12)
-    meta = (b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token)
+    meta = (b.meta.block_tables, *b.meta.batch_tensors())
     T = b.input_ids.shape[0]
     latent, q = torch.randn(T, D), torch.randn(T, H, D)
     bf16_cache = torch.zeros(4, 8, D)
@@ -37,11 +37,11 @@ def test_every_op_runs_without_reading_tensors_on_the_host(no_host_reads):
     ops = torch.ops.swa_rewrite
     no_host_reads()
     with checks_disabled():
-        ops.write_kv_cache(latent, bf16_cache, b.slot_mapping, 0)
-        ops.write_kv_cache(latent, packed, b.slot_mapping, 0)            # packed layout through the same op
-        ops.write_fp8_cache(latent, packed, b.slot_mapping, P, 0)
-        ops.paged_mla_attention(q, bf16_cache, *meta, 0.1, P, 0)
-        idx, _ = ops.swa_indexer(*meta, 8, 8)
+        ops.write_kv_cache(latent, bf16_cache, b.meta.slot_mapping, 0, 0)
+        ops.write_kv_cache(latent, packed, b.meta.slot_mapping, 0, 0)         # packed layout through the same op
+        ops.write_fp8_cache(latent, packed, b.meta.slot_mapping, P, 0, 0)
+        ops.paged_mla_attention(q, bf16_cache, *meta, 0.1, P, 0, 0)
+        idx, _ = ops.swa_indexer(*meta, 8, 8, 0)
         ops.sparse_mla_attention(q, packed, idx, 0.1, P)
-        ops.swa_mla_attention(q, packed, *meta, 0.1, P, 8, 0)
+        ops.swa_mla_attention(q, packed, *meta, 0.1, P, 8, 0, 0)
         ops.dequantize_fp8_cache(packed, P)

@@ -16,8 +16,9 @@ PS = 4
 
 def _meta():
     b = StepBatch.build([StepItem([1, 2, 3], 5, [2, 0], True), StepItem([4], 2, [1], False)], PS)
-    return dict(block_tables=b.block_tables, cu_seqlens_q=b.cu_seqlens_q, seq_lens_encoder=b.seq_lens_encoder,
-                seq_lens_decoder=b.seq_lens_decoder, batch_id_per_token=b.batch_id_per_token)
+    return dict(block_tables=b.meta.block_tables, cu_seqlens_q=b.meta.cu_seqlens_q,
+                seq_lens_encoder=b.meta.seq_lens_encoder, seq_lens_decoder=b.meta.seq_lens_decoder,
+                batch_id_per_token=b.meta.batch_id_per_token)
 
 
 def _packed_cache():
@@ -78,10 +79,10 @@ def test_non_finite_scale_is_a_value_error(scale):
     # Graphs call the ops directly: the op itself checks too (and so does its fake, at trace time).
     q, meta = torch.randn(4, H, D), _meta()
     with pytest.raises(ValueError, match=f"scale must be a finite softmax scale, got {scale}"):
-        torch.ops.swa_rewrite.swa_mla_attention(q, _packed_cache(), *meta.values(), scale, P, 4, 0)
+        torch.ops.swa_rewrite.swa_mla_attention(q, _packed_cache(), *meta.values(), scale, P, 4, 0, 0)
     with torch.device("meta"), pytest.raises(ValueError, match="finite softmax scale"):
         torch.ops.swa_rewrite.paged_mla_attention(torch.empty(4, H, D), torch.empty(3, PS, D),
-                                                  *(t.to("meta") for t in meta.values()), scale, P, 0)
+                                                  *(t.to("meta") for t in meta.values()), scale, P, 0, 0)
 
 
 def test_scale_of_the_wrong_type_is_a_type_error():

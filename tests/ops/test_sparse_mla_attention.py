@@ -361,7 +361,7 @@ def test_ops_trace_as_single_nodes():
 
     def f(q, cache, idx, bt, cu, enc, dec, bid):
         a, la = torch.ops.swa_rewrite.sparse_mla_attention(q, cache, idx, 0.1, 16)
-        b, lb = torch.ops.swa_rewrite.swa_mla_attention(q, cache, bt, cu, enc, dec, bid, 0.1, 16, 5, 0)
+        b, lb = torch.ops.swa_rewrite.swa_mla_attention(q, cache, bt[None], cu, enc, dec, bid, 0.1, 16, 5, 0, 0)
         return a + b, la + lb
 
     with FakeTensorMode(allow_non_fake_inputs=True):

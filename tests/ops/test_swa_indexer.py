@@ -154,12 +154,13 @@ def test_last_entry_is_the_runtime_slot_of_the_token(device):
              StepItem([1, 2, 3], 97, [4, 8], False),                    # 3-token decode (MTP)
              StepItem(list(range(30)), 0, [1], True)]                    # fresh prefill
     b = StepBatch.build(items, ps, pad_to=80, device=device)
-    indices, num_valid = ops.swa_indexer(b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder,
-                                         b.batch_id_per_token, window=W, page_size=ps, return_num_valid=True)
-    live = b.slot_mapping >= 0
-    assert torch.equal(indices[live, 0, -1].long(), b.slot_mapping[live])
+    indices, num_valid = ops.swa_indexer(b.meta.block_tables, *b.meta.batch_tensors(), window=W, page_size=ps,
+                                         return_num_valid=True)
+    slots = b.meta.slot_mapping[0]                                       # the one cache group's slots
+    live = slots >= 0
+    assert torch.equal(indices[live, 0, -1].long(), slots[live])
     assert (indices[~live] == -1).all() and (num_valid[~live] == 0).all()
-    assert torch.equal(num_valid[live].long(), torch.clamp(b.positions[live] + 1, max=W))
+    assert torch.equal(num_valid[live].long(), torch.clamp(b.meta.positions[live] + 1, max=W))
 
 
 @pytest.mark.gpu
@@ -174,18 +175,19 @@ def test_op_on_gpu_equals_reference_on_a_large_step(seed):
         items.append(StepItem([0] * n, c, physical[:blocks], b % 2 == 0))
         physical = physical[blocks:]
     batch = StepBatch.build(items, ps, pad_to=2048, device="cuda")
-    args = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens_encoder, batch.seq_lens_decoder,
-            batch.batch_id_per_token)
+    args = (batch.meta.block_tables, batch.meta.cu_seqlens_q, batch.meta.seq_lens_encoder, batch.meta.seq_lens_decoder,
+            batch.meta.batch_id_per_token)
     got = ops.swa_indexer(*args, window=W, page_size=ps, return_num_valid=True)
-    want = swa_indexer_reference(batch.block_tables.cpu(), batch.cu_seqlens_q.cpu(), batch.seq_lens_decoder.cpu(),
-                                 batch.batch_id_per_token.cpu(), W, ps)
+    want = swa_indexer_reference(batch.meta.block_tables.cpu(), batch.meta.cu_seqlens_q.cpu(), batch.meta.seq_lens_decoder.cpu(),
+                                 batch.meta.batch_id_per_token.cpu(), W, ps)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
 def _small_args():
     b = StepBatch.build([StepItem([1, 2, 3], 5, [2, 0], True), StepItem([4], 2, [1], False)], 4, pad_to=6)
-    return dict(block_tables=b.block_tables, cu_seqlens_q=b.cu_seqlens_q, seq_lens_encoder=b.seq_lens_encoder,
-                seq_lens_decoder=b.seq_lens_decoder, batch_id_per_token=b.batch_id_per_token)
+    return dict(block_tables=b.meta.block_tables, cu_seqlens_q=b.meta.cu_seqlens_q,
+                seq_lens_encoder=b.meta.seq_lens_encoder, seq_lens_decoder=b.meta.seq_lens_decoder,
+                batch_id_per_token=b.meta.batch_id_per_token)
 
 
 @pytest.mark.parametrize("change,kwargs,match", [
@@ -207,7 +209,7 @@ def test_op_rejects_bad_metadata(change, kwargs, match):
 
 def test_opcheck_and_fake_shapes():
     args = _small_args()
-    torch.library.opcheck(torch.ops.swa_rewrite.swa_indexer.default, tuple(args.values()) + (5, 4))
+    torch.library.opcheck(torch.ops.swa_rewrite.swa_indexer.default, tuple(args.values()) + (5, 4, 0))
     with torch.device("meta"):
         meta = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in args.items()}
         indices, num_valid = ops.swa_indexer(**meta, window=9, page_size=4, return_num_valid=True)
@@ -248,7 +250,7 @@ def test_huge_window_over_a_short_context_has_bounded_temporaries_and_right_valu
     process); the output itself is [T, 1, W] int32 by contract."""
     W, ps = 1 << 21, 4
     b = StepBatch.build([StepItem([1, 2, 3], 2, [3, 1], True)], ps, pad_to=4)
-    args = (b.block_tables, b.cu_seqlens_q, b.seq_lens_encoder, b.seq_lens_decoder, b.batch_id_per_token)
+    args = (b.meta.block_tables, b.meta.cu_seqlens_q, b.meta.seq_lens_encoder, b.meta.seq_lens_decoder, b.meta.batch_id_per_token)
     (indices, num_valid), growth = _peak_rss_growth(
         lambda: ops.swa_indexer(*args, window=W, page_size=ps, return_num_valid=True))
     output_bytes = indices.numel() * indices.element_size()

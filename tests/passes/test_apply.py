@@ -42,7 +42,7 @@ def test_op_counts_and_layers_follow_the_schedule(trial):
     assert ops_by_layer(out, "paged_mla_attention") == {i: 1 for i in full}
     assert ops_by_layer(out, "write_kv_cache") == {i: 1 for i in full}
     swa_nodes = [n for n in out.graph.nodes if "swa_mla_attention" in str(n.target)]
-    assert all(n.args[-2] == s.window for n in swa_nodes)
+    assert all(n.args[-3] == s.window for n in swa_nodes)        # (..., window, layer, group)
     # Untouched layers are structurally identical before and after.
     before = trace(model).forward
     for layer in full:
@@ -102,7 +102,7 @@ def _step_logits(model, seed):
     for c in caches:
         c.zero_()
     with torch.no_grad():
-        return model(b.input_ids, kv_caches=caches, **b.model_inputs())
+        return model(b.input_ids, kv_caches=caches, meta=b.meta)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
@@ -150,7 +150,7 @@ def test_apply_is_idempotent():
     assert twice.allocate_kv_cache(2, 3)[0].dtype == once.allocate_kv_cache(2, 3)[0].dtype
     # A wider window on the same layers only changes the window argument.
     wider = apply(once, Schedule(s.window + 1, s.swa_layers, 4))
-    assert all(n.args[-2] == s.window + 1 for n in wider.graph.nodes if "swa_mla_attention" in str(n.target))
+    assert all(n.args[-3] == s.window + 1 for n in wider.graph.nodes if "swa_mla_attention" in str(n.target))
     if s.swa_layers:
         with pytest.raises(RewriteError, match="already a sliding-window layer"):
             apply(once, Schedule(s.window, [], 4))

@@ -39,15 +39,13 @@ class _Wrapped(torch.nn.Module):
             return self.inner.allocate_kv_cache(num_blocks, page_size, device, "extra")
         return self.inner.allocate_kv_cache(num_blocks, page_size, device)
 
-    def forward(self, input_ids, positions, kv_caches, block_tables, cu_seqlens_q, seq_lens_encoder,
-                seq_lens_decoder, batch_id_per_token, slot_mapping):
+    def forward(self, input_ids, kv_caches, meta):
         if self.kind == "control-flow" and input_ids.sum() > 0:     # data-dependent branch
             return None
         if self.kind == "proxy-as-int":
             for _ in range(input_ids.shape[0]):                     # a traced size used as a Python int
                 pass
-        return self.inner(input_ids, positions, kv_caches, block_tables, cu_seqlens_q, seq_lens_encoder,
-                          seq_lens_decoder, batch_id_per_token, slot_mapping)
+        return self.inner(input_ids, kv_caches, meta)
 
 
 @pytest.mark.parametrize("kind,original", [("control-flow", torch.fx.proxy.TraceError),
@@ -58,7 +56,7 @@ def test_untraceable_model_is_a_rewrite_error_stating_the_contract(kind, origina
         apply(_Wrapped(kind), Schedule(8, [1], 4))
     message = str(info.value)
     assert message.startswith(f"torch.fx could not trace _Wrapped ({original.__name__}: ")
-    for part in ("forward takes the step (input_ids, positions, kv_caches, block_tables",
+    for part in ("forward takes the step (input_ids, kv_caches, meta: StepMetadata",
                  "torch.ops.swa_rewrite.paged_mla_attention with each layer's index as an explicit argument",
                  "allocate_kv_cache(num_blocks, page_size, device=None) returns one",
                  "swa_rewrite.models.MLAModel", "backend=swa_rewrite.backend(schedule)"):

@@ -88,4 +88,4 @@ def test_step_batch_page_size_must_be_an_integer():
         StepBatch.build(items, True)
     with pytest.raises(TypeError, match=r"pad_to must be an integer, got 4\.0"):
         StepBatch.build(items, 4, pad_to=4.0)
-    assert StepBatch.build(items, np.int64(4)).slot_mapping.tolist() == [0, 1]
+    assert StepBatch.build(items, np.int64(4)).meta.slot_mapping.tolist() == [[0, 1]]

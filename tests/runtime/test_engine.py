@@ -107,13 +107,13 @@ def test_block_manager_refcounts_and_eviction():
 def test_step_batch_layout():
     items = [StepItem([5], 9, [3, 1], False), StepItem([6, 7, 8], 2, [0], True)]
     b = StepBatch.build(items, 5, pad_to=6, max_blocks=4)
-    assert b.cu_seqlens_q.tolist() == [0, 1, 4]
-    assert b.seq_lens_encoder.tolist() == [0, 3] and b.seq_lens_decoder.tolist() == [9, 2]
-    assert b.batch_id_per_token.tolist() == [0, 1, 1, 1, -1, -1]
-    assert b.positions.tolist()[:4] == [9, 2, 3, 4]
+    assert b.meta.cu_seqlens_q.tolist() == [0, 1, 4]
+    assert b.meta.seq_lens_encoder.tolist() == [0, 3] and b.meta.seq_lens_decoder.tolist() == [9, 2]
+    assert b.meta.batch_id_per_token.tolist() == [0, 1, 1, 1, -1, -1]
+    assert b.meta.positions.tolist()[:4] == [9, 2, 3, 4]
     # position 9 of request 0 → block table entry 1 (block 1), offset 4; positions 2..4 → block 0.
-    assert b.slot_mapping.tolist() == [1 * 5 + 4, 2, 3, 4, -1, -1]
-    assert b.block_tables.tolist() == [[3, 1, -1, -1], [0, -1, -1, -1]]
+    assert b.meta.slot_mapping.tolist() == [[1 * 5 + 4, 2, 3, 4, -1, -1]]          # [G = 1, T]
+    assert b.meta.block_tables.tolist() == [[[3, 1, -1, -1], [0, -1, -1, -1]]]      # [G = 1, B, nb]
     with pytest.raises(ValueError, match="request 0 reaches position 10 but has 2 blocks of 5"):
         StepBatch.build([StepItem([1], 10, [0, 1], False)], 5)
     with pytest.raises(ValueError, match="request 1: num_cached must be >= 0, got -2"):

@@ -1,0 +1,65 @@
+"""The metadata of one engine step (SPEC §5, §12; docs/design.md §5): ``StepMetadata``.
+
+One structure, built once per step (``swa_rewrite.runtime.StepBatch.build``), passed by the engine to the
+model, by the model to its step check, and read field by field where an op needs a tensor: ops keep plain
+tensor arguments, since ``torch.library`` schemas take tensors, not dataclasses.
+
+Block tables and slot mappings carry a leading *cache-group* dimension ``G``: layers with equal cache specs
+share a group, with its own block pool, tables and slots (SPEC §12). Each cache/attention op takes its
+group as a constant ``group`` argument beside ``layer`` and reads ``block_tables[group]`` /
+``slot_mapping[group]`` (views: no copy, no host synchronisation). Today every layer is in group 0 and
+``G = 1``.
+
+The class is a registered pytree node, so ``torch.fx`` (one placeholder, ``getattr`` per field),
+Dynamo (``fullgraph=True``) and ``torch.export`` (positional or keyword) take it as a model input.
+This module imports nothing of the package: the checks, the ops and the runtime all sit above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.utils._pytree as pytree
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetadata:
+    """Where each token of a ragged step sits and which cache slots it reads and writes.
+
+    ``T`` tokens (trailing padding tokens included), ``B`` requests, ``G`` cache groups, ``nb`` block-table
+    columns. All tensors on the step's device.
+
+    Attributes:
+        positions: ``[T]`` int64, absolute position of each token (``seq_lens_decoder[b] + i`` for token
+            ``i`` of request ``b``; anything for padding).
+        cu_seqlens_q: ``[B + 1]`` int32, prefix sums of the query tokens per request (starts at 0).
+        seq_lens_encoder: ``[B]`` int32, new prefill tokens of each request this step (0 for a decode).
+        seq_lens_decoder: ``[B]`` int32, tokens of each request already cached before this step.
+        batch_id_per_token: ``[T]`` int32, request of each token, ``-1`` for padding.
+        block_tables: ``[G, B, nb]`` int32, ``block_tables[g, b, i]`` is the physical block of group ``g``
+            holding positions ``[i*ps, (i+1)*ps)`` of request ``b``; ``-1`` where none (unused or released).
+        slot_mapping: ``[G, T]`` int64, cache slot of group ``g`` each token writes
+            (``block * ps + pos % ps``), ``-1`` for padding (nothing written).
+    """
+
+    positions: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens_encoder: torch.Tensor
+    seq_lens_decoder: torch.Tensor
+    batch_id_per_token: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def batch_tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)``: the per-request
+        metadata every attention op takes after ``block_tables``."""
+        return self.cu_seqlens_q, self.seq_lens_encoder, self.seq_lens_decoder, self.batch_id_per_token
+
+    def to(self, device: torch.device | str) -> "StepMetadata":
+        """The same metadata on ``device``."""
+        return StepMetadata(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+# The pytree registration is what lets torch.export flatten the structure (and save the program).
+pytree.register_dataclass(StepMetadata, serialized_type_name="swa_rewrite.StepMetadata")
