@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_attention.py                 # SPEC tables, H = 128, 64, 16
     PYTHONPATH=. python benchmarks/bench_attention.py --variants      # also kernel configs + resource report
+    PYTHONPATH=. python benchmarks/bench_attention.py --skip-tables --dense-variants all --prewarm 8 \
+        --swa-variants all --swa-heads 128,64                         # decode kernel variants (issue 17)
 
 Decode (one query token per request, window full, page 64): ours = ``swa_mla_attention`` (the fused op:
 walks the window through the block table) and ``sparse_mla_attention`` (explicit indices, FlashMLA's
@@ -30,7 +32,7 @@ import triton
 os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # data checks synchronise; the serving path runs without
 
 from swa_rewrite import ops  # noqa: E402
-from swa_rewrite.kernels import sparse_mla  # noqa: E402
+from swa_rewrite.kernels import paged_mla, sparse_mla  # noqa: E402
 from swa_rewrite.ops.fp8_cache import dequantize_fp8_reference  # noqa: E402
 
 R, P, D = 512, 64, 576
@@ -420,6 +422,172 @@ def bench_dense(log):
     torch.cuda.empty_cache()
 
 
+# Dense decode kernel settings compared by --dense-variants (keys of kernels.paged_mla.PAGED_DECODE_CONFIG;
+# reasons and outcomes in NOTES-attention.md, issue 17). "generic" is the issue-4 gathered kernel.
+DENSE_VARIANTS = {
+    "generic": dict(kernel="generic"),
+    "ids": dict(kernel="tiles", tma=False),
+    "tma": dict(kernel="tiles", tma=True),
+    "tma-chunk": dict(kernel="tiles", tma=True, chunk=64),
+    "n32s3-tma-chunk": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3),
+    "n32s4-tma-chunk": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4),
+    "n32s4-chunk": dict(kernel="tiles", chunk=64, block_n=32, num_stages=4, tma=False),
+    # 64-key tiles with dedup need ~232 KB of shared memory on sm_90 (local report): not offered.
+    "n32s3-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3, dedup=True),
+    "n32s4-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4, dedup=True),
+}
+DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
+# SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).
+SWA_VARIANTS = {
+    "generic": dict(kernel="generic"),
+    "ids": dict(kernel="tiles", tma=False),
+    "tma": dict(kernel="tiles", tma=True),
+    "bf16": dict(kernel="tiles", bf16_dequant=True, tma=False),
+    "tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True),
+    "n32-tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True, block_n=32),
+}
+
+
+def dense_call(cache, s, config=None, stats=None):
+    m = s["meta"]
+    return lambda: paged_mla.paged_mla_attention_fwd(s["q"], cache, m["block_tables"], m["cu_seqlens_q"],
+                                                     m["seq_lens_decoder"], m["batch_id_per_token"], SCALE, P,
+                                                     config=config, stats=stats)
+
+
+def flashmla_dense(cache, s):
+    meta = flash_mla.get_mla_metadata()[0]
+    lens = s["meta"]["seq_lens_decoder"] + 1
+    c4 = cache.view(cache.shape[0], PS, 1, D)
+    return lambda: flash_mla.flash_mla_with_kvcache(s["q"][:, None], c4, s["meta"]["block_tables"], lens, R, meta,
+                                                    softmax_scale=SCALE, causal=True)
+
+
+def dense_inputs(B, ctx, H):
+    cache8, sets = decode_sets(B, ctx, H)
+    cache = ops.dequantize_fp8_cache(cache8, rope_dim=P)                     # [NB, 64, 576] bf16
+    del cache8
+    ctx_mean = float(sum((s["meta"]["seq_lens_decoder"] + 1).float().mean() for s in sets) / len(sets))
+    return cache, sets, ctx_mean
+
+
+def warm_swa(names, heads):
+    """Compile (first launch of) each named SWA variant on every decode shape: a pre-warm worker."""
+    for H in heads:
+        for B, W in DECODE:
+            cache, sets = decode_sets(B, W, H)
+            for name in names:
+                try:
+                    for s in sets:
+                        ours_swa(cache, s, W, config=SWA_VARIANTS[name], staged=False)()
+                except Exception as e:  # noqa: BLE001
+                    print(f"  [warm {name}] {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            torch.cuda.synchronize()
+            del cache, sets
+            torch.cuda.empty_cache()
+
+
+def bench_swa_variants(log, names, heads):
+    """SWA decode over the packed FP8 cache: each kernel variant beside FlashMLA's sparse FP8 decode on the
+    same windows (graph replays), with the compiler's resource report and the error against FlashMLA."""
+    print("\n## SWA decode variants, FP8 cache (graph µs | TFLOP/s | GB/s); ratio = variant / FlashMLA")
+    for H in heads:
+        for B, W in DECODE:
+            cache, sets = decode_sets(B, W, H)
+            flops, nbytes = decode_counts(B, W, H)
+            t_fm, ref = float("nan"), None
+            if flash_mla is not None and H in (64, 128):
+                fm = [flashmla_decode(cache, s) for s in sets]
+                t_fm = try_time(time_graph, fm)
+                if math.isfinite(t_fm):
+                    ref = fm[0]()[0][:, 0]
+            print(f"  H={H} B={B} W={W}: FlashMLA {fmt(t_fm, flops, nbytes)}", flush=True)
+            for name in names:
+                stats = {}
+                try:
+                    o = ours_swa(cache, sets[0], W, config=SWA_VARIANTS[name], staged=False, stats=stats)()[0]
+                    if ref is None:
+                        ref = o.clone()
+                    err = rel_err(o, ref)
+                    t = time_graph([ours_swa(cache, s, W, config=SWA_VARIANTS[name], staged=False) for s in sets])
+                except Exception as e:  # noqa: BLE001
+                    print(f"    {name:<16} failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                line = resource_line("attn", stats.get("attention"))
+                ratio = t / t_fm if math.isfinite(t_fm) else float("nan")
+                print(f"    {name:<16} {fmt(t, flops, nbytes)} ratio {ratio:5.2f} err {err:.1e} "
+                      f"splits={stats['plan']['splits']} [{line}]", flush=True)
+                log.write(json.dumps(dict(kind="swa-variant", H=H, B=B, W=W, name=name, cfg=SWA_VARIANTS[name],
+                                          us=t, flashmla=t_fm, err=err, res=line)) + "\n")
+            del cache, sets
+            torch.cuda.empty_cache()
+
+
+def warm_dense(names, heads):
+    """Compile (first launch of) each named variant on every benchmarked shape: a pre-warm worker."""
+    for H in heads:
+        for B, ctx in DENSE_SHAPES:
+            cache, sets, _ = dense_inputs(B, ctx, H)
+            for name in names:
+                try:
+                    for s in sets:
+                        dense_call(cache, s, DENSE_VARIANTS[name])()
+                except Exception as e:  # noqa: BLE001
+                    print(f"  [warm {name}] {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            torch.cuda.synchronize()
+            del cache, sets
+            torch.cuda.empty_cache()
+
+
+def prewarm(names, heads, workers):
+    """Triton compiles on first launch, one kernel at a time; compile the variants in ``workers`` processes
+    first (the on-disk Triton cache is shared), so the timed process finds them compiled."""
+    import subprocess
+
+    groups = [names[i::workers] for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm-dense", ",".join(g), "--heads",
+                               ",".join(map(str, heads))]) for g in groups if g]
+    for proc in procs:
+        proc.wait()
+
+
+def bench_dense_variants(log, names, heads):
+    """Dense paged decode over the bf16 cache: each kernel variant beside FlashMLA's dense decode, graph
+    replays, with the compiler's resource report and the error against FlashMLA (or the generic kernel)."""
+    print("\n## Dense paged decode variants (graph µs | TFLOP/s | GB/s); ratio = variant / FlashMLA")
+    for H in heads:
+        for B, ctx in DENSE_SHAPES:
+            cache, sets, ctx_mean = dense_inputs(B, ctx, H)
+            flops = 2 * H * B * ctx_mean * (D + R)
+            nbytes = B * ctx_mean * D * 2 + B * H * (D + R) * 2
+            t_fm, ref = float("nan"), None
+            if flash_mla is not None and H in (64, 128):
+                fm = [flashmla_dense(cache, s) for s in sets]
+                t_fm = try_time(time_graph, fm)
+                if math.isfinite(t_fm):
+                    ref = fm[0]()[0][:, 0]
+            print(f"  H={H} B={B} ctx≈{ctx_mean:.0f}: FlashMLA {fmt(t_fm, flops, nbytes)}", flush=True)
+            for name in names:
+                stats = {}
+                try:
+                    o = dense_call(cache, sets[0], DENSE_VARIANTS[name], stats)()[0]
+                    if ref is None:
+                        ref = o.clone()
+                    err = rel_err(o, ref)
+                    t = time_graph([dense_call(cache, s, DENSE_VARIANTS[name]) for s in sets])
+                except Exception as e:  # noqa: BLE001
+                    print(f"    {name:<24} failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                line = resource_line("attn", stats.get("attention"))
+                ratio = t / t_fm if math.isfinite(t_fm) else float("nan")
+                print(f"    {name:<24} {fmt(t, flops, nbytes)} ratio {ratio:5.2f} err {err:.1e} "
+                      f"splits={stats['plan']['splits']} [{line}]", flush=True)
+                log.write(json.dumps(dict(kind="dense-variant", H=H, B=B, ctx=ctx_mean, name=name,
+                                          cfg=DENSE_VARIANTS[name], us=t, flashmla=t_fm, err=err, res=line)) + "\n")
+            del cache, sets
+            torch.cuda.empty_cache()
+
+
 def bandwidth():
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -432,17 +600,43 @@ def main():
     ap.add_argument("--heads", default="128,64,16")
     ap.add_argument("--variants", default="", help="comma-separated names from VARIANTS (or 'all')")
     ap.add_argument("--skip-tables", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true", help="decode tables only")
     ap.add_argument("--no-direct-prefill", action="store_true")
     ap.add_argument("--extras", action="store_true", help="dequantisation cost and dense (full-layer) decode")
     ap.add_argument("--table-variants", default="", help="VARIANTS also timed in the tables (best one reported)")
+    ap.add_argument("--dense-variants", default="", help="comma-separated names from DENSE_VARIANTS (or 'all')")
+    ap.add_argument("--dense-heads", default="128", help="head counts for --dense-variants")
+    ap.add_argument("--prewarm", type=int, default=0, help="compile the dense variants in N processes first")
+    ap.add_argument("--swa-variants", default="", help="comma-separated names from SWA_VARIANTS (or 'all')")
+    ap.add_argument("--swa-heads", default="128", help="head counts for --swa-variants")
+    ap.add_argument("--warm-dense", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--warm-swa", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     heads = [int(h) for h in args.heads.split(",")]
+    if args.warm_dense:
+        warm_dense(args.warm_dense.split(","), heads)
+        return
+    if args.warm_swa:
+        warm_swa(args.warm_swa.split(","), heads)
+        return
+    swa_names = (list(SWA_VARIANTS) if args.swa_variants == "all"
+                 else [n for n in args.swa_variants.split(",") if n])
+    swa_heads = [int(h) for h in args.swa_heads.split(",")]
+    dense_names = (list(DENSE_VARIANTS) if args.dense_variants == "all"
+                   else [n for n in args.dense_variants.split(",") if n])
+    dense_heads = [int(h) for h in args.dense_heads.split(",")]
+    if dense_names and args.prewarm:
+        prewarm(dense_names, dense_heads, args.prewarm)
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
           f"FlashMLA {'present' if flash_mla is not None else 'absent'}; D2D copy {bandwidth():.0f} GB/s")
     rows = []
     with open(os.path.join(args.out, "bench_attention.jsonl"), "w") as log:
+        if dense_names:
+            bench_dense_variants(log, dense_names, dense_heads)
+        if swa_names:
+            bench_swa_variants(log, swa_names, swa_heads)
         if args.variants:
             bench_variants(log, list(VARIANTS) if args.variants == "all" else args.variants.split(","))
         if args.extras:
@@ -451,7 +645,8 @@ def main():
         if not args.skip_tables:
             names = [n for n in args.table_variants.split(",") if n]
             bench_decode(heads, log, rows, names)
-            bench_prefill(heads, log, rows, direct=not args.no_direct_prefill, names=names)
+            if not args.skip_prefill:
+                bench_prefill(heads, log, rows, direct=not args.no_direct_prefill, names=names)
 
 
 if __name__ == "__main__":

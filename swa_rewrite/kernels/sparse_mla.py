@@ -20,6 +20,8 @@ split (few tokens: decode) each split writes a normalised fp32 partial and its l
 synchronisation happens and a decode step can be captured in a CUDA graph.
 
 Launchers (grids, block sizes, allocation) are at the bottom; ``swa_rewrite.ops.attention`` calls them.
+Decode-like SWA steps go through ``paged_mla.paged_tiles_fwd``, which runs this kernel (``KEYS_PAGED``) or
+the page-tile kernel of ``paged_mla`` (issue 17).
 Measurements and the reasons for the configuration: ``benchmarks/NOTES-attention.md``.
 """
 
@@ -569,5 +571,9 @@ def swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
     if staged:
         return staged_swa_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                         batch_id_per_token, scale, rope_dim, window, config, out, stats)
-    return paged_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                               scale, rope_dim, window, True, config, out, stats)
+    # Decode-like steps: the page-tile kernel where the page size allows it (issue 17), else the gathered
+    # kernel above; paged_mla imports this module, hence the late import.
+    from .paged_mla import SWA_DECODE_CONFIG, paged_tiles_fwd
+
+    return paged_tiles_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale,
+                           rope_dim, window, True, dict(SWA_DECODE_CONFIG, **(config or {})), out, stats)

@@ -22,6 +22,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 _PTR = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
         torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -33,6 +38,8 @@ if RESOURCES:
 
 
 def _type(value):
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return f"tensordesc<{_PTR[value.base.dtype]}[{','.join(str(b) for b in value.block_shape)}]>"
     if isinstance(value, torch.Tensor):
         return "*" + _PTR[value.dtype]
     if isinstance(value, bool):
@@ -48,19 +55,23 @@ def aot_run(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(self.arg_names):
         value = bound[name] if name in bound else self.params[i].default
         if i in self.constexprs:
             signature[name], constexprs[(i,)] = "constexpr", value
         else:
             signature[name] = _type(value)
+            # The JIT's own specialisation: 16-divisible pointers and integers (vector widths depend on it).
+            if ((isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0)
+                    or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
     shown = [f"{self.arg_names[i]}={v}" for (i,), v in constexprs.items() if v is not None and v is not False]
     label = f"{self.fn.__name__}({', '.join(shown)})"
     try:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):        # Triton prints its ptxas -v log when asked to
-            kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs),
+            kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs, attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32), options=options)
         assert "cubin" in kernel.asm, "no cubin"
         compiled.append(label + (" " + resources(log.getvalue(), kernel) if RESOURCES else ""))
@@ -80,7 +91,7 @@ JITFunction.run = aot_run
 
 
 def main():
-    from swa_rewrite.kernels import fp8_cache, kv_cache, sparse_mla, swa_indexer
+    from swa_rewrite.kernels import fp8_cache, kv_cache, paged_mla, sparse_mla, swa_indexer
     from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
     from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -97,23 +108,32 @@ def main():
     fp8_cache.dequantize_fp8_cache(packed, torch.empty(8 * ps, D, dtype=torch.bfloat16),
                                    rope_dim=P)
     for b in (decode, prefill):
-        T = b.batch_id_per_token.shape[0]
-        swa_indexer.swa_indexer(b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder, b.batch_id_per_token,
+        m = b.meta                                                           # StepMetadata, one cache group
+        T = m.batch_id_per_token.shape[0]
+        swa_indexer.swa_indexer(m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token,
                                 torch.empty(T, 1, 128, dtype=torch.int32), torch.empty(T, dtype=torch.int32),
                                 window=128, page_size=ps)
         q = torch.zeros(T, H, D, dtype=torch.bfloat16)
-        meta = (b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder, b.batch_id_per_token, 0.1, P)
-        sparse_mla.paged_attention_fwd(q, bf16, *meta, 0, False)              # dense paged (full layers)
+        meta = (m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token, 0.1, P)
+        sparse_mla.paged_attention_fwd(q, bf16, *meta, 0, False)              # dense paged, gathered (issue 4)
+        paged_mla.paged_mla_attention_fwd(q, bf16, *meta)                     # dense default: page tiles, TMA
+        for cfg in ({"kernel": "tiles", "tma": False},                       # other page-tile variants (issue 17)
+                    {"kernel": "tiles", "tma": True, "chunk": 64, "block_n": 32, "num_stages": 4, "dedup": True}):
+            paged_mla.paged_mla_attention_fwd(q, bf16, *meta, config=cfg)
+        sparse_mla.swa_attention_fwd(q, packed, *meta, 512, staged=False)     # SWA default, W >= 512: page tiles
+        sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=False,   # FP8 page tiles, bf16 dequantisation
+                                     config={"kernel": "tiles", "tma": True, "bf16_dequant": True})
         sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=False)     # SWA, walking the block table
         sparse_mla.swa_attention_fwd(q, packed, *meta, 128, staged=True)      # SWA, staged window union
         sparse_mla.sparse_mla_attention_fwd(q, packed, torch.zeros(T, 1, 128, dtype=torch.int32), 0.1, P)
     # A tensor-parallel shard with few heads takes smaller head blocks and fewer warps (decode), or tiles of
     # adjacent tokens (staged prefill).
     for b in (decode, prefill):
+        m = b.meta
         for heads in (16, 1):
-            qh = torch.zeros(b.batch_id_per_token.shape[0], heads, D, dtype=torch.bfloat16)
-            sparse_mla.swa_attention_fwd(qh, packed, b.block_tables, b.cu_seqlens_q, b.seq_lens_decoder,
-                                         b.batch_id_per_token, 0.1, P, 128, staged=b is prefill)
+            qh = torch.zeros(m.batch_id_per_token.shape[0], heads, D, dtype=torch.bfloat16)
+            sparse_mla.swa_attention_fwd(qh, packed, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder,
+                                         m.batch_id_per_token, 0.1, P, 128, staged=b is prefill)
     for label in compiled:
         print("compiled", label[:160] if not RESOURCES else label)
     for label, tb in failures:

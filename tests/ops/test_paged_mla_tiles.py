@@ -1,0 +1,211 @@
+"""The page-tile dense decode kernel (``kernels.paged_mla._paged_tiles_fwd_kernel``, issue 17) and each of
+its variants: per-tile block-id loads or ids read ahead (``chunk``), pointer or TMA tile loads (``tma``),
+scores through a per-SM scratch slot (``dedup``), split contexts.
+
+Oracle and inputs as in ``test_paged_mla_attention.py`` (float64 causal softmax; unwritten cache slots NaN,
+so a tile that reads past a request's last position fails; outputs NaN before the kernel runs). The
+kernel runs under the Triton interpreter on CPU (tiny shapes) and on the GPU under ``-m gpu``.
+"""
+
+import os
+
+import pytest
+import torch
+
+from test_paged_mla_attention import assert_matches, causal_oracle, make_batch, make_cache
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+VARIANTS = {
+    "ids": dict(kernel="tiles", tma=False),
+    "chunk": dict(kernel="tiles", chunk=4, tma=False),
+    "tma": dict(kernel="tiles", tma=True),
+    "tma-chunk": dict(kernel="tiles", tma=True, chunk=64),
+    "dedup": dict(kernel="tiles", dedup=True, tma=False),
+    "tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, dedup=True),
+}
+# On sm_90 a 64-key tile with ``dedup`` needs more than the 227 KB of shared memory (local report), so the
+# GPU runs dedup with 32-key tiles only.
+GPU_VARIANTS = {
+    **{k: v for k, v in VARIANTS.items() if not v.get("dedup")},
+    "n32s4-tma-chunk": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4),
+    "n32s4-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4, dedup=True),
+    "n32s3-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3, dedup=True),
+    "n32s4-chunk": dict(kernel="tiles", chunk=64, block_n=32, num_stages=4, tma=False),
+}
+
+
+def _run(device, requests, ps, H, R, P, config, num_pad=2, check_plan=True):
+    from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd
+
+    meta, pos, bid, num_blocks = make_batch(requests, ps, device, num_pad=num_pad)
+    cache = make_cache(requests, meta[0].cpu(), num_blocks, ps, R + P, device)
+    T = pos.shape[0]
+    q = torch.randn(T, H, R + P, device=device).to(torch.bfloat16)
+    scale = (R + P) ** -0.5 * 2.0
+    out = (torch.full((T, H, R), float("nan"), dtype=torch.bfloat16, device=device),
+           torch.full((T, H), float("nan"), device=device))
+    bt, cu, _, dec, bid_t = meta
+    stats = {}
+    paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, scale, P, config=config, out=out, stats=stats)
+    if check_plan:
+        plan = stats["plan"]
+        assert plan["kernel"] == "tiles"
+        assert plan["tma"] == bool(config.get("tma"))
+        assert plan["dedup"] == (bool(config.get("dedup")) and (H > 32 or device == "cpu"))
+    assert_matches(*out, *causal_oracle(q, cache, meta[0], pos, bid, scale, R))
+
+
+MIXED = [(0, 7), (40, 4), (13, 1), (0, 1), (70, 1), (31, 2)]
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("ps,H,P", [(16, 4, 16), (32, 18, 8)])
+def test_tiles_interpreter(seed, variant, ps, H, P):
+    _run("cpu", MIXED, ps, H, 32, P, VARIANTS[variant])
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", ["ids", "tma-chunk-dedup"])
+def test_tiles_split_context_interpreter(seed, variant):
+    _run("cpu", [(90, 1), (2, 1), (33, 1)], 16, 4, 32, 16, dict(VARIANTS[variant], splits=3))
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+def test_tiles_chunk_boundaries_interpreter(seed):
+    """More tiles than one chunk of read-ahead block ids holds (chunk = 2 tiles of 16 keys)."""
+    _run("cpu", [(100, 1), (64, 2), (17, 1)], 16, 2, 32, 16, dict(kernel="tiles", chunk=2, tma=False))
+
+
+def test_page_size_not_a_tile_multiple_takes_the_generic_kernel():
+    from swa_rewrite.kernels import paged_mla
+
+    assert paged_mla.PAGED_DECODE_CONFIG["kernel"] in ("tiles", "generic")
+    if INTERPRETING:
+        stats = {}
+        meta, pos, bid, nb = make_batch([(5, 1)], 5, "cpu")
+        cache = make_cache([(5, 1)], meta[0], nb, 5, 48, "cpu")
+        q = torch.randn(pos.shape[0], 2, 48).to(torch.bfloat16)
+        bt, cu, _, dec, bid_t = meta
+        paged_mla.paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, 0.1, 16, stats=stats)
+        assert stats["plan"].get("kernel") != "tiles"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("ps", [64, 128])
+def test_tiles_gpu(seed, variant, ps):
+    _run("cuda", [(0, 300), (1500, 64), (900, 1), (2047, 3), (5, 1), (4000, 1)], ps, 128, 512, 64,
+         GPU_VARIANTS[variant])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup"])
+@pytest.mark.parametrize("H", [16, 64])
+def test_tiles_gpu_heads_and_splits(seed, variant, H):
+    """Few heads (a shard) and a decode batch small enough that the context is split across programs."""
+    _run("cuda", [(3000, 1), (17, 1), (640, 1)], 64, H, 512, 64, GPU_VARIANTS[variant], num_pad=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup"])
+def test_tiles_gpu_many_programs(seed, variant):
+    """Several waves of programs sharing the per-SM score slots (a race there gives a moving error)."""
+    requests = [(int(d), 1) for d in torch.randint(0, 2500, (300,))]
+    _run("cuda", requests, 64, 128, 512, 64, GPU_VARIANTS[variant], num_pad=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup"])
+def test_tiles_gpu_cuda_graph(seed, variant):
+    """TMA descriptors and the scratch buffer are captured with the graph; replays see new queries."""
+    from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd
+
+    ps, R, P, H = 64, 512, 64, 128
+    requests = [(int(d), 1) for d in torch.randint(0, 3000, (6,))]
+    meta, pos, bid, num_blocks = make_batch(requests, ps, "cuda", num_pad=0)
+    cache = make_cache(requests, meta[0].cpu(), num_blocks, ps, R + P, "cuda")
+    q = torch.randn(len(requests), H, R + P, device="cuda").to(torch.bfloat16)
+    bt, cu, _, dec, bid_t = meta
+    cfg = GPU_VARIANTS[variant]
+    paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, 0.1, P, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, 0.1, P, config=cfg)
+    q.copy_(torch.randn(q.shape, device="cuda").to(torch.bfloat16))
+    out.fill_(float("nan"))
+    graph.replay()
+    assert_matches(out, lse, *causal_oracle(q, cache, meta[0], pos, bid, 0.1, R))
+
+
+# ------------------------------------------------------------------ sliding window over the FP8 cache
+SWA_VARIANTS = {
+    "ids": dict(kernel="tiles", tma=False),
+    "tma": dict(kernel="tiles", tma=True),
+    "tma-chunk": dict(kernel="tiles", tma=True, chunk=4),
+    "dedup": dict(kernel="tiles", dedup=True, tma=False),
+    "tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True),
+    "bf16": dict(kernel="tiles", bf16_dequant=True, tma=False),
+}
+
+
+def _run_swa_tiles(device, requests, window, ps, H, R, P, config):
+    from test_sparse_mla_attention import _run_swa
+
+    _run_swa(device, requests, window, ps, H=H, R=R, P=P, staged=False, config=config)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", list(SWA_VARIANTS))
+@pytest.mark.parametrize("window", [1, 16, 21, 40])
+def test_swa_tiles_interpreter(seed, variant, window):
+    """Windows aligned and not aligned to the tile, shorter and longer than one tile, split across programs."""
+    requests = [(0, 9), (11, 5), (17, 2), (43, 1), (0, 1), (70, 1)]
+    _run_swa_tiles("cpu", requests, window, 16, 4, 128, 16, SWA_VARIANTS[variant])
+    _run_swa_tiles("cpu", [(90, 1), (33, 1)], window, 32, 2, 128, 16, dict(SWA_VARIANTS[variant], splits=3))
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", ["tma", "tma-chunk", "tma-bf16"])
+def test_swa_tiles_tma_interpreter(seed, variant):
+    """R = 512, P = 64: the sizes where the FP8 rows take TMA descriptors (latent bytes, scales, rope)."""
+    _run_swa_tiles("cpu", [(40, 1), (5, 2), (70, 1)], 37, 16, 2, 512, 64, SWA_VARIANTS[variant])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["ids", "tma", "tma-bf16", "bf16", "n32s4-tma-chunk", "n32s3-tma-bf16"])
+@pytest.mark.parametrize("window", [1, 128, 1000])
+@pytest.mark.parametrize("ps", [64, 128])
+def test_swa_tiles_gpu(seed, variant, window, ps):
+    cfg = dict(SWA_VARIANTS.get(variant) or GPU_VARIANTS.get(variant) or
+               dict(kernel="tiles", tma=True, bf16_dequant=True, block_n=32, num_stages=3))
+    requests = [(0, 300), (1500, 64), (900, 1), (2047, 3), (5, 1), (0, 1)]
+    _run_swa_tiles("cuda", requests, window, ps, 128, 512, 64, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [16, 64])
+def test_swa_tiles_gpu_heads_and_splits(seed, H):
+    _run_swa_tiles("cuda", [(3000, 1), (17, 1), (640, 1)], 2048, 64, H, 512, 64, dict(kernel="tiles", tma=True))
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("window,H,kernel", [(512, 64, "tiles"), (2048, 128, "tiles"), (128, 64, None),
+                                             (511, 64, None), (1024, 32, None)])
+def test_swa_default_picks_page_tiles_for_long_windows_and_64_head_blocks(window, H, kernel):
+    """The SWA decode default ("auto"): page tiles from W = 512 with 64-head blocks, else the gathered
+    kernel (whose plan has no "kernel" entry)."""
+    from test_sparse_mla_attention import make_cache as make_fp8_cache
+
+    from swa_rewrite.kernels import sparse_mla
+
+    requests = [(20, 1), (3, 1)]
+    meta, pos, bid, nb = make_batch(requests, 16, "cpu")
+    written = [int(meta[0][b, p // 16]) * 16 + p % 16 for b, (d, n) in enumerate(requests) for p in range(d + n)]
+    cache, _ = make_fp8_cache(nb, 16, 128, 16, written, "cpu")
+    q = torch.randn(pos.shape[0], H, 144).to(torch.bfloat16)
+    bt, cu, _, dec, bid_t = meta
+    stats = {}
+    sparse_mla.swa_attention_fwd(q, cache, bt, cu, dec, bid_t, 0.1, 16, window, staged=False, stats=stats)
+    assert stats["plan"].get("kernel") == kernel
