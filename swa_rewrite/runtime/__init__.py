@@ -2,6 +2,6 @@
 
 from .batch import StepBatch, StepItem
 from .block_manager import BlockManager, OutOfBlocksError
-from .engine import Engine
+from .engine import Engine, StepOutput
 
-__all__ = ["BlockManager", "Engine", "OutOfBlocksError", "StepBatch", "StepItem"]
+__all__ = ["BlockManager", "Engine", "OutOfBlocksError", "StepBatch", "StepItem", "StepOutput"]

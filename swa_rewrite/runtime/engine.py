@@ -17,12 +17,14 @@ from .block_manager import BlockManager, OutOfBlocksError, chain_block_key, pref
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)             # identity: requests are found in the queues by identity
 class _Request:
     rid: int
     tokens: list[int]            # prompt followed by generated tokens
     num_prompt: int
     max_new_tokens: int
+    reuse: bool = True           # may map cached prefix blocks (``logits`` computes every position)
+    keep_logits: bool = False    # keep the logits of every position run (``logits``)
     blocks: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0        # positions whose latents are in the cache
     block_keys: list = dataclasses.field(default_factory=list)  # prefix keys of the full, written blocks
@@ -41,6 +43,24 @@ class _Request:
     def in_prefill(self) -> bool:
         return self.num_computed < self.num_prompt
 
+    @property
+    def finished(self) -> bool:
+        return self.done and not self.in_prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one ``Engine.step`` did for one request that ran in it.
+
+    ``request_id``: the id ``add_request`` returned; ``new_token_ids``: the tokens generated this step (empty
+    for a prompt chunk that does not end the prompt, one token otherwise); ``finished``: the request has all
+    its tokens and its blocks are freed (its id is no longer unfinished).
+    """
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+
 
 @dataclasses.dataclass
 class EngineStats:
@@ -56,6 +76,12 @@ class Engine:
     Each step runs every running decode (1 token each) and fills the rest of ``max_tokens_per_step``
     with prompt chunks, so long prompts are prefilled in chunks alongside decodes. Full blocks are shared
     between requests with the same token prefix when ``prefix_caching`` is on.
+
+    Two faces: the step API (``add_request``, ``step``, ``abort``, ``has_unfinished``) lets a caller add and
+    abort requests between steps; ``generate`` and ``logits`` run their prompts to completion on it.
+    Requests are admitted first come, first served, each only when its whole generation (prompt plus
+    ``max_new_tokens``) fits beside what the running requests have reserved, so an admitted request never
+    waits for blocks.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, page_size: int, max_tokens_per_step: int,
@@ -82,13 +108,83 @@ class Engine:
         check_kv_caches(kv_caches, _num_layers(model), blocks=(num_blocks, page_size), device=self.device)
         self.kv_caches = kv_caches
         self.stats = EngineStats()
+        self._next_id = 0
+        self._waiting: list[_Request] = []      # admission order
+        self._running: list[_Request] = []      # admission order
 
-    # ------------------------------------------------------------------------------------------ public
+    # ------------------------------------------------------------------------------------- step API
+    def add_request(self, prompt: list[int], max_new_tokens: int) -> int:
+        """Queue ``prompt`` (a non-empty sequence of token ids in ``[0, vocab_size)``) for ``max_new_tokens``
+        greedy tokens; returns its request id (ids count up from 0 over the engine's life). Nothing runs
+        until ``step``; bad input raises here and queues nothing."""
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+        return self._add(self._checked_prompt("prompt", prompt, max_new_tokens), max_new_tokens).rid
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """One model call: admit what fits, run every decode then prompt chunks within ``max_tokens_per_step``.
+
+        Returns one ``StepOutput`` per request that ran, in the step's order (decodes first); an empty list
+        when nothing is unfinished. Finished requests' blocks are freed before it returns. If the step
+        fails, the requests that ran in it are dropped (blocks freed, their prefix-cache entries withdrawn)
+        and the exception is re-raised (a ``NonFiniteLatentError`` names the request and position); the
+        other requests are untouched and later steps run them.
+        """
+        self._admit()
+        if not self._running:
+            if self._waiting:     # cannot happen: a checked prompt fits the whole pool, and nothing holds blocks
+                raise OutOfBlocksError(f"request {self._waiting[0].rid} cannot be admitted into an idle engine")
+            return []
+        reqs: list[_Request] = []
+        try:
+            items = self._schedule(reqs)
+            new_tokens = self._step(items, reqs)
+        except BaseException as e:
+            # Blocks of the failed step are half written (some layers only) and were never published; what
+            # its requests published earlier is withdrawn too, since the cause (e.g. a non-finite weight)
+            # may have tainted it.
+            for r in reqs:
+                self._drop(r)
+            ids = [r.rid for r in reqs]
+            log.info("engine step failed (%s): dropped its request(s) %s", type(e).__name__, ids)
+            e.add_note(f"swa_rewrite Engine: the failed step's requests {ids} were dropped, their blocks freed")
+            raise
+        out = []
+        for r, tokens in zip(reqs, new_tokens):
+            finished = r.finished
+            if finished:
+                self._release(r)
+                self._running.remove(r)
+                log.debug("request %d finished: %d prompt + %d generated tokens", r.rid, r.num_prompt,
+                          len(r.generated))
+            out.append(StepOutput(r.rid, tokens, finished))
+        return out
+
+    def abort(self, request_id: int) -> None:
+        """Drop an unfinished request: its blocks are freed and what it published is withdrawn from the prefix
+        cache. Aborting a request that already finished (or was aborted, or failed in a step) is a no-op;
+        an id ``add_request`` never returned raises ``KeyError`` naming it."""
+        request_id = check_int("request_id", request_id)
+        for queue in (self._waiting, self._running):
+            for r in queue:
+                if r.rid == request_id:
+                    self._drop(r)
+                    log.debug("request %d aborted", request_id)
+                    return
+        if not 0 <= request_id < self._next_id:
+            raise KeyError(f"request id {request_id} is unknown to this engine (ids so far: [0, {self._next_id}))")
+
+    def has_unfinished(self) -> bool:
+        """Whether any added request is waiting or running."""
+        return bool(self._waiting or self._running)
+
+    # ------------------------------------------------------------------------------------------ whole calls
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt: ``max_new_tokens`` new tokens per prompt.
 
         ``prompts``: a list of non-empty sequences of token ids in ``[0, vocab_size)`` (Python or numpy ints).
+        Runs steps until its prompts finish, so it needs an engine with no unfinished step-API requests.
         If the call fails, every block it took is released and nothing it published stays in the prefix
         cache: the engine is as it was before the call.
         """
@@ -97,7 +193,7 @@ class Engine:
             raise TypeError(f"prompts must be a list of prompts (each a list of token ids), got "
                             f"{type(prompts).__name__}")
         prompts = [self._checked_prompt(f"prompt {i}", p, max_new_tokens) for i, p in enumerate(prompts)]
-        reqs = self._run(prompts, max_new_tokens, keep_logits=False)
+        reqs = self._run([(p, max_new_tokens, True, False) for p in prompts])
         return [r.generated for r in reqs]
 
     @torch.no_grad()
@@ -105,8 +201,9 @@ class Engine:
         """Float32 logits ``[len(prompt), vocab]`` of every prompt position, computed through the paged path.
 
         Every position is computed (no prefix reuse for this prompt); its full blocks are still published.
+        Like ``generate``, it needs an engine with no unfinished step-API requests.
         """
-        (req,) = self._run([self._checked_prompt("prompt", prompt, 0)], 0, keep_logits=True)
+        (req,) = self._run([(self._checked_prompt("prompt", prompt, 0), 0, False, True)])
         return torch.cat(req.logits)
 
     # ----------------------------------------------------------------------------------------- internals
@@ -132,30 +229,38 @@ class Engine:
                              f"{self.blocks.num_blocks}")
         return [int(tok) for tok in prompt]
 
-    def _run(self, prompts: list[list[int]], max_new_tokens: int, keep_logits: bool) -> list[_Request]:
-        """Run checked ``prompts`` to completion; on any error release everything the call took, then re-raise."""
-        all_reqs = [_Request(i, p, len(p), max_new_tokens) for i, p in enumerate(prompts)]
-        waiting, running = list(all_reqs), []
+    def _add(self, prompt: list[int], max_new_tokens: int, *, reuse: bool = True,
+             keep_logits: bool = False) -> _Request:
+        r = _Request(self._next_id, prompt, len(prompt), max_new_tokens, reuse=reuse, keep_logits=keep_logits)
+        self._next_id += 1
+        self._waiting.append(r)
+        log.debug("request %d added: %d prompt tokens, %d new", r.rid, r.num_prompt, max_new_tokens)
+        return r
+
+    def _run(self, calls: list[tuple[list[int], int, bool, bool]]) -> list[_Request]:
+        """Add checked ``(prompt, max_new_tokens, reuse, keep_logits)`` requests and step until they finish;
+        on any error drop all of them (withdrawing what finished ones published), then re-raise."""
+        if self.has_unfinished():
+            raise RuntimeError(f"generate/logits run the engine to completion, but it has "
+                               f"{len(self._waiting) + len(self._running)} unfinished request(s) from add_request: "
+                               f"step or abort them first")
+        reqs = [self._add(p, n, reuse=reuse, keep_logits=keep) for p, n, reuse, keep in calls]
         try:
-            while waiting or running:
-                self._admit(waiting, running, reuse=not keep_logits)
-                items, reqs = self._schedule(running)
-                if not items:
-                    raise OutOfBlocksError("no request can make progress")  # cannot happen with reservations
-                self._step(items, reqs, keep_logits)
-                for r in [r for r in running if r.done and not r.in_prefill]:
-                    self._release(r)
-                    running.remove(r)
+            while self.has_unfinished():
+                self.step()
         except BaseException:
-            # Whatever failed (a non-finite latent, a model error, an interrupt), the call's blocks come back.
-            # Blocks of the failed step are half written (some layers only) and were never published; the
-            # call's earlier publications are withdrawn too, since the cause (e.g. a non-finite weight) may
-            # have tainted them: the prefix cache is left as it was before the call.
-            for r in all_reqs:
-                self._release(r, withdraw=True)
-            log.debug("engine call failed: released the blocks of its %d request(s)", len(all_reqs))
+            for r in reqs:
+                self._drop(r)
+            log.debug("engine call failed: released the blocks of its %d request(s)", len(reqs))
             raise
-        return all_reqs
+        return reqs
+
+    def _drop(self, r: _Request) -> None:
+        """Take ``r`` out of the queues and release it, withdrawing its publications (a no-op when repeated)."""
+        for queue in (self._waiting, self._running):
+            if r in queue:
+                queue.remove(r)
+        self._release(r, withdraw=True)
 
     def _release(self, r: _Request, *, withdraw: bool = False) -> None:
         """Drop ``r``'s references on its blocks (a no-op once released); with ``withdraw`` also take back
@@ -168,46 +273,52 @@ class Engine:
         blocks, r.blocks = r.blocks, []
         self.blocks.free(blocks)
 
-    def _reserved(self, running: list[_Request]) -> int:
-        return sum(self._blocks_for(r.num_prompt + r.max_new_tokens) - len(r.blocks) for r in running)
+    def _reserved(self) -> int:
+        return sum(self._blocks_for(r.num_prompt + r.max_new_tokens) - len(r.blocks) for r in self._running)
 
-    def _admit(self, waiting: list[_Request], running: list[_Request], reuse: bool) -> None:
+    def _admit(self) -> None:
         """Admit waiting requests in order while their whole generation fits beside the running ones."""
-        while waiting:
-            r = waiting[0]
+        while self._waiting:
+            r = self._waiting[0]
             need = self._blocks_for(r.num_prompt + r.max_new_tokens)
-            if self.blocks.num_free - self._reserved(running) < need:
+            if self.blocks.num_free - self._reserved() < need:
                 break
-            waiting.pop(0)
-            if self.prefix_caching and reuse:
+            self._waiting.pop(0)
+            if self.prefix_caching and r.reuse:
                 # Keep at least the last prompt token to compute: its logits start the generation.
                 keys = prefix_block_keys(r.tokens[: r.num_prompt - 1], self.page_size)
                 r.blocks = self.blocks.match_prefix(keys)
                 r.block_keys = keys[: len(r.blocks)]
                 r.num_computed = len(r.blocks) * self.page_size
                 self.stats.reused_tokens += r.num_computed
-            running.append(r)
+            self._running.append(r)
+            log.debug("request %d admitted (%d prompt tokens from the prefix cache)", r.rid, r.num_computed)
 
-    def _schedule(self, running: list[_Request]) -> tuple[list[StepItem], list[_Request]]:
+    def _schedule(self, reqs: list[_Request]) -> list[StepItem]:
+        """The step's items, decodes first; appends each scheduled request to ``reqs`` as soon as it holds
+        blocks for the step (so a failure part-way knows whom to release)."""
         budget = self.max_tokens_per_step
-        items, reqs = [], []
-        decodes = [r for r in running if not r.in_prefill and not r.done]
-        prefills = [r for r in running if r.in_prefill]
+        items = []
+        decodes = [r for r in self._running if not r.in_prefill and not r.done]
+        prefills = [r for r in self._running if r.in_prefill]
         for r in decodes + prefills:
             if budget == 0:
                 break
             n = 1 if not r.in_prefill else min(budget, r.num_prompt - r.num_computed)
+            reqs.append(r)
             missing = self._blocks_for(r.num_computed + n) - len(r.blocks)
             if missing > 0:
                 r.blocks += self.blocks.allocate(missing)
             items.append(StepItem(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.blocks,
                                   r.in_prefill))
-            reqs.append(r)
             budget -= n
-        return items, reqs
+        assert items, "a running request always has work"
+        return items
 
-    def _step(self, items: list[StepItem], reqs: list[_Request], keep_logits: bool) -> None:
+    def _step(self, items: list[StepItem], reqs: list[_Request]) -> list[list[int]]:
+        """Run the model on ``items``; returns the new tokens of each request."""
         batch = StepBatch.build(items, self.page_size, device=self.device)
+        keep_logits = any(r.keep_logits for r in reqs)
         logits_indices = None if keep_logits else batch.last_token_index
         try:
             logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
@@ -224,19 +335,24 @@ class Engine:
             greedy = logits[torch.tensor(cu[1:]) - 1].argmax(-1).tolist()
         else:
             greedy = logits.argmax(-1).tolist()
+        new_tokens = []
         for b, (it, r) in enumerate(zip(items, reqs)):
             n = len(it.tokens)
             if it.is_prefill:
                 self.stats.prefill_tokens += n
             else:
                 self.stats.decode_tokens += n
-            if keep_logits:
+            if r.keep_logits:
                 r.logits.append(logits[cu[b]:cu[b + 1]])
             r.num_computed += n
+            new = []
             if not r.in_prefill and not r.done:
+                new.append(greedy[b])
                 r.tokens.append(greedy[b])
+            new_tokens.append(new)
             if self.prefix_caching:
                 self._publish_full_blocks(r)
+        return new_tokens
 
     def _name_token(self, e: NonFiniteLatentError, items: list[StepItem], reqs: list[_Request]) -> Exception:
         """``e`` (a cache write's row and slot) restated as the request and token position that caused it."""
