@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .models import MLAModel
-from .ops.validation import checks_disabled
+from .ops.checks import checks_disabled
 from .rewrite import apply
 from .runtime import StepBatch, StepItem
 from .schedule import Schedule

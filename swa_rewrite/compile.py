@@ -26,7 +26,7 @@ import torch.fx.experimental._config
 
 from .passes import (AdapterRegistry, PassManager, PassResult, RewriteError, TracedModel, default_registry,
                      swa_pass_manager)
-from .ops.validation import checks_disabled
+from .ops.checks import checks_disabled
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)

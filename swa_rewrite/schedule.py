@@ -7,7 +7,7 @@ import json
 import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
-from .ops.validation import check_int
+from .ops.checks import check_int
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _KEYS = ("window", "swa_layers", "num_layers")   # of to_dict / from_dict

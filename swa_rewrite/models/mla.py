@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
 from ..ops.step_metadata import StepMetadata
-from ..ops.validation import checked_step_metadata
+from ..ops.step_check import checked_step_metadata
 from .config import MLAConfig
 from .moe import MoE
 from .rope import apply_rope, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits

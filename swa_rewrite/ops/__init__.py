@@ -26,7 +26,7 @@ from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401
 from .attention import finite_scale
 from .fp8_cache import fp8_cache_bytes
 from .step_metadata import StepMetadata
-from .validation import check_int, checks_enabled
+from .checks import check_int, checks_enabled
 
 __all__ = ["StepMetadata", "allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]

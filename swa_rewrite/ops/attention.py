@@ -26,7 +26,8 @@ import torch
 
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
-from .validation import check_batch, check_index, checks_enabled, fail
+from .batch_checks import check_batch
+from .checks import check_index, checks_enabled, fail
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
 _GATHER_BUDGET = 1 << 26

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .validation import check_cache_write, check_finite_latent, fail
+from .cache_write_checks import check_cache_write, check_finite_latent
+from .checks import fail
 
 _TILE = 128
 # The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .fp8_cache import fp8_cache_bytes, implied_rope_dim
-from .validation import check_cache_write, fail
+from .cache_write_checks import check_cache_write
+from .checks import fail
 
 
 def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

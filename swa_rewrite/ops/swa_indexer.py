@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .attention import token_positions
-from .validation import check_batch, fail
+from .batch_checks import check_batch
+from .checks import fail
 
 
 # Bound the [tokens, band] int64 temporaries of the reference to about this many elements each.

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.step_metadata import StepMetadata
-from ..ops.validation import check_int
+from ..ops.checks import check_int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numbers
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
-from ..ops.validation import check_int
+from ..ops.checks import check_int
 
 
 class OutOfBlocksError(RuntimeError):

@@ -10,7 +10,9 @@ from typing import Any, Hashable, Optional
 
 import torch
 
-from ..ops.validation import NonFiniteLatentError, check_int, check_kv_caches
+from ..ops.cache_write_checks import NonFiniteLatentError
+from ..ops.checks import check_int
+from ..ops.step_check import check_kv_caches
 from .batch import StepBatch, StepItem, token_of_slot
 from .block_manager import BlockManager, OutOfBlocksError, chain_block_key, prefix_block_keys
 

@@ -9,7 +9,7 @@ import torch
 
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
-from swa_rewrite.ops.validation import checks_disabled
+from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.runtime import StepBatch, StepItem
 
 TINY = MLAConfig.named("tiny")

@@ -137,12 +137,12 @@ def test_write_kernel_matches_reference(T, D, ps, pad, seed):
 def test_batch_checks_run_once_per_step_and_never_go_stale(monkeypatch):
     """Every layer's attention sees the same metadata: it is validated once per step; an in-place change is
     checked again, new tensors with the same content are not (that content is known good), new content is."""
-    from swa_rewrite.ops import validation
+    from swa_rewrite.ops import batch_checks
 
     calls = []
-    real = validation._check_batch_data
-    monkeypatch.setattr(validation, "_check_batch_data", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(validation._state, "last_batch", None)     # forget what earlier tests validated
+    real = batch_checks._check_batch_data
+    monkeypatch.setattr(batch_checks, "_check_batch_data", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(batch_checks._state, "last_batch", None)     # forget what earlier tests validated
     b = _batch()
     q, cache = torch.randn(4, 2, 24), torch.randn(3, 4, 24)
     for _ in range(4):                                   # four layers of one step

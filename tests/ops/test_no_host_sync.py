@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
-from swa_rewrite.ops.validation import checks_disabled
+from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.runtime import StepBatch, StepItem
 
 R, P, H = 128, 16, 4

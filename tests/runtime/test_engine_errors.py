@@ -11,7 +11,7 @@ import torch
 from mla_reference import dense_greedy
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
-from swa_rewrite.ops.validation import NonFiniteLatentError
+from swa_rewrite.ops.cache_write_checks import NonFiniteLatentError
 from swa_rewrite.runtime import Engine
 
 TINY = MLAConfig.named("tiny")

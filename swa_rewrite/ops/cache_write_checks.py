@@ -1,0 +1,67 @@
+"""Checks of a cache write (``write_kv_cache``, ``write_fp8_cache``): shapes, slots, finite latents."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_group, check_index, checks_enabled, fail
+
+
+class NonFiniteLatentError(ValueError):
+    """A latent row to be cached holds NaN or inf, which the packed FP8 cache cannot store.
+
+    ``row`` is the row of the write's ``latent`` and ``slot`` the cache slot it was going to. A caller that
+    knows the step (the engine) re-raises it with ``request`` and ``position`` filled in.
+    """
+
+    def __init__(self, message: str, *, row: int, slot: int, request: Optional[int] = None,
+                 position: Optional[int] = None):
+        super().__init__(message)
+        self.row, self.slot, self.request, self.position = row, slot, request, position
+
+
+def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      width: int, group: int, *, data: bool = True) -> None:
+    """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [G, T]`` of which row ``group``
+    is this cache's.
+
+    ``data=False`` (fake implementations) checks shapes and dtypes only.
+    """
+    if latent.dim() != 2:
+        fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
+    if cache.dim() != 3:
+        fail(f"cache must be [num_blocks, page_size, bytes_or_D], got shape {tuple(cache.shape)}")
+    if cache.shape[-1] != width:
+        fail(f"cache rows are {cache.shape[-1]} wide, expected {width} for latent width {latent.shape[1]}")
+    check_index("slot_mapping", slot_mapping, 2)
+    check_group("slot_mapping", slot_mapping, group)
+    if slot_mapping.shape[1] != latent.shape[0]:
+        fail(f"slot_mapping has {slot_mapping.shape[1]} entries for {latent.shape[0]} latent rows")
+    if latent.device != cache.device or slot_mapping.device != cache.device:
+        fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
+             "must be on one device")
+    slot_mapping = slot_mapping[group]
+    if data and checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
+        num_slots = cache.shape[0] * cache.shape[1]
+        bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            fail(f"slot_mapping[{i}] = {int(slot_mapping[i])} is out of range [-1, {num_slots})")
+        used = slot_mapping[slot_mapping >= 0]
+        if used.numel() != used.unique().numel():
+            fail("slot_mapping writes the same slot twice in one step")
+
+
+def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """In checked mode, every row of ``latent [T, D]`` that is written (``slot_mapping [T] >= 0``) is finite;
+    raises ``NonFiniteLatentError`` naming the first row that is not."""
+    if not checks_enabled() or latent.device.type == "meta" or not latent.numel():
+        return
+    finite = torch.isfinite(latent).all(dim=1) | (slot_mapping < 0)
+    if not bool(finite.all()):
+        t = int((~finite).nonzero()[0, 0])
+        slot = int(slot_mapping[t])
+        raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache cannot "
+                                   "store them", row=t, slot=slot)
