@@ -105,10 +105,12 @@ def test_paged_decode_cuda_graph(seed):
     meta, pos, bid, num_blocks = make_batch(requests, ps, "cuda", num_pad=0)
     cache = make_cache(requests, meta[0].cpu(), num_blocks, ps, R + P, "cuda")
     q = torch.randn(len(requests), H, R + P, device="cuda").to(torch.bfloat16)
-    torch.ops.swa_rewrite.paged_mla_attention(q, cache, *meta, 0.1, P, 0)
+    # The raw op, as the model calls it: one cache group of block_tables [G = 1, B, nb], group 0.
+    args = (q, cache, meta[0][None], *meta[1:], 0.1, P, 0, 0)
+    torch.ops.swa_rewrite.paged_mla_attention(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = torch.ops.swa_rewrite.paged_mla_attention(q, cache, *meta, 0.1, P, 0)
+        out, lse = torch.ops.swa_rewrite.paged_mla_attention(*args)
     q.copy_(torch.randn(q.shape, device="cuda").to(torch.bfloat16))
     out.fill_(float("nan"))
     graph.replay()

@@ -278,7 +278,8 @@ def test_swa_decode_cuda_graph(seed):
                for b, (d, n) in enumerate(requests) for p in range(d + n)]
     cache, keys = make_cache(num_blocks, ps, R, P, written, "cuda")
     q = torch.randn(len(requests), H, R + P, device="cuda").to(torch.bfloat16)
-    args = (cache, *meta.values(), 0.1, P, window, 0)
+    bt, *batch = meta.values()
+    args = (cache, bt[None], *batch, 0.1, P, window, 0, 0)                   # one cache group, group 0
     torch.ops.swa_rewrite.swa_mla_attention(q, *args)                        # warm up (compile)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
