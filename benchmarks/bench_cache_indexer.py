@@ -1,4 +1,4 @@
-"""Packed FP8 cache write / dequantise and the SWA indexer on the GPU (issue 3, SPEC §10).
+"""Packed FP8 cache write / dequantise and the SWA indexer on the GPU (issue 3, docs/design.md §10).
 
 Prints effective bandwidth of the Triton kernels beside the measured device copy bandwidth and beside the
 PyTorch reference path run on the same GPU. Bytes counted are the fewest the op must move: each input

@@ -5,7 +5,7 @@
 #   2. the compile benchmark (issue 6): compile time with/without the pass, decode step eager / Inductor /
 #      Inductor + CUDA graphs;
 #   3. the attention benchmark (issue 4): the variant table (incl. `untiled`, the few-heads prefill kernel
-#      before token tiles) and the SPEC §10 tables beside FlashMLA when its wheel travelled in `.whl/`.
+#      before token tiles) and the docs/design.md §10 tables beside FlashMLA when its wheel travelled in `.whl/`.
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), two calls of under 10 minutes each:
 #     bash benchmarks/gpu_session.sh tests,compile

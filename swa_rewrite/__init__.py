@@ -1,6 +1,6 @@
 """swa-rewrite: turn full-attention layers of MLA models into sliding-window attention, as a compiler pass.
 
-Public API (SPEC §11): ``Schedule``, ``apply``, ``graph_diff``, ``backend``; ``ops``; ``models``; ``runtime``.
+Public API (docs/design.md §11): ``Schedule``, ``apply``, ``graph_diff``, ``backend``; ``ops``; ``models``; ``runtime``.
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.swa_rewrite.*)

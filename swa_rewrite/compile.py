@@ -1,4 +1,4 @@
-"""``torch.compile`` integration (SPEC §8): a Dynamo backend, an Inductor post-grad pass, ``compile``.
+"""``torch.compile`` integration (docs/design.md §8): a Dynamo backend, an Inductor post-grad pass, ``compile``.
 
 ``torch.compile(model, backend=swa_rewrite.backend(schedule))`` runs the same passes as ``apply`` on each
 Dynamo graph (in *partial* mode: a graph may hold any part of the model), then hands the graph to Inductor.

@@ -1,4 +1,4 @@
-"""Structural diff of two fx graphs, grouped by layer (SPEC §8).
+"""Structural diff of two fx graphs, grouped by layer (docs/design.md §8).
 
 Nodes are matched by name: the rewrite re-targets nodes in place, so a node that keeps its name but
 calls another op is *re-targeted*, one that keeps its op but not its arguments has *changed arguments*,

@@ -1,4 +1,4 @@
-"""``apply(model, schedule)``: trace, run the pass pipeline, return a drop-in rewritten module (SPEC §8).
+"""``apply(model, schedule)``: trace, run the pass pipeline, return a drop-in rewritten module (docs/design.md §8).
 
 Tracing uses ``torch.fx.symbolic_trace``, not ``torch.export``: it needs no example inputs and no fake
 tensor propagation, so it works on a ``meta``-device model and traces a 61-layer DeepSeek-V3 definition

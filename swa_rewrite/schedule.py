@@ -1,4 +1,4 @@
-"""Which layers become sliding-window layers, and with what window (SPEC §4)."""
+"""Which layers become sliding-window layers, and with what window (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 It reads the weights of an ``MLAModel`` by name and recomputes everything the way the DeepSeek-V3 paper
 writes it: per-head keys ``[k_nope | k_pe]`` and values from ``kv_b_proj``, rope as a complex rotation
 of adjacent pairs (interleaved) or of the two halves (NeoX), yarn frequencies from their definition.
-Optional per-layer windows give the sliding-window reference (SPEC §3).
+Optional per-layer windows give the sliding-window reference (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _rope(x, pos, inv_freq, mag, interleave):
 
 
 def fp8_round_trip(latent: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """What the packed FP8 cache gives back for ``latent [L, R+P]`` (SPEC §6), computed independently:
+    """What the packed FP8 cache gives back for ``latent [L, R+P]`` (docs/design.md §6), computed independently:
     per 128-wide tile a power-of-two scale ``2^ceil(log2(max(amax/448, 1e-4)))``, e4m3 round-to-nearest-even
     of ``x / scale``; the rope part through bf16."""
     R = latent.shape[-1] - rope_dim

@@ -1,4 +1,4 @@
-"""Random paged batch metadata (SPEC §5) shared by the attention kernel tests."""
+"""Random paged batch metadata (docs/design.md §5) shared by the attention kernel tests."""
 
 import math
 
@@ -6,7 +6,7 @@ import torch
 
 
 def make_batch(requests, ps, device, num_pad=2, extra_blocks=3):
-    """Metadata of SPEC §5 for ``requests = [(cached_before, new_tokens), …]`` with shuffled physical
+    """Metadata of docs/design.md §5 for ``requests = [(cached_before, new_tokens), …]`` with shuffled physical
     blocks and ``num_pad`` padding tokens; returns a dict of tensors plus per-token positions/requests."""
     B = len(requests)
     max_blocks = max(math.ceil((d + n) / ps) for d, n in requests) + 1

@@ -1,4 +1,4 @@
-"""Schedule constructors, validation and serialisation (SPEC §4)."""
+"""Schedule constructors, validation and serialisation (docs/design.md §4)."""
 
 import json
 import random

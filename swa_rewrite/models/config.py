@@ -112,7 +112,7 @@ class MLAConfig:
         return (self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 
-    # Shorthands of SPEC §2.
+    # Shorthands of docs/design.md §2.
     @property
     def num_layers(self) -> int:
         return self.num_hidden_layers

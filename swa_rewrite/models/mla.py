@@ -1,7 +1,7 @@
 """The bundled DeepSeek-V3-style decoder, running MLA in absorbed form against a paged latent cache.
 
 One forward call processes one engine step: a ragged batch of ``T`` tokens described by one
-``StepMetadata`` (SPEC §5). Every attention layer writes this step's latents ``[c_kv_norm | rope(k_pe)]`` into its cache and
+``StepMetadata`` (docs/design.md §5). Every attention layer writes this step's latents ``[c_kv_norm | rope(k_pe)]`` into its cache and
 then attends from the cache, so decode, fresh prefill, chunked prefill and prefix reuse are one path.
 """
 
@@ -39,7 +39,7 @@ torch.fx.wrap("checked_step_metadata")
 
 
 def cache_group(config: MLAConfig, layer_idx: int) -> int:
-    """The cache group of layer ``layer_idx`` (SPEC §12: layers with equal cache specs share one). The
+    """The cache group of layer ``layer_idx`` (docs/design.md §12: layers with equal cache specs share one). The
     bundled model's layers all have one spec, so one group; the rewrite's sliding layers keep it for now."""
     return 0
 
@@ -106,7 +106,7 @@ class MLAAttention(nn.Module):
         latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
 
         # The layer and its cache group are constant arguments: the pass finds layers by the first and
-        # sets the second in place, as it does the window (SPEC §8, §12).
+        # sets the second in place, as it does the window (docs/design.md §8, §12).
         torch.ops.swa_rewrite.write_kv_cache(latent, cache, meta.slot_mapping, self.layer_idx, self.cache_group)
         o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(
             q_abs, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens_encoder, meta.seq_lens_decoder,

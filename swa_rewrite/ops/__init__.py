@@ -1,4 +1,4 @@
-"""Public Python faces of the ``torch.ops.swa_rewrite.*`` ops (SPEC §7, §11).
+"""Public Python faces of the ``torch.ops.swa_rewrite.*`` ops (docs/design.md §7, §11).
 
 Importing this package registers the ops. Each function here calls its op, which dispatches to the
 Triton kernel on CUDA where one is registered and to the PyTorch reference (the ``*_reference``
@@ -89,7 +89,7 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into the packed FP8 ``cache uint8 [NB, ps, bytes]``.
 
     Row ``slot_mapping[t]`` (or ``slot_mapping[group, t]`` of a ``[G, T]`` mapping) receives token ``t`` in
-    FlashMLA's "FP8 with scale" layout (SPEC §6, see ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
+    FlashMLA's "FP8 with scale" layout (docs/design.md §6, see ``ops.fp8_cache``); ``-1`` slots write nothing. Raises ``ValueError`` on mismatched shapes/dtypes and,
     in checked mode, on a bad slot or a non-finite latent row.
     """
     torch.ops.swa_rewrite.write_fp8_cache(latent, cache, _grouped(slot_mapping, "slot_mapping", 2),
@@ -138,7 +138,7 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
     """Sliding-window MLA attention over the packed FP8 paged cache (what the graph pass inserts).
 
     The token at position ``p`` of request ``b`` attends to positions ``max(0, p-W+1) … p`` of ``b``
-    (SPEC §3); arguments as ``paged_mla_attention`` plus ``window``. Returns ``out [T, H, R]`` and
+    (docs/design.md §3); arguments as ``paged_mla_attention`` plus ``window``. Returns ``out [T, H, R]`` and
     ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
     """
     return torch.ops.swa_rewrite.swa_mla_attention(q, cache, _grouped(block_tables, "block_tables", 3),

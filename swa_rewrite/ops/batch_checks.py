@@ -1,4 +1,4 @@
-"""Checks of the per-request batch metadata (SPEC §5) an attention or indexer op reads: ``check_batch``."""
+"""Checks of the per-request batch metadata (docs/design.md §5) an attention or indexer op reads: ``check_batch``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
                 seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
                 batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, group: int, *,
                 data: bool = True) -> Optional[tuple[torch.Tensor, ...]]:
-    """Batch metadata of SPEC §5 for ``num_tokens`` query tokens, ``block_tables [G, B, nb]`` read at
+    """Batch metadata of docs/design.md §5 for ``num_tokens`` query tokens, ``block_tables [G, B, nb]`` read at
     ``group`` (``data=False``: shapes and dtypes only).
 
     Returns the host int64 copies ``(block_tables[group], cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,

@@ -1,6 +1,6 @@
 """Autograd for the inference-only ops: a forward under grad mode works, a backward through them fails clearly.
 
-The paged ops have no gradient (SPEC §14: training runs a dense forward). Without an autograd formula a
+The paged ops have no gradient (docs/design.md §13: training runs a dense forward). Without an autograd formula a
 compiled step called outside ``torch.no_grad()`` fails while AOTAutograd traces its joint graph, deep in a
 Dynamo/Inductor traceback. So each op gets a backward that is traceable — it returns
 ``torch.ops.swa_rewrite.no_gradient``, whose fake gives a gradient of the right shape — and raises only when a
@@ -24,7 +24,7 @@ def no_gradient(grad: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, op
     """
     raise NotImplementedError(
         f"{op} has no gradient: the paged cache and attention ops of swa_rewrite are inference-only. Run model "
-        "steps under torch.no_grad() or torch.inference_mode(), or train through a dense forward (SPEC §14)")
+        "steps under torch.no_grad() or torch.inference_mode(), or train through a dense forward (docs/design.md §13)")
 
 
 @no_gradient.register_fake

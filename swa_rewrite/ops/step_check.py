@@ -63,7 +63,7 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
     The cache ops see slots only, so they cannot tell a slot of another request from the right one: this
     check, run once per step before any cache write, requires token ``i`` of request ``b`` to sit at
     position ``seq_lens_decoder[b] + i`` and, in every cache group ``g``, to write the slot
-    ``block_tables[g]`` gives that position (SPEC §5), and padding tokens to write nothing.
+    ``block_tables[g]`` gives that position (docs/design.md §5), and padding tokens to write nothing.
 
     ``kv_caches`` holds one cache per layer and ``cache_groups`` the cache group of each layer (always
     checked: static lengths). In checked mode the caches must be on the metadata's device, share no memory,

@@ -1,4 +1,4 @@
-"""``PackCacheAllocationPass``: selected layers' cache allocation → packed FP8 ``uint8`` layout (SPEC §5, §6).
+"""``PackCacheAllocationPass``: selected layers' cache allocation → packed FP8 ``uint8`` layout (docs/design.md §5, §6).
 
 Before (allocation graph, layer 3)::
 

@@ -1,4 +1,4 @@
-"""The builder of one engine step's inputs (SPEC §5): ``StepBatch.build`` packs per-request work items
+"""The builder of one engine step's inputs (docs/design.md §5): ``StepBatch.build`` packs per-request work items
 (``StepItem``) into the token ids and the ``StepMetadata`` the model takes."""
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ WINDOWED = "swa_rewrite_test_windowed"
 
 def windowed_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager attention that applies ``config.sliding_window`` on layers whose ``config.layer_types`` entry is
-    ``"sliding_attention"`` (SPEC §3: a query at position p sees p-W+1 … p). One unpadded sequence: the
+    ``"sliding_attention"`` (docs/design.md §3: a query at position p sees p-W+1 … p). One unpadded sequence: the
     queries are the last ``Lq`` of the ``Lk`` keys (transformers' sliding cache keeps exactly the window).
     On modules flagged ``fp8_rope_reference`` the keys' rope part is rounded to bf16, as the packed cache
     stores it."""
@@ -350,7 +350,7 @@ transformers.AttentionInterface.register(WINDOWED, windowed_eager_attention)
 
 
 def fp8_roundtrip(x):
-    """SPEC §6 on the latent ``[..., R]``: per 128-wide tile, scale ``max(amax/448, 1e-4)`` rounded up to a
+    """docs/design.md §6 on the latent ``[..., R]``: per 128-wide tile, scale ``max(amax/448, 1e-4)`` rounded up to a
     power of two, e4m3 with round-to-nearest-even, dequantised (exactly representable in bf16)."""
     tiles = x.float().reshape(*x.shape[:-1], -1, 128)
     s = (tiles.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-4)
@@ -409,7 +409,7 @@ def check_rewritten_against(hf, reference, tokens, rng):
     logits up to float32 noise (a latent element that noise tips across an e4m3 boundary moves logits by a few
     1e-4). Chunks change the float32 summation order, so elements cross boundaries, and these random
     unit-scale models amplify one crossing in an early token to ~1e-2 of the logits (seen in 2 of 500
-    seeds): the engine is held to SPEC §9's FP8 envelope, 3e-2, against the one-step logits, and greedy
+    seeds): the engine is held to docs/design.md §9's FP8 envelope, 3e-2, against the one-step logits, and greedy
     tokens may part where the reference's top two are closer than that envelope."""
     schedule = swa_rewrite.Schedule.from_hf_config(hf.config)
     model = swa_rewrite.apply(from_hf(hf), schedule)
@@ -424,7 +424,7 @@ def check_rewritten_against(hf, reference, tokens, rng):
         i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         prefix = tokens + theirs[:i]
         ref_i = hf_logits(reference, prefix)[-1]
-        envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # SPEC §9's bound, per logit (RMS)
+        envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # docs/design.md §9's bound, per logit (RMS)
         assert rel_err(one_step_logits(model, prefix)[-1], ref_i) <= 3e-3
         margin = (ref_i[theirs[i]] - ref_i[ours[i]]).item()
         assert margin <= envelope, f"token {i}: ours {ours[i]} vs reference {theirs[i]}, margin {margin:.4g}"
@@ -435,7 +435,7 @@ def check_rewritten_against(hf, reference, tokens, rng):
 @pytest.mark.parametrize("variant", ["v3", "v2-greedy"])
 def test_apply_with_full_window_differs_only_by_fp8(variant, seed):
     """``W`` ≥ every sequence on every layer: the rewritten model equals transformers with the latents rounded
-    through the packed FP8 format — the only difference the rewrite may make (SPEC §9)."""
+    through the packed FP8 format — the only difference the rewrite may make (docs/design.md §9)."""
     rng = random.Random(seed)
     L = 3
     over = dict(kv_lora_rank=128, layer_types=["sliding_attention"] * L, sliding_window=PROMPT + 16)  # R % 128 == 0

@@ -1,4 +1,4 @@
-"""The paged, absorbed MLA model equals an independent dense float64 model (SPEC §5, issue 2)."""
+"""The paged, absorbed MLA model equals an independent dense float64 model (docs/design.md §5, issue 2)."""
 
 import random
 
@@ -52,7 +52,7 @@ def random_table(num_blocks, n, rng):
 # large pages outside the base variant, which adds time and no new path.
 CASES = [(v, ps, ch) for v in sorted(VARIANTS) for ps in (1, 7, 16, 64) for ch in (1, 3, 17, 1000)
          if not (ch == 1 and ps in (16, 64) and v != "tiny")]
-CASES += [("tiny", ps, 17) for ps in (53, 128, 256)]   # SPEC §5's other page sizes
+CASES += [("tiny", ps, 17) for ps in (53, 128, 256)]   # docs/design.md §5's other page sizes
 
 
 @pytest.mark.parametrize("variant,page_size,chunk", CASES)

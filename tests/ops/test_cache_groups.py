@@ -1,4 +1,4 @@
-"""Cache groups (SPEC §12): with ``G = 2`` groups whose block tables and slots differ, every cache/attention
+"""Cache groups (docs/design.md §12): with ``G = 2`` groups whose block tables and slots differ, every cache/attention
 op given ``group=1`` reads row 1 of ``block_tables [G, B, nb]`` / ``slot_mapping [G, T]`` — exactly what the
 same op computes from group 1's own 2-D table / 1-D slots — and an out-of-range group is a ``ValueError``.
 CPU reference paths (the Triton launchers take one group's tables: the op selects the row before them)."""

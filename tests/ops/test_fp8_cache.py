@@ -1,6 +1,6 @@
-"""Packed FP8 latent cache (SPEC §6, issue 3): byte layout, references, Triton kernels, op contracts.
+"""Packed FP8 latent cache (docs/design.md §6, issue 3): byte layout, references, Triton kernels, op contracts.
 
-Oracle chain: an independent float64 decoder/encoder written from the SPEC's byte layout checks
+Oracle chain: an independent float64 decoder/encoder written from the byte layout of docs/design.md §6 checks
 ``quantize_fp8_reference``; the Triton kernels (the interpreter on CPU, the GPU under ``-m gpu``) must then
 match the reference bit for bit.
 """
@@ -63,7 +63,7 @@ def e4m3_round_oracle(y: torch.Tensor) -> torch.Tensor:
 
 
 def decode_by_hand(row: torch.Tensor, R: int, P: int):
-    """Read one packed row at the SPEC §6 offsets: (fp8 latent as float64, float32 scales, bf16 rope)."""
+    """Read one packed row at the docs/design.md §6 offsets: (fp8 latent as float64, float32 scales, bf16 rope)."""
     nt = R // 128
     q = row[:R].view(torch.float8_e4m3fn).double()
     scales = row[R:R + 4 * nt].clone().view(torch.float32)
@@ -73,7 +73,7 @@ def decode_by_hand(row: torch.Tensor, R: int, P: int):
 
 
 def expected_tile(x32: torch.Tensor):
-    """Scale and fp8 bytes of one 128-wide float32 tile, computed from the SPEC text in float64/Python."""
+    """Scale and fp8 bytes of one 128-wide float32 tile, computed from the format's text (docs/design.md §6) in float64/Python."""
     amax = float(x32.abs().max())
     s = max(float(torch.tensor(amax, dtype=torch.float32) / 448.0), float(torch.tensor(1e-4, dtype=torch.float32)))
     scale = 2.0 ** math.ceil(math.log2(s))
@@ -84,7 +84,7 @@ def expected_tile(x32: torch.Tensor):
 def test_bytes_per_token_formula():
     for R, P in [(128, 0), (512, 64), (384, 2), (1024, 128)]:
         assert fp8_cache_bytes(R, P) == R + (R // 128) * 4 + 2 * P
-    assert fp8_cache_bytes(512, 64) == 512 + 16 + 128          # SPEC §5: DeepSeek-V3's row
+    assert fp8_cache_bytes(512, 64) == 512 + 16 + 128          # docs/design.md §5: DeepSeek-V3's row
     for R, P in [(100, 64), (0, 64), (512, 3), (512, -2)]:
         with pytest.raises(ValueError, match="kv_lora_rank|rope_dim"):
             fp8_cache_bytes(R, P)

@@ -62,7 +62,7 @@ def test_stale_block_ids_in_unused_columns_are_never_read():
 
 
 def test_padded_block_stride_for_the_model_dtype_cache(seed):
-    """Blocks may sit further apart than ps·D elements (SPEC §6 allows it for every cache)."""
+    """Blocks may sit further apart than ps·D elements (docs/design.md §6 allows it for every cache)."""
     storage = torch.full((3, 16 * D + 40), float("nan"))
     cache = storage[:, : 16 * D].view(3, 16, D)
     assert cache.stride(0) == 16 * D + 40

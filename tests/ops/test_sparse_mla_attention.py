@@ -1,7 +1,7 @@
-"""Sparse MLA attention over the packed FP8 cache and the fused SWA op (SPEC §3, §6, §7, §9; issue 4).
+"""Sparse MLA attention over the packed FP8 cache and the fused SWA op (docs/design.md §3, §6, §7, §9; issue 4).
 
 Oracle: a float64 softmax over rows unpacked by this file's own packer/unpacker, written from the byte
-layout of SPEC §6 (independent of ``ops.fp8_cache``), with slots computed here from the block tables.
+layout of docs/design.md §6 (independent of ``ops.fp8_cache``), with slots computed here from the block tables.
 Every slot no valid index refers to holds 0xFF bytes (NaN as fp8, float32 and bf16), outputs are NaN
 before a kernel runs, inputs are fresh random draws. The Triton kernels run under the interpreter on CPU
 (tiny shapes) and on the GPU under ``-m gpu`` (the full grid of issue 4).
@@ -36,7 +36,7 @@ def row_bytes(R, P):
 
 
 def pack_rows(latent: torch.Tensor, P: int) -> torch.Tensor:
-    """float64 ``[N, R+P]`` → packed uint8 ``[N, bytes]`` per SPEC §6 (power-of-two tile scales)."""
+    """float64 ``[N, R+P]`` → packed uint8 ``[N, bytes]`` per docs/design.md §6 (power-of-two tile scales)."""
     N, D = latent.shape
     R = D - P
     tiles = latent[:, :R].reshape(N, R // 128, 128)
@@ -48,7 +48,7 @@ def pack_rows(latent: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def unpack_rows(packed: torch.Tensor, P: int) -> torch.Tensor:
-    """packed uint8 ``[N, bytes]`` → float64 ``[N, R+P]`` holding the bf16 values SPEC §6 defines."""
+    """packed uint8 ``[N, bytes]`` → float64 ``[N, R+P]`` holding the bf16 values docs/design.md §6 defines."""
     N, nbytes = packed.shape
     R = (nbytes - 2 * P) * 32 // 33
     lat = packed[:, :R].contiguous().view(torch.float8_e4m3fn).double().reshape(N, R // 128, 128)

@@ -1,4 +1,4 @@
-"""Sliding-window indexer (SPEC §3, §5, §7, issue 3): reference op and Triton kernel vs a plain-Python oracle.
+"""Sliding-window indexer (docs/design.md §3, §5, §7, issue 3): reference op and Triton kernel vs a plain-Python oracle.
 
 Random ragged batches (``hypothesis``): decodes with 1..4 query tokens (multi-token prediction), fresh
 prefills, prefill chunks over cached history, trailing padding tokens, shuffled block tables, page sizes

@@ -34,7 +34,7 @@ def test_full_window_differs_from_the_original_by_fp8_error_only(seed):
     base, ours = poisoned_engine(model, **kw).logits(tokens), poisoned_engine(swa, **kw).logits(tokens)
     fp8_reference = dense_logits(model, tokens, fp8_layers={0, 2})
     assert rel_err(ours, fp8_reference) <= 2e-3          # the rewrite changes exactly what the FP8 cache does
-    # SPEC §9 puts FP8-only error at <= 3e-2. On random tiny models the FP8 format alone (float64 reference,
+    # docs/design.md §9 puts FP8-only error at <= 3e-2. On random tiny models the FP8 format alone (float64 reference,
     # no code of ours) gives ~2.2e-2 on average and up to 3.4e-2 (a few % of seeds pass 3e-2), so the bound
     # asserted is the format's own error as the reference measures it, plus the 2e-3 above; the 5e-2 catches
     # a broken format.
