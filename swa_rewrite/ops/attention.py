@@ -28,24 +28,11 @@ from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail
+from .step_metadata import token_positions
+from .swa_indexer import swa_indexer_reference
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
 _GATHER_BUDGET = 1 << 26
-
-
-def token_positions(cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                    batch_id_per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute position ``[T]`` (int64) of each query token and its request ``[T]`` (int64, ``-1`` = padding).
-
-    Query token ``i`` of request ``b`` sits at ``seq_lens_decoder[b] + i`` (SPEC §5).
-    """
-    req = batch_id_per_token.long()
-    if seq_lens_decoder.numel() == 0:  # no request: every token is padding
-        return torch.full_like(req, -1), torch.full_like(req, -1)
-    b = req.clamp(min=0)
-    tok = torch.arange(req.shape[0], device=req.device)
-    pos = seq_lens_decoder.long()[b] + tok - cu_seqlens_q.long()[b]
-    return torch.where(req >= 0, pos, -1), req
 
 
 def paged_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -131,8 +118,6 @@ def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tabl
                                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache: the token at position ``p`` attends
     to positions ``max(0, p-W+1) … p`` of its request (SPEC §3). ``swa_indexer`` + sparse attention."""
-    from .swa_indexer import swa_indexer_reference   # lazy: swa_indexer imports this module
-
     # No position reaches past the block tables: with a window far beyond them (a Hugging Face window of
     # 128K over short requests) the leading entries would all be -1, so index only what the tables hold.
     window = max(1, min(window, block_tables.shape[1] * cache.shape[1]))

@@ -1,4 +1,5 @@
-"""The metadata of one engine step (SPEC §5, §12; docs/design.md §5): ``StepMetadata``.
+"""The metadata of one engine step (SPEC §5, §12; docs/design.md §5): ``StepMetadata``, and
+``token_positions`` (each query token's position and request from the per-request metadata).
 
 One structure, built once per step (``swa_rewrite.runtime.StepBatch.build``), passed by the engine to the
 model, by the model to its step check, and read field by field where an op needs a tensor: ops keep plain
@@ -59,6 +60,21 @@ class StepMetadata:
     def to(self, device: torch.device | str) -> "StepMetadata":
         """The same metadata on ``device``."""
         return StepMetadata(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def token_positions(cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                    batch_id_per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute position ``[T]`` (int64) of each query token and its request ``[T]`` (int64, ``-1`` = padding).
+
+    Query token ``i`` of request ``b`` sits at ``seq_lens_decoder[b] + i`` (SPEC §5).
+    """
+    req = batch_id_per_token.long()
+    if seq_lens_decoder.numel() == 0:  # no request: every token is padding
+        return torch.full_like(req, -1), torch.full_like(req, -1)
+    b = req.clamp(min=0)
+    tok = torch.arange(req.shape[0], device=req.device)
+    pos = seq_lens_decoder.long()[b] + tok - cu_seqlens_q.long()[b]
+    return torch.where(req >= 0, pos, -1), req
 
 
 # The pytree registration is what lets torch.export flatten the structure (and save the program).

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import token_positions
 from .batch_checks import check_batch
 from .checks import fail
+from .step_metadata import token_positions
 
 
 # Bound the [tokens, band] int64 temporaries of the reference to about this many elements each.
