@@ -10,6 +10,7 @@ import torch
 
 from mla_reference import dense_greedy
 from swa_rewrite import Schedule, apply
+from engine_helpers import FailingModel, assert_idle
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.ops.cache_write_checks import NonFiniteLatentError
 from swa_rewrite.runtime import Engine
@@ -24,28 +25,8 @@ def poison(engine):
     return engine
 
 
-def assert_idle(engine):
-    """No block is held by anyone (published ones may stay cached: they count as free)."""
-    bm = engine.blocks
-    assert bm.num_free == bm.num_blocks
-    assert all(bm.refcount(b) == 0 for b in range(bm.num_blocks))
 
 
-class FailingModel(torch.nn.Module):
-    """``model``, raising on its ``fail_at``-th step (counted from 1) until disarmed."""
-
-    def __init__(self, model, fail_at):
-        super().__init__()
-        self.model, self.config, self.fail_at, self.calls = model, model.config, fail_at, 0
-
-    def allocate_kv_cache(self, *args, **kwargs):
-        return self.model.allocate_kv_cache(*args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("injected failure")
-        return self.model(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- a failed call

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from engine_helpers import FailingModel, assert_idle
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import Engine, StepOutput
 
@@ -20,11 +21,6 @@ def poison(engine):
     return engine
 
 
-def assert_idle(engine):
-    bm = engine.blocks
-    assert not engine.has_unfinished()
-    assert bm.num_free == bm.num_blocks
-    assert all(bm.refcount(b) == 0 for b in range(bm.num_blocks))
 
 
 def alone(model, prompt, max_new_tokens, page_size, num_blocks, memo=None):
@@ -39,21 +35,6 @@ def alone(model, prompt, max_new_tokens, page_size, num_blocks, memo=None):
     return out
 
 
-class FailingModel(torch.nn.Module):
-    """``model``, raising on its ``fail_at``-th call (counted from 1); records each call's batch size."""
-
-    def __init__(self, model, fail_at):
-        super().__init__()
-        self.model, self.config, self.fail_at, self.calls = model, model.config, fail_at, 0
-
-    def allocate_kv_cache(self, *args, **kwargs):
-        return self.model.allocate_kv_cache(*args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("injected failure")
-        return self.model(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ soak

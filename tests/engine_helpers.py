@@ -1,0 +1,28 @@
+"""Engine test helpers shared by the runtime tests: an idle-engine check and a model that fails on cue."""
+
+import torch
+
+
+def assert_idle(engine):
+    """No request is left and no block is held by anyone (published ones may stay cached: they count as free)."""
+    bm = engine.blocks
+    assert not engine.has_unfinished()
+    assert bm.num_free == bm.num_blocks
+    assert all(bm.refcount(b) == 0 for b in range(bm.num_blocks))
+
+
+class FailingModel(torch.nn.Module):
+    """``model``, raising ``RuntimeError("injected failure")`` on its ``fail_at``-th call (counted from 1)."""
+
+    def __init__(self, model, fail_at):
+        super().__init__()
+        self.model, self.config, self.fail_at, self.calls = model, model.config, fail_at, 0
+
+    def allocate_kv_cache(self, *args, **kwargs):
+        return self.model.allocate_kv_cache(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        return self.model(*args, **kwargs)
