@@ -1,14 +1,10 @@
 """Packed FP8 latent cache (SPEC §6): quantise-and-scatter write, and dequantise.
 
-One cache row (token) of ``R + 4*R/128 + 2*P`` bytes, byte-compatible with FlashMLA's "FP8 with scale"::
-
-    [0, R)                 R x float8_e4m3fn      latent[:R] / scale[tile]
-    [R, R + 4*R/128)       R/128 x float32        per-128-tile scale, a power of two
-    [R + 4*R/128, end)     P x bfloat16           latent[R:], the rope part, unquantised
-
-Tile scale: ``s = max(amax / 448, 1e-4)`` (IEEE float32 division), rounded *up* to a power of two;
-``q = e4m3fn(x / s)`` rounded to nearest even. Because ``s`` is a power of two, ``x * (1/s)`` is the
-exact quotient and dequantisation ``q * s`` is exact in bf16.
+One cache row (token) in the packed FP8 layout of ``swa_rewrite.fp8_format`` (docs/design.md §6), which
+defines the offsets and constants once: the launchers pass the byte offsets of the scales and the rope part
+(``SCALE_OFF``, ``ROPE_OFF``) as constexprs, and the JIT code takes the tile width, the e4m3 maximum and the
+scale floor from the module-level constexprs below. Because a scale is a power of two, ``x * (1/s)`` is
+the exact quotient and dequantisation ``q * s`` is exact in bf16.
 
 A write program quantises ``BLOCK_T`` tokens, loading their whole latent rows at once (all loads in flight
 before the first tile reduction; the tiles are a reshape). Rows need no alignment (any block stride works):
@@ -28,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fp8_format
 from . import interpreting
 
-TILE = 128  # quantisation tile width (latent dims per float32 scale)
+_TILE: tl.constexpr = tl.constexpr(fp8_format.TILE)
+_E4M3_MAX: tl.constexpr = tl.constexpr(fp8_format.E4M3_MAX)
+_SCALE_FLOOR: tl.constexpr = tl.constexpr(fp8_format.SCALE_FLOOR)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -66,11 +65,12 @@ def _write_fp8_cache_kernel(
     num_tokens, num_slots, page_size,
     stride_lt, stride_ld,            # latent [T, D]
     stride_cb, stride_cp,            # cache [num_blocks, ps, bytes], byte strides (last one is 1)
-    R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, P: tl.constexpr, SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_T: tl.constexpr, SOFT_CVT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    NT: tl.constexpr = R // 128          # scale tiles
-    BLOCK_NT: tl.constexpr = BLOCK_R // 128
+    NT: tl.constexpr = R // _TILE        # scale tiles
+    BLOCK_NT: tl.constexpr = BLOCK_R // _TILE
     pid = tl.program_id(0)
     tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
     slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
@@ -91,9 +91,9 @@ def _write_fp8_cache_kernel(
     x = tl.load(src[:, None] + cols[None, :] * stride_ld, mask=lmask, other=0.0)      # [BLOCK_T, BLOCK_R]
     r = tl.load(src[:, None] + (R + pcols)[None, :] * stride_ld, mask=pmask, other=0.0)  # [BLOCK_T, BLOCK_P]
 
-    x = tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_NT, 128])
+    x = tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_NT, _TILE])
     amax = tl.max(tl.abs(x), axis=2)                                                # [BLOCK_T, BLOCK_NT]
-    s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-4)
+    s = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _SCALE_FLOOR)
     # Round s up to a power of two: add "all mantissa ones" and clear the mantissa.
     s_bits = (s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
     inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)                      # exactly 1 / s
@@ -107,10 +107,10 @@ def _write_fp8_cache_kernel(
     tcols = tl.arange(0, BLOCK_NT)
     smask = keep[:, None] & (tcols < NT)[None, :]
     if WIDE:
-        tl.store((row + R).to(tl.pointer_type(tl.int32))[:, None] + tcols[None, :], s_bits, mask=smask)
+        tl.store((row + SCALE_OFF).to(tl.pointer_type(tl.int32))[:, None] + tcols[None, :], s_bits, mask=smask)
     else:
         for k in tl.static_range(4):  # little-endian float32 scales
-            tl.store(row[:, None] + (R + 4 * tcols + k)[None, :], ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8),
+            tl.store(row[:, None] + (SCALE_OFF + 4 * tcols + k)[None, :], ((s_bits >> (8 * k)) & 0xFF).to(tl.uint8),
                      mask=smask)
 
     if r.dtype == tl.bfloat16:
@@ -121,10 +121,10 @@ def _write_fp8_cache_kernel(
         h = r.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
         h = h.to(tl.int32) & 0xFFFF
     if WIDE:
-        dst16 = (row + (R + 4 * NT)).to(tl.pointer_type(tl.int16))
+        dst16 = (row + ROPE_OFF).to(tl.pointer_type(tl.int16))
         tl.store(dst16[:, None] + pcols[None, :], h.to(tl.int16), mask=pmask)
     else:
-        dst = row[:, None] + (R + 4 * NT + 2 * pcols)[None, :]
+        dst = row[:, None] + (ROPE_OFF + 2 * pcols)[None, :]
         tl.store(dst, (h & 0xFF).to(tl.uint8), mask=pmask)
         tl.store(dst + 1, (h >> 8).to(tl.uint8), mask=pmask)
 
@@ -142,7 +142,7 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     T, D = latent.shape
     R = D - rope_dim
     num_blocks, ps, _ = cache.shape
-    assert R % TILE == 0 and cache.stride(2) == 1, (R, cache.stride())
+    assert R % fp8_format.TILE == 0 and cache.stride(2) == 1, (R, cache.stride())
     if T == 0:
         return
     soft = interpreting() if soft_cvt is None else soft_cvt
@@ -153,7 +153,8 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     _write_fp8_cache_kernel[grid](
         latent, cache, slot_mapping.contiguous(), T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
-        R=R, P=rope_dim, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
+        R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
+        BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
         BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)
 
 
@@ -163,26 +164,27 @@ def _dequantize_fp8_cache_kernel(
     cache_ptr, out_ptr,
     num_rows, inner,                 # rows are (outer, inner) pairs of a [outer, inner, bytes] view
     stride_co, stride_ci,
-    R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    R: tl.constexpr, P: tl.constexpr, SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                       # [BLOCK_T]
     live = row < num_rows
     src = cache_ptr + (row // inner) * stride_co + (row % inner) * stride_ci
     dst = out_ptr + row * (R + P)
-    cols = tl.arange(0, 128)
-    for i in tl.static_range(R // 128):
+    cols = tl.arange(0, _TILE)
+    for i in tl.static_range(R // _TILE):
         s_bits = tl.zeros([BLOCK_T], dtype=tl.int32)
         for k in tl.static_range(4):
-            byte = tl.load(src + (R + 4 * i + k), mask=live, other=0).to(tl.int32)
+            byte = tl.load(src + (SCALE_OFF + 4 * i + k), mask=live, other=0).to(tl.int32)
             s_bits = s_bits | (byte << (8 * k))
         s = s_bits.to(tl.float32, bitcast=True)
-        q = tl.load(src[:, None] + (i * 128 + cols)[None, :], mask=live[:, None], other=0)
+        q = tl.load(src[:, None] + (cols + i * _TILE)[None, :], mask=live[:, None], other=0)
         x = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]          # exact in bf16
-        tl.store(dst[:, None] + (i * 128 + cols)[None, :], x.to(tl.bfloat16), mask=live[:, None])
+        tl.store(dst[:, None] + (cols + i * _TILE)[None, :], x.to(tl.bfloat16), mask=live[:, None])
     pcols = tl.arange(0, BLOCK_P)
     pmask = live[:, None] & (pcols < P)[None, :]
-    rope = src[:, None] + (R + 4 * (R // 128) + 2 * pcols)[None, :]
+    rope = src[:, None] + (ROPE_OFF + 2 * pcols)[None, :]
     lo = tl.load(rope, mask=pmask, other=0).to(tl.int32)
     hi = tl.load(rope + 1, mask=pmask, other=0).to(tl.int32)
     h = (lo | (hi << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -196,10 +198,11 @@ def dequantize_fp8_cache(cache: torch.Tensor, out: torch.Tensor, *, rope_dim: in
     D = out.shape[-1]
     R = D - rope_dim
     assert cache.stride(2) == 1 and out.is_contiguous() and out.shape[0] == outer * inner, (cache.stride(),)
-    assert nbytes == R + 4 * (R // TILE) + 2 * rope_dim, (nbytes, D, rope_dim)
+    assert nbytes == fp8_format.row_bytes(R, rope_dim), (nbytes, D, rope_dim)
     n = outer * inner
     if n == 0:
         return
     _dequantize_fp8_cache_kernel[(triton.cdiv(n, block_t),)](
         cache, out, n, inner, cache.stride(0), cache.stride(1),
-        R=R, P=rope_dim, BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)
+        R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
+        BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fp8_format
 from . import interpreting
-from .sparse_mla import (_LOG2E, _M_INIT, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
+from .sparse_mla import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                          _load_queries, _load_tile, _plan, _split_range, _store_rows, paged_attention_fwd)
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
@@ -116,7 +117,7 @@ def _dequantize_bf16(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, 
     scale (SPEC §6) in bf16, which has fp32's exponent range. Meant to halve the fp32 tile's registers;
     measured 5-15 % slower than ``_dequantize_tile`` (issue 17), so not the default."""
     x = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-    x = tl.reshape(x, [BLOCK_N, NT, 128]) * sc.to(tl.bfloat16)[:, :, None]
+    x = tl.reshape(x, [BLOCK_N, NT, _TILE]) * sc.to(tl.bfloat16)[:, :, None]
     return tl.reshape(x, [BLOCK_N, BLOCK_R]), pe
 
 
@@ -263,11 +264,12 @@ def _descriptors(cache: torch.Tensor, R: int, P: int, block_n: int, block_r: int
     if any(cache.stride(d) * es % 16 for d in range(2)):
         return None
     if fp8:
-        nt = R // 128
-        if R != block_r or P != block_p or nt * 4 < 16 or R % 16 or (R + R // 32) % 16:
+        nt = fp8_format.num_tiles(R)
+        scales, rope = fp8_format.scale_offset(R), fp8_format.rope_offset(R)
+        if R != block_r or P != block_p or nt * fp8_format.SCALE_BYTES < 16 or R % 16 or rope % 16:
             return None
-        f32 = cache.view(torch.float32)[..., R // 4:R // 4 + nt]               # tile scales
-        b16 = cache.view(torch.bfloat16)[..., (R + R // 32) // 2:]            # rope
+        f32 = cache.view(torch.float32)[..., scales // 4:scales // 4 + nt]     # tile scales
+        b16 = cache.view(torch.bfloat16)[..., rope // 2:]                      # rope
         return (TensorDescriptor(cache, [NB, ps, R], list(cache.stride()), [1, block_n, block_r]),
                 TensorDescriptor(f32, [NB, ps, nt], list(f32.stride()), [1, block_n, nt]),
                 TensorDescriptor(b16, [NB, ps, P], list(b16.stride()), [1, block_n, block_p]))
@@ -306,7 +308,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     plan = _plan(T, H, max_keys, q.device, dict(config, block_n=block_n), KEYS_PAGED)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
-    nt = block_r // 128 if fp8 else 1
+    nt = block_r // fp8_format.TILE if fp8 else 1
     descs = _descriptors(cache, R, P, block_n, block_r, block_p, fp8) if config["tma"] else None
     lat_desc, sc_desc, pe_desc = descs if descs is not None else (cache, cache, cache)   # unused pointers
     splits = plan["splits"]

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fp8_format
 from . import interpreting
 
 KEYS_INDICES, KEYS_PAGED, KEYS_ROWS = 0, 1, 2
@@ -42,6 +43,9 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Running-max start value. Finite on purpose: exp2(m_old - m_new) stays defined while every key seen so
 # far is masked (-inf scores), and masked scores still give exp2(-inf - m) = 0.
 _M_INIT: tl.constexpr = tl.constexpr(-1.0e30)
+# The packed FP8 row (swa_rewrite.fp8_format, docs/design.md §6), as constants the JIT code can read.
+_TILE: tl.constexpr = tl.constexpr(fp8_format.TILE)
+_SCALE_BYTES: tl.constexpr = tl.constexpr(fp8_format.SCALE_BYTES)
 
 
 @triton.jit
@@ -84,11 +88,14 @@ def _load_tile(cache_ptr, row, valid, R: tl.constexpr, P: tl.constexpr, BLOCK_R:
     lat_mask = valid[:, None] & (offs_r < R)[None, :]
     pe_mask = valid[:, None] & (offs_p < P)[None, :]
     if FP8:
-        # Packed row: R × e4m3 | R/128 × fp32 scale | P × bf16 (SPEC §6).
+        # Packed row: R × e4m3 | R/128 × fp32 scale | P × bf16 (fp8_format.scale_offset / rope_offset).
+        SCALE_OFF: tl.constexpr = R
+        ROPE_OFF: tl.constexpr = SCALE_OFF + _SCALE_BYTES * (R // _TILE)
         raw = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=lat_mask, other=0)
-        sc_ptr = (cache_ptr + row[:, None] + R + 4 * offs_c[None, :]).to(tl.pointer_type(tl.float32))
-        sc = tl.load(sc_ptr, mask=valid[:, None] & (offs_c < R // 128)[None, :], other=0.0)
-        pe_ptr = (cache_ptr + row[:, None] + (R + R // 32)).to(tl.pointer_type(tl.bfloat16))
+        sc_ptr = (cache_ptr + row[:, None] + SCALE_OFF + _SCALE_BYTES * offs_c[None, :]).to(
+            tl.pointer_type(tl.float32))
+        sc = tl.load(sc_ptr, mask=valid[:, None] & (offs_c < R // _TILE)[None, :], other=0.0)
+        pe_ptr = (cache_ptr + row[:, None] + ROPE_OFF).to(tl.pointer_type(tl.bfloat16))
         pe = tl.load(pe_ptr + offs_p[None, :], mask=pe_mask, other=0.0)
     else:
         raw = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=lat_mask, other=0.0)
@@ -104,7 +111,7 @@ def _dequantize_tile(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, 
     if FP8:
         x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         # Power-of-two scales: the product is exact, and so is its rounding to bf16.
-        x = tl.reshape(x, [BLOCK_N, NT, 128]) * sc[:, :, None]
+        x = tl.reshape(x, [BLOCK_N, NT, _TILE]) * sc[:, :, None]
         lat = tl.reshape(x, [BLOCK_N, BLOCK_R]).to(tl.bfloat16)
     else:
         lat = raw
@@ -465,7 +472,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
                 q.stride(0), q.stride(1), stride_cb, stride_cr,
                 idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
                 *o_strides, *l_strides,
-                NT=block_r // 128 if fp8 else 1, KEYS=keys, FP8=fp8, **common)
+                NT=block_r // fp8_format.TILE if fp8 else 1, KEYS=keys, FP8=fp8, **common)
         if stats is not None:
             stats.update(attention=compiled, plan=plan)
         if splits > 1:
@@ -541,7 +548,7 @@ def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables:
             cache.stride(0), cache.stride(1), block_tables.stride(0), stage.stride(0),
             R=R, P=rope_dim, BLOCK_R=max(16, triton.next_power_of_2(R)),
             BLOCK_P=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n,
-            NT=max(16, triton.next_power_of_2(R)) // 128, FP8=True, num_warps=4)
+            NT=max(16, triton.next_power_of_2(R)) // fp8_format.TILE, FP8=True, num_warps=4)
         if stats is not None:
             stats.update(stage=staged_kernel)
     out, lse = _outputs(q, R, out)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import fp8_format
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
 from .batch_checks import check_batch
@@ -171,7 +172,7 @@ def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encode
     width = fp8_cache_bytes(q.shape[-1] - rope_dim, rope_dim) if packed else q.shape[-1]
     if cache.dim() != 3 or cache.shape[-1] != width:
         R = q.shape[-1] - rope_dim
-        if not packed and R % 128 == 0 and cache.shape[-1] == fp8_cache_bytes(R, rope_dim):
+        if not packed and R % fp8_format.TILE == 0 and cache.shape[-1] == fp8_cache_bytes(R, rope_dim):
             fail(f"cache rows are {cache.shape[-1]} wide, the packed FP8 layout, but its dtype is {cache.dtype}: "
                  "a packed cache must be uint8 (as the rewritten allocation makes it)")
         fail(f"cache must be [num_blocks, page_size, {width}], got shape {tuple(cache.shape)}")
@@ -237,8 +238,8 @@ def _fp8_latent_rank(cache: torch.Tensor, q: torch.Tensor, rope_dim: int) -> int
     if not 0 < rope_dim < q.shape[-1]:
         fail(f"rope_dim must be in (0, {q.shape[-1]}), got {rope_dim}")
     R = q.shape[-1] - rope_dim
-    if R % 128:
-        fail(f"the packed FP8 cache needs R = D - rope_dim to be a multiple of 128, got R = {R}")
+    if R % fp8_format.TILE:
+        fail(f"the packed FP8 cache needs R = D - rope_dim to be a multiple of {fp8_format.TILE}, got R = {R}")
     nbytes = fp8_cache_bytes(R, rope_dim)
     if cache.dtype != torch.uint8:
         fail(f"cache must be the packed FP8 cache (uint8), got {cache.dtype}")

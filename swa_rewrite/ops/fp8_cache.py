@@ -1,14 +1,9 @@
 """Packed FP8 latent cache (SPEC §6): ``write_fp8_cache`` and ``dequantize_fp8_cache``.
 
 A token's cache row is ``fp8_cache_bytes(R, P)`` uint8 bytes (656 for DeepSeek-V3's ``R=512, P=64``),
-byte-compatible with FlashMLA's "FP8 with scale" KV cache::
-
-    bytes [0, R)                R x float8_e4m3fn   latent[:R] / scale of its 128-wide tile
-    bytes [R, R + 4*R/128)      R/128 x float32     tile scales, powers of two
-    bytes [R + 4*R/128, end)    P x bfloat16        latent[R:] (rope part), unquantised
-
-Tile scale ``s = max(amax / 448, 1e-4)`` in float32, rounded up to a power of two; ``q = e4m3fn(x / s)``
-with round-to-nearest-even. Dequantisation ``q * s`` is exact in bf16.
+byte-compatible with FlashMLA's "FP8 with scale" KV cache; the layout, its constants and the pure-PyTorch
+quantise / dequantise are defined once in ``swa_rewrite.fp8_format`` (docs/design.md §6). This module
+checks the ops' arguments in their terms and wraps that definition as the references.
 
 CUDA tensors go through the Triton kernels of ``swa_rewrite.kernels.fp8_cache``; everything else through
 the PyTorch references below, which are also the test oracle.
@@ -20,10 +15,10 @@ from typing import Optional
 
 import torch
 
+from .. import fp8_format
 from .cache_write_checks import check_cache_write, check_finite_latent
 from .checks import fail
 
-_TILE = 128
 # The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).
 LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -32,20 +27,16 @@ def fp8_cache_bytes(kv_lora_rank: int, rope_dim: int) -> int:
     """Bytes per token of the packed cache: ``R + 4*R/128 + 2*P`` (656 for ``R=512, P=64``)."""
     if rope_dim < 0 or rope_dim % 2:
         fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}")
-    if kv_lora_rank < _TILE or kv_lora_rank % _TILE:
-        fail(f"kv_lora_rank must be a positive multiple of {_TILE} for the FP8 cache, got {kv_lora_rank}")
-    return kv_lora_rank + 4 * (kv_lora_rank // _TILE) + 2 * rope_dim
+    if kv_lora_rank < fp8_format.TILE or kv_lora_rank % fp8_format.TILE:
+        fail(f"kv_lora_rank must be a positive multiple of {fp8_format.TILE} for the FP8 cache, got {kv_lora_rank}")
+    return fp8_format.row_bytes(kv_lora_rank, rope_dim)
 
 
 def implied_rope_dim(latent_dim: int, packed_bytes: int) -> Optional[int]:
-    """``P`` of a packed row of ``packed_bytes`` holding latents of width ``D = R + P``, or None if no such row.
-
-    From ``D = R + P`` and ``bytes = R + R/32 + 2P``: ``R = 32 (2D - bytes) / 31``.
-    """
-    r32 = 32 * (2 * latent_dim - packed_bytes)
-    if r32 <= 0 or r32 % 31 or (r32 // 31) % _TILE or r32 // 31 >= latent_dim:
-        return None
-    return latent_dim - r32 // 31
+    """``P > 0`` of a packed row of ``packed_bytes`` holding latents of width ``D = R + P``, or None if no such
+    row (``fp8_format.row_dims``)."""
+    dims = fp8_format.row_dims(packed_bytes, latent_dim=latent_dim)
+    return dims[1] if dims is not None and dims[1] > 0 else None
 
 
 def packed_row_bytes(width: int, rope_dim: int, what: str, cache: Optional[torch.Tensor] = None) -> int:
@@ -60,54 +51,34 @@ def packed_row_bytes(width: int, rope_dim: int, what: str, cache: Optional[torch
         f"; the cache's {cache.shape[-1]}-byte rows fit this {what} with rope_dim={implied}"
     if rope_dim < 0 or rope_dim % 2:
         fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}{hint}")
-    if R < _TILE or R % _TILE:
+    if R < fp8_format.TILE or R % fp8_format.TILE:
         fail(f"{what} is {width} wide with rope_dim={rope_dim}, which leaves R = {R} for the FP8 part: the packed "
-             f"cache needs R a positive multiple of {_TILE} (DeepSeek-V3: 576 = 512 + 64){hint}")
+             f"cache needs R a positive multiple of {fp8_format.TILE} (DeepSeek-V3: 576 = 512 + 64){hint}")
     return fp8_cache_bytes(R, rope_dim)
 
 
 def _latent_rank(num_bytes: int, rope_dim: int) -> int:
-    """``R`` of a packed row of ``num_bytes`` bytes (inverse of ``fp8_cache_bytes``)."""
-    quantized = num_bytes - 2 * rope_dim                   # R + R/32
-    R = quantized * 32 // 33
-    if quantized <= 0 or R % _TILE or fp8_cache_bytes(R, rope_dim) != num_bytes:
+    """``R`` of a packed row of ``num_bytes`` bytes (``fp8_format.row_dims``)."""
+    dims = fp8_format.row_dims(num_bytes, rope_dim=rope_dim)
+    if dims is None:
         fail(f"{num_bytes} bytes per row is not a packed FP8 row for rope_dim={rope_dim} "
-             f"(expected R + 4*R/128 + 2*rope_dim with R a multiple of {_TILE})")
-    return R
+             f"(expected R + 4*R/128 + 2*rope_dim with R a multiple of {fp8_format.TILE})")
+    return dims[0]
 
 
 # ------------------------------------------------------------------------------------ references
 def quantize_fp8_reference(latent: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """Pack ``latent [T, R+P]`` (any float dtype) into ``uint8 [T, fp8_cache_bytes(R, P)]`` rows."""
-    T, D = latent.shape
-    R = D - rope_dim
-    nbytes = fp8_cache_bytes(R, rope_dim)
-    x = latent[:, :R].float().reshape(T, R // _TILE, _TILE)
-    amax = x.abs().amax(dim=-1)                                                 # [T, R/128]
-    s = torch.maximum(amax / 448.0, torch.tensor(1e-4, dtype=torch.float32, device=latent.device))
-    mant, exp = torch.frexp(s)                                  # s = mant * 2^exp, mant in [0.5, 1)
-    scale = torch.ldexp(torch.ones_like(s), torch.where(mant == 0.5, exp - 1, exp))   # 2^ceil(log2 s)
-    q = (x / scale[..., None]).to(torch.float8_e4m3fn)                          # exact quotient, RNE cast
-    rope = latent[:, R:].to(torch.bfloat16).contiguous()
-    packed = torch.cat([q.reshape(T, R).view(torch.uint8), scale.contiguous().view(torch.uint8),
-                        rope.view(torch.uint8)], dim=1)
-    assert packed.shape == (T, nbytes)
-    return packed
+    _, D = latent.shape
+    fp8_cache_bytes(D - rope_dim, rope_dim)
+    return fp8_format.quantize_rows(latent, rope_dim)
 
 
 def dequantize_fp8_reference(packed: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """Unpack ``uint8 [..., bytes]`` rows into ``bf16 [..., R+P]``."""
     if packed.dtype != torch.uint8:
         fail(f"packed FP8 cache must be uint8, got {packed.dtype}")
-    lead, nbytes = packed.shape[:-1], packed.shape[-1]
-    R = _latent_rank(nbytes, rope_dim)
-    nt = R // _TILE
-    rows = packed.reshape(-1, nbytes)
-    q = rows[:, :R].contiguous().view(torch.float8_e4m3fn).float().reshape(-1, nt, _TILE)
-    scale = rows[:, R:R + 4 * nt].contiguous().view(torch.float32)              # [N, R/128]
-    latent = (q * scale[..., None]).reshape(-1, R).to(torch.bfloat16)
-    rope = rows[:, R + 4 * nt:].contiguous().view(torch.bfloat16)
-    return torch.cat([latent, rope], dim=1).reshape(*lead, R + rope_dim)
+    return fp8_format.dequantize_rows(packed, _latent_rank(packed.shape[-1], rope_dim), rope_dim)
 
 
 def write_fp8_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,

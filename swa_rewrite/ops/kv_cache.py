@@ -69,7 +69,7 @@ def _(num_blocks, page_size, kv_lora_rank, rope_dim, dtype, device, layer):
 
 def packed_rope_dim(latent_dim: int, packed_bytes: int) -> int:
     """``P`` of a packed cache row of ``packed_bytes`` holding latents of width ``D = R + P``
-    (see ``fp8_cache.implied_rope_dim``)."""
+    (``fp8_cache.implied_rope_dim``); a ValueError if there is none."""
     rope_dim = implied_rope_dim(latent_dim, packed_bytes)
     if rope_dim is None:
         fail(f"a uint8 cache row of {packed_bytes} bytes is not the packed FP8 layout of a latent of width "
