@@ -304,8 +304,9 @@ def _staged_tiled_fwd_kernel(
     for k0 in range(k_begin, k_end, BLOCK_N):
         rr = k0 + offs_n
         in_tile = rr < k_end
-        raw, sc, pe_raw = _load_tile(stage_ptr, rr * stride_sr, in_tile, R, P, BLOCK_R, BLOCK_P, 1, False)
-        kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, 1, False, INTERPRET)
+        raw, sc, pe_raw = _load_tile(stage_ptr, rr * stride_sr, in_tile, R, P, BLOCK_R, BLOCK_P,
+                                     NT=1, FP8=False)   # staging rows: bf16
+        kv, pe = _dequantize_tile(raw, sc, pe_raw, BLOCK_N, BLOCK_R, NT=1, FP8=False, INTERPRET=INTERPRET)
         allowed = (rr[None, :] >= first[:, None]) & (rr[None, :] < end[:, None]) & in_tile[None, :]
         m_i, l_i, acc = _attend_tile(q_lat, q_pe, kv, pe, allowed, m_i, l_i, acc, qk_scale)
 
@@ -367,7 +368,7 @@ def _stage_windows_kernel(cache_ptr, bt_ptr, cu_ptr, dec_ptr, stage_ptr, window,
         blk = tl.load(bt_ptr + b * stride_bt + kpos // page_size, mask=valid, other=0).to(tl.int64)
         row = blk * stride_cb + (kpos % page_size) * stride_cr
         raw, sc, pe = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
-        lat, pe = _dequantize_tile(raw, sc, pe, BLOCK_N, BLOCK_R, NT, FP8, False)
+        lat, pe = _dequantize_tile(raw, sc, pe, BLOCK_N, BLOCK_R, NT, FP8, INTERPRET=False)   # bf16 staging
         dst = stage_ptr + (cu_b + b * (window - 1) + j)[:, None] * stride_sr
         offs_r = tl.arange(0, BLOCK_R)
         offs_p = tl.arange(0, BLOCK_P)
