@@ -1,6 +1,6 @@
-"""SPEC §10 attention benchmark: our Triton kernels beside FlashMLA and the naive PyTorch path.
+"""docs/design.md §10 attention benchmark: our Triton kernels beside FlashMLA and the naive PyTorch path.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py                 # SPEC tables, H = 128, 64, 16
+    PYTHONPATH=. python benchmarks/bench_attention.py                 # design-doc tables (docs/design.md §10), H = 128, 64, 16
     PYTHONPATH=. python benchmarks/bench_attention.py --variants      # also kernel configs + resource report
     PYTHONPATH=. python benchmarks/bench_attention.py --skip-tables --dense-variants all --prewarm 8 \
         --swa-variants all --swa-heads 128,64                         # decode kernel variants (issue 17)
@@ -11,7 +11,7 @@ interface); FlashMLA = ``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indice
 dequantise + SDPA in PyTorch. Prefill (one fresh sequence of ``S`` tokens): ours = ``swa_mla_attention``
 (staged path), FlashMLA = ``flash_mla_sparse_fwd`` over bf16 kv with the window's indices.
 
-Counting (SPEC §10): FLOPs = 2·H·(attended tokens)·(D + R). Bytes = q + out (bf16) + lse + the cache rows
+Counting (docs/design.md §10): FLOPs = 2·H·(attended tokens)·(D + R). Bytes = q + out (bf16) + lse + the cache rows
 read: for decode every attended row once (656 B, as FlashMLA's tests count sparse decode); for prefill each
 distinct row once. Decode times are CUDA-graph replays over 4 rotating input sets (so L2 holds none of the
 next set); ``eager`` columns time the same calls launched from Python. Medians of 20 (graph) / 10 runs.

@@ -1,4 +1,4 @@
-"""Packed FP8 latent cache (SPEC §6): quantise-and-scatter write, and dequantise.
+"""Packed FP8 latent cache (docs/design.md §6): quantise-and-scatter write, and dequantise.
 
 One cache row (token) in the packed FP8 layout of ``swa_rewrite.fp8_format`` (docs/design.md §6), which
 defines the offsets and constants once: the launchers pass the byte offsets of the scales and the rope part

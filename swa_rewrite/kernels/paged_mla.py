@@ -114,7 +114,7 @@ def _page_tile(cache_ptr, lat_desc, sc_desc, pe_desc, blk, off, stride_cb, strid
 @triton.jit
 def _dequantize_bf16(raw, sc, pe, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NT: tl.constexpr):
     """FP8 rows → bf16 without an fp32 tile: e4m3 → bf16 is exact, and so is the product with a power-of-two
-    scale (SPEC §6) in bf16, which has fp32's exponent range. Meant to halve the fp32 tile's registers;
+    scale (docs/design.md §6) in bf16, which has fp32's exponent range. Meant to halve the fp32 tile's registers;
     measured 5-15 % slower than ``_dequantize_tile`` (issue 17), so not the default."""
     x = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
     x = tl.reshape(x, [BLOCK_N, NT, _TILE]) * sc.to(tl.bfloat16)[:, :, None]

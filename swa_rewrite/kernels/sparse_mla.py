@@ -1,4 +1,4 @@
-"""Triton kernels for MLA attention in absorbed (MQA) form over a latent cache (SPEC §6, §7, §10).
+"""Triton kernels for MLA attention in absorbed (MQA) form over a latent cache (docs/design.md §6, §7, §10).
 
 One forward kernel serves every attention op of the package; compile-time switches pick
 
@@ -9,7 +9,7 @@ One forward kernel serves every attention op of the package; compile-time switch
   ``KEYS_ROWS`` — the same positions in a contiguous bf16 *staging buffer* that ``_stage_windows_kernel``
   filled once per step (SWA prefill: adjacent queries share most of their window, so every cache row is
   dequantised once for all of them instead of once per query);
-- how a cache row is stored (``FP8``): the packed FP8 layout of SPEC §6 (dequantised to bf16 in registers)
+- how a cache row is stored (``FP8``): the packed FP8 layout of docs/design.md §6 (dequantised to bf16 in registers)
   or plain model-dtype rows.
 
 A program owns one query token, ``BLOCK_H`` heads and one split of the token's keys. The head block is the

@@ -1,4 +1,4 @@
-"""Packed FP8 latent cache (SPEC §6): ``write_fp8_cache`` and ``dequantize_fp8_cache``.
+"""Packed FP8 latent cache (docs/design.md §6): ``write_fp8_cache`` and ``dequantize_fp8_cache``.
 
 A token's cache row is ``fp8_cache_bytes(R, P)`` uint8 bytes (656 for DeepSeek-V3's ``R=512, P=64``),
 byte-compatible with FlashMLA's "FP8 with scale" KV cache; the layout, its constants and the pure-PyTorch

@@ -1,7 +1,7 @@
 """Latent-cache allocation and the model-dtype (bf16) cache write: ``allocate_kv_cache``, ``write_kv_cache``.
 
 Every op takes the layer index as an explicit ``layer`` argument. It does not change the result; it is
-how graph passes tell layers apart (SPEC §8). The write also takes the layer's cache ``group``: the row of
+how graph passes tell layers apart (docs/design.md §8). The write also takes the layer's cache ``group``: the row of
 the step's ``slot_mapping [G, T]`` it writes (see ``ops.step_metadata``).
 """
 
@@ -37,7 +37,7 @@ def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_map
 def cache_shape(num_blocks: int, page_size: int, kv_lora_rank: int, rope_dim: int,
                 dtype: torch.dtype) -> tuple[int, int, int]:
     """``[num_blocks, page_size, R + P]`` for a model-dtype cache; ``uint8`` means the packed FP8 layout
-    ``[num_blocks, page_size, R + 4R/128 + 2P]`` of SPEC §6."""
+    ``[num_blocks, page_size, R + 4R/128 + 2P]`` of docs/design.md §6."""
     width = fp8_cache_bytes(kv_lora_rank, rope_dim) if dtype == torch.uint8 else kv_lora_rank + rope_dim
     return (num_blocks, page_size, width)
 

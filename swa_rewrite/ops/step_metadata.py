@@ -1,4 +1,4 @@
-"""The metadata of one engine step (SPEC §5, §12; docs/design.md §5): ``StepMetadata``, and
+"""The metadata of one engine step (docs/design.md §5, §12): ``StepMetadata``, and
 ``token_positions`` (each query token's position and request from the per-request metadata).
 
 One structure, built once per step (``swa_rewrite.runtime.StepBatch.build``), passed by the engine to the
@@ -6,7 +6,7 @@ model, by the model to its step check, and read field by field where an op needs
 tensor arguments, since ``torch.library`` schemas take tensors, not dataclasses.
 
 Block tables and slot mappings carry a leading *cache-group* dimension ``G``: layers with equal cache specs
-share a group, with its own block pool, tables and slots (SPEC §12). Each cache/attention op takes its
+share a group, with its own block pool, tables and slots (docs/design.md §12). Each cache/attention op takes its
 group as a constant ``group`` argument beside ``layer`` and reads ``block_tables[group]`` /
 ``slot_mapping[group]`` (views: no copy, no host synchronisation). Today every layer is in group 0 and
 ``G = 1``.
@@ -66,7 +66,7 @@ def token_positions(cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                     batch_id_per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute position ``[T]`` (int64) of each query token and its request ``[T]`` (int64, ``-1`` = padding).
 
-    Query token ``i`` of request ``b`` sits at ``seq_lens_decoder[b] + i`` (SPEC §5).
+    Query token ``i`` of request ``b`` sits at ``seq_lens_decoder[b] + i`` (docs/design.md §5).
     """
     req = batch_id_per_token.long()
     if seq_lens_decoder.numel() == 0:  # no request: every token is padding
