@@ -365,7 +365,7 @@ def bench_variants(log, names):
             run(f"dense decode B={B} ctx~{W + 350}",
                 lambda cfg, st: [lambda s=s: sparse_mla.paged_attention_fwd(
                     s["q"], dense, s["meta"]["block_tables"], s["meta"]["cu_seqlens_q"],
-                    s["meta"]["seq_lens_decoder"], s["meta"]["batch_id_per_token"], SCALE, P, 0, False, config=cfg,
+                    s["meta"]["seq_lens_decoder"], s["meta"]["batch_id_per_token"], SCALE, P, window=0, fp8=False, config=cfg,
                     stats=st) for s in sets], time_graph)
             del dense
         del cache, sets
@@ -386,7 +386,7 @@ def bench_dequant_cost(log):
         fp8 = time_graph([ours_swa(cache, s, W, staged=False) for s in sets])
         bf16 = time_graph([lambda s=s: sparse_mla.paged_attention_fwd(
             s["q"], dense, s["meta"]["block_tables"], s["meta"]["cu_seqlens_q"], s["meta"]["seq_lens_decoder"],
-            s["meta"]["batch_id_per_token"], SCALE, P, W, False) for s in sets])
+            s["meta"]["batch_id_per_token"], SCALE, P, window=W, fp8=False) for s in sets])
         print(f"  B={B:>3} W={W:>4}: fp8 {fp8:8.1f}  bf16 {bf16:8.1f}  ratio {fp8 / bf16:.2f}", flush=True)
         log.write(json.dumps(dict(kind="dequant-cost", B=B, W=W, fp8=fp8, bf16=bf16)) + "\n")
         del cache, sets, dense

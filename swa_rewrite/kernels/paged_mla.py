@@ -298,7 +298,8 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     if kernel == "generic" or ps % block_n or cache.dim() != 3 or seq_lens_decoder.shape[0] == 0 or T == 0:
         generic = {k: v for k, v in config.items() if k not in _TILE_KEYS}
         return paged_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                                   scale, rope_dim, window, fp8, generic, out, stats)
+                                   scale, rope_dim, window=window, fp8=fp8, config=generic, out=out,
+                                   stats=stats)
     if out is None:
         out = (torch.empty((T, H, R), dtype=q.dtype, device=q.device),
                torch.empty((T, H), dtype=torch.float32, device=q.device))

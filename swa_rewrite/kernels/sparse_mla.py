@@ -513,7 +513,7 @@ def sparse_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, indices: torc
 
 def paged_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                        batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
+                        batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, *, window: int,
                         fp8: bool, config: dict | None = None, out=None,
                         stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token to positions ``max(0, p-W+1) … p`` of its request (all of ``0 … p``

@@ -32,7 +32,7 @@ def test_kernels_on_a_step_with_no_request():
     q = torch.randn(5, H, D).to(torch.bfloat16)
     bf16_cache = torch.full((2, 16, D), float("nan")).to(torch.bfloat16)
     packed = torch.full((2, 16, fp8_cache_bytes(R, P)), 255, dtype=torch.uint8)
-    runs = [paged_attention_fwd(q, bf16_cache, bt, cu, dec, bid, 0.1, P, 0, False),
+    runs = [paged_attention_fwd(q, bf16_cache, bt, cu, dec, bid, 0.1, P, window=0, fp8=False),
             swa_attention_fwd(q, packed, bt, cu, dec, bid, 0.1, P, 8, staged=False),
             swa_attention_fwd(q, packed, bt, cu, dec, bid, 0.1, P, 8, staged=True)]
     for out, lse in runs:
