@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
+from ..timing import progress
 from .config import MLAConfig, yarn_mscale
 from .mla import MLAModel
 from .saving import SAVED_KEY, saved_schedule
@@ -308,7 +309,9 @@ def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -
             return None
         return t
 
-    for key, target in model.state_dict(keep_vars=True).items():
+    targets = model.state_dict(keep_vars=True)
+    # A real checkpoint takes minutes to read: a bar on stderr (only on a terminal) shows it moving.
+    for key, target in progress(targets.items(), total=len(targets), desc="loading weights"):
         if key == "lm_head.weight" and config.tie_word_embeddings:
             if key in available:    # tied to embed_tokens.weight; a checkpoint may repeat it (shape-checked)
                 fetch(key, tuple(target.shape), target.dtype)

@@ -265,3 +265,21 @@ def test_a_config_dtype_that_is_not_a_model_dtype_loads_in_float32_with_a_warnin
     assert "dtype 'float8_e4m3fn', which is not a model dtype" in caplog.text
     write_checkpoint(tmp_path, tiny(), dtype="bfloat16")
     assert from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_loading_shows_progress_over_every_weight(tmp_path, monkeypatch):
+    """Loading runs through the project's progress bar (tqdm on a terminal), one step per model tensor."""
+    import importlib
+
+    hf = importlib.import_module("swa_rewrite.models.hf")
+    seen = []
+
+    def recording_progress(iterable, *, total=None, desc="", disable=False):
+        seen.append((desc, total))
+        return iterable
+
+    monkeypatch.setattr(hf, "progress", recording_progress)
+    model = tiny()
+    write_checkpoint(tmp_path, model)
+    assert_same_weights(from_pretrained(tmp_path), model)
+    assert seen == [("loading weights", len(model.state_dict()))]
