@@ -358,7 +358,8 @@ def _report_json(report) -> dict:
     return dict(schedule=report.schedule.to_dict(),
                 bytes_per_token=dict(full=report.bytes_per_token(False), rewritten=report.bytes_per_token(True)),
                 layers=[dict(layer=r.layer, attention_before=r.kind_before, attention_after=r.kind_after,
-                             window=r.window, cache_before=cache(r.cache_before), cache_after=cache(r.cache_after))
+                             window=r.window, sinks=r.sinks, cache_before=cache(r.cache_before),
+                             cache_after=cache(r.cache_after))
                         for r in report.rows],
                 passes=[dict(name=p.name, matched=p.num_matches, skipped=list(p.skipped)) for p in report.passes],
                 pass_uuid=report.uuid)

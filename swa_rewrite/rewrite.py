@@ -23,7 +23,7 @@ from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
-from .passes.replace_attention import check_packable_dtype
+from .passes.replace_attention import check_no_sinks, check_packable_dtype
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class LayerRow:
     window: Optional[int]
     cache_before: tuple[torch.dtype, int]   # (dtype, entries per token)
     cache_after: tuple[torch.dtype, int]
+    sinks: Optional[int] = None             # sink tokens of an SWA layer (None: a full layer)
 
     @staticmethod
     def bytes_per_token(cache: tuple[torch.dtype, int]) -> int:
@@ -212,13 +213,19 @@ class RewriteReport:
         return (self.bytes_per_token(False) - self.bytes_per_token(True)) * num_tokens
 
     def render(self, num_tokens: int = DEFAULT_REPORT_TOKENS) -> str:
-        head = f"{'layer':>5}  {'attention':<16} {'window':>6}  {'cache before':<18} {'cache after':<18} {'bytes/token':>14}"
+        """The per-layer table (each SWA layer's own window; a ``sinks`` column when any layer has sinks),
+        totals and the passes' results."""
+        with_sinks = any(r.sinks for r in self.rows)
+        sinks_head = f" {'sinks':>5}" if with_sinks else ""
+        head = (f"{'layer':>5}  {'attention':<16} {'window':>6}{sinks_head}  {'cache before':<18} {'cache after':<18} "
+                f"{'bytes/token':>14}")
         lines = [f"swa-rewrite: {self.schedule}", head, "-" * len(head)]
         for r in self.rows:
             kind = r.kind_before if r.kind_before == r.kind_after else f"{r.kind_before} -> {r.kind_after}"
             before, after = (f"{str(d).replace('torch.', '')}[{w}]" for d, w in (r.cache_before, r.cache_after))
             b0, b1 = LayerRow.bytes_per_token(r.cache_before), LayerRow.bytes_per_token(r.cache_after)
-            lines.append(f"{r.layer:>5}  {kind:<16} {r.window if r.window else '-':>6}  {before:<18} {after:<18} "
+            sinks = f" {r.sinks if r.sinks is not None else '-':>5}" if with_sinks else ""
+            lines.append(f"{r.layer:>5}  {kind:<16} {r.window if r.window else '-':>6}{sinks}  {before:<18} {after:<18} "
                          f"{f'{b0} -> {b1}' if b0 != b1 else b0:>14}")
         b0, b1 = self.bytes_per_token(False), self.bytes_per_token(True)
         lines.append("-" * len(head))
@@ -275,13 +282,16 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     ``RewriteError`` (a ``ValueError``) when fx cannot trace the model, the model has no MLA attention, a
     selected layer has none, the schedule is for another layer count, or the ops carry no layer index;
     ``TypeError`` for a non-``Schedule`` or a selected layer whose dtype the packed FP8 cache does not take
-    (float64: the supported model dtypes are bfloat16, float16 and float32).
+    (float64: the supported model dtypes are bfloat16, float16 and float32); ``NotImplementedError`` for a
+    schedule with sink tokens (the op does not take them yet). Each SWA layer gets its own window
+    (``schedule.window_of(layer)``).
     """
     if is_hf_deepseek(model):   # a transformers DeepSeek-V2/V3: convert to the bundled paged model first
         log.info("swa_rewrite.apply: converting %s to the bundled MLAModel (models.from_hf)", type(model).__name__)
         model = from_hf(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
+    check_no_sinks(schedule)     # before tracing: nothing to undo
     t0 = time.perf_counter()
     if isinstance(model, SWAModule):
         traced = TracedModel(_graph_module(model, copy.deepcopy(model.graph), "SWAModule", SWAModule),
@@ -305,8 +315,9 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     results += PassManager(rewrite)(traced)
     layout_after = _cache_layout(traced, model)
     rows = [LayerRow(layer, kinds_before[layer], _kind(site),
-                     schedule.window if schedule.is_swa(layer) else None,
-                     layout_before[layer], layout_after[layer])
+                     schedule.window_of(layer) if schedule.is_swa(layer) else None,
+                     layout_before[layer], layout_after[layer],
+                     schedule.sinks_of(layer) if schedule.is_swa(layer) else None)
             for layer, site in sorted(traced.sites.items())]
     out = traced.forward
     out.__dict__["_swa_allocation"] = traced.allocation  # parameter-free; not a submodule

@@ -1,5 +1,7 @@
 """``ReplaceAttentionPass``: selected layers' attention → fused SWA op, their cache writes → packed FP8.
 
+Each selected layer gets its own window, ``schedule.window_of(layer)`` (docs/design.md §4).
+
 Before (layer 3 selected, window 128)::
 
     write_kv_cache_3 = swa_rewrite.write_kv_cache(latent, cache_3, slot_mapping, 3)
@@ -34,14 +36,25 @@ def check_packable_dtype(layer: int, dtype: Optional[torch.dtype]) -> None:
                         "(e.g. model.to(torch.bfloat16)) or keep the layer full")
 
 
+def check_no_sinks(schedule) -> None:
+    """Refuse a schedule with sink tokens: the fused SWA op does not take a sink count yet (issue 13 adds it
+    to the indexer, the fused op and the kernels), and dropping the sinks would silently change the model."""
+    sinks = {layer: s for layer, s in schedule.sinks.items() if s > 0}
+    if sinks:
+        raise NotImplementedError(f"the schedule gives layer(s) {sorted(sinks)} sink tokens (sinks={sinks}), but "
+                                  "the sliding-window attention op does not take sinks yet (they need the "
+                                  "indexer / fused-op / kernel support that is coming, issue 13); build the "
+                                  "schedule with sinks=0 for now")
+
+
 class ReplaceAttentionPass(SchedulePass):
     name = "replace-attention"
 
     def __call__(self, traced: TracedModel) -> PassResult:
         self.check_layer_range(traced)
+        check_no_sinks(self.schedule)
         result = PassResult(self.name)
         sites = traced.sites
-        W = self.schedule.window
         for layer, site in sorted(sites.items()):
             role = site.attention_role
             if not self.schedule.is_swa(layer):
@@ -50,6 +63,7 @@ class ReplaceAttentionPass(SchedulePass):
                                        "full; turning an SWA layer (packed FP8 cache) back into full attention is "
                                        "not supported: apply the schedule to the original model")
                 continue
+            W = self.schedule.window_of(layer)
             if role is Role.SWA_ATTENTION and site.attention[0].window(site.attention[1]) == W:
                 result.skipped.append(f"layer {layer}: already SWA with window {W}")
             elif role is not None:
