@@ -157,7 +157,9 @@ class Schedule:
             return cls(window or 1, [], num_layers)
         if window is None:
             if SLIDING in layer_types:
-                raise ValueError("config has sliding_attention layer_types but no sliding_window")
+                raise ValueError("config has sliding_attention layer_types but no sliding_window (a model saved "
+                                 "with per-layer windows or sinks keeps its schedule under 'swa_rewrite': load it "
+                                 "with swa_rewrite.models.from_pretrained or saving.saved_schedule)")
             window = 1  # nothing slides: the window is never used
         if num_layers is not None and len(layer_types) != num_layers:
             raise ValueError(f"config.layer_types has {len(layer_types)} entries for num_hidden_layers={num_layers}")

@@ -9,8 +9,10 @@ both understand. A rewritten model (``SWAModule``) adds its schedule under a key
 
 plus ``layer_types`` / ``sliding_window``, the Hugging Face spelling of the same schedule, for tools that
 know sliding windows. ``models.from_pretrained(path)`` reads the ``swa_rewrite`` key and returns the
-rewritten module; the key is the source of truth (a later schedule with per-layer windows or sinks lives
-there even where ``layer_types`` cannot say it). Nothing is pickled: no ``weights_only=False`` anywhere.
+rewritten module; the key is the source of truth. A schedule with per-layer windows or sinks is carried there
+whole (``"windows"`` / ``"sinks"``, see ``Schedule.to_dict``); ``layer_types`` still says which layers slide,
+but ``sliding_window`` is written only when every sliding layer has the same window and no sinks, since
+Hugging Face has no spelling for more. Nothing is pickled: no ``weights_only=False`` anywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .config import MLAConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SAVED_KEY", "SAVED_VERSION", "config_to_hf", "save_pretrained", "saved_schedule"]
+__all__ = ["SAVED_KEY", "SAVED_VERSION", "config_to_hf", "hf_schedule_keys", "save_pretrained", "saved_schedule"]
 
 # The config.json key that carries what swa_rewrite adds to the checkpoint, and its format version.
 SAVED_KEY = "swa_rewrite"
@@ -131,8 +133,7 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
     schedule: Optional[Schedule] = getattr(model, "swa_schedule", None)
     if schedule is not None:
         cfg[SAVED_KEY] = {"version": SAVED_VERSION, "schedule": schedule.to_dict()}
-        # The Hugging Face spelling of the same schedule (one window for every sliding layer).
-        cfg.update(layer_types=schedule.layer_types(), sliding_window=schedule.window)
+        cfg.update(hf_schedule_keys(schedule))
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     save_file(_hf_state_dict(model, config), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -140,6 +141,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
     log.info("saved %s to %s%s", type(model).__name__, path, f" with {schedule}" if schedule else "")
+
+
+def hf_schedule_keys(schedule: Schedule) -> dict[str, Any]:
+    """The Hugging Face spelling of ``schedule``: ``layer_types``, and ``sliding_window`` only when every SWA
+    layer has the same window and no sinks (``schedule.uniform``); per-layer windows and sinks have no HF
+    spelling and live under ``SAVED_KEY`` alone."""
+    keys: dict[str, Any] = {"layer_types": schedule.layer_types()}
+    if schedule.uniform:
+        keys["sliding_window"] = schedule.window
+    return keys
 
 
 def saved_schedule(cfg: dict[str, Any], file: str = "config.json") -> Optional[Schedule]:

@@ -97,3 +97,35 @@ def test_save_refuses_what_it_cannot_write(tmp_path):
     softmax_normalised = CONFIG.replace(scoring_func="softmax", topk_method="greedy", norm_topk_prob=True)
     with pytest.raises(ValueError, match="neither DeepSeek-V3's .* nor DeepSeek-V2's"):
         save_pretrained(MLAModel(softmax_normalised, seed=0), tmp_path)
+
+
+PER_LAYER = Schedule.per_layer({0: 5, 2: 9}, 3)
+
+
+def test_per_layer_windows_round_trip_and_keep_hf_sliding_window_out(tmp_path, seed, monkeypatch):
+    swa = swa_rewrite.apply(MLAModel(CONFIG, seed=seed), PER_LAYER)
+    save_pretrained(swa, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["swa_rewrite"]["schedule"] == {"window": 9, "swa_layers": [0, 2], "num_layers": 3, "windows": {"0": 5}}
+    # Which layers slide is still said the Hugging Face way; one sliding_window cannot say two windows.
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert "sliding_window" not in cfg
+    with pytest.raises(ValueError, match="no sliding_window .*under 'swa_rewrite'"):
+        Schedule.from_hf_config(cfg)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.swa_schedule == PER_LAYER and loaded.swa_schedule.window_of(0) == 5
+    assert [(r.layer, r.window) for r in loaded.swa_report.rows] == [(0, 5), (1, None), (2, 9)]
+    torch.testing.assert_close(engine_logits(loaded), engine_logits(swa), rtol=0, atol=0)
+
+
+def test_hf_keys_say_sliding_window_only_for_one_window_and_no_sinks():
+    from swa_rewrite.models.saving import hf_schedule_keys, saved_schedule
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    assert hf_schedule_keys(SCHEDULE) == {"layer_types": types, "sliding_window": 5}
+    assert hf_schedule_keys(PER_LAYER) == {"layer_types": types}
+    sinks = Schedule(5, [0, 2], 3, sinks={2: 4})
+    assert hf_schedule_keys(sinks) == {"layer_types": types}
+    # The saved key carries sinks (a model with sinks is saved once the op takes them).
+    cfg = {"swa_rewrite": {"version": 1, "schedule": json.loads(sinks.to_json())}}
+    assert saved_schedule(cfg) == sinks and saved_schedule(cfg).sinks_of(2) == 4
