@@ -104,19 +104,22 @@ def dequantize_fp8_cache(cache: torch.Tensor, *, rope_dim: int = 64) -> torch.Te
 
 def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
                 seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, *, window: int,
-                page_size: int, return_num_valid: bool = False, group: int = 0):
-    """Cache slots of each query token's sliding window: ``int32 [T, 1, window]``, through
+                page_size: int, sinks: int = 0, return_num_valid: bool = False, group: int = 0):
+    """Cache slots of each query token's sliding window: ``int32 [T, 1, sinks + window]``, through
     ``block_tables [B, nb]`` (or row ``group`` of ``block_tables [G, B, nb]``).
 
-    Entry ``k`` of the token at position ``p`` is the slot of position ``p - window + 1 + k``, ``-1`` where
-    that is negative; padding tokens (``batch_id_per_token == -1``) get all ``-1``. With
-    ``return_num_valid`` also returns ``int32 [T]`` = ``min(window, p + 1)`` (0 for padding).
+    Entry ``sinks + k`` of the token at position ``p`` is the slot of position ``p - window + 1 + k``, ``-1``
+    where that is negative; entry ``j < sinks`` is the slot of sink position ``j``, ``-1`` where ``j > p`` or
+    ``j`` is inside the window (``j > p - window``), so no position appears twice (docs/design.md §12).
+    Padding tokens (``batch_id_per_token == -1``) get all ``-1``. With ``return_num_valid`` also returns
+    ``int32 [T]``, the valid entries: ``min(window, p + 1) + min(sinks, max(0, p - window + 1))`` (0 for
+    padding).
     """
     indices, num_valid = torch.ops.swa_rewrite.swa_indexer(_grouped(block_tables, "block_tables", 3),
                                                            cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                                                            batch_id_per_token, check_int("window", window),
                                                            check_int("page_size", page_size),
-                                                           check_int("group", group))
+                                                           check_int("group", group), check_int("sinks", sinks))
     return (indices, num_valid) if return_num_valid else indices
 
 

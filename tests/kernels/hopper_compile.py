@@ -113,6 +113,9 @@ def main():
         swa_indexer.swa_indexer(m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token,
                                 torch.empty(T, 1, 128, dtype=torch.int32), torch.empty(T, dtype=torch.int32),
                                 window=128, page_size=ps)
+        swa_indexer.swa_indexer(m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token,
+                                torch.empty(T, 1, 132, dtype=torch.int32), torch.empty(T, dtype=torch.int32),
+                                window=128, page_size=ps, sinks=4)             # attention sinks (issue 13)
         q = torch.zeros(T, H, D, dtype=torch.bfloat16)
         meta = (m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token, 0.1, P)
         sparse_mla.paged_attention_fwd(q, bf16, *meta, window=0, fp8=False)  # dense paged, gathered (issue 4)
