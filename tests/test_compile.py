@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
+from numerics import rel_err
 from torch._dynamo.utils import counters
 
 import swa_rewrite
@@ -40,10 +41,6 @@ class Capture:
     def __call__(self, gm, example_inputs, **kwargs):
         self.graphs.append(copy.deepcopy(gm.graph))
         return gm.forward
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def assert_fp8_caches_close(a, b, kv_lora_rank):

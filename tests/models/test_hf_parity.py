@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import swa_rewrite  # noqa: E402
+from numerics import rel_err
 from swa_rewrite.models import CheckpointMismatchError, from_hf, from_pretrained  # noqa: E402
 from swa_rewrite.models.hf import config_from_hf  # noqa: E402
 from swa_rewrite.models.moe import MoE  # noqa: E402
@@ -96,10 +97,6 @@ def hf_logits(model, tokens):
 def hf_greedy(model, prompt, n):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None)
     return out[0, len(prompt):].tolist()
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def poisoned_engine(model, rng, page_size=None, budget=None):

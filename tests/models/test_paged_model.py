@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mla_reference import dense_logits
+from numerics import rel_err
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -16,10 +17,6 @@ VARIANTS = {
     "neox-no-qlora": MLAConfig.named("tiny").replace(rope_interleave=False, q_lora_rank=None),
     "yarn-8heads": MLAConfig.named("tiny").replace(rope_scaling=YARN, num_attention_heads=8),
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def nan_caches(model, num_blocks, page_size):

@@ -10,16 +10,13 @@ import torch
 
 import swa_rewrite
 from mla_reference import dense_logits
+from numerics import rel_err
 from swa_rewrite import Schedule, SWAPostGradPass, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.passes import SwaRewriteOps
 from swa_rewrite.runtime import Engine
 
 TINY = MLAConfig.named("tiny")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def swa_windows(module) -> dict[int, int]:

@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from mla_reference import dense_greedy, dense_logits
+from numerics import rel_err
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import Engine
 
 TINY = MLAConfig.named("tiny")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def poisoned_engine(model, **kw):
