@@ -183,7 +183,17 @@ def bound_args(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str, Any]) -> None:
-    """Re-target ``node`` in place to ``op`` with ``arguments`` by schema name (the node keeps its name)."""
+    """Re-target ``node`` in place to ``op`` with ``arguments`` by schema name (the node keeps its name).
+
+    An argument of ``op`` missing from ``arguments`` takes its schema default (an op that gained an
+    optional argument, such as the SWA op's ``sinks``, still accepts what an older op's node carried).
+    """
+    arguments = dict(arguments)
+    for a in op._schema.arguments:
+        if a.name not in arguments:
+            if not a.has_default_value():
+                raise KeyError(f"{op._schema.name}: no value for argument {a.name!r} (and no default)")
+            arguments[a.name] = a.default_value
     eager = node.meta.get("eager_input_vals")
     if eager is not None:
         # Inductor lowers stride-sensitive ops from the recorded example inputs: keep them in step.
