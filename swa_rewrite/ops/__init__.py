@@ -136,16 +136,18 @@ def sparse_mla_attention(q: torch.Tensor, cache: torch.Tensor, indices: torch.Te
 
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
-                      batch_id_per_token: torch.Tensor, scale: float, *, window: int, rope_dim: int = 64,
-                      layer: int = -1, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch_id_per_token: torch.Tensor, scale: float, *, window: int, sinks: int = 0,
+                      rope_dim: int = 64, layer: int = -1, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache (what the graph pass inserts).
 
     The token at position ``p`` of request ``b`` attends to positions ``max(0, p-W+1) … p`` of ``b``
-    (docs/design.md §3); arguments as ``paged_mla_attention`` plus ``window``. Returns ``out [T, H, R]`` and
-    ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
+    (docs/design.md §3) and, with ``sinks = s > 0``, to the sink positions ``0 … min(s, p+1)-1``, each
+    position once (§12); arguments as ``paged_mla_attention`` plus ``window`` and ``sinks``. Returns
+    ``out [T, H, R]`` and ``lse [T, H]`` float32; padding tokens give ``out = 0``, ``lse = +inf``.
     """
     return torch.ops.swa_rewrite.swa_mla_attention(q, cache, _grouped(block_tables, "block_tables", 3),
                                                    cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                                                    batch_id_per_token, finite_scale(scale),
                                                    check_int("rope_dim", rope_dim), check_int("window", window),
-                                                   check_int("layer", layer), check_int("group", group))
+                                                   check_int("layer", layer), check_int("group", group),
+                                                   check_int("sinks", sinks))

@@ -4,9 +4,10 @@
 - ``sparse_mla_attention``: attention to an explicit slot list per token over the packed FP8 cache
   (SPEC §6, §7), FlashMLA's sparse decode semantics;
 - ``swa_mla_attention``: the fused sliding-window op the graph pass inserts for SWA layers: the
-  arguments of ``paged_mla_attention`` plus ``window``, over the packed FP8 cache. Semantically
-  ``swa_indexer`` followed by ``sparse_mla_attention`` (SPEC §3); on CUDA one kernel walks the window
-  through the block table, or, for prefill-heavy steps, dequantises each request's window union once.
+  arguments of ``paged_mla_attention`` plus ``window`` and ``sinks``, over the packed FP8 cache.
+  Semantically ``swa_indexer`` followed by ``sparse_mla_attention`` (SPEC §3, §12); on CUDA, without
+  sinks, one kernel walks the window through the block table, or, for prefill-heavy steps, dequantises
+  each request's window union once; with sinks the indexer kernel feeds the sparse kernel.
 
 The ops taking block tables take the step's ``block_tables [G, B, nb]`` and the layer's cache ``group``
 (a constant beside ``layer``) and read ``block_tables[group]``, a view; the references take one group's
@@ -30,7 +31,7 @@ from .inference_only import register_inference_only
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail
 from .step_metadata import token_positions
-from .swa_indexer import swa_indexer_reference
+from .swa_indexer import launch_swa_indexer, swa_indexer_reference
 
 # Bound the [tokens, context, D] gather of the paged attention reference to about this many elements.
 _GATHER_BUDGET = 1 << 26
@@ -116,15 +117,43 @@ def sparse_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, indices
 def swa_mla_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                                 batch_id_per_token: torch.Tensor, scale: float, rope_dim: int,
-                                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                window: int, sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache: the token at position ``p`` attends
-    to positions ``max(0, p-W+1) … p`` of its request (SPEC §3). ``swa_indexer`` + sparse attention."""
-    # No position reaches past the block tables: with a window far beyond them (a Hugging Face window of
-    # 128K over short requests) the leading entries would all be -1, so index only what the tables hold.
-    window = max(1, min(window, block_tables.shape[1] * cache.shape[1]))
+    to positions ``0 … min(s, p+1)-1`` and ``max(0, p-W+1) … p`` of its request, each once (SPEC §3, §12;
+    ``s = sinks``, 0 for a plain window). ``swa_indexer`` + sparse attention."""
+    window, sinks = _reachable(window, sinks, block_tables, cache)
     indices, _ = swa_indexer_reference(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                                       window, cache.shape[1])
+                                       window, cache.shape[1], sinks)
     return sparse_mla_attention_reference(q, cache, indices, scale, rope_dim)
+
+
+def _reachable(window: int, sinks: int, block_tables: torch.Tensor, cache: torch.Tensor) -> tuple[int, int]:
+    """``window`` and ``sinks`` cut to the positions the block tables reach (``capacity``), which selects
+    the same positions. With a window far beyond them (a Hugging Face window of 128K over short requests)
+    the leading entries would all be -1, so index only what the tables hold. A token sits below capacity,
+    so with ``W >= capacity`` no sink lies below its window, as with ``W = capacity``; sink positions at or
+    past capacity hold no slot."""
+    capacity = block_tables.shape[1] * cache.shape[1]
+    return max(1, min(window, capacity)), min(sinks, capacity)
+
+
+def swa_sinks_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                            batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
+                            sinks: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op's Triton path for a layer with sinks: the indexer kernel writes each token's
+    ``[T, 1, sinks + W]`` slots, the sparse kernel attends to them (``-1`` skipped). One group's
+    ``block_tables [B, nb]``; checked metadata; bf16 ``q``; no host synchronisation. ``out`` as
+    ``sparse_mla_attention_fwd`` (preallocated ``(out, lse)``)."""
+    from ..kernels.sparse_mla import sparse_mla_attention_fwd
+
+    window, sinks = _reachable(window, sinks, block_tables, cache)
+    T = q.shape[0]
+    indices = torch.empty(T, 1, sinks + window, dtype=torch.int32, device=q.device)
+    num_valid = torch.empty(T, dtype=torch.int32, device=q.device)
+    launch_swa_indexer(block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, indices, num_valid,
+                       window=window, page_size=cache.shape[1], sinks=sinks)
+    return sparse_mla_attention_fwd(q, cache, indices, scale, rope_dim, out=out)
 
 
 # ---------------------------------------------------------------------------------------------- op
@@ -294,11 +323,13 @@ def _(q, cache, indices, scale, rope_dim):
 
 # ---------------------------------------------------------------------------------------- SWA op
 def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, group, data=True):
+                         batch_id_per_token, scale, rope_dim, window, group, sinks, data=True):
     _fp8_latent_rank(cache, q, rope_dim)
     _check_scale(scale)
     if window < 1:
         fail(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        fail(f"sinks must be >= 0, got {sinks}")
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, cache.shape[1], cache.shape[0], group, data=data)
 
@@ -307,35 +338,41 @@ def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
 def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
                       batch_id_per_token: torch.Tensor, scale: float, rope_dim: int, window: int,
-                      layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      layer: int, group: int, sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window MLA attention over the packed FP8 paged cache → ``out [T, H, R]``, ``lse [T, H]``.
 
     ``block_tables [G, B, nb]``: the layer reads row ``group`` (its cache group, see ``ops.step_metadata``).
+    ``sinks`` (default 0, so graphs and callers from before sinks keep their meaning): the layer's attention
+    sink tokens (SPEC §12).
     """
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, group)
+                         batch_id_per_token, scale, rope_dim, window, group, sinks)
     return swa_mla_attention_reference(q, cache, block_tables[group], cu_seqlens_q, seq_lens_decoder,
-                                       batch_id_per_token, scale, rope_dim, window)
+                                       batch_id_per_token, scale, rope_dim, window, sinks)
 
 
 @swa_mla_attention.register_fake
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
-      rope_dim, window, layer, group):
+      rope_dim, window, layer, group, sinks=0):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, group, data=False)
+                         batch_id_per_token, scale, rope_dim, window, group, sinks, data=False)
     T, H, D = q.shape
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
 @swa_mla_attention.register_kernel("cuda")
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
-      rope_dim, window, layer, group):
+      rope_dim, window, layer, group, sinks=0):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                         batch_id_per_token, scale, rope_dim, window, group)
+                         batch_id_per_token, scale, rope_dim, window, group, sinks)
     block_tables = block_tables[group]                   # a view of the group's tables: no copy, no sync
     if not _triton_supported(q, cache):
         return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                                           batch_id_per_token, scale, rope_dim, window)
+                                           batch_id_per_token, scale, rope_dim, window, sinks)
+    if sinks > 0:
+        # Sinks break the one contiguous band the fused kernels walk: index, then attend sparsely.
+        return swa_sinks_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                       batch_id_per_token, scale, rope_dim, window, sinks)
     from ..kernels.sparse_mla import swa_attention_fwd
 
     return swa_attention_fwd(q.contiguous(), cache, block_tables.contiguous(), cu_seqlens_q.contiguous(),

@@ -185,15 +185,11 @@ def bound_args(node: torch.fx.Node) -> dict[str, Any]:
 def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str, Any]) -> None:
     """Re-target ``node`` in place to ``op`` with ``arguments`` by schema name (the node keeps its name).
 
-    An argument of ``op`` missing from ``arguments`` takes its schema default (an op that gained an
-    optional argument, such as the SWA op's ``sinks``, still accepts what an older op's node carried).
-    """
-    arguments = dict(arguments)
-    for a in op._schema.arguments:
-        if a.name not in arguments:
-            if not a.has_default_value():
-                raise KeyError(f"{op._schema.name}: no value for argument {a.name!r} (and no default)")
-            arguments[a.name] = a.default_value
+    Trailing arguments left out of ``arguments`` keep their schema defaults (a newer op's ``sinks=0``) and are
+    left off the node, so graphs read as they did before the op gained them."""
+    schema = list(op._schema.arguments)
+    while schema and schema[-1].name not in arguments and schema[-1].has_default_value():
+        schema.pop()
     eager = node.meta.get("eager_input_vals")
     if eager is not None:
         # Inductor lowers stride-sensitive ops from the recorded example inputs: keep them in step.
@@ -201,9 +197,9 @@ def call_op(node: torch.fx.Node, op: torch._ops.OpOverload, arguments: dict[str,
         old.update(eager[1])
         # Tensors keep their recorded example values; constants (a new window, say) take the new value.
         node.meta["eager_input_vals"] = (tuple(old.get(a.name) if isinstance(arguments[a.name], torch.fx.Node)
-                                               else arguments[a.name] for a in op._schema.arguments), {})
+                                               else arguments[a.name] for a in schema), {})
     node.target = op
-    node.args = tuple(arguments[a.name] for a in op._schema.arguments)
+    node.args = tuple(arguments[a.name] for a in schema)
     node.kwargs = {}
 
 

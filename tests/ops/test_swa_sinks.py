@@ -14,7 +14,10 @@ import random
 import pytest
 import torch
 
+from paged_batches import make_batch
 from swa_rewrite import ops
+from swa_rewrite.ops.attention import swa_sinks_attention_fwd
+from test_sparse_mla_attention import assert_matches, attention_oracle, make_cache, poisoned_outputs, row_bytes
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICES = [
@@ -173,3 +176,116 @@ def test_indexer_opcheck_and_fake_shapes():
         indices, num_valid = ops.swa_indexer(**meta, window=9, page_size=4, sinks=3, return_num_valid=True)
     T = args["batch_id_per_token"].shape[0]
     assert indices.shape == (T, 1, 12) and indices.dtype == torch.int32 and num_valid.shape == (T,)
+
+
+# ---------------------------------------------------------------------------------------- fused op
+def allowed_slots(meta, pos, bid, window, sinks, ps):
+    """``[T, K]`` slots of exactly the positions each token may see (``-1`` padded), from the block table."""
+    bt = meta["block_tables"].cpu().long()
+    rows = []
+    for p, b in zip(pos.tolist(), bid.tolist()):
+        if b < 0:
+            rows.append([])
+            continue
+        seen = sorted(set(range(min(sinks, p + 1))) | set(range(max(0, p - window + 1), p + 1)))
+        rows.append([int(bt[b, q // ps]) * ps + q % ps for q in seen])
+    K = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (K - len(r)) for r in rows], dtype=torch.long)
+
+
+def _fused_case(window, sinks, ps, device, H=4, R=128, P=16):
+    requests = requests_for(window, sinks)
+    meta, pos, bid, num_blocks = make_batch(requests, ps, device)
+    written = [int(meta["block_tables"][b, p // ps]) * ps + p % ps
+               for b, (d, n) in enumerate(requests) for p in range(d + n)]
+    cache, keys = make_cache(num_blocks, ps, R, P, written, device)           # NaN rows where unwritten
+    q = torch.randn(pos.shape[0], H, R + P, device=device).to(torch.bfloat16)
+    scale = (R + P) ** -0.5 * 2.0
+    ref = attention_oracle(q, keys, allowed_slots(meta, pos, bid, window, sinks, ps).to(device), scale, R)
+    return meta, cache, q, scale, ref
+
+
+@pytest.mark.parametrize("sinks", SINKS)
+@pytest.mark.parametrize("window,ps", [(1, 1), (5, 7), (64, 16), (5, 64)])
+def test_fused_reference_op_matches_dense_oracle(seed, window, ps, sinks):
+    meta, cache, q, scale, ref = _fused_case(window, sinks, ps, "cpu")
+    out = ops.swa_mla_attention(q, cache, *meta.values(), scale, window=window, sinks=sinks, rope_dim=16)
+    assert_matches(*out, *ref)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("sinks", [1, 4, 100])
+@pytest.mark.parametrize("window,ps", [(1, 1), (5, 7), (64, 16)])
+def test_fused_sinks_kernel_path_matches_dense_oracle(seed, device, window, ps, sinks):
+    """The op's CUDA path for ``s > 0`` (indexer kernel → sparse kernel), run on poisoned outputs."""
+    meta, cache, q, scale, ref = _fused_case(window, sinks, ps, device)
+    out = poisoned_outputs(q.shape[0], q.shape[1], 128, device)
+    swa_sinks_attention_fwd(q, cache, meta["block_tables"], meta["cu_seqlens_q"], meta["seq_lens_decoder"],
+                            meta["batch_id_per_token"], scale, 16, window, sinks, out=out)
+    assert_matches(*out, *ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sinks", [0, 4, 100])
+@pytest.mark.parametrize("window,ps", [(1, 1), (128, 64), (1000, 53)])
+def test_fused_op_gpu_matches_dense_oracle(seed, window, ps, sinks):
+    meta, cache, q, scale, ref = _fused_case(window, sinks, ps, "cuda", H=128, R=512, P=64)
+    out = ops.swa_mla_attention(q, cache, *meta.values(), scale, window=window, sinks=sinks, rope_dim=64)
+    assert_matches(*out, *ref)
+
+
+@pytest.mark.gpu
+def test_fused_op_with_sinks_decode_cuda_graph(seed):
+    """The sinks path is capturable: one graph replayed on new queries matches the oracle."""
+    ps, window, sinks, R, P, H = 64, 256, 4, 512, 64, 128
+    requests = [(int(d), 1) for d in torch.randint(0, 1500, (8,))]
+    meta, pos, bid, num_blocks = make_batch(requests, ps, "cuda", num_pad=0)
+    written = [int(meta["block_tables"][b, p // ps]) * ps + p % ps
+               for b, (d, n) in enumerate(requests) for p in range(d + n)]
+    cache, keys = make_cache(num_blocks, ps, R, P, written, "cuda")
+    q = torch.randn(len(requests), H, R + P, device="cuda").to(torch.bfloat16)
+    bt, *batch = meta.values()
+    args = (cache, bt[None], *batch, 0.1, P, window, 0, 0, sinks)
+    torch.ops.swa_rewrite.swa_mla_attention(q, *args)                        # warm up (compile)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.swa_rewrite.swa_mla_attention(q, *args)
+    q.copy_(torch.randn_like(q, dtype=torch.float32).to(torch.bfloat16))
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = attention_oracle(q, keys, allowed_slots(meta, pos, bid, window, sinks, ps).cuda(), 0.1, R)
+    assert_matches(out, lse, *ref)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_op_without_sinks_is_unchanged_bit_for_bit(seed, device):
+    """``sinks = 0`` (explicit, default, or a positional call of the old schema) gives today's output."""
+    meta, cache, q, scale, _ = _fused_case(5, 0, 7, device)
+    bt, *batch = meta.values()
+    old = torch.ops.swa_rewrite.swa_mla_attention(q, cache, bt[None], *batch, scale, 16, 5, -1, 0)
+    default = ops.swa_mla_attention(q, cache, *meta.values(), scale, window=5, rope_dim=16)
+    zero = ops.swa_mla_attention(q, cache, *meta.values(), scale, window=5, sinks=0, rope_dim=16)
+    for got in (default, zero):
+        assert torch.equal(got[0], old[0]) and torch.equal(got[1], old[1])
+
+
+def test_fused_op_rejects_bad_sinks_and_traces_with_them():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta, pos, _, num_blocks = make_batch([(2, 3), (5, 1)], 4, "cpu")
+    cache = torch.zeros(num_blocks, 4, row_bytes(128, 16), dtype=torch.uint8)
+    q = torch.randn(pos.shape[0], 2, 144).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="sinks must be >= 0, got -2"):
+        ops.swa_mla_attention(q, cache, *meta.values(), 0.1, window=3, sinks=-2, rope_dim=16)
+    with pytest.raises(TypeError, match="sinks must be an integer"):
+        ops.swa_mla_attention(q, cache, *meta.values(), 0.1, window=3, sinks=1.5, rope_dim=16)
+
+    def f(q, cache, bt, cu, enc, dec, bid):
+        return torch.ops.swa_rewrite.swa_mla_attention(q, cache, bt[None], cu, enc, dec, bid, 0.1, 16, 5, 0, 0, 4)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        o, lse = f(q, cache, *meta.values())
+    assert o.shape == (pos.shape[0], 2, 128) and lse.shape == (pos.shape[0], 2)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(q, cache, *meta.values())
+    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.swa_rewrite.swa_mla_attention.default]
+    assert len(nodes) == 1 and nodes[0].args[-1] == 4
