@@ -83,7 +83,9 @@ def test_router_matches_reference(router, seed):
         for e in want:
             assert math.isclose(got[e], want[e], rel_tol=1e-5), f"token {t}, expert {e}: {got[e]} != {want[e]}"
         checked += 1
-    assert checked >= 56
+    # Softmax routers put many experts' scores near 0, so near-ties are common: ~3 of 64 tokens on average,
+    # up to 9 in 300 seeds (the earlier bound of 56 failed seed 1013953519). Three quarters must be checked.
+    assert checked >= 48
 
 
 def test_noaux_tc_bias_only_steers_the_choice(seed):
