@@ -27,7 +27,6 @@ import torch.fx.experimental._config
 from .passes import (AdapterRegistry, PassManager, PassResult, RewriteError, TracedModel, default_registry,
                      swa_pass_manager)
 from .ops.checks import checks_disabled
-from .passes.replace_attention import check_no_sinks
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,6 @@ class SWABackend:
                  registry: Optional[AdapterRegistry] = None):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
-        check_no_sinks(schedule)     # now, not inside Dynamo at the first step
         self.schedule, self.inner, self.registry = schedule, inner, registry
         self.results: list[list[PassResult]] = []
         self.pass_seconds = 0.0   # time spent in the rewrite itself, all graphs
@@ -157,7 +155,6 @@ class SWAPostGradPass:
     def __init__(self, schedule: Schedule, registry: Optional[AdapterRegistry] = None):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
-        check_no_sinks(schedule)
         _register_with_inductor()
         self.schedule, self.registry = schedule, registry
         self.results: list[list[PassResult]] = []

@@ -23,7 +23,7 @@ from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
-from .passes.replace_attention import check_no_sinks, check_packable_dtype
+from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -282,16 +282,14 @@ def apply(model: torch.nn.Module, schedule: Schedule, *,
     ``RewriteError`` (a ``ValueError``) when fx cannot trace the model, the model has no MLA attention, a
     selected layer has none, the schedule is for another layer count, or the ops carry no layer index;
     ``TypeError`` for a non-``Schedule`` or a selected layer whose dtype the packed FP8 cache does not take
-    (float64: the supported model dtypes are bfloat16, float16 and float32); ``NotImplementedError`` for a
-    schedule with sink tokens (the op does not take them yet). Each SWA layer gets its own window
-    (``schedule.window_of(layer)``).
+    (float64: the supported model dtypes are bfloat16, float16 and float32). Each SWA layer gets its own
+    window and sink tokens (``schedule.window_of(layer)``, ``schedule.sinks_of(layer)``, docs/design.md §12).
     """
     if is_hf_deepseek(model):   # a transformers DeepSeek-V2/V3: convert to the bundled paged model first
         log.info("swa_rewrite.apply: converting %s to the bundled MLAModel (models.from_hf)", type(model).__name__)
         model = from_hf(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a swa_rewrite.Schedule, got {type(schedule).__name__}")
-    check_no_sinks(schedule)     # before tracing: nothing to undo
     t0 = time.perf_counter()
     if isinstance(model, SWAModule):
         traced = TracedModel(_graph_module(model, copy.deepcopy(model.graph), "SWAModule", SWAModule),

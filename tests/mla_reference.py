@@ -3,7 +3,8 @@
 It reads the weights of an ``MLAModel`` by name and recomputes everything the way the DeepSeek-V3 paper
 writes it: per-head keys ``[k_nope | k_pe]`` and values from ``kv_b_proj``, rope as a complex rotation
 of adjacent pairs (interleaved) or of the two halves (NeoX), yarn frequencies from their definition.
-Optional per-layer windows give the sliding-window reference (docs/design.md §3).
+Optional per-layer windows give the sliding-window reference (docs/design.md §3), optional per-layer sink
+counts the sliding window with attention sinks (§12: position p sees 0 … min(s, p+1)-1 and p-W+1 … p).
 """
 
 from __future__ import annotations
@@ -81,12 +82,17 @@ def softmax_scale(cfg):
 
 
 @torch.no_grad()
-def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8_layers=()) -> torch.Tensor:
+def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8_layers=(),
+                 sinks: Optional[Mapping[int, int]] = None) -> torch.Tensor:
     """Float64 logits ``[L, vocab]`` of ``tokens`` (list of ints).
 
-    ``windows[layer] = W`` makes that layer SWA; layers in ``fp8_layers`` see their latents ``[c | k_pe]``
-    through the packed FP8 cache's round trip (so a rewritten model can be checked to float precision).
+    ``windows[layer] = W`` makes that layer SWA; ``sinks[layer] = s`` (an SWA layer's, default 0) also lets
+    every query see the first ``s`` positions (those up to itself); layers in ``fp8_layers`` see their
+    latents ``[c | k_pe]`` through the packed FP8 cache's round trip (so a rewritten model can be checked to
+    float precision).
     """
+    if sinks and any(s and (not windows or layer not in windows) for layer, s in sinks.items()):
+        raise ValueError(f"sinks {dict(sinks)} are given for a layer without a window ({dict(windows or {})})")
     cfg = model.config
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
     H, N, P, V, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
@@ -120,7 +126,9 @@ def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8
         s = torch.einsum("ihd,jhd->hij", qq, kk) * scale
         allowed = pos[None, :] <= pos[:, None]
         if windows and i in windows:
-            allowed &= pos[None, :] > pos[:, None] - windows[i]
+            in_window = pos[None, :] > pos[:, None] - windows[i]
+            sink = pos[None, :] < (sinks or {}).get(i, 0)
+            allowed &= in_window | sink
         s = s.masked_fill(~allowed, float("-inf"))
         o = torch.einsum("hij,jhv->ihv", s.softmax(-1), v).reshape(L, H * V)
         x = x + o @ sd[a + "o_proj.weight"].T
@@ -132,8 +140,8 @@ def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8
     return x @ sd["lm_head.weight"].T
 
 
-def dense_greedy(model, prompt, max_new_tokens, windows=None, fp8_layers=()) -> list[int]:
+def dense_greedy(model, prompt, max_new_tokens, windows=None, fp8_layers=(), sinks=None) -> list[int]:
     seq = list(prompt)
     for _ in range(max_new_tokens):
-        seq.append(int(dense_logits(model, seq, windows, fp8_layers)[-1].argmax()))
+        seq.append(int(dense_logits(model, seq, windows, fp8_layers, sinks)[-1].argmax()))
     return seq[len(prompt):]

@@ -125,12 +125,35 @@ def test_plain_torch_compile_with_the_backend_runs_the_runtime(seed):
                page_size=8, max_tokens_per_step=8).generate(prompts, 1)
 
 
+def test_backend_with_sinks_runs_like_apply(seed):
+    """A schedule with sink tokens through the backend: the Dynamo graph's SWA nodes carry each layer's sinks
+    (none where a layer has 0) and the engine generates what the applied model generates."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule.per_layer({0: (3, 2), 3: 4}, 4)
+    capture = Capture()
+    be = swa_rewrite.backend(schedule, inner=capture)
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 6)]
+    kw = dict(num_blocks=32, page_size=rng.choice([1, 8]), max_tokens_per_step=5)
+    got = Engine(compiled, kv_caches=be.allocate_kv_cache(model, 32, kw["page_size"]), **kw).generate(prompts, 5)
+    assert got == Engine(apply(model, schedule), **kw).generate(prompts, 5)
+    ops = swa_rewrite.passes.SwaRewriteOps()
+    num_args = len(torch.ops.swa_rewrite.swa_mla_attention.default._schema.arguments)
+    assert capture.graphs
+    for g in capture.graphs:
+        nodes = [n for n in g.nodes if n.op == "call_function" and op_name(n.target) == "swa_rewrite::swa_mla_attention"]
+        assert {ops.layer_index(n): (ops.window(n), ops.sinks(n)) for n in nodes} == {0: (3, 2), 3: (4, 0)}
+        assert [len(n.args) for n in nodes] == [num_args, num_args - 1]      # layer 3: sinks left off
+
+
 def test_uuid_is_stable_and_follows_the_schedule():
     s = Schedule(8, [0, 2], 4)
     a, b = SWAPostGradPass(s).uuid(), SWAPostGradPass(Schedule.from_json(s.to_json())).uuid()
     assert a == b and len(a) == 64
     assert SWAPostGradPass(Schedule(9, [0, 2], 4)).uuid() != a
     assert SWAPostGradPass(Schedule(8, [0], 4)).uuid() != a
+    assert SWAPostGradPass(Schedule(8, [0, 2], 4, sinks={2: 4})).uuid() != a          # sinks count too
     assert swa_rewrite.backend(s).uuid() == a
 
     class OtherAdapter(swa_rewrite.passes.SwaRewriteOps):    # new adapter code → new uuid

@@ -49,9 +49,10 @@ class MLAOpAdapter(abc.ABC):
     Every adapter implements the three abstract methods: ``role`` (which node is what), ``layer_index`` and
     ``op_names``; ``graph_diff`` needs no more. The other methods are called only for nodes to which this
     adapter's ``role`` gave the role they name, so an adapter implements those of the roles it recognises
-    (one that only recognises attention needs ``cache``, ``rope_dim``, ``window`` and ``to_swa_attention``);
-    the defaults raise ``NotImplementedError`` naming the method. A method that edits a node re-targets it in
-    place (``graph_pass.call_op``): the node keeps its name, so graphs before and after diff node for node.
+    (one that only recognises attention needs ``cache``, ``rope_dim``, ``window`` and ``to_swa_attention``, and
+    ``sinks`` if its SWA op takes sink tokens); the defaults raise ``NotImplementedError`` naming the method.
+    A method that edits a node re-targets it in place (``graph_pass.call_op``): the node keeps its name, so
+    graphs before and after diff node for node.
     """
 
     name: str = "adapter"
@@ -97,10 +98,19 @@ class MLAOpAdapter(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__}.window: required by an adapter that recognises "
                                   "SWA attention")
 
-    def to_swa_attention(self, node: torch.fx.Node, window: int) -> None:
+    def sinks(self, node: torch.fx.Node) -> int:
+        """The number of sink tokens of an ``SWA_ATTENTION`` node (docs/design.md §12), 0 for a plain window.
+        Called by ``ReplaceAttentionPass`` with ``window`` for selected layers that are already sliding-window
+        layers (same window and sinks: skipped). The default returns 0: an adapter whose SWA op takes no
+        sinks need not implement it."""
+        return 0
+
+    def to_swa_attention(self, node: torch.fx.Node, window: int, sinks: int = 0) -> None:
         """Re-target an attention node of a selected layer, in place, to sliding-window attention with
-        ``window`` over the packed FP8 cache; returns nothing. Called by ``ReplaceAttentionPass`` for
-        ``FULL_ATTENTION`` nodes and for ``SWA_ATTENTION`` nodes with another window."""
+        ``window`` and ``sinks`` sink tokens (positions ``0 … sinks-1`` stay visible, docs/design.md §12) over
+        the packed FP8 cache; returns nothing. Called by ``ReplaceAttentionPass`` for ``FULL_ATTENTION``
+        nodes and for ``SWA_ATTENTION`` nodes with another window or sink count; ``sinks`` is passed only
+        when the layer has sinks (> 0), so an adapter whose op takes none may leave the parameter out."""
         raise NotImplementedError(f"{type(self).__name__}.to_swa_attention: required by an adapter that "
                                   "recognises attention")
 
@@ -176,9 +186,17 @@ class SwaRewriteOps(MLAOpAdapter):
         value = latent.meta.get("val", latent.meta.get("example_value")) if isinstance(latent, torch.fx.Node) else None
         return value.dtype if isinstance(value, torch.Tensor) else None
 
-    def to_swa_attention(self, node, window):
+    def sinks(self, node):
+        return bound_args(node).get("sinks", 0)    # left off the node: the schema's default, 0
+
+    def to_swa_attention(self, node, window, sinks=0):
         args = bound_args(node)
         args["window"] = window
+        # Set only when > 0, so a graph without sinks reads as before the op took them (call_op leaves the
+        # defaulted trailing argument off); an SWA node losing its sinks drops the argument.
+        args.pop("sinks", None)
+        if sinks:
+            args["sinks"] = sinks
         call_op(node, torch.ops.swa_rewrite.swa_mla_attention.default, args)
 
     def to_packed_write(self, node, rope_dim):

@@ -1,6 +1,8 @@
 """``ReplaceAttentionPass``: selected layers' attention → fused SWA op, their cache writes → packed FP8.
 
-Each selected layer gets its own window, ``schedule.window_of(layer)`` (docs/design.md §4).
+Each selected layer gets its own window and sink count, ``schedule.window_of(layer)`` and
+``schedule.sinks_of(layer)`` (docs/design.md §4, §12); the op's ``sinks`` argument is set only for a layer
+with sinks, so graphs without them read as before. An SWA layer whose window or sinks changed is re-targeted.
 
 Before (layer 3 selected, window 128)::
 
@@ -11,6 +13,8 @@ After (same node names, re-targeted in place; nothing else in the graph changes)
 
     write_kv_cache_3 = swa_rewrite.write_fp8_cache(latent, cache_3, slot_mapping, 64, 3)
     paged_mla_attention_3 = swa_rewrite.swa_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 128, 3)
+
+(A layer with 4 sink tokens also gets the op's trailing ``sinks`` argument: ``..., 4)``.)
 """
 
 from __future__ import annotations
@@ -36,15 +40,8 @@ def check_packable_dtype(layer: int, dtype: Optional[torch.dtype]) -> None:
                         "(e.g. model.to(torch.bfloat16)) or keep the layer full")
 
 
-def check_no_sinks(schedule) -> None:
-    """Refuse a schedule with sink tokens: the fused SWA op does not take a sink count yet (issue 13 adds it
-    to the indexer, the fused op and the kernels), and dropping the sinks would silently change the model."""
-    sinks = {layer: s for layer, s in schedule.sinks.items() if s > 0}
-    if sinks:
-        raise NotImplementedError(f"the schedule gives layer(s) {sorted(sinks)} sink tokens (sinks={sinks}), but "
-                                  "the sliding-window attention op does not take sinks yet (they need the "
-                                  "indexer / fused-op / kernel support that is coming, issue 13); build the "
-                                  "schedule with sinks=0 for now")
+def _window_and_sinks(adapter, node) -> tuple[int, int]:
+    return adapter.window(node), adapter.sinks(node)
 
 
 class ReplaceAttentionPass(SchedulePass):
@@ -52,7 +49,6 @@ class ReplaceAttentionPass(SchedulePass):
 
     def __call__(self, traced: TracedModel) -> PassResult:
         self.check_layer_range(traced)
-        check_no_sinks(self.schedule)
         result = PassResult(self.name)
         sites = traced.sites
         for layer, site in sorted(sites.items()):
@@ -63,14 +59,18 @@ class ReplaceAttentionPass(SchedulePass):
                                        "full; turning an SWA layer (packed FP8 cache) back into full attention is "
                                        "not supported: apply the schedule to the original model")
                 continue
-            W = self.schedule.window_of(layer)
-            if role is Role.SWA_ATTENTION and site.attention[0].window(site.attention[1]) == W:
-                result.skipped.append(f"layer {layer}: already SWA with window {W}")
+            W, S = self.schedule.window_of(layer), self.schedule.sinks_of(layer)
+            shape = f"window {W}" + (f", {S} sinks" if S else "")
+            if role is Role.SWA_ATTENTION and _window_and_sinks(*site.attention) == (W, S):
+                result.skipped.append(f"layer {layer}: already SWA with {shape}")
             elif role is not None:
                 adapter, node = site.attention
-                adapter.to_swa_attention(node, W)
+                if S:
+                    adapter.to_swa_attention(node, W, S)
+                else:       # an adapter whose op takes no sinks may not take the parameter
+                    adapter.to_swa_attention(node, W)
                 result.num_matches += 1
-                result.details.append(f"layer {layer}: {node.name} -> {node.target} (window {W})")
+                result.details.append(f"layer {layer}: {node.name} -> {node.target} ({shape})")
             for adapter, node in site.writes:
                 check_packable_dtype(layer, adapter.latent_dtype(node))
                 if adapter.role(node) is Role.CACHE_WRITE:

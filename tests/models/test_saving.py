@@ -126,6 +126,40 @@ def test_hf_keys_say_sliding_window_only_for_one_window_and_no_sinks():
     assert hf_schedule_keys(PER_LAYER) == {"layer_types": types}
     sinks = Schedule(5, [0, 2], 3, sinks={2: 4})
     assert hf_schedule_keys(sinks) == {"layer_types": types}
-    # The saved key carries sinks (a model with sinks is saved once the op takes them).
+    # The saved key carries sinks.
     cfg = {"swa_rewrite": {"version": 1, "schedule": json.loads(sinks.to_json())}}
     assert saved_schedule(cfg) == sinks and saved_schedule(cfg).sinks_of(2) == 4
+
+
+SINKS = Schedule.per_layer({0: 5, 2: (6, 4)}, 3)
+
+
+def sinks_args(module):
+    """layer → the ``sinks`` argument of each SWA attention node (0 where the node leaves it to the default)."""
+    out = {}
+    for n in module.graph.nodes:
+        if n.op == "call_function" and "swa_mla_attention" in str(n.target):
+            args = {**dict(zip([a.name for a in n.target._schema.arguments], n.args)), **n.kwargs}
+            out[args["layer"]] = args.get("sinks", 0)
+    return out
+
+
+def test_sinks_round_trip(tmp_path, seed, monkeypatch):
+    model = MLAModel(CONFIG, seed=seed)
+    swa = swa_rewrite.apply(model, SINKS)
+    assert sinks_args(swa) == {0: 0, 2: 4}
+    save_pretrained(swa, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["swa_rewrite"]["schedule"] == SINKS.to_dict() and cfg["swa_rewrite"]["schedule"]["sinks"] == {"2": 4}
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert "sliding_window" not in cfg            # HF's sliding_window has no sinks
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.swa_schedule == SINKS and loaded.swa_schedule.sinks_of(2) == 4 and sinks_args(loaded) == {0: 0, 2: 4}
+    assert [(r.layer, r.window, r.sinks) for r in loaded.swa_report.rows] == [(0, 5, 0), (1, None, None), (2, 6, 4)]
+    assert "sinks" in loaded.swa_report.render().splitlines()[1]
+    got = engine_logits(loaded)
+    torch.testing.assert_close(got, engine_logits(swa), rtol=0, atol=0)
+    # The sinks came back, not only the windows: the same windows without sinks give other logits.
+    without = engine_logits(swa_rewrite.apply(model, Schedule.per_layer({0: 5, 2: 6}, 3)))
+    assert (got - without).abs().max() > 1e-3 * got.abs().max()

@@ -1,5 +1,4 @@
-"""Per-layer windows reach the graph, the numerics and the report; sinks are refused until the op takes them
-(docs/design.md §4, issue 13)."""
+"""Per-layer windows and sinks reach the graph, the numerics and the report (docs/design.md §4, §12, issue 13)."""
 
 import copy
 import dataclasses
@@ -19,11 +18,25 @@ from swa_rewrite.runtime import Engine
 TINY = MLAConfig.named("tiny")
 
 
+def swa_nodes(module) -> dict[int, "torch.fx.Node"]:
+    ops = SwaRewriteOps()
+    return {ops.layer_index(n): n for n in module.graph.nodes
+            if n.op == "call_function" and "swa_mla_attention" in str(n.target)}
+
+
 def swa_windows(module) -> dict[int, int]:
     """layer → window of each ``swa_mla_attention`` node (read through the adapter, not by position)."""
-    ops = SwaRewriteOps()
-    return {ops.layer_index(n): ops.window(n) for n in module.graph.nodes
-            if n.op == "call_function" and "swa_mla_attention" in str(n.target)}
+    return {layer: SwaRewriteOps().window(n) for layer, n in swa_nodes(module).items()}
+
+
+def swa_sinks(module) -> dict[int, int]:
+    """layer → the ``sinks`` argument of each ``swa_mla_attention`` node, read by schema name from the node
+    (absent: the schema's default 0)."""
+    out = {}
+    for layer, n in swa_nodes(module).items():
+        names = [a.name for a in n.target._schema.arguments]
+        out[layer] = {**dict(zip(names, n.args)), **n.kwargs}.get("sinks", 0)
+    return out
 
 
 def poisoned_engine(model, **kw):
@@ -71,14 +84,90 @@ def test_report_shows_each_layers_window():
 
 
 def test_report_shows_sinks_when_a_layer_has_them():
-    # apply refuses sinks today, so the rows are given by hand: the table is what apply will print.
-    report = apply(MLAModel(TINY), Schedule.per_layer({0: 64, 2: 128}, 4)).swa_report
-    report = dataclasses.replace(report, schedule=Schedule.per_layer({0: (64, 4), 2: 128}, 4),
-                                 rows=[dataclasses.replace(r, sinks=4) if r.layer == 0 else r for r in report.rows])
+    report = apply(MLAModel(TINY), Schedule.per_layer({0: (64, 4), 2: 128}, 4)).swa_report
+    assert [(r.layer, r.window, r.sinks) for r in report.rows] == [(0, 64, 4), (1, None, None), (2, 128, 0),
+                                                                    (3, None, None)]
     lines = report.render().splitlines()
     assert lines[1].split()[:4] == ["layer", "attention", "window", "sinks"]
     rows = {int(line.split()[0]): line.split() for line in lines[3:7]}
     assert rows[0][4:6] == ["64", "4"] and rows[2][4:6] == ["128", "0"] and rows[1][2:4] == ["-", "-"]
+
+
+def test_sinks_reach_the_op_only_where_a_layer_has_them():
+    model = MLAModel(TINY)
+    plain = apply(model, Schedule(8, [0, 2], 4))
+    sinks = apply(model, Schedule(8, [0, 2], 4, sinks={2: 4}))
+    assert swa_sinks(sinks) == {0: 0, 2: 4} and swa_windows(sinks) == {0: 8, 2: 8}
+    # Layer 0 reads exactly as without sinks (the defaulted argument is left off); layer 2 gains it.
+    p, s = swa_nodes(plain), swa_nodes(sinks)
+    args = {k: [str(a) for a in n.args] for k, n in s.items()}
+    plain_args = {k: [str(a) for a in n.args] for k, n in p.items()}
+    assert args[0] == plain_args[0] and s[0].kwargs == p[0].kwargs == {}
+    assert args[2] == plain_args[2] + ["4"]                 # then sinks 4
+    # A schedule with sinks=0 everywhere is the plain graph, node for node.
+    assert apply(model, Schedule(8, [0, 2], 4, sinks=0)).code == plain.code
+    detail = [d for d in sinks.swa_report.passes[1].details if "layer 2" in d and "swa_mla_attention" in d]
+    assert detail and detail[0].endswith("(window 8, 4 sinks)")
+
+
+def test_a_second_apply_retargets_changed_sinks_and_skips_the_same_ones():
+    model = MLAModel(TINY)
+    plain = apply(model, Schedule(8, [0, 2], 4))
+    once = apply(model, Schedule(8, [0, 2], 4, sinks={2: 4}))
+    same = apply(once, Schedule(8, [0, 2], 4, sinks={2: 4}))
+    assert same.code == once.code and same.swa_report.passes[1].num_matches == 0
+    assert sorted(same.swa_report.passes[1].skipped) == ["layer 0: already SWA with window 8",
+                                                          "layer 2: already SWA with window 8, 4 sinks"]
+    more = apply(once, Schedule(8, [0, 2], 4, sinks={0: 1, 2: 2}))
+    assert swa_sinks(more) == {0: 1, 2: 2} and more.swa_report.passes[1].num_matches == 2
+    assert more.code == apply(model, Schedule(8, [0, 2], 4, sinks={0: 1, 2: 2})).code
+    # Sinks taken away: the argument goes, and the graph is the plain one again.
+    none = apply(more, Schedule(8, [0, 2], 4))
+    assert swa_sinks(none) == {0: 0, 2: 0} and none.code == plain.code
+    assert apply(once, Schedule(8, [0, 2], 4, windows={2: 16}, sinks={2: 4})).swa_report.passes[1].num_matches == 1
+
+
+def _sink_case(rng, seed):
+    """Two SWA layers with different windows, one of them with 3 sinks (which one is random)."""
+    small, large = rng.choice([2, 3, 5]), rng.choice([7, 11])
+    windows = {1: small, 3: large}
+    sinks = {rng.choice([1, 3]): 3}
+    sinks = {layer: sinks.get(layer, 0) for layer in windows}
+    return windows, sinks
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("budget", [3, None])          # chunked prefill, or the whole prompt in one step
+def test_sinks_match_the_windowed_sinks_reference_through_the_engine(page_size, budget, seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    windows, sinks = _sink_case(rng, seed)
+    swa = apply(model, Schedule.per_layer({l: (windows[l], sinks[l]) for l in windows}, 4))
+    assert swa_windows(swa) == windows and swa_sinks(swa) == sinks
+    tokens = [rng.randrange(TINY.vocab_size) for _ in range(37)]
+    engine = poisoned_engine(swa, num_blocks=64, page_size=page_size, max_tokens_per_step=budget or len(tokens))
+    got = engine.logits(tokens)
+    ref = dense_logits(model, tokens, windows=windows, fp8_layers={1, 3}, sinks=sinks)
+    assert rel_err(got, ref) <= 2e-3
+    # The sinks matter: the same windows without them are far away, except at the positions p < W of the
+    # sink layer's window W, whose windows still hold positions 0 … p (the sinks add nothing there).
+    no_sinks = dense_logits(model, tokens, windows=windows, fp8_layers={1, 3})
+    assert rel_err(got, no_sinks) > 1e-2
+    W = windows[next(layer for layer, s in sinks.items() if s)]
+    assert rel_err(got[:W], no_sinks[:W]) <= 2e-3 and rel_err(got[W:], no_sinks[W:]) > 1e-2
+
+
+def test_the_reference_sees_each_position_once_and_only_sinks_and_window():
+    """The reference's mask is §12's: with a window covering the sequence, sinks change nothing; with sinks
+    covering the sequence, the window is irrelevant (full causal attention); sinks on a full layer are refused."""
+    model = MLAModel(TINY, seed=3)
+    tokens = list(range(1, 20))
+    full = dense_logits(model, tokens)
+    assert rel_err(dense_logits(model, tokens, windows={0: 19, 2: 25}, sinks={0: 5, 2: 30}), full) < 1e-12
+    assert rel_err(dense_logits(model, tokens, windows={0: 1, 2: 2}, sinks={0: 19, 2: 40}), full) < 1e-12
+    assert rel_err(dense_logits(model, tokens, windows={0: 1}, sinks={0: 2}), full) > 1e-3
+    with pytest.raises(ValueError, match="without a window"):
+        dense_logits(model, tokens, windows={0: 4}, sinks={1: 2})
 
 
 SINKS = Schedule(8, [0, 2], 4, sinks={2: 4})
@@ -88,14 +177,9 @@ SINKS = Schedule(8, [0, 2], 4, sinks={2: 4})
     lambda m: apply(m, SINKS),
     lambda m: swa_rewrite.backend(SINKS),
     lambda m: SWAPostGradPass(SINKS),
-    lambda m: swa_rewrite.compile(m, SINKS),
-    lambda m: swa_rewrite.passes.ReplaceAttentionPass(SINKS)(swa_rewrite.rewrite.trace(m)),
 ])
-def test_sinks_are_refused_until_the_op_takes_them(entry):
+def test_every_entry_point_takes_sinks(entry):
     model = MLAModel(TINY)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(NotImplementedError, match=r"layer\(s\) \[2\] sink tokens \(sinks=\{2: 4\}\).*does not "
-                                                  r"take sinks yet"):
-        entry(model)
+    entry(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    apply(model, Schedule(8, [0, 2], 4, sinks=0))            # zero sinks is the plain window
