@@ -90,6 +90,14 @@ def _allocate_packed(model: torch.nn.Module, schedule: Schedule, registry: Optio
     return caches
 
 
+def _kv_cache_spec(model: torch.nn.Module, schedule: Schedule, registry: Optional[AdapterRegistry]) -> tuple:
+    """The ``KVCacheSpec`` of each layer of ``model`` compiled with ``schedule``: the rewrite's own (the graph
+    the backend compiles sets the same groups, ``ops.kv_cache_spec.schedule_cache_groups``)."""
+    from .rewrite import apply
+
+    return apply(model, schedule, registry=registry).kv_cache_spec()
+
+
 class SWABackend:
     """A ``torch.compile`` backend: rewrite the Dynamo graph, then compile it with ``inner``.
 
@@ -113,6 +121,11 @@ class SWABackend:
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
         """The caches a model compiled with this backend needs: packed ``uint8`` for the SWA layers."""
         return _allocate_packed(model, self.schedule, self.registry, num_blocks, page_size, device)
+
+    def kv_cache_spec(self, model: torch.nn.Module) -> tuple:
+        """One ``KVCacheSpec`` per layer of ``model`` compiled with this backend (docs/design.md §12): sliding
+        layers with their window and sinks over the packed ``uint8`` row, the others full."""
+        return _kv_cache_spec(model, self.schedule, self.registry)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
         t0 = time.perf_counter()
@@ -181,6 +194,11 @@ class SWAPostGradPass:
         """The caches a model compiled with this pass needs: packed ``uint8`` for the SWA layers."""
         return _allocate_packed(model, self.schedule, self.registry, num_blocks, page_size, device)
 
+    def kv_cache_spec(self, model: torch.nn.Module) -> tuple:
+        """One ``KVCacheSpec`` per layer of ``model`` compiled with this pass (docs/design.md §12): sliding
+        layers with their window and sinks over the packed ``uint8`` row, the others full."""
+        return _kv_cache_spec(model, self.schedule, self.registry)
+
 
 @functools.cache
 def _register_with_inductor() -> None:
@@ -224,6 +242,10 @@ class SWACompiledModel(torch.nn.Module):
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:
         return self.swa_backend.allocate_kv_cache(self.model, num_blocks, page_size, device)
+
+    def kv_cache_spec(self) -> tuple:
+        """One ``KVCacheSpec`` per layer: the backend's (``SWABackend.kv_cache_spec``)."""
+        return self.swa_backend.kv_cache_spec(self.model)
 
     def forward(self, *args: Any, **kwargs: Any):
         _mark_dynamic_step_inputs(args, kwargs)

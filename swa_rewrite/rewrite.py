@@ -23,6 +23,7 @@ from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
+from .ops.kv_cache_spec import KVCacheSpec, cache_groups
 from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
 
@@ -51,6 +52,19 @@ class SWAModule(torch.fx.GraphModule):
     @property
     def num_layers(self) -> int:
         return self.swa_schedule.num_layers
+
+    def kv_cache_spec(self) -> tuple[KVCacheSpec, ...]:
+        """One ``KVCacheSpec`` per layer (docs/design.md §12): the schedule's sliding layers with their window
+        and sinks over the packed ``uint8`` row, the others full in the model dtype; the layouts are those
+        ``allocate_kv_cache`` allocates now (so they follow ``to(dtype)``)."""
+        return layer_specs(self.swa_schedule, _allocation_layout(self._swa_allocation, self._swa_allocation_inputs,
+                                                                 self))
+
+    @property
+    def cache_groups(self) -> tuple[int, ...]:
+        """The cache group of each layer (``ops.kv_cache_spec.cache_groups`` of ``kv_cache_spec()``): the row
+        of the step's block tables and slot mappings its ops read; the pass set it in the graph."""
+        return cache_groups(self.kv_cache_spec())
 
     def _apply(self, fn, recurse=True):
         # As MLAModel does: the rope table is rebuilt from the config after any move (to_empty included).
@@ -238,9 +252,23 @@ class RewriteReport:
         return self.render()
 
 
-def _cache_layout(traced: TracedModel, model: torch.nn.Module) -> list[tuple[torch.dtype, int]]:
-    caches = traced.allocation(*_fetch_attrs(model, traced.allocation_inputs), 1, 1, "meta")
+def _allocation_layout(allocation: torch.fx.GraphModule, inputs: list[str],
+                       model: torch.nn.Module) -> list[tuple[torch.dtype, int]]:
+    """``(dtype, entries per token)`` of each layer's cache, from the allocation graph run on ``meta``."""
+    caches = allocation(*_fetch_attrs(model, inputs), 1, 1, "meta")
     return [(c.dtype, c.shape[-1]) for c in caches]
+
+
+def _cache_layout(traced: TracedModel, model: torch.nn.Module) -> list[tuple[torch.dtype, int]]:
+    return _allocation_layout(traced.allocation, traced.allocation_inputs, model)
+
+
+def layer_specs(schedule: Schedule, layout: list[tuple[torch.dtype, int]]) -> tuple[KVCacheSpec, ...]:
+    """The ``KVCacheSpec`` of each layer of a model rewritten with ``schedule`` whose caches have ``layout``
+    (``(dtype, entries per token)`` per layer)."""
+    return tuple(KVCacheSpec.of_layout(dtype, width, schedule.window_of(i) if schedule.is_swa(i) else None,
+                                       schedule.sinks_of(i) if schedule.is_swa(i) else 0)
+                 for i, (dtype, width) in enumerate(layout))
 
 
 def _kind(site) -> str:

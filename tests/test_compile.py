@@ -69,8 +69,13 @@ def op_count(graph, name):
     return out
 
 
+# A step for any schedule of the tiny model: every group's rows are the same for now (StepBatch.build), so as
+# many groups as layers serves every schedule's groups, whatever the model or compiled graph in between.
+ALL_GROUPS = TINY.num_hidden_layers
+
+
 def step(model, caches, items, page_size):
-    b = StepBatch.build(items, page_size, device=caches[0].device)
+    b = StepBatch.build(items, page_size, num_groups=ALL_GROUPS, device=caches[0].device)
     return model(b.input_ids, kv_caches=caches, meta=b.meta)
 
 
@@ -115,7 +120,8 @@ def test_plain_torch_compile_with_the_backend_runs_the_runtime(seed):
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (11, 4)]
     caches = be.allocate_kv_cache(model, 32, 8)
     assert [c.dtype for c in caches] == [torch.uint8, torch.float32, torch.float32, torch.uint8]
-    got = Engine(compiled, num_blocks=32, page_size=8, max_tokens_per_step=8, kv_caches=caches).generate(prompts, 6)
+    got = Engine(compiled, num_blocks=32, page_size=8, max_tokens_per_step=8, kv_caches=caches,
+                 kv_cache_spec=be.kv_cache_spec(model)).generate(prompts, 6)
     ref = Engine(apply(model, schedule), num_blocks=32, page_size=8, max_tokens_per_step=8).generate(prompts, 6)
     assert got == ref
     # The model's own allocation gives full-format caches: the first step says where packed ones come from.
@@ -136,7 +142,8 @@ def test_backend_with_sinks_runs_like_apply(seed):
     compiled = torch.compile(model, backend=be, fullgraph=True)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 6)]
     kw = dict(num_blocks=32, page_size=rng.choice([1, 8]), max_tokens_per_step=5)
-    got = Engine(compiled, kv_caches=be.allocate_kv_cache(model, 32, kw["page_size"]), **kw).generate(prompts, 5)
+    got = Engine(compiled, kv_caches=be.allocate_kv_cache(model, 32, kw["page_size"]),
+                 kv_cache_spec=be.kv_cache_spec(model), **kw).generate(prompts, 5)
     assert got == Engine(apply(model, schedule), **kw).generate(prompts, 5)
     ops = swa_rewrite.passes.SwaRewriteOps()
     num_args = len(torch.ops.swa_rewrite.swa_mla_attention.default._schema.arguments)
@@ -232,7 +239,7 @@ def test_export_keeps_the_swa_op_and_round_trips(seed):
     model = MLAModel(TINY, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     swa = apply(model, schedule)
-    b = StepBatch.build(random_items(rng, 16), 16)
+    b = StepBatch.build(random_items(rng, 16), 16, num_groups=ALL_GROUPS)
     caches = packed_caches(model, schedule)
     ep = torch.export.export(swa, (b.input_ids, caches, b.meta))
     assert op_count(ep.graph, "swa_mla_attention") == {0: 1, 2: 1}
@@ -255,7 +262,7 @@ def test_export_takes_keyword_arguments(seed):
     rng = random.Random(seed)
     model = MLAModel(TINY, seed=seed)
     swa = apply(model, Schedule(8, [1], 4))
-    b = StepBatch.build(random_items(rng, 16), 16)
+    b = StepBatch.build(random_items(rng, 16), 16, num_groups=ALL_GROUPS)
     caches = packed_caches(model, Schedule(8, [1], 4))
     kwargs = dict(kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)
     ep = torch.export.export(swa, (b.input_ids,), kwargs)
@@ -310,7 +317,7 @@ def test_export_with_dynamic_step_shapes(seed):
     swa = apply(model, Schedule(8, [0, 2], 4))
 
     def inputs(items, max_blocks):
-        b = StepBatch.build(items, 16, max_blocks=max_blocks)
+        b = StepBatch.build(items, 16, max_blocks=max_blocks, num_groups=ALL_GROUPS)
         return (b.input_ids, packed_caches(model, Schedule(8, [0, 2], 4)), b.meta)
 
     T, B, NB = (torch.export.Dim(n, min=2, max=4096) for n in ("T", "B", "NB"))

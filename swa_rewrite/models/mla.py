@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
 from ..ops.step_metadata import StepMetadata
+from ..ops.kv_cache_spec import KVCacheSpec
 from ..ops.step_check import checked_step_metadata
 from .config import MLAConfig
 from .moe import MoE
@@ -40,7 +41,8 @@ torch.fx.wrap("checked_step_metadata")
 
 def cache_group(config: MLAConfig, layer_idx: int) -> int:
     """The cache group of layer ``layer_idx`` (docs/design.md §12: layers with equal cache specs share one). The
-    bundled model's layers all have one spec, so one group; the rewrite's sliding layers keep it for now."""
+    bundled model's layers all have one spec (``MLAModel.kv_cache_spec``), so one group; the rewrite sets each
+    layer's group from its own specs (``ops.kv_cache_spec.schedule_cache_groups``)."""
     return 0
 
 
@@ -201,8 +203,16 @@ class MLAModel(nn.Module):
 
     @property
     def cache_groups(self) -> tuple[int, ...]:
-        """The cache group of each layer: the row of the step's block tables and slots it uses."""
+        """The cache group of each layer: the row of the step's block tables and slots it uses (one group:
+        every layer has the same spec, ``kv_cache_spec``)."""
         return tuple(cache_group(self.config, i) for i in range(self.num_layers))
+
+    def kv_cache_spec(self) -> tuple[KVCacheSpec, ...]:
+        """One ``KVCacheSpec`` per layer (docs/design.md §12): every layer full, ``R + P`` entries of the model
+        dtype per token, as ``allocate_kv_cache`` allocates them."""
+        dtype = self.lm_head.weight.dtype
+        spec = KVCacheSpec.full(self.config.kv_lora_rank, self.config.qk_rope_head_dim, dtype)
+        return (spec,) * self.num_layers
 
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:

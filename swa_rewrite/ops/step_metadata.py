@@ -8,8 +8,8 @@ tensor arguments, since ``torch.library`` schemas take tensors, not dataclasses.
 Block tables and slot mappings carry a leading *cache-group* dimension ``G``: layers with equal cache specs
 share a group, with its own block pool, tables and slots (docs/design.md §12). Each cache/attention op takes its
 group as a constant ``group`` argument beside ``layer`` and reads ``block_tables[group]`` /
-``slot_mapping[group]`` (views: no copy, no host synchronisation). Today every layer is in group 0 and
-``G = 1``.
+``slot_mapping[group]`` (views: no copy, no host synchronisation). Groups come from the layers' cache specs
+(``ops.kv_cache_spec``); for now every group's rows are the same (``runtime.StepBatch.build``).
 
 The class is a registered pytree node, so ``torch.fx`` (one placeholder, ``getattr`` per field),
 Dynamo (``fullgraph=True``) and ``torch.export`` (positional or keyword) take it as a model input.

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 import torch.fx
 
-from .graph_pass import bound_args, call_op, op_name
+from .graph_pass import _overload, bound_args, call_op, op_name
 
 
 def functionalized_op(node: torch.fx.Node) -> Optional[torch._ops.OpOverload]:
@@ -114,6 +114,19 @@ class MLAOpAdapter(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__}.to_swa_attention: required by an adapter that "
                                   "recognises attention")
 
+    def group(self, node: torch.fx.Node) -> Optional[int]:
+        """The cache group (docs/design.md §12) an attention or cache-write node carries as a constant argument,
+        or None where its op takes none. Called by ``ReplaceAttentionPass`` for every layer's attention and
+        writes, before ``set_group``; the default: no group argument."""
+        return None
+
+    def set_group(self, node: torch.fx.Node, group: int) -> None:
+        """Set the cache group of an attention or cache-write node, in place (the node keeps its name and op),
+        as the window is set. Called by ``ReplaceAttentionPass`` only where ``group`` returned another int, so
+        an adapter whose ops take no group need not implement it."""
+        raise NotImplementedError(f"{type(self).__name__}.set_group: required by an adapter whose group() "
+                                  "returns a group")
+
     def latent_dtype(self, node: torch.fx.Node) -> Optional[torch.dtype]:
         """The dtype of the latent a cache write node writes, where the graph records it (Dynamo's and
         Inductor's graphs carry example values; a symbolic fx trace does not), else None. Called for the
@@ -185,6 +198,18 @@ class SwaRewriteOps(MLAOpAdapter):
         latent = _arguments(node).get("latent")
         value = latent.meta.get("val", latent.meta.get("example_value")) if isinstance(latent, torch.fx.Node) else None
         return value.dtype if isinstance(value, torch.Tensor) else None
+
+    def group(self, node):
+        group = _arguments(node).get("group")
+        return group if isinstance(group, int) else None
+
+    def set_group(self, node, group):
+        if functionalized_op(node) is not None:
+            node.update_kwarg("group", group)    # the wrapped op's arguments are the wrapper's kwargs
+            return
+        args = bound_args(node)
+        args["group"] = group
+        call_op(node, _overload(node.target), args)
 
     def sinks(self, node):
         return bound_args(node).get("sinks", 0)    # left off the node: the schema's default, 0

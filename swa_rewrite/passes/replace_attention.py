@@ -15,6 +15,12 @@ After (same node names, re-targeted in place; nothing else in the graph changes)
     paged_mla_attention_3 = swa_rewrite.swa_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 128, 3)
 
 (A layer with 4 sink tokens also gets the op's trailing ``sinks`` argument: ``..., 4)``.)
+
+Every layer's attention and cache writes also get their cache group (the trailing ``group`` argument, set in place
+like the window; ``ops.kv_cache_spec.schedule_cache_groups``: layers with equal cache specs share a group,
+numbered in order of their first layer), full layers included: with full and sliding layers the model has two
+groups or more. The model's once-per-step check (``checked_step_metadata``, a graph leaf in an fx trace) gets the
+same per-layer groups.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Optional
 import torch
 
 from ..ops.fp8_cache import LATENT_DTYPES
+from ..ops.kv_cache_spec import schedule_cache_groups
+from ..ops.step_check import checked_step_metadata
 from .adapters import Role
 from .graph_pass import PassResult, RewriteError, SchedulePass, TracedModel
 
@@ -79,9 +87,27 @@ class ReplaceAttentionPass(SchedulePass):
                     else:
                         result.skipped.append(f"layer {layer}: {node.name} kept (writes the packed layout into "
                                               "a packed cache)")
+        self._set_groups(traced, result)
         missing = sorted(l for l in self.schedule.swa_layers if l not in sites or sites[l].attention is None)
         if missing and not self.partial:
             raise RewriteError(f"the schedule selects layer(s) {missing}, but the graph has no MLA attention node for "
                                f"them; attention nodes were found for layers "
                                f"{sorted(l for l, s in sites.items() if s.attention is not None)}")
         return result
+
+    def _set_groups(self, traced: TracedModel, result: PassResult) -> None:
+        """Each layer's attention and writes take the group of its cache spec; so does the step check."""
+        groups = schedule_cache_groups(self.schedule)
+        for layer, site in sorted(traced.sites.items()):
+            if not 0 <= layer < len(groups):
+                continue
+            for adapter, node in ([site.attention] if site.attention is not None else []) + list(site.writes):
+                have = adapter.group(node)
+                if have is not None and have != groups[layer]:
+                    adapter.set_group(node, groups[layer])
+                    result.details.append(f"layer {layer}: {node.name} -> cache group {groups[layer]}")
+        for node in (traced.forward.graph.nodes if traced.forward is not None else ()):
+            if node.op == "call_function" and node.target is checked_step_metadata and len(node.args) >= 3 \
+                    and isinstance(node.args[2], (tuple, list)) and len(node.args[2]) == len(groups) \
+                    and tuple(node.args[2]) != groups:
+                node.args = (*node.args[:2], groups, *node.args[3:])

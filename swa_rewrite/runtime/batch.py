@@ -29,8 +29,8 @@ class StepItem:
 @dataclasses.dataclass
 class StepBatch:
     """What one step feeds the model: ``input_ids [T]`` int64 (``num_padding`` trailing padding tokens among
-    the ``T``), the step's ``meta`` (``StepMetadata``: positions, per-request metadata, ``G = 1`` cache group
-    of block tables and slots) and ``last_token_index [B]`` int64, the row of each request's last token."""
+    the ``T``), the step's ``meta`` (``StepMetadata``: positions, per-request metadata, block tables and slots
+    of ``G`` cache groups) and ``last_token_index [B]`` int64, the row of each request's last token."""
 
     input_ids: torch.Tensor
     meta: StepMetadata
@@ -38,16 +38,25 @@ class StepBatch:
 
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
-              max_blocks: Optional[int] = None, device: torch.device | str | None = None) -> "StepBatch":
-        """Pack ``items`` into step tensors; pad to ``pad_to`` tokens and ``max_blocks`` table columns if given."""
+              max_blocks: Optional[int] = None, num_groups: int = 1,
+              device: torch.device | str | None = None) -> "StepBatch":
+        """Pack ``items`` into step tensors; pad to ``pad_to`` tokens and ``max_blocks`` table columns if given.
+
+        ``num_groups``: the model's cache groups ``G`` (``ops.kv_cache_spec.cache_groups`` of its specs), the
+        leading dimension of ``block_tables [G, B, nb]`` and ``slot_mapping [G, T]``. For now every group gets
+        the same row: each request's one block table serves every group, whose caches (one block pool each,
+        of the same size) stay unbounded; holding only the blocks a sliding group's window covers
+        (docs/design.md §12, "Bounded") is the next step, and gives each group its own rows.
+        """
         page_size = check_int("page_size", page_size, minimum=1)
+        num_groups = check_int("num_groups", num_groups, minimum=1)
         if pad_to is not None:
             pad_to = check_int("pad_to", pad_to)
         if max_blocks is not None:
             max_blocks = check_int("max_blocks", max_blocks, minimum=0)
         ids, pos, slots, bids, cu = [], [], [], [], [0]
         width = max([len(it.block_table) for it in items] + [max_blocks or 0, 1])
-        table = torch.full((1, len(items), width), -1, dtype=torch.int32)       # one cache group today
+        table = torch.full((1, len(items), width), -1, dtype=torch.int32)       # one row, repeated per group
         for b, it in enumerate(items):
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
@@ -80,8 +89,8 @@ class StepBatch:
             seq_lens_encoder=torch.tensor([len(it.tokens) if it.is_prefill else 0 for it in items], **i32),
             seq_lens_decoder=torch.tensor([it.num_cached for it in items], **i32),
             batch_id_per_token=torch.tensor(bids, **i32),
-            block_tables=table.to(device),
-            slot_mapping=torch.tensor([slots], dtype=torch.int64, device=device),
+            block_tables=table.repeat(num_groups, 1, 1).to(device),
+            slot_mapping=torch.tensor([slots] * num_groups, dtype=torch.int64, device=device),
         )
         return StepBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=device), meta=meta,
                          last_token_index=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1)

@@ -6,12 +6,13 @@ import dataclasses
 import itertools
 import logging
 import numbers
-from typing import Any, Hashable, Optional
+from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
 from ..ops.cache_write_checks import NonFiniteLatentError
 from ..ops.checks import check_int
+from ..ops.kv_cache_spec import cache_groups, num_groups
 from ..ops.step_check import check_kv_caches
 from .batch import StepBatch, StepItem, token_of_slot
 from .block_manager import BlockManager, OutOfBlocksError, chain_block_key, prefix_block_keys
@@ -88,7 +89,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, page_size: int, max_tokens_per_step: int,
                  prefix_caching: bool = True, device: torch.device | str | None = None,
-                 kv_caches: Optional[list[torch.Tensor]] = None):
+                 kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
                             f"swa_rewrite.compile return), got {type(model).__name__}")
@@ -109,6 +110,12 @@ class Engine:
             kv_caches = model.allocate_kv_cache(num_blocks, page_size, self.device)
         check_kv_caches(kv_caches, _num_layers(model), blocks=(num_blocks, page_size), device=self.device)
         self.kv_caches = kv_caches
+        # The model's cache groups (docs/design.md §12): each step carries one row of block tables and slots
+        # per group. Every group gets the same rows for now (its caches unbounded, of num_blocks each).
+        # A model that does not state its specs (torch.compile(model, backend=swa_rewrite.backend(schedule))) takes
+        # them as kv_cache_spec= (the backend's: backend.kv_cache_spec(model)), as it takes its caches.
+        self.cache_groups = model_cache_groups(model, len(kv_caches), kv_cache_spec)
+        self.num_groups = num_groups(self.cache_groups)
         self.stats = EngineStats()
         self._next_id = 0
         self._waiting: list[_Request] = []      # admission order
@@ -319,7 +326,7 @@ class Engine:
 
     def _step(self, items: list[StepItem], reqs: list[_Request]) -> list[list[int]]:
         """Run the model on ``items``; returns the new tokens of each request."""
-        batch = StepBatch.build(items, self.page_size, device=self.device)
+        batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device=self.device)
         keep_logits = any(r.keep_logits for r in reqs)
         logits_indices = None if keep_logits else batch.last_token_index
         try:
@@ -402,6 +409,33 @@ def _vocab_size(model: torch.nn.Module) -> Optional[int]:
         return vocab
     embed = getattr(model, "embed_tokens", None)
     return embed.num_embeddings if isinstance(embed, torch.nn.Embedding) else None
+
+
+def model_cache_groups(model: torch.nn.Module, num_layers: Optional[int] = None,
+                       kv_cache_spec: Optional[Sequence] = None) -> tuple[int, ...]:
+    """The cache group of each layer (docs/design.md §12), from ``kv_cache_spec`` if given, else the model's
+    ``kv_cache_spec()`` (an ``MLAModel``, an ``SWAModule``, ``swa_rewrite.compile``'s model); one group (every
+    layer in group 0) when the model states no specs. ``num_cache_groups`` of it is the ``num_groups`` of
+    ``StepBatch.build``."""
+    if num_layers is None:
+        num_layers = _num_layers(model)
+    if kv_cache_spec is None:
+        spec = getattr(model, "kv_cache_spec", None)
+        if not callable(spec):
+            if num_layers is None:
+                raise ValueError(f"{type(model).__name__} states neither its cache specs nor its layer count")
+            return (0,) * num_layers
+        kv_cache_spec = spec()
+    groups = cache_groups(kv_cache_spec)
+    if num_layers is not None and len(groups) != num_layers:
+        raise ValueError(f"the cache specs of {type(model).__name__} describe {len(groups)} layers, but the model "
+                         f"has {num_layers} caches")
+    return groups
+
+
+def num_cache_groups(model: torch.nn.Module, kv_cache_spec: Optional[Sequence] = None) -> int:
+    """``G``, the cache groups of ``model`` (``model_cache_groups``): ``StepBatch.build(..., num_groups=G)``."""
+    return num_groups(model_cache_groups(model, kv_cache_spec=kv_cache_spec))
 
 
 def _num_layers(model: torch.nn.Module) -> Optional[int]:

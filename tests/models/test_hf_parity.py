@@ -23,7 +23,7 @@ from numerics import rel_err
 from swa_rewrite.models import CheckpointMismatchError, from_hf, from_pretrained  # noqa: E402
 from swa_rewrite.models.hf import config_from_hf  # noqa: E402
 from swa_rewrite.models.moe import MoE  # noqa: E402
-from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
+from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups  # noqa: E402
 from swa_rewrite.runtime import Engine  # noqa: E402
 
 V = 96          # vocab
@@ -390,7 +390,8 @@ def test_windowed_reference_is_a_window(seed):
 
 def one_step_logits(model, tokens):
     """Logits of ``tokens`` as one prefill step (no chunks) over NaN-poisoned caches, page size 16."""
-    b = StepBatch.build([StepItem(tokens, 0, list(range(-(-len(tokens) // 16))), True)], 16)
+    b = StepBatch.build([StepItem(tokens, 0, list(range(-(-len(tokens) // 16))), True)], 16,
+                        num_groups=num_cache_groups(model))
     caches = model.allocate_kv_cache(-(-len(tokens) // 16), 16)
     for c in caches:
         c.fill_(float("nan") if c.is_floating_point() else 0xFF)

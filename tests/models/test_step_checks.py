@@ -10,7 +10,7 @@ import torch
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.ops.checks import checks_disabled
-from swa_rewrite.runtime import StepBatch, StepItem
+from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 
 TINY = MLAConfig.named("tiny")
 PAGE = 4
@@ -21,12 +21,13 @@ def raw(t):
     return t.contiguous().view(torch.uint8).clone()
 
 
-def two_requests(rng):
-    """A chunk over cached history for request 0, a decode for request 1, two padding tokens."""
+def two_requests(rng, model=None):
+    """A chunk over cached history for request 0, a decode for request 1, two padding tokens (as many cache
+    groups as ``model`` has: a rewritten model with full and sliding layers has two)."""
     blocks = rng.sample(range(12), 8)
     items = [StepItem([rng.randrange(256) for _ in range(5)], 6, blocks[:4], True),
              StepItem([rng.randrange(256)], 9, blocks[4:], False)]
-    return StepBatch.build(items, PAGE, pad_to=8)
+    return StepBatch.build(items, PAGE, pad_to=8, num_groups=num_cache_groups(model) if model is not None else 1)
 
 
 def filled(model, rewritten, value):
@@ -66,7 +67,7 @@ CORRUPTIONS = ["slot of another request", "slot off by one", "padding that write
 def test_bad_step_is_rejected_before_any_write(which, rewritten, seed):
     model = MLAModel(TINY, seed=seed)
     swa = apply(model, Schedule(4, [0, 2], TINY.num_layers)) if rewritten else None
-    batch = two_requests(random.Random(seed))
+    batch = two_requests(random.Random(seed), swa or model)
     caches = filled(model, swa, float("nan"))
     before = [raw(c) for c in caches]
     meta, message = corrupt(batch, which)
@@ -105,7 +106,7 @@ def bad_cache_list(caches, which):
 def test_bad_cache_list_is_rejected_before_any_write(which, rewritten, seed):
     model = MLAModel(TINY, seed=seed)
     swa = apply(model, Schedule(4, [0, 2], TINY.num_layers)) if rewritten else None
-    batch = two_requests(random.Random(seed))
+    batch = two_requests(random.Random(seed), swa or model)
     caches, message = bad_cache_list(filled(model, swa, float("nan")), which)
     before = [raw(c) for c in caches]
     with torch.no_grad(), pytest.raises(ValueError, match=message):

@@ -95,9 +95,10 @@ def test_drop_in_shares_parameters_retraces_and_reloads():
 
 
 def _step_logits(model, seed):
-    from swa_rewrite.runtime import StepBatch, StepItem
+    from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
     rng = random.Random(seed)
-    b = StepBatch.build([StepItem([rng.randrange(256) for _ in range(9)], 0, [1, 0], True)], 8)
+    b = StepBatch.build([StepItem([rng.randrange(256) for _ in range(9)], 0, [1, 0], True)], 8,
+                        num_groups=num_cache_groups(model))
     caches = model.allocate_kv_cache(4, 8)
     for c in caches:
         c.zero_()

@@ -43,11 +43,16 @@ def test_diff_sections_follow_the_schedule():
     s = SCHEDULES["skip-freq-2"]
     model = MLAModel(TINY)
     d = graph_diff(trace(model).forward, apply(model, s))
-    assert sorted(d.changed_layers) == sorted(s.swa_layers)
+    # Layer 0 is sliding, so the sliding layers are cache group 0 and the full ones group 1: the full layers'
+    # ops get their new group argument, and the step check (outside the layers) the per-layer groups.
+    assert set(d.changed_layers) == set(range(4)) | {None}
     for layer in s.swa_layers:
         assert len(d.layers[layer].retargeted) == 2 and not d.layers[layer].added and not d.layers[layer].removed
         assert d.layers[layer].same_dataflow      # only the two ops changed; every edge is where it was
-    assert all(d.layers[i].isomorphic for i in set(range(4)) - s.swa_layers)
+    for layer in set(range(4)) - s.swa_layers:
+        full = d.layers[layer]
+        assert not full.retargeted and len(full.changed_args) == 2 and full.same_dataflow
+    assert len(d.layers[None].changed_args) == 1 and d.layers[None].same_dataflow
 
 
 def test_diff_reports_added_and_removed_nodes():
@@ -103,7 +108,9 @@ def test_diff_is_linear_in_the_graph(monkeypatch):
     gd = importlib.import_module("swa_rewrite.graph_diff")   # the package attribute is the function
 
     model = MLAModel(TINY.replace(num_hidden_layers=12), device="meta")
-    before, after = trace(model).forward, apply(model, Schedule.from_skip_freq(3, 12, window=16))
+    # Layer 0 full: the full layers keep cache group 0 (unchanged, so the isomorphism shortcut runs for them).
+    sliding = [1, 2, 4, 5, 7, 8, 10, 11]
+    before, after = trace(model).forward, apply(model, Schedule(16, sliding, 12))
     calls = []
     real = gd.node_layer
     monkeypatch.setattr(gd, "node_layer", lambda n, *args: calls.append(n) or real(n, *args))
@@ -114,8 +121,8 @@ def test_diff_is_linear_in_the_graph(monkeypatch):
     monkeypatch.setattr(gd, "DiGraphMatcher", no_search)
     d = graph_diff(before, after)
     assert len(calls) == len(before.graph.nodes) + len(after.graph.nodes)
-    assert sorted(d.changed_layers) == [0, 1, 3, 4, 6, 7, 9, 10]
-    assert all(d.layers[i].isomorphic for i in (2, 5, 8, 11))
+    assert sorted(l for l in d.changed_layers if l is not None) == sliding
+    assert all(d.layers[i].isomorphic for i in (0, 3, 6, 9))
 
 
 def test_name_shortcut_does_not_hide_a_rewiring():

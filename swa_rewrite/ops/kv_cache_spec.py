@@ -1,0 +1,100 @@
+"""The description of one layer's KV cache (docs/design.md §12): ``KVCacheSpec``, and ``cache_groups`` (layers with
+equal specs share a cache group).
+
+Every model face states its cache as one spec per layer through ``kv_cache_spec()``: the original ``MLAModel``
+(every layer full), the rewritten ``SWAModule`` (sliding layers with their window and sinks, packed FP8 rows),
+and the compile backend / post-grad pass (``backend(schedule).kv_cache_spec(model)``). The engine groups the
+layers with ``cache_groups`` and gives each group a row of the step's block tables and slot mappings.
+
+This module imports nothing of the package but the FP8 row layout (which imports nothing either), so models,
+the rewrite, the compile backend and the runtime all sit above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+from ..fp8_format import row_bytes
+
+FULL = "full"
+SLIDING = "sliding"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+    """One layer's cache: what it holds and how a token's row is laid out.
+
+    Attributes:
+        kind: ``"full"`` (every position of a request stays) or ``"sliding"`` (positions in the window, and the
+            sink tokens, are what the layer reads).
+        window: the window ``W`` of a sliding layer; None for a full layer.
+        sinks: sink tokens of a sliding layer (positions ``0 … sinks-1`` stay visible); 0 for a full layer.
+        dtype: the cache tensor's dtype (the model dtype for a full layer, ``uint8`` for the packed FP8 row).
+        width: entries per token (the cache's last dimension): ``R + P``, or the packed row's bytes.
+        bytes_per_token: bytes one token's row takes, ``width * dtype.itemsize``.
+
+    Equal specs (all fields) share a cache group (``cache_groups``).
+    """
+
+    kind: str
+    window: Optional[int]
+    sinks: int
+    dtype: torch.dtype
+    width: int
+    bytes_per_token: int
+
+    def __post_init__(self):
+        if self.kind not in (FULL, SLIDING):
+            raise ValueError(f"kind must be {FULL!r} or {SLIDING!r}, got {self.kind!r}")
+        if (self.kind == FULL) != (self.window is None):
+            raise ValueError(f"a {self.kind} cache spec {'has no' if self.kind == FULL else 'needs a'} window, "
+                             f"got window={self.window!r}")
+        if self.kind == FULL and self.sinks:
+            raise ValueError(f"a full cache spec has no sink tokens, got sinks={self.sinks}")
+        if self.bytes_per_token != self.width * self.dtype.itemsize:
+            raise ValueError(f"bytes_per_token={self.bytes_per_token} is not width {self.width} x "
+                             f"{self.dtype.itemsize} bytes of {self.dtype}")
+
+    @staticmethod
+    def full(kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> "KVCacheSpec":
+        """A full layer's latent cache: ``R + P`` entries of the model dtype per token."""
+        width = kv_lora_rank + rope_dim
+        return KVCacheSpec(FULL, None, 0, dtype, width, width * dtype.itemsize)
+
+    @staticmethod
+    def sliding(kv_lora_rank: int, rope_dim: int, window: int, sinks: int = 0) -> "KVCacheSpec":
+        """A sliding layer's packed FP8 cache: ``R + 4·R/128 + 2·P`` ``uint8`` bytes per token
+        (``fp8_format.row_bytes``; 656 for DeepSeek-V3)."""
+        width = row_bytes(kv_lora_rank, rope_dim)
+        return KVCacheSpec(SLIDING, window, sinks, torch.uint8, width, width)
+
+    @staticmethod
+    def of_layout(dtype: torch.dtype, width: int, window: Optional[int] = None, sinks: int = 0) -> "KVCacheSpec":
+        """The spec of a cache allocated as ``[..., width]`` of ``dtype``: sliding when ``window`` is given."""
+        kind = FULL if window is None else SLIDING
+        return KVCacheSpec(kind, window, sinks if window is not None else 0, dtype, width, width * dtype.itemsize)
+
+
+def cache_groups(specs: Sequence[Hashable]) -> tuple[int, ...]:
+    """The cache group of each layer: layers with equal specs share one; groups are numbered in the order of
+    their first layer (so the first layer is in group 0). Takes ``KVCacheSpec``s (or any hashable keys)."""
+    index: dict = {}
+    return tuple(index.setdefault(s, len(index)) for s in specs)
+
+
+def num_groups(groups: Sequence[int]) -> int:
+    """How many cache groups ``groups`` (one per layer) use: ``max + 1``, at least 1."""
+    return max(groups, default=-1) + 1 or 1
+
+
+def schedule_cache_groups(schedule) -> tuple[int, ...]:
+    """The cache group of each layer of a model rewritten with ``schedule`` (a ``swa_rewrite.Schedule``), as
+    ``cache_groups`` gives it from the rewritten model's specs: the pass sets these in the graph without the
+    model's dtypes, which need not be known there. Full layers share one layout (the model dtype) and every
+    sliding layer the packed row, so a spec differs from another exactly where kind, window or sinks do."""
+    keys = [(SLIDING, schedule.window_of(i), schedule.sinks_of(i)) if schedule.is_swa(i) else (FULL,)
+            for i in range(schedule.num_layers)]
+    return cache_groups(keys)
