@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import swa_rewrite  # noqa: E402
-from numerics import rel_err
+from numerics import assert_greedy_agrees, rel_err
 from swa_rewrite.models import CheckpointMismatchError, from_hf, from_pretrained  # noqa: E402
 from swa_rewrite.models.hf import config_from_hf  # noqa: E402
 from swa_rewrite.models.moe import MoE  # noqa: E402
@@ -107,22 +107,6 @@ def poisoned_engine(model, rng, page_size=None, budget=None):
     for c in engine.kv_caches:
         c.fill_(float("nan") if c.is_floating_point() else 0xFF)  # 0xFF as e4m3fn is NaN
     return engine
-
-
-def assert_greedy_agrees(ours, theirs, prompt, engine_logits, ref_logits, tol):
-    """Token lists equal, or they part at a near-tie: where they first differ, our logits are within ``tol``
-    (relative) of the reference's, and the reference's margin of its token over ours is within twice our
-    logits' max deviation there."""
-    assert len(ours) == len(theirs)
-    if ours == theirs:
-        return
-    i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-    prefix = prompt + theirs[:i]
-    got, ref = engine_logits(prefix)[-1], ref_logits(prefix)[-1]
-    assert rel_err(got, ref) <= tol, f"token {i}: logits differ by {rel_err(got, ref):.3g}"
-    margin = (ref[theirs[i]] - ref[ours[i]]).item()
-    assert margin <= 2 * (got - ref).abs().max().item(), \
-        f"token {i}: ours {ours[i]} vs reference {theirs[i]} with reference margin {margin:.4g}"
 
 
 # ------------------------------------------------------------------------------------------------ parity

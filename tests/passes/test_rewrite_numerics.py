@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mla_reference import dense_greedy, dense_logits
-from numerics import rel_err
+from numerics import assert_greedy_agrees, rel_err
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import Engine
@@ -82,5 +82,10 @@ def test_generation_with_prefix_reuse_and_mixed_batches(page_size, seed):
     if page_size < 18:
         assert engine.stats.reused_tokens >= page_size
     windows = {i: W for i in layers}
-    expected = [dense_greedy(model, p, 5, windows, layers) for p in prompts]
-    assert first + rest == expected
+    # Tokens may part only at a near-tie of the reference (FP8 and summation order move logits by ~1e-3).
+    for prompt, ours in zip(prompts, first + rest):
+        theirs = dense_greedy(model, prompt, 5, windows, layers)
+        assert_greedy_agrees(
+            ours, theirs, prompt,
+            lambda seq: poisoned_engine(swa, num_blocks=48, page_size=page_size, max_tokens_per_step=7).logits(seq),
+            lambda seq: dense_logits(model, seq, windows=windows, fp8_layers=layers), 2e-3)
