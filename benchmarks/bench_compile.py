@@ -23,13 +23,14 @@ import swa_rewrite  # noqa: E402
 from swa_rewrite import Schedule, apply  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
 from swa_rewrite.timing import median_us as cuda_time  # noqa: E402
+from swa_rewrite.ops.kv_cache_spec import num_groups, schedule_cache_groups  # noqa: E402
 from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
 
 
-def decode_batch(batch: int, context: int, page_size: int) -> StepBatch:
+def decode_batch(batch: int, context: int, page_size: int, num_groups: int) -> StepBatch:
     blocks = -(-(context + 1) // page_size)
     items = [StepItem([7], context, list(range(b * blocks, (b + 1) * blocks)), False) for b in range(batch)]
-    return StepBatch.build(items, page_size, device="cuda")
+    return StepBatch.build(items, page_size, num_groups=num_groups, device="cuda")
 
 
 def main() -> None:
@@ -43,7 +44,9 @@ def main() -> None:
     cfg = MLAConfig.named("v3-attn")
     model = MLAModel(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     schedule = Schedule.from_skip_freq(2, cfg.num_hidden_layers, args.window)   # layers 0, 2 SWA
-    b = decode_batch(args.batch, args.context, args.page_size)
+    # One step for both models: every cache group's rows are the same (caches are not window-bounded yet),
+    # so the original reads group 0 of the rewritten model's groups.
+    b = decode_batch(args.batch, args.context, args.page_size, num_groups(schedule_cache_groups(schedule)))
     num_blocks = args.batch * -(-(args.context + 1) // args.page_size)
     rewritten = apply(model, schedule)
     caches_full = model.allocate_kv_cache(num_blocks, args.page_size)

@@ -14,7 +14,7 @@ import torch
 from .models import MLAModel
 from .ops.checks import checks_disabled
 from .rewrite import apply
-from .runtime import StepBatch, StepItem
+from .runtime import StepBatch, StepItem, num_cache_groups
 from .schedule import Schedule
 from .timing import median_us, progress
 
@@ -72,13 +72,15 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
             caches = m.allocate_kv_cache(num_blocks, ps)
             _fill(caches, cfg.latent_dim)
             allocated = sum(c.numel() * c.element_size() for c in caches)
+            G = num_cache_groups(m)   # the rewritten model has a full and a sliding cache group
             dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
-                                   for b in range(B)], ps, device="cuda")
+                                   for b in range(B)], ps, num_groups=G, device="cuda")
             step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
                              logits_indices=dec.last_token_index)
             decode_us = median_us(_graphed(step), args.iters)
             T = min(args.prefill_tokens, ctx)
-            pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, device="cuda")
+            pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, num_groups=G,
+                                  device="cuda")
             last = pre.last_token_index
             prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta, logits_indices=last),
                                    max(3, args.iters // 4))
