@@ -366,8 +366,10 @@ def _report_json(report) -> dict:
 
 
 def _diff_json(diff) -> dict:
-    """``GraphDiff`` as JSON: one entry per layer (``layer`` null for nodes outside any layer)."""
-    return dict(changed_layers=diff.changed_layers,
+    """``GraphDiff`` as JSON: the changed layer indices, whether nodes outside any layer changed (e.g. the
+    step check's per-layer cache groups), and one entry per layer (``layer`` null for nodes outside any layer)."""
+    return dict(changed_layers=[k for k in diff.changed_layers if k is not None],
+                outside_layers_changed=None in diff.changed_layers,
                 layers=[dataclasses.asdict(d) for _, d in sorted(diff.layers.items(),
                                                                  key=lambda kv: (kv[0] is None, kv[0] or 0))])
 

@@ -78,11 +78,22 @@ class KVCacheSpec:
         return KVCacheSpec(kind, window, sinks if window is not None else 0, dtype, width, width * dtype.itemsize)
 
 
+def _is_full(spec: Hashable) -> bool:
+    kind = getattr(spec, "kind", None)
+    if kind is None and isinstance(spec, tuple) and spec:
+        kind = spec[0]
+    return kind == FULL
+
+
 def cache_groups(specs: Sequence[Hashable]) -> tuple[int, ...]:
-    """The cache group of each layer: layers with equal specs share one; groups are numbered in the order of
-    their first layer (so the first layer is in group 0). Takes ``KVCacheSpec``s (or any hashable keys)."""
+    """The cache group of each layer: layers with equal specs share one. Full-attention specs are numbered
+    first, then the others, each in the order of its first layer — so the layers a rewrite leaves alone keep
+    group 0, the group every layer of the original model is in, and their graph nodes do not change. Takes
+    ``KVCacheSpec``s (or hashable keys whose first item is the kind)."""
     index: dict = {}
-    return tuple(index.setdefault(s, len(index)) for s in specs)
+    for s in sorted(specs, key=lambda s: not _is_full(s)):   # stable: first-layer order within each kind
+        index.setdefault(s, len(index))
+    return tuple(index[s] for s in specs)
 
 
 def num_groups(groups: Sequence[int]) -> int:

@@ -175,6 +175,8 @@ def test_diff_json(capsys):
     diff = json.loads(out)
     assert code == 0 and diff["schedule"]["swa_layers"] == [1, 3]
     assert diff["forward"]["changed_layers"] == [1, 3] and diff["cache_allocation"]["changed_layers"] == [1, 3]
+    # The step check outside the layers now checks two cache groups (full layers 0, 2; sliding 1, 3).
+    assert diff["forward"]["outside_layers_changed"] and not diff["cache_allocation"]["outside_layers_changed"]
     layer1 = next(d for d in diff["forward"]["layers"] if d["layer"] == 1)
     assert len(layer1["retargeted"]) == 2 and layer1["same_dataflow"]
     assert all(d["isomorphic"] for d in diff["forward"]["layers"] if d["layer"] in (0, 2))

@@ -30,10 +30,11 @@ def groups_in_graph(module):
     return out
 
 
-def test_cache_groups_number_equal_specs_in_order_of_first_layer():
+def test_cache_groups_number_full_specs_first_then_in_order_of_first_layer():
     full, slide = KVCacheSpec.full(R, P, torch.bfloat16), KVCacheSpec.sliding(R, P, 16)
     assert cache_groups([full, slide, full, slide]) == (0, 1, 0, 1)
-    assert cache_groups([slide, full, KVCacheSpec.sliding(R, P, 16, sinks=4), slide]) == (0, 1, 2, 0)
+    # Full layers keep group 0 (the original model's), so the layers a rewrite leaves alone do not change.
+    assert cache_groups([slide, full, KVCacheSpec.sliding(R, P, 16, sinks=4), slide]) == (1, 0, 2, 1)
     assert cache_groups([]) == ()
     assert slide.bytes_per_token == row_bytes(R, P) and slide.dtype == torch.uint8
     assert full.bytes_per_token == (R + P) * 2
@@ -66,18 +67,18 @@ def test_specs_of_original_rewritten_and_backend_agree_with_the_report(dtype):
     assert swa_rewrite.SWAPostGradPass(schedule).kv_cache_spec(model) == rewritten
     assert swa_rewrite.compile(model, schedule, inner="eager").kv_cache_spec() == rewritten
     assert model.cache_groups == cache_groups(original) == (0, 0, 0, 0)
-    assert swa.cache_groups == cache_groups(rewritten) == schedule_cache_groups(schedule) == (0, 1, 2, 1)
+    assert swa.cache_groups == cache_groups(rewritten) == schedule_cache_groups(schedule) == (1, 0, 2, 0)
 
 
 def test_the_pass_sets_each_layers_group_in_place():
     model = MLAModel(TINY, seed=1)
     swa = apply(model, Schedule.from_skip_freq(2, 4, window=16))
-    assert swa.cache_groups == (0, 1, 0, 1)
-    assert groups_in_graph(swa) == {0: {0}, 1: {1}, 2: {0}, 3: {1}}
+    assert swa.cache_groups == (1, 0, 1, 0)
+    assert groups_in_graph(swa) == {0: {1}, 1: {0}, 2: {1}, 3: {0}}
     assert len(swa.graph.nodes) == len(swa_rewrite.rewrite.trace(model).forward.graph.nodes)   # no node added
     check = next(n for n in swa.graph.nodes if n.op == "call_function" and "checked_step_metadata" in n.name)
-    assert tuple(check.args[2]) == (0, 1, 0, 1)
-    # Per-layer windows give more groups; a first full layer makes the full layers group 0.
+    assert tuple(check.args[2]) == (1, 0, 1, 0)
+    # Per-layer windows give more groups; the full layers stay group 0.
     per_layer = apply(model, Schedule.per_layer({1: 8, 2: 16, 3: 8}, 4))
     assert per_layer.cache_groups == (0, 1, 2, 1)
     assert groups_in_graph(per_layer) == {0: {0}, 1: {1}, 2: {2}, 3: {1}}
@@ -135,7 +136,7 @@ def test_a_model_with_full_and_sliding_layers_runs_with_two_groups(page_size, se
     tokens = [rng.randrange(TINY.vocab_size) for _ in range(45)]
     kw = dict(num_blocks=64, page_size=page_size, max_tokens_per_step=rng.choice([5, 17]))
     engine = Engine(swa, **kw)
-    assert engine.cache_groups == (0, 1, 0, 1) and engine.num_groups == 2
+    assert engine.cache_groups == (1, 0, 1, 0) and engine.num_groups == 2
     got = engine.logits(tokens)
     baseline_model = one_group(apply(model, Schedule.from_skip_freq(2, 4, window=W)))
     baseline = Engine(baseline_model, **kw)
@@ -155,7 +156,7 @@ def test_per_layer_windows_run_with_three_groups(seed):
     model = MLAModel(TINY, seed=seed)
     swa = apply(model, Schedule.per_layer({0: 8, 1: 16, 2: 8}, 4))
     engine = Engine(swa, num_blocks=64, page_size=4, max_tokens_per_step=7)
-    assert engine.cache_groups == (0, 1, 0, 2) and engine.num_groups == 3
+    assert engine.cache_groups == (1, 2, 1, 0) and engine.num_groups == 3
     tokens = [rng.randrange(TINY.vocab_size) for _ in range(40)]
     ref = dense_logits(model, tokens, windows={0: 8, 1: 16, 2: 8}, fp8_layers={0, 1, 2})
     assert rel_err(engine.logits(tokens), ref) <= 2e-3
