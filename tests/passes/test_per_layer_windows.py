@@ -104,8 +104,8 @@ def test_sinks_reach_the_op_only_where_a_layer_has_them():
     plain_args = {k: [str(a) for a in n.args] for k, n in p.items()}
     assert args[0] == plain_args[0] and s[0].kwargs == p[0].kwargs == {}
     # Then sinks 4; with them layer 2's cache spec differs from layer 0's, so it has a cache group of its own
-    # (layer 1's full layers are group 1): the group argument before the sinks is 2, not 0.
-    assert args[2][:-2] == plain_args[2][:-1] and plain_args[2][-1] == "0" and args[2][-2:] == ["2", "4"]
+    # (the full layers are group 0, the plain sliding ones group 1): the group before the sinks is 2, not 1.
+    assert args[2][:-2] == plain_args[2][:-1] and plain_args[2][-1] == "1" and args[2][-2:] == ["2", "4"]
     # A schedule with sinks=0 everywhere is the plain graph, node for node.
     assert apply(model, Schedule(8, [0, 2], 4, sinks=0)).code == plain.code
     detail = [d for d in sinks.swa_report.passes[1].details if "layer 2" in d and "swa_mla_attention" in d]
