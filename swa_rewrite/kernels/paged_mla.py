@@ -27,7 +27,8 @@ import triton.language as tl
 from .. import fp8_format
 from . import interpreting
 from .sparse_mla import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
-                         _load_queries, _load_tile, _plan, _split_range, _store_rows, paged_attention_fwd)
+                         _load_queries, _load_tile, _plan, _split_range, _store_rows, paged_attention_fwd,
+                         split_targets)
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -313,16 +314,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     descs = _descriptors(cache, R, P, block_n, block_r, block_p, fp8) if config["tma"] else None
     lat_desc, sc_desc, pe_desc = descs if descs is not None else (cache, cache, cache)   # unused pointers
     splits = plan["splits"]
-    if splits > 1:
-        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, T, H), dtype=torch.float32, device=q.device)
-        o_t, l_t = part_o, part_lse
-        o_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2))
-        l_strides = (part_lse.stride(0), part_lse.stride(1))
-    else:
-        o_t, l_t = out_t, lse_t
-        o_strides = (0, out_t.stride(0), out_t.stride(1))
-        l_strides = (0, lse_t.stride(0))
+    o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)
     chunk = int(config["chunk"])
     if chunk:
         chunk = max(2, triton.next_power_of_2(chunk))
@@ -353,8 +345,8 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     if splits > 1:
         bh = 16
         _combine_splits_kernel[(T, triton.cdiv(H, bh))](
-            part_o, part_lse, out_t, lse_t, H, splits,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
+            *o_strides, *l_strides,
             out_t.stride(0), out_t.stride(1), lse_t.stride(0),
             R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
     return out_t, lse_t

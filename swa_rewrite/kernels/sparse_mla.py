@@ -444,16 +444,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
     bt = dummy if bt is None else bt
     cu, dec, bid = (dummy if x is None else x for x in (cu, dec, bid))
     splits = plan["splits"]
-    if splits > 1:
-        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, T, H), dtype=torch.float32, device=q.device)
-        o_t, l_t = part_o, part_lse
-        o_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2))
-        l_strides = (part_lse.stride(0), part_lse.stride(1))
-    else:
-        o_t, l_t = out, lse
-        o_strides = (0, out.stride(0), out.stride(1))
-        l_strides = (0, lse.stride(0))
+    o_t, l_t, o_strides, l_strides = split_targets(out, lse, splits)
     block_t = plan["block_t"]
     grid = (triton.cdiv(T, block_t) * plan["n_hb"], splits)
     common = dict(R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
@@ -479,12 +470,25 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         if splits > 1:
             bh = 16
             _combine_splits_kernel[(T, triton.cdiv(H, bh))](
-                part_o, part_lse, out, lse, H, splits,
-                part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+                o_t, l_t, out, lse, H, splits,  # the fp32 partials
+                *o_strides, *l_strides,
                 out.stride(0), out.stride(1), lse.stride(0),
                 R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(),
                 num_warps=4)
     return out, lse
+
+
+def split_targets(out: torch.Tensor, lse: torch.Tensor, splits: int):
+    """Where a kernel writes: ``out [T, H, R]`` / ``lse [T, H]`` themselves with one split, else fp32
+    partials ``[splits, T, H, R]`` / ``[splits, T, H]`` for ``_combine_splits_kernel``. Returns the two
+    tensors and their (split, token, head) strides (split stride 0 when unsplit)."""
+    if splits > 1:
+        T, H, R = out.shape
+        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=out.device)
+        part_lse = torch.empty((splits, T, H), dtype=torch.float32, device=out.device)
+        return (part_o, part_lse, (part_o.stride(0), part_o.stride(1), part_o.stride(2)),
+                (part_lse.stride(0), part_lse.stride(1)))
+    return out, lse, (0, out.stride(0), out.stride(1)), (0, lse.stride(0))
 
 
 def _outputs(q, R, out):
