@@ -178,7 +178,7 @@ def test_op_on_gpu_equals_reference_on_a_large_step(seed):
     args = (batch.meta.block_tables, batch.meta.cu_seqlens_q, batch.meta.seq_lens_encoder, batch.meta.seq_lens_decoder,
             batch.meta.batch_id_per_token)
     got = ops.swa_indexer(*args, window=W, page_size=ps, return_num_valid=True)
-    want = swa_indexer_reference(batch.meta.block_tables.cpu(), batch.meta.cu_seqlens_q.cpu(), batch.meta.seq_lens_decoder.cpu(),
+    want = swa_indexer_reference(batch.meta.block_tables[0].cpu(), batch.meta.cu_seqlens_q.cpu(), batch.meta.seq_lens_decoder.cpu(),
                                  batch.meta.batch_id_per_token.cpu(), W, ps)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
