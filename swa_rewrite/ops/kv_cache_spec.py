@@ -109,3 +109,42 @@ def schedule_cache_groups(schedule) -> tuple[int, ...]:
     keys = [(SLIDING, schedule.window_of(i), schedule.sinks_of(i)) if schedule.is_swa(i) else (FULL,)
             for i in range(schedule.num_layers)]
     return cache_groups(keys)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sink_blocks(spec: KVCacheSpec, page_size: int) -> int:
+    """Blocks that hold a sliding layer's sink tokens (positions ``0 … sinks-1``): kept for a request's life."""
+    return _cdiv(spec.sinks, page_size) if spec.kind == SLIDING else 0
+
+
+def blocks_per_request(spec: KVCacheSpec, num_tokens: int, page_size: int, *, chunk: int = 1,
+                       bounded: bool = True) -> int:
+    """The most blocks one request of ``num_tokens`` positions holds at once in a cache of ``spec``
+    (docs/design.md §12, "Bounded"): every page for a full layer (or when not ``bounded``); for a sliding layer
+    the sink blocks plus the ``ceil((W - 1 + C) / ps) + 1`` blocks that can cover a step's window of
+    ``C ≤ chunk`` tokens — never more than all ``ceil(num_tokens / ps)`` pages."""
+    pages = _cdiv(num_tokens, page_size)
+    if spec.kind == FULL or not bounded:
+        return pages
+    c = max(1, min(chunk, num_tokens))
+    return min(pages, sink_blocks(spec, page_size) + _cdiv(spec.window - 1 + c, page_size) + 1)
+
+
+def group_specs(specs: Sequence[KVCacheSpec]) -> list[tuple[KVCacheSpec, int]]:
+    """``(spec, number of layers)`` of each cache group of per-layer ``specs``, indexed by group."""
+    groups = cache_groups(specs)
+    out: list = [None] * num_groups(groups)
+    for s, g in zip(specs, groups):
+        out[g] = (s, 1 if out[g] is None else out[g][1] + 1)
+    return out
+
+
+def bytes_per_request(specs: Sequence[KVCacheSpec], num_tokens: int, page_size: int, *, chunk: int = 1,
+                      bounded: bool = True) -> list[int]:
+    """Cache bytes one request of ``num_tokens`` positions holds at most, per cache group of the per-layer
+    ``specs`` (``blocks_per_request`` blocks of ``page_size`` rows in every layer of the group)."""
+    return [blocks_per_request(s, num_tokens, page_size, chunk=chunk, bounded=bounded) * page_size
+            * s.bytes_per_token * n for s, n in group_specs(specs)]
