@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -34,6 +33,7 @@ os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # data checks synchronise; th
 from swa_rewrite import ops  # noqa: E402
 from swa_rewrite.kernels import paged_mla, sparse_mla  # noqa: E402
 from swa_rewrite.ops.fp8_cache import dequantize_fp8_reference  # noqa: E402
+from swa_rewrite.timing import graph_replay_us, median_us  # noqa: E402
 
 R, P, D = 512, 64, 576
 ROW = 656
@@ -49,52 +49,23 @@ except Exception:  # noqa: BLE001  (absent wheel or failed load: skip the peer c
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _events():
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+# Both timers go through swa_rewrite.timing; these only make one call of the input sets' calls and report
+# µs per call.
+def _each(fns):
+    def run():
+        for f in fns:
+            f()
+    return run
 
 
 def time_graph(fns, reps=20):
     """Median µs per call of ``fns`` (one call per input set) replayed as one CUDA graph."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = _events()
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    return statistics.median(times)
+    return graph_replay_us(_each(fns), iters=reps) / len(fns)
 
 
 def time_eager(fns, reps=10):
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = _events()
-        a.record()
-        for f in fns:
-            f()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    return statistics.median(times)
+    """Median µs per call of ``fns`` launched from Python (CUDA events, one warm-up round)."""
+    return median_us(_each(fns), iters=reps, warmup=1, device="cuda") / len(fns)
 
 
 def try_time(timer, fns, **kw):

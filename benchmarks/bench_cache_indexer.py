@@ -18,13 +18,13 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from swa_rewrite.kernels import fp8_cache as fp8k
 from swa_rewrite.kernels import swa_indexer as idxk
 from swa_rewrite.ops.fp8_cache import (dequantize_fp8_reference, fp8_cache_bytes, quantize_fp8_reference,
                                        write_fp8_cache_reference)
 from swa_rewrite.ops.swa_indexer import swa_indexer_reference
+from swa_rewrite.timing import median_us
 
 R, P, PS = 512, 64, 64
 DEV = "cuda"  # --cpu-smoke switches to the Triton interpreter on CPU, to check the script itself
@@ -32,13 +32,12 @@ D, NBYTES = R + P, fp8_cache_bytes(R, P)
 
 
 def bench(fn) -> float:
-    """Median time in µs (CUDA events, warm-up first)."""
+    """Median time in µs through swa_rewrite.timing: on the GPU CUDA events, warm-up first, L2 emptied before
+    each timed call (bytes come from device memory); under --cpu-smoke one wall-clock call (the interpreter
+    is slow; the script itself is what is checked)."""
     if DEV == "cpu":
-        import time
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+        return median_us(fn, iters=1, warmup=0, device="cpu")
+    return median_us(fn, iters=100, warmup=10, device=DEV, flush_l2=True)
 
 
 def copy_bandwidth() -> float:

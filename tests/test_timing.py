@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from swa_rewrite.timing import median_us, progress
+import torch
+
+from swa_rewrite.timing import graph_replay_us, median_us, progress
 
 
 def test_median_us_times_warmup_then_iters_on_cpu():
@@ -25,6 +27,57 @@ def test_median_us_times_warmup_then_iters_on_cpu():
 def test_median_us_rejects_bad_counts(kw, match):
     with pytest.raises(ValueError, match=match):
         median_us(lambda: None, device="cpu", **kw)
+
+
+def test_median_us_flush_l2_is_ignored_off_cuda():
+    calls = []
+    median_us(lambda: calls.append(1), iters=4, warmup=1, device="cpu", flush_l2=True)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("kw, match", [(dict(iters=0), "iters must be an integer >= 1, got 0"),
+                                       (dict(warmup=-1), "warmup must be an integer >= 0, got -1")])
+def test_graph_replay_us_rejects_bad_counts(kw, match):
+    with pytest.raises(ValueError, match=match):
+        graph_replay_us(lambda: None, **kw)
+
+
+def test_graph_replay_us_needs_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    with pytest.raises(RuntimeError, match="graph_replay_us needs a CUDA device"):
+        graph_replay_us(lambda: calls.append(1))
+    assert calls == []
+
+
+@pytest.mark.gpu
+def test_graph_replay_us_replays_one_capture():
+    x = torch.randn(1 << 20, device="cuda")
+    y = torch.empty_like(x)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        torch.mul(x, 2.0, out=y)
+
+    us = graph_replay_us(fn, iters=7, warmup=2)
+    assert len(calls) == 2 + 2             # warm-up, side-stream warm-up, capture; replays call nothing
+    assert 0 < us < 1e6
+    assert torch.equal(y, x * 2)
+
+
+@pytest.mark.gpu
+def test_median_us_flushes_l2_outside_the_timed_region():
+    x = torch.randn(1 << 20, device="cuda")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        x.add_(1.0)
+
+    us = median_us(fn, iters=5, warmup=1, device="cuda", flush_l2=True)
+    assert len(calls) == 6
+    assert 0 < us < 1e6
 
 
 def test_progress_is_silent_off_a_terminal(monkeypatch, capsys):
