@@ -63,6 +63,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -396,28 +406,47 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def _context_bytes(report, contexts: Sequence[int], page_size: int) -> list[dict]:
-    """One request's cache bytes at each context (whole pages), full and rewritten."""
-    rows = []
-    for ctx in contexts:
-        slots = -(-ctx // page_size) * page_size
-        b0, b1 = report.bytes_per_token(after=False) * slots, report.bytes_per_token(after=True) * slots
-        rows.append(dict(context=ctx, full_bytes=b0, rewritten_bytes=b1, saved_bytes=b0 - b1, ratio=b1 / b0))
-    return rows
+DEFAULT_BUDGET_GIB = 60.0
 
 
-def memory_table(report, contexts: Sequence[int], page_size: int) -> str:
-    lines = [f"{'context':>9} {'full cache':>12} {'rewritten':>12} {'saved':>12} {'ratio':>7}"]
-    for r in _context_bytes(report, contexts, page_size):
-        lines.append(f"{r['context']:>9} {_fmt_bytes(r['full_bytes']):>12} {_fmt_bytes(r['rewritten_bytes']):>12} "
-                     f"{_fmt_bytes(r['saved_bytes']):>12} {r['ratio']:>7.3f}")
-    return "\n".join(lines)
+def _context_bytes(report, contexts: Sequence[int], page_size: int, *, chunk: int = 1,
+                   budget: int = int(DEFAULT_BUDGET_GIB * 2**30)) -> list[dict]:
+    """One request's cache at each context, as ``RewriteReport.memory`` gives it (``RequestMemory.to_dict``):
+    original, rewritten window-bounded and unbounded bytes, per group and in total, the bytes ratios and the
+    requests ``budget`` bytes hold (README.md, "Machine-readable reports")."""
+    return [report.memory(ctx, page_size, chunk=chunk, budget=budget).to_dict() for ctx in contexts]
 
 
-def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, title: str) -> None:
-    """A PNG of one request's KV-cache bytes against context length, full vs rewritten: both axes log-scaled
-    and labelled (the curves span orders of magnitude), the window marked, the saving at the longest context
-    written on the plot; readable for 61-layer schedules (the title names counts, not the layout)."""
+def memory_table(report, contexts: Sequence[int], page_size: int, *, chunk: int = 1,
+                 budget: int = int(DEFAULT_BUDGET_GIB * 2**30)) -> str:
+    """``RewriteReport.render_memory``: the cache groups, then per context one request's bytes (original, per
+    group, rewritten bounded and unbounded), the bytes ratio and the capacity ratio in ``budget`` bytes."""
+    return report.render_memory(contexts, page_size, chunk=chunk, budget=budget)
+
+
+def _windows(report) -> list[int]:
+    """The distinct windows of the rewritten model's sliding layers."""
+    return sorted({s.window for s in report.kv_cache_spec() if s.window is not None})
+
+
+def _schedule_words(schedule) -> str:
+    """``46 of 61 layers SWA, W = 4K`` (``W = 64, 128`` for per-layer windows; sinks when any)."""
+    n_swa, n = len(schedule.swa_layers), schedule.num_layers
+    windows = sorted(set(schedule.windows.values()))
+    text = f"{n_swa} of {n} layers SWA"
+    if windows:
+        text += ", W = " + ", ".join(_fmt_tokens(w) for w in windows)
+    sinks = sorted(set(schedule.sinks.values()) - {0})
+    if sinks:
+        text += ", sinks " + ", ".join(map(str, sinks))
+    return text
+
+
+def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, title: str, *, chunk: int = 1) -> None:
+    """A PNG of one request's KV-cache bytes against context length: the original model, the rewritten one
+    with window-bounded sliding caches, and the rewritten one keeping every position (unbounded); both axes
+    log-scaled and labelled, each distinct window marked, the ratios at the longest context in the legend;
+    readable for 61-layer schedules (the title names counts, not the layout)."""
     try:
         import matplotlib
     except ImportError:
@@ -426,29 +455,39 @@ def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, titl
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (FuncFormatter below)
 
-    window = report.schedule.window
-    # The requested contexts, the window, and every power of two in their range, for a smooth curve.
-    lo, hi = min(min(contexts), window), max(contexts)
-    xs = sorted(set(contexts) | {window} | {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi})
-    rows = _context_bytes(report, xs, page_size)
-    n_swa, n, last = len(report.schedule.swa_layers), report.schedule.num_layers, rows[-1]
+    windows = _windows(report)
+    # From well below the smallest window (where bounded and unbounded agree) to the longest context: the
+    # requested contexts, each window and just past it (where the bounded curve bends), and every power of two
+    # in range, for a smooth curve.
+    lo = min([min(contexts)] + [max(1, w // 8) for w in windows])
+    hi = max([max(contexts)] + windows)
+    xs = sorted(set(contexts) | set(windows) | {w + page_size for w in windows if w + page_size <= hi}
+                | {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi})
+    mems = [report.memory(x, page_size, chunk=chunk) for x in xs]
+    last, n = mems[-1], report.schedule.num_layers
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
-    ax.plot(xs, [r["full_bytes"] for r in rows], marker="o", markersize=3, label=f"full attention ({n} layers)")
-    ax.plot(xs, [r["rewritten_bytes"] for r in rows], marker="o", markersize=3,
-            label=f"rewritten ({n_swa} of {n} layers SWA, packed FP8): {_fmt_bytes(last['saved_bytes'])} less "
-                  f"at {_fmt_tokens(last['context'])} tokens (x{last['ratio']:.2f})")
-    ax.axvline(window, color="gray", linestyle="--", linewidth=1)
-    # Top left is empty: both curves rise to the right and the legend sits bottom right.
-    ax.annotate(f" window W = {_fmt_tokens(window)} ", (window, 0.97), xycoords=("data", "axes fraction"),
-                rotation=90, ha="left", va="top", fontsize=9, color="gray")
-    ax.set_xlim(lo / 1.25, hi * 1.25)     # the window line off the frame
+    ax.plot(xs, [m.original_bytes for m in mems], marker="o", markersize=3,
+            label=f"original, full attention ({n} layers): {_fmt_bytes(last.original_bytes)} at "
+                  f"{_fmt_tokens(last.context)}")
+    ax.plot(xs, [m.unbounded_bytes for m in mems], marker="o", markersize=3, linestyle=":",
+            label=f"rewritten, every position kept: {_fmt_bytes(last.unbounded_bytes)} "
+                  f"({last.unbounded_bytes_ratio:.2f}x less)")
+    ax.plot(xs, [m.rewritten_bytes for m in mems], marker="o", markersize=3,
+            label=f"rewritten, window-bounded: {_fmt_bytes(last.rewritten_bytes)} "
+                  f"({last.bytes_ratio:.2f}x less)")
+    for w in windows:
+        ax.axvline(w, color="gray", linestyle="--", linewidth=1)
+        # Top left is empty: the curves rise to the right and the legend sits bottom right.
+        ax.annotate(f" window W = {_fmt_tokens(w)} ", (w, 0.97), xycoords=("data", "axes fraction"),
+                    rotation=90, ha="left", va="top", fontsize=9, color="gray")
+    ax.set_xlim(lo / 1.25, hi * 1.25)     # the window lines off the frame
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ticker = matplotlib.ticker
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_tokens(v)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_bytes(v)))
     ax.set_xlabel("context length (tokens of one request, log scale)")
-    ax.set_ylabel("KV-cache size (log scale)")
+    ax.set_ylabel(f"KV cache of one request (log scale; page size {page_size})")
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
@@ -470,17 +509,19 @@ def cmd_memory(args: argparse.Namespace) -> int:
     schedule = _schedule(args, model.config.num_hidden_layers)
     report = apply(model, schedule).swa_report
     name = args.hf or args.config
+    budget = int(args.budget * 2**30)
     if args.plot:
         plot_memory(report, args.contexts, args.page_size, args.plot,
-                    f"KV cache of one request: {name}, {len(schedule.swa_layers)} of {schedule.num_layers} "
-                    f"layers SWA, W = {schedule.window}")
+                    f"KV cache of one request: {name} ({schedule.num_layers} layers), {_schedule_words(schedule)}",
+                    chunk=args.chunk)
+    contexts = _context_bytes(report, args.contexts, args.page_size, chunk=args.chunk, budget=budget)
     if args.json:
-        _print_json(dict(model=name, page_size=args.page_size, report=_report_json(report),
-                         contexts=_context_bytes(report, args.contexts, args.page_size), plot=args.plot))
+        _print_json(dict(model=name, page_size=args.page_size, chunk=args.chunk, budget_bytes=budget,
+                         report=_report_json(report), contexts=contexts, plot=args.plot))
         return 0
-    print(report.render(max(args.contexts)))
-    print(f"\npage size {args.page_size}; bytes for one request's cache at each context length:")
-    print(memory_table(report, args.contexts, args.page_size))
+    print(report.render(saved=False))
+    print()
+    print(memory_table(report, args.contexts, args.page_size, chunk=args.chunk, budget=budget))
     if args.plot:
         print(f"\nwrote {args.plot}")
     return 0
@@ -544,12 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(diff)
     diff.set_defaults(func=cmd_diff)
 
-    memory = command("memory", "KV-cache bytes per layer and per context length, and a PNG plot when asked",
-                     "Per-layer cache table and totals for a config and schedule; with --plot, a PNG of KV-cache "
-                     "bytes against context length (full vs rewritten, log axes, the window marked).")
+    memory = command("memory", "KV-cache bytes per request, per cache group and context, capacity ratio; plot",
+                     "Per-layer cache table for a config and schedule, then one request's KV-cache bytes at each "
+                     "context: per cache group and in total, original vs rewritten (sliding groups window-bounded, "
+                     "and unbounded: every position kept), and the capacity ratio (requests of that context a "
+                     "--budget holds, rewritten over original). With --plot, a PNG of bytes against context "
+                     "length (log axes, each window marked).")
     memory.add_argument("--page-size", type=_positive, default=64, help="positions per cache block")
     memory.add_argument("--contexts", type=_int_list, default="4096,32768,131072", metavar="N,N,...",
                         help="context lengths")
+    memory.add_argument("--chunk", type=_positive, default=1,
+                        help="tokens a request computes per step (1: decode; a prefill chunk holds more blocks)")
+    memory.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_GIB, metavar="GiB",
+                        help="KV-cache budget for the capacity ratio, in GiB")
     memory.add_argument("--plot", metavar="PNG", default=None, help="write the plot to this PNG file")
     json_flag(memory)
     memory.set_defaults(func=cmd_memory)

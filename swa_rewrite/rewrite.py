@@ -23,13 +23,17 @@ from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
-from .ops.kv_cache_spec import KVCacheSpec, cache_groups
+from .ops.kv_cache_spec import KVCacheSpec, blocks_per_request, bytes_per_request, cache_groups, group_specs
 from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPORT_TOKENS = 128 * 1024
+# The memory report's defaults (docs/design.md §12, "Report"): 64-position pages, one token per step (decode),
+# and a 60 GiB KV-cache budget for the capacity ratio.
+DEFAULT_PAGE_SIZE = 64
+DEFAULT_BUDGET_BYTES = 60 * 2**30
 
 
 # SWAModule state beyond the forward graph (kept in __dict__: none of it is a submodule or a parameter).
@@ -210,9 +214,126 @@ class LayerRow:
         return width * dtype.itemsize
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupMemory:
+    """One cache group's share of one request's KV cache (``RewriteReport.memory``).
+
+    ``blocks`` / ``bytes`` are what the request holds at most with window-bounded caches (docs/design.md §12,
+    "Bounded": a sliding layer keeps its sink blocks and ``ceil((W - 1 + C) / ps) + 1`` blocks); the
+    ``unbounded_`` ones keep every position (``Engine(window_bounded=False)``). ``blocks`` are one layer's,
+    ``bytes`` all layers of the group."""
+
+    group: int
+    kind: str                   # "full" or "sliding"
+    window: Optional[int]       # None for a full group
+    sinks: int
+    layers: tuple[int, ...]
+    bytes_per_token: int        # one layer's row
+    blocks: int
+    bytes: int
+    unbounded_blocks: int
+    unbounded_bytes: int
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestMemory:
+    """The KV cache of one request of ``context`` positions, original vs rewritten (``RewriteReport.memory``),
+    and how many such requests a ``budget`` of bytes holds: ``budget // bytes`` (each group sized for the same
+    number of requests, docs/design.md §12 "Sizing"). Ratios are original over rewritten; a capacity ratio is
+    None when not one original request fits the budget."""
+
+    context: int
+    page_size: int
+    chunk: int
+    budget: int
+    original_bytes: int
+    groups: tuple[GroupMemory, ...]
+
+    @property
+    def rewritten_bytes(self) -> int:
+        """Bytes of the rewritten model's caches, sliding groups window-bounded."""
+        return sum(g.bytes for g in self.groups)
+
+    @property
+    def unbounded_bytes(self) -> int:
+        """Bytes of the rewritten model's caches when every position is kept (today's layout)."""
+        return sum(g.unbounded_bytes for g in self.groups)
+
+    def requests(self, nbytes: int) -> int:
+        return self.budget // nbytes if nbytes else 0
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.original_bytes / self.rewritten_bytes
+
+    @property
+    def unbounded_bytes_ratio(self) -> float:
+        return self.original_bytes / self.unbounded_bytes
+
+    def _capacity(self, nbytes: int) -> Optional[float]:
+        base = self.requests(self.original_bytes)
+        return self.requests(nbytes) / base if base else None
+
+    @property
+    def capacity_ratio(self) -> Optional[float]:
+        return self._capacity(self.rewritten_bytes)
+
+    @property
+    def unbounded_capacity_ratio(self) -> Optional[float]:
+        return self._capacity(self.unbounded_bytes)
+
+    def to_dict(self) -> dict:
+        """The JSON of ``swa-rewrite memory --json``'s ``contexts`` entries (README.md)."""
+        return dict(context=self.context, original_bytes=self.original_bytes, rewritten_bytes=self.rewritten_bytes,
+                    unbounded_bytes=self.unbounded_bytes, saved_bytes=self.original_bytes - self.rewritten_bytes,
+                    bytes_ratio=self.bytes_ratio, unbounded_bytes_ratio=self.unbounded_bytes_ratio,
+                    requests=dict(original=self.requests(self.original_bytes),
+                                  rewritten=self.requests(self.rewritten_bytes),
+                                  unbounded=self.requests(self.unbounded_bytes)),
+                    capacity_ratio=self.capacity_ratio, unbounded_capacity_ratio=self.unbounded_capacity_ratio,
+                    groups=[g.to_dict() for g in self.groups])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _fmt_layers(layers, limit: int = 36) -> str:
+    """Layer indices as runs (``0-2,4-6,8``), cut to about ``limit`` characters with ``...`` and the last run
+    (a 61-layer schedule stays on one line)."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs]
+    text = ",".join(parts)
+    if len(text) <= limit:
+        return text
+    kept: list[str] = []
+    for part in parts[:-1]:
+        if len(",".join(kept + [part, "...", parts[-1]])) > limit and kept:
+            break
+        kept.append(part)
+    return ",".join(kept + ["...", parts[-1]])
+
+
+def _fmt_ratio(r: Optional[float]) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
 @dataclasses.dataclass
 class RewriteReport:
-    """What ``apply`` did: a per-layer table, the pass results, trace and rewrite time."""
+    """What ``apply`` did: a per-layer table, the pass results, trace and rewrite time; and what one request's
+    KV cache takes per cache group, original vs rewritten (``memory``, ``render_memory``)."""
 
     schedule: Schedule
     rows: list[LayerRow]
@@ -226,9 +347,81 @@ class RewriteReport:
     def bytes_saved(self, num_tokens: int) -> int:
         return (self.bytes_per_token(False) - self.bytes_per_token(True)) * num_tokens
 
-    def render(self, num_tokens: int = DEFAULT_REPORT_TOKENS) -> str:
+    def kv_cache_spec(self, after: bool = True) -> tuple[KVCacheSpec, ...]:
+        """One ``KVCacheSpec`` per layer: of the rewritten model (``after``; sliding layers with their window
+        and sinks, as ``SWAModule.kv_cache_spec()`` states them), or of the model before the rewrite, every
+        layer full in its cache layout (every position kept)."""
+        if after:
+            return layer_specs(self.schedule, [r.cache_after for r in self.rows])
+        return tuple(KVCacheSpec.of_layout(*r.cache_before) for r in self.rows)
+
+    def memory(self, num_tokens: int, page_size: int = DEFAULT_PAGE_SIZE, *, chunk: int = 1,
+               budget: int = DEFAULT_BUDGET_BYTES) -> RequestMemory:
+        """One request of ``num_tokens`` positions: its cache bytes per group of the rewritten model (window-
+        bounded and unbounded), the original model's, and the capacity in ``budget`` bytes; pages of
+        ``page_size`` positions, ``chunk`` tokens per step (1: decode). The arithmetic is
+        ``ops.kv_cache_spec.bytes_per_request`` (docs/design.md §12)."""
+        if num_tokens < 1 or page_size < 1 or chunk < 1 or budget < 0:
+            raise ValueError(f"memory needs num_tokens, page_size and chunk >= 1 and budget >= 0, got "
+                             f"{num_tokens}, {page_size}, {chunk}, {budget}")
+        specs = self.kv_cache_spec(after=True)
+        kw = dict(chunk=chunk)
+        bounded = bytes_per_request(specs, num_tokens, page_size, bounded=True, **kw)
+        unbounded = bytes_per_request(specs, num_tokens, page_size, bounded=False, **kw)
+        groups = cache_groups(specs)
+        out = []
+        for g, (spec, _) in enumerate(group_specs(specs)):
+            out.append(GroupMemory(
+                group=g, kind=spec.kind, window=spec.window, sinks=spec.sinks,
+                layers=tuple(r.layer for r, k in zip(self.rows, groups) if k == g),
+                bytes_per_token=spec.bytes_per_token,
+                blocks=blocks_per_request(spec, num_tokens, page_size, bounded=True, **kw), bytes=bounded[g],
+                unbounded_blocks=blocks_per_request(spec, num_tokens, page_size, bounded=False, **kw),
+                unbounded_bytes=unbounded[g]))
+        original = sum(bytes_per_request(self.kv_cache_spec(after=False), num_tokens, page_size, bounded=False, **kw))
+        return RequestMemory(num_tokens, page_size, chunk, budget, original, tuple(out))
+
+    def render_memory(self, contexts=(4096, 32768, DEFAULT_REPORT_TOKENS), page_size: int = DEFAULT_PAGE_SIZE, *,
+                      chunk: int = 1, budget: int = DEFAULT_BUDGET_BYTES) -> str:
+        """The rewritten model's cache groups, then one row per context: one request's cache bytes, original,
+        per group and in total (window-bounded), unbounded, the bytes ratio and the capacity in ``budget``
+        (requests original / rewritten, unbounded in parentheses). A few lines for any layer count."""
+        mems = [self.memory(c, page_size, chunk=chunk, budget=budget) for c in contexts]
+        groups = mems[0].groups
+        lines = [f"KV cache of one request: page size {page_size}, C = {chunk} token{'s' if chunk > 1 else ''} per "
+                 f"step{' (decode)' if chunk == 1 else ''}, budget {_fmt_bytes(budget)}",
+                 f"  bounded: a sliding group holds its sink blocks + ceil((W - 1 + C) / {page_size}) + 1 blocks; "
+                 "unbounded: every position",
+                 "cache groups of the rewritten model:",
+                 f"  {'group':>5}  {'kind':<7} {'window':>7} {'sinks':>5} {'layers':>6} {'bytes/token':>11}  which"]
+        for g in groups:
+            lines.append(f"  {g.group:>5}  {g.kind:<7} {g.window if g.window is not None else '-':>7} "
+                         f"{g.sinks if g.window is not None else '-':>5} {len(g.layers):>6} {g.bytes_per_token:>11}  "
+                         f"{_fmt_layers(g.layers)}")
+        orig = self.kv_cache_spec(after=False)
+        lines.append(f"  original model: {len(orig)} layers, every position kept, "
+                     f"{sum(s.bytes_per_token for s in orig)} bytes/token in all")
+        gcols = "".join(f" {f'group {g.group}':>10}" for g in groups)
+        budget_head = f"requests in {_fmt_bytes(budget)}"
+        head = (f"{'context':>9} {'original':>10}{gcols} {'rewritten':>10} {'unbounded':>10}  "
+                f"{'bytes ratio':>14}  {budget_head:>22}  {'capacity ratio':>14}")
+        lines += ["", head]
+        for m in mems:
+            req = [m.requests(m.original_bytes), m.requests(m.rewritten_bytes), m.requests(m.unbounded_bytes)]
+            lines.append(f"{m.context:>9} {_fmt_bytes(m.original_bytes):>10}"
+                         + "".join(f" {_fmt_bytes(g.bytes):>10}" for g in m.groups)
+                         + f" {_fmt_bytes(m.rewritten_bytes):>10} {_fmt_bytes(m.unbounded_bytes):>10}  "
+                         f"{f'{_fmt_ratio(m.bytes_ratio)} ({_fmt_ratio(m.unbounded_bytes_ratio)})':>14}  "
+                         f"{f'{req[0]} / {req[1]} ({req[2]})':>22}  "
+                         f"{f'{_fmt_ratio(m.capacity_ratio)} ({_fmt_ratio(m.unbounded_capacity_ratio)})':>14}")
+        lines.append("ratios: original / rewritten, window-bounded (unbounded in parentheses); requests: original / "
+                     "rewritten (unbounded)")
+        return "\n".join(lines)
+
+    def render(self, num_tokens: int = DEFAULT_REPORT_TOKENS, *, saved: bool = True) -> str:
         """The per-layer table (each SWA layer's own window; a ``sinks`` column when any layer has sinks),
-        totals and the passes' results."""
+        totals (with the bytes saved at ``num_tokens`` cached tokens of every layer unless not ``saved``;
+        ``render_memory`` has the window-bounded numbers) and the passes' results."""
         with_sinks = any(r.sinks for r in self.rows)
         sinks_head = f" {'sinks':>5}" if with_sinks else ""
         head = (f"{'layer':>5}  {'attention':<16} {'window':>6}{sinks_head}  {'cache before':<18} {'cache after':<18} "
@@ -243,8 +436,10 @@ class RewriteReport:
                          f"{f'{b0} -> {b1}' if b0 != b1 else b0:>14}")
         b0, b1 = self.bytes_per_token(False), self.bytes_per_token(True)
         lines.append("-" * len(head))
-        lines.append(f"all layers: {b0} -> {b1} bytes/token ({100 * (1 - b1 / b0):.1f}% less); "
-                     f"{self.bytes_saved(num_tokens) / 2**30:.3f} GiB saved at {num_tokens} cached tokens")
+        total = f"all layers: {b0} -> {b1} bytes/token ({100 * (1 - b1 / b0):.1f}% less)"
+        if saved:
+            total += f"; {self.bytes_saved(num_tokens) / 2**30:.3f} GiB saved at {num_tokens} cached tokens"
+        lines.append(total)
         lines.append("passes: " + "; ".join(str(p) for p in self.passes) + f" ({self.seconds * 1e3:.0f} ms)")
         return "\n".join(lines)
 

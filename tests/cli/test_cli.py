@@ -61,7 +61,9 @@ def test_memory_table_and_png(tmp_path, capsys):
     assert code == 0
     # v3-attn dims: full layers 1152 B/token, SWA layers 656 B/token (4 layers, 2 SWA).
     assert "1152 -> 656" in out and "4608 -> 3616 bytes/token" in out
-    assert "0.785" in out and f"wrote {png}" in out
+    # At 4K: 4096 x 4608 B original; 2 x 4096 x 1152 B full + 2 x 656 B x (ceil(1024 / 64) + 1) x 64 sliding
+    # = 1.74x; unbounded, the bytes per token's 4608 / 3616 = 1.27x.
+    assert "1.74x (1.27x)" in out and f"wrote {png}" in out
     assert read_png_size(png) == (900, 550)
 
 
@@ -166,8 +168,12 @@ def test_memory_json(tmp_path, capsys):
     assert len(report["report"]["layers"]) == 61
     assert report["report"]["layers"][0]["cache_after"] == {"dtype": "uint8", "width": 656, "bytes_per_token": 656}
     big = report["contexts"][1]
-    assert big["context"] == 131072 and big["full_bytes"] == 131072 * 61 * 1152
-    assert big["saved_bytes"] == big["full_bytes"] - big["rewritten_bytes"]
+    assert big["context"] == 131072 and big["original_bytes"] == 131072 * 61 * 1152
+    assert big["unbounded_bytes"] == 131072 * (15 * 1152 + 46 * 656)
+    assert big["saved_bytes"] == big["original_bytes"] - big["rewritten_bytes"]
+    # Window-bounded: 46 sliding layers keep ceil(4096 / 64) + 1 = 65 blocks of 64 positions.
+    assert big["rewritten_bytes"] == 131072 * 15 * 1152 + 46 * 656 * 65 * 64
+    assert big["bytes_ratio"] == pytest.approx(3.85, abs=0.005)
 
 
 def test_diff_json(capsys):
