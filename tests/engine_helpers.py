@@ -4,11 +4,14 @@ import torch
 
 
 def assert_idle(engine):
-    """No request is left and no block is held by anyone (published ones may stay cached: they count as free)."""
-    bm = engine.blocks
+    """No request is left and no block of any cache group is held by anyone (published ones may stay cached:
+    they count as free)."""
     assert not engine.has_unfinished()
-    assert bm.num_free == bm.num_blocks
-    assert all(bm.refcount(b) == 0 for b in range(bm.num_blocks))
+    for usage, group in zip(engine.cache_usage(), engine.cache.groups):
+        bm = group.pool
+        assert usage.in_use == 0, usage
+        assert bm.num_free == bm.num_blocks == usage.total
+        assert all(bm.refcount(b) == 0 for b in range(bm.num_blocks))
 
 
 class FailingModel(torch.nn.Module):

@@ -17,7 +17,9 @@ class StepItem:
     """One request's share of a step: ``tokens`` to run, after ``num_cached`` already-cached positions.
 
     ``is_prefill`` marks prompt tokens (fresh or a chunk of a prompt); a decode runs the 1 (or 1+k, for
-    multi-token prediction) newest tokens.
+    multi-token prediction) newest tokens. ``block_table``: the request's block id of each page, one list
+    serving every cache group, or one list per group (``[G][pages]``: a window-bounded sliding group holds
+    only some pages, the others are ``-1``, docs/design.md §12).
     """
 
     tokens: Sequence[int]
@@ -43,10 +45,8 @@ class StepBatch:
         """Pack ``items`` into step tensors; pad to ``pad_to`` tokens and ``max_blocks`` table columns if given.
 
         ``num_groups``: the model's cache groups ``G`` (``ops.kv_cache_spec.cache_groups`` of its specs), the
-        leading dimension of ``block_tables [G, B, nb]`` and ``slot_mapping [G, T]``. For now every group gets
-        the same row: each request's one block table serves every group, whose caches (one block pool each,
-        of the same size) stay unbounded; holding only the blocks a sliding group's window covers
-        (docs/design.md §12, "Bounded") is the next step, and gives each group its own rows.
+        leading dimension of ``block_tables [G, B, nb]`` and ``slot_mapping [G, T]``; an item's one block table
+        serves every group, or it gives one per group (``StepItem``).
         """
         page_size = check_int("page_size", page_size, minimum=1)
         num_groups = check_int("num_groups", num_groups, minimum=1)
@@ -54,25 +54,31 @@ class StepBatch:
             pad_to = check_int("pad_to", pad_to)
         if max_blocks is not None:
             max_blocks = check_int("max_blocks", max_blocks, minimum=0)
-        ids, pos, slots, bids, cu = [], [], [], [], [0]
-        width = max([len(it.block_table) for it in items] + [max_blocks or 0, 1])
-        table = torch.full((1, len(items), width), -1, dtype=torch.int32)       # one row, repeated per group
-        for b, it in enumerate(items):
+        tables = [_group_tables(b, it.block_table, num_groups) for b, it in enumerate(items)]
+        ids, pos, bids, cu = [], [], [], [0]
+        slots: list[list[int]] = [[] for _ in range(num_groups)]
+        width = max([len(t) for per_group in tables for t in per_group] + [max_blocks or 0, 1])
+        table = torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
+        for b, (it, per_group) in enumerate(zip(items, tables)):
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
-            end = it.num_cached + len(it.tokens)
-            if end > len(it.block_table) * page_size:
-                raise ValueError(f"request {b} reaches position {end - 1} but has {len(it.block_table)} "
-                                 f"blocks of {page_size}")
             if not it.tokens:
                 raise ValueError(f"request {b} has no tokens to run")
-            table[0, b, :len(it.block_table)] = torch.tensor(list(it.block_table), dtype=torch.int32)
-            for i, tok in enumerate(it.tokens):
-                p = it.num_cached + i
-                ids.append(tok)
-                pos.append(p)
-                slots.append(it.block_table[p // page_size] * page_size + p % page_size)
-                bids.append(b)
+            end = it.num_cached + len(it.tokens)
+            for g, row in enumerate(per_group):
+                if end > len(row) * page_size:
+                    raise ValueError(f"request {b} reaches position {end - 1} but has {len(row)} blocks of "
+                                     f"{page_size}" + (f" in cache group {g}" if num_groups > 1 else ""))
+                table[g, b, :len(row)] = torch.tensor(list(row), dtype=torch.int32)
+                for p in range(it.num_cached, end):
+                    block = row[p // page_size]
+                    if block < 0:
+                        raise ValueError(f"request {b} writes position {p}, but its page {p // page_size} in cache "
+                                         f"group {g} is released (-1)")
+                    slots[g].append(block * page_size + p % page_size)
+            ids += list(it.tokens)
+            pos += range(it.num_cached, end)
+            bids += [b] * len(it.tokens)
             cu.append(cu[-1] + len(it.tokens))
         T = len(ids)
         pad = 0 if pad_to is None else pad_to - T
@@ -80,8 +86,9 @@ class StepBatch:
             raise ValueError(f"pad_to={pad_to} is smaller than the {T} tokens of the step")
         ids += [0] * pad
         pos += [0] * pad
-        slots += [-1] * pad
         bids += [-1] * pad
+        for row in slots:
+            row += [-1] * pad
         i32 = dict(dtype=torch.int32, device=device)
         meta = StepMetadata(
             positions=torch.tensor(pos, dtype=torch.int64, device=device),
@@ -89,20 +96,28 @@ class StepBatch:
             seq_lens_encoder=torch.tensor([len(it.tokens) if it.is_prefill else 0 for it in items], **i32),
             seq_lens_decoder=torch.tensor([it.num_cached for it in items], **i32),
             batch_id_per_token=torch.tensor(bids, **i32),
-            block_tables=table.repeat(num_groups, 1, 1).to(device),
-            slot_mapping=torch.tensor([slots] * num_groups, dtype=torch.int64, device=device),
+            block_tables=table.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device).view(num_groups, T + pad),
         )
         return StepBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=device), meta=meta,
                          last_token_index=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1)
 
 
-def token_of_slot(items: Sequence[StepItem], slot: int, page_size: int) -> Optional[tuple[int, int]]:
-    """``(b, position)``: the request ``b`` of ``items`` and the position in it whose token this step writes
-    to cache ``slot``, or None if no token of the step writes there (an error path's lookup, not a hot one)."""
-    block, offset = divmod(slot, page_size)
+def _group_tables(b: int, block_table, num_groups: int) -> list:
+    """An item's block table(s) as one list per cache group."""
+    rows = list(block_table)
+    if rows and isinstance(rows[0], (list, tuple)):
+        if len(rows) != num_groups:
+            raise ValueError(f"request {b} gives {len(rows)} block tables, expected one per cache group: {num_groups}")
+        return rows
+    return [rows] * num_groups
+
+
+def token_of_row(items: Sequence[StepItem], row: int) -> Optional[tuple[int, int]]:
+    """``(b, position)``: the request ``b`` of ``items`` and the position of the step's token ``row``, or None
+    for a padding row."""
     for b, it in enumerate(items):
-        for i, table_block in enumerate(it.block_table):
-            position = i * page_size + offset
-            if table_block == block and it.num_cached <= position < it.num_cached + len(it.tokens):
-                return b, position
+        if row < len(it.tokens):
+            return b, it.num_cached + row
+        row -= len(it.tokens)
     return None

@@ -13,7 +13,7 @@ import collections
 import hashlib
 import numbers
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 from ..ops.checks import check_int
 
@@ -54,10 +54,20 @@ class BlockManager:
         self._key_of: dict[int, Hashable] = {}
         self._block_of: dict[Hashable, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with no user, oldest first
+        self._in_use = 0
+        # Called with a cached block's key when allocation takes that block back (the KV-cache manager
+        # withdraws the later pages of its chain).
+        self.on_evict: Optional[Callable[[Hashable], None]] = None
 
     @property
     def num_free(self) -> int:
+        """Blocks allocation can hand out: free ones and cached ones no request holds."""
         return len(self._free) + len(self._evictable)
+
+    @property
+    def num_in_use(self) -> int:
+        """Blocks some request holds (a cached block nobody holds is not in use)."""
+        return self._in_use
 
     def _block(self, block: int) -> int:
         """``block`` as an int, after checking it names a block of this pool."""
@@ -77,29 +87,46 @@ class BlockManager:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if n > self.num_free:
             raise OutOfBlocksError(f"need {n} blocks, {self.num_free} free of {self.num_blocks}")
-        out = []
+        out, evicted = [], []
         for _ in range(n):
             if self._free:
                 block = self._free.pop()
             else:
                 block, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._key_of.pop(block)]
+                key = self._key_of.pop(block)
+                del self._block_of[key]
+                evicted.append(key)
             self._refs[block] = 1
+            self._in_use += 1
             out.append(block)
+        if self.on_evict is not None:
+            for key in evicted:
+                self.on_evict(key)
         return out
+
+    def lookup(self, key: Hashable) -> Optional[int]:
+        """The block cached as ``key``, or None (takes no reference)."""
+        return self._block_of.get(key)
+
+    def cached_prefix_length(self, keys: Sequence[Hashable]) -> int:
+        """How many leading ``keys`` are cached."""
+        n = 0
+        while n < len(keys) and keys[n] in self._block_of:
+            n += 1
+        return n
+
+    def acquire(self, key: Hashable) -> int:
+        """Take a reference on the block cached as ``key`` (a KeyError if none is) and return it."""
+        block = self._block_of[key]
+        if self._refs[block] == 0:
+            del self._evictable[block]
+            self._in_use += 1
+        self._refs[block] += 1
+        return block
 
     def match_prefix(self, keys: Sequence[Hashable]) -> list[int]:
         """Take a reference on the cached blocks of the longest known prefix of ``keys``."""
-        out = []
-        for key in keys:
-            block = self._block_of.get(key)
-            if block is None:
-                break
-            if self._refs[block] == 0:
-                del self._evictable[block]
-            self._refs[block] += 1
-            out.append(block)
-        return out
+        return [self.acquire(key) for key in keys[: self.cached_prefix_length(keys)]]
 
     def register(self, block: int, key: Hashable) -> bool:
         """Publish a full, written, allocated ``block`` as the cache of prefix ``key`` (first writer wins).
@@ -124,6 +151,12 @@ class BlockManager:
             del self._evictable[block]
             self._free.append(block)
 
+    def withdraw_key(self, key: Hashable) -> None:
+        """``unregister`` whatever block is cached as ``key`` (a no-op if none is)."""
+        block = self._block_of.get(key)
+        if block is not None:
+            self.unregister(block, key)
+
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block; unreferenced blocks become free (or evictable if cached).
 
@@ -136,6 +169,7 @@ class BlockManager:
         for block in blocks:
             self._refs[block] -= 1
             if self._refs[block] == 0:
+                self._in_use -= 1
                 if block in self._key_of:
                     self._evictable[block] = None
                 else:

@@ -12,10 +12,11 @@ import torch
 
 from ..ops.cache_write_checks import NonFiniteLatentError
 from ..ops.checks import check_int
-from ..ops.kv_cache_spec import cache_groups, num_groups
+from ..ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, num_groups
 from ..ops.step_check import check_kv_caches
-from .batch import StepBatch, StepItem, token_of_slot
-from .block_manager import BlockManager, OutOfBlocksError, chain_block_key, prefix_block_keys
+from .batch import StepBatch, StepItem, token_of_row
+from .block_manager import OutOfBlocksError, chain_block_key, prefix_block_keys
+from .kv_cache_manager import GroupUsage, KVCacheManager
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ class _Request:
     max_new_tokens: int
     reuse: bool = True           # may map cached prefix blocks (``logits`` computes every position)
     keep_logits: bool = False    # keep the logits of every position run (``logits``)
-    blocks: list[int] = dataclasses.field(default_factory=list)
+    max_blocks: list[int] = dataclasses.field(default_factory=list)   # the most it holds per cache group
+    tables: list[list[int]] = dataclasses.field(default_factory=list)  # per group: block of each page, or -1
     num_computed: int = 0        # positions whose latents are in the cache
     block_keys: list = dataclasses.field(default_factory=list)  # prefix keys of the full, written blocks
-    published: list[tuple[int, Hashable]] = dataclasses.field(default_factory=list)  # (block, key) it published
+    published: list = dataclasses.field(default_factory=list)   # (group, block, key) it published
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @property
@@ -87,39 +89,131 @@ class Engine:
     waits for blocks.
     """
 
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, page_size: int, max_tokens_per_step: int,
-                 prefix_caching: bool = True, device: torch.device | str | None = None,
-                 kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None):
+    def __init__(self, model: torch.nn.Module, *, num_blocks: Optional[int] = None, page_size: int,
+                 max_tokens_per_step: int, prefix_caching: bool = True, device: torch.device | str | None = None,
+                 kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None,
+                 kv_cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None,
+                 window_bounded: bool = True, poison_blocks: bool = False):
+        """
+        Args:
+            model: an ``MLAModel``, or what ``swa_rewrite.apply`` / ``swa_rewrite.compile`` return.
+            num_blocks: blocks of ``page_size`` positions in each cache group's pool. Give this or
+                ``kv_cache_bytes`` (or ``kv_caches``, whose shapes then give it).
+            page_size: positions per block.
+            max_tokens_per_step: the step's token budget (decodes first, then prompt chunks).
+            prefix_caching: share full blocks between requests with the same token prefix.
+            device: where steps run (default: the model's).
+            kv_caches: caches to use (one per layer, as the model's ``allocate_kv_cache`` makes them; a
+                compiled model's come from ``swa_rewrite.backend(...).allocate_kv_cache``); default: allocated.
+            kv_cache_spec: the per-layer ``KVCacheSpec``s of a model that does not state them (a model compiled
+                with ``torch.compile(model, backend=swa_rewrite.backend(schedule))``: ``backend.kv_cache_spec``).
+            kv_cache_bytes, max_model_len: size the pools from a byte budget instead of ``num_blocks``: every
+                group holds the same number of requests of ``max_model_len`` positions (sliding groups at their
+                bound), all within ``kv_cache_bytes``; longer requests are rejected.
+            window_bounded: sliding-window groups hold only their window and sinks (docs/design.md §12); False
+                keeps every position, as a full layer does (the unbounded layout, for comparison).
+            poison_blocks: fill every block with NaN as it is handed out (for tests: a read of a position the
+                step did not write, or of a released block, shows up as NaN).
+        """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
                             f"swa_rewrite.compile return), got {type(model).__name__}")
-        num_blocks = check_int("num_blocks", num_blocks, minimum=1)
         page_size = check_int("page_size", page_size, minimum=1)
         self.max_tokens_per_step = check_int("max_tokens_per_step", max_tokens_per_step, minimum=1)
+        if num_blocks is not None:
+            num_blocks = check_int("num_blocks", num_blocks, minimum=1)
+        self.max_model_len = None if max_model_len is None else check_int("max_model_len", max_model_len, minimum=1)
         self.model = model
         self.device = _run_device(model, device)
         self.vocab_size = _vocab_size(model)
         self.page_size = page_size
         self.prefix_caching = prefix_caching
-        self.blocks = BlockManager(num_blocks, page_size)
-        # Caches come from the model unless given (e.g. a compiled model: swa_rewrite.backend(...).allocate_kv_cache).
-        if kv_caches is None:
-            if not callable(getattr(model, "allocate_kv_cache", None)):
-                raise TypeError(f"{type(model).__name__} has no allocate_kv_cache method: pass kv_caches= "
-                                f"(one [num_blocks, page_size, ...] cache per layer)")
-            kv_caches = model.allocate_kv_cache(num_blocks, page_size, self.device)
-        check_kv_caches(kv_caches, _num_layers(model), blocks=(num_blocks, page_size), device=self.device)
-        self.kv_caches = kv_caches
-        # The model's cache groups (docs/design.md §12): each step carries one row of block tables and slots
-        # per group. Every group gets the same rows for now (its caches unbounded, of num_blocks each).
-        # A model that does not state its specs (torch.compile(model, backend=swa_rewrite.backend(schedule))) takes
-        # them as kv_cache_spec= (the backend's: backend.kv_cache_spec(model)), as it takes its caches.
-        self.cache_groups = model_cache_groups(model, len(kv_caches), kv_cache_spec)
+        self.window_bounded = bool(window_bounded)
+        num_layers = _num_layers(model)
+        specs, stated = _layer_specs(model, kv_cache_spec, kv_caches, page_size, num_layers)
+        # The model's cache groups (docs/design.md §12): each has its own pool, and each step carries one row of
+        # block tables and slots per group. A model that states no specs has one group of full layers.
+        self.cache_groups = cache_groups(specs) if stated else (0,) * len(specs)
         self.num_groups = num_groups(self.cache_groups)
+        first = {}
+        for layer, g in enumerate(self.cache_groups):
+            first.setdefault(g, layer)
+        self.group_specs = [specs[first[g]] for g in range(self.num_groups)]
+        counts = self._pool_sizes(specs, num_blocks, kv_cache_bytes, kv_caches)
+        if kv_caches is None:
+            kv_caches = self._allocate(model, specs, counts)
+        check_kv_caches(kv_caches, num_layers if num_layers is not None else len(specs), device=self.device,
+                        blocks=[(counts[g], page_size) for g in self.cache_groups])
+        self.kv_caches = kv_caches
+        self.cache = KVCacheManager(self.group_specs, counts, page_size, bounded=self.window_bounded,
+                                    on_allocate=self._poison if poison_blocks else None)
         self.stats = EngineStats()
         self._next_id = 0
         self._waiting: list[_Request] = []      # admission order
         self._running: list[_Request] = []      # admission order
+
+    def _pool_sizes(self, specs: Sequence[KVCacheSpec], num_blocks: Optional[int], kv_cache_bytes: Optional[int],
+                    kv_caches: Optional[list[torch.Tensor]]) -> list[int]:
+        """Blocks in each group's pool: ``num_blocks`` each, or sized from ``kv_cache_bytes``, or the caches'."""
+        if num_blocks is not None and kv_cache_bytes is not None:
+            raise ValueError("give num_blocks= (blocks per cache group) or kv_cache_bytes= (a byte budget), not both")
+        if kv_cache_bytes is not None:
+            kv_cache_bytes = check_int("kv_cache_bytes", kv_cache_bytes, minimum=1)
+            if self.max_model_len is None:
+                raise ValueError("kv_cache_bytes= needs max_model_len=: pools are sized for requests of that length")
+            if kv_caches is not None:
+                raise ValueError("kv_cache_bytes= sizes caches the engine allocates: do not pass kv_caches= too")
+            M, ps = self.max_model_len, self.page_size
+            chunk = min(self.max_tokens_per_step, M)
+            per_request = [blocks_per_request(s, M, ps, chunk=chunk, bounded=self.window_bounded)
+                           for s in self.group_specs]
+            block_bytes = [ps * sum(s.bytes_per_token for s, gl in zip(specs, self.cache_groups) if gl == g)
+                           for g in range(self.num_groups)]
+            request_bytes = sum(b * nb for b, nb in zip(block_bytes, per_request))
+            fit = kv_cache_bytes // request_bytes
+            if fit < 1:
+                raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no request of max_model_len={M} "
+                                 f"positions: one needs {request_bytes} bytes of cache")
+            log.info("cache pools sized for %d requests of %d positions: %s blocks per group", fit, M,
+                     [fit * b for b in per_request])
+            return [fit * b for b in per_request]
+        if num_blocks is not None:
+            return [num_blocks] * self.num_groups
+        if kv_caches is not None and len(kv_caches) == len(self.cache_groups):
+            first = {}
+            for layer, g in enumerate(self.cache_groups):
+                first.setdefault(g, layer)
+            if all(isinstance(kv_caches[first[g]], torch.Tensor) and kv_caches[first[g]].dim() == 3
+                   for g in range(self.num_groups)):
+                return [int(kv_caches[first[g]].shape[0]) for g in range(self.num_groups)]
+        raise TypeError("Engine needs num_blocks= (blocks per cache group) or kv_cache_bytes= with max_model_len=")
+
+    def _allocate(self, model: torch.nn.Module, specs: Sequence[KVCacheSpec], counts: list[int]) -> list[torch.Tensor]:
+        """The model's caches; pools of different sizes are allocated per layer from the specs' layouts."""
+        if not callable(getattr(model, "allocate_kv_cache", None)):
+            raise TypeError(f"{type(model).__name__} has no allocate_kv_cache method: pass kv_caches= "
+                            f"(one [num_blocks, page_size, ...] cache per layer)")
+        if len(set(counts)) == 1:
+            return model.allocate_kv_cache(counts[0], self.page_size, self.device)
+        return [torch.empty(counts[g], self.page_size, s.width, dtype=s.dtype, device=self.device)
+                for s, g in zip(specs, self.cache_groups)]
+
+    def _poison(self, group: int, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.device)
+        for cache, g in zip(self.kv_caches, self.cache_groups):
+            if g == group:
+                cache.index_fill_(0, index, 255 if cache.dtype == torch.uint8 else float("nan"))  # 0xFF: FP8 NaN
+
+    @property
+    def num_blocks(self) -> tuple[int, ...]:
+        """Blocks in each cache group's pool."""
+        return tuple(g.pool.num_blocks for g in self.cache.groups)
+
+    def cache_usage(self) -> list[GroupUsage]:
+        """Per cache group: blocks ``in_use`` (held by running requests; a released block that stays cached for
+        prefix reuse is not in use), the pool's ``total``, and ``peak_per_request``, the most blocks one request
+        has held at once, with the group's ``kind``, ``window`` and ``sinks``."""
+        return self.cache.usage()
 
     # ------------------------------------------------------------------------------------- step API
     def add_request(self, prompt: list[int], max_new_tokens: int) -> int:
@@ -216,9 +310,6 @@ class Engine:
         return torch.cat(req.logits)
 
     # ----------------------------------------------------------------------------------------- internals
-    def _blocks_for(self, num_positions: int) -> int:
-        return -(-num_positions // self.page_size)
-
     def _checked_prompt(self, name: str, prompt: Any, max_new_tokens: int) -> list[int]:
         """``prompt`` as a list of Python ints, after checking its ids and that its generation fits the cache."""
         if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__") or not hasattr(prompt, "__iter__"):
@@ -232,15 +323,26 @@ class Engine:
             if tok < 0 or (self.vocab_size is not None and tok >= self.vocab_size):
                 raise ValueError(f"{name}: token {j} is {tok}, expected an id in "
                                  f"[0, {self.vocab_size if self.vocab_size is not None else 'vocab_size'})")
-        need = self._blocks_for(len(prompt) + max_new_tokens)
-        if need > self.blocks.num_blocks:
-            raise ValueError(f"{name} needs {need} blocks of {self.page_size} positions, the cache has "
-                             f"{self.blocks.num_blocks}")
+        total = len(prompt) + max_new_tokens
+        if self.max_model_len is not None and total > self.max_model_len:
+            raise ValueError(f"{name} has {len(prompt)} tokens + max_new_tokens={max_new_tokens} = {total} "
+                             f"positions, more than max_model_len={self.max_model_len}")
+        for g, (need, pool) in enumerate(zip(self._max_blocks(len(prompt), total), self.num_blocks)):
+            if need > pool:
+                raise ValueError(f"{name} needs {need} blocks of {self.page_size} positions"
+                                 + (f" in cache group {g}" if self.num_groups > 1 else "")
+                                 + f", the cache has {pool}")
         return [int(tok) for tok in prompt]
+
+    def _max_blocks(self, num_prompt: int, total: int) -> list[int]:
+        """The most blocks per group a request of ``num_prompt`` + generated = ``total`` positions holds."""
+        return self.cache.max_blocks(total, min(self.max_tokens_per_step, num_prompt))
 
     def _add(self, prompt: list[int], max_new_tokens: int, *, reuse: bool = True,
              keep_logits: bool = False) -> _Request:
         r = _Request(self._next_id, prompt, len(prompt), max_new_tokens, reuse=reuse, keep_logits=keep_logits)
+        r.max_blocks = self._max_blocks(len(prompt), len(prompt) + max_new_tokens)
+        r.tables = [[] for _ in range(self.num_groups)]
         self._next_id += 1
         self._waiting.append(r)
         log.debug("request %d added: %d prompt tokens, %d new", r.rid, r.num_prompt, max_new_tokens)
@@ -276,29 +378,24 @@ class Engine:
         the prefix-cache entries ``r`` published, whose contents are not trusted (blocks other requests
         still hold stay theirs)."""
         if withdraw:
-            for block, key in r.published:
-                self.blocks.unregister(block, key)
+            self.cache.withdraw(r.published)
             r.published = []
-        blocks, r.blocks = r.blocks, []
-        self.blocks.free(blocks)
-
-    def _reserved(self) -> int:
-        return sum(self._blocks_for(r.num_prompt + r.max_new_tokens) - len(r.blocks) for r in self._running)
+        self.cache.release(r.tables)
 
     def _admit(self) -> None:
-        """Admit waiting requests in order while their whole generation fits beside the running ones."""
+        """Admit waiting requests in order while their whole generation fits beside the running ones in every
+        cache group."""
         while self._waiting:
             r = self._waiting[0]
-            need = self._blocks_for(r.num_prompt + r.max_new_tokens)
-            if self.blocks.num_free - self._reserved() < need:
+            if not self.cache.fits(r.max_blocks, [(o.max_blocks, o.tables) for o in self._running]):
                 break
             self._waiting.pop(0)
             if self.prefix_caching and r.reuse:
                 # Keep at least the last prompt token to compute: its logits start the generation.
                 keys = prefix_block_keys(r.tokens[: r.num_prompt - 1], self.page_size)
-                r.blocks = self.blocks.match_prefix(keys)
-                r.block_keys = keys[: len(r.blocks)]
-                r.num_computed = len(r.blocks) * self.page_size
+                hit, r.tables = self.cache.match_prefix(keys)
+                r.block_keys = keys[:hit]
+                r.num_computed = hit * self.page_size
                 self.stats.reused_tokens += r.num_computed
             self._running.append(r)
             log.debug("request %d admitted (%d prompt tokens from the prefix cache)", r.rid, r.num_computed)
@@ -315,11 +412,9 @@ class Engine:
                 break
             n = 1 if not r.in_prefill else min(budget, r.num_prompt - r.num_computed)
             reqs.append(r)
-            missing = self._blocks_for(r.num_computed + n) - len(r.blocks)
-            if missing > 0:
-                r.blocks += self.blocks.allocate(missing)
-            items.append(StepItem(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.blocks,
-                                  r.in_prefill))
+            self.cache.prepare(r.tables, r.num_computed, r.num_computed + n)
+            items.append(StepItem(r.tokens[r.num_computed:r.num_computed + n], r.num_computed,
+                                  [list(t) for t in r.tables], r.in_prefill))
             budget -= n
         assert items, "a running request always has work"
         return items
@@ -361,11 +456,12 @@ class Engine:
             new_tokens.append(new)
             if self.prefix_caching:
                 self._publish_full_blocks(r)
+            self.cache.slide(r.tables, r.num_computed)   # release what left the sliding groups' windows
         return new_tokens
 
     def _name_token(self, e: NonFiniteLatentError, items: list[StepItem], reqs: list[_Request]) -> Exception:
         """``e`` (a cache write's row and slot) restated as the request and token position that caused it."""
-        located = token_of_slot(items, e.slot, self.page_size)
+        located = token_of_row(items, e.row)
         if located is None:
             return e
         b, position = located
@@ -379,9 +475,9 @@ class Engine:
         ps = self.page_size
         while (len(r.block_keys) + 1) * ps <= r.num_computed:
             k = len(r.block_keys)
-            key = chain_block_key(r.block_keys[-1] if r.block_keys else None, r.tokens[k * ps:(k + 1) * ps])
-            if self.blocks.register(r.blocks[k], key):
-                r.published.append((r.blocks[k], key))
+            parent = r.block_keys[-1] if r.block_keys else None
+            key = chain_block_key(parent, r.tokens[k * ps:(k + 1) * ps])
+            r.published += self.cache.publish(r.tables, k, key, parent)
             r.block_keys.append(key)
 
 
@@ -431,6 +527,39 @@ def model_cache_groups(model: torch.nn.Module, num_layers: Optional[int] = None,
         raise ValueError(f"the cache specs of {type(model).__name__} describe {len(groups)} layers, but the model "
                          f"has {num_layers} caches")
     return groups
+
+
+def _layer_specs(model: torch.nn.Module, kv_cache_spec: Optional[Sequence], kv_caches: Optional[list[torch.Tensor]],
+                 page_size: int, num_layers: Optional[int]) -> tuple[list[KVCacheSpec], bool]:
+    """Per-layer ``KVCacheSpec``s: ``kv_cache_spec`` if given, else the model's (and True); a model that states
+    none has every layer full, in the layout of the given caches or of its own allocation (and False)."""
+    if kv_cache_spec is None and callable(getattr(model, "kv_cache_spec", None)):
+        kv_cache_spec = model.kv_cache_spec()
+    if kv_cache_spec is not None:
+        specs = list(kv_cache_spec)
+        for i, s in enumerate(specs):
+            if not isinstance(s, KVCacheSpec):
+                raise TypeError(f"kv_cache_spec[{i}] must be a KVCacheSpec, got {type(s).__name__}")
+        if num_layers is not None and len(specs) != num_layers:
+            raise ValueError(f"the cache specs of {type(model).__name__} describe {len(specs)} layers, but the "
+                             f"model has {num_layers} caches")
+        return specs, True
+    if kv_caches is None:
+        if not callable(getattr(model, "allocate_kv_cache", None)):
+            raise TypeError(f"{type(model).__name__} has no allocate_kv_cache method: pass kv_caches= "
+                            f"(one [num_blocks, page_size, ...] cache per layer)")
+        layouts = model.allocate_kv_cache(1, page_size, "meta")
+    else:
+        if not isinstance(kv_caches, (list, tuple)):
+            raise TypeError(f"kv_caches must be a list with one cache tensor per layer, got "
+                            f"{type(kv_caches).__name__}")
+        layouts = kv_caches
+    specs = []
+    for i, c in enumerate(layouts):
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"kv_caches[{i}] must be a tensor, got {type(c).__name__}")
+        specs.append(KVCacheSpec.of_layout(c.dtype, c.shape[-1]))
+    return specs, False
 
 
 def num_cache_groups(model: torch.nn.Module, kv_cache_spec: Optional[Sequence] = None) -> int:
