@@ -13,6 +13,7 @@ import torch
 
 from .models import MLAModel
 from .ops.checks import checks_disabled
+from .ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, sink_blocks
 from .rewrite import apply
 from .runtime import StepBatch, StepItem, num_cache_groups
 from .schedule import Schedule
@@ -32,15 +33,16 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def _fill(caches: list[torch.Tensor], latent_dim: int) -> None:
+def _fill(caches: list[torch.Tensor], latent_dim: int, dtype: torch.dtype = torch.bfloat16) -> None:
     """Write random latents into every slot, through the cache write op of each cache's format."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    device = caches[0].device if caches else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
     for layer, c in enumerate(caches):
         num_slots = c.shape[0] * c.shape[1]
         for start in range(0, num_slots, 1 << 18):
-            slots = torch.arange(start, min(num_slots, start + (1 << 18)), device="cuda")
-            latent = torch.randn(slots.numel(), latent_dim, generator=g, device="cuda").to(torch.bfloat16)
-            torch.ops.swa_rewrite.write_kv_cache(latent, c, slots, layer)
+            slots = torch.arange(start, min(num_slots, start + (1 << 18)), device=device)
+            latent = torch.randn(slots.numel(), latent_dim, generator=g, device=device).to(dtype)
+            torch.ops.swa_rewrite.write_kv_cache(latent, c, slots[None], layer, 0)
 
 
 def run_bench(model: MLAModel, schedule: Schedule, args) -> None:
@@ -103,3 +105,115 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
               f"{T / p0 * 1e6:>19.0f} {T / p1 * 1e6:>10.0f} {p0 / p1:>8.2f}x {c0:>19.0f} {c1:>10.0f}")
     print(f"report: {report.bytes_per_token(False)} -> {report.bytes_per_token(True)} bytes/token "
           f"(weights {weights / 2**30:.2f} GiB read per step)")
+
+
+# ------------------------------------------------------------------------------------------------ capacity
+def capacity_plan(specs: list[KVCacheSpec], context: int, page_size: int, budget: int, *, bounded: bool = True):
+    """How many requests at ``context`` (``context`` cached positions and one decode token) a cache of
+    ``budget`` bytes holds for a model whose layers have ``specs``: ``(requests, blocks per request per group,
+    pool blocks per group, cache groups of the layers)``. Every group's pool holds the same requests, sliding
+    groups at their decode bound (docs/design.md §12)."""
+    groups = cache_groups(specs)
+    first = {}
+    for layer, g in enumerate(groups):
+        first.setdefault(g, layer)
+    per_request = [blocks_per_request(specs[first[g]], context + 1, page_size, chunk=1, bounded=bounded)
+                   for g in range(len(first))]
+    request_bytes = sum(per_request[g] * page_size * s.bytes_per_token for s, g in zip(specs, groups))
+    fit = budget // request_bytes
+    return fit, per_request, [fit * b for b in per_request], groups
+
+
+def capacity_tables(specs: list[KVCacheSpec], groups, per_request: list[int], requests: int, context: int,
+                    page_size: int, bounded: bool = True) -> list[list[list[int]]]:
+    """Each request's block table per group for a decode at position ``context``: request ``r`` owns blocks
+    ``r·n … (r+1)·n - 1`` of a group holding ``n`` per request; a bounded sliding group maps only the sink pages
+    and the window's, the others are ``-1``."""
+    first = {}
+    for layer, g in enumerate(groups):
+        first.setdefault(g, layer)
+    pages = -(-(context + 1) // page_size)
+    needed = []
+    for g, n in enumerate(per_request):
+        spec = specs[first[g]]
+        if spec.kind == "sliding" and bounded:
+            lo = max(0, context - spec.window + 1) // page_size
+            keep = sorted(set(range(min(sink_blocks(spec, page_size), pages))) | set(range(lo, pages)))
+        else:
+            keep = list(range(pages))
+        assert len(keep) <= n, (g, len(keep), n)
+        needed.append(keep)
+    out = []
+    for r in range(requests):
+        row = []
+        for g, keep in enumerate(needed):
+            table = [-1] * pages
+            for j, p in enumerate(keep):
+                table[p] = r * per_request[g] + j
+            row.append(table)
+        out.append(row)
+    return out
+
+
+def run_capacity(model: MLAModel, schedule: Schedule, args, device: str = "cuda") -> list[dict]:
+    """The largest batch of ``args.contexts``-long requests the original and the rewritten model hold in a
+    KV budget of ``args.budget_gib`` GiB (caches allocated for real, filled with random latents, tables
+    synthetic), and the decode step of each at that batch (a CUDA graph on CUDA). Returns one dict per
+    (context, model) and prints a table."""
+    with checks_disabled(), torch.no_grad():
+        return _run_capacity(model, schedule, args, device)
+
+
+def _run_capacity(model: MLAModel, schedule: Schedule, args, device: str) -> list[dict]:
+    swa = apply(model, schedule)
+    ps, budget = args.page_size, int(args.budget_gib * 2**30)
+    cuda = torch.device(device).type == "cuda"
+    variants = [("original", model, True), ("rewritten", swa, True)]
+    if getattr(args, "unbounded", False):
+        variants.append(("rewritten, unbounded", swa, False))
+    rows = []
+    bar = progress(args.contexts, desc="capacity", disable=getattr(args, "no_progress", False))
+    for ctx in bar:
+        for name, m, bounded in variants:
+            bar.set_postfix_str(f"context {ctx}: {name}")
+            specs = list(m.kv_cache_spec())
+            fit, per_request, counts, groups = capacity_plan(specs, ctx, ps, budget, bounded=bounded)
+            if fit < 1:
+                rows.append(dict(context=ctx, model=name, requests=0))
+                continue
+            before = torch.cuda.memory_allocated() if cuda else 0
+            caches = [torch.empty(counts[g], ps, s.width, dtype=s.dtype, device=device) for s, g in zip(specs, groups)]
+            allocated = (torch.cuda.memory_allocated() - before) if cuda else sum(c.nbytes for c in caches)
+            _fill(caches, model.config.latent_dim, model.lm_head.weight.dtype)
+            tables = capacity_tables(specs, groups, per_request, fit, ctx, ps, bounded)
+            dec = StepBatch.build([StepItem([1], ctx, t, False) for t in tables], ps, num_groups=len(per_request),
+                                  device=device)
+            step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
+                             logits_indices=dec.last_token_index)
+            decode_us = median_us(_graphed(step) if cuda else step, args.iters)
+            rows.append(dict(context=ctx, model=name, requests=fit, allocated_bytes=allocated,
+                             blocks_per_request=per_request, decode_us=decode_us,
+                             tokens_per_s=fit / decode_us * 1e6))
+            caches = dec = step = None
+            if cuda:
+                torch.cuda.empty_cache()
+    print(capacity_table(rows, args.budget_gib))
+    return rows
+
+
+def capacity_table(rows: list[dict], budget_gib: float) -> str:
+    """Markdown table of ``run_capacity``'s rows, each model beside the original at the same context."""
+    out = [f"KV budget {budget_gib:g} GiB; decode: every request 1 token at the context",
+           "| context | model | requests | allocated GiB | capacity vs original | decode step (µs) | tokens/s | "
+           "throughput vs original |", "|---|---|---|---|---|---|---|---|"]
+    base = {r["context"]: r for r in rows if r["model"] == "original"}
+    for r in rows:
+        o = base.get(r["context"])
+        if not r["requests"]:
+            out.append(f"| {r['context']} | {r['model']} | 0 | - | - | - | - | - |")
+            continue
+        cap = r["requests"] / o["requests"] if o and o["requests"] else float("nan")
+        thr = r["tokens_per_s"] / o["tokens_per_s"] if o and o["requests"] else float("nan")
+        out.append(f"| {r['context']} | {r['model']} | {r['requests']} | {r['allocated_bytes'] / 2**30:.2f} | "
+                   f"{cap:.2f}x | {r['decode_us']:.0f} | {r['tokens_per_s']:.0f} | {thr:.2f}x |")
+    return "\n".join(out)

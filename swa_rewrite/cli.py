@@ -533,8 +533,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise CLIError("bench needs a CUDA device (none is visible); run it on a GPU machine")
-    # The largest context's caches (original model, --batch requests; see bench.py) beside the weights.
     skeleton = _build_model(args, meta=True, dtype=torch.bfloat16)
+    if args.capacity:
+        _check_fits("cuda", {"weights": _weight_bytes(skeleton),
+                             f"KV caches (--budget {args.budget_gib:g} GiB)": int(args.budget_gib * 2**30)})
+        from .bench import run_capacity
+
+        model = _build_model(args, device="cuda", dtype=torch.bfloat16)
+        run_capacity(model, _schedule(args, model.config.num_hidden_layers), args)
+        return 0
+    # The largest context's caches (original model, --batch requests; see bench.py) beside the weights.
     slots = args.batch * -(-(max(args.contexts) + 1) // args.page_size) * args.page_size
     _check_fits("cuda", {"weights": _weight_bytes(skeleton),
                          f"KV caches (--batch {args.batch} x context {max(args.contexts)})":
@@ -612,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--page-size", type=_positive, default=64, help="positions per cache block")
     bench.add_argument("--iters", type=_positive, default=20, help="timed decode steps per point")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when not a TTY)")
+    bench.add_argument("--capacity", action="store_true",
+                       help="instead: the largest batch of context-long requests each model holds in --budget GiB "
+                            "of KV cache (window-bounded SWA groups), and its decode throughput at that batch")
+    bench.add_argument("--budget", dest="budget_gib", type=float, default=DEFAULT_BUDGET_GIB, metavar="GIB",
+                       help="KV-cache budget in GiB for --capacity")
+    bench.add_argument("--unbounded", action="store_true",
+                       help="with --capacity: also the rewritten model with every position kept")
     bench.set_defaults(func=cmd_bench)
     return parser
 
