@@ -176,8 +176,11 @@ def test_multi_token_decode_reads_only_the_window(seed):
             else:
                 rows.append(table)
         ids = torch.tensor(tokens[n:n + k])
-        got = swa(ids, caches_b, StepBatch.build([StepItem(tokens[n:n + k], n, rows, False)], ps, num_groups=G).meta)
-        want = swa(ids, caches_u, StepBatch.build([StepItem(tokens[n:n + k], n, table, False)], ps, num_groups=G).meta)
+        ids = torch.cat([ids, torch.zeros(2, dtype=ids.dtype)])               # two padding tokens
+        got = swa(ids, caches_b, StepBatch.build([StepItem(tokens[n:n + k], n, rows, False)], ps, num_groups=G,
+                                                 pad_to=k + 2).meta)[:k]
+        want = swa(ids, caches_u, StepBatch.build([StepItem(tokens[n:n + k], n, table, False)], ps, num_groups=G,
+                                                  pad_to=k + 2).meta)[:k]
         assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
