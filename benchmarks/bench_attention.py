@@ -31,7 +31,7 @@ import triton
 os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # data checks synchronise; the serving path runs without
 
 from swa_rewrite import ops  # noqa: E402
-from swa_rewrite.kernels import paged_mla, sparse_mla  # noqa: E402
+from swa_rewrite.kernels import gathered_mla, paged_mla, sparse_mla  # noqa: E402
 from swa_rewrite.ops.fp8_cache import dequantize_fp8_reference  # noqa: E402
 from swa_rewrite.timing import graph_replay_us, median_us  # noqa: E402
 
@@ -334,7 +334,7 @@ def bench_variants(log, names):
         if W == 128:
             dense = ops.dequantize_fp8_cache(cache, rope_dim=P)
             run(f"dense decode B={B} ctx~{W + 350}",
-                lambda cfg, st: [lambda s=s: sparse_mla.paged_attention_fwd(
+                lambda cfg, st: [lambda s=s: gathered_mla.paged_attention_fwd(
                     s["q"], dense, s["meta"]["block_tables"], s["meta"]["cu_seqlens_q"],
                     s["meta"]["seq_lens_decoder"], s["meta"]["batch_id_per_token"], SCALE, P, window=0, fp8=False, config=cfg,
                     stats=st) for s in sets], time_graph)
@@ -355,7 +355,7 @@ def bench_dequant_cost(log):
         cache, sets = decode_sets(B, W, 128)
         dense = ops.dequantize_fp8_cache(cache, rope_dim=P)                       # [NB, 64, 576] bf16
         fp8 = time_graph([ours_swa(cache, s, W, staged=False) for s in sets])
-        bf16 = time_graph([lambda s=s: sparse_mla.paged_attention_fwd(
+        bf16 = time_graph([lambda s=s: gathered_mla.paged_attention_fwd(
             s["q"], dense, s["meta"]["block_tables"], s["meta"]["cu_seqlens_q"], s["meta"]["seq_lens_decoder"],
             s["meta"]["batch_id_per_token"], SCALE, P, window=W, fp8=False) for s in sets])
         print(f"  B={B:>3} W={W:>4}: fp8 {fp8:8.1f}  bf16 {bf16:8.1f}  ratio {fp8 / bf16:.2f}", flush=True)

@@ -10,7 +10,7 @@ partial tile is done after the loop with masked loads); the tiles can come throu
 tensor descriptors, block ``[1, BLOCK_N, …]``); the block ids can be read before the tile loop
 (``chunk``); the score product can be split between the warpgroups (``dedup``). Where the page size is
 not a multiple of the tile (or on request, ``kernel="generic"``) the launchers fall back to
-``sparse_mla._mla_attention_fwd_kernel`` with ``KEYS_PAGED`` (the gathered kernel of issue 4).
+``gathered_mla.paged_attention_fwd`` (the gathered kernel of issue 4, ``KEYS_PAGED``).
 
 A program owns one query token, ``BLOCK_H`` heads and one split of the token's positions; few tokens
 (decode) split them across programs and ``_combine_splits_kernel`` merges the partials by lse. Grids
@@ -26,9 +26,9 @@ import triton.language as tl
 
 from .. import fp8_format
 from . import interpreting
-from .sparse_mla import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
-                         _load_queries, _load_tile, _plan, _split_range, _store_rows, paged_attention_fwd,
-                         split_targets)
+from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
+                      _load_queries, _load_tile, _plan, _split_range, _store_rows, split_targets)
+from .gathered_mla import paged_attention_fwd
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -235,10 +235,10 @@ def _paged_tiles_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 # Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "tiles" (the kernel
-# above) or "generic" (sparse_mla's gathered kernel); ``tma``: tile loads through host TMA descriptors;
+# above) or "generic" (gathered_mla's kernel); ``tma``: tile loads through host TMA descriptors;
 # ``chunk``: block ids read per outer step (0: one scalar load per tile); ``dedup``: scores through a per-SM
 # scratch slot; ``bf16_dequant``: FP8 tiles dequantised in bf16 (exact: power-of-two scales). Other keys
-# (block_n, num_warps, num_stages, splits, …) as sparse_mla.DEFAULT_CONFIG.
+# (block_n, num_warps, num_stages, splits, …) as _common.DEFAULT_CONFIG.
 # Dense default (2026-11-28, H200, RESULTS.md issue 17): page tiles through TMA, 64 keys, 2 stages: 2.4x
 # the gathered kernel at B = 128 and 1.9x at B = 8 (H = 128), 1.6-2.3x at H = 64 / 16; every other variant
 # tried was slower.

@@ -91,7 +91,7 @@ JITFunction.run = aot_run
 
 
 def main():
-    from swa_rewrite.kernels import fp8_cache, kv_cache, paged_mla, sparse_mla, swa_indexer
+    from swa_rewrite.kernels import fp8_cache, gathered_mla, kv_cache, paged_mla, sparse_mla, swa_indexer
     from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
     from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -118,7 +118,7 @@ def main():
                                 window=128, page_size=ps, sinks=4)             # attention sinks (issue 13)
         q = torch.zeros(T, H, D, dtype=torch.bfloat16)
         meta = (m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token, 0.1, P)
-        sparse_mla.paged_attention_fwd(q, bf16, *meta, window=0, fp8=False)  # dense paged, gathered (issue 4)
+        gathered_mla.paged_attention_fwd(q, bf16, *meta, window=0, fp8=False)  # dense paged, gathered (issue 4)
         paged_mla.paged_mla_attention_fwd(q, bf16, *meta)                     # dense default: page tiles, TMA
         for cfg in ({"kernel": "tiles", "tma": False},                       # other page-tile variants (issue 17)
                     {"kernel": "tiles", "tma": True, "chunk": 64, "block_n": 32, "num_stages": 4, "dedup": True}):

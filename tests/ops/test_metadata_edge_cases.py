@@ -6,7 +6,8 @@ import torch
 
 from swa_rewrite import ops
 from swa_rewrite.kernels import swa_indexer as indexer_kernel
-from swa_rewrite.kernels.sparse_mla import paged_attention_fwd, swa_attention_fwd
+from swa_rewrite.kernels.gathered_mla import paged_attention_fwd
+from swa_rewrite.kernels.sparse_mla import swa_attention_fwd
 from swa_rewrite.ops.fp8_cache import fp8_cache_bytes
 from swa_rewrite.runtime import StepBatch, StepItem
 

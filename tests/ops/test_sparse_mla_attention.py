@@ -229,7 +229,7 @@ def test_swa_token_tiles_interpreter(seed, H, window, ps):
 
 
 def test_token_tiles_are_planned_for_few_heads_on_the_staged_path():
-    from swa_rewrite.kernels.sparse_mla import KEYS_INDICES, KEYS_PAGED, KEYS_ROWS, _plan
+    from swa_rewrite.kernels._common import KEYS_INDICES, KEYS_PAGED, KEYS_ROWS, _plan
     cpu = torch.device("cpu")
     assert [_plan(4096, H, 128, cpu, None, KEYS_ROWS)["block_t"] for H in (1, 5, 16, 32, 64, 128)] == [64, 8, 4, 2, 1, 1]
     assert _plan(4096, 16, 128, cpu, None, KEYS_PAGED)["block_t"] == 1
