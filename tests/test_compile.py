@@ -2,9 +2,12 @@
 
 import copy
 import dataclasses
+import importlib.util
 import io
+import pathlib
 import random
 import re
+import unittest.mock
 
 import pytest
 import torch
@@ -276,6 +279,75 @@ def test_export_takes_keyword_arguments(seed):
     assert all(torch.equal(x, y) for x, y in zip(c1, c2))
 
 
+def test_export_takes_keyword_arguments_only(seed):
+    """``torch.export.export(swa, args=(), kwargs=dict(input_ids=..., kv_caches=..., meta=...))`` (issue 14): every
+    input by keyword, with and without ``logits_indices``; the program runs equal to eager, writes equal."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [1], 4)
+    swa = apply(model, schedule)
+    b = StepBatch.build(random_items(rng, 16), 16, num_groups=ALL_GROUPS)
+    caches = packed_caches(model, schedule)
+    for extra in ({}, {"logits_indices": b.last_token_index}):
+        kwargs = dict(input_ids=b.input_ids, kv_caches=caches, meta=b.meta, **extra)
+        ep = torch.export.export(swa, args=(), kwargs=kwargs)
+        assert op_count(ep.graph, "swa_mla_attention") == {1: 1}
+        c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
+        with torch.no_grad():
+            got = ep.module()(**dict(kwargs, kv_caches=c1))
+            ref = swa(**dict(kwargs, kv_caches=c2))
+        assert got.shape == (b.input_ids.shape[0] if not extra else b.last_token_index.shape[0], TINY.vocab_size)
+        torch.testing.assert_close(got, ref)
+        assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+# torch.export's non-strict path runs an fx.GraphModule (the rewritten SWAModule is one) as
+# ``fx.Interpreter(mod).run(*args, *kwargs.values())`` (torch/export/_trace.py, _aot_export_non_strict): keyword
+# arguments bind to forward's parameters in the order the caller wrote them, not by name. In forward's order they
+# work (the tests above); in another order the first node (the step check) sees the wrong values, or, where shapes
+# happen to fit (input_ids and logits_indices of a decode), the program silently swaps them. Strict export
+# (Dynamo) binds by name. An upstream limitation for every GraphModule: nothing in the rewrite can reorder them.
+@pytest.mark.parametrize("strict", [
+    True,
+    pytest.param(False, marks=pytest.mark.xfail(reason="torch.export non-strict binds a GraphModule's keyword "
+                                                       "arguments by position (upstream)", strict=False)),
+])
+def test_export_keyword_arguments_in_another_order(strict, seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [1], 4)
+    swa = apply(model, schedule)
+    b = StepBatch.build(random_items(rng, 16), 16, num_groups=ALL_GROUPS)
+    caches = packed_caches(model, schedule)
+    kwargs = dict(logits_indices=b.last_token_index, meta=b.meta, kv_caches=caches, input_ids=b.input_ids)
+    ep = torch.export.export(swa, args=(), kwargs=kwargs, strict=strict)
+    c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
+    with torch.no_grad():
+        got = ep.module()(**dict(kwargs, kv_caches=c1))
+        ref = swa(**dict(kwargs, kv_caches=c2))
+    torch.testing.assert_close(got, ref)
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+def test_bench_compile_cpu_smoke(capsys):
+    """``benchmarks/bench_compile.py --cpu``: both models, eager and through ``DecodeGraphs``'s buffers, with the
+    byte arithmetic of the predicted speed-up (tiny: full rows 144 float32 = 576 B, packed rows 164 B)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--cpu", "--contexts", "16", "--iters", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+graphs")]
+    assert "| context | mode | original (µs) | rewritten (µs) |" in out and "| 16 | eager+graphs |" in out
+    # B = 2 requests, 17 positions read per full layer, min(W = 8, 17) per sliding layer (layers 0 and 2).
+    original, rewritten = 4 * 2 * 17 * 576, 2 * 2 * 17 * 576 + 2 * 2 * 8 * 164
+    assert rows[0]["kv_ratio"] == pytest.approx(original / rewritten)
+    weights = bench.weight_bytes(MLAModel(TINY), 2)
+    assert rows[0]["predicted"] == pytest.approx((weights + original) / (weights + rewritten))
+    assert all(r["original_us"] > 0 and r["rewritten_us"] > 0 for r in rows)
+
+
 def test_backend_rejects_non_schedules():
     with pytest.raises(TypeError, match="schedule must be a swa_rewrite.Schedule"):
         swa_rewrite.backend([1, 0, 1])
@@ -284,30 +356,64 @@ def test_backend_rejects_non_schedules():
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(seed):
-    """mode="reduce-overhead": decode steps replay a CUDA graph with the Triton ops; logits and cache
-    writes equal eager ones (bf16, so compared in norm: greedy tokens of a random model can flip on ties)."""
+    """mode="reduce-overhead" (Inductor's CUDA-graph trees): decode steps replay a CUDA graph with the Triton ops;
+    logits and cache writes equal eager ones (bf16, so compared in norm: greedy tokens of a random model can flip
+    on ties).
+
+    What a replay copies: cudagraph trees copy every non-static tensor input into the graph's own input buffers
+    before each replay (``CUDAGraphNode._copy_inputs_and_remove_from_src``, watched here). The caches (addresses
+    marked static by ``allocate_kv_cache``), parameters and buffers are static: none of them is copied, and what
+    is copied per replay is at most the step's token ids and metadata. (Inductor's counter
+    ``cudagraph_recorded_non_static_inputs`` is not 0 and cannot be while step shapes are dynamic: it also counts
+    the symbolic sizes of the step, which are not tensors and are not copied.)"""
+    from torch._inductor import cudagraph_trees
+
+    node_type = getattr(cudagraph_trees, "CUDAGraphNode", None)
+    copy_inputs = getattr(node_type, "_copy_inputs_and_remove_from_src", None)
+    if copy_inputs is None:
+        pytest.skip("this torch's cudagraph trees have no CUDAGraphNode._copy_inputs_and_remove_from_src to watch")
+    copied = []                                              # per replay: the tensors copied into the graph
+
+    def watch(self, dsts, srcs):
+        copied.append([srcs[i] for i in self.non_static_input_idx if isinstance(srcs[i], torch.Tensor)])
+        return copy_inputs(self, dsts, srcs)
+
     rng = random.Random(seed)
     model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     compiled = swa_rewrite.compile(model, schedule, fullgraph=True, mode="reduce-overhead")
     eager = apply(model, schedule)
     caches = compiled.allocate_kv_cache(16, 16, "cuda")
+    owned = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+             for t in [*caches, *model.parameters(), *model.buffers()]]
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 30, 5, 21)]
     tables = [[4 * b + i for i in range(4)] for b in range(4)]
-    with torch.no_grad():
+    replays = 0
+    with torch.no_grad(), unittest.mock.patch.object(node_type, "_copy_inputs_and_remove_from_src", watch):
         step(eager, caches, [StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16)   # prefill
-        for i in range(5):                                                                      # decodes
+        for i in range(8):                                                                      # decodes
             items = [StepItem([rng.randrange(256)], len(p) + i, t, False) for p, t in zip(prompts, tables)]
             ref_caches = [c.clone() for c in caches]
             ref = step(eager, ref_caches, items, 16)
-            got = step(compiled, caches, items, 16)
+            b = StepBatch.build(items, 16, num_groups=ALL_GROUPS, device="cuda")
+            step_bytes = sum(t.numel() * t.element_size() for t in
+                             [b.input_ids, *(getattr(b.meta, f.name) for f in dataclasses.fields(StepMetadata))])
+            n = len(copied)
+            got = compiled(b.input_ids, kv_caches=caches, meta=b.meta)
+            for tensors in copied[n:]:
+                replays += 1
+                assert sum(t.numel() * t.element_size() for t in tensors) <= step_bytes, (i, tensors)
+                for t in tensors:
+                    start, end = t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
+                    assert all(end <= p or p + size <= start for p, size in owned), \
+                        f"a replay copied a cache, parameter or buffer: {tuple(t.shape)} {t.dtype}"
             assert rel_err(got, ref) < 2e-2, i
-            for layer, (a, b) in enumerate(zip(caches, ref_caches)):
-                if a.dtype == torch.uint8:   # the packed writes happened, and wrote the same latents
-                    a, b = (swa_rewrite.ops.dequantize_fp8_cache(x, rope_dim=16) for x in (a, b))
-                assert rel_err(a.float().nan_to_num(), b.float().nan_to_num()) < 2e-2, (i, layer)
+            for layer, (x, y) in enumerate(zip(caches, ref_caches)):
+                if x.dtype == torch.uint8:   # the packed writes happened, and wrote the same latents
+                    x, y = (swa_rewrite.ops.dequantize_fp8_cache(c, rope_dim=16) for c in (x, y))
+                assert rel_err(x.float().nan_to_num(), y.float().nan_to_num()) < 2e-2, (i, layer)
+    assert replays >= 3, (replays, dict(counters["inductor"]))   # warm-up, recording, then replays
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
-    assert counters["inductor"].get("cudagraph_recorded_non_static_inputs", 0) == 0, dict(counters["inductor"])
 
 
 def test_export_with_dynamic_step_shapes(seed):
