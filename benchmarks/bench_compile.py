@@ -1,95 +1,224 @@
-"""torch.compile with the SWA rewrite on the GPU (issue 6): compile time with and without the pass, and the
-decode-step latency of the `v3-attn` config eager vs compiled vs compiled + CUDA graphs.
+"""Decode-step latency of the original and the rewritten model, timed the same ways (issue 14), with the
+speed-up the bytes predict beside each measured one.
 
-    PYTHONPATH=. python benchmarks/bench_compile.py [--batch 32] [--context 4096] [--window 128]
+    PYTHONPATH=. python benchmarks/bench_compile.py                       # v3-attn, 4K / 32K / 128K, batch 32
+    PYTHONPATH=. python benchmarks/bench_compile.py --quick               # smoke run: 4K, batch 8, few iterations
+    PYTHONPATH=. python benchmarks/bench_compile.py --batch 64 --contexts 32768,131072 --modes inductor,inductor+graphs
+    PYTHONPATH=. python benchmarks/bench_compile.py --cpu                 # CPU smoke path: tiny config, tiny contexts
 
-Prints a table; every time is the median of CUDA-event timings after warm-up. Data checks are off
-(SWA_REWRITE_CHECKS=0), as in serving.
+Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite.apply`` for eager,
+``swa_rewrite.compile`` for Inductor, both with the schedule ``--skip-freq`` / ``--window``):
+
+- ``eager``: the step as Python launches it;
+- ``eager+graphs``: the eager step as a CUDA graph, ``runtime.cuda_graphs.DecodeGraphs`` (the step's inputs
+  packed on the host and sent in one copy, then a replay);
+- ``inductor``: ``swa_rewrite.compile(model, schedule, fullgraph=True)``; the original through the same call with
+  a schedule that selects no layer (``torch.compile`` through the backend, which rewrites nothing: the same
+  Dynamo/Inductor settings for both, dynamic step dimensions included);
+- ``reduce-overhead``: the same with ``mode="reduce-overhead"`` (Inductor's CUDA-graph trees);
+- ``inductor+graphs``: the Inductor step inside ``DecodeGraphs``.
+
+Caches are allocated once per model for the longest context (``--batch`` requests of it) and shared by all
+contexts. Every time is the median of ``swa_rewrite.timing.median_us`` (CUDA events on the GPU) after warm-up, with data
+checks off (``checks_disabled``), as in serving. One decode step: ``--batch`` requests of one token each,
+``context`` tokens cached, page ``--page-size``; caches hold random bytes (what is timed does not depend on
+their values). Predicted speed-up = bytes the original's step reads / bytes the rewritten's reads: every
+weight once (the embedding only its ``B`` rows), each full layer ``B·(ctx+1)`` cache rows of ``R+P`` model-dtype
+values (1152 B for V3), each sliding layer ``B·min(W + sinks, ctx+1)`` packed rows (656 B); the KV-only ratio
+leaves the weights out. On the CPU (``--cpu``) the graph modes run the same buffers eagerly (no CUDA graphs).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import gc
+import sys
 import time
+from typing import Callable, Optional, Sequence
 
-os.environ.setdefault("SWA_REWRITE_CHECKS", "0")
+import torch
 
-import torch  # noqa: E402
-import torch._dynamo  # noqa: E402
-import triton  # noqa: E402
+import swa_rewrite
+from swa_rewrite import Schedule, apply
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.ops.checks import checks_disabled
+from swa_rewrite.ops.kv_cache_spec import FULL
+from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
+from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
+from swa_rewrite.timing import median_us
 
-import swa_rewrite  # noqa: E402
-from swa_rewrite import Schedule, apply  # noqa: E402
-from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
-from swa_rewrite.timing import median_us as cuda_time  # noqa: E402
-from swa_rewrite.ops.kv_cache_spec import num_groups, schedule_cache_groups  # noqa: E402
-from swa_rewrite.runtime import StepBatch, StepItem  # noqa: E402
-
-
-def decode_batch(batch: int, context: int, page_size: int, num_groups: int) -> StepBatch:
-    blocks = -(-(context + 1) // page_size)
-    items = [StepItem([7], context, list(range(b * blocks, (b + 1) * blocks)), False) for b in range(batch)]
-    return StepBatch.build(items, page_size, num_groups=num_groups, device="cuda")
+MODES = ("eager", "eager+graphs", "inductor", "reduce-overhead", "inductor+graphs")
+CPU_MODES = ("eager", "eager+graphs")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--page-size", type=int, default=64)
-    args = p.parse_args()
-    torch.set_grad_enabled(False)
-    cfg = MLAConfig.named("v3-attn")
-    model = MLAModel(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
-    schedule = Schedule.from_skip_freq(2, cfg.num_hidden_layers, args.window)   # layers 0, 2 SWA
-    # One step for both models: every cache group's rows are the same (caches are not window-bounded yet),
-    # so the original reads group 0 of the rewritten model's groups.
-    b = decode_batch(args.batch, args.context, args.page_size, num_groups(schedule_cache_groups(schedule)))
-    num_blocks = args.batch * -(-(args.context + 1) // args.page_size)
-    rewritten = apply(model, schedule)
-    caches_full = model.allocate_kv_cache(num_blocks, args.page_size)
-    caches_swa = rewritten.allocate_kv_cache(num_blocks, args.page_size)
-    for c in caches_full + caches_swa:
-        torch._dynamo.mark_static_address(c)   # lets CUDA graphs capture the in-place cache writes
-        c.copy_(torch.randint(0, 100, c.shape, device="cuda", dtype=torch.uint8).view(c.dtype)
-                if c.dtype == torch.uint8 else torch.randn_like(c) * 0.1)
-    idx = b.last_token_index
+def decode_batch(batch: int, context: int, page_size: int, num_groups: int, device) -> StepBatch:
+    """``batch`` one-token decodes with ``context`` tokens cached each, request ``b`` on blocks
+    ``b·nb … (b+1)·nb - 1`` (every group the same table)."""
+    nb = -(-(context + 1) // page_size)
+    items = [StepItem([7], context, list(range(b * nb, (b + 1) * nb)), False) for b in range(batch)]
+    return StepBatch.build(items, page_size, num_groups=num_groups, device=device)
 
-    def call(m, caches):
-        return lambda: m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=idx)
 
-    rows = []
+def weight_bytes(model: torch.nn.Module, batch: int) -> int:
+    """Bytes of weights one decode step reads: every parameter once, the input embedding only its ``batch``
+    rows (unless it is tied to the output head, which reads it whole)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if embed is not None and embed is not head:
+        total -= embed.numel() * embed.element_size() - batch * embed.shape[1] * embed.element_size()
+    return total
 
-    def compile_and_time(name, make, caches):
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        m = make()
-        fn = call(m, caches)
-        fn()
+
+def kv_bytes(specs: Sequence, context: int, batch: int) -> int:
+    """Cache bytes one decode step reads: each full layer ``ctx + 1`` rows per request, each sliding layer
+    ``min(W + sinks, ctx + 1)``."""
+    rows = [context + 1 if s.kind == FULL else min(s.window + s.sinks, context + 1) for s in specs]
+    return sum(batch * n * s.bytes_per_token for n, s in zip(rows, specs))
+
+
+def fill_random(caches: list[torch.Tensor]) -> None:
+    """Finite random contents (packed rows: bytes below 100, finite as FP8, float32 scales and bf16 rope)."""
+    for c in caches:
+        if c.dtype == torch.uint8:
+            c.random_(0, 100)
+        else:
+            c.normal_(0, 0.1)
+
+
+def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, schedule: Schedule,
+          caches: list[torch.Tensor], b: StepBatch, host_b: StepBatch, groups: int,
+          device: torch.device) -> tuple[Callable[[], object], float]:
+    """One decode step of ``which`` ("original" / "rewritten") in ``mode``, and the seconds its setup took
+    (compile, capture and the first call)."""
+    t0 = time.perf_counter()
+    if mode in ("eager", "eager+graphs"):
+        step = model if which == "original" else rewritten
+    else:
+        # Both through swa_rewrite.compile, so both get the same Dynamo/Inductor settings (dynamic step
+        # dimensions, checks off); the original's schedule selects no layer, so its graph is not rewritten.
+        kw = dict(mode="reduce-overhead") if mode == "reduce-overhead" else {}
+        empty = Schedule(schedule.window, [], schedule.num_layers)
+        step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True, **kw)
+    if mode.endswith("+graphs"):
+        graphs = DecodeGraphs(step, caches, num_groups=groups, page_size=caches[0].shape[1],
+                              max_blocks=b.meta.block_tables.shape[2], buckets=[b.input_ids.shape[0]], device=device,
+                              graphs=device.type == "cuda")
+        fn: Callable[[], object] = lambda: graphs.run(host_b)  # noqa: E731
+    else:
+        idx = b.last_token_index
+        fn = lambda: step(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=idx)  # noqa: E731
+    fn()
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
-        pass_s = m.swa_backend.pass_seconds if hasattr(m, "swa_backend") else 0.0
-        rows.append((name, compile_s, pass_s, cuda_time(fn)))
+    return fn, time.perf_counter() - t0
 
-    rows.append(("original, eager", 0.0, 0.0, cuda_time(call(model, caches_full))))
-    rows.append(("rewritten (apply), eager", 0.0, 0.0, cuda_time(call(rewritten, caches_swa))))
-    # Compile each twice, alternating, so one-time start-up cost (Inductor's first import and Triton
-    # compiles) does not land on whichever variant happens to go first.
-    for _ in range(2):
-        compile_and_time("original, torch.compile (inductor)", lambda: torch.compile(model, fullgraph=True),
-                         caches_full)
-        compile_and_time("swa_rewrite.compile (backend + inductor)",
-                         lambda: swa_rewrite.compile(model, schedule, fullgraph=True), caches_swa)
-    compile_and_time("swa_rewrite.compile reduce-overhead",
-                     lambda: swa_rewrite.compile(model, schedule, fullgraph=True, mode="reduce-overhead"), caches_swa)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; v3-attn "
-          f"({cfg.num_hidden_layers} layers, H={cfg.num_attention_heads}), {schedule}; decode step of "
-          f"{args.batch} requests at context {args.context}, page {args.page_size}")
-    print(f"{'variant':<44} {'compile+1st call (s)':>20} {'of it, the pass (s)':>20} {'decode step (µs)':>17}")
-    for name, cs, ps, us in rows:
-        print(f"{name:<44} {cs:>20.1f} {ps:>20.3f} {us:>17.1f}")
+
+def run(args) -> list[dict]:
+    device = torch.device("cpu" if args.cpu else "cuda")
+    cfg = MLAConfig.named(args.config)
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    model = MLAModel(cfg, device=device, dtype=dtype, seed=0)
+    schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
+    rewritten = apply(model, schedule)
+    specs = {"original": model.kv_cache_spec(), "rewritten": rewritten.kv_cache_spec()}
+    groups = {"original": num_cache_groups(model), "rewritten": num_cache_groups(rewritten)}
+    weights = weight_bytes(model, args.batch)
+    # One set of caches per model, sized for the longest context, serves every context: the compiled graphs
+    # then differ between contexts only in the (dynamic) step dimensions, so Inductor's caches serve them.
+    max_nb = -(-(max(args.contexts) + 1) // args.page_size)
+    result = {}
+    for which, eager_model in (("original", model), ("rewritten", rewritten)):
+        caches = eager_model.allocate_kv_cache(args.batch * max_nb, args.page_size, device)
+        fill_random(caches)
+        for c in caches:
+            torch._dynamo.mark_static_address(c)        # reduce-overhead captures the in-place writes
+        for ctx in args.contexts:
+            b = decode_batch(args.batch, ctx, args.page_size, groups[which], device)
+            host_b = decode_batch(args.batch, ctx, args.page_size, groups[which], "cpu")
+            for mode in args.modes:
+                torch._dynamo.reset()
+                print(f"  {which}, context {ctx}, {mode} ...", file=sys.stderr, flush=True)
+                fn, setup_s = build(mode, which, model, rewritten, schedule, caches, b, host_b, groups[which], device)
+                result[(which, ctx, mode)] = (median_us(fn, args.iters, warmup=args.warmup, device=device), setup_s)
+                fn = None
+        caches = b = None
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = []
+    for ctx in args.contexts:
+        kv = {w: kv_bytes(specs[w], ctx, args.batch) for w in specs}
+        for mode in args.modes:
+            (t0, s0), (t1, s1) = result[("original", ctx, mode)], result[("rewritten", ctx, mode)]
+            rows.append(dict(context=ctx, mode=mode, original_us=t0, rewritten_us=t1, speedup=t0 / t1,
+                             predicted=(weights + kv["original"]) / (weights + kv["rewritten"]),
+                             kv_ratio=kv["original"] / kv["rewritten"], original_setup_s=s0, rewritten_setup_s=s1))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    """The markdown table of ``rows`` (one per context and mode)."""
+    lines = ["| context | mode | original (µs) | rewritten (µs) | speed-up | bytes predict (weights + KV) | "
+             "KV bytes ratio | setup s (orig / rewr) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['mode']} | {r['original_us']:.1f} | {r['rewritten_us']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['predicted']:.2f}x | {r['kv_ratio']:.2f}x | "
+                     f"{r['original_setup_s']:.1f} / {r['rewritten_setup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default=None, help="comma-separated cached tokens per request "
+                   "(default 4096,32768,131072; --quick 4096; --cpu 24,40)")
+    p.add_argument("--batch", type=int, default=None, help="requests per decode step (default 32; --quick 8; --cpu 2)")
+    p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
+    p.add_argument("--skip-freq", type=int, default=2, help="window_attn_skip_freq: layer i is SWA iff (i+1) %% n")
+    p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
+    p.add_argument("--modes", default=None, help=f"comma-separated, of {','.join(MODES)} (default all; --cpu "
+                   f"{','.join(CPU_MODES)})")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per median (default 20; --quick 5)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="smoke run: one small context, batch 8, 5 iterations")
+    p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
+    args = p.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        p.error("no CUDA device: pass --cpu for the CPU smoke path")
+    args.config = "tiny" if args.cpu else "v3-attn"
+    contexts = args.contexts or ("24,40" if args.cpu else "4096" if args.quick else "4096,32768,131072")
+    args.contexts = [int(c) for c in contexts.split(",")]
+    args.batch = args.batch or (2 if args.cpu else 8 if args.quick else 32)
+    args.window = args.window or (8 if args.cpu else 128)
+    args.page_size = args.page_size or (8 if args.cpu else 64)
+    args.iters = args.iters or (3 if args.cpu else 5 if args.quick else 20)
+    args.modes = (args.modes or ",".join(CPU_MODES if args.cpu else MODES)).split(",")
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        p.error(f"unknown modes {unknown}; known: {', '.join(MODES)}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    args = parse_args(argv)
+    with torch.no_grad(), checks_disabled():
+        rows = run(args)
+    cfg = MLAConfig.named(args.config)
+    card = torch.cuda.get_device_name() if not args.cpu else "CPU"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "-"
+    schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
+    print(f"\n{card}, torch {torch.__version__}, triton {triton_version}; {args.config} ({cfg.num_hidden_layers} "
+          f"layers, H={cfg.num_attention_heads}), SWA layers {sorted(schedule.swa_layers)} W={args.window}; decode "
+          f"step of {args.batch} requests, page {args.page_size}; median of {args.iters} after {args.warmup} warm-up"
+          f"{'; graph modes run eagerly on the CPU' if args.cpu else ''}\n")
+    print(render(rows))
+    return rows
 
 
 if __name__ == "__main__":
