@@ -93,7 +93,8 @@ class Engine:
                  max_tokens_per_step: int, prefix_caching: bool = True, device: torch.device | str | None = None,
                  kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None,
                  kv_cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None,
-                 window_bounded: bool = True, poison_blocks: bool = False):
+                 window_bounded: bool = True, poison_blocks: bool = False, cuda_graphs: bool = False,
+                 max_decode_batch: Optional[int] = None):
         """
         Args:
             model: an ``MLAModel``, or what ``swa_rewrite.apply`` / ``swa_rewrite.compile`` return.
@@ -114,6 +115,13 @@ class Engine:
                 keeps every position, as a full layer does (the unbounded layout, for comparison).
             poison_blocks: fill every block with NaN as it is handed out (for tests: a read of a position the
                 step did not write, or of a released block, shows up as NaN).
+            cuda_graphs: run decode-only steps (one token per request) as CUDA graphs captured per batch-size
+                bucket (``runtime.cuda_graphs.DecodeGraphs``: step inputs in persistent buffers filled in place,
+                caches and weights read where they live); prefill and mixed steps run as they are. Graphed steps
+                skip the input checks (they never synchronise with the host). Needs ``max_model_len`` (the
+                tables' width) unless a full cache group bounds it. Off CUDA the same buffers run eagerly.
+            max_decode_batch: the largest graphed decode batch (default ``min(max_tokens_per_step, 256)``);
+                larger decode steps run outside graphs.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
@@ -147,6 +155,7 @@ class Engine:
         self.kv_caches = kv_caches
         self.cache = KVCacheManager(self.group_specs, counts, page_size, bounded=self.window_bounded,
                                     on_allocate=self._poison if poison_blocks else None)
+        self.decode_graphs = self._decode_graphs(model, max_decode_batch) if cuda_graphs else None
         self.stats = EngineStats()
         self._next_id = 0
         self._waiting: list[_Request] = []      # admission order
@@ -197,6 +206,24 @@ class Engine:
             return model.allocate_kv_cache(counts[0], self.page_size, self.device)
         return [torch.empty(counts[g], self.page_size, s.width, dtype=s.dtype, device=self.device)
                 for s, g in zip(specs, self.cache_groups)]
+
+    def _decode_graphs(self, model: torch.nn.Module, max_batch: Optional[int]):
+        from .cuda_graphs import DecodeGraphs
+
+        ps = self.page_size
+        if self.max_model_len is not None:
+            max_blocks = -(-self.max_model_len // ps)
+        else:
+            full = [g.pool.num_blocks for g in self.cache.groups if not g.sliding]
+            if not full:
+                raise ValueError("cuda_graphs=True needs max_model_len= here: with every group sliding, no pool "
+                                 "bounds how many pages a request's table spans")
+            max_blocks = max(full)
+        if max_batch is None:
+            max_batch = min(self.max_tokens_per_step, 256)
+        max_batch = check_int("max_decode_batch", max_batch, minimum=1)
+        return DecodeGraphs(model, self.kv_caches, num_groups=self.num_groups, page_size=ps, max_blocks=max_blocks,
+                            max_batch=max_batch, device=self.device)
 
     def _poison(self, group: int, blocks: list[int]) -> None:
         index = torch.tensor(blocks, device=self.device)
@@ -421,12 +448,23 @@ class Engine:
 
     def _step(self, items: list[StepItem], reqs: list[_Request]) -> list[list[int]]:
         """Run the model on ``items``; returns the new tokens of each request."""
-        batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device=self.device)
         keep_logits = any(r.keep_logits for r in reqs)
-        logits_indices = None if keep_logits else batch.last_token_index
+        graphs = self.decode_graphs
+        if graphs is not None and not keep_logits and all(len(it.tokens) == 1 and not it.is_prefill for it in items):
+            # Built on the host: the runner sends the whole step to its buffers in one copy.
+            batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device="cpu")
+            if not graphs.accepts(batch):
+                graphs = None
+        else:
+            graphs = None
         try:
-            logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
-                                logits_indices=logits_indices).float()
+            if graphs is not None:
+                logits = graphs.run(batch).float()
+            else:
+                batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device=self.device)
+                logits_indices = None if keep_logits else batch.last_token_index
+                logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
+                                    logits_indices=logits_indices).float()
         except NonFiniteLatentError as e:
             raise self._name_token(e, items, reqs) from e
         self.stats.steps += 1

@@ -357,3 +357,23 @@ def test_blocks_per_request_by_hand():
     assert blocks_per_request(s, 131072, 64, bounded=False) == 2048
     assert blocks_per_request(KVCacheSpec.full(512, 64, torch.bfloat16), 131072, 64) == 2048
     assert blocks_per_request(s, 131072, 64, chunk=512) == 1 + cdiv(4095 + 512, 64) + 1
+
+
+# ------------------------------------------------------------------------------------- graphed decode
+def test_engine_with_decode_graphs_gives_the_tokens_of_the_plain_engine(seed):
+    """``cuda_graphs=True`` runs decode-only steps through the bucketed runner (eagerly off CUDA: the same
+    persistent buffers and padding) on the bounded tables; tokens equal the plain engine's."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule.per_layer({0: 5, 2: (5, 2)}, TINY.num_layers))
+    kw = dict(num_blocks=64, page_size=4, max_tokens_per_step=16)
+    graphed = Engine(swa, cuda_graphs=True, max_model_len=64, max_decode_batch=4, **kw)
+    plain = Engine(swa, **kw)
+    prompts = [[rng.randrange(V) for _ in range(rng.randrange(3, 20))] for _ in range(6)]
+    assert graphed.generate(prompts, 10) == plain.generate(prompts, 10)
+    runner = graphed.decode_graphs
+    assert runner.eager_runs + runner.replays > 0                 # decode steps went through the runner
+    assert_idle(graphed)
+    with pytest.raises(ValueError, match="needs max_model_len="):
+        Engine(apply(model, Schedule.per_layer({i: 8 for i in range(TINY.num_layers)}, TINY.num_layers)),
+               cuda_graphs=True, **kw)
