@@ -377,3 +377,31 @@ def test_engine_with_decode_graphs_gives_the_tokens_of_the_plain_engine(seed):
     with pytest.raises(ValueError, match="needs max_model_len="):
         Engine(apply(model, Schedule.per_layer({i: 8 for i in range(TINY.num_layers)}, TINY.num_layers)),
                cuda_graphs=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers,page_size", [
+    ({0: 128, 1: 512, 2: 128}, 64),          # gathered (W = 128) and page-tile (W = 512) decode kernels
+    ({0: (128, 4), 2: (600, 3)}, 16),       # sinks: the indexer + sparse kernel; a window that is no tile multiple
+])
+def test_bounded_equals_unbounded_on_cuda(layers, page_size, seed):
+    """DeepSeek-V3 attention dims (H = 128) on the GPU kernels: window-bounded tables (released entries -1, blocks
+    NaN as handed out) give the logits and tokens of the unbounded layout, through chunked prefill and decode."""
+    rng = random.Random(seed)
+    cfg = MLAConfig.named("v3-attn")
+    model = MLAModel(cfg, device="cuda", dtype=torch.bfloat16, seed=seed)
+    swa = apply(model, Schedule.per_layer(layers, cfg.num_hidden_layers))
+    kw = dict(num_blocks=-(-2600 // page_size) * 3, page_size=page_size, max_tokens_per_step=512)
+    bounded, unbounded = engines(swa, **kw)
+    tokens = [rng.randrange(cfg.vocab_size) for _ in range(1500)]
+    got = bounded.logits(tokens)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, unbounded.logits(tokens))
+    prompts = [tokens[:rng.randrange(700, 1400)] + [rng.randrange(cfg.vocab_size) for _ in range(9)]
+               for _ in range(3)]
+    assert bounded.generate(prompts, 24) == unbounded.generate(prompts, 24)
+    for u, spec in zip(bounded.cache_usage(), bounded.group_specs):
+        if spec.kind == "sliding":
+            assert u.peak_per_request <= window_bound(spec, page_size, 512)
+    assert_idle(bounded)
