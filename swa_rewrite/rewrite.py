@@ -23,6 +23,7 @@ from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
 from .passes.graph_pass import eliminate_dead_code
+from .ops.checks import validated_step
 from .ops.kv_cache_spec import KVCacheSpec, blocks_per_request, bytes_per_request, cache_groups, group_specs
 from .passes.replace_attention import check_packable_dtype
 from .schedule import Schedule
@@ -69,6 +70,13 @@ class SWAModule(torch.fx.GraphModule):
         """The cache group of each layer (``ops.kv_cache_spec.cache_groups`` of ``kv_cache_spec()``): the row
         of the step's block tables and slot mappings its ops read; the pass set it in the graph."""
         return cache_groups(self.kv_cache_spec())
+
+    def __call__(self, *args, **kwargs):
+        # The step's scope (ops.checks.validated_step), as MLAModel.forward opens it: the traced forward cannot
+        # hold the ``with`` block, but its step check validates the metadata once and the layers' ops, given
+        # those very tensors, skip repeating it. Under Dynamo a no-op.
+        with validated_step():
+            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # As MLAModel does: the rope table is rebuilt from the config after any move (to_empty included).

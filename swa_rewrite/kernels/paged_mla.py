@@ -188,7 +188,10 @@ def _paged_tiles_fwd_kernel(
     lo = 0
     if WINDOWED:
         lo = tl.maximum(pos - window + 1, 0)                                # first attended position
-    t0 = (lo // BLOCK_N) * BLOCK_N                                          # its tile
+    # Its tile. BLOCK_N divides the page size (the launcher's condition), so the tile lies in lo's own page:
+    # every block id read below is of a page the window covers, never a released (-1) entry of a
+    # window-bounded table (docs/design.md §12); a tile crossing into the page before would read one.
+    t0 = (lo // BLOCK_N) * BLOCK_N
     k_begin, k_end = _split_range(t0, tl.where(b >= 0, pos + 1, t0), num_splits, pid_s, BLOCK_N)
     k_full = k_begin + (tl.maximum(k_end - k_begin, 0) // BLOCK_N) * BLOCK_N  # end of the whole tiles
     bt_row_ptr = bt_ptr + bb * stride_bt

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
 from ..ops.step_metadata import StepMetadata
 from ..ops.kv_cache_spec import KVCacheSpec
-from ..ops.step_check import checked_step_metadata
+from ..ops.checks import validated_step
+from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
 from .moe import MoE
 from .rope import apply_rope, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits
@@ -236,13 +237,17 @@ class MLAModel(nn.Module):
         Returns:
             logits ``[T or n, vocab]`` in the model dtype.
         """
-        # Checked mode: the whole step is validated here, once, before any layer writes its cache.
-        meta = checked_step_metadata(meta, kv_caches, self.cache_groups)
-        # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
-        inv_freq = self.rope_inv_freq_bits.view(torch.float32)
-        cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype)
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[i], meta)
-        x = self.norm(x)
-        return self.lm_head(select_rows(x, logits_indices))
+        # Checked mode: the whole step is validated here, once, per cache group and window (every layer of this
+        # model is full; the rewrite gives the check its sliding layers' windows), before any layer writes its
+        # cache. The layers run in the step's scope, where ops given these very metadata tensors skip repeating
+        # the data checks (ops.checks.validated_step; a no-op when traced, the rewritten module opens its own).
+        with validated_step():
+            meta = checked_step_metadata(meta, kv_caches, self.cache_groups, (FULL_KEY,) * self.num_layers)
+            # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
+            inv_freq = self.rope_inv_freq_bits.view(torch.float32)
+            cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype)
+            x = self.embed_tokens(input_ids)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv_caches[i], meta)
+            x = self.norm(x)
+            return self.lm_head(select_rows(x, logits_indices))

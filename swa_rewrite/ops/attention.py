@@ -11,7 +11,9 @@
 
 The ops taking block tables take the step's ``block_tables [G, B, nb]`` and the layer's cache ``group``
 (a constant beside ``layer``) and read ``block_tables[group]``, a view; the references take one group's
-``[B, nb]`` table. Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width. Every op returns
+``[B, nb]`` table. A window-bounded sliding group's table is ``-1`` (released) outside the pages of each request's
+window and sinks (docs/design.md §12): no path reads those entries, and the checks (``batch_checks``) ask the
+sliding ops only for the pages they read, the dense op for every page up to each request's end. Shapes use SPEC §2 names: ``T`` tokens, ``H`` heads, ``D = R + P`` latent width. Every op returns
 ``out [T, H, R]`` in the query dtype and ``lse [T, H]`` float32 (natural log); a token with no key to
 attend to (padding, or only ``-1`` indices) gets ``out = 0`` and ``lse = +inf``. CUDA runs the Triton
 kernels of ``swa_rewrite.kernels.sparse_mla`` / ``paged_mla``; other devices run the references here.
@@ -330,8 +332,9 @@ def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
         fail(f"window must be >= 1, got {window}")
     if sinks < 0:
         fail(f"sinks must be >= 0, got {sinks}")
+    # Window-aware: a window-bounded group's tables hold only the pages of each request's window and sinks.
     check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, cache.shape[1], cache.shape[0], group, data=data)
+                batch_id_per_token, cache.shape[1], cache.shape[0], group, window=window, sinks=sinks, data=data)
 
 
 @torch.library.custom_op("swa_rewrite::swa_mla_attention", mutates_args=())

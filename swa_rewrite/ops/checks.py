@@ -5,6 +5,14 @@ implementations). Data checks — slot ranges, block-table bounds — read tenso
 synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
 capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks (``swa_rewrite.compile`` runs its
 compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
+
+A model step validates its metadata once, for every cache group and window (``step_check.checked_step_metadata``),
+and runs its layers inside a ``validated_step()`` block. Within that block an op's batch check skips the data
+checks — and with them their device-to-host copy — when the metadata tensors it is given are the very objects
+(``is``) the step validated, for a rule at least as strict as its own (``batch_checks.check_batch``); shape and
+dtype checks always run. Outside the block, or with any other tensor, an op checks in full: nothing is
+remembered from one step to the next. (Within the block the validated tensors are trusted not to change: a model
+step reads its metadata, it never writes it.)
 """
 
 from __future__ import annotations
@@ -31,6 +39,58 @@ def checks_disabled():
         yield
     finally:
         _state.disabled = previous
+
+
+class StepScope:
+    """What the step check validated inside one ``validated_step`` block: ``entries``, one
+    ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
+    what it required of them (``batch_checks.BatchRule``)."""
+
+    __slots__ = ("entries", "_previous")
+
+    def __init__(self):
+        self.entries: list = []
+        self._previous = None
+
+    def __enter__(self) -> "StepScope":
+        self._previous = getattr(_state, "scope", None)
+        _state.scope = self
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _state.scope = self._previous
+        self._previous = None
+        return False
+
+
+def validated_step():
+    """A lexical scope for one model step: ``with validated_step(): meta = checked_step_metadata(...); <layers>``.
+
+    The step check inside records what it validated (``note_validated``); ops in the block whose metadata are
+    those very tensor objects skip the data checks that would repeat it (``validated_entries``). Blocks nest
+    (the innermost one counts) and forget everything when they end. Inside Dynamo tracing (where no data check
+    runs) it is a no-op ``nullcontext``, so a compiled forward keeps one graph."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return StepScope()
+
+
+def note_validated(tensors: tuple, group: int, rule: Any) -> None:
+    """Record, in the innermost open ``validated_step`` block (none: nothing), that ``tensors`` passed the data
+    checks of ``rule`` for cache group ``group``."""
+    scope = getattr(_state, "scope", None)
+    if scope is not None:
+        scope.entries.append((tensors, group, rule))
+
+
+def validated_entries(tensors: tuple, group: int) -> list:
+    """The rules the innermost open ``validated_step`` block validated for cache group ``group`` on exactly these
+    tensor objects (compared with ``is``: equal content in other tensors does not count); empty outside a block."""
+    scope = getattr(_state, "scope", None)
+    if scope is None:
+        return []
+    return [rule for seen, g, rule in scope.entries
+            if g == group and len(seen) == len(tensors) and all(a is b for a, b in zip(seen, tensors))]
 
 
 def checks_enabled() -> bool:

@@ -1,5 +1,6 @@
 """The model's once-per-step check: ``checked_step_metadata`` (a step's metadata against itself and the
-caches, before any cache write) and ``check_kv_caches`` (one disjoint cache per layer)."""
+caches, before any cache write, per cache group and window-aware) and ``check_kv_caches`` (one disjoint cache per
+layer); ``spec_key`` / ``schedule_spec_keys``: the per-layer cache descriptions the check takes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,54 @@ from typing import Optional, Sequence
 
 import torch
 
-from .batch_checks import check_batch
-from .checks import check_group, check_index, checks_enabled, fail
+from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
+from .checks import check_group, check_index, checks_enabled, fail, note_validated
+from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
 from .step_metadata import StepMetadata
+
+# The key of a full-attention layer's cache (``spec_key``).
+FULL_KEY = (FULL, None, 0)
+
+
+def spec_key(spec) -> tuple:
+    """``(kind, window, sinks)`` of one layer's cache: from a ``KVCacheSpec``, or such a key already
+    (``("full", None, 0)``, ``("sliding", W, s)``; a shorter ``("full",)`` / ``("sliding", W)`` is completed).
+
+    Keys are what a traced graph holds as the step check's argument (plain constants, no dtype to go stale when
+    the model moves); the layout fields of a spec do not change what the check requires."""
+    if isinstance(spec, KVCacheSpec):
+        return (spec.kind, spec.window, spec.sinks)
+    if isinstance(spec, (tuple, list)) and spec and spec[0] in (FULL, SLIDING):
+        kind = spec[0]
+        window = spec[1] if len(spec) > 1 else None
+        sinks = spec[2] if len(spec) > 2 else 0
+        if kind == FULL and window is None and sinks == 0:
+            return FULL_KEY
+        if kind == SLIDING and isinstance(window, int) and not isinstance(window, bool) and window >= 1 \
+                and isinstance(sinks, int) and not isinstance(sinks, bool) and sinks >= 0:
+            return (SLIDING, window, sinks)
+    raise TypeError(f"a layer's cache spec must be a KVCacheSpec or a key ('full', None, 0) / ('sliding', window, "
+                    f"sinks), got {spec!r}")
+
+
+def schedule_spec_keys(schedule) -> tuple:
+    """``spec_key`` of every layer of a model rewritten with ``schedule`` (a ``swa_rewrite.Schedule``): what the
+    pass gives the rewritten graph's step check (``ops.kv_cache_spec.schedule_cache_groups`` groups the same)."""
+    return tuple((SLIDING, schedule.window_of(i), schedule.sinks_of(i)) if schedule.is_swa(i) else FULL_KEY
+                 for i in range(schedule.num_layers))
+
+
+def group_rules(cache_groups: Sequence[int], keys: Sequence[tuple]) -> dict:
+    """``{group: (window, sinks)}``: what the ops of each group's layers read, together: ``(0, 0)`` (every page)
+    when any of its layers is full, else the largest window and sink count of its layers."""
+    rules: dict = {}
+    for g, (kind, window, sinks) in zip(cache_groups, keys):
+        have = rules.get(g)
+        if kind == FULL or have == (0, 0):
+            rules[g] = (0, 0)
+        else:
+            rules[g] = (max(window, have[0]), max(sinks, have[1])) if have else (window, sinks)
+    return rules
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -56,19 +102,27 @@ def check_kv_caches(kv_caches: Sequence[torch.Tensor], num_layers: Optional[int]
                  "of its own")
 
 
-def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
-                          cache_groups: Sequence[int]) -> StepMetadata:
+def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor], cache_groups: Sequence[int],
+                          specs: Optional[Sequence] = None) -> StepMetadata:
     """``meta``, after checking a model step's inputs against each other (data checks in checked mode only).
 
     The cache ops see slots only, so they cannot tell a slot of another request from the right one: this
     check, run once per step before any cache write, requires token ``i`` of request ``b`` to sit at
     position ``seq_lens_decoder[b] + i`` and, in every cache group ``g``, to write the slot
-    ``block_tables[g]`` gives that position (docs/design.md §5), and padding tokens to write nothing.
+    ``block_tables[g]`` gives that position (never a released ``-1`` page), and padding tokens to write nothing
+    (docs/design.md §5). Every group's table is checked as its layers' ops read it (``batch_checks``): a full
+    group needs every page up to each request's end, a sliding group (window-bounded, §12) only the pages of
+    its requests' windows and sinks, the rest may be ``-1``.
 
-    ``kv_caches`` holds one cache per layer and ``cache_groups`` the cache group of each layer (always
-    checked: static lengths). In checked mode the caches must be on the metadata's device, share no memory,
-    and the caches of one group lead with one ``(num_blocks, page_size)`` (see ``check_kv_caches``); the
-    first cache of group ``g`` gives that group's page size and block count.
+    ``kv_caches`` holds one cache per layer, ``cache_groups`` the cache group of each layer and ``specs`` its
+    cache description (a ``KVCacheSpec`` or its ``spec_key``; None: every layer full). A group whose layers
+    differ is checked for what all of them read (``group_rules``). The lengths are always checked (static).
+    In checked mode the caches must be on the metadata's device, share no memory, and the caches of one group
+    lead with one ``(num_blocks, page_size)`` (see ``check_kv_caches``); the first cache of group ``g`` gives
+    that group's page size and block count.
+
+    Inside a ``checks.validated_step()`` block the check records what it validated, so the layers' ops given
+    these very tensors skip repeating it (and its device-to-host copy).
     """
     if not isinstance(meta, StepMetadata):
         raise TypeError(f"meta must be a swa_rewrite.ops.StepMetadata (built by StepBatch.build), "
@@ -77,6 +131,12 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
         raise TypeError(f"kv_caches must be a list with one cache tensor per layer, got {type(kv_caches).__name__}")
     if len(kv_caches) != len(cache_groups):
         fail(f"kv_caches holds {len(kv_caches)} caches, expected one per layer: {len(cache_groups)}")
+    if specs is None:
+        keys = (FULL_KEY,) * len(cache_groups)
+    else:
+        if len(specs) != len(cache_groups):
+            fail(f"{len(specs)} cache specs for {len(cache_groups)} layers: one per layer")
+        keys = tuple(spec_key(s) for s in specs)
     positions, slot_mapping, block_tables = meta.positions, meta.slot_mapping, meta.block_tables
     check_index("positions", positions, 1)
     check_index("slot_mapping", slot_mapping, 2)
@@ -92,23 +152,37 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
     for layer, g in enumerate(cache_groups):
         first.setdefault(g, layer)
         check_group("block_tables", block_tables, g)
-    if checks_enabled():
+    checked = checks_enabled()
+    if checked:
         check_kv_caches(kv_caches, len(cache_groups), device=device,
                         blocks=[tuple(kv_caches[first[g]].shape[:2]) for g in cache_groups])
-    hosts = {g: check_batch(positions.shape[0], block_tables, *meta.batch_tensors(), kv_caches[layer].shape[1],
-                            kv_caches[layer].shape[0], g) for g, layer in first.items()}
-    if any(h is None for h in hosts.values()) or not hosts:
+    windows = group_rules(cache_groups, keys)
+    T = positions.shape[0]
+    rules = {g: BatchRule.of(kv_caches[layer].shape[1], kv_caches[layer].shape[0], *windows[g])
+             for g, layer in first.items()}
+    for g, rule in rules.items():                           # shapes and dtypes (always)
+        check_batch(T, block_tables, *meta.batch_tensors(), rule.page_size, rule.num_blocks, g,
+                    window=rule.window, sinks=rule.sinks, data=False)
+    if not checked or not rules or device.type == "meta":
         return meta
-    pos, slots = torch.cat([positions.long()[None], slot_mapping.long()]).cpu().split([1, slot_mapping.shape[0]])
-    for g, host in hosts.items():
-        _check_slots(pos[0], slots[g], host, kv_caches[first[g]].shape[1], g)
+    # One device-to-host copy for the whole step.
+    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors())
+    host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
+    pos, slots, bt = host[0], host[1].view(slot_mapping.shape), host[2].view(block_tables.shape)
+    cu, enc, dec, bid = host[3:]
+    for g, rule in rules.items():
+        check_batch_data(T, bt[g], cu, enc, dec, bid, rule, g)
+        _check_slots(pos, slots[g], bt[g], cu, dec, bid, rule.page_size, g)
+    tensors = (block_tables, *meta.batch_tensors())
+    for g, rule in rules.items():
+        note_validated(tensors, g, rule)
     return meta
 
 
-def _check_slots(pos: torch.Tensor, slots: torch.Tensor, host: tuple[torch.Tensor, ...], page_size: int,
-                 group: int) -> None:
-    """Host int64 ``pos [T]`` and group ``group``'s ``slots [T]`` against the validated host metadata."""
-    bt, cu, _, dec, bid = host                   # validated host copies: cu and bid agree
+def _check_slots(pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tensor, cu: torch.Tensor, dec: torch.Tensor,
+                 bid: torch.Tensor, page_size: int, group: int) -> None:
+    """Host int64 ``pos [T]`` and group ``group``'s ``slots [T]`` against the validated host metadata (``bt``
+    that group's table; ``cu`` and ``bid`` agree)."""
     n = int(cu[-1])
     where = "slot_mapping" if group == 0 else f"slot_mapping[{group}]"
     if n:
@@ -119,13 +193,27 @@ def _check_slots(pos: torch.Tensor, slots: torch.Tensor, host: tuple[torch.Tenso
             t = int(bad.nonzero()[0, 0])
             fail(f"positions[{t}] = {int(pos[t])}, but token {t} is token {t - int(cu[bid[t]])} of request "
                  f"{int(bid[t])}, which has {int(dec[bid[t]])} cached: expected {int(want_pos[t])}")
-        blocks = bt[bid, want_pos // page_size]
+        pages = want_pos // page_size
+        blocks = bt[bid, pages]
+        released = blocks < 0
+        if bool(released.any()):
+            t = int(released.nonzero()[0, 0])
+            b, i = int(bid[t]), int(pages[t])
+            fail(f"{where}[{t}] = {int(slots[t])} writes position {int(want_pos[t])} of request {b}, but "
+                 f"{table_name(group)}[{b}, {i}] = {int(blocks[t])}: that page has no block (released)")
         want_slots = blocks * page_size + want_pos % page_size
         bad = slots[:n] != want_slots
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
-            fail(f"{where}[{t}] = {int(slots[t])}, but position {int(want_pos[t])} of request {int(bid[t])} "
-                 f"is slot {int(want_slots[t])} of its block table (page size {page_size})")
+            slot = int(slots[t])
+            owner = ""
+            if slot >= 0:
+                rows = (bt == slot // page_size).nonzero()
+                others = [(int(b), int(i)) for b, i in rows if int(b) != int(bid[t])]
+                if others:
+                    owner = f" (block {slot // page_size} is page {others[0][1]} of request {others[0][0]})"
+            fail(f"{where}[{t}] = {slot}, but position {int(want_pos[t])} of request {int(bid[t])} "
+                 f"is slot {int(want_slots[t])} of its block table (page size {page_size}){owner}")
     bad = slots[n:] != -1
     if bool(bad.any()):
         t = n + int(bad.nonzero()[0, 0])

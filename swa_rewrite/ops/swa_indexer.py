@@ -11,6 +11,9 @@ the window, so no position appears twice), and entries ``s + k`` are the window 
 attends to positions ``0 … min(s, p+1)-1`` and ``max(0, p-W+1) … p``; ``num_valid`` counts them all
 (``min(W, p + 1) + min(s, max(0, p - W + 1))``). ``s = 0`` is the plain window.
 
+Only the table entries of pages a row holds are read, so a window-bounded table (``-1`` for the pages outside
+each request's window and sinks, docs/design.md §12) gives the same slots as one holding every page.
+
 The page size is an argument (any ``ps >= 1``), and the history already in the cache
 (``seq_lens_decoder``) counts for prefill tokens too, so chunked prefill and prefix reuse index correctly.
 CUDA tensors go through the Triton kernel of ``swa_rewrite.kernels.swa_indexer``; everything else through
@@ -99,7 +102,8 @@ def _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decode
         fail(f"sinks + window must be < 2**31 (int32 columns), got {sinks} + {window}")
     # The indexer sees no cache: block ids are only required to give slots that fit the int32 output.
     check_batch(batch_id_per_token.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, page_size, 2**31 // page_size if page_size >= 1 else 1, group, data=data)
+                batch_id_per_token, page_size, 2**31 // page_size if page_size >= 1 else 1, group, window=window,
+                sinks=sinks, data=data)
 
 
 def _empty_outputs(batch_id_per_token: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

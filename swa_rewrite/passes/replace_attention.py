@@ -20,7 +20,8 @@ Every layer's attention and cache writes also get their cache group (the trailin
 like the window; ``ops.kv_cache_spec.schedule_cache_groups``: layers with equal cache specs share a group,
 numbered in order of their first layer), full layers included: with full and sliding layers the model has two
 groups or more. The model's once-per-step check (``checked_step_metadata``, a graph leaf in an fx trace) gets the
-same per-layer groups.
+same per-layer groups and each layer's cache key (``ops.step_check.schedule_spec_keys``: kind, window, sinks), so
+it checks a sliding group's block tables for the pages its windows read (window-bounded caches release the rest).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from ..ops.fp8_cache import LATENT_DTYPES
 from ..ops.kv_cache_spec import schedule_cache_groups
-from ..ops.step_check import checked_step_metadata
+from ..ops.step_check import checked_step_metadata, schedule_spec_keys
 from .adapters import Role
 from .graph_pass import PassResult, RewriteError, SchedulePass, TracedModel
 
@@ -96,8 +97,10 @@ class ReplaceAttentionPass(SchedulePass):
         return result
 
     def _set_groups(self, traced: TracedModel, result: PassResult) -> None:
-        """Each layer's attention and writes take the group of its cache spec; so does the step check."""
+        """Each layer's attention and writes take the group of its cache spec; the step check takes the groups and
+        each layer's cache key."""
         groups = schedule_cache_groups(self.schedule)
+        keys = schedule_spec_keys(self.schedule)
         for layer, site in sorted(traced.sites.items()):
             if not 0 <= layer < len(groups):
                 continue
@@ -109,5 +112,6 @@ class ReplaceAttentionPass(SchedulePass):
         for node in (traced.forward.graph.nodes if traced.forward is not None else ()):
             if node.op == "call_function" and node.target is checked_step_metadata and len(node.args) >= 3 \
                     and isinstance(node.args[2], (tuple, list)) and len(node.args[2]) == len(groups) \
-                    and tuple(node.args[2]) != groups:
-                node.args = (*node.args[:2], groups, *node.args[3:])
+                    and (tuple(node.args[2]) != groups or len(node.args) < 4 or node.args[3] is None
+                         or tuple(map(tuple, node.args[3])) != keys):
+                node.args = (*node.args[:2], groups, keys, *node.args[4:])

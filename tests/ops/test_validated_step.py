@@ -1,0 +1,190 @@
+"""The step's check scope (issues 12, 14): ``checks.validated_step()`` replaces the thread-local memo of validated
+metadata. Inside the block, after the step check validated the metadata, an op given those very tensor objects
+skips its data checks (and their device-to-host copy); shape checks always run; an op outside the block, in a
+nested block of its own, given other tensors (even equal ones), or needing more than was validated checks in full.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from swa_rewrite import ops
+from swa_rewrite.ops import batch_checks, step_check
+from swa_rewrite.ops.checks import checks_disabled, validated_step
+from swa_rewrite.ops.step_check import checked_step_metadata
+from swa_rewrite.runtime import StepBatch, StepItem
+
+R, P = 128, 16
+D = R + P
+
+
+@pytest.fixture
+def data_checks(monkeypatch):
+    """Counts the data checks that run (one host copy each): ``[group, ...]``."""
+    calls = []
+    real = batch_checks.check_batch_data
+
+    def spy(*args, **kwargs):
+        calls.append(args[7] if len(args) > 7 else kwargs.get("group", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_checks, "check_batch_data", spy)
+    monkeypatch.setattr(step_check, "check_batch_data", spy)
+    return calls
+
+
+def _step():
+    """Two requests over two cache groups; group 1 window-bounded for a window of 4 (request 0, 10 cached and 3
+    new, reads positions 7 … 12: pages 1 to 3)."""
+    items = [StepItem([1, 2, 3], 10, [[0, 1, 2, 3], [-1, 3, 4, 5]], True),
+             StepItem([4], 2, [[6], [7]], False)]
+    return StepBatch.build(items, 4, pad_to=6, num_groups=2)
+
+
+def _step1():
+    """The same requests with one (full) cache group."""
+    items = [StepItem([1, 2, 3], 10, [0, 1, 2, 3], True), StepItem([4], 2, [6], False)]
+    return StepBatch.build(items, 4, pad_to=6)
+
+
+def _caches():
+    return [torch.zeros(8, 4, D), torch.zeros(8, 4, ops.fp8_cache.fp8_cache_bytes(R, P), dtype=torch.uint8)]
+
+
+SPECS = [("full", None, 0), ("sliding", 4, 0)]
+
+
+def _swa(meta, window=4, group=1, sinks=0, **changes):
+    args = dict(block_tables=meta.block_tables, cu_seqlens_q=meta.cu_seqlens_q, seq_lens_encoder=meta.seq_lens_encoder,
+                seq_lens_decoder=meta.seq_lens_decoder, batch_id_per_token=meta.batch_id_per_token)
+    args.update(changes)
+    q = torch.randn(meta.positions.shape[0], 2, D)
+    return ops.swa_mla_attention(q, _caches()[1], **args, scale=0.1, rope_dim=P, window=window, sinks=sinks,
+                                 group=group)
+
+
+def _dense(meta, group=0):
+    q = torch.randn(meta.positions.shape[0], 2, D)
+    return ops.paged_mla_attention(q, _caches()[0], meta.block_tables, *meta.batch_tensors(), 0.1, rope_dim=P,
+                                   group=group)
+
+
+def test_ops_outside_a_step_check_in_full_every_time(data_checks):
+    meta = _step().meta
+    for _ in range(3):
+        _swa(meta)
+    assert data_checks == [1, 1, 1]
+
+
+def test_inside_the_step_ops_skip_only_what_the_step_check_validated(data_checks):
+    meta = _step().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+        assert sorted(data_checks) == [0, 1]                  # once per group, one host copy for the step
+        for _ in range(3):
+            _swa(meta)
+            _dense(meta)
+            ops.swa_indexer(meta.block_tables, *meta.batch_tensors(), window=3, page_size=4, group=1)
+        assert sorted(data_checks) == [0, 1]                  # the very tensors: nothing checked again
+        _swa(meta, window=5)                                  # reads more than the step validated: checked
+    assert sorted(data_checks) == [0, 1, 1]
+    _swa(meta)                                                # after the block: nothing remembered
+    assert sorted(data_checks) == [0, 1, 1, 1]
+
+
+def test_equal_tensors_that_are_not_the_validated_objects_are_checked(data_checks):
+    meta = _step().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+        data_checks.clear()
+        _swa(meta, block_tables=meta.block_tables.clone())
+        _swa(meta, seq_lens_decoder=meta.seq_lens_decoder.clone())
+        assert data_checks == [1, 1]
+        bad = meta.block_tables.clone()
+        bad[1, 0, 2] = -1                                     # released, but request 0 reads position 8 there
+        with pytest.raises(ValueError, match=r"block_tables\[1\]\[0, 2\] = -1 \(released\), but position 8"):
+            _swa(meta, block_tables=bad)
+        with pytest.raises(ValueError, match=r"block_tables\[1\]\[0, 2\] = -1"):
+            _swa(dataclasses.replace(meta, block_tables=bad))
+
+
+def test_a_full_group_validation_covers_sliding_ops_but_not_the_reverse(data_checks):
+    meta = _step1().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches()[:1], (0,), [SPECS[0]])
+        data_checks.clear()
+        _swa(meta, group=0, window=3, sinks=2)
+        _dense(meta)
+        assert data_checks == []
+    meta = _step().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+        data_checks.clear()
+        with pytest.raises(ValueError, match=r"block_tables\[1\]\[0, 0\] = -1 is out of range \[0, 8\)"):
+            _dense(meta, group=1)                            # the sliding group, read as full: checked, and wrong
+        _swa(meta, window=2)                                 # a smaller window: covered
+        assert data_checks == [1]
+
+
+def test_a_nested_block_starts_empty_and_the_outer_one_comes_back(data_checks):
+    meta = _step().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+        data_checks.clear()
+        with validated_step():
+            _swa(meta)
+            assert data_checks == [1]
+        _swa(meta)
+        assert data_checks == [1]
+
+
+def test_checks_disabled_still_turns_every_data_check_off(data_checks):
+    meta = _step().meta
+    bad = meta.block_tables.clone()
+    bad[1, 0, 2] = -1
+    with checks_disabled():
+        checked_step_metadata(dataclasses.replace(meta, block_tables=bad), _caches(), (0, 1), SPECS)
+        _swa(meta, block_tables=bad)
+    with validated_step(), checks_disabled():
+        _swa(meta, block_tables=bad)
+    assert data_checks == []
+
+
+def test_shape_checks_run_inside_the_block():
+    meta = _step().meta
+    with validated_step():
+        checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+        with pytest.raises(ValueError, match="group 2 is out of range for block_tables"):
+            _swa(meta, group=2)
+        with pytest.raises(ValueError, match="window must be >= 1"):
+            _swa(meta, window=0)
+
+
+def test_a_model_step_copies_the_metadata_to_the_host_once(data_checks, monkeypatch, seed):
+    """An eager step of the original and of a rewritten model: one data check per cache group (the step check's,
+    one host copy), none in the layers' attention ops."""
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import num_cache_groups
+
+    tiny = MLAConfig.named("tiny")
+    model = MLAModel(tiny, seed=seed)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    for m in (model, apply(model, Schedule(4, [0, 2], tiny.num_layers))):
+        G = num_cache_groups(m)
+        b = StepBatch.build([StepItem([1, 2, 3, 4, 5], 6, [0, 1, 2, 3], True), StepItem([7], 9, [4, 5, 6], False)],
+                            4, pad_to=8, num_groups=G)
+        caches = m.allocate_kv_cache(12, 4)
+        for c in caches:
+            c.zero_()
+        data_checks.clear()
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))
+        with torch.no_grad():
+            m(b.input_ids, kv_caches=caches, meta=b.meta)
+        monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+        assert sorted(data_checks) == list(range(G)), type(m).__name__
+        metadata_copies = [s for s in copies if len(s) == 1 and s[0] > b.input_ids.shape[0]]
+        assert len(metadata_copies) == 1, (type(m).__name__, copies)
+        copies.clear()
