@@ -47,8 +47,8 @@ from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
 from swa_rewrite.timing import median_us
 
-MODES = ("eager", "eager+graphs", "inductor", "reduce-overhead", "inductor+graphs")
-CPU_MODES = ("eager", "eager+graphs")
+MODES = ("eager", "eager+checks", "eager+graphs", "inductor", "reduce-overhead", "inductor+graphs")
+CPU_MODES = ("eager", "eager+checks", "eager+graphs")
 
 
 def decode_batch(batch: int, context: int, page_size: int, num_groups: int, device) -> StepBatch:
@@ -92,7 +92,7 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
     """One decode step of ``which`` ("original" / "rewritten") in ``mode``, and the seconds its setup took
     (compile, capture and the first call)."""
     t0 = time.perf_counter()
-    if mode in ("eager", "eager+graphs"):
+    if mode in ("eager", "eager+checks", "eager+graphs"):
         step = model if which == "original" else rewritten
     else:
         # Both through swa_rewrite.compile, so both get the same Dynamo/Inductor settings (dynamic step
@@ -108,6 +108,14 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
     else:
         idx = b.last_token_index
         fn = lambda: step(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=idx)  # noqa: E731
+    if mode != "eager+checks":
+        # Serving mode: no input checks (no host round trips); "eager+checks" is a plain eager call, checks on
+        # as a user's eager model has them by default.
+        plain = fn
+
+        def fn():
+            with checks_disabled():
+                return plain()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -158,6 +166,41 @@ def run(args) -> list[dict]:
     return rows
 
 
+def profile(args) -> None:
+    """The torch profiler's view of one eager decode step of each model, checks on (a user's default)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device("cpu" if args.cpu else "cuda")
+    cfg = MLAConfig.named(args.config)
+    model = MLAModel(cfg, device=device, dtype=torch.float32 if args.cpu else torch.bfloat16, seed=0)
+    rewritten = apply(model, Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window))
+    ctx = args.contexts[0]
+    nb = -(-(ctx + 1) // args.page_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for which, m in (("original", model), ("rewritten", rewritten)):
+        caches = m.allocate_kv_cache(args.batch * nb, args.page_size, device)
+        fill_random(caches)
+        b = decode_batch(args.batch, ctx, args.page_size, num_cache_groups(m), device)
+        call = lambda: m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)  # noqa: E731
+        for _ in range(3):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n## profile: {which}, eager (checks on), context {ctx}, batch {args.batch}, 5 steps")
+        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+        caches = b = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def render(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (one per context and mode)."""
     lines = ["| context | mode | original (µs) | rewritten (µs) | speed-up | bytes predict (weights + KV) | "
@@ -184,6 +227,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: one small context, batch 8, 5 iterations")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one eager step of each model (checks on) at the first context: top ops by "
+                        "device time, host-side time and device-to-host copies")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device: pass --cpu for the CPU smoke path")
@@ -203,8 +249,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
-    with torch.no_grad(), checks_disabled():
+    with torch.no_grad():
         rows = run(args)
+        if args.profile:
+            profile(args)
     cfg = MLAConfig.named(args.config)
     card = torch.cuda.get_device_name() if not args.cpu else "CPU"
     try:
