@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_group, check_index, checks_enabled, fail
+from .checks import check_group, check_index, checks_enabled, defer_check, fail, validated_entries
 
 
 class NonFiniteLatentError(ValueError):
@@ -42,8 +42,12 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
     if latent.device != cache.device or slot_mapping.device != cache.device:
         fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
              "must be on one device")
-    slot_mapping = slot_mapping[group]
-    if data and checks_enabled() and slot_mapping.numel() and cache.device.type != "meta":
+    rows = slot_mapping[group]
+    # Inside a validated step whose check covered these very slots (range and uniqueness with the tables),
+    # nothing is left to check (and no device-to-host copy is needed).
+    if (data and checks_enabled() and rows.numel() and cache.device.type != "meta"
+            and SLOTS_VALIDATED not in validated_entries((slot_mapping,), group)):
+        slot_mapping = rows
         num_slots = cache.shape[0] * cache.shape[1]
         bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
         if bool(bad.any()):
@@ -54,14 +58,24 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
             fail("slot_mapping writes the same slot twice in one step")
 
 
+SLOTS_VALIDATED = "slots"     # what the step check records for a group's slot_mapping row (checks.note_validated)
+
+
 def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """In checked mode, every row of ``latent [T, D]`` that is written (``slot_mapping [T] >= 0``) is finite;
-    raises ``NonFiniteLatentError`` naming the first row that is not."""
+    raises ``NonFiniteLatentError`` naming the first row that is not. Inside a model step
+    (``checks.validated_step``) the check is deferred to the step's end, where one host copy reads every
+    layer's flag (``checks.defer_check``) instead of one synchronisation per write."""
     if not checks_enabled() or latent.device.type == "meta" or not latent.numel():
         return
-    finite = torch.isfinite(latent).all(dim=1) | (slot_mapping < 0)
-    if not bool(finite.all()):
-        t = int((~finite).nonzero()[0, 0])
-        slot = int(slot_mapping[t])
-        raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache cannot "
-                                   "store them", row=t, slot=slot)
+    bad = ~(torch.isfinite(latent).all(dim=1) | (slot_mapping < 0))
+
+    def raise_first() -> None:
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            slot = int(slot_mapping[t])
+            raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache "
+                                       "cannot store them", row=t, slot=slot)
+
+    if not defer_check(bad.any(), raise_first):
+        raise_first()

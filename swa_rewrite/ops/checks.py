@@ -46,10 +46,11 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "_previous")
+    __slots__ = ("entries", "deferred", "_previous")
 
     def __init__(self):
         self.entries: list = []
+        self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
         self._previous = None
 
     def __enter__(self) -> "StepScope":
@@ -57,9 +58,16 @@ class StepScope:
         _state.scope = self
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, *exc) -> bool:
         _state.scope = self._previous
         self._previous = None
+        deferred, self.deferred = self.deferred, []
+        if exc_type is None and deferred:
+            # One device-to-host copy for every deferred check of the step; the first that failed raises.
+            flags = torch.stack([flag.reshape(()) for flag, _ in deferred]).cpu().tolist()
+            for failed, (_, action) in zip(flags, deferred):
+                if failed:
+                    action()
         return False
 
 
@@ -81,6 +89,19 @@ def note_validated(tensors: tuple, group: int, rule: Any) -> None:
     scope = getattr(_state, "scope", None)
     if scope is not None:
         scope.entries.append((tensors, group, rule))
+
+
+def defer_check(flag: torch.Tensor, action) -> bool:
+    """Inside a ``validated_step`` block, queue a check of data the step itself computes (e.g. a cache write's
+    latents): ``flag`` (a one-element bool device tensor) is read once, with every other queued flag, when the
+    block ends, and ``action()`` (which raises) runs for the first one set. Returns False outside a block (the
+    caller checks now). A step that fails a deferred check has already written its own slots, which the
+    caller (the engine) drops with the step's requests; no other slot is touched."""
+    scope = getattr(_state, "scope", None)
+    if scope is None:
+        return False
+    scope.deferred.append((flag, action))
+    return True
 
 
 def validated_entries(tensors: tuple, group: int) -> list:

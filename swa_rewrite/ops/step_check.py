@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cache_write_checks import SLOTS_VALIDATED
 from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
 from .checks import check_group, check_index, checks_enabled, fail, note_validated
 from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
@@ -176,6 +177,9 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
     tensors = (block_tables, *meta.batch_tensors())
     for g, rule in rules.items():
         note_validated(tensors, g, rule)
+        # The slots match the validated tables (so lie in range) and no two write one slot: the cache writes of
+        # this step need not check them again.
+        note_validated((slot_mapping,), g, SLOTS_VALIDATED)
     return meta
 
 
@@ -218,3 +222,6 @@ def _check_slots(pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tensor, cu: t
     if bool(bad.any()):
         t = n + int(bad.nonzero()[0, 0])
         fail(f"{where}[{t}] = {int(slots[t])} for a padding token (after the last request): must be -1")
+    used = slots[:n]
+    if used.numel() != used.unique().numel():
+        fail(f"{where} writes the same slot twice in one step (two requests' tables share a block they write)")

@@ -188,3 +188,37 @@ def test_a_model_step_copies_the_metadata_to_the_host_once(data_checks, monkeypa
         metadata_copies = [s for s in copies if len(s) == 1 and s[0] > b.input_ids.shape[0]]
         assert len(metadata_copies) == 1, (type(m).__name__, copies)
         copies.clear()
+
+
+@pytest.mark.gpu
+def test_an_eager_step_on_cuda_synchronises_twice(seed):
+    """With checks on, an eager step of the rewritten model reads the device twice: the step check's one metadata
+    copy, and one read of every cache write's deferred finite-latent flag at the step's end — not once per op."""
+    import warnings
+
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import num_cache_groups
+
+    tiny = MLAConfig.named("tiny")
+    model = MLAModel(tiny, device="cuda", dtype=torch.bfloat16, seed=seed)
+    counts = {}
+    for m in (model, apply(model, Schedule(4, [0, 2], tiny.num_layers))):
+        G = num_cache_groups(m)
+        b = StepBatch.build([StepItem([1, 2, 3, 4, 5], 6, [0, 1, 2, 3], True), StepItem([7], 9, [4, 5, 6], False)],
+                            4, pad_to=8, num_groups=G, device="cuda")
+        caches = m.allocate_kv_cache(12, 4)
+        for c in caches:
+            c.zero_()
+        with torch.no_grad():
+            m(b.input_ids, kv_caches=caches, meta=b.meta)                # warm-up (Triton compiles)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    m(b.input_ids, kv_caches=caches, meta=b.meta)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        counts[type(m).__name__] = sum("synchroniz" in str(w.message) for w in caught)
+    assert all(n <= 2 for n in counts.values()), counts
