@@ -103,8 +103,10 @@ def assert_step_matches(graphs, sc, items, batch=None, *, tol=1e-3):
     for layer, (old, new, ref_new) in enumerate(zip(before, as_bytes(sc.caches), as_bytes(ref_caches))):
         mine = set(slots[sc.model.cache_groups[layer]].tolist())
         assert written(old, new) == written(old, ref_new) == mine, layer
-        # A packed row may flip an FP8 rounding where the latents differ in the last bit.
-        row_tol = max(tol, 2e-2) if sc.caches[layer].dtype == torch.uint8 else tol
+        # A packed row may flip FP8 roundings where the latents differ in the last bits (Inductor's fused
+        # kernels vs eager: 2.4e-2 measured on the H200 over 4 rows); SPEC §9 bounds the FP8 format's own error
+        # at 3e-2, and two roundings of nearly equal latents can differ by up to twice a single one's.
+        row_tol = max(tol, 5e-2) if sc.caches[layer].dtype == torch.uint8 else tol
         assert rel_err(slot_rows(sc.caches[layer], mine), slot_rows(ref_caches[layer], mine)) < row_tol, layer
     return got
 
