@@ -1,4 +1,5 @@
-# `make demo` runs the bundled default end to end; `make test` runs the test suite (CPU, Triton interpreter).
+# `make demo` rewrites the trained reference model and generates text with it and the original (CPU is fine);
+# `make test` runs the test suite (CPU, Triton interpreter).
 PYTHON ?= python3
 # The CPU build of torch this kind of machine keeps on disk; any torch >= 2.4 works.
 TORCH_SPEC ?= torch==2.13.0

@@ -22,6 +22,8 @@ _MAX_LAYERS = 1024
 # One model and one schedule for every subcommand unless told otherwise: the tiny config runs anywhere,
 # and a window of 128 slides over the demo's longest prompt while covering its short ones.
 DEFAULT_CONFIG = "tiny"
+# The demo shows the trained reference model (swa_rewrite/reference): text in, text out.
+DEMO_CONFIG = "reference"
 DEFAULT_WINDOW = 128
 DEFAULT_SKIP_FREQ = 2
 
@@ -92,8 +94,9 @@ def _int_list(text: str) -> list[int]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and schedule (the same defaults for every subcommand)")
-    g.add_argument("--config", default=DEFAULT_CONFIG, choices=["tiny", "v3-attn"],
-                   help="bundled model config (v3-attn: DeepSeek-V3's attention dims, 4 layers)")
+    g.add_argument("--config", default=DEFAULT_CONFIG, choices=["reference", "tiny", "v3-attn"],
+                   help="bundled model: reference (the trained byte-level model of swa_rewrite/reference), or random "
+                        "weights of tiny or v3-attn (DeepSeek-V3's attention dims, 4 layers)")
     g.add_argument("--layers", type=_positive, help="override the config's number of layers (61: DeepSeek-V3)")
     g.add_argument("--hf", metavar="DIR", help="load a local Hugging Face DeepSeek-V2/V3 checkpoint instead")
     g.add_argument("--window", type=_positive, default=DEFAULT_WINDOW, help="SWA window W in tokens")
@@ -122,6 +125,13 @@ def _config(args):
         return config
     if args.layers and args.layers > _MAX_LAYERS:
         raise CLIError(f"--layers {args.layers}: at most {_MAX_LAYERS} layers are supported")
+    if args.config == "reference":
+        from .reference import REFERENCE_CONFIG
+
+        if args.layers:
+            raise CLIError("--layers applies to the random configs (tiny, v3-attn); the reference model has "
+                           f"{REFERENCE_CONFIG.num_hidden_layers} trained layers")
+        return REFERENCE_CONFIG
     config = MLAConfig.named(args.config)
     return config.replace(num_hidden_layers=args.layers) if args.layers else config
 
@@ -148,7 +158,21 @@ def _build_model(args, *, device: str = "cpu", dtype=None, meta: bool = False):
         return MLAModel(config, device="meta", dtype=dtype)
     if getattr(args, "hf", None):
         return _read_checkpoint(args.hf, from_pretrained, dtype=dtype or torch.float32, device=device)
+    if args.config == "reference" and _reference_trained():
+        from .reference import load_reference_model
+
+        return load_reference_model(dtype=dtype or torch.float32, device=device)
+    if args.config == "reference":
+        print("swa-rewrite: note: the reference checkpoint is not in this checkout (train it: python -m "
+              "swa_rewrite.reference.train); using random weights of its config", file=sys.stderr)
     return MLAModel(config, device=device, dtype=dtype, seed=getattr(args, "seed", 0))
+
+
+def _reference_trained() -> bool:
+    """Whether the trained reference checkpoint is present (a checkout may not carry it yet)."""
+    from .reference import CHECKPOINT_DIR
+
+    return (CHECKPOINT_DIR / "model.safetensors").is_file()
 
 
 def _available_bytes(device) -> Optional[int]:
@@ -250,19 +274,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available() and not args.cpu
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    text = _demo_reads_text(args)
+    if args.prompt:
+        if not text:
+            raise CLIError("--prompt takes text for the byte-level reference model (--config reference, without --hf)")
+        from .reference import encode
+
+        args.prompt_lens = [len(encode(t)) for t in args.prompt]
     _check_demo_sizes(args, device, dtype)
+    prompts = _demo_text_prompts(args) if text else None
     model = _build_model(args, device=device, dtype=dtype)
     schedule = _schedule(args, model.config.num_hidden_layers)
     swa = apply(model, schedule)
     diff = graph_diff(trace(model).forward, swa)
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in args.prompt_lens]
+    if prompts is None:
+        prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in args.prompt_lens]
     # The same layers with a window covering every sequence: only the FP8 cache differs from the original.
     longest = max(args.prompt_lens) + args.max_new_tokens
     fp8_only = apply(model, type(schedule)(max(longest, schedule.window), schedule.swa_layers, schedule.num_layers))
     runs = {name: _demo_generate(m, prompts, args, cuda)
             for name, m in (("original", model), ("rewritten", swa), ("fp8-only", fp8_only))}
-    summary = _demo_summary(args, model, prompts, runs, device, dtype)
+    summary = _demo_summary(args, model, prompts, runs, device, dtype, text)
     summary["agreement"] = [_agreement(model, prompts, runs[name], runs["original"], w, args)
                             for name, w in (("rewritten", schedule.window),
                                             ("fp8-only", fp8_only.swa_schedule.window))]
@@ -274,6 +307,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(diff.render(compact=True))
     _print_demo(summary, cuda)
     return 0
+
+
+def _demo_reads_text(args) -> bool:
+    """Whether the demo's model is the byte-level reference model (text prompts, text output)."""
+    return args.config == "reference" and not args.hf
+
+
+def _demo_text_prompts(args) -> list[list[int]]:
+    """The reference model's prompts as byte tokens: each ``--prompt`` after ``BOS`` (the start of a file), else
+    per ``--prompt-lens`` entry a span of that many bytes of a held-out file of the pinned corpus (never seen in
+    training), starting where a line's text starts (after its indent); files and spans chosen by ``--seed``."""
+    import re
+
+    from .reference import encode
+    from .reference.corpus import load_corpus
+
+    if args.prompt:
+        return [encode(t) for t in args.prompt]
+    rng = random.Random(args.seed)
+    texts = load_corpus().texts("heldout")
+    prompts = []
+    for n in args.prompt_lens:
+        fits = [t for t in texts if len(t) >= n]
+        if not fits:
+            raise CLIError(f"--prompt-lens {n}: no held-out file of the reference corpus has {n} bytes "
+                           f"(longest: {max(map(len, texts))}); use --prompt TEXT")
+        data = rng.choice(fits)
+        # First non-blank byte of each line, with n bytes from there on.
+        starts = [m.start(1) for m in re.finditer(rb"^[ \t]*(\S)", data, re.M) if m.start(1) + n <= len(data)]
+        start = rng.choice(starts or [0])
+        prompts.append(list(data[start:start + n]))
+    return prompts
 
 
 def _engine_kw(args) -> dict:
@@ -316,10 +381,20 @@ def _agreement(model, prompts, run: dict, original: dict, window: int, args) -> 
                 tokens_equal=equal, teacher_forced_equal=forced, tokens=total)
 
 
-def _demo_summary(args, model, prompts, runs: dict, device: str, dtype) -> dict:
+def _demo_summary(args, model, prompts, runs: dict, device: str, dtype, text: bool = False) -> dict:
     cfg, st = model.config, runs["original"]["stats"]
+    name = args.hf or args.config
+    if text and not _reference_trained():
+        name += " (random weights: no checkpoint)"
+    if text:
+        from .reference import decode
+    prompt_rows = [dict(length=len(p), original=o, rewritten=r)
+                   for p, o, r in zip(prompts, runs["original"]["tokens"], runs["rewritten"]["tokens"])]
+    if text:   # the byte-level reference model: the same tokens as text
+        for row, p in zip(prompt_rows, prompts):
+            row.update(text=decode(p), original_text=decode(row["original"]), rewritten_text=decode(row["rewritten"]))
     return dict(
-        model=dict(name=args.hf or args.config, num_layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+        model=dict(name=name, num_layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
                    kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, device=device,
                    dtype=str(dtype).replace("torch.", "")),
         runtime=dict(page_size=args.page_size, num_blocks=args.num_blocks,
@@ -327,8 +402,7 @@ def _demo_summary(args, model, prompts, runs: dict, device: str, dtype) -> dict:
                      prefill_tokens=st.prefill_tokens, decode_tokens=st.decode_tokens),
         kv_cache_bytes={name: r["cache_bytes"] for name, r in runs.items() if name != "fp8-only"},
         seconds={name: r["seconds"] for name, r in runs.items() if name != "fp8-only"},
-        prompts=[dict(length=len(p), original=o, rewritten=r)
-                 for p, o, r in zip(prompts, runs["original"]["tokens"], runs["rewritten"]["tokens"])])
+        prompts=prompt_rows)
 
 
 def _print_demo(summary: dict, cuda: bool) -> None:
@@ -348,6 +422,11 @@ def _print_demo(summary: dict, cuda: bool) -> None:
         print(f"  window {a['window']:>5} + FP8 cache: logits {a['logits_relative_difference']:.2e}, tokens "
               f"{a['tokens_equal']}/{a['tokens']}, {a['teacher_forced_equal']}/{a['tokens']} {note}")
     for i, p in enumerate(summary["prompts"]):
+        if "text" in p:    # byte tokens: show the prompt's end and the continuations as (escaped) text
+            tail = p["text"][-72:]
+            print(f"  prompt {i} ({p['length']} bytes) {'...' if len(p['text']) > len(tail) else ''}{tail!r}\n"
+                  f"    original  {p['original_text']!r}\n    rewritten {p['rewritten_text']!r}")
+            continue
         print(f"  prompt {i} ({p['length']} tokens)\n    original  {' '.join(map(str, p['original']))}\n"
               f"    rewritten {' '.join(map(str, p['rewritten']))}")
     if cuda:
@@ -572,11 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the report as one JSON object instead of text (keys: README.md)")
 
     demo = command("demo", "rewrite the bundled model, generate with it and the original side by side",
-                   "Rewrite the bundled tiny model (or --hf DIR), run a generation through the rewritten and the "
-                   "original model, and compare them.")
-    demo.add_argument("--seed", type=_seed, default=0, help="weights and prompt seed")
+                   "Rewrite the trained reference model (or --config tiny / v3-attn with random weights, or --hf "
+                   "DIR), run a generation through the rewritten and the original model, and compare them. The "
+                   "reference model reads and writes text (bytes): its prompts are spans of held-out files of its "
+                   "corpus, or --prompt TEXT; other models get random token prompts.")
+    demo.add_argument("--seed", type=_seed, default=0, help="prompt seed, and weights seed of random configs")
     demo.add_argument("--prompt-lens", type=_positive, nargs="+", default=[200, 37, 5],
                       help="prompt lengths (the first is longer than the default window)")
+    demo.add_argument("--prompt", action="append", metavar="TEXT",
+                      help="a text prompt for the reference model (repeat for several; replaces --prompt-lens)")
     demo.add_argument("--max-new-tokens", type=_positive, default=16, help="tokens generated per prompt")
     demo.add_argument("--page-size", type=_positive, default=16, help="positions per cache block")
     demo.add_argument("--num-blocks", type=_positive, default=256, help="cache blocks per engine")
@@ -585,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cached tokens for the report's bytes-saved line")
     demo.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     json_flag(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, config=DEMO_CONFIG)
 
     diff = command("diff", "print the graph diff of the rewrite for a config and schedule",
                    "Trace the model (on the meta device) and print what the rewrite changes, grouped by layer.")

@@ -133,7 +133,7 @@ def test_a_checkpoint_that_is_not_deepseek_gets_a_clear_message(sub, tmp_path, c
 # ------------------------------------------------------------------------------------------ issue 12
 def test_version_and_help_state_the_real_defaults(capsys):
     from swa_rewrite import __version__
-    from swa_rewrite.cli import DEFAULT_CONFIG, DEFAULT_WINDOW, build_parser
+    from swa_rewrite.cli import DEFAULT_CONFIG, DEFAULT_WINDOW, DEMO_CONFIG, build_parser
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -141,12 +141,13 @@ def test_version_and_help_state_the_real_defaults(capsys):
     parser = build_parser()
     for sub in ("demo", "diff", "memory", "bench"):
         args = parser.parse_args([sub])
-        assert (args.config, args.window) == (DEFAULT_CONFIG, DEFAULT_WINDOW), sub
+        config = DEMO_CONFIG if sub == "demo" else DEFAULT_CONFIG      # the demo shows the trained model
+        assert (args.config, args.window) == (config, DEFAULT_WINDOW), sub
         with pytest.raises(SystemExit):
             parser.parse_args([sub, "--help"])
         text = " ".join(capsys.readouterr().out.split())       # argparse wraps lines
         assert f"SWA window W in tokens (default: {DEFAULT_WINDOW})" in text, sub
-        assert f"(default: {DEFAULT_CONFIG})" in text and "(default: None)" not in text, sub
+        assert f"(default: {config})" in text and "(default: None)" not in text, sub
         assert "every n-th layer stays full (default: 2)" in text, sub
 
 
@@ -189,8 +190,8 @@ def test_diff_json(capsys):
 
 
 def test_demo_json(capsys):
-    code, out, _ = run(["demo", "--prompt-lens", "9", "20", "--max-new-tokens", "4", "--cpu", "--window", "8",
-                        "--json"], capsys)
+    code, out, _ = run(["demo", "--config", "tiny", "--prompt-lens", "9", "20", "--max-new-tokens", "4", "--cpu",
+                        "--window", "8", "--json"], capsys)
     demo = json.loads(out)
     assert code == 0 and demo["model"]["name"] == "tiny" and demo["report"]["schedule"]["window"] == 8
     assert [p["length"] for p in demo["prompts"]] == [9, 20] and all(len(p["rewritten"]) == 4 for p in demo["prompts"])
