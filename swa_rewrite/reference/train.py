@@ -245,10 +245,13 @@ def train(args: TrainArgs, log: Callable[[str], None] = print, config: MLAConfig
                    corpus_manifest_sha256=_sha256_file(MANIFEST), torch=torch.__version__,
                    python=platform.python_version(),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   peak_memory_gib=(round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+                                    if device.type == "cuda" else None),
                    curves=curves, final_heldout=final)
     _save(model, args.out, summary)
     log(f"wrote {args.out}: config.json, model.safetensors (bf16), train_log.json; "
-        f"{step} steps in {train_s:.0f} s, {time.perf_counter() - t_start:.0f} s in all")
+        f"{step} steps in {train_s:.0f} s, {time.perf_counter() - t_start:.0f} s in all"
+        + (f"; peak GPU memory {summary['peak_memory_gib']} GiB" if summary["peak_memory_gib"] else ""))
     return summary
 
 
