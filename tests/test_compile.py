@@ -330,7 +330,7 @@ def test_export_keyword_arguments_in_another_order(strict, seed):
 
 
 def test_bench_compile_cpu_smoke(capsys):
-    """``benchmarks/bench_compile.py --cpu``: both models, eager and through ``DecodeGraphs``'s buffers, with the
+    """``benchmarks/bench_compile.py --cpu``: both models, eager (checks off and on) and through ``DecodeGraphs``'s buffers, with the
     byte arithmetic of the predicted speed-up (tiny: full rows 144 float32 = 576 B, packed rows 164 B)."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
     spec = importlib.util.spec_from_file_location("bench_compile", path)
@@ -338,7 +338,7 @@ def test_bench_compile_cpu_smoke(capsys):
     spec.loader.exec_module(bench)
     rows = bench.main(["--cpu", "--contexts", "16", "--iters", "1", "--warmup", "0"])
     out = capsys.readouterr().out
-    assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+graphs")]
+    assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+checks"), (16, "eager+graphs")]
     assert "| context | mode | original (µs) | rewritten (µs) |" in out and "| 16 | eager+graphs |" in out
     # B = 2 requests, 17 positions read per full layer, min(W = 8, 17) per sliding layer (layers 0 and 2).
     original, rewritten = 4 * 2 * 17 * 576, 2 * 2 * 17 * 576 + 2 * 2 * 8 * 164
