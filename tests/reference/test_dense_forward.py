@@ -52,3 +52,16 @@ def test_bad_inputs():
         dense_forward(model, torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="takes an MLAModel"):
         dense_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_bf16_autocast_as_training_runs_it(seed):
+    """Under bf16 autocast (training on CUDA; CPU autocast here) the rope's float32 output is cast back so
+    attention runs in bf16, values padded as for flash attention; logits within bf16 error, gradients flow."""
+    model = MLAModel(MLAConfig(), seed=seed % 1000)
+    tokens = torch.randint(0, 256, (2, 48))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dense_forward(model, tokens, pad_values=True)
+    ref = dense_forward(model, tokens).detach()
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).norm() / ref.norm() < 3e-2
+    out.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
