@@ -351,7 +351,9 @@ def _demo_generate(model, prompts, args, cuda: bool) -> dict:
 
     from .runtime import Engine
 
-    engine = Engine(model, **_engine_kw(args))
+    # On CUDA, decode steps replay CUDA graphs per batch bucket, as a serving engine runs them.
+    graphs = dict(cuda_graphs=True, max_model_len=max(map(len, prompts)) + args.max_new_tokens) if cuda else {}
+    engine = Engine(model, **_engine_kw(args), **graphs)
     t0 = time.perf_counter()
     try:
         tokens = engine.generate(prompts, args.max_new_tokens)
