@@ -1,9 +1,12 @@
 """The ``swa-rewrite`` command line (also ``python -m swa_rewrite``).
 
 Subcommands: ``demo`` (rewrite the bundled model and generate with both), ``diff`` (graph diff),
-``memory`` (KV-cache table, and a plot when asked), ``bench`` (end-to-end throughput on CUDA). Every
-subcommand takes the same model and schedule options with the same defaults; ``demo``, ``diff`` and
-``memory`` print their report as one JSON object with ``--json`` (keys in README.md, "Machine-readable reports").
+``memory`` (KV-cache table, and a plot when asked), ``bench`` (end-to-end throughput on CUDA), ``eval``
+(perplexity by context and retrieval, original vs schedules) and ``calibrate`` (rank layers, propose a
+schedule; docs/design.md §15). Every subcommand but ``eval`` and ``calibrate`` takes the same model and schedule
+options with the same defaults (those two take a checkpoint, the reference model by default, and several
+schedules); ``demo``, ``diff``, ``memory``, ``eval`` and ``calibrate`` print their report as one JSON object
+with ``--json`` (keys in README.md).
 """
 
 from __future__ import annotations
@@ -635,13 +638,329 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ eval, calibrate
+DEFAULT_BUCKETS = "0,256,1024,2048,4096"
+_SPEC = r"(skip-freq|skip-freq-list|swa-layers)=([0-9,]+)@([0-9]+)(?:\+([0-9]+))?"
+_LAYER_SPEC = r"([0-9]+)@([0-9]+)(?:\+([0-9]+))?"
+SCHEDULE_SPEC_HELP = ("skip-freq=N@W[+S] (every N-th layer full, window W, S sink tokens), "
+                      "skip-freq-list=1,0,..@W[+S], swa-layers=I,J,..@W[+S], per-layer=I@W[+S],J@W[+S],.., or a "
+                      "schedule JSON file "
+                      "(Schedule.to_json; what calibrate --out writes)")
+
+
+def parse_schedule_spec(text: str, num_layers: int):
+    """``(name, Schedule)`` of one ``--schedule`` value (``SCHEDULE_SPEC_HELP``); ``CLIError`` naming it."""
+    import re
+
+    from .evaluate import schedule_label
+    from .schedule import Schedule
+
+    try:
+        if os.path.isfile(text) or text.endswith(".json"):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    schedule = Schedule.from_json(f.read())
+            except OSError as e:
+                raise CLIError(f"--schedule {text}: cannot read the schedule file: {e}") from None
+            schedule.check_num_layers(num_layers)
+            return f"{os.path.splitext(os.path.basename(text))[0]} {schedule_label(schedule)}", schedule
+        if text.startswith("per-layer="):
+            layers = {}
+            for item in text[len("per-layer="):].split(","):
+                m = re.fullmatch(_LAYER_SPEC, item)
+                if m is None:
+                    raise ValueError(f"per-layer entries are LAYER@WINDOW[+SINKS], got {item!r}")
+                layers[int(m[1])] = (int(m[2]), int(m[3] or 0))
+            schedule = Schedule.per_layer(layers, num_layers)
+            return schedule_label(schedule), schedule
+        m = re.fullmatch(_SPEC, text)
+        if m is None:
+            raise ValueError(f"expected {SCHEDULE_SPEC_HELP}")
+        kind, value, window, sinks = m[1], m[2], int(m[3]), int(m[4] or 0)
+        if kind == "skip-freq":
+            schedule = Schedule.from_skip_freq(int(value), num_layers, window)
+        elif kind == "skip-freq-list":
+            schedule = Schedule.from_skip_freq(_int_list(value), num_layers, window)
+        else:
+            schedule = Schedule(window, _int_list(value), num_layers)
+        if sinks:
+            schedule = Schedule(window, schedule.swa_layers, num_layers, sinks=sinks)
+        name = f"skip-freq {value} W{window}" if kind == "skip-freq" else schedule_label(schedule)
+        return name + (f" + {sinks} sinks" if sinks and kind == "skip-freq" else ""), schedule
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise CLIError(f"--schedule {text}: {e}") from None
+
+
+def _reference():
+    """The reference-model package (``swa_rewrite.reference``) when this install has it, else None."""
+    try:
+        from . import reference
+    except ImportError:
+        return None
+    return reference
+
+
+def _reference_checkpoint() -> Optional[str]:
+    """The shipped reference checkpoint's folder, when this checkout has the trained weights."""
+    ref = _reference()
+    if ref is None or not all(os.path.isfile(os.path.join(ref.CHECKPOINT_DIR, f))
+                              for f in ("config.json", "model.safetensors")):
+        return None
+    return str(ref.CHECKPOINT_DIR)
+
+
+def _eval_model(args):
+    """``(model, name)``: ``--model DIR``, the shipped reference model (``--config reference``, the default), or
+    random weights of ``--config``; on CUDA in bfloat16 unless ``--cpu``, else on the CPU in float32."""
+    import torch
+
+    from .models import MLAConfig, MLAModel, from_pretrained
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if args.model and args.config:
+        raise CLIError("give --model DIR (a checkpoint) or --config NAME, not both")
+    if args.layers and (args.model or args.config in (None, "reference")):
+        raise CLIError("--layers applies to the random configs (tiny, v3-attn); a checkpoint's layer count comes "
+                       "from its config")
+    path = args.model or (_reference_checkpoint() if args.config in (None, "reference") else None)
+    if path is None:
+        name, ref = args.config or "reference", _reference()
+        if name == "reference":
+            why = ("this install has no reference model package" if ref is None else
+                   "the reference checkpoint is not in this checkout (train it: python -m swa_rewrite.reference.train)")
+            name = "tiny" if ref is None else name
+            print(f"swa-rewrite: note: {why}; using random weights of the {name} config (its numbers say nothing "
+                  f"about accuracy)", file=sys.stderr)
+        config = ref.REFERENCE_CONFIG if name == "reference" else MLAConfig.named(name)
+        if args.layers:
+            config = config.replace(num_hidden_layers=args.layers)
+        model = MLAModel(config, device=device, dtype=dtype, seed=args.seed)
+        return model, f"{name} (random weights, seed {args.seed})"
+    try:
+        model = from_pretrained(path, dtype=dtype, device=device)
+    except OSError as e:
+        raise CLIError(f"--model {path}: cannot read the checkpoint: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--model {path}: {e}") from None
+    return model, ("reference model" if args.model is None else os.path.basename(os.path.normpath(path)))
+
+
+def _eval_stream(args, model) -> tuple[Optional[list[int]], str]:
+    """The held-out token stream and its description: ``--data`` files, else the pinned corpus's held-out
+    files (byte tokens; each file after the reference model's BOS when the model has that vocabulary), else
+    None (random tokens)."""
+    from .evaluate import byte_stream, read_byte_files
+
+    vocab = model.config.vocab_size
+    ref = _reference()
+    bos = ref.BOS if ref is not None and vocab == ref.VOCAB_SIZE else None
+    if args.data:
+        if vocab < 256:
+            raise CLIError(f"--data is read as bytes; the model's vocabulary has {vocab} tokens (needs >= 256)")
+        files = read_byte_files(args.data)
+        return byte_stream([b for _, b in files], bos=bos), f"{len(files)} files from --data"
+    if ref is not None and vocab >= 256:
+        try:
+            from .reference.corpus import load_corpus
+
+            texts = load_corpus().texts("heldout")
+        except (ImportError, OSError):
+            texts = None
+        if texts:
+            return byte_stream(texts, bos=bos), f"{len(texts)} held-out files of the pinned Python stdlib corpus"
+    return None, "random tokens"
+
+
+def _cut_buckets(buckets: Sequence[int], seq_len: int) -> list[int]:
+    return [b for b in buckets if b < seq_len] + [seq_len]
+
+
+def _retrieval_prefix(seq_len: int) -> int:
+    """Filler before a retrieval sample's statement: 64 tokens, less for short sequences."""
+    return min(64, seq_len // 16)
+
+
+def _default_distances(seq_len: int) -> list[int]:
+    """Powers of two from 64 and the longest distance a ``seq_len`` sample holds (rounded down to 256)."""
+    longest = seq_len - _retrieval_prefix(seq_len) - 32      # the question and the value take 25 tokens
+    out = [1 << k for k in range(6, 30) if 1 << k <= longest]
+    if longest >= 256:
+        out.append(longest // 256 * 256)
+    return sorted(set(out))
+
+
+def _eval_data(args, model, count: int, extra: int = 0):
+    """``(sequences, extra_sequences, filler, description)``: ``count`` held-out windows of ``--seq-len`` for
+    evaluation and ``extra`` more (disjoint; calibration), evenly spaced over the stream, or random tokens."""
+    from .evaluate import random_sequences, token_windows
+
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    stream, what = _eval_stream(args, model)
+    if stream is None:
+        seqs = random_sequences(count + extra, seq_len, model.config.vocab_size, seed=args.seed)
+        return seqs[:count], seqs[count:], None, what
+    try:
+        windows = token_windows(stream, seq_len, count + extra)
+    except ValueError as e:
+        raise CLIError(f"{what}: {e} (see --seq-len)") from None
+    if len(windows) < count + extra:
+        raise CLIError(f"{what}: {len(stream)} tokens hold only {len(windows)} sequences of {seq_len}; asked for "
+                       f"{count + extra} (see --sequences, --seq-len)")
+    picked = set(range(1, count + extra, 2)[:extra]) if extra else set()   # calibration: every other window
+    if len(picked) < extra:
+        picked |= set(range(0, count + extra, 2)[:extra - len(picked)])
+    evals = [w for i, w in enumerate(windows) if i not in picked]
+    return evals, [windows[i] for i in sorted(picked)], evals, what
+
+
+def _retrieval(args, seq_len: int, filler):
+    from .evaluate import retrieval_samples
+
+    if args.retrieval_samples <= 0:
+        return []
+    distances = args.distances or _default_distances(seq_len)
+    try:
+        samples = retrieval_samples(distances, num_samples=args.retrieval_samples, filler=filler, seed=args.seed,
+                                    prefix=_retrieval_prefix(seq_len))
+    except ValueError as e:
+        raise CLIError(f"--distances: {e}") from None
+    too_long = sorted({s.distance for s in samples if len(s.tokens) > seq_len})
+    if too_long:
+        raise CLIError(f"--distances {too_long}: a sample that long does not fit in --seq-len {seq_len} tokens "
+                       f"(filler, statement, distance, question)")
+    return samples
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _plot_report(report, path: str, title: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError("the plot needs matplotlib: pip install 'swa-rewrite[plot]'") from None
+    try:
+        report.plot(path, title)
+    except OSError as e:
+        raise CLIError(f"--plot {path}: cannot write the image: {e}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    model, name = _eval_model(args)
+    n = model.config.num_hidden_layers
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    specs = args.schedule or [f"skip-freq=2@{max(1, seq_len // 4)}", f"skip-freq=2@{max(1, seq_len // 4)}+4"]
+    schedules = dict(parse_schedule_spec(s, n) for s in specs)
+    if len(schedules) != len(specs):
+        raise CLIError(f"--schedule: two specs name the same schedule ({specs})")
+    sequences, _, filler, what = _eval_data(args, model, args.sequences)
+    report = evaluate(model, sequences, schedules, retrieval=_retrieval(args, seq_len, filler),
+                      buckets=_cut_buckets(args.buckets, seq_len), page_size=args.page_size,
+                      max_tokens_per_step=args.max_tokens_per_step, name=name, show_progress=not args.no_progress)
+    if args.plot:
+        _plot_report(report, args.plot, f"{name}: {what}, {len(sequences)} x {seq_len} tokens")
+    if args.json:
+        _print_json(dict(report.to_dict(), data=what, seq_len=seq_len, plot=args.plot))
+        return 0
+    print(f"data: {what}, {_count(len(sequences), 'sequence')} of {seq_len} tokens")
+    print(report.render())
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import compare_schedules, measure_window_costs, propose_schedule
+
+    model, name = _eval_model(args)
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    context = args.context or seq_len
+    windows = args.windows or sorted({max(1, context // 8), max(1, context // 4), max(1, context // 2)})
+    if not 0 < args.saving < 1:
+        raise CLIError(f"--saving must be a fraction between 0 and 1, got {args.saving}")
+    if args.plot and not args.compare:
+        raise CLIError("--plot draws the comparison: add --compare")
+    sequences, calib, filler, what = _eval_data(args, model, args.sequences if args.compare else 0,
+                                                args.calibration_sequences)
+    cal = measure_window_costs(model, calib, windows, args.sinks, max_tokens_per_step=args.max_tokens_per_step,
+                               show_progress=not args.no_progress)
+    try:
+        proposal = propose_schedule(cal, args.saving, context, page_size=args.page_size, metric=args.metric)
+    except ValueError as e:
+        raise CLIError(f"{e} (see --saving, --windows, --sinks)") from None
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(proposal.schedule.to_json() + "\n")
+        except OSError as e:
+            raise CLIError(f"--out {args.out}: cannot write the schedule: {e}") from None
+    report = None
+    if args.compare:
+        report = compare_schedules(model, sequences, proposal, windows=windows, sinks=args.compare_sinks,
+                                   retrieval=_retrieval(args, seq_len, filler),
+                                   buckets=_cut_buckets(args.buckets, seq_len),
+                                   max_tokens_per_step=args.max_tokens_per_step, name=name,
+                                   show_progress=not args.no_progress)
+        if args.plot:
+            _plot_report(report, args.plot, f"{name}: calibrated vs skip-frequency schedules at "
+                                             f"{100 * args.saving:.0f}% KV saving ({what})")
+    if args.json:
+        _print_json(dict(model=name, data=what, seq_len=seq_len, calibration=cal.to_dict(),
+                         proposal=proposal.to_dict(), schedule_file=args.out,
+                         comparison=report.to_dict() if report is not None else None, plot=args.plot))
+        return 0
+    print(f"data: {what}; calibration on {_count(len(calib), 'sequence')} of {seq_len} tokens")
+    print(cal.render(args.metric))
+    print()
+    print(proposal.render())
+    if args.out:
+        print(f"wrote {args.out} (swa-rewrite eval --schedule {args.out})")
+    if report is not None:
+        print()
+        print(report.render())
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser, *, calibrate: bool = False) -> None:
+    m = p.add_argument_group("model (default: the shipped reference model)")
+    m.add_argument("--model", metavar="DIR", help="a Hugging Face DeepSeek-V2/V3 checkpoint folder (from_pretrained)")
+    m.add_argument("--config", choices=["reference", "tiny", "v3-attn"],
+                   help="reference: the shipped trained model (the default); tiny, v3-attn: random weights")
+    m.add_argument("--layers", type=_positive, help="with --config: override its number of layers")
+    m.add_argument("--seed", type=_seed, default=0, help="random weights (--config), random data, retrieval keys")
+    m.add_argument("--cpu", action="store_true", help="run on the CPU (float32) even if CUDA is available")
+    d = p.add_argument_group("data (default: the pinned corpus's held-out files; random tokens without it)")
+    d.add_argument("--data", nargs="+", metavar="PATH", help="held-out text files or folders (*.py), read as bytes")
+    d.add_argument("--seq-len", type=_positive, default=4096,
+                   help="tokens per sequence (at most the model's positions)")
+    d.add_argument("--sequences", type=_positive, default=8,
+                   help="held-out sequences to evaluate" + (" (with --compare)" if calibrate else ""))
+    e = p.add_argument_group("evaluation" + (" (with --compare)" if calibrate else ""))
+    e.add_argument("--buckets", type=_int_list, default=DEFAULT_BUCKETS, metavar="N,N,...",
+                   help="position buckets of the perplexity table (cut at --seq-len)")
+    e.add_argument("--distances", type=_int_list, metavar="N,N,...",
+                   help="retrieval distances in tokens (default: 64, 128, ... and the longest --seq-len holds)")
+    e.add_argument("--retrieval-samples", type=int, default=8, metavar="N", help="samples per distance (0: none)")
+    e.add_argument("--page-size", type=_positive, default=64, help="positions per cache block (engine and memory)")
+    e.add_argument("--max-tokens-per-step", type=_positive, default=1024, help="the engine's prefill chunk")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when not a TTY)")
+    e.add_argument("--plot", metavar="PNG", help="write a plot of perplexity and retrieval to this PNG file")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text (keys: README.md)")
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog="swa-rewrite", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,memory,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,memory,bench,eval,calibrate}")
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
@@ -713,6 +1032,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--unbounded", action="store_true",
                        help="with --capacity: also the rewritten model with every position kept")
     bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser(
+        "eval", help="held-out perplexity by context and key retrieval, original vs each schedule",
+        formatter_class=_HelpFormatter,
+        description="Run held-out sequences through the paged engine (window-bounded caches) for the original model "
+                    "and for each --schedule: perplexity by position bucket, and a retrieval test (a key stated "
+                    "early, asked for --distances tokens later), beside each schedule's KV-cache saving. Without "
+                    "--schedule: skip-freq 2 with W = --seq-len / 4, without and with 4 sinks.")
+    evaluate.add_argument("--schedule", action="append", metavar="SPEC", help=SCHEDULE_SPEC_HELP + "; repeatable")
+    _add_eval_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="rank layers by what a window costs them and propose a schedule for a KV saving",
+        formatter_class=_HelpFormatter,
+        description="Measure on --calibration-sequences held-out sequences, per layer and candidate window and sink "
+                    "count, the attention mass outside the window and the attention output's relative error; "
+                    "propose the schedule of least cost that saves --saving of one --context request's KV cache; "
+                    "with --compare, evaluate it beside skip-frequency schedules of the nearest memory, without "
+                    "and with sinks.")
+    calibrate.add_argument("--saving", type=float, default=0.5, help="KV-cache fraction to save (0 to 1)")
+    calibrate.add_argument("--context", type=_positive, help="request length of the memory target (default: --seq-len)")
+    calibrate.add_argument("--windows", type=_int_list, metavar="W,W,...",
+                           help="candidate windows (default: --context / 8, / 4, / 2)")
+    calibrate.add_argument("--sinks", type=_int_list, default="0,4", metavar="S,S,...", help="candidate sink counts")
+    calibrate.add_argument("--metric", choices=["mass_outside", "output_error"], default="mass_outside",
+                           help="what the proposal minimises (summed over the SWA layers)")
+    calibrate.add_argument("--calibration-sequences", type=_positive, default=4, metavar="N",
+                           help="sequences measured (disjoint from the --compare ones)")
+    calibrate.add_argument("--out", metavar="JSON", help="write the proposed schedule here (for eval --schedule)")
+    calibrate.add_argument("--compare", action="store_true",
+                           help="evaluate the proposal, its sinks variant and the nearest skip-freq schedules")
+    calibrate.add_argument("--compare-sinks", type=int, default=4, metavar="S",
+                           help="sink tokens of the comparison's sinks variants")
+    _add_eval_args(calibrate, calibrate=True)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 
