@@ -28,10 +28,12 @@ from .fp8_cache import fp8_cache_bytes
 from .step_metadata import StepMetadata
 from .kv_cache_spec import KVCacheSpec, cache_groups
 from .checks import check_int, checks_enabled
+from .flashmla_backend import attention_backend, get_attention_backend, set_attention_backend
 
 __all__ = ["StepMetadata", "allocate_kv_cache", "write_kv_cache", "paged_mla_attention", "checks_enabled"]
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
 __all__ += ["sparse_mla_attention", "swa_mla_attention", "KVCacheSpec", "cache_groups"]
+__all__ += ["attention_backend", "get_attention_backend", "set_attention_backend"]   # FlashMLA switch (§7)
 
 
 def _grouped(t: torch.Tensor, name: str, group_dims: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail
+from . import flashmla_backend
 from .step_metadata import token_positions
 from .swa_indexer import launch_swa_indexer, swa_indexer_reference
 
@@ -245,6 +246,10 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
     if not _triton_supported(q, cache):
         return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                              batch_id_per_token, scale, rope_dim)
+    flashmla = flashmla_backend.try_dense_decode(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                                 batch_id_per_token, scale, rope_dim)   # None: not selected / can't
+    if flashmla is not None:
+        return flashmla
     from ..kernels.paged_mla import paged_mla_attention_fwd
 
     # The kernels index the metadata with unit column strides.
@@ -372,6 +377,10 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
     if not _triton_supported(q, cache):
         return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                            batch_id_per_token, scale, rope_dim, window, sinks)
+    flashmla = flashmla_backend.try_swa_decode(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                                               batch_id_per_token, scale, rope_dim, window, sinks)
+    if flashmla is not None:
+        return flashmla
     if sinks > 0:
         # Sinks break the one contiguous band the fused kernels walk: index, then attend sparsely.
         return swa_sinks_attention_fwd(q.contiguous(), cache, block_tables, cu_seqlens_q, seq_lens_decoder,
