@@ -53,16 +53,29 @@ def run_bench(model: MLAModel, schedule: Schedule, args) -> None:
         _run_bench(model, schedule, args)
 
 
+def _backends() -> list[str]:
+    """The attention backends this machine runs: ours always; FlashMLA's when it imports on a Hopper GPU."""
+    from .ops.flashmla_backend import flash_mla_module
+
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    return ["triton"] + (["flashmla"] if hopper and flash_mla_module() is not None else [])
+
+
 def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
+    from .ops.flashmla_backend import attention_backend, reset_stats, stats
+
     cfg = model.config
     swa = apply(model, schedule)
     report = swa.swa_report
     ps, B = args.page_size, args.batch
     L, W = cfg.num_hidden_layers, schedule.window
     n_swa = len(schedule.swa_layers)
+    backends = _backends()
     print(report.render(max(args.contexts)))
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; decode: {B} requests x 1 token, "
-          f"CUDA graph; prefill: one chunk of {args.prefill_tokens} tokens ending at the context")
+          f"CUDA graph; prefill: one chunk of {args.prefill_tokens} tokens ending at the context; attention "
+          f"backends: {', '.join(backends)} (FlashMLA: decode only, its dense decode needs page 64 — prefill and "
+          f"other pages run our kernels)")
     rows = []
     bar = progress(args.contexts, desc="bench", disable=getattr(args, "no_progress", False))
     for ctx in bar:
@@ -70,23 +83,27 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
         num_blocks = B * blocks
         result = {}
         for name, m in (("original", model), ("rewritten", swa)):
-            bar.set_postfix_str(f"context {ctx}: {name}")
             caches = m.allocate_kv_cache(num_blocks, ps)
             _fill(caches, cfg.latent_dim)
             allocated = sum(c.numel() * c.element_size() for c in caches)
             G = num_cache_groups(m)   # the rewritten model has a full and a sliding cache group
             dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
                                    for b in range(B)], ps, num_groups=G, device="cuda")
-            step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
-                             logits_indices=dec.last_token_index)
-            decode_us = median_us(_graphed(step), args.iters)
             T = min(args.prefill_tokens, ctx)
             pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, num_groups=G,
                                   device="cuda")
-            last = pre.last_token_index
-            prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta, logits_indices=last),
-                                   max(3, args.iters // 4))
-            result[name] = (decode_us, prefill_us, T, allocated / (num_blocks * ps))
+            for backend in backends:
+                bar.set_postfix_str(f"context {ctx}: {name}, {backend}")
+                reset_stats()
+                with attention_backend(backend):
+                    step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
+                                     logits_indices=dec.last_token_index)
+                    decode_us = median_us(_graphed(step), args.iters)     # captures this backend's kernels
+                    last = pre.last_token_index
+                    prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta,
+                                                     logits_indices=last), max(3, args.iters // 4))
+                ran = sorted(k for k, v in stats.items() if v) if backend != "triton" else []
+                result[(name, backend)] = (decode_us, prefill_us, T, allocated / (num_blocks * ps), ran)
             caches = None  # free this context's caches before the next allocation
             torch.cuda.empty_cache()
         rows.append((ctx, result))
@@ -95,14 +112,20 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bpt_full = cfg.latent_dim * 2
     bpt_swa = report.rows[next(iter(schedule.swa_layers))].cache_after[1] if n_swa else 0
-    print(f"\n{'context':>8} {'decode tok/s orig':>18} {'rewritten':>10} {'speed-up':>9} {'expected':>9} "
-          f"{'prefill tok/s orig':>19} {'rewritten':>10} {'speed-up':>9} {'cache B/token orig':>19} {'rewritten':>10}")
+    base = "flashmla" if "flashmla" in backends else "triton"
+    print(f"\nspeed-ups are against the original model with {'FlashMLA' if base == 'flashmla' else 'our'} "
+          f"dense decode{' (the baseline users run)' if base == 'flashmla' else ''}; prefill baseline: the original "
+          f"with our dense prefill (FlashMLA has none)")
+    print(f"{'context':>8} {'model':>10} {'backend':>9} {'decode tok/s':>13} {'speed-up':>9} {'bytes predict':>14} "
+          f"{'prefill tok/s':>14} {'speed-up':>9} {'cache B/token':>14}  FlashMLA ran")
     for ctx, r in rows:
-        (d0, p0, T, c0), (d1, p1, _, c1) = r["original"], r["rewritten"]
+        d_base, p_base = r[("original", base)][0], r[("original", "triton")][1]
         full_bytes = weights + L * B * ctx * bpt_full
         swa_bytes = weights + (L - n_swa) * B * ctx * bpt_full + n_swa * B * min(W, ctx) * bpt_swa
-        print(f"{ctx:>8} {B / d0 * 1e6:>18.0f} {B / d1 * 1e6:>10.0f} {d0 / d1:>8.2f}x {full_bytes / swa_bytes:>8.2f}x "
-              f"{T / p0 * 1e6:>19.0f} {T / p1 * 1e6:>10.0f} {p0 / p1:>8.2f}x {c0:>19.0f} {c1:>10.0f}")
+        for (name, backend), (d, p, T, c, ran) in r.items():
+            expected = 1.0 if name == "original" else full_bytes / swa_bytes
+            print(f"{ctx:>8} {name:>10} {backend:>9} {B / d * 1e6:>13.0f} {d_base / d:>8.2f}x {expected:>13.2f}x "
+                  f"{T / p * 1e6:>14.0f} {p_base / p:>8.2f}x {c:>14.0f}  {', '.join(ran) or '-'}")
     print(f"report: {report.bytes_per_token(False)} -> {report.bytes_per_token(True)} bytes/token "
           f"(weights {weights / 2**30:.2f} GiB read per step)")
 
