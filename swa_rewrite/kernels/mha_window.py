@@ -1,0 +1,461 @@
+"""MHA-mode sliding-window prefill (SPEC §13, issue 18): expand the window's latent rows into per-head keys and
+values, then a flash-attention kernel over ragged query chunks.
+
+MQA mode (``sparse_mla``, ``gathered_mla``) attends with ``q_abs [H, R + P]`` against the latent and pays
+``2·(D + R)`` FLOPs per head and key; MHA mode pays ``2·(N + P) + 2·V`` (640 for DeepSeek-V3, 3.4× fewer), after
+an expansion GEMM ``latent[:, :R] @ kv_b_proj.weightᵀ`` that costs about what the model's absorb / un-absorb
+BMMs cost in prefill. Three steps, one launcher (``mha_swa_prefill_fwd``):
+
+1. ``gather_latent_rows``: rows ``kv_slots [M]`` of the paged cache (packed FP8 rows dequantised exactly as
+   ``fp8_format`` defines, with the building blocks of ``_common``; or model-dtype rows, a full layer's cache)
+   → a contiguous latent workspace ``[M, R + P]`` in the query dtype; slot ``-1`` → a zero row.
+2. ``torch.mm`` (cuBLAS on CUDA): ``kv [M, Hg, N + V] = latent[:, :R] @ W[h0:h1]ᵀ`` per head group — ``k_nope``
+   is ``kv[..., :N]``, ``v`` is ``kv[..., N:]``, and ``k_pe`` is ``latent[:, R:]``, the rope part every head shares.
+3. ``_mha_window_fwd_kernel``: per (query tile of one request, head), online softmax over the workspace rows.
+
+**The workspace layout (``kv_cu``, ``kv_slots``).** Request ``b`` owns workspace rows ``[kv_cu[b], kv_cu[b+1])``
+(none: the request is not computed here — the step's MQA path or a decode). With ``n = seq_lens_decoder[b]``
+cached positions, ``C`` query tokens, window ``W`` and ``s`` sinks, let ``a = max(0, n - W + 1)`` (the first
+window position of the chunk's first token) and ``ns = min(s, a)`` (sink positions below it); its rows hold
+positions ``0 … ns-1`` then ``a … n + C - 1``, each once — ``C + min(n, W-1) + ns ≤ C + W - 1 + s`` rows
+(``ops.mha_prefill.plan_mha_rows`` builds them on the host). The rows are disjoint in position, so "each
+position once" (SPEC §12) holds by construction.
+
+**The kernel.** A program owns ``BLOCK_M`` consecutive query tokens of one request and one head; the grid is
+``(cdiv(T, BLOCK_M) + B, heads)`` (a bound on the tiles, from shapes only; programs past the last tile exit)
+and each program finds its request by binary search over ``tile_cu`` (prefix sums of the requests' tile counts,
+computed on the device). Query position ``p`` attends to position ``j`` iff ``j ≤ p`` and (``j > p - W`` or
+``j < s``). Key tiles visited, per query tile with positions ``p0 … p1`` and ``lo = max(a, p0 - W + 1)``:
+
+- the rows of positions ``< min(s, lo)`` (sinks below every query's window: allowed for all, only the row
+  count is masked);
+- positions ``lo … p1`` in tiles of ``BLOCK_N``: tiles with ``k0 ≥ p1 - W + 1`` and ``k0 + BLOCK_N - 1 ≤ p0``
+  lie inside every query's window and run unmasked; the others (window start, diagonal) are masked.
+
+No other tile is read: work is ``(BLOCK_M + W) / BLOCK_N`` tiles per query tile whatever the chunk's length.
+Key tiles come through host TMA descriptors (``tma``, the default where the workspace is 16-byte aligned: rows past
+the workspace are zero-filled, every row inside it is finite, so only scores are masked) or through masked pointer
+loads.
+Output rows of tokens no program owns (padding, requests without rows) are **untouched** by the kernel; the
+launcher's ``fill=True`` (what the op uses) writes them ``o = 0``, ``lse = +inf`` as the MQA ops do.
+
+**Bounded workspace.** The latent workspace is ``M·(R+P)`` elements; the K/V workspace is one head group,
+``M·Hg·(N+V)``, with ``Hg`` the most heads whose K/V fit ``workspace_bytes`` (default ``EXPAND_BYTES``, at least
+one head), the GEMM and the kernel running once per group. ``M`` comes from the metadata's shape: no host
+synchronisation anywhere (grids and groups depend on shapes only).
+
+Interpreter: Triton 3.9's interpreter returns garbage for ``tl.dot`` on bf16 operands, so with ``INTERPRET``
+tiles are converted to fp32 before the dots (never on the GPU), and bf16 outputs are rounded to nearest as the
+GPU's conversion does (``_common._round_to_bf16_grid``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import fp8_format
+from . import interpreting
+from ._common import _LOG2E, _M_INIT, _dequantize_tile, _load_tile, _round_to_bf16_grid
+
+try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernel loads through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+# K/V workspace of one head group, in bytes (at least one head's K/V is always allocated).
+EXPAND_BYTES = 1 << 30
+# Block shapes of the attention kernel on the GPU (benchmarks/bench_mha_prefill.py times the alternatives).
+# ``tma``: key tiles through host TMA descriptors where the workspace allows (16-byte aligned), else pointers.
+# Compiled for sm_90 without a GPU (Triton 3.9, DeepSeek dims, 2026-11-28): 64×64 tiles, 4 warps, TMA: 183
+# registers, no spills, 107 KB shared (2 programs per SM); 128-row tiles with 8 warps hit 255 registers and spill
+# (168-472 B of stack) with or without TMA; pointer loads spill at every shape (e.g. 528 B at 64×64).
+DEFAULT_CONFIG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
+INTERPRET_CONFIG = dict(block_m=16, block_n=16, num_warps=4, num_stages=1, tma=True)
+# A window of at least this many positions is full causal attention (``window=0`` in the op).
+FULL_WINDOW = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------ gather
+@triton.jit
+def _gather_rows_kernel(cache_ptr, slots_ptr, out_ptr, M, page_size, stride_cb, stride_cr, stride_om,
+                        R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                        NT: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr):
+    """Rows ``m`` of ``out [M, R + P]`` ← cache slot ``slots[m]`` (dequantised when ``FP8``); ``-1`` → zeros."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = m < M
+    slot = tl.load(slots_ptr + m, mask=live, other=-1).to(tl.int64)
+    valid = slot >= 0
+    s = tl.maximum(slot, 0)
+    row = (s // page_size) * stride_cb + (s % page_size) * stride_cr
+    raw, sc, pe = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
+    lat, pe = _dequantize_tile(raw, sc, pe, BLOCK_T, BLOCK_R, NT, FP8, INTERPRET=False)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_p = tl.arange(0, BLOCK_P)
+    dst = out_ptr + m[:, None] * stride_om
+    tl.store(dst + offs_r[None, :], lat.to(out_ptr.dtype.element_ty), mask=live[:, None] & (offs_r < R)[None, :])
+    tl.store(dst + R + offs_p[None, :], pe.to(out_ptr.dtype.element_ty), mask=live[:, None] & (offs_p < P)[None, :])
+
+
+def gather_latent_rows(cache: torch.Tensor, kv_slots: torch.Tensor, out: torch.Tensor, *, rope_dim: int,
+                       block_t: int = 16, num_warps: int = 4) -> None:
+    """``out [M, R + P]`` ← the cache rows at ``kv_slots [M]`` (``-1``: zeros). ``cache``: packed FP8
+    ``uint8 [NB, ps, bytes]`` (rows dequantised to bf16 values, SPEC §6) or a model-dtype ``[NB, ps, R + P]``
+    cache of ``out``'s dtype. Rows inside a page contiguous; packed rows 4-byte aligned. No checks (the op's)."""
+    M, D = out.shape
+    R = D - rope_dim
+    if M == 0:
+        return
+    fp8 = cache.dtype == torch.uint8
+    block_r = max(16, triton.next_power_of_2(R))
+    _gather_rows_kernel[(triton.cdiv(M, block_t),)](
+        cache, kv_slots, out, M, cache.shape[1], cache.stride(0), cache.stride(1), out.stride(0),
+        R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
+        NT=block_r // fp8_format.TILE if fp8 else 1, BLOCK_T=block_t, FP8=fp8,
+        num_warps=num_warps)
+
+
+# --------------------------------------------------------------------------------------- attention
+@triton.jit
+def _col_ok(offs, n: tl.constexpr, BLOCK: tl.constexpr):
+    """``offs < n`` — a constant all-true mask when the block is exactly ``n`` wide (loads drop it)."""
+    if BLOCK == n:
+        ok = tl.full([BLOCK], 1, tl.int1)
+    else:
+        ok = offs < n
+    return ok
+
+
+@triton.jit
+def _load_keys(kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, rows, row0, h, row_ok, stride_km, stride_pm,
+               N: tl.constexpr, P: tl.constexpr, V: tl.constexpr, BLOCK_NOPE: tl.constexpr,
+               BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """``k_nope [BLOCK_N, N]``, ``k_pe [BLOCK_N, P]`` and ``v [BLOCK_N, V]`` of workspace ``rows`` (``row0 +
+    arange``). Pointer loads (``kv_ptr`` at this head's ``[N + V]`` columns, ``kpe_ptr`` at the rope columns) give
+    zeros where not ``row_ok``; TMA loads (``TMA``: descriptors over ``kv [M, Hg, N + V]`` and ``k_pe [M, P]``)
+    ignore ``row_ok``: rows past the workspace come back as zeros, every other row is finite, and the caller masks
+    scores. Columns past ``N`` / ``P`` / ``V`` multiply zeros of ``q`` or are never stored."""
+    if TMA:
+        r0 = row0.to(tl.int32)
+        kn = kn_desc.load([r0, h.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_NOPE)
+        v = v_desc.load([r0, h.to(tl.int32), N]).reshape(BLOCK_N, BLOCK_V)
+        kp = kp_desc.load([r0, 0]).reshape(BLOCK_N, BLOCK_ROPE)
+    else:
+        offs_n = tl.arange(0, BLOCK_NOPE)
+        offs_p = tl.arange(0, BLOCK_ROPE)
+        offs_v = tl.arange(0, BLOCK_V)
+        kv_row = kv_ptr + rows[:, None] * stride_km
+        kn = tl.load(kv_row + offs_n[None, :], mask=row_ok[:, None] & _col_ok(offs_n, N, BLOCK_NOPE)[None, :],
+                     other=0.0)
+        v = tl.load(kv_row + N + offs_v[None, :], mask=row_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :],
+                    other=0.0)
+        kp = tl.load(kpe_ptr + rows[:, None] * stride_pm + offs_p[None, :],
+                     mask=row_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
+    if INTERPRET:
+        kn = kn.to(tl.float32)
+        kp = kp.to(tl.float32)
+        v = v.to(tl.float32)
+    return kn, kp, v
+
+
+@triton.jit
+def _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    """One online-softmax step over a key tile (scores in log2 units)."""
+    s = tl.dot(q_pe, tl.trans(kp))
+    s = tl.dot(q_nope, tl.trans(kn), s) * qk_scale                            # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mha_window_fwd_kernel(
+        q_nope_ptr, q_pe_ptr, kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr,
+        cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr,
+        qk_scale,                                   # softmax scale · log2(e)
+        B, window, sinks, search_steps,
+        stride_qt, stride_qh, stride_pt, stride_ph,
+        stride_km, stride_kh, stride_pm,
+        stride_ot, stride_oh, stride_lt, stride_lh,
+        N: tl.constexpr, P: tl.constexpr, V: tl.constexpr,
+        BLOCK_NOPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+
+    # ---- which request and which of its query tiles: the last b with tile_cu[b] <= pid
+    live = pid < tl.load(tile_cu_ptr + B)
+    lo_b = pid * 0
+    hi_b = pid * 0 + B
+    for _ in range(search_steps):
+        mid = (lo_b + hi_b) // 2
+        go = tl.load(tile_cu_ptr + mid) <= pid
+        lo_b = tl.where(go, mid, lo_b)
+        hi_b = tl.where(go, hi_b, mid)
+    b = lo_b
+    cu_b = tl.load(cu_ptr + b)
+    c_b = tl.load(cu_ptr + b + 1) - cu_b
+    dec_b = tl.load(dec_ptr + b)
+    base = tl.load(kv_cu_ptr + b).to(tl.int64)
+    i0 = (pid - tl.load(tile_cu_ptr + b)) * BLOCK_M
+    n_q = tl.where(live, tl.minimum(c_b - i0, BLOCK_M), 0)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_ok = offs_m < n_q
+    tok = (cu_b + i0).to(tl.int64) + offs_m
+    pos = dec_b + i0 + offs_m                                               # query positions
+    p0 = dec_b + i0
+    p1 = p0 + n_q - 1
+    a_b = tl.maximum(dec_b - window + 1, 0)                                 # first window row's position
+    ns_b = tl.minimum(sinks, a_b)                                           # sink rows below it
+    lo_t = tl.maximum(a_b, p0 - window + 1)                                 # the tile's first window position
+    n_sink = tl.where(live, ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0), 0)
+    win0 = base + ns_b - a_b                                                # workspace row of position x: win0 + x
+
+    offs_d = tl.arange(0, BLOCK_NOPE)
+    offs_p = tl.arange(0, BLOCK_ROPE)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                     mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
+                   mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
+    if INTERPRET:
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    kv_h = kv_ptr + h * stride_kh
+
+    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+
+    # ---- 1. sink positions below every query's window: rows [base, base + n_sink), all allowed
+    for k0 in range(0, n_sink, BLOCK_N):
+        kk = k0 + offs_n
+        ok = kk < n_sink
+        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, base + kk, base + k0, h, ok, stride_km,
+                               stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA, INTERPRET)
+        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, ok[None, :], m_i, l_i, acc, qk_scale, MASKED=True)
+
+    # ---- 2. positions lo_t … p1: masked window-start tiles, unmasked interior, masked diagonal
+    n_tiles = tl.where(live, tl.cdiv(tl.maximum(p1 + 1 - lo_t, 0), BLOCK_N), 0)
+    n_a = tl.minimum(tl.cdiv(tl.maximum(p1 - window + 1 - lo_t, 0), BLOCK_N), n_tiles)
+    n_full = tl.maximum(n_a, tl.minimum(n_tiles, (p0 - lo_t + 1) // BLOCK_N))
+    for t in range(0, n_a):
+        kpos0 = lo_t + t * BLOCK_N
+        kpos = kpos0 + offs_n
+        ok = kpos <= p1
+        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, ok,
+                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
+                               INTERPRET)
+        allowed = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
+                                                     (kpos[None, :] < sinks))
+        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+    all_rows = tl.full([BLOCK_N], 1, tl.int1)
+    for t in range(n_a, n_full):
+        kpos0 = lo_t + t * BLOCK_N
+        kpos = kpos0 + offs_n
+        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, all_rows,
+                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
+                               INTERPRET)
+        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, all_rows[None, :], m_i, l_i, acc, qk_scale,
+                                MASKED=False)
+    for t in range(n_full, n_tiles):
+        kpos0 = lo_t + t * BLOCK_N
+        kpos = kpos0 + offs_n
+        ok = kpos <= p1
+        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, ok,
+                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
+                               INTERPRET)
+        allowed = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
+                                                     (kpos[None, :] < sinks))
+        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+
+    # ---- normalise and store this tile's rows (every valid query attends at least to itself)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        o = _round_to_bf16_grid(o)
+    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
+    tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok)
+
+
+@triton.jit
+def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, stride_oh, stride_lt,
+                           V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``o = 0``, ``lse = +inf`` for token ``t`` when no program computes it: padding (``bid < 0``) or a request
+    without workspace rows."""
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.load(bid_ptr + t).to(tl.int64)
+    bb = tl.maximum(b, 0)
+    rows = tl.load(kv_cu_ptr + bb + 1, mask=b >= 0, other=0) - tl.load(kv_cu_ptr + bb, mask=b >= 0, other=0)
+    uncovered = (b < 0) | (rows <= 0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+    # (The scalar flag is broadcast by arithmetic: the interpreter rejects a scalar-bool & vector-bool mask.)
+    h_ok = (offs_h < H) & ((tl.zeros([BLOCK_H], tl.int32) + uncovered.to(tl.int32)) != 0)
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_v[None, :],
+             tl.zeros([BLOCK_H, BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & (offs_v < V)[None, :])
+    tl.store(lse_ptr + t * stride_lt + offs_h, tl.full([BLOCK_H], float("inf"), tl.float32), mask=h_ok)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def attention_config(config: dict | None = None) -> dict:
+    """The attention kernel's block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
+    updated with ``config``."""
+    return dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
+
+
+def tile_offsets(cu_seqlens_q: torch.Tensor, kv_cu: torch.Tensor, block_m: int) -> torch.Tensor:
+    """``tile_cu [B + 1]`` int32: prefix sums of each request's query tiles (``cdiv(C_b, block_m)``; 0 for a
+    request without workspace rows). Device ops only (no synchronisation)."""
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
+    rows = kv_cu[1:] - kv_cu[:-1]
+    tiles = torch.where(rows > 0, (q_lens + block_m - 1) // block_m, 0)
+    return torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+
+
+def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                         kv_cu: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                         scale: float, window: int, sinks: int, out: torch.Tensor, lse: torch.Tensor, *,
+                         tile_cu: torch.Tensor | None = None, config: dict | None = None, stats=None) -> None:
+    """The attention kernel over an expanded workspace (module docstring): ``q_nope [T, Hg, N]``,
+    ``q_pe [T, Hg, P]``, ``kv [M, Hg, N + V]`` (``k_nope | v``), ``k_pe [M, P]`` (shared by the heads), request
+    rows ``kv_cu [B + 1]`` → ``out [T, Hg, V]`` and ``lse [T, Hg]`` (natural log) written for the tokens of
+    requests with rows, other rows untouched. Views with any strides (unit last stride); ``window`` ≥ 1."""
+    T, Hg, N = q_nope.shape
+    P = q_pe.shape[-1]
+    V = out.shape[-1]
+    B = kv_cu.shape[0] - 1
+    if T == 0 or B == 0 or Hg == 0:
+        return
+    cfg = attention_config(config)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if tile_cu is None:
+        tile_cu = tile_offsets(cu_seqlens_q, kv_cu, bm)
+    assert min(q_nope.stride(-1), q_pe.stride(-1), kv.stride(-1), k_pe.stride(-1), out.stride(-1)) == 1
+    block_nope = max(16, triton.next_power_of_2(N))
+    block_rope = max(16, triton.next_power_of_2(P))
+    block_v = max(16, triton.next_power_of_2(V))
+    descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
+    kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
+    grid = (triton.cdiv(T, bm) + B, Hg)
+    compiled = _mha_window_fwd_kernel[grid](
+        q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu,
+        scale * _LOG2E, B, min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv.stride(0), kv.stride(1), k_pe.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm, BLOCK_N=bn,
+        TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if stats is not None:
+        stats.setdefault("attention", []).append(compiled)
+        stats["tma"] = descs is not None
+
+
+def _descriptors(kv: torch.Tensor, k_pe: torch.Tensor, block_n: int, block_nope: int, block_rope: int,
+                 block_v: int):
+    """TMA descriptors ``(k_nope, v, k_pe)``: boxes ``[block_n, 1, block_nope]`` / ``[block_n, 1, block_v]`` of
+    ``kv [M, Hg, N + V]`` and ``[block_n, block_rope]`` of ``k_pe [M, P]``; None where TMA cannot take them
+    (16-byte aligned bases and strides, unit last stride)."""
+    if TensorDescriptor is None or kv.dim() != 3 or kv.shape[0] == 0:
+        return None
+    es = kv.element_size()
+    if kv.stride(-1) != 1 or k_pe.stride(-1) != 1 or kv.data_ptr() % 16 or k_pe.data_ptr() % 16:
+        return None
+    if kv.stride(0) * es % 16 or kv.stride(1) * es % 16 or k_pe.stride(0) * es % 16:
+        return None
+    if max(block_n, block_nope, block_rope, block_v) > 256:
+        return None
+    shape, strides = list(kv.shape), list(kv.stride())
+    return (TensorDescriptor(kv, shape, strides, [block_n, 1, block_nope]),
+            TensorDescriptor(kv, shape, strides, [block_n, 1, block_v]),
+            TensorDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [block_n, block_rope]))
+
+
+def fill_uncovered(out: torch.Tensor, lse: torch.Tensor, kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor,
+                   block_h: int = 16) -> None:
+    """``out [T, H, V] = 0`` and ``lse [T, H] = +inf`` for the tokens the attention kernel does not compute."""
+    T, H, V = out.shape
+    if T == 0 or H == 0:
+        return
+    if kv_cu.shape[0] <= 1:                      # no request: every token is padding
+        out.zero_()
+        lse.fill_(float("inf"))
+        return
+    _fill_uncovered_kernel[(T, triton.cdiv(H, block_h))](
+        out, lse, batch_id_per_token, kv_cu, H, out.stride(0), out.stride(1), lse.stride(0),
+        V=V, BLOCK_H=block_h, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
+
+
+def head_group(M: int, H: int, width: int, element_size: int, workspace_bytes: int | None = None) -> int:
+    """Heads per expansion group: the most whose ``[M, Hg, width]`` K/V fit ``workspace_bytes``, at least 1,
+    balanced over the groups (``cdiv(H, groups)``)."""
+    budget = EXPAND_BYTES if workspace_bytes is None else workspace_bytes
+    per_head = max(1, M * width * element_size)
+    fit = max(1, min(H, budget // per_head))
+    groups = triton.cdiv(H, fit)
+    return triton.cdiv(H, groups)
+
+
+def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                        kv_slots: torch.Tensor, kv_cu: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float,
+                        window: int, sinks: int = 0, *, out=None, fill: bool = True, config: dict | None = None,
+                        workspace_bytes: int | None = None, stats=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MHA-mode sliding-window attention of a step's chunks (module docstring) → ``o [T, H, V]`` (q dtype),
+    ``lse [T, H]`` fp32.
+
+    ``q_nope [T, H, N]``, ``q_pe [T, H, P]`` (rope applied), ``kv_b_weight [H·(N+V), R]`` (``kv_b_proj.weight``),
+    ``cache`` packed FP8 ``uint8 [NB, ps, bytes]`` or model-dtype ``[NB, ps, R + P]``, ``kv_slots [M]`` /
+    ``kv_cu [B + 1]`` the workspace rows (``ops.mha_prefill.plan_mha_rows``), the step's ``cu_seqlens_q``,
+    ``seq_lens_decoder``, ``batch_id_per_token``; ``window`` ≥ 1 (``FULL_WINDOW`` or more: full causal).
+    ``out``: a preallocated ``(o, lse)`` to write into; ``fill=False`` leaves the rows of tokens not computed
+    here untouched (else ``o = 0``, ``lse = +inf``). ``workspace_bytes``: the K/V workspace bound of one head
+    group (``EXPAND_BYTES``). No checks, no host synchronisation."""
+    T, H, N = q_nope.shape
+    P = q_pe.shape[-1]
+    R = kv_b_weight.shape[1]
+    V = kv_b_weight.shape[0] // H - N
+    M = kv_slots.shape[0]
+    dtype = q_nope.dtype
+    if out is None:
+        out = (torch.empty((T, H, V), dtype=dtype, device=q_nope.device),
+               torch.empty((T, H), dtype=torch.float32, device=q_nope.device))
+    o, lse = out
+    if fill:
+        fill_uncovered(o, lse, kv_cu, batch_id_per_token)
+    if T == 0 or M == 0 or kv_cu.shape[0] <= 1:
+        return o, lse
+    cfg = attention_config(config)
+    latent = torch.empty((M, R + P), dtype=dtype, device=q_nope.device)
+    gather_latent_rows(cache, kv_slots, latent, rope_dim=P)
+    tile_cu = tile_offsets(cu_seqlens_q, kv_cu, cfg["block_m"])
+    hg = head_group(M, H, N + V, latent.element_size(), workspace_bytes)
+    buf = torch.empty(M * hg * (N + V), dtype=dtype, device=q_nope.device)
+    w = kv_b_weight.view(H, N + V, R)
+    if stats is not None:
+        stats.update(rows=M, head_group=hg, workspace_bytes=buf.numel() * buf.element_size()
+                     + latent.numel() * latent.element_size())
+    for h0 in range(0, H, hg):
+        h1 = min(H, h0 + hg)
+        kv = buf[:M * (h1 - h0) * (N + V)].view(M, (h1 - h0) * (N + V))
+        torch.mm(latent[:, :R], w[h0:h1].reshape((h1 - h0) * (N + V), R).t(), out=kv)
+        mha_window_attention(q_nope[:, h0:h1], q_pe[:, h0:h1], kv.view(M, h1 - h0, N + V), latent[:, R:],
+                             kv_cu, cu_seqlens_q, seq_lens_decoder, scale, window, sinks, o[:, h0:h1],
+                             lse[:, h0:h1], tile_cu=tile_cu, config=cfg, stats=stats)
+    return o, lse
