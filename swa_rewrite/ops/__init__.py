@@ -23,6 +23,7 @@ import torch
 
 from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
+from . import mha_prefill as _mha_prefill  # noqa: F401  (registers swa_rewrite::mha_swa_prefill; MHA-mode prefill, issue 18)
 from .attention import finite_scale
 from .fp8_cache import fp8_cache_bytes
 from .step_metadata import StepMetadata
