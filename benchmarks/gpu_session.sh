@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU machine, in one call, logs under $OUT (default ./gpu-out):
+# Everything that needs the GPU machine, logs under $OUT (default ./gpu-out). Steps (comma-separated):
 #
-#   1. the GPU tests (`pytest -m gpu`, every file), with the durations of the slowest;
-#   2. the compile benchmark (issue 6): compile time with/without the pass, decode step eager / Inductor /
-#      Inductor + CUDA graphs;
-#   3. the attention benchmark (issue 4): the variant table (incl. `untiled`, the few-heads prefill kernel
-#      before token tiles) and the docs/design.md §10 tables beside FlashMLA when its wheel travelled in `.whl/`.
+#   tests       the whole GPU suite (`pytest -m gpu`) — over 6 minutes on an H200: prefer the halves below
+#   tests-ops   GPU tests under tests/ops          tests-rest  every other GPU test
+#   new         the GPU tests written without a GPU (FlashMLA backend, MHA prefill, the step's sync count,
+#               CUDA-graph decode): run these first in a session
+#   train       train the reference model (issue 15; ~3.5 min), checkpoint under $OUT/reference
+#   compile     bench_compile.py: both models eager / eager+checks / eager+graphs / Inductor / Inductor + graphs
+#   e2e         `swa-rewrite bench` (original and rewritten, our kernels and FlashMLA's) at 4K/32K/128K
+#   capacity    `swa-rewrite bench --capacity` (60 GiB KV budget, 32K and 128K)
+#   mha         bench_mha_prefill.py --quick (issue 18)
+#   attention   bench_attention.py (issue 17)
 #
-# Usage on the device (repo root, carry `.whl` for FlashMLA), two calls of under 10 minutes each:
-#     bash benchmarks/gpu_session.sh tests,compile
-#     bash benchmarks/gpu_session.sh attention
+# Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
+#     bash benchmarks/gpu_session.sh new
+#     bash benchmarks/gpu_session.sh train
 # Each step has its own time limit, so one slow step cannot starve the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +43,21 @@ run() {   # run NAME LIMIT_SECONDS COMMAND...
     tail -n 25 "$OUT/$name.log"
 }
 
-[[ $STEPS == *tests* ]] && run gpu-tests 330 python3 -m pytest -q -ra -m gpu --durations=10 -p no:cacheprovider tests
-[[ $STEPS == *compile* ]] && run bench-compile 230 python3 benchmarks/bench_compile.py
-[[ $STEPS == *attention* ]] && run bench-attention 570 env OUT="$OUT" python3 benchmarks/bench_attention.py \
-    --variants base,untiled
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+has tests && run gpu-tests 560 python3 -m pytest -q -ra -m gpu --durations=10 -p no:cacheprovider tests
+has tests-ops && run gpu-tests-ops 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops
+has tests-rest && run gpu-tests-rest 400 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/cli \
+    tests/kernels tests/models tests/passes tests/runtime tests/reference tests/eval tests/test_compile.py \
+    tests/test_timing.py tests/test_fp8_format.py tests/test_schedule.py
+has new && run gpu-tests-new 560 python3 -m pytest -q -rs -m gpu -p no:cacheprovider \
+    tests/ops/test_flashmla_backend.py tests/ops/test_mha_prefill.py tests/ops/test_validated_step.py \
+    tests/runtime/test_cuda_graphs.py tests/runtime/test_bounded_cache.py tests/test_compile.py
+has train && run train 300 env PYTHONUNBUFFERED=1 python3 -m swa_rewrite.reference.train --time-limit-s 230 \
+    --out "$OUT/reference"
+has compile && run bench-compile 560 python3 benchmarks/bench_compile.py --modes eager,eager+checks,eager+graphs,inductor,inductor+graphs
+has e2e && run bench-e2e 560 python3 -m swa_rewrite bench --config v3-attn --no-progress
+has capacity && run bench-capacity 300 python3 -m swa_rewrite bench --capacity --config v3-attn --skip-freq 4 \
+    --window 4096 --contexts 32768,131072 --budget 60 --unbounded --no-progress
+has mha && run bench-mha 560 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick
+has attention && run bench-attention 570 env OUT="$OUT" python3 benchmarks/bench_attention.py --variants base,untiled
 exit 0
