@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .formatting import format_bytes   # imports nothing: `--help` stays fast
+
 # Far beyond any released model (DeepSeek-V3: 61 layers); more would only make tracing crawl.
 _MAX_LAYERS = 1024
 # One model and one schedule for every subcommand unless told otherwise: the tiny config runs anywhere,
@@ -207,9 +209,9 @@ def _check_fits(device, needs: dict[str, int]) -> None:
     killed when the pages are touched."""
     total, available = sum(needs.values()), _available_bytes(device)
     if available is not None and total > available:
-        parts = ", ".join(f"{what} {_fmt_bytes(n)}" for what, n in needs.items())
-        raise CLIError(f"this needs {_fmt_bytes(total)} of {device} memory ({parts}), more than the "
-                       f"{_fmt_bytes(available)} available")
+        parts = ", ".join(f"{what} {format_bytes(n)}" for what, n in needs.items())
+        raise CLIError(f"this needs {format_bytes(total)} of {device} memory ({parts}), more than the "
+                       f"{format_bytes(available)} available")
 
 
 def _weight_bytes(model) -> int:
@@ -232,14 +234,6 @@ def _schedule(args, num_layers: int):
         return Schedule.from_skip_freq(args.skip_freq or DEFAULT_SKIP_FREQ, num_layers, args.window)
     except ValueError as e:
         raise CLIError(str(e)) from None
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
 
 
 def _fmt_tokens(n: float) -> str:
@@ -417,7 +411,7 @@ def _print_demo(summary: dict, cuda: bool) -> None:
           f"P={m['rope_dim']}, on {m['device']} ({m['dtype']})")
     print(f"runtime    page size {rt['page_size']}, {rt['num_blocks']} blocks, {rt['max_tokens_per_step']} tokens "
           f"per step; {rt['steps']} steps, {rt['prefill_tokens']} prefill + {rt['decode_tokens']} decode tokens")
-    print(f"kv cache   {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} allocated for {rt['num_blocks'] * rt['page_size']} "
+    print(f"kv cache   {format_bytes(b0)} -> {format_bytes(b1)} allocated for {rt['num_blocks'] * rt['page_size']} "
           f"token slots ({100 * (1 - b1 / b0):.1f}% less)")
     print("agreement  with the original: prompt 0 logits (relative difference), generated tokens equal "
           "(free-running), and equal to the original's pick on the same prefix")
@@ -551,13 +545,13 @@ def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, titl
     last, n = mems[-1], report.schedule.num_layers
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
     ax.plot(xs, [m.original_bytes for m in mems], marker="o", markersize=3,
-            label=f"original, full attention ({n} layers): {_fmt_bytes(last.original_bytes)} at "
+            label=f"original, full attention ({n} layers): {format_bytes(last.original_bytes)} at "
                   f"{_fmt_tokens(last.context)}")
     ax.plot(xs, [m.unbounded_bytes for m in mems], marker="o", markersize=3, linestyle=":",
-            label=f"rewritten, every position kept: {_fmt_bytes(last.unbounded_bytes)} "
+            label=f"rewritten, every position kept: {format_bytes(last.unbounded_bytes)} "
                   f"({last.unbounded_bytes_ratio:.2f}x less)")
     ax.plot(xs, [m.rewritten_bytes for m in mems], marker="o", markersize=3,
-            label=f"rewritten, window-bounded: {_fmt_bytes(last.rewritten_bytes)} "
+            label=f"rewritten, window-bounded: {format_bytes(last.rewritten_bytes)} "
                   f"({last.bytes_ratio:.2f}x less)")
     for w in windows:
         ax.axvline(w, color="gray", linestyle="--", linewidth=1)
@@ -569,7 +563,7 @@ def plot_memory(report, contexts: Sequence[int], page_size: int, path: str, titl
     ax.set_yscale("log", base=2)
     ticker = matplotlib.ticker
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_tokens(v)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _fmt_bytes(v)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: format_bytes(v)))
     ax.set_xlabel("context length (tokens of one request, log scale)")
     ax.set_ylabel(f"KV cache of one request (log scale; page size {page_size})")
     ax.set_title(title, fontsize=11)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from .formatting import format_bytes
 from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
@@ -305,14 +306,6 @@ class RequestMemory:
                     groups=[g.to_dict() for g in self.groups])
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
 def _fmt_layers(layers, limit: int = 36) -> str:
     """Layer indices as runs (``0-2,4-6,8``), cut to about ``limit`` characters with ``...`` and the last run
     (a 61-layer schedule stays on one line)."""
@@ -397,7 +390,7 @@ class RewriteReport:
         mems = [self.memory(c, page_size, chunk=chunk, budget=budget) for c in contexts]
         groups = mems[0].groups
         lines = [f"KV cache of one request: page size {page_size}, C = {chunk} token{'s' if chunk > 1 else ''} per "
-                 f"step{' (decode)' if chunk == 1 else ''}, budget {_fmt_bytes(budget)}",
+                 f"step{' (decode)' if chunk == 1 else ''}, budget {format_bytes(budget)}",
                  f"  bounded: a sliding group holds its sink blocks + ceil((W - 1 + C) / {page_size}) + 1 blocks; "
                  "unbounded: every position",
                  "cache groups of the rewritten model:",
@@ -410,15 +403,15 @@ class RewriteReport:
         lines.append(f"  original model: {len(orig)} layers, every position kept, "
                      f"{sum(s.bytes_per_token for s in orig)} bytes/token in all")
         gcols = "".join(f" {f'group {g.group}':>10}" for g in groups)
-        budget_head = f"requests in {_fmt_bytes(budget)}"
+        budget_head = f"requests in {format_bytes(budget)}"
         head = (f"{'context':>9} {'original':>10}{gcols} {'rewritten':>10} {'unbounded':>10}  "
                 f"{'bytes ratio':>14}  {budget_head:>22}  {'capacity ratio':>14}")
         lines += ["", head]
         for m in mems:
             req = [m.requests(m.original_bytes), m.requests(m.rewritten_bytes), m.requests(m.unbounded_bytes)]
-            lines.append(f"{m.context:>9} {_fmt_bytes(m.original_bytes):>10}"
-                         + "".join(f" {_fmt_bytes(g.bytes):>10}" for g in m.groups)
-                         + f" {_fmt_bytes(m.rewritten_bytes):>10} {_fmt_bytes(m.unbounded_bytes):>10}  "
+            lines.append(f"{m.context:>9} {format_bytes(m.original_bytes):>10}"
+                         + "".join(f" {format_bytes(g.bytes):>10}" for g in m.groups)
+                         + f" {format_bytes(m.rewritten_bytes):>10} {format_bytes(m.unbounded_bytes):>10}  "
                          f"{f'{_fmt_ratio(m.bytes_ratio)} ({_fmt_ratio(m.unbounded_bytes_ratio)})':>14}  "
                          f"{f'{req[0]} / {req[1]} ({req[2]})':>22}  "
                          f"{f'{_fmt_ratio(m.capacity_ratio)} ({_fmt_ratio(m.unbounded_capacity_ratio)})':>14}")
