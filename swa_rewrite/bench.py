@@ -1,8 +1,10 @@
 """End-to-end decode and prefill throughput, original vs rewritten (``swa-rewrite bench``, CUDA only).
 
 The caches are filled with random latents instead of prefilling 128K-token prompts: what is timed is one
-engine step at a given context, through the model and the same ops the runtime uses. Decode steps are
-captured in a CUDA graph (the ops never synchronise with the host), as a serving engine would run them.
+engine step at a given context, through the model and the same ops the runtime uses. Decode steps run as
+``Engine(cuda_graphs=True)`` runs them: each step's inputs, built on the host, are copied into the persistent
+buffers of ``runtime.cuda_graphs.DecodeGraphs`` and its CUDA graph is replayed (the ops never synchronise with
+the host); the timed step includes that copy.
 """
 
 from __future__ import annotations
@@ -16,21 +18,22 @@ from .ops.checks import checks_disabled
 from .ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, sink_blocks
 from .rewrite import apply
 from .runtime import StepBatch, StepItem, num_cache_groups
+from .runtime.cuda_graphs import DecodeGraphs
 from .schedule import Schedule
 from .timing import median_us, progress
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def _decode_runner(m: torch.nn.Module, caches: list[torch.Tensor], batch: StepBatch, page_size: int,
+                   num_groups: int, device) -> Callable[[], object]:
+    """One decode step of ``batch`` (built on the host) as the engine runs it with ``cuda_graphs=True``: the
+    step's inputs copied into ``DecodeGraphs``' buffers, then its CUDA graph replayed (eagerly off CUDA). The
+    first call captures, with the attention backend selected then."""
+    graphs = DecodeGraphs(m, caches, num_groups=num_groups, page_size=page_size,
+                          max_blocks=batch.meta.block_tables.shape[2], buckets=[batch.input_ids.shape[0]],
+                          device=device)
+    step = lambda: graphs.run(batch)  # noqa: E731
+    step()
+    return step
 
 
 def _fill(caches: list[torch.Tensor], latent_dim: int, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -88,7 +91,7 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
             allocated = sum(c.numel() * c.element_size() for c in caches)
             G = num_cache_groups(m)   # the rewritten model has a full and a sliding cache group
             dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
-                                   for b in range(B)], ps, num_groups=G, device="cuda")
+                                   for b in range(B)], ps, num_groups=G, device="cpu")
             T = min(args.prefill_tokens, ctx)
             pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, num_groups=G,
                                   device="cuda")
@@ -96,9 +99,8 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
                 bar.set_postfix_str(f"context {ctx}: {name}, {backend}")
                 reset_stats()
                 with attention_backend(backend):
-                    step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
-                                     logits_indices=dec.last_token_index)
-                    decode_us = median_us(_graphed(step), args.iters)     # captures this backend's kernels
+                    # Captures this backend's kernels; each timed step copies its inputs in and replays.
+                    decode_us = median_us(_decode_runner(m, caches, dec, ps, G, "cuda"), args.iters)
                     last = pre.last_token_index
                     prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta,
                                                      logits_indices=last), max(3, args.iters // 4))
@@ -210,14 +212,12 @@ def _run_capacity(model: MLAModel, schedule: Schedule, args, device: str) -> lis
             _fill(caches, model.config.latent_dim, model.lm_head.weight.dtype)
             tables = capacity_tables(specs, groups, per_request, fit, ctx, ps, bounded)
             dec = StepBatch.build([StepItem([1], ctx, t, False) for t in tables], ps, num_groups=len(per_request),
-                                  device=device)
-            step = lambda: m(dec.input_ids, kv_caches=caches, meta=dec.meta,  # noqa: E731
-                             logits_indices=dec.last_token_index)
-            decode_us = median_us(_graphed(step) if cuda else step, args.iters)
+                                  device="cpu")
+            decode_us = median_us(_decode_runner(m, caches, dec, ps, len(per_request), device), args.iters)
             rows.append(dict(context=ctx, model=name, requests=fit, allocated_bytes=allocated,
                              blocks_per_request=per_request, decode_us=decode_us,
                              tokens_per_s=fit / decode_us * 1e6))
-            caches = dec = step = None
+            caches = dec = None
             if cuda:
                 torch.cuda.empty_cache()
     print(capacity_table(rows, args.budget_gib))
