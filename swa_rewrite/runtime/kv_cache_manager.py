@@ -129,15 +129,23 @@ class KVCacheManager:
         tables = []
         for group in self.groups:
             table = [RELEASED] * k
-            for p in group.needed_pages(k * self.page_size, k * self.page_size):
+            for p in self._hit_pages(group, k):
                 table[p] = group.pool.acquire(keys[p])
             group.peak_per_request = max(group.peak_per_request, _held(table))
             tables.append(table)
         return k, tables
 
+    def _hit_pages(self, group: CacheGroup, k: int) -> list[int]:
+        """The pages a hit of ``k`` pages holds in ``group``: what the next token reads (sinks and
+        ``[h - W + 1, h)``), and always the hit's last page, so a hit is backed by a cached page in every group
+        (with ``W = 1`` and no sinks the next token reads none)."""
+        pages = list(group.needed_pages(k * self.page_size, k * self.page_size))
+        if k and k - 1 not in pages:
+            pages.append(k - 1)
+        return pages
+
     def _cached(self, group: CacheGroup, keys: Sequence[Hashable], k: int) -> bool:
-        return all(group.pool.lookup(keys[p]) is not None
-                   for p in group.needed_pages(k * self.page_size, k * self.page_size))
+        return all(group.pool.lookup(keys[p]) is not None for p in self._hit_pages(group, k))
 
     def publish(self, tables: list[list[int]], page: int, key: Hashable, parent: Optional[Hashable]) -> list:
         """Publish ``page`` (full and written) under ``key`` in every group that holds it; returns the

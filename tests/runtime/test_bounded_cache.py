@@ -405,3 +405,22 @@ def test_bounded_equals_unbounded_on_cuda(layers, page_size, seed):
         if spec.kind == "sliding":
             assert u.peak_per_request <= window_bound(spec, page_size, 512)
     assert_idle(bounded)
+
+
+def test_a_hit_is_backed_by_a_cached_page_in_every_group(seed):
+    """Every layer sliding with W = 1 and no sinks: the next token reads no cached page, yet a prefix hit still
+    needs the hit's last page cached in every group — no hit for a prompt nothing was computed for."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule.per_layer({i: 1 for i in range(TINY.num_layers)}, TINY.num_layers))
+    engine = Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=8, poison_blocks=True)
+    prompt = [rng.randrange(V) for _ in range(13)]
+    engine.generate([prompt], 1)
+    assert engine.stats.reused_tokens == 0
+    engine.generate([prompt], 1)
+    assert engine.stats.reused_tokens == 12                   # the same prompt: 3 cached pages
+    fresh = [rng.randrange(V) for _ in range(13)]
+    before = engine.stats.reused_tokens
+    engine.generate([fresh], 1)
+    assert engine.stats.reused_tokens == before               # never computed: no hit
+    assert_idle(engine)
