@@ -180,6 +180,23 @@ def _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED: t
 
 
 @triton.jit
+def _attend_boundary_tile(q_nope, q_pe, m_i, l_i, acc, qk_scale, kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, kpos0,
+                          offs_n, p1, pos, win0, h, window, sinks, stride_km, stride_pm, N: tl.constexpr,
+                          P: tl.constexpr, V: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_N: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    """One masked key tile at ``kpos0`` (a window-start or diagonal tile): keys past ``p1`` are not loaded, and
+    each query sees only keys in its window (``pos - W < k <= pos``) or among the sinks."""
+    kpos = kpos0 + offs_n
+    ok = kpos <= p1
+    kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, ok,
+                           stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
+                           INTERPRET)
+    allowed = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
+                                                 (kpos[None, :] < sinks))
+    return _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+
+
+@triton.jit
 def _mha_window_fwd_kernel(
         q_nope_ptr, q_pe_ptr, kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr,
         cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr,
@@ -253,15 +270,10 @@ def _mha_window_fwd_kernel(
     n_a = tl.minimum(tl.cdiv(tl.maximum(p1 - window + 1 - lo_t, 0), BLOCK_N), n_tiles)
     n_full = tl.maximum(n_a, tl.minimum(n_tiles, (p0 - lo_t + 1) // BLOCK_N))
     for t in range(0, n_a):
-        kpos0 = lo_t + t * BLOCK_N
-        kpos = kpos0 + offs_n
-        ok = kpos <= p1
-        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, ok,
-                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
-                               INTERPRET)
-        allowed = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
-                                                     (kpos[None, :] < sinks))
-        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+        m_i, l_i, acc = _attend_boundary_tile(q_nope, q_pe, m_i, l_i, acc, qk_scale, kv_h, kpe_ptr, kn_desc, v_desc,
+                                              kp_desc, lo_t + t * BLOCK_N, offs_n, p1, pos, win0, h, window, sinks,
+                                              stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V,
+                                              BLOCK_N, TMA, INTERPRET)
     all_rows = tl.full([BLOCK_N], 1, tl.int1)
     for t in range(n_a, n_full):
         kpos0 = lo_t + t * BLOCK_N
@@ -272,15 +284,10 @@ def _mha_window_fwd_kernel(
         m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, all_rows[None, :], m_i, l_i, acc, qk_scale,
                                 MASKED=False)
     for t in range(n_full, n_tiles):
-        kpos0 = lo_t + t * BLOCK_N
-        kpos = kpos0 + offs_n
-        ok = kpos <= p1
-        kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, win0 + kpos, win0 + kpos0, h, ok,
-                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
-                               INTERPRET)
-        allowed = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
-                                                     (kpos[None, :] < sinks))
-        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+        m_i, l_i, acc = _attend_boundary_tile(q_nope, q_pe, m_i, l_i, acc, qk_scale, kv_h, kpe_ptr, kn_desc, v_desc,
+                                              kp_desc, lo_t + t * BLOCK_N, offs_n, p1, pos, win0, h, window, sinks,
+                                              stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V,
+                                              BLOCK_N, TMA, INTERPRET)
 
     # ---- normalise and store this tile's rows (every valid query attends at least to itself)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
