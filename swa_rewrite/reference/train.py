@@ -3,7 +3,8 @@
 What it does, in order: verify and load the corpus (``reference.corpus``: training files only, held-out files
 for evaluation), build ``MLAModel(REFERENCE_CONFIG)`` with a training init, then for ``--steps`` steps (or
 until ``--time-limit-s``) sample ``--batch`` windows of ``--seq-len + 1`` tokens at random offsets of the
-training stream, run ``models.dense.dense_forward`` (the model's own modules, causal SDPA; the paged ops have
+training stream, write key-value statements and their repeats into ``--retrieval-fraction`` of them
+(``add_key_values``: the skill the evaluation's retrieval test asks for), run ``models.dense.dense_forward`` (the model's own modules, causal SDPA; the paged ops have
 no autograd) under bf16 autocast on CUDA, and take an AdamW step on a warmup + cosine learning rate. Every
 ``--eval-every`` steps it prints the training loss and the held-out loss, overall and by position bucket
 (``0-128``, ``128-512``, ``512-2048``, ``2048-4096`` within the window): a model that uses long context has
@@ -17,10 +18,10 @@ atomics, so the bits of the trained weights may differ from run to run. With ``-
 runs on ``max(step / steps, elapsed / time_limit)``: the cosine ends when either runs out, so a run cut short
 by time still ends annealed (and depends on the machine's speed).
 
-On one H200: ``python -m swa_rewrite.reference.train --time-limit-s 200 --out DIR`` (eager, bf16 autocast,
-flash attention through SDPA). Estimated, not measured: about 1M tokens/s, so the default 1400 steps of
-32 x 4096 tokens (183M tokens, about 20 passes over the 9.2M training tokens) take about 3 minutes; slower,
-the time limit ends the schedule early. The windows are 4096 long so that every position the model serves
+On one H200: ``python -m swa_rewrite.reference.train --time-limit-s 400 --out DIR`` (eager, bf16 autocast,
+flash attention through SDPA). Measured (H200, torch 2.11): 1.05M tokens/s, so the default 1400 steps of
+32 x 4096 tokens (183M tokens, about 20 passes over the 9.2M training tokens) take 180 s, 19 GiB peak;
+slower, the time limit ends the schedule early. The windows are 4096 long so that every position the model serves
 (``max_position_embeddings``) was trained.
 
 ``--smoke`` is a few tiny CPU steps (tests use it); ``--compile`` compiles the forward with ``torch.compile``
@@ -69,6 +70,7 @@ class TrainArgs:
     eval_every: int = 100
     eval_windows: int = 64
     final_eval_windows: int = 192
+    retrieval_fraction: float = 0.25
     time_limit_s: Optional[float] = None
     compile: bool = False
     device: Optional[str] = None
@@ -118,6 +120,47 @@ def sample_batch(stream: torch.Tensor, gen: torch.Generator, batch: int, seq_len
     starts = torch.randint(0, stream.shape[0] - seq_len, (batch,), generator=gen)
     idx = starts.to(stream.device)[:, None] + torch.arange(seq_len + 1, device=stream.device)
     return stream[idx].long()
+
+
+# Key-value pairs written into a fraction of the training windows (``--retrieval-fraction``): a statement
+# ``\n<name> = "<value>"\n`` and, later in the window, the same statement again. Python source repeats
+# identifiers but almost never an unpredictable string, so without these a model this small learns to use long
+# context for statistics only and cannot look a random value up; the evaluation's retrieval test (fresh keys,
+# values and filler, held-out code) asks for exactly that skill.
+KEY_WORDS = ("key", "passkey", "token", "secret", "value", "id", "code", "tag")
+VALUE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _key_value_statement(gen: torch.Generator) -> list[int]:
+    """Bytes of one ``\n<word>_<4 letters> = "<6-10 chars>"\n`` statement drawn from ``gen``."""
+    def pick(chars: str, n: int) -> str:
+        return "".join(chars[i] for i in torch.randint(0, len(chars), (n,), generator=gen).tolist())
+
+    word = KEY_WORDS[int(torch.randint(0, len(KEY_WORDS), (1,), generator=gen))]
+    length = int(torch.randint(6, 11, (1,), generator=gen))
+    name = f"{word}_{pick('abcdefghijklmnopqrstuvwxyz', 4)}"
+    return list(f'\n{name} = "{pick(VALUE_CHARS, length)}"\n'.encode())
+
+
+def add_key_values(windows: torch.Tensor, gen: torch.Generator, fraction: float) -> torch.Tensor:
+    """Overwrite, in about ``fraction`` of ``windows [B, L]`` (chosen by ``gen``), one to three key-value
+    statements and their repeats at log-uniform distances from 32 tokens to the window's length (see
+    ``KEY_WORDS``). The windows keep their length; everything else is untouched. In place; returns them."""
+    B, L = windows.shape
+    chosen = (torch.rand(B, generator=gen) < fraction).nonzero().flatten().tolist()
+    for b in chosen:
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            stmt = _key_value_statement(gen)
+            n = len(stmt)
+            if L < 2 * n + 32:
+                break
+            log_d = math.log(32) + float(torch.rand(1, generator=gen)) * (math.log(L - n) - math.log(32))
+            distance = max(n, min(L - n, int(math.exp(log_d))))      # start of statement to start of repeat
+            first = int(torch.randint(0, L - n - distance + 1, (1,), generator=gen))
+            values = torch.tensor(stmt, dtype=windows.dtype)
+            windows[b, first:first + n] = values.to(windows.device)
+            windows[b, first + distance:first + distance + n] = values.to(windows.device)
+    return windows
 
 
 def heldout_windows(stream: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
@@ -212,7 +255,10 @@ def train(args: TrainArgs, log: Callable[[str], None] = print, config: MLAConfig
         lr = lr_at(args, step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = _position_losses(forward, model, sample_batch(train_stream, gen, args.batch, args.seq_len), autocast)
+        windows = sample_batch(train_stream, gen, args.batch, args.seq_len)
+        if args.retrieval_fraction > 0:
+            add_key_values(windows, gen, args.retrieval_fraction)
+        losses = _position_losses(forward, model, windows, autocast)
         loss = losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -312,6 +358,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
                    help="held-out windows per periodic evaluation (default %(default)s)")
     p.add_argument("--final-eval-windows", type=int, default=d.final_eval_windows,
                    help="held-out windows of the final evaluation (default %(default)s)")
+    p.add_argument("--retrieval-fraction", type=float, default=d.retrieval_fraction,
+                   help="fraction of training windows given key-value statements and their repeats, so the model "
+                        "learns to look a value up (default %(default)s; 0: plain corpus)")
     p.add_argument("--time-limit-s", type=float, default=d.time_limit_s,
                    help="wall-clock limit of the whole run, start to checkpoint written: the cosine schedule "
                         "follows whichever of steps and time runs out first")
@@ -325,6 +374,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
         given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
         explicit = {a.dest for a in p._actions if given & set(a.option_strings)}
         args = dataclasses.replace(args, **{k: v for k, v in SMOKE.items() if k not in explicit})
+    if not 0 <= args.retrieval_fraction <= 1:
+        p.error(f"--retrieval-fraction must be in [0, 1], got {args.retrieval_fraction}")
     for name in ("steps", "batch", "seq_len", "eval_every", "eval_windows", "final_eval_windows"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

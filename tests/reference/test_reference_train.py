@@ -55,3 +55,43 @@ def test_smoke_defaults_yield_to_explicit_options():
     args = parse_args(["--smoke", "--steps", "2"])
     assert args.steps == 2 and args.batch == 2 and args.device == "cpu"
     assert parse_args([]).seq_len == TrainArgs().seq_len
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_key_values_are_stated_then_repeated_and_nothing_else_changes(seed):
+    from swa_rewrite.reference.train import add_key_values
+
+    gen = torch.Generator().manual_seed(seed)
+    original = torch.randint(0, 256, (16, 700), generator=torch.Generator().manual_seed(100 + seed))
+    windows = add_key_values(original.clone(), gen, 0.5)
+    changed_rows = (windows != original).any(1).nonzero().flatten().tolist()
+    assert 2 <= len(changed_rows) <= 14
+    for b in changed_rows:
+        text = bytes(windows[b].tolist()).decode("latin-1")
+        found = 0
+        for start in [i for i in range(len(text)) if text.startswith("\n", i)]:
+            end = text.find('"\n', start + 1)
+            stmt = text[start:end + 2] if end > 0 else ""
+            name, sep, value = stmt[1:-2].partition(' = "')
+            if sep and name.split("_")[0] in ("key", "passkey", "token", "secret", "value", "id", "code", "tag") \
+                    and 6 <= len(value) <= 10 and value.isalnum() and text.find(stmt, end) > 0:
+                found += 1
+        assert found >= 1, text
+        diff = (windows[b] != original[b]).nonzero().flatten()
+        assert diff.numel() <= 3 * 2 * 30             # at most three statements and their repeats
+    untouched = [b for b in range(16) if b not in changed_rows]
+    assert torch.equal(windows[untouched], original[untouched])
+    assert torch.equal(add_key_values(original.clone(), gen, 0.0), original)
+
+
+def test_key_value_distances_span_short_and_long():
+    from swa_rewrite.reference.train import add_key_values
+
+    gen = torch.Generator().manual_seed(0)
+    distances = []
+    for _ in range(40):
+        w = torch.zeros(1, 4096, dtype=torch.long)
+        add_key_values(w, gen, 1.0)
+        nz = (w[0] == ord("\n")).nonzero().flatten().tolist()
+        distances.append(nz[-1] - nz[0])
+    assert min(distances) < 300 and max(distances) > 2000
