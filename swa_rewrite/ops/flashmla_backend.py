@@ -37,8 +37,8 @@ for a query with no valid index or zero keys).
 it depends only on the shapes (every token attends to ``K`` entries), so one ``FlashMLASchedMeta`` per
 ``(device, T, heads, K, page size)`` is built by the first call *outside* capture and reused by every later call
 — eager or captured — for that shape (DecodeGraphs' warm-up call is that first call). A shape seen first inside a
-capture gets a fresh metadata object whose scheduling kernel runs inside the graph (correct, one small kernel per
-replay) and is not cached (its tensors belong to the graph's pool). For the dense decode the metadata depends on
+capture runs Triton for that capture (fallback ``capture-metadata``): a metadata object built inside a capture gave
+NaN rows on replay (H200, 2026-11-28). For the dense decode the metadata depends on
 the key counts, which change every step, so every call builds it (FlashMLA's scheduling kernel runs as the first
 kernel of the call, inside a captured graph too, reading the step's ``seqlens``).
 """
@@ -259,6 +259,11 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _sparse_key(q: torch.Tensor, cache: torch.Tensor, topk: int) -> tuple:
+    """The sparse metadata's cache key of a call: device, tokens, padded heads, padded top-k, page size."""
+    return (q.device.type, q.device.index, q.shape[0], padded_heads(q.shape[1]), padded_topk(topk), cache.shape[1])
+
+
 def _sparse_meta(fm: Any, device: torch.device, key: tuple) -> tuple[Any, bool]:
     """(metadata object, whether to cache it after the call): the cached one for ``key``, else a fresh one."""
     meta = _sparse_metadata.get(key)
@@ -286,7 +291,7 @@ def sparse_decode(fm: Any, q: torch.Tensor, cache: torch.Tensor, indices: torch.
         indices = F.pad(indices, (0, Kp - K), value=-1)
     q = q.contiguous() if Hp == H else F.pad(q, (0, 0, 0, Hp - H))
     kv = cache if cache.dim() == 4 else cache.unsqueeze(2)                   # [NB, ps, 1, 656]
-    key = (q.device.type, q.device.index, T, Hp, Kp, kv.shape[1])
+    key = _sparse_key(q, kv, K)
     meta, keep = _sparse_meta(fm, q.device, key)
     out, lse = fm.flash_mla_with_kvcache(q.unsqueeze(1), kv, None, None, LATENT_RANK, meta, softmax_scale=scale,
                                          is_fp8_kvcache=True, indices=indices.contiguous())
@@ -370,6 +375,14 @@ def try_swa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Ten
     if get_attention_backend() != "flashmla":
         return None
     fallback = _fallback("swa", q, cache, block_tables, rope_dim)
+    if fallback is None and _capturing(q.device):
+        from .attention import _reachable  # noqa: PLC0415  (attention imports this module)
+
+        w, s = _reachable(window, sinks, block_tables, cache)
+        if _sparse_key(q, cache, s + w) not in _sparse_metadata:
+            fallback = Fallback("capture-metadata", "FlashMLA's sparse scheduling metadata of this shape was not "
+                                "built before the CUDA-graph capture (run one eager step of the shape first, as "
+                                "DecodeGraphs' warm-up does)")
     _record("swa", fallback)
     if fallback is not None:
         return None

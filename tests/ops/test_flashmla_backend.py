@@ -343,13 +343,14 @@ def test_sparse_metadata_is_built_once_per_shape_and_never_during_capture(fake, 
     monkeypatch.setattr(fmb, "_capturing", lambda device: True)
     call(q128)                                                       # a cached shape is reused inside a capture
     assert fake.metadata_builds == 2
-    small = decode_step(DECODES[:3], 64, 128, 0, "cpu")               # a new shape inside a capture: not kept
+    small = decode_step(DECODES[:3], 64, 128, 0, "cpu")               # a new shape inside a capture: Triton
     cu, _, dec, bid = small.batch
     for _ in range(2):
         with ops.attention_backend("flashmla"):
-            fmb.try_swa_decode(torch.randn(small.T, 128, D).to(torch.bfloat16), cache, small.tables[0], cu, dec,
-                               bid, SCALE, P, 128, 0)
-    assert fake.metadata_builds == 4 and len(fmb._sparse_metadata) == 2
+            got = fmb.try_swa_decode(torch.randn(small.T, 128, D).to(torch.bfloat16), cache, small.tables[0], cu,
+                                     dec, bid, SCALE, P, 128, 0)
+        assert got is None and fmb.last_fallback("swa").code == "capture-metadata"
+    assert fake.metadata_builds == 2 and len(fmb._sparse_metadata) == 2 and fake.calls.count("sparse") == 6
 
 
 def test_dense_metadata_is_built_every_call(fake):
@@ -628,8 +629,9 @@ def test_captured_flashmla_follows_the_step_gpu(flashmla, kind, H, window, sinks
 
 @pytest.mark.gpu
 def test_a_shape_first_seen_inside_a_capture_gpu(flashmla, seed):
-    """The sparse metadata of a shape first seen inside a capture is built in the graph (and not cached): the
-    replays are still right, for steps that advance."""
+    """A shape first seen inside a capture has no sparse metadata built outside it: that call runs Triton (the
+    fallback says why) and the replays are right, for steps that advance. (Building FlashMLA's metadata inside
+    the capture gave NaN rows on replay: H200, 2026-11-28.)"""
     warm = Advancing("swa", [10, 200, 700], 64, 128, 0)
     with ops.attention_backend("flashmla"):
         warm.call()                                        # FlashMLA's kernels loaded, another shape cached
@@ -642,6 +644,7 @@ def test_a_shape_first_seen_inside_a_capture_gpu(flashmla, seed):
     with ops.attention_backend("flashmla"), torch.cuda.graph(graph):
         out, lse = step.call()
     assert fmb._sparse_metadata == cached and len(cached) == 1
+    assert fmb.last_fallback("swa").code == "capture-metadata"
     for _ in range(3):
         step.advance()
         graph.replay()
