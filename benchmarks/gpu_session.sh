@@ -50,7 +50,7 @@ has tests-rest && run gpu-tests-rest 400 python3 -m pytest -q -ra -m gpu -p no:c
     tests/kernels tests/models tests/passes tests/runtime tests/reference tests/eval tests/test_compile.py \
     tests/test_timing.py tests/test_fp8_format.py tests/test_schedule.py
 has new && run gpu-tests-new 560 python3 -m pytest -q -rs -m gpu -p no:cacheprovider \
-    tests/ops/test_flashmla_backend.py tests/ops/test_mha_prefill.py tests/ops/test_validated_step.py \
+    tests/ops/test_flashmla_backend.py tests/ops/test_mha_prefill.py tests/ops/test_mla_core.py tests/ops/test_validated_step.py \
     tests/runtime/test_cuda_graphs.py tests/runtime/test_bounded_cache.py tests/test_compile.py
 has train && run train 300 env PYTHONUNBUFFERED=1 python3 -m swa_rewrite.reference.train --time-limit-s 230 \
     --out "$OUT/reference"

@@ -17,7 +17,7 @@ from .models import MLAModel
 from .ops.checks import checks_disabled
 from .ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, sink_blocks
 from .rewrite import apply
-from .runtime import StepBatch, StepItem, num_cache_groups
+from .runtime import MHAPlan, StepBatch, StepItem, num_cache_groups
 from .runtime.cuda_graphs import DecodeGraphs
 from .schedule import Schedule
 from .timing import median_us, progress
@@ -93,8 +93,10 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
             dec = StepBatch.build([StepItem([1], ctx, list(range(b * blocks, (b + 1) * blocks)), False)
                                    for b in range(B)], ps, num_groups=G, device="cpu")
             T = min(args.prefill_tokens, ctx)
-            pre = StepBatch.build([StepItem([1] * T, ctx - T, list(range(blocks)), True)], ps, num_groups=G,
-                                  device="cuda")
+            chunk = [StepItem([1] * T, ctx - T, list(range(blocks)), True)]
+            pre = StepBatch.build(chunk, ps, num_groups=G, device="cuda")
+            # The same chunk in MHA mode (SPEC §13: its rows expanded per head; a full layer causal).
+            pre_mha = StepBatch.build(chunk, ps, num_groups=G, mha=MHAPlan.for_model(m, 1), device="cuda")
             for backend in backends:
                 bar.set_postfix_str(f"context {ctx}: {name}, {backend}")
                 reset_stats()
@@ -104,8 +106,10 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
                     last = pre.last_token_index
                     prefill_us = median_us(lambda: m(pre.input_ids, kv_caches=caches, meta=pre.meta,
                                                      logits_indices=last), max(3, args.iters // 4))
+                    mha_us = median_us(lambda: m(pre_mha.input_ids, kv_caches=caches, meta=pre_mha.meta,
+                                                 logits_indices=last), max(3, args.iters // 4))
                 ran = sorted(k for k, v in stats.items() if v) if backend != "triton" else []
-                result[(name, backend)] = (decode_us, prefill_us, T, allocated / (num_blocks * ps), ran)
+                result[(name, backend)] = (decode_us, prefill_us, mha_us, T, allocated / (num_blocks * ps), ran)
             caches = None  # free this context's caches before the next allocation
             torch.cuda.empty_cache()
         rows.append((ctx, result))
@@ -117,17 +121,19 @@ def _run_bench(model: MLAModel, schedule: Schedule, args) -> None:
     base = "flashmla" if "flashmla" in backends else "triton"
     print(f"\nspeed-ups are against the original model with {'FlashMLA' if base == 'flashmla' else 'our'} "
           f"dense decode{' (the baseline users run)' if base == 'flashmla' else ''}; prefill baseline: the original "
-          f"with our dense prefill (FlashMLA has none)")
+          f"with our dense MQA-mode prefill (FlashMLA has none); MHA: the same chunk in MHA mode (SPEC §13, full layers "
+          f"causal MHA too), against the same baseline")
     print(f"{'context':>8} {'model':>10} {'backend':>9} {'decode tok/s':>13} {'speed-up':>9} {'bytes predict':>14} "
-          f"{'prefill tok/s':>14} {'speed-up':>9} {'cache B/token':>14}  FlashMLA ran")
+          f"{'prefill tok/s':>14} {'speed-up':>9} {'MHA tok/s':>10} {'speed-up':>9} {'cache B/token':>14}  FlashMLA ran")
     for ctx, r in rows:
         d_base, p_base = r[("original", base)][0], r[("original", "triton")][1]
         full_bytes = weights + L * B * ctx * bpt_full
         swa_bytes = weights + (L - n_swa) * B * ctx * bpt_full + n_swa * B * min(W, ctx) * bpt_swa
-        for (name, backend), (d, p, T, c, ran) in r.items():
+        for (name, backend), (d, p, pm, T, c, ran) in r.items():
             expected = 1.0 if name == "original" else full_bytes / swa_bytes
             print(f"{ctx:>8} {name:>10} {backend:>9} {B / d * 1e6:>13.0f} {d_base / d:>8.2f}x {expected:>13.2f}x "
-                  f"{T / p * 1e6:>14.0f} {p_base / p:>8.2f}x {c:>14.0f}  {', '.join(ran) or '-'}")
+                  f"{T / p * 1e6:>14.0f} {p_base / p:>8.2f}x {T / pm * 1e6:>10.0f} {p_base / pm:>8.2f}x "
+                  f"{c:>14.0f}  {', '.join(ran) or '-'}")
     print(f"report: {report.bytes_per_token(False)} -> {report.bytes_per_token(True)} bytes/token "
           f"(weights {weights / 2**30:.2f} GiB read per step)")
 

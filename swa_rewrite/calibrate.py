@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ops.mla_attention import absorb_query
 from .evaluate import DEFAULT_PAGE_SIZE, EvalReport, RetrievalSample, evaluate, kv_cache_bytes, schedule_label
 from .schedule import Schedule
 
@@ -105,7 +106,7 @@ class Calibration:
 
 # ------------------------------------------------------------------------------------------------ capture
 class _CaptureAttention(TorchDispatchMode):
-    """Records, per layer, the queries of ``paged_mla_attention`` and the latents of ``write_kv_cache``
+    """Records, per layer, the absorbed queries of ``mla_attention`` and the latents of ``write_kv_cache``
     (padding rows dropped), in call order — a request's chunks arrive in position order."""
 
     def __init__(self):
@@ -121,10 +122,12 @@ class _CaptureAttention(TorchDispatchMode):
         if func.namespace == "swa_rewrite":
             a = dict(zip((x.name for x in func._schema.arguments), args), **kwargs)
             op = func._schema.name.split("::")[-1]
-            if op == "paged_mla_attention":
+            if op in ("mla_attention", "paged_mla_attention"):
                 layer = int(a["layer"])
                 keep = a["batch_id_per_token"] >= 0
-                self.q.setdefault(layer, []).append(a["q"][keep].detach().clone())
+                # The core op takes the un-absorbed query: absorb it as its MQA mode does.
+                q = (absorb_query(a["q_nope"], a["q_pe"], a["kv_b_weight"]) if op == "mla_attention" else a["q"])
+                self.q.setdefault(layer, []).append(q[keep].detach().clone())
                 self.scale[layer], self.rope_dim[layer] = float(a["scale"]), int(a["rope_dim"])
             elif op == "write_kv_cache":
                 layer = int(a["layer"])

@@ -476,7 +476,7 @@ _TRACE_CONTRACT = (
     "so both must be fx-traceable: no Python control flow on tensor values or shapes that vary per step. "
     "forward takes the step (input_ids, kv_caches, meta: StepMetadata, ...) and calls "
     "torch.ops.swa_rewrite.write_kv_cache "
-    "and torch.ops.swa_rewrite.paged_mla_attention with each layer's index as an explicit argument; "
+    "and torch.ops.swa_rewrite.mla_attention with each layer's index as an explicit argument; "
     "allocate_kv_cache(num_blocks, page_size, device=None) returns one "
     "torch.ops.swa_rewrite.allocate_kv_cache(...) per layer. swa_rewrite.models.MLAModel is the reference "
     "(docs/design.md §8). A model fx cannot trace can still be rewritten at compile time: "

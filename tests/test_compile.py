@@ -105,11 +105,11 @@ def test_backend_rewrites_the_dynamo_graph(layers, seed):
         be = swa_rewrite.backend(schedule, inner=after)
         step(torch.compile(model, backend=be, fullgraph=True), packed_caches(model, schedule), items, 16)
     (g0,), (g1,) = before.graphs, after.graphs
-    assert op_count(g0, "paged_mla_attention") == {i: 1 for i in range(4)}
-    assert op_count(g0, "swa_mla_attention") == {}
-    assert op_count(g1, "swa_mla_attention") == {i: 1 for i in layers}
+    assert op_count(g0, "mla_attention") == {i: 1 for i in range(4)}
+    assert op_count(g0, "swa_attention") == {}
+    assert op_count(g1, "swa_attention") == {i: 1 for i in layers}
     assert op_count(g1, "write_fp8_cache") == {i: 1 for i in layers}
-    assert op_count(g1, "paged_mla_attention") == {i: 1 for i in range(4) if i not in layers}
+    assert op_count(g1, "mla_attention") == {i: 1 for i in range(4) if i not in layers}
     assert be.results[-1][1].num_matches == len(layers)
 
 
@@ -149,10 +149,10 @@ def test_backend_with_sinks_runs_like_apply(seed):
                  kv_cache_spec=be.kv_cache_spec(model), **kw).generate(prompts, 5)
     assert got == Engine(apply(model, schedule), **kw).generate(prompts, 5)
     ops = swa_rewrite.passes.SwaRewriteOps()
-    num_args = len(torch.ops.swa_rewrite.swa_mla_attention.default._schema.arguments)
+    num_args = len(torch.ops.swa_rewrite.swa_attention.default._schema.arguments)
     assert capture.graphs
     for g in capture.graphs:
-        nodes = [n for n in g.nodes if n.op == "call_function" and op_name(n.target) == "swa_rewrite::swa_mla_attention"]
+        nodes = [n for n in g.nodes if n.op == "call_function" and op_name(n.target) == "swa_rewrite::swa_attention"]
         assert {ops.layer_index(n): (ops.window(n), ops.sinks(n)) for n in nodes} == {0: (3, 2), 3: (4, 0)}
         assert [len(n.args) for n in nodes] == [num_args, num_args - 1]      # layer 3: sinks left off
 
@@ -245,8 +245,8 @@ def test_export_keeps_the_swa_op_and_round_trips(seed):
     b = StepBatch.build(random_items(rng, 16), 16, num_groups=ALL_GROUPS)
     caches = packed_caches(model, schedule)
     ep = torch.export.export(swa, (b.input_ids, caches, b.meta))
-    assert op_count(ep.graph, "swa_mla_attention") == {0: 1, 2: 1}
-    assert op_count(ep.graph, "paged_mla_attention") == {1: 1, 3: 1}
+    assert op_count(ep.graph, "swa_attention") == {0: 1, 2: 1}
+    assert op_count(ep.graph, "mla_attention") == {1: 1, 3: 1}
     buf = io.BytesIO()
     torch.export.save(ep, buf)                      # the StepMetadata input spec serialises too
     buf.seek(0)
@@ -269,7 +269,7 @@ def test_export_takes_keyword_arguments(seed):
     caches = packed_caches(model, Schedule(8, [1], 4))
     kwargs = dict(kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)
     ep = torch.export.export(swa, (b.input_ids,), kwargs)
-    assert op_count(ep.graph, "swa_mla_attention") == {1: 1}
+    assert op_count(ep.graph, "swa_attention") == {1: 1}
     c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
     with torch.no_grad():
         got = ep.module()(b.input_ids, kv_caches=c1, meta=b.meta, logits_indices=b.last_token_index)
@@ -291,7 +291,7 @@ def test_export_takes_keyword_arguments_only(seed):
     for extra in ({}, {"logits_indices": b.last_token_index}):
         kwargs = dict(input_ids=b.input_ids, kv_caches=caches, meta=b.meta, **extra)
         ep = torch.export.export(swa, args=(), kwargs=kwargs)
-        assert op_count(ep.graph, "swa_mla_attention") == {1: 1}
+        assert op_count(ep.graph, "swa_attention") == {1: 1}
         c1, c2 = [c.clone() for c in caches], [c.clone() for c in caches]
         with torch.no_grad():
             got = ep.module()(**dict(kwargs, kv_caches=c1))
@@ -429,7 +429,8 @@ def test_export_with_dynamic_step_shapes(seed):
     T, B, NB = (torch.export.Dim(n, min=2, max=4096) for n in ("T", "B", "NB"))
     # A pytree node's dynamic shapes are a list, one entry per field (StepMetadata's field order).
     meta_shapes = dict(positions={0: T}, cu_seqlens_q={0: B + 1}, seq_lens_encoder={0: B}, seq_lens_decoder={0: B},
-                       batch_id_per_token={0: T}, block_tables={1: B, 2: NB}, slot_mapping={1: T})
+                       batch_id_per_token={0: T}, block_tables={1: B, 2: NB}, slot_mapping={1: T},
+                       mha_kv_slots=None, mha_kv_cu={1: B + 1})      # no MHA rows in these steps: M = 0
     shapes = ({0: T}, [None] * 4, [meta_shapes[f.name] for f in dataclasses.fields(StepMetadata)])
     example = inputs([StepItem([1, 2, 3, 4, 5], 0, [0], True), StepItem([7, 8], 3, [1], True)], 2)
     ep = torch.export.export(swa, example, dynamic_shapes=shapes)
@@ -456,7 +457,7 @@ def test_the_rewritten_module_compiles_too(seed):
         got = step(torch.compile(swa, backend=capture, fullgraph=True), packed_caches(model, schedule), items, 16)
         ref = step(swa, packed_caches(model, schedule), items, 16)
     torch.testing.assert_close(got, ref)
-    assert op_count(capture.graphs[0], "swa_mla_attention") == {1: 1, 2: 1}
+    assert op_count(capture.graphs[0], "swa_attention") == {1: 1, 2: 1}
 
 
 # ------------------------------------------------------------------------------- outside torch.no_grad()

@@ -101,20 +101,18 @@ class MLAAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, interleave)                           # [T, H, P]
         k_pe = apply_rope(k_pe, cos, sin, interleave)                           # [T, P]
 
-        # Absorb W_UK into the query and W_UV into the output: attention runs on the latent directly.
-        w_kv_b = self.kv_b_proj.weight.view(H, N + self.v_dim, R)
-        w_uk, w_uv = w_kv_b[:, :N, :], w_kv_b[:, N:, :]                         # [H, N, R], [H, V, R]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)         # [T, H, R]
-        q_abs = torch.cat([q_lat, q_pe], dim=-1)                                # [T, H, D]
         latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
 
         # The layer and its cache group are constant arguments: the pass finds layers by the first and
-        # sets the second in place, as it does the window (docs/design.md §8, §12).
+        # sets the second in place, as it does the window (docs/design.md §8, §12). The attention core takes
+        # the un-absorbed query and kv_b_proj's weight: it absorbs W_UK / W_UV itself (MQA mode: decode, short
+        # chunks) or expands the chunk's cache rows into per-head keys and values (MHA mode: prefill chunks
+        # the step metadata gives rows; SPEC §13).
         torch.ops.swa_rewrite.write_kv_cache(latent, cache, meta.slot_mapping, self.layer_idx, self.cache_group)
-        o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(
-            q_abs, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens_encoder, meta.seq_lens_decoder,
-            meta.batch_id_per_token, self.softmax_scale, P, self.layer_idx, self.cache_group)  # [T, H, R]
-        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+        o = torch.ops.swa_rewrite.mla_attention(
+            q_nope, q_pe, self.kv_b_proj.weight, cache, meta.block_tables, meta.cu_seqlens_q,
+            meta.seq_lens_encoder, meta.seq_lens_decoder, meta.batch_id_per_token, meta.mha_kv_slots,
+            meta.mha_kv_cu, self.softmax_scale, P, self.layer_idx, self.cache_group)      # [T, H, V]
         return self.o_proj(o.reshape(T, H * self.v_dim))
 
 

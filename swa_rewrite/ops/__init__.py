@@ -6,7 +6,8 @@ function of the op's module) otherwise.
 
 One module per op family, each holding its reference, its ``torch.library`` definition and fake:
 ``kv_cache`` (allocation, model-dtype write), ``fp8_cache`` (packed FP8 write, dequantise),
-``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention),
+``swa_indexer`` (window slots), ``attention`` (paged, sparse and fused sliding-window MLA attention, MQA
+form), ``mha_prefill`` (MHA-mode prefill), ``mla_attention`` (the per-layer MLA core the model calls: both modes),
 ``moe`` (the routed experts of a MoE block); ``step_metadata`` holds ``StepMetadata``, the step's metadata.
 
 The ops take the step's ``block_tables [G, B, nb]`` / ``slot_mapping [G, T]`` (one row per cache group) and
@@ -24,6 +25,7 @@ import torch
 from . import attention, kv_cache, moe  # noqa: F401  (registers torch.ops.swa_rewrite.*)
 from . import fp8_cache as _fp8_cache, swa_indexer as _swa_indexer  # noqa: F401  (registers ops)
 from . import mha_prefill as _mha_prefill  # noqa: F401  (registers swa_rewrite::mha_swa_prefill; MHA-mode prefill, issue 18)
+from . import mla_attention as _mla_attention  # noqa: F401  (registers the MLA core ops the model calls, SPEC §13)
 from .attention import finite_scale
 from .fp8_cache import fp8_cache_bytes
 from .step_metadata import StepMetadata
@@ -35,6 +37,7 @@ __all__ = ["StepMetadata", "allocate_kv_cache", "write_kv_cache", "paged_mla_att
 __all__ += ["write_fp8_cache", "dequantize_fp8_cache", "fp8_cache_bytes", "swa_indexer"]
 __all__ += ["sparse_mla_attention", "swa_mla_attention", "KVCacheSpec", "cache_groups"]
 __all__ += ["attention_backend", "get_attention_backend", "set_attention_backend"]   # FlashMLA switch (§7)
+__all__ += ["mla_attention", "swa_attention"]                                          # the MLA core (§13)
 
 
 def _grouped(t: torch.Tensor, name: str, group_dims: int) -> torch.Tensor:
@@ -155,3 +158,47 @@ def swa_mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
                                                    check_int("rope_dim", rope_dim), check_int("window", window),
                                                    check_int("layer", layer), check_int("group", group),
                                                    check_int("sinks", sinks))
+
+
+def _mha_rows(mha_kv_slots, mha_kv_cu, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's MHA rows as the core ops take them (``[G, M]``, ``[G, B + 1]``): none when not given, one
+    group's ``[M]`` / ``[B + 1]`` with a leading group dimension."""
+    G, B = block_tables.shape[0], block_tables.shape[1]
+    if mha_kv_slots is None:
+        mha_kv_slots = torch.empty((G, 0), dtype=torch.int32, device=block_tables.device)
+    if mha_kv_cu is None:
+        mha_kv_cu = torch.zeros((G, B + 1), dtype=torch.int32, device=block_tables.device)
+    return _grouped(mha_kv_slots, "mha_kv_slots", 2), _grouped(mha_kv_cu, "mha_kv_cu", 2)
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                  seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float, *,
+                  mha_kv_slots: torch.Tensor | None = None, mha_kv_cu: torch.Tensor | None = None,
+                  layer: int = -1, group: int = 0) -> torch.Tensor:
+    """A full layer's MLA attention core (what the model calls, SPEC §13): ``q_nope [T, H, N]``, ``q_pe [T, H,
+    P]`` (rope applied), the ``kv_b_proj`` weight ``[H·(N+V), R]``, the model-dtype cache and the step metadata →
+    ``o [T, H, V]``. Requests with rows in ``mha_kv_cu`` (``ops.mha_prefill.plan_mha_rows``) run MHA mode, the
+    others MQA mode; without rows every token runs MQA. Padding tokens give 0."""
+    block_tables = _grouped(block_tables, "block_tables", 3)
+    rows, cu = _mha_rows(mha_kv_slots, mha_kv_cu, block_tables)
+    return torch.ops.swa_rewrite.mla_attention(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q,
+                                               seq_lens_encoder, seq_lens_decoder, batch_id_per_token, rows, cu,
+                                               finite_scale(scale), check_int("rope_dim", q_pe.shape[-1]),
+                                               check_int("layer", layer), check_int("group", group))
+
+
+def swa_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                  seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float, *, window: int,
+                  sinks: int = 0, mha_kv_slots: torch.Tensor | None = None, mha_kv_cu: torch.Tensor | None = None,
+                  layer: int = -1, group: int = 0) -> torch.Tensor:
+    """A sliding-window layer's MLA attention core over the packed FP8 cache (what the graph pass re-targets
+    ``mla_attention`` to): as ``mla_attention``, with the window ``W`` and ``sinks`` of SPEC §3, §12."""
+    block_tables = _grouped(block_tables, "block_tables", 3)
+    rows, cu = _mha_rows(mha_kv_slots, mha_kv_cu, block_tables)
+    return torch.ops.swa_rewrite.swa_attention(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q,
+                                               seq_lens_encoder, seq_lens_decoder, batch_id_per_token, rows, cu,
+                                               finite_scale(scale), check_int("rope_dim", q_pe.shape[-1]),
+                                               check_int("window", window, minimum=1), check_int("layer", layer),
+                                               check_int("group", group), check_int("sinks", sinks, minimum=0))

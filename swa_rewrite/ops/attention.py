@@ -241,7 +241,17 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
       scale, rope_dim, layer, group):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                            batch_id_per_token, scale, rope_dim, group)
-    block_tables = block_tables[group]                   # a view of the group's tables: no copy, no sync
+    # block_tables[group]: a view of the group's tables, no copy, no sync.
+    return paged_mqa_cuda(q, cache, block_tables[group], cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                          scale, rope_dim)
+
+
+def paged_mqa_cuda(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float,
+                   rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full layer's MQA-mode attention on CUDA, inputs already checked: FlashMLA when selected and able,
+    else our Triton kernel, else (a dtype or layout it does not take) the reference. One group's
+    ``block_tables [B, nb]``; tokens with ``batch_id_per_token = -1`` give ``out = 0``, ``lse = +inf``."""
     cache = _unpacked(cache, q, rope_dim)
     if not _triton_supported(q, cache):
         return paged_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
@@ -373,7 +383,17 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
       rope_dim, window, layer, group, sinks=0):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                          batch_id_per_token, scale, rope_dim, window, group, sinks)
-    block_tables = block_tables[group]                   # a view of the group's tables: no copy, no sync
+    # block_tables[group]: a view of the group's tables, no copy, no sync.
+    return swa_mqa_cuda(q, cache, block_tables[group], cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale,
+                        rope_dim, window, sinks)
+
+
+def swa_mqa_cuda(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float, rope_dim: int,
+                 window: int, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sliding-window layer's MQA-mode attention on CUDA over the packed FP8 cache, inputs already checked:
+    FlashMLA when selected and able, else our Triton kernels (sinks: indexer + sparse kernel), else the
+    reference. One group's ``block_tables [B, nb]``; ``batch_id_per_token = -1`` tokens give 0 / ``+inf``."""
     if not _triton_supported(q, cache):
         return swa_mla_attention_reference(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
                                            batch_id_per_token, scale, rope_dim, window, sinks)

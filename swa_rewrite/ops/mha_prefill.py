@@ -24,8 +24,9 @@ Tokens not computed here — padding (``batch_id_per_token = -1``) and requests 
 ``lse = +inf``, as the MQA ops give padding.
 
 Checked mode (``checks.checks_enabled``): shapes and dtypes always; ``check_batch`` with the layer's window and
-sinks; and the rows themselves: ``kv_cu`` starts at 0, does not decrease and ends at ``M``, and each request
-with rows holds exactly the slots ``plan_mha_rows`` gives it. That last check reads one device flag; inside a
+sinks; and the rows themselves: ``kv_cu`` starts at 0, does not decrease and ends at most at ``M`` (rows past
+its end are ``-1``: the step metadata pads every cache group's rows to one count), and each request with rows
+holds exactly the slots ``plan_mha_rows`` gives it. That last check reads one device flag; inside a
 ``checks.validated_step`` block it is deferred to the step's end (``checks.defer_check``), so a checked model
 step does not synchronise once per layer.
 """
@@ -248,11 +249,13 @@ def _row_errors(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks):
     a = (dec - W + 1).clamp(min=0)
     n = a.clamp(max=s) + dec + q_lens - a
     rows = kc[1:] - kc[:-1]
-    bad_cu = (kc[0] != 0) | (kc[-1] != M) | (rows < 0).any() | ((rows != 0) & (rows != n)).any()
+    bad_cu = (kc[0] != 0) | (kc[-1] > M) | (rows < 0).any() | ((rows != 0) & (rows != n)).any()
     req, pos = _row_positions(kc, dec, W, s, M)
     if M and bt.shape[0]:
         blk = bt.long()[req, (pos // ps).clamp(max=bt.shape[1] - 1)]
         expect = torch.where((blk >= 0) & (pos // ps < bt.shape[1]), blk * ps + pos % ps, -2)
+        # Rows past kv_cu[-1] belong to no request (a step's groups share one row count): -1.
+        expect = torch.where(torch.arange(M, device=kc.device) >= kc[-1], -1, expect)
         bad_rows = expect != kv_slots.long()
     else:
         bad_rows = torch.zeros(M, dtype=torch.bool, device=kv_slots.device)
@@ -265,10 +268,14 @@ def _check_rows(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks) -> None:
 
     def report():
         if bool(bad_cu):
-            fail(f"kv_cu must start at 0, not decrease, end at len(kv_slots) = {kv_slots.shape[0]}, and give each "
+            fail(f"kv_cu must start at 0, not decrease, end at most at len(kv_slots) = {kv_slots.shape[0]} (rows "
+                 "past its end -1), and give each "
                  f"request either no rows or exactly the rows its chunk needs (plan_mha_rows: {n.tolist()}); "
                  f"got {kv_cu.tolist()}")
         m = int(bad_rows.nonzero()[0, 0])
+        if m >= int(kv_cu[-1]):
+            fail(f"kv_slots[{m}] = {int(kv_slots[m])}, but rows past kv_cu[-1] = {int(kv_cu[-1])} belong to no "
+                 "request and must be -1")
         fail(f"kv_slots[{m}] = {int(kv_slots[m])}, but row {m} is position {int(pos[m])} of request {int(req[m])}, "
              f"whose block table gives slot {int(bt.long()[req[m], pos[m] // ps]) * ps + int(pos[m]) % ps} "
              "(rows: plan_mha_rows)")
@@ -320,6 +327,16 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
       batch_id_per_token, kv_slots, kv_cu, scale, window, layer, group, sinks=0):
     _check_mha_prefill(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
                        seq_lens_decoder, batch_id_per_token, kv_slots, kv_cu, scale, window, group, sinks)
+    return mha_prefill_cuda(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q, seq_lens_decoder,
+                            batch_id_per_token, scale, window, sinks)
+
+
+def mha_prefill_cuda(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                     kv_slots: torch.Tensor, kv_cu: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, scale: float, window: int,
+                     sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's CUDA path, inputs already checked: the Triton kernel, or the reference for what it does not
+    take. ``kv_slots [M]`` / ``kv_cu [B + 1]`` of one group."""
     if not triton_supported(q_nope, cache):
         return mha_swa_prefill_reference(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q,
                                          seq_lens_decoder, batch_id_per_token, scale, window, sinks)

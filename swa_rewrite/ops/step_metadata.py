@@ -19,6 +19,7 @@ This module imports nothing of the package: the checks, the ops and the runtime 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -42,6 +43,11 @@ class StepMetadata:
             holding positions ``[i*ps, (i+1)*ps)`` of request ``b``; ``-1`` where none (unused or released).
         slot_mapping: ``[G, T]`` int64, cache slot of group ``g`` each token writes
             (``block * ps + pos % ps``), ``-1`` for padding (nothing written).
+        mha_kv_slots: ``[G, M]`` int32, the cache rows the step's MHA-mode prefill chunks expand in group ``g``
+            (SPEC §13, ``ops.mha_prefill.plan_mha_rows``), ``-1`` past ``mha_kv_cu[g, -1]``; ``M = 0`` when no
+            chunk runs MHA (every decode step). Default: none.
+        mha_kv_cu: ``[G, B + 1]`` int32, request ``b``'s rows are ``mha_kv_slots[g, cu[b]:cu[b+1]]``; a request
+            with none runs MQA mode in that group. Default: zeros.
     """
 
     positions: torch.Tensor
@@ -51,6 +57,23 @@ class StepMetadata:
     batch_id_per_token: torch.Tensor
     block_tables: torch.Tensor
     slot_mapping: torch.Tensor
+    mha_kv_slots: Optional[torch.Tensor] = None
+    mha_kv_cu: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        # No MHA chunk: empty rows, zero offsets (built here so every field is a tensor after construction).
+        if self.mha_kv_slots is None or self.mha_kv_cu is None:
+            G, B = self.block_tables.shape[0], self.block_tables.shape[1]
+            dev = self.block_tables.device
+            if self.mha_kv_slots is None:
+                object.__setattr__(self, "mha_kv_slots", torch.empty((G, 0), dtype=torch.int32, device=dev))
+            if self.mha_kv_cu is None:
+                object.__setattr__(self, "mha_kv_cu", torch.zeros((G, B + 1), dtype=torch.int32, device=dev))
+
+    @property
+    def has_mha(self) -> bool:
+        """Whether some chunk of the step runs MHA-mode prefill (a shape: no host synchronisation)."""
+        return self.mha_kv_slots.shape[-1] > 0
 
     def batch_tensors(self) -> tuple[torch.Tensor, ...]:
         """``(cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)``: the per-request

@@ -155,12 +155,19 @@ class MLAOpAdapter(abc.ABC):
 
 
 class SwaRewriteOps(MLAOpAdapter):
-    """This package's ops: ``paged_mla_attention`` → ``swa_mla_attention``, ``write_kv_cache`` →
-    ``write_fp8_cache``, ``allocate_kv_cache(..., model dtype, ...)`` → ``allocate_kv_cache(..., uint8, ...)``
-    (the packed FP8 layout)."""
+    """This package's ops: the MLA core ``mla_attention`` → ``swa_attention`` (what the model calls, SPEC §13;
+    graphs of the MQA-form ops from before the boundary moved still rewrite, ``paged_mla_attention`` →
+    ``swa_mla_attention``), ``write_kv_cache`` → ``write_fp8_cache``, ``allocate_kv_cache(..., model dtype, ...)``
+    → ``allocate_kv_cache(..., uint8, ...)`` (the packed FP8 layout)."""
 
     name = "swa_rewrite"
+    # A full op and the sliding-window op it becomes.
+    _SWA_OF = {"swa_rewrite::mla_attention": "swa_attention", "swa_rewrite::swa_attention": "swa_attention",
+               "swa_rewrite::paged_mla_attention": "swa_mla_attention",
+               "swa_rewrite::swa_mla_attention": "swa_mla_attention"}
     _ROLES = {
+        "swa_rewrite::mla_attention": Role.FULL_ATTENTION,
+        "swa_rewrite::swa_attention": Role.SWA_ATTENTION,
         "swa_rewrite::paged_mla_attention": Role.FULL_ATTENTION,
         "swa_rewrite::swa_mla_attention": Role.SWA_ATTENTION,
         "swa_rewrite::write_kv_cache": Role.CACHE_WRITE,
@@ -222,7 +229,8 @@ class SwaRewriteOps(MLAOpAdapter):
         args.pop("sinks", None)
         if sinks:
             args["sinks"] = sinks
-        call_op(node, torch.ops.swa_rewrite.swa_mla_attention.default, args)
+        target = getattr(torch.ops.swa_rewrite, self._SWA_OF[op_name(node.target)]).default
+        call_op(node, target, args)
 
     def to_packed_write(self, node, rope_dim):
         if functionalized_op(node) is not None:

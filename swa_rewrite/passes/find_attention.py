@@ -7,7 +7,7 @@ Before (forward graph, one layer)::
 
     cache_3 = getitem(kv_caches, 3)
     write_kv_cache_3 = swa_rewrite.write_kv_cache(latent, cache_3, slot_mapping, 3)
-    paged_mla_attention_3 = swa_rewrite.paged_mla_attention(q_abs, cache_3, ..., 3)
+    mla_attention_3 = swa_rewrite.mla_attention(q_nope, q_pe, kv_b_weight, cache_3, ..., 3)
 
 After: unchanged; ``traced.sites[3]`` holds the attention node, its write(s) and its allocation.
 """

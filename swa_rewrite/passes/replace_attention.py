@@ -7,12 +7,15 @@ with sinks, so graphs without them read as before. An SWA layer whose window or 
 Before (layer 3 selected, window 128)::
 
     write_kv_cache_3 = swa_rewrite.write_kv_cache(latent, cache_3, slot_mapping, 3)
-    paged_mla_attention_3 = swa_rewrite.paged_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 3)
+    mla_attention_3 = swa_rewrite.mla_attention(q_nope, q_pe, kv_b_weight, cache_3, <metadata>, scale, 64, 3)
 
 After (same node names, re-targeted in place; nothing else in the graph changes)::
 
     write_kv_cache_3 = swa_rewrite.write_fp8_cache(latent, cache_3, slot_mapping, 64, 3)
-    paged_mla_attention_3 = swa_rewrite.swa_mla_attention(q_abs, cache_3, <metadata>, scale, 64, 128, 3)
+    mla_attention_3 = swa_rewrite.swa_attention(q_nope, q_pe, kv_b_weight, cache_3, <metadata>, scale, 64, 128, 3)
+
+(``<metadata>``: the step's block tables, per-request metadata and MHA rows. Graphs of the MQA-form ops,
+``paged_mla_attention`` → ``swa_mla_attention`` on ``q_abs``, rewrite the same way.)
 
 (A layer with 4 sink tokens also gets the op's trailing ``sinks`` argument: ``..., 4)``.)
 

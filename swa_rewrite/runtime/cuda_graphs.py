@@ -74,6 +74,8 @@ _FIELDS: tuple[tuple[str, torch.dtype, Optional[int]], ...] = (
     ("seq_lens_decoder", torch.int32, 0),
     ("batch_id_per_token", torch.int32, -1),
     ("block_tables", torch.int32, -1),
+    ("mha_kv_slots", torch.int32, -1),         # [G, 0]: a decode step has no MHA-mode prefill rows
+    ("mha_kv_cu", torch.int32, 0),
 )
 
 
@@ -94,6 +96,10 @@ def _field_shape(name: str, b: int, G: int, nb: int) -> tuple[int, ...]:
         return (G, b, nb)
     if name == "cu_seqlens_q":
         return (b + 1,)
+    if name == "mha_kv_slots":
+        return (G, 0)
+    if name == "mha_kv_cu":
+        return (G, b + 1)
     return (b,)
 
 
@@ -132,6 +138,8 @@ def _fill(views: dict[str, torch.Tensor], batch: StepBatch, B: int) -> None:
             v[:, :B, :w].copy_(src)
             v[:, :B, w:].fill_(pad)
             v[:, B:].fill_(pad)
+        elif name in ("mha_kv_slots", "mha_kv_cu"):
+            v.fill_(pad)                       # no rows (``rejection`` refuses a step with MHA rows)
         else:
             v[:B].copy_(src)
             v[B:].fill_(pad)
@@ -274,6 +282,8 @@ class DecodeGraphs:
                     f"{self.max_blocks}")
         if meta.slot_mapping.shape != (G, T):
             return f"slot_mapping {tuple(meta.slot_mapping.shape)} must be [G={G}, T={T}]"
+        if meta.has_mha:
+            return "the step has MHA-mode prefill rows: prefill runs outside the graphs"
         devices = {t.device for t in (batch.input_ids, *(getattr(meta, n) for n, _, _ in _FIELDS[1:]))}
         if len(devices) != 1 or next(iter(devices)) not in (self.device, torch.device("cpu")):
             return f"the step's tensors are on {sorted(map(str, devices))}: expected all on {self.device} or the CPU"

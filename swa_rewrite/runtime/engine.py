@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import logging
 import numbers
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence, Union
 
 import torch
 
@@ -14,7 +14,7 @@ from ..ops.cache_write_checks import NonFiniteLatentError
 from ..ops.checks import check_int
 from ..ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, num_groups
 from ..ops.step_check import check_kv_caches
-from .batch import StepBatch, StepItem, token_of_row
+from .batch import MHAPlan, StepBatch, StepItem, mha_crossover_tokens, token_of_row
 from .block_manager import OutOfBlocksError, chain_block_key, prefix_block_keys
 from .kv_cache_manager import GroupUsage, KVCacheManager
 
@@ -94,7 +94,7 @@ class Engine:
                  kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None,
                  kv_cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None,
                  window_bounded: bool = True, poison_blocks: bool = False, cuda_graphs: bool = False,
-                 max_decode_batch: Optional[int] = None):
+                 max_decode_batch: Optional[int] = None, mha_prefill: Union[str, int, None] = "auto"):
         """
         Args:
             model: an ``MLAModel``, or what ``swa_rewrite.apply`` / ``swa_rewrite.compile`` return.
@@ -122,6 +122,10 @@ class Engine:
                 tables' width) unless a full cache group bounds it. Off CUDA the same buffers run eagerly.
             max_decode_batch: the largest graphed decode batch (default ``min(max_tokens_per_step, 256)``);
                 larger decode steps run outside graphs.
+            mha_prefill: which prompt chunks run MHA-mode prefill (SPEC §13; the rest, and every decode, run MQA
+                mode): ``"auto"`` — chunks of at least ``runtime.batch.mha_crossover_tokens`` of the model's
+                dims (where MHA does fewer FLOPs; never if it does not); an int — chunks of at least that many
+                tokens; ``"off"`` or None — none. A model without a ``config`` runs ``"auto"`` as ``"off"``.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
@@ -147,6 +151,7 @@ class Engine:
         for layer, g in enumerate(self.cache_groups):
             first.setdefault(g, layer)
         self.group_specs = [specs[first[g]] for g in range(self.num_groups)]
+        self.mha_plan = _mha_plan(mha_prefill, getattr(model, "config", None), self.group_specs)
         counts = self._pool_sizes(specs, num_blocks, kv_cache_bytes, kv_caches)
         if kv_caches is None:
             kv_caches = self._allocate(model, specs, counts)
@@ -461,7 +466,8 @@ class Engine:
             if graphs is not None:
                 logits = graphs.run(batch).float()
             else:
-                batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device=self.device)
+                batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
+                                        device=self.device)
                 logits_indices = None if keep_logits else batch.last_token_index
                 logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
                                     logits_indices=logits_indices).float()
@@ -565,6 +571,22 @@ def model_cache_groups(model: torch.nn.Module, num_layers: Optional[int] = None,
         raise ValueError(f"the cache specs of {type(model).__name__} describe {len(groups)} layers, but the model "
                          f"has {num_layers} caches")
     return groups
+
+
+def _mha_plan(mha_prefill, config, group_specs) -> Optional[MHAPlan]:
+    """The engine's ``MHAPlan`` from its ``mha_prefill`` argument, or None (every chunk MQA)."""
+    if mha_prefill is None or mha_prefill == "off":
+        return None
+    if mha_prefill == "auto":
+        dims = [getattr(config, a, None) for a in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")]
+        min_tokens = mha_crossover_tokens(*dims) if all(isinstance(d, int) for d in dims) else None
+        if min_tokens is None:
+            return None
+    elif isinstance(mha_prefill, int) and not isinstance(mha_prefill, bool):
+        min_tokens = check_int("mha_prefill", mha_prefill, minimum=1)
+    else:
+        raise ValueError(f'mha_prefill must be "auto", "off", None or a chunk length >= 1, got {mha_prefill!r}')
+    return MHAPlan.for_groups(group_specs, min_tokens)
 
 
 def _layer_specs(model: torch.nn.Module, kv_cache_spec: Optional[Sequence], kv_caches: Optional[list[torch.Tensor]],

@@ -31,7 +31,7 @@ def test_diff_prints_changed_and_unchanged_layers(capsys):
     assert code == 0
     assert "layer 1: 2 re-targeted" in out and "layer 3: 2 re-targeted" in out
     assert "unchanged layers 0, 2: structurally identical" in out
-    assert "swa_mla_attention" in out and "torch.uint8" in out
+    assert "swa_attention" in out and "torch.uint8" in out
     code, out, _ = run(["diff", "--config", "v3-attn", "--layers", "8", "--skip-freq", "4", "--compact"], capsys)
     assert code == 0 and "unchanged layers 3, 7" in out and "~" not in out
 

@@ -39,7 +39,7 @@ def test_rewritten_model_round_trips(tmp_path, seed, monkeypatch):
     loaded = swa_rewrite.from_pretrained(tmp_path)
     assert isinstance(loaded, swa_rewrite.SWAModule) and loaded.swa_schedule == SCHEDULE
     assert loaded.config == CONFIG
-    assert "swa_rewrite.swa_mla_attention.default" in swa_targets(loaded)
+    assert "swa_rewrite.swa_attention.default" in swa_targets(loaded)
     assert loaded.swa_report.rows == swa.swa_report.rows
     torch.testing.assert_close(engine_logits(loaded), engine_logits(swa), rtol=0, atol=0)
 
@@ -138,7 +138,7 @@ def sinks_args(module):
     """layer → the ``sinks`` argument of each SWA attention node (0 where the node leaves it to the default)."""
     out = {}
     for n in module.graph.nodes:
-        if n.op == "call_function" and "swa_mla_attention" in str(n.target):
+        if n.op == "call_function" and "swa_attention" in str(n.target):
             args = {**dict(zip([a.name for a in n.target._schema.arguments], n.args)), **n.kwargs}
             out[args["layer"]] = args.get("sinks", 0)
     return out

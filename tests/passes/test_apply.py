@@ -36,12 +36,12 @@ def test_op_counts_and_layers_follow_the_schedule(trial):
     model = MLAModel(TINY, seed=trial)
     s = random_schedule()
     out = apply(model, s)
-    assert ops_by_layer(out, "swa_mla_attention") == {i: 1 for i in s.swa_layers}
+    assert ops_by_layer(out, "swa_attention") == {i: 1 for i in s.swa_layers}
     assert ops_by_layer(out, "write_fp8_cache") == {i: 1 for i in s.swa_layers}
     full = set(range(4)) - s.swa_layers
-    assert ops_by_layer(out, "paged_mla_attention") == {i: 1 for i in full}
+    assert ops_by_layer(out, "mla_attention") == {i: 1 for i in full}
     assert ops_by_layer(out, "write_kv_cache") == {i: 1 for i in full}
-    swa_nodes = [n for n in out.graph.nodes if "swa_mla_attention" in str(n.target)]
+    swa_nodes = [n for n in out.graph.nodes if "swa_attention" in str(n.target)]
     assert all(n.args[-3] == s.window for n in swa_nodes)        # (..., window, layer, group)
     # Untouched layers are structurally identical before and after.
     before = trace(model).forward
@@ -91,7 +91,7 @@ def test_drop_in_shares_parameters_retraces_and_reloads():
     assert torch.equal(model.lm_head.weight, other.lm_head.weight)
     MLAModel(TINY, seed=9).load_state_dict(out.state_dict())
     retraced = torch.fx.symbolic_trace(out)
-    assert ops_by_layer(retraced, "swa_mla_attention") == ops_by_layer(out, "swa_mla_attention")
+    assert ops_by_layer(retraced, "swa_attention") == ops_by_layer(out, "swa_attention")
 
 
 def _step_logits(model, seed):
@@ -125,7 +125,7 @@ def test_rewritten_module_copies_and_saves_whole(how, seed):
         [(c.dtype, c.shape) for c in swa.allocate_kv_cache(3, 8)]
     assert all(a is not b for a, b in zip(other.parameters(), swa.parameters()))
     assert torch.equal(_step_logits(other, seed), _step_logits(swa, seed))
-    assert ops_by_layer(apply(other, swa.swa_schedule), "swa_mla_attention") == ops_by_layer(swa, "swa_mla_attention")
+    assert ops_by_layer(apply(other, swa.swa_schedule), "swa_attention") == ops_by_layer(swa, "swa_attention")
 
 
 def test_allocation_follows_the_modules_current_weights(seed):
@@ -151,7 +151,7 @@ def test_apply_is_idempotent():
     assert twice.allocate_kv_cache(2, 3)[0].dtype == once.allocate_kv_cache(2, 3)[0].dtype
     # A wider window on the same layers only changes the window argument.
     wider = apply(once, Schedule(s.window + 1, s.swa_layers, 4))
-    assert all(n.args[-3] == s.window + 1 for n in wider.graph.nodes if "swa_mla_attention" in str(n.target))
+    assert all(n.args[-3] == s.window + 1 for n in wider.graph.nodes if "swa_attention" in str(n.target))
     if s.swa_layers:
         with pytest.raises(RewriteError, match="already a sliding-window layer"):
             apply(once, Schedule(s.window, [], 4))
@@ -175,7 +175,7 @@ def test_61_layer_v3_definition_on_meta_rewrites_in_about_a_second():
     t0 = time.perf_counter()
     out = apply(model, Schedule.from_skip_freq(4, 61, 4096))
     seconds = time.perf_counter() - t0
-    assert len(ops_by_layer(out, "swa_mla_attention")) == 46
+    assert len(ops_by_layer(out, "swa_attention")) == 46
     assert seconds < 10, f"apply took {seconds:.1f} s"   # about 1 s on an idle CI core; generous bound
 
 

@@ -57,7 +57,7 @@ def test_untraceable_model_is_a_rewrite_error_stating_the_contract(kind, origina
     message = str(info.value)
     assert message.startswith(f"torch.fx could not trace _Wrapped ({original.__name__}: ")
     for part in ("forward takes the step (input_ids, kv_caches, meta: StepMetadata",
-                 "torch.ops.swa_rewrite.paged_mla_attention with each layer's index as an explicit argument",
+                 "torch.ops.swa_rewrite.mla_attention with each layer's index as an explicit argument",
                  "allocate_kv_cache(num_blocks, page_size, device=None) returns one",
                  "swa_rewrite.models.MLAModel", "backend=swa_rewrite.backend(schedule)"):
         assert part in message

@@ -71,9 +71,9 @@ def test_dataflow_check_sees_a_rewired_graph():
     model = MLAModel(TINY, device="meta")
     before = trace(model).forward
     after = apply(model, SCHEDULES["skip-freq-2"])
-    attn = next(n for n in after.graph.nodes if n.name == "paged_mla_attention_2")
-    q_abs, cache = attn.args[0], attn.args[1]
-    attn.args = (cache, q_abs) + tuple(attn.args[2:])          # same ops, different wiring
+    attn = next(n for n in after.graph.nodes if n.name == "mla_attention_2")
+    q_nope, q_pe = attn.args[0], attn.args[1]
+    attn.args = (q_pe, q_nope) + tuple(attn.args[2:])          # same ops, different wiring
     d = graph_diff(before, after)
     assert d.layers[0].same_dataflow and not d.layers[2].same_dataflow
     assert "layer 2:" in str(d) and "dataflow changed" in str(d)

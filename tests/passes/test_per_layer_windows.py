@@ -21,16 +21,16 @@ TINY = MLAConfig.named("tiny")
 def swa_nodes(module) -> dict[int, "torch.fx.Node"]:
     ops = SwaRewriteOps()
     return {ops.layer_index(n): n for n in module.graph.nodes
-            if n.op == "call_function" and "swa_mla_attention" in str(n.target)}
+            if n.op == "call_function" and "swa_attention" in str(n.target)}
 
 
 def swa_windows(module) -> dict[int, int]:
-    """layer → window of each ``swa_mla_attention`` node (read through the adapter, not by position)."""
+    """layer → window of each ``swa_attention`` node (read through the adapter, not by position)."""
     return {layer: SwaRewriteOps().window(n) for layer, n in swa_nodes(module).items()}
 
 
 def swa_sinks(module) -> dict[int, int]:
-    """layer → the ``sinks`` argument of each ``swa_mla_attention`` node, read by schema name from the node
+    """layer → the ``sinks`` argument of each ``swa_attention`` node, read by schema name from the node
     (absent: the schema's default 0)."""
     out = {}
     for layer, n in swa_nodes(module).items():
@@ -108,7 +108,7 @@ def test_sinks_reach_the_op_only_where_a_layer_has_them():
     assert args[2][:-2] == plain_args[2][:-1] and plain_args[2][-1] == "1" and args[2][-2:] == ["2", "4"]
     # A schedule with sinks=0 everywhere is the plain graph, node for node.
     assert apply(model, Schedule(8, [0, 2], 4, sinks=0)).code == plain.code
-    detail = [d for d in sinks.swa_report.passes[1].details if "layer 2" in d and "swa_mla_attention" in d]
+    detail = [d for d in sinks.swa_report.passes[1].details if "layer 2" in d and "swa_attention" in d]
     assert detail and detail[0].endswith("(window 8, 4 sinks)")
 
 

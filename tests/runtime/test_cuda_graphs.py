@@ -158,11 +158,13 @@ def test_step_inputs_are_aligned_views_of_one_buffer_and_copy_bytes_add_up():
         input_ids, meta, li = graphs.step_inputs(B)
         tensors = [input_ids] + [getattr(meta, f) for f in ("positions", "slot_mapping", "cu_seqlens_q",
                                                              "seq_lens_encoder", "seq_lens_decoder",
-                                                             "batch_id_per_token", "block_tables")]
-        assert [tuple(t.shape) for t in tensors] == [(b,), (b,), (3, b), (b + 1,), (b,), (b,), (b,), (3, b, 5)]
+                                                             "batch_id_per_token", "block_tables",
+                                                             "mha_kv_slots", "mha_kv_cu")]
+        assert [tuple(t.shape) for t in tensors] == [(b,), (b,), (3, b), (b + 1,), (b,), (b,), (b,), (3, b, 5),
+                                                     (3, 0), (3, b + 1)]
         assert all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
         assert all(t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for t in tensors)
-        raw = 8 * b * 2 + 8 * 3 * b + 4 * (b + 1) + 4 * b * 3 + 4 * 3 * b * 5
+        raw = 8 * b * 2 + 8 * 3 * b + 4 * (b + 1) + 4 * b * 3 + 4 * 3 * b * 5 + 4 * 3 * (b + 1)
         assert graphs.metadata_bytes(B) == raw
         assert raw <= graphs.copy_bytes(B) < raw + 16 * len(tensors)
         assert torch.equal(li, torch.arange(b)) and li.data_ptr() == logits_indices.data_ptr()

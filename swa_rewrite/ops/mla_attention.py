@@ -1,0 +1,243 @@
+"""The MLA core ops the model calls, one per layer (SPEC §13): ``swa_rewrite::mla_attention`` (a full layer, the
+model-dtype cache) and ``swa_rewrite::swa_attention`` (a sliding-window layer, the packed FP8 cache, ``window``
+and ``sinks``).
+
+Each takes the un-absorbed query — ``q_nope [T, H, N]`` and ``q_pe [T, H, P]`` (rope applied) — the layer's
+``kv_b_proj`` weight ``[H·(N + V), R]``, its cache and the step metadata, and returns ``o [T, H, V]`` in the
+query dtype: what ``o_proj`` takes. The cache write stays its own node before it (Inductor wraps mutating ops in
+``auto_functionalized``, so these ops only read). Inside, per request of the step:
+
+- **MQA mode** (decode tokens and short chunks; the requests without rows in ``mha_kv_cu[group]``): absorb
+  ``W_UK`` into the query, attend over the latent cache with the MQA ops' kernels
+  (``attention.paged_mqa_cuda`` / ``swa_mqa_cuda``, FlashMLA when selected), un-absorb with ``W_UV``: exactly
+  the model's computation before the boundary moved, so its outputs are bit for bit what they were.
+- **MHA mode** (prefill chunks the step metadata gives rows): the rows ``mha_kv_slots[group]`` are read back from
+  the cache (dequantised FP8 rows for a sliding layer: one semantics with the MQA path and the FP8-aware
+  reference), expanded into per-head ``k_nope``, ``v`` and attended with 192 / 128 dims
+  (``ops.mha_prefill``; ``window = 0`` for a full layer: causal).
+
+The engine's metadata builder decides which chunks run MHA (``runtime.batch.MHAPlan``) — the op reads nothing
+back: requests in MHA mode become padding (``batch_id_per_token = -1``) for the MQA kernels, which skip them,
+and a ``where`` on the token mask merges the two outputs; with no rows (``M = 0``, a shape) the MHA half is not
+traced at all. ``lse`` is not returned: nothing after the core needs it (the MQA and MHA ops still return it).
+
+Checks (``checks.checks_enabled``): the shapes, dtypes and devices of every tensor, ``check_batch`` with the
+layer's window and sinks, and — when the step has MHA rows — that each request's rows are those
+``plan_mha_rows`` gives it (one device flag, deferred to the step's end inside ``checks.validated_step``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, paged_mqa_cuda,
+                        swa_mla_attention_reference, swa_mqa_cuda)
+from .batch_checks import check_batch
+from .checks import check_index, checks_enabled, fail
+from .inference_only import register_inference_only
+from .mha_prefill import _check_rows, _dims, mha_prefill_cuda, mha_swa_prefill_reference
+
+__all__ = ["absorb_query", "mha_tokens", "mla_attention_reference", "swa_attention_reference"]
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor) -> torch.Tensor:
+    """``q_abs [T, H, R + P]``: ``W_UK`` absorbed into ``q_nope`` (one BMM in the query dtype), ``q_pe`` after."""
+    T, H, N = q_nope.shape
+    R = kv_b_weight.shape[1]
+    w_uk = kv_b_weight.view(H, -1, R)[:, :N, :]                                   # [H, N, R]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)              # [T, H, R]
+    return torch.cat([q_lat, q_pe], dim=-1)
+
+
+def unabsorb_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, N: int) -> torch.Tensor:
+    """``o [T, H, V]`` from the latent output ``o_lat [T, H, R]`` with ``W_UV`` (one BMM)."""
+    H, R = o_lat.shape[1], kv_b_weight.shape[1]
+    w_uv = kv_b_weight.view(H, -1, R)[:, N:, :]                                   # [H, V, R]
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+
+def mha_tokens(kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: the tokens whose request has rows in ``kv_cu [B + 1]`` (runs MHA mode); device ops only."""
+    B = kv_cu.shape[0] - 1
+    if B < 1:
+        return torch.zeros_like(batch_id_per_token, dtype=torch.bool)
+    has_rows = kv_cu[1:] > kv_cu[:-1]
+    bid = batch_id_per_token.long()
+    return (bid >= 0) & has_rows[bid.clamp(min=0, max=B - 1)]
+
+
+def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+          mha_kv_slots, mha_kv_cu, scale, window, sinks, mqa: Callable, mha: Callable) -> torch.Tensor:
+    """Both modes (module docstring): ``mqa(q_abs, bid)`` → ``(o_lat, lse)``, ``mha(kv_slots, kv_cu)`` →
+    ``(o, lse)``; ``block_tables``, ``mha_kv_slots``, ``mha_kv_cu`` already the group's."""
+    N = q_nope.shape[-1]
+    bid = batch_id_per_token
+    selected = None
+    if mha_kv_slots.shape[-1] > 0:
+        selected = mha_tokens(mha_kv_cu, batch_id_per_token)
+        bid = torch.where(selected, -1, batch_id_per_token).to(batch_id_per_token.dtype)
+    o_lat, _ = mqa(absorb_query(q_nope, q_pe, kv_b_weight), bid)
+    # Contiguous, as the fake's output is (Inductor checks strides); o_proj's reshape copied it before anyway.
+    o = unabsorb_output(o_lat, kv_b_weight, N).contiguous()
+    if selected is None:
+        return o
+    o_mha, _ = mha(mha_kv_slots, mha_kv_cu)
+    return torch.where(selected[:, None, None], o_mha.to(o.dtype), o)
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=True):
+    H, N, P, R, V = _dims(q_nope, q_pe, kv_b_weight, cache)
+    if rope_dim != P:
+        fail(f"rope_dim = {rope_dim} differs from q_pe's last dimension {P}")
+    if window is not None and cache.dtype != torch.uint8:
+        fail(f"a sliding-window layer reads the packed FP8 cache (uint8), got {cache.dtype}")
+    if window is not None and window < 1:
+        fail(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        fail(f"sinks must be >= 0, got {sinks}")
+    finite_scale(scale)
+    check_batch(q_nope.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, cache.shape[1], cache.shape[0], group, window=window, sinks=sinks, data=data)
+    check_index("mha_kv_slots", mha_kv_slots, 2)
+    check_index("mha_kv_cu", mha_kv_cu, 2)
+    G, B = block_tables.shape[0], block_tables.shape[1]
+    if mha_kv_slots.shape[0] != G or mha_kv_cu.shape != (G, B + 1):
+        fail(f"mha_kv_slots must be [G={G}, M] and mha_kv_cu [G={G}, B + 1 = {B + 1}], got "
+             f"{tuple(mha_kv_slots.shape)} and {tuple(mha_kv_cu.shape)}")
+    if {mha_kv_slots.device, mha_kv_cu.device} != {q_nope.device}:
+        fail(f"mha_kv_slots and mha_kv_cu must be on q's device {q_nope.device}")
+    if data and checks_enabled() and mha_kv_slots.shape[1] and q_nope.device.type != "meta":
+        _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, mha_kv_slots[group], mha_kv_cu[group],
+                    cache.shape[1], window or 0, sinks if window else 0)
+    return N, V
+
+
+# ------------------------------------------------------------------------------------------------ full op
+@torch.library.custom_op("swa_rewrite::mla_attention", mutates_args=())
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                  seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, mha_kv_slots: torch.Tensor,
+                  mha_kv_cu: torch.Tensor, scale: float, rope_dim: int, layer: int, group: int) -> torch.Tensor:
+    """A full layer's MLA attention core → ``o [T, H, V]`` (module docstring). ``block_tables [G, B, nb]``,
+    ``mha_kv_slots [G, M]``, ``mha_kv_cu [G, B + 1]``: the layer reads row ``group``."""
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
+    return mla_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables[group], cu_seqlens_q,
+                                   seq_lens_decoder, batch_id_per_token, mha_kv_slots[group], mha_kv_cu[group],
+                                   scale)
+
+
+def mla_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                            batch_id_per_token, mha_kv_slots, mha_kv_cu, scale) -> torch.Tensor:
+    """The full core with the PyTorch references (one group's tables and rows; CPU and unsupported dtypes)."""
+    P = q_pe.shape[-1]
+
+    def mqa(q_abs, bid):
+        return paged_mla_attention_reference(q_abs, _unpacked(cache, q_abs, P), block_tables, cu_seqlens_q,
+                                             seq_lens_decoder, bid, scale, P)
+
+    def mha(kv_slots, kv_cu):
+        return mha_swa_prefill_reference(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q,
+                                         seq_lens_decoder, batch_id_per_token, scale, 0, 0)
+
+    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                 mha_kv_slots, mha_kv_cu, scale, 0, 0, mqa, mha)
+
+
+def _fake_out(q_nope, kv_b_weight):
+    T, H, N = q_nope.shape
+    return q_nope.new_empty(T, H, kv_b_weight.shape[0] // H - N)
+
+
+@mla_attention.register_fake
+def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+      batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0, data=False)
+    return _fake_out(q_nope, kv_b_weight)
+
+
+@mla_attention.register_kernel("cuda")
+def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+      batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
+    bt, cu, dec = block_tables[group], cu_seqlens_q, seq_lens_decoder   # views: no copy, no sync
+
+    def mqa(q_abs, bid):
+        return paged_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, rope_dim)
+
+    def mha(kv_slots, kv_cu):
+        return mha_prefill_cuda(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu, dec, batch_id_per_token,
+                                scale, 0, 0)
+
+    return _core(q_nope, q_pe, kv_b_weight, cache, bt, cu, dec, batch_id_per_token, mha_kv_slots[group],
+                 mha_kv_cu[group], scale, 0, 0, mqa, mha)
+
+
+# ------------------------------------------------------------------------------------------------- SWA op
+@torch.library.custom_op("swa_rewrite::swa_attention", mutates_args=())
+def swa_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
+                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_encoder: torch.Tensor,
+                  seq_lens_decoder: torch.Tensor, batch_id_per_token: torch.Tensor, mha_kv_slots: torch.Tensor,
+                  mha_kv_cu: torch.Tensor, scale: float, rope_dim: int, window: int, layer: int, group: int,
+                  sinks: int = 0) -> torch.Tensor:
+    """A sliding-window layer's MLA attention core over the packed FP8 cache → ``o [T, H, V]`` (module
+    docstring): token ``p`` attends to ``max(0, p - W + 1) … p`` and the first ``sinks`` positions."""
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks)
+    return swa_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables[group], cu_seqlens_q,
+                                   seq_lens_decoder, batch_id_per_token, mha_kv_slots[group], mha_kv_cu[group],
+                                   scale, window, sinks)
+
+
+def swa_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                            batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, window, sinks=0) -> torch.Tensor:
+    """The sliding-window core with the PyTorch references (one group's tables and rows)."""
+    P = q_pe.shape[-1]
+
+    def mqa(q_abs, bid):
+        return swa_mla_attention_reference(q_abs, cache, block_tables, cu_seqlens_q, seq_lens_decoder, bid, scale,
+                                           P, window, sinks)
+
+    def mha(kv_slots, kv_cu):
+        return mha_swa_prefill_reference(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q,
+                                         seq_lens_decoder, batch_id_per_token, scale, window, sinks)
+
+    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                 mha_kv_slots, mha_kv_cu, scale, window, sinks, mqa, mha)
+
+
+@swa_attention.register_fake
+def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+      batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks=0):
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=False)
+    return _fake_out(q_nope, kv_b_weight)
+
+
+@swa_attention.register_kernel("cuda")
+def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+      batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks=0):
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks)
+    bt, cu, dec = block_tables[group], cu_seqlens_q, seq_lens_decoder
+
+    def mqa(q_abs, bid):
+        return swa_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, rope_dim, window, sinks)
+
+    def mha(kv_slots, kv_cu):
+        return mha_prefill_cuda(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu, dec, batch_id_per_token,
+                                scale, window, sinks)
+
+    return _core(q_nope, q_pe, kv_b_weight, cache, bt, cu, dec, batch_id_per_token, mha_kv_slots[group],
+                 mha_kv_cu[group], scale, window, sinks, mqa, mha)
+
+
+for _op in (mla_attention, swa_attention):
+    register_inference_only(_op)

@@ -1,0 +1,109 @@
+"""MHA-mode prefill through the whole model and engine (SPEC §13): ``Engine(mha_prefill=)`` selects prompt chunks,
+``StepBatch.build`` plans their rows per cache group, the model's core ops run them in MHA mode — and the logits
+stay those of the float64 windowed reference (``mla_reference.dense_logits``, FP8 round trip on the sliding
+layers) and of the same engine in MQA mode, through chunked prefill, prefix reuse, sinks, per-layer windows,
+full layers, bounded and unbounded caches. A spy on the model's ops proves MHA mode ran."""
+
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mla_reference import dense_logits
+from numerics import rel_err
+from swa_rewrite import Schedule, apply
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.runtime import Engine
+from swa_rewrite.runtime.batch import mha_crossover_tokens
+
+TINY = MLAConfig()
+
+
+class RowCounter(TorchDispatchMode):
+    """Counts the core op calls that carried MHA rows (``mha_kv_slots`` with ``M > 0``), per op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.with_rows: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in ("swa_rewrite::mla_attention", "swa_rewrite::swa_attention"):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if args[9].shape[-1] > 0:
+                self.with_rows[name] = self.with_rows.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("schedule,windows,sinks", [
+    (Schedule.from_skip_freq(2, 4, window=8), {0: 8, 2: 8}, {}),
+    (Schedule.per_layer({0: 5, 1: (12, 3), 3: (9, 2)}, 4), {0: 5, 1: 12, 3: 9}, {1: 3, 3: 2}),
+])
+@pytest.mark.parametrize("page_size,budget", [(1, 7), (4, 64), (16, 23)])
+def test_mha_prefill_matches_the_windowed_reference_and_mqa_mode(schedule, windows, sinks, page_size, budget, seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, schedule)
+    tokens = [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(40, 70))]
+    kw = dict(num_blocks=96, page_size=page_size, max_tokens_per_step=budget)
+    spy = RowCounter()
+    with spy:
+        got = Engine(swa, mha_prefill=1, **kw).logits(tokens)
+    assert spy.with_rows.get("swa_rewrite::swa_attention", 0) > 0, "MHA mode never ran in a sliding layer"
+    assert spy.with_rows.get("swa_rewrite::mla_attention", 0) > 0, "MHA mode never ran in a full layer"
+    mqa = Engine(swa, mha_prefill="off", **kw).logits(tokens)
+    # Float32, but the sliding layers' latents go through FP8 (3 mantissa bits): a float32 difference in one layer
+    # can flip an FP8 rounding in the next, so the two modes agree to the reference's tolerance, not to 1e-6.
+    assert rel_err(got, mqa) <= 2e-3
+    ref = dense_logits(model, tokens, windows=windows, fp8_layers=set(windows), sinks=sinks or None)
+    assert rel_err(got, ref) <= 2e-3
+    assert rel_err(got, dense_logits(model, tokens, fp8_layers=set(windows))) > 1e-2     # the window matters
+
+
+def test_prefix_reuse_and_generation_through_mha(seed):
+    """A second prompt sharing a prefix prefills only its tail (MHA rows reach back into reused pages); greedy
+    generation agrees with MQA mode."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule.per_layer({0: (6, 2), 2: (6, 2)}, 4))
+    shared = [rng.randrange(TINY.vocab_size) for _ in range(32)]
+    prompts = [shared + [rng.randrange(TINY.vocab_size) for _ in range(n)] for n in (9, 21)]
+    kw = dict(num_blocks=64, page_size=4, max_tokens_per_step=16)
+    mha, mqa = Engine(swa, mha_prefill=2, **kw), Engine(swa, mha_prefill="off", **kw)
+    for prompt in prompts:                       # one after the other: the second reuses the first's pages
+        assert mha.generate([prompt], 5) == mqa.generate([prompt], 5)
+    assert mha.stats.reused_tokens > 0
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_bounded_and_unbounded_caches_agree_under_mha(bounded, seed):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule.from_skip_freq(2, 4, window=5))
+    tokens = [rng.randrange(TINY.vocab_size) for _ in range(50)]
+    kw = dict(num_blocks=64, page_size=4, max_tokens_per_step=11, mha_prefill=3, poison_blocks=True)
+    got = Engine(swa, window_bounded=bounded, **kw).logits(tokens)
+    ref = dense_logits(model, tokens, windows={0: 5, 2: 5}, fp8_layers={0, 2})
+    assert not torch.isnan(got).any() and rel_err(got, ref) <= 2e-3
+
+
+def test_auto_uses_the_flop_crossover_and_off_runs_none(seed):
+    model = MLAModel(TINY, seed=seed)
+    swa = apply(model, Schedule.from_skip_freq(2, 4, window=8))
+    auto = Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64)
+    assert auto.mha_plan.min_tokens == mha_crossover_tokens(TINY.kv_lora_rank, TINY.qk_nope_head_dim,
+                                                            TINY.v_head_dim)
+    assert auto.cache_groups == (1, 0, 1, 0) and auto.mha_plan.groups == ((0, 0), (8, 0))   # group 0: full
+    assert Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill="off").mha_plan is None
+    short, long = list(range(auto.mha_plan.min_tokens - 1)), list(range(auto.mha_plan.min_tokens))
+    for prompt, expect in ((short, 0), (long, 1)):
+        spy = RowCounter()
+        with spy:
+            Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64).logits(prompt)
+        assert spy.with_rows.get("swa_rewrite::swa_attention", 0) == expect * 2      # two sliding layers
+    with pytest.raises(ValueError, match="mha_prefill"):
+        Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill="sometimes")
+    with pytest.raises(ValueError, match="mha_prefill"):
+        Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill=0)
