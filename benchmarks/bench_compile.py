@@ -19,7 +19,9 @@ Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite
 - ``inductor+graphs``: the Inductor step inside ``DecodeGraphs``.
 
 Caches are allocated once per model for the longest context (``--batch`` requests of it) and shared by all
-contexts. Every time is the median of ``swa_rewrite.timing.median_us`` (CUDA events on the GPU) after warm-up, with data
+contexts. Every time is the best of ``--trials`` medians of ``swa_rewrite.timing.median_us`` (CUDA events on the
+GPU) after warm-up, the two models timed alternately (eager steps are host-bound: a drift of the machine then
+lands on both; the per-trial medians go to stderr), with data
 checks off (``checks_disabled``), as in serving. One decode step: ``--batch`` requests of one token each,
 ``context`` tokens cached, page ``--page-size``; caches hold random bytes (what is timed does not depend on
 their values). Predicted speed-up = bytes the original's step reads / bytes the rewritten's reads: every
@@ -135,26 +137,41 @@ def run(args) -> list[dict]:
     # One set of caches per model, sized for the longest context, serves every context: the compiled graphs
     # then differ between contexts only in the (dynamic) step dimensions, so Inductor's caches serve them.
     max_nb = -(-(max(args.contexts) + 1) // args.page_size)
-    result = {}
+    # Both models' caches live together, so each (context, mode) times the two models alternately, trial by
+    # trial: a drift of the machine (an eager step is host-bound) lands on both, not on whichever ran second.
+    caches_of = {}
     for which, eager_model in (("original", model), ("rewritten", rewritten)):
-        caches = eager_model.allocate_kv_cache(args.batch * max_nb, args.page_size, device)
-        fill_random(caches)
-        for c in caches:
+        caches_of[which] = eager_model.allocate_kv_cache(args.batch * max_nb, args.page_size, device)
+        fill_random(caches_of[which])
+        for c in caches_of[which]:
             torch._dynamo.mark_static_address(c)        # reduce-overhead captures the in-place writes
-        for ctx in args.contexts:
-            b = decode_batch(args.batch, ctx, args.page_size, groups[which], device)
-            host_b = decode_batch(args.batch, ctx, args.page_size, groups[which], "cpu")
-            for mode in args.modes:
-                torch._dynamo.reset()
+    result = {}
+    for ctx in args.contexts:
+        steps = {w: (decode_batch(args.batch, ctx, args.page_size, groups[w], device),
+                     decode_batch(args.batch, ctx, args.page_size, groups[w], "cpu")) for w in caches_of}
+        for mode in args.modes:
+            torch._dynamo.reset()
+            built = {}
+            for which in caches_of:
                 print(f"  {which}, context {ctx}, {mode} ...", file=sys.stderr, flush=True)
-                fn, setup_s = build(mode, which, model, rewritten, schedule, caches, b, host_b, groups[which], device)
-                result[(which, ctx, mode)] = (median_us(fn, args.iters, warmup=args.warmup, device=device), setup_s)
-                fn = None
-        caches = b = None
-        torch._dynamo.reset()
+                built[which] = build(mode, which, model, rewritten, schedule, caches_of[which], *steps[which],
+                                     groups[which], device)
+            trials = {w: [] for w in built}
+            for t in range(args.trials):
+                for which in (list(built) if t % 2 == 0 else list(built)[::-1]):
+                    trials[which].append(median_us(built[which][0], args.iters, warmup=args.warmup, device=device))
+            for which, (_, setup_s) in built.items():
+                result[(which, ctx, mode)] = (min(trials[which]), setup_s)
+            print("    medians (us): " + "; ".join(f"{w} " + ", ".join(f"{x:.0f}" for x in v) for w, v in trials.items()),
+                  file=sys.stderr, flush=True)
+            built = None
+        steps = None
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    caches_of = None
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     rows = []
     for ctx in args.contexts:
         kv = {w: kv_bytes(specs[w], ctx, args.batch) for w in specs}
@@ -225,6 +242,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                    f"{','.join(CPU_MODES)})")
     p.add_argument("--iters", type=int, default=None, help="timed calls per median (default 20; --quick 5)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--trials", type=int, default=None,
+                   help="medians per model and mode, the models alternating; the best is reported (default 3; "
+                        "--quick, --cpu 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small context, batch 8, 5 iterations")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
     p.add_argument("--profile", action="store_true",
@@ -240,6 +260,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.window = args.window or (8 if args.cpu else 128)
     args.page_size = args.page_size or (8 if args.cpu else 64)
     args.iters = args.iters or (3 if args.cpu else 5 if args.quick else 20)
+    args.trials = args.trials or (1 if args.cpu or args.quick else 3)
+    if args.trials < 1:
+        p.error(f"--trials must be >= 1, got {args.trials}")
     args.modes = (args.modes or ",".join(CPU_MODES if args.cpu else MODES)).split(",")
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
@@ -263,7 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
     print(f"\n{card}, torch {torch.__version__}, triton {triton_version}; {args.config} ({cfg.num_hidden_layers} "
           f"layers, H={cfg.num_attention_heads}), SWA layers {sorted(schedule.swa_layers)} W={args.window}; decode "
-          f"step of {args.batch} requests, page {args.page_size}; median of {args.iters} after {args.warmup} warm-up"
+          f"step of {args.batch} requests, page {args.page_size}; median of {args.iters} after {args.warmup} warm-up, "
+          f"best of {args.trials} trial(s) with the two models alternating"
           f"{'; graph modes run eagerly on the CPU' if args.cpu else ''}\n")
     print(render(rows))
     return rows
