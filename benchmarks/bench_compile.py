@@ -33,6 +33,7 @@ leaves the weights out. On the CPU (``--cpu``) the graph modes run the same buff
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -184,7 +185,9 @@ def run(args) -> list[dict]:
 
 
 def profile(args) -> None:
-    """The torch profiler's view of one eager decode step of each model, checks on (a user's default)."""
+    """The torch profiler's view of one eager decode step of each model, checks off (serving) and on (a user's
+    default), and the host's time to issue a step (``perf_counter`` around 5 un-synchronised calls, after a sync):
+    a step whose host time exceeds its device time is host-bound, and that host time is what eager measures."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -200,19 +203,30 @@ def profile(args) -> None:
         fill_random(caches)
         b = decode_batch(args.batch, ctx, args.page_size, num_cache_groups(m), device)
         call = lambda: m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)  # noqa: E731
-        for _ in range(3):
-            call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        with torch_profile(activities=activities) as prof:
-            for _ in range(5):
-                call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\n## profile: {which}, eager (checks on), context {ctx}, batch {args.batch}, 5 steps")
-        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+        for checks in (False, True):
+            with (contextlib.nullcontext() if checks else checks_disabled()):
+                for _ in range(3):
+                    call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    call()
+                host_us = (time.perf_counter() - t0) / 5 * 1e6
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                wall_us = (time.perf_counter() - t0) / 5 * 1e6
+                with torch_profile(activities=activities) as prof:
+                    for _ in range(5):
+                        call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            label = "checks on" if checks else "checks off"
+            print(f"\n## profile: {which}, eager ({label}), context {ctx}, batch {args.batch}, 5 steps; host time to "
+                  f"issue a step {host_us:.0f} us, to finish it {wall_us:.0f} us")
+            print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
         caches = b = None
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -5,7 +5,7 @@
 #   tests-ops   GPU tests under tests/ops          tests-rest  every other GPU test
 #   new         the GPU tests written without a GPU (FlashMLA backend, MHA prefill, the step's sync count,
 #               CUDA-graph decode): run these first in a session
-#   train       train the reference model (issue 15; ~3.5 min), checkpoint under $OUT/reference
+#   train       train the reference model (issue 15; ~3.5 min), checkpoint + log tarred into $OUT/reference.tgz
 #   compile     bench_compile.py: both models eager / eager+checks / eager+graphs / Inductor / Inductor + graphs
 #   e2e         `swa-rewrite bench` (original and rewritten, our kernels and FlashMLA's) at 4K/32K/128K
 #   capacity    `swa-rewrite bench --capacity` (60 GiB KV budget, 32K and 128K)
@@ -15,7 +15,8 @@
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
 #     bash benchmarks/gpu_session.sh train
-# Each step has its own time limit, so one slow step cannot starve the next.
+# Each step has its own time limit, so one slow step cannot starve the next. The device returns at most 8 files
+# from $OUT: a run that writes more (a checkpoint, plots) should tar them into one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -52,9 +53,9 @@ has tests-rest && run gpu-tests-rest 400 python3 -m pytest -q -ra -m gpu -p no:c
 has new && run gpu-tests-new 560 python3 -m pytest -q -rs -m gpu -p no:cacheprovider \
     tests/ops/test_flashmla_backend.py tests/ops/test_mha_prefill.py tests/ops/test_mla_core.py tests/ops/test_validated_step.py \
     tests/runtime/test_cuda_graphs.py tests/runtime/test_bounded_cache.py tests/test_compile.py
-has train && run train 300 env PYTHONUNBUFFERED=1 python3 -m swa_rewrite.reference.train --time-limit-s 230 \
-    --out "$OUT/reference"
-has compile && run bench-compile 560 python3 benchmarks/bench_compile.py --modes eager,eager+checks,eager+graphs,inductor,inductor+graphs
+has train && run train 300 env PYTHONUNBUFFERED=1 python3 -m swa_rewrite.reference.train --time-limit-s 260 \
+    --out /tmp/reference && tar czf "$OUT/reference.tgz" -C /tmp reference
+has compile && run bench-compile 560 python3 benchmarks/bench_compile.py --modes eager,eager+checks,eager+graphs,inductor,inductor+graphs --profile
 has e2e && run bench-e2e 560 python3 -m swa_rewrite bench --config v3-attn --no-progress
 has capacity && run bench-capacity 300 python3 -m swa_rewrite bench --capacity --config v3-attn --skip-freq 4 \
     --window 4096 --contexts 32768,131072 --budget 60 --unbounded --no-progress
