@@ -83,14 +83,15 @@ FULL_WINDOW = 1 << 30
 
 # ------------------------------------------------------------------------------------------ gather
 @triton.jit
-def _gather_rows_kernel(cache_ptr, slots_ptr, out_ptr, M, page_size, stride_cb, stride_cr, stride_om,
+def _gather_rows_kernel(cache_ptr, slots_ptr, out_ptr, M, page_size, num_slots, stride_cb, stride_cr, stride_om,
                         R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                         NT: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr):
-    """Rows ``m`` of ``out [M, R + P]`` ← cache slot ``slots[m]`` (dequantised when ``FP8``); ``-1`` → zeros."""
+    """Rows ``m`` of ``out [M, R + P]`` ← cache slot ``slots[m]`` (dequantised when ``FP8``); ``-1`` → zeros, and
+    so is a slot past the cache (never dereferenced: unchecked rows cannot read outside it)."""
     m = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = m < M
     slot = tl.load(slots_ptr + m, mask=live, other=-1).to(tl.int64)
-    valid = slot >= 0
+    valid = (slot >= 0) & (slot < num_slots)
     s = tl.maximum(slot, 0)
     row = (s // page_size) * stride_cb + (s % page_size) * stride_cr
     raw, sc, pe = _load_tile(cache_ptr, row, valid, R, P, BLOCK_R, BLOCK_P, NT, FP8)
@@ -104,7 +105,7 @@ def _gather_rows_kernel(cache_ptr, slots_ptr, out_ptr, M, page_size, stride_cb, 
 
 def gather_latent_rows(cache: torch.Tensor, kv_slots: torch.Tensor, out: torch.Tensor, *, rope_dim: int,
                        block_t: int = 16, num_warps: int = 4) -> None:
-    """``out [M, R + P]`` ← the cache rows at ``kv_slots [M]`` (``-1``: zeros). ``cache``: packed FP8
+    """``out [M, R + P]`` ← the cache rows at ``kv_slots [M]`` (``-1`` or past the cache: zeros). ``cache``: packed FP8
     ``uint8 [NB, ps, bytes]`` (rows dequantised to bf16 values, SPEC §6) or a model-dtype ``[NB, ps, R + P]``
     cache of ``out``'s dtype. Rows inside a page contiguous; packed rows 4-byte aligned. No checks (the op's)."""
     M, D = out.shape
@@ -114,7 +115,8 @@ def gather_latent_rows(cache: torch.Tensor, kv_slots: torch.Tensor, out: torch.T
     fp8 = cache.dtype == torch.uint8
     block_r = max(16, triton.next_power_of_2(R))
     _gather_rows_kernel[(triton.cdiv(M, block_t),)](
-        cache, kv_slots, out, M, cache.shape[1], cache.stride(0), cache.stride(1), out.stride(0),
+        cache, kv_slots, out, M, cache.shape[1], cache.shape[0] * cache.shape[1], cache.stride(0), cache.stride(1),
+        out.stride(0),
         R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
         NT=block_r // fp8_format.TILE if fp8 else 1, BLOCK_T=block_t, FP8=fp8,
         num_warps=num_warps)

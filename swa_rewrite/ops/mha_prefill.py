@@ -26,9 +26,10 @@ Tokens not computed here — padding (``batch_id_per_token = -1``) and requests 
 Checked mode (``checks.checks_enabled``): shapes and dtypes always; ``check_batch`` with the layer's window and
 sinks; and the rows themselves: ``kv_cu`` starts at 0, does not decrease and ends at most at ``M`` (rows past
 its end are ``-1``: the step metadata pads every cache group's rows to one count), and each request with rows
-holds exactly the slots ``plan_mha_rows`` gives it. That last check reads one device flag; inside a
-``checks.validated_step`` block it is deferred to the step's end (``checks.defer_check``), so a checked model
-step does not synchronise once per layer.
+holds exactly the slots ``plan_mha_rows`` gives it. The rows are addresses, so that check runs before the op reads
+through them (one device flag read back); a model step's check (``step_check.checked_step_metadata``) validates
+every group's rows in its one copy and records them (``MHA_ROWS_VALIDATED``), so the layers' ops given those very
+tensors skip it and a checked model step does not synchronise once per layer.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ import torch
 from .. import fp8_format
 from .attention import _check_scale
 from .batch_checks import check_batch
-from .checks import check_index, checks_enabled, defer_check, fail
+from .checks import check_index, checks_enabled, fail, validated_entries
 from .fp8_cache import dequantize_fp8_reference
 from .inference_only import register_inference_only
+
+# What the step check records for a group's MHA rows (``checks.note_validated``): ops given those very tensors
+# skip the rows check (and its device-to-host read).
+MHA_ROWS_VALIDATED = "mha rows"
 
 # Bound the reference's per-token gather ([tokens, keys, H, N + V]) to about this many elements.
 _GATHER_BUDGET = 1 << 24
@@ -101,13 +106,15 @@ def _row_positions(kv_cu: torch.Tensor, dec: torch.Tensor, W: int, s: int, M: in
 
 # ------------------------------------------------------------------------------------- reference
 def _cache_rows(cache: torch.Tensor, slots: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """Rows at ``slots [M]`` of a packed FP8 (dequantised, bf16 values) or model-dtype cache; ``-1`` → zeros."""
+    """Rows at ``slots [M]`` of a packed FP8 (dequantised, bf16 values) or model-dtype cache; ``-1`` → zeros, and
+    so is a slot past the cache (as the kernel's gather: unchecked rows never index outside it)."""
     ps = cache.shape[1]
-    sl = slots.long().clamp(min=0)
+    valid = (slots >= 0) & (slots < cache.shape[0] * ps)
+    sl = torch.where(valid, slots.long(), 0)
     rows = cache[sl // ps, sl % ps]
     if cache.dtype == torch.uint8:
         rows = dequantize_fp8_reference(rows, rope_dim)
-    return torch.where((slots >= 0)[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def mha_swa_prefill_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor,
@@ -232,7 +239,8 @@ def _check_mha_prefill(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlen
         fail(f"kv_cu has {kv_cu.shape[0]} entries, expected batch size + 1 = {B + 1}")
     if {kv_slots.device, kv_cu.device, block_tables.device} != {q_nope.device}:
         fail("kv_slots, kv_cu and the step's metadata must be on q's device")
-    if data and checks_enabled() and q_nope.device.type != "meta":
+    if (data and checks_enabled() and q_nope.device.type != "meta"
+            and MHA_ROWS_VALIDATED not in validated_entries((kv_slots, kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, kv_slots, kv_cu, cache.shape[1],
                     window, sinks)
 
@@ -263,8 +271,9 @@ def _row_errors(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks):
 
 
 def _check_rows(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks) -> None:
+    """Raise for rows that are not ``plan_mha_rows``'s. Now, not deferred: the rows are addresses the op reads
+    through (a deferred check would run after the reads)."""
     bad_cu, bad_rows, req, pos, n = _row_errors(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks)
-    flag = bad_cu | bad_rows.any()
 
     def report():
         if bool(bad_cu):
@@ -280,7 +289,7 @@ def _check_rows(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks) -> None:
              f"whose block table gives slot {int(bt.long()[req[m], pos[m] // ps]) * ps + int(pos[m]) % ps} "
              "(rows: plan_mha_rows)")
 
-    if not defer_check(flag, report) and bool(flag):
+    if bool(bad_cu | bad_rows.any()):
         report()
 
 

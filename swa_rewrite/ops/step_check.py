@@ -12,6 +12,7 @@ from .cache_write_checks import SLOTS_VALIDATED
 from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
 from .checks import check_group, check_index, checks_enabled, fail, note_validated
 from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
+from .mha_prefill import MHA_ROWS_VALIDATED, _check_rows
 from .step_metadata import StepMetadata
 
 # The key of a full-attention layer's cache (``spec_key``).
@@ -166,21 +167,39 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
                     window=rule.window, sinks=rule.sinks, data=False)
     if not checked or not rules or device.type == "meta":
         return meta
-    # One device-to-host copy for the whole step.
-    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors())
+    rows, rows_cu = meta.mha_kv_slots, meta.mha_kv_cu
+    check_index("mha_kv_slots", rows, 2)
+    check_index("mha_kv_cu", rows_cu, 2)
+    if rows.shape[0] != block_tables.shape[0] or rows_cu.shape != (block_tables.shape[0], block_tables.shape[1] + 1):
+        fail(f"mha_kv_slots {tuple(rows.shape)} and mha_kv_cu {tuple(rows_cu.shape)} must be [G, M] and [G, B + 1] "
+             f"for block_tables {tuple(block_tables.shape)}")
+    # One device-to-host copy for the whole step (the MHA rows with it: they are addresses the layers read through).
+    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors(), rows, rows_cu)
     host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
     pos, slots, bt = host[0], host[1].view(slot_mapping.shape), host[2].view(block_tables.shape)
-    cu, enc, dec, bid = host[3:]
+    cu, enc, dec, bid = host[3:7]
+    host_rows, host_rows_cu = host[7].view(rows.shape), host[8].view(rows_cu.shape)
     for g, rule in rules.items():
         check_batch_data(T, bt[g], cu, enc, dec, bid, rule, g)
         _check_slots(pos, slots[g], bt[g], cu, dec, bid, rule.page_size, g)
+        if rows.shape[1]:
+            _check_mha_rows(bt[g], cu, dec, host_rows[g], host_rows_cu[g], rule, g)
     tensors = (block_tables, *meta.batch_tensors())
     for g, rule in rules.items():
         note_validated(tensors, g, rule)
         # The slots match the validated tables (so lie in range) and no two write one slot: the cache writes of
         # this step need not check them again.
         note_validated((slot_mapping,), g, SLOTS_VALIDATED)
+        note_validated((rows, rows_cu), g, MHA_ROWS_VALIDATED)
     return meta
+
+
+def _check_mha_rows(bt, cu, dec, rows, rows_cu, rule, g) -> None:
+    """Group ``g``'s MHA rows (host tensors) are the ones ``plan_mha_rows`` gives its table, window and sinks."""
+    try:
+        _check_rows(bt, cu, dec, rows, rows_cu, rule.page_size, rule.window or 0, rule.sinks if rule.window else 0)
+    except ValueError as e:
+        fail(f"cache group {g}: mha_kv_slots / mha_kv_cu: {e}")
 
 
 def _check_slots(pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tensor, cu: torch.Tensor, dec: torch.Tensor,

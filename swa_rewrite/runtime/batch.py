@@ -29,44 +29,93 @@ class StepItem:
 
 
 def mha_crossover_tokens(kv_lora_rank: int, nope_dim: int, v_dim: int) -> Optional[int]:
-    """The chunk length from which MHA-mode prefill does fewer FLOPs than MQA mode (SPEC §13), or None if it
-    never does. Per head, a chunk of ``C`` tokens over ``W`` keys costs ``C·W·2(2R + P)`` + the absorb /
-    un-absorb ``C·2R(N + V)`` in MQA mode, and ``C·W·2(N + P + V)`` + the expansion of about ``C + W`` rows,
-    ``(C + W)·2R(N + V)``, in MHA mode: MHA wins once ``C > R(N + V) / (2R - N - V)`` — whatever ``W`` is.
-    DeepSeek-V3 (``R = 512``, ``N = V = 128``): 171 tokens. A count of FLOPs, not a measurement: the engine's
-    ``mha_prefill`` takes a measured threshold instead (``benchmarks/bench_mha_prefill.py``)."""
+    """The chunk length from which MHA mode can pay off at all (SPEC §13): the limit of ``mha_pays_off`` for a
+    window far longer than the chunk, ``C > R(N + V) / (2R - N - V)`` — 171 tokens at DeepSeek-V3's dims
+    (``R = 512``, ``N = V = 128``) — or None if MHA mode never does fewer FLOPs (``2R <= N + V``)."""
     denominator = 2 * kv_lora_rank - nope_dim - v_dim
     if denominator <= 0:
         return None
     return kv_lora_rank * (nope_dim + v_dim) // denominator + 1
 
 
+def _sum_clamped(x0: int, x1: int, cap: int) -> int:
+    """``sum(min(cap, max(0, x)) for x in range(x0, x1 + 1))`` in closed form (0 for an empty range)."""
+    if x1 < x0:
+        return 0
+    lo, hi = max(x0, 1), min(x1, cap - 1)                       # the linear part 1 … cap-1
+    linear = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+    capped = max(0, x1 - max(x0, cap) + 1) * cap
+    return linear + capped
+
+
+def mha_attended_pairs(chunk: int, cached: int, window: int, sinks: int = 0) -> int:
+    """(query, key) pairs of a chunk of ``chunk`` tokens after ``cached`` positions (SPEC §3, §12): the token at
+    ``p`` attends to ``min(W, p + 1)`` window positions and ``min(s, max(0, p - W + 1))`` sinks below them;
+    ``window = 0``: ``p + 1`` (causal)."""
+    first, last = cached, cached + chunk - 1
+    if window == 0:
+        return _sum_clamped(first + 1, last + 1, 1 << 62)
+    return (_sum_clamped(first + 1, last + 1, window)
+            + _sum_clamped(first - window + 1, last - window + 1, sinks))
+
+
+def mha_expanded_rows(chunk: int, cached: int, window: int, sinks: int = 0) -> int:
+    """Rows an MHA-mode chunk expands (``ops.mha_prefill.plan_mha_rows``): its sinks below the first window and
+    ``max(0, n - W + 1) … n + C - 1``."""
+    a = 0 if window == 0 else max(0, cached - window + 1)
+    return (min(sinks, a) if window else 0) + cached + chunk - a
+
+
+def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank: int, nope_dim: int,
+                 v_dim: int) -> bool:
+    """Whether a prompt chunk does fewer FLOPs in MHA mode than in MQA mode, counted as the core op runs them
+    (``ops.mla_attention``), per head: MQA pays ``2(2R + P)`` per attended (query, key) pair and the absorb /
+    un-absorb BMMs, ``2R(N + V)`` per query; MHA pays ``2(N + P + V)`` per pair and ``2R(N + V)`` per expanded
+    row — and the BMMs too, since the op runs them on every token of the step. So MHA wins iff
+    ``pairs · (2R - N - V) > rows · R(N + V)``: never for short windows (``W ≲ 171`` at DeepSeek-V3's dims,
+    where a pair saves less than a row costs), for long windows and full layers once the chunk passes about
+    ``mha_crossover_tokens``. A FLOP count, not a measurement (``benchmarks/bench_mha_prefill.py`` measures)."""
+    gain = 2 * kv_lora_rank - nope_dim - v_dim
+    if gain <= 0 or chunk <= 0:
+        return False
+    pairs = mha_attended_pairs(chunk, cached, window, sinks)
+    return pairs * gain > mha_expanded_rows(chunk, cached, window, sinks) * kv_lora_rank * (nope_dim + v_dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class MHAPlan:
-    """Which chunks of a step run MHA-mode prefill (SPEC §13), for ``StepBatch.build``.
+    """Which prompt chunks of a step run MHA-mode prefill in which cache group (SPEC §13), for ``StepBatch.build``.
 
-    ``groups``: each cache group's ``(window, sinks)``, window 0 for a full group (causal); ``min_tokens``: a
-    prompt chunk of at least this many tokens runs MHA mode (in every group), shorter chunks and decodes MQA.
+    ``groups``: each cache group's ``(window, sinks)``, window 0 for a full group (causal). A prompt chunk of at
+    least ``min_tokens`` tokens runs MHA mode in group ``g`` — if ``dims = (R, N, V)`` is given, only where
+    ``mha_pays_off`` for its length, cached positions and that group's window; decodes always run MQA mode.
     """
 
     groups: tuple[tuple[int, int], ...]
-    min_tokens: int
+    min_tokens: int = 1
+    dims: Optional[tuple[int, int, int]] = None
 
-    def selects(self, item: StepItem) -> bool:
-        return item.is_prefill and len(item.tokens) >= self.min_tokens
+    def selects(self, item: StepItem, group: int) -> bool:
+        if not item.is_prefill or len(item.tokens) < self.min_tokens:
+            return False
+        if self.dims is None:
+            return True
+        window, sinks = self.groups[group]
+        return mha_pays_off(len(item.tokens), item.num_cached, window, sinks, *self.dims)
 
     @staticmethod
-    def for_groups(group_specs, min_tokens: int) -> "MHAPlan":
+    def for_groups(group_specs, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None) -> "MHAPlan":
         """The plan for cache groups of these ``KVCacheSpec``s (one per group, in group order)."""
-        return MHAPlan(tuple((0, 0) if s.window is None else (s.window, s.sinks) for s in group_specs), min_tokens)
+        return MHAPlan(tuple((0, 0) if s.window is None else (s.window, s.sinks) for s in group_specs), min_tokens,
+                       dims)
 
     @staticmethod
-    def for_model(model, min_tokens: int) -> "MHAPlan":
+    def for_model(model, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None) -> "MHAPlan":
         """The plan for a model that states its per-layer ``kv_cache_spec()`` (an ``MLAModel``, an
         ``SWAModule``), its groups numbered as the engine numbers them."""
         from ..ops.kv_cache_spec import group_specs  # noqa: PLC0415
 
-        return MHAPlan.for_groups([spec for spec, _ in group_specs(model.kv_cache_spec())], min_tokens)
+        return MHAPlan.for_groups([spec for spec, _ in group_specs(model.kv_cache_spec())], min_tokens, dims)
 
 
 @dataclasses.dataclass
@@ -154,16 +203,17 @@ def _mha_rows(mha: Optional[MHAPlan], items: Sequence[StepItem], table: torch.Te
     """``(mha_kv_slots [G, M], mha_kv_cu [G, B + 1])`` on the host for the chunks ``mha`` selects, or None."""
     if mha is None:
         return None
-    selected = torch.tensor([mha.selects(it) for it in items], dtype=torch.bool)
-    if not bool(selected.any()):
-        return None
     if len(mha.groups) != table.shape[0]:
         raise ValueError(f"the MHA plan gives {len(mha.groups)} cache groups, the step has {table.shape[0]}")
+    selected = torch.tensor([[mha.selects(it, g) for it in items] for g in range(len(mha.groups))],
+                            dtype=torch.bool).view(len(mha.groups), len(items))
+    if not bool(selected.any()):
+        return None
     from ..ops.mha_prefill import plan_mha_rows  # noqa: PLC0415  (ops import nothing of the runtime)
 
     cu_t = torch.tensor(cu, dtype=torch.int32)
     dec = torch.tensor([it.num_cached for it in items], dtype=torch.int32)
-    planned = [plan_mha_rows(table[g], cu_t, dec, window=w, sinks=s, page_size=page_size, mha=selected)
+    planned = [plan_mha_rows(table[g], cu_t, dec, window=w, sinks=s, page_size=page_size, mha=selected[g])
                for g, (w, s) in enumerate(mha.groups)]
     M = max(rows.shape[0] for rows, _ in planned)
     slots = torch.full((len(planned), M), -1, dtype=torch.int32)

@@ -123,9 +123,10 @@ class Engine:
             max_decode_batch: the largest graphed decode batch (default ``min(max_tokens_per_step, 256)``);
                 larger decode steps run outside graphs.
             mha_prefill: which prompt chunks run MHA-mode prefill (SPEC §13; the rest, and every decode, run MQA
-                mode): ``"auto"`` — chunks of at least ``runtime.batch.mha_crossover_tokens`` of the model's
-                dims (where MHA does fewer FLOPs; never if it does not); an int — chunks of at least that many
-                tokens; ``"off"`` or None — none. A model without a ``config`` runs ``"auto"`` as ``"off"``.
+                mode): ``"auto"`` — per chunk and cache group, where ``runtime.batch.mha_pays_off`` counts fewer
+                FLOPs for the model's dims, the chunk's length and cached positions and the group's window; an
+                int — chunks of at least that many tokens, in every group; ``"off"`` or None — none. A model
+                without a ``config`` runs ``"auto"`` as ``"off"``.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
@@ -578,15 +579,13 @@ def _mha_plan(mha_prefill, config, group_specs) -> Optional[MHAPlan]:
     if mha_prefill is None or mha_prefill == "off":
         return None
     if mha_prefill == "auto":
-        dims = [getattr(config, a, None) for a in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")]
-        min_tokens = mha_crossover_tokens(*dims) if all(isinstance(d, int) for d in dims) else None
-        if min_tokens is None:
+        dims = tuple(getattr(config, a, None) for a in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
+        if not all(isinstance(d, int) for d in dims) or mha_crossover_tokens(*dims) is None:
             return None
-    elif isinstance(mha_prefill, int) and not isinstance(mha_prefill, bool):
-        min_tokens = check_int("mha_prefill", mha_prefill, minimum=1)
-    else:
-        raise ValueError(f'mha_prefill must be "auto", "off", None or a chunk length >= 1, got {mha_prefill!r}')
-    return MHAPlan.for_groups(group_specs, min_tokens)
+        return MHAPlan.for_groups(group_specs, 1, dims)
+    if isinstance(mha_prefill, int) and not isinstance(mha_prefill, bool):
+        return MHAPlan.for_groups(group_specs, check_int("mha_prefill", mha_prefill, minimum=1))
+    raise ValueError(f'mha_prefill must be "auto", "off", None or a chunk length >= 1, got {mha_prefill!r}')
 
 
 def _layer_specs(model: torch.nn.Module, kv_cache_spec: Optional[Sequence], kv_caches: Optional[list[torch.Tensor]],

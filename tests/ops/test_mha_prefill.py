@@ -338,6 +338,20 @@ def test_kernel_leaves_rows_it_does_not_compute_untouched_with_fill_false(seed):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("packed", [True, False])
+def test_gather_reads_zeros_for_slots_outside_the_cache(seed, packed):
+    """Unchecked rows (checks off) never make the gather read outside the cache: -1 and slots past it give 0."""
+    s = setup([(0, 5)], 4, 2, 3, 0, packed=packed)
+    n = s["cache"].shape[0] * s["cache"].shape[1]
+    good = int(s["kv_slots"][0])
+    slots = torch.tensor([good, n, n + 1000, -1, -7], dtype=torch.int32)
+    out = torch.full((5, 128 + 16), float("nan"))
+    _kernels().gather_latent_rows(s["cache"], slots, out, rope_dim=16)
+    assert torch.all(out[1:] == 0)
+    assert torch.allclose(out[0].double(), s["keys"][good].double(), rtol=1e-6, atol=1e-6)
+
+
+@needs_interpreter
 def test_kernel_all_padding_and_no_tokens(seed):
     s = setup([(4, 3)], 4, 2, 5, 0, num_pad=3, mha=[False])
     assert s["kv_slots"].shape[0] == 0
@@ -362,7 +376,8 @@ def test_checks_reject_rows_that_do_not_match_the_tables(seed):
         run_op({**s, "kv_cu": cu})
     with pytest.raises(ValueError, match="kv_cu has 3 entries"):
         run_op({**s, "kv_cu": s["kv_cu"][:3]})
-    # Inside a step's scope the rows check is deferred to the scope's end (one read for the whole step).
+    # Inside a step's scope too the rows are checked before the op reads through them (unless the step check
+    # validated these very tensors).
     with pytest.raises(ValueError, match=r"kv_slots\[11\]"):
         with validated_step():
             run_op({**s, "kv_slots": bad})

@@ -13,7 +13,9 @@ import torch
 from swa_rewrite import ops
 from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.ops.mla_attention import absorb_query, mha_tokens, unabsorb_output
-from swa_rewrite.runtime.batch import MHAPlan, StepBatch, StepItem, mha_crossover_tokens
+from swa_rewrite.runtime.batch import (MHAPlan, StepBatch, StepItem, mha_attended_pairs, mha_crossover_tokens,
+                                       mha_expanded_rows, mha_pays_off)
+from test_mha_prefill import attended
 from test_mha_prefill import MIXED, reference_of, setup
 
 def core(s, rows=True, pad_rows=0, **kw):
@@ -171,3 +173,113 @@ def test_core_gpu_bf16_matches_the_oracle(seed, mha, window, sinks, H):
     if mha is None:
         s = {**s, "kv_slots": s["kv_slots"][:0], "kv_cu": torch.zeros_like(s["kv_cu"])}
     assert_matches_oracle(core(s), s, rtol=5e-3)
+
+
+# ------------------------------------------------------------------------- rows are addresses (review)
+def _mha_model_step(seed):
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import num_cache_groups
+
+    model = apply(MLAModel(MLAConfig(), seed=seed), Schedule.per_layer({0: (5, 2), 2: 5}, 4))
+    G = num_cache_groups(model)
+    plan = MHAPlan.for_model(model, 1)
+    items = [StepItem(list(range(1, 12)), 6, list(range(0, 5)), True), StepItem([3], 9, list(range(5, 9)), False)]
+    batch = StepBatch.build(items, 4, num_groups=G, mha=plan)
+    caches = model.allocate_kv_cache(12, 4)
+    for c in caches:
+        c.zero_()
+    return model, batch, caches
+
+
+@pytest.mark.parametrize("field,value", [("mha_kv_slots", 10 ** 6), ("mha_kv_slots", 3), ("mha_kv_cu", -50)])
+def test_a_model_step_refuses_bad_rows_before_any_read_or_write(seed, field, value):
+    """Bad MHA rows in a model step: the step check names them (ValueError) before a layer reads through them or
+    writes its cache — not an IndexError from a read, and no cache changes."""
+    import dataclasses
+
+    model, batch, caches = _mha_model_step(seed)
+    rows = getattr(batch.meta, field).clone()
+    g = 1 if field == "mha_kv_slots" else 0
+    rows[g, 1] = value
+    meta = dataclasses.replace(batch.meta, **{field: rows})
+    before = [c.clone() for c in caches]
+    with pytest.raises(ValueError, match="mha_kv_slots / mha_kv_cu"):
+        model(batch.input_ids, kv_caches=caches, meta=meta)
+    assert all(torch.equal(a, b) for a, b in zip(before, caches))
+    model(batch.input_ids, kv_caches=caches, meta=batch.meta)       # the engine state is fine: a good step runs
+
+
+def test_the_step_check_validates_rows_once_for_every_layer(seed, monkeypatch):
+    """Inside a model step the core ops do not re-check the rows the step check validated (no read per layer)."""
+    import sys
+
+    core_module = sys.modules["swa_rewrite.ops.mla_attention"]    # (the package's function shadows the name)
+    model, batch, caches = _mha_model_step(seed)
+
+    def recheck(*a, **k):
+        raise AssertionError("a layer re-checked rows")
+
+    monkeypatch.setattr(core_module, "_check_rows", recheck)
+    model(batch.input_ids, kv_caches=caches, meta=batch.meta)
+    s = setup([(0, 6), (9, 2)], 4, 2, 5, 0, mha=[True, False])    # a direct call, rows nobody validated: checked
+    with pytest.raises(AssertionError, match="re-checked"):
+        core(s)
+
+
+def test_unchecked_rows_past_the_cache_read_zeros_not_memory(seed):
+    """With checks off nothing is validated, but a slot past the cache is never dereferenced (zeros)."""
+    from swa_rewrite.ops.mha_prefill import _cache_rows
+
+    s = setup([(0, 6), (9, 2)], 4, 2, 5, 0, mha=[True, False])
+    n = s["cache"].shape[0] * s["cache"].shape[1]
+    rows = _cache_rows(s["cache"], torch.tensor([0, n, n + 7, -1]), 16)
+    assert torch.all(rows[1:] == 0)                                  # (row 0 may be an unused, poisoned slot)
+    bad = s["kv_slots"].clone()
+    bad[0] = n + 100
+    with checks_disabled():
+        assert not torch.isnan(core({**s, "kv_slots": bad})).any()
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (5, 0), (8, 3), (64, 4), (0, 0)])
+def test_pairs_and_rows_count_what_the_oracle_and_the_planner_see(window, sinks):
+    """``mha_attended_pairs`` = Σ over the chunk of the positions ``test_mha_prefill.attended`` lists;
+    ``mha_expanded_rows`` = the rows ``plan_mha_rows`` plans for the request."""
+    from swa_rewrite.ops.mha_prefill import plan_mha_rows
+
+    for cached, chunk in [(0, 1), (0, 17), (3, 9), (40, 5), (200, 33), (7, 64)]:
+        assert mha_attended_pairs(chunk, cached, window, sinks) == sum(
+            len(attended(p, window, sinks)) for p in range(cached, cached + chunk))
+        nb = (cached + chunk) // 4 + 1
+        slots, kv_cu = plan_mha_rows(torch.arange(nb, dtype=torch.int32)[None], torch.tensor([0, chunk]),
+                                     torch.tensor([cached]), window=window, sinks=sinks, page_size=4)
+        assert mha_expanded_rows(chunk, cached, window, sinks) == int(kv_cu[-1]) == slots.shape[0]
+
+
+@pytest.mark.parametrize("R,N,V,P", [(512, 128, 128, 64), (128, 16, 16, 16), (128, 64, 64, 64)])
+def test_mha_pays_off_exactly_where_it_counts_fewer_flops(R, N, V, P):
+    """Per head, as the core op runs them: MQA — 2(2R+P) per pair + the absorb / un-absorb BMMs 2R(N+V) per
+    query; MHA — 2(N+P+V) per pair + 2R(N+V) per expanded row + the same BMMs (run on every token)."""
+    def flops(chunk, cached, window, sinks):
+        pairs = sum(len(attended(p, window, sinks)) for p in range(cached, cached + chunk))
+        a = 0 if window == 0 else max(0, cached - window + 1)
+        rows = (min(sinks, a) if window else 0) + cached + chunk - a
+        bmm = chunk * 2 * R * (N + V)
+        return pairs * 2 * (2 * R + P) + bmm, pairs * 2 * (N + P + V) + rows * 2 * R * (N + V) + bmm
+
+    rng = __import__("random").Random(0)
+    for _ in range(300):
+        chunk, cached = rng.choice([1, 7, 64, 150, 171, 172, 300, 700]), rng.choice([0, 5, 100, 1000, 3000])
+        window, sinks = rng.choice([(0, 0), (64, 0), (128, 4), (171, 0), (512, 4), (1024, 0), (4096, 4)])
+        mqa, mha = flops(chunk, cached, window, sinks)
+        assert mha_pays_off(chunk, cached, window, sinks, R, N, V) == (mha < mqa), (chunk, cached, window, sinks)
+    assert not any(mha_pays_off(4096, c, 128, 0, 512, 128, 128) for c in (0, 10 ** 5))   # a short window: never
+
+
+def test_the_plan_selects_per_group_by_the_flop_count():
+    plan = MHAPlan(groups=((0, 0), (128, 0), (4096, 4)), dims=(512, 128, 128))
+    long = StepItem([1] * 2048, 0, list(range(33)), True)
+    assert [plan.selects(long, g) for g in range(3)] == [True, False, True]
+    short = StepItem([1] * 100, 5000, list(range(81)), True)
+    assert [plan.selects(short, g) for g in range(3)] == [False, False, False]
+    assert not plan.selects(StepItem([1], 10, [0], False), 0)

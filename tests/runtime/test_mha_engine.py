@@ -15,13 +15,12 @@ from numerics import rel_err
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import Engine
-from swa_rewrite.runtime.batch import mha_crossover_tokens
 
 TINY = MLAConfig()
 
 
 class RowCounter(TorchDispatchMode):
-    """Counts the core op calls that carried MHA rows (``mha_kv_slots`` with ``M > 0``), per op name."""
+    """Counts the core op calls that carried MHA rows in their own cache group, per op name."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +31,8 @@ class RowCounter(TorchDispatchMode):
         name = func._schema.name
         if name in ("swa_rewrite::mla_attention", "swa_rewrite::swa_attention"):
             self.calls[name] = self.calls.get(name, 0) + 1
-            if args[9].shape[-1] > 0:
+            a = dict(zip((x.name for x in func._schema.arguments), args), **(kwargs or {}))
+            if int(a["mha_kv_cu"][int(a["group"])][-1]) > 0:
                 self.with_rows[name] = self.with_rows.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
@@ -89,21 +89,24 @@ def test_bounded_and_unbounded_caches_agree_under_mha(bounded, seed):
     assert not torch.isnan(got).any() and rel_err(got, ref) <= 2e-3
 
 
-def test_auto_uses_the_flop_crossover_and_off_runs_none(seed):
+def test_auto_selects_by_the_flop_count_and_off_runs_none(seed):
+    """``"auto"``: per chunk and group where MHA mode counts fewer FLOPs — for the tiny config (R = 128,
+    N = V = 16) never in a window of 8 (a pair saves less than a row costs), in a full layer from a fresh
+    prompt of 36 tokens (pairs C(C+1)/2 · 224 > rows C · 4096)."""
     model = MLAModel(TINY, seed=seed)
     swa = apply(model, Schedule.from_skip_freq(2, 4, window=8))
-    auto = Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64)
-    assert auto.mha_plan.min_tokens == mha_crossover_tokens(TINY.kv_lora_rank, TINY.qk_nope_head_dim,
-                                                            TINY.v_head_dim)
+    kw = dict(num_blocks=32, page_size=4, max_tokens_per_step=64)
+    auto = Engine(swa, **kw)
     assert auto.cache_groups == (1, 0, 1, 0) and auto.mha_plan.groups == ((0, 0), (8, 0))   # group 0: full
-    assert Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill="off").mha_plan is None
-    short, long = list(range(auto.mha_plan.min_tokens - 1)), list(range(auto.mha_plan.min_tokens))
-    for prompt, expect in ((short, 0), (long, 1)):
+    assert auto.mha_plan.dims == (TINY.kv_lora_rank, TINY.qk_nope_head_dim, TINY.v_head_dim)
+    assert Engine(swa, mha_prefill="off", **kw).mha_plan is None
+    for length, full_rows in ((35, 0), (36, 2)):           # two full layers carry rows from 36 tokens on
         spy = RowCounter()
         with spy:
-            Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64).logits(prompt)
-        assert spy.with_rows.get("swa_rewrite::swa_attention", 0) == expect * 2      # two sliding layers
+            Engine(swa, **kw).logits(list(range(length)))
+        assert spy.with_rows.get("swa_rewrite::mla_attention", 0) == full_rows
+        assert spy.with_rows.get("swa_rewrite::swa_attention", 0) == 0
     with pytest.raises(ValueError, match="mha_prefill"):
-        Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill="sometimes")
+        Engine(swa, mha_prefill="sometimes", **kw)
     with pytest.raises(ValueError, match="mha_prefill"):
-        Engine(swa, num_blocks=32, page_size=4, max_tokens_per_step=64, mha_prefill=0)
+        Engine(swa, mha_prefill=0, **kw)
