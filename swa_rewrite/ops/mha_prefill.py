@@ -28,8 +28,11 @@ sinks; and the rows themselves: ``kv_cu`` starts at 0, does not decrease and end
 its end are ``-1``: the step metadata pads every cache group's rows to one count), and each request with rows
 holds exactly the slots ``plan_mha_rows`` gives it. The rows are addresses, so that check runs before the op reads
 through them (one device flag read back); a model step's check (``step_check.checked_step_metadata``) validates
-every group's rows in its one copy and records them (``MHA_ROWS_VALIDATED``), so the layers' ops given those very
-tensors skip it and a checked model step does not synchronise once per layer.
+every group's rows in its one copy and records them (``mha_rows_validated``), so the layers' ops given those very
+tensors (and the same window and sinks) skip it and a checked model step does not synchronise once per layer.
+With checks off the rows must be what ``plan_mha_rows`` makes, as all step metadata must be what
+``StepBatch.build`` makes: the gather then reads zeros for a slot past the cache, but the attention kernel does
+not bound a malformed ``kv_cu``.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from .checks import check_index, checks_enabled, fail, validated_entries
 from .fp8_cache import dequantize_fp8_reference
 from .inference_only import register_inference_only
 
-# What the step check records for a group's MHA rows (``checks.note_validated``): ops given those very tensors
-# skip the rows check (and its device-to-host read).
-MHA_ROWS_VALIDATED = "mha rows"
+def mha_rows_validated(window: int, sinks: int) -> tuple:
+    """What the step check records for a group's MHA rows (``checks.note_validated``) when it validated them for
+    ``window`` (0: full) and ``sinks``: an op given those very tensors skips its rows check only for the same
+    window and sinks (rows right for one window are wrong for another)."""
+    return ("mha rows", int(window or 0), int(sinks) if window else 0)
 
 # Bound the reference's per-token gather ([tokens, keys, H, N + V]) to about this many elements.
 _GATHER_BUDGET = 1 << 24
@@ -240,7 +245,7 @@ def _check_mha_prefill(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlen
     if {kv_slots.device, kv_cu.device, block_tables.device} != {q_nope.device}:
         fail("kv_slots, kv_cu and the step's metadata must be on q's device")
     if (data and checks_enabled() and q_nope.device.type != "meta"
-            and MHA_ROWS_VALIDATED not in validated_entries((kv_slots, kv_cu), group)):
+            and mha_rows_validated(window, sinks) not in validated_entries((kv_slots, kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, kv_slots, kv_cu, cache.shape[1],
                     window, sinks)
 
@@ -260,8 +265,9 @@ def _row_errors(bt, cu, dec, kv_slots, kv_cu, ps, window, sinks):
     bad_cu = (kc[0] != 0) | (kc[-1] > M) | (rows < 0).any() | ((rows != 0) & (rows != n)).any()
     req, pos = _row_positions(kc, dec, W, s, M)
     if M and bt.shape[0]:
-        blk = bt.long()[req, (pos // ps).clamp(max=bt.shape[1] - 1)]
-        expect = torch.where((blk >= 0) & (pos // ps < bt.shape[1]), blk * ps + pos % ps, -2)
+        # (A malformed kv_cu can give positions outside 0 … nb·ps - 1: clamped to index, then marked wrong.)
+        blk = bt.long()[req, (pos // ps).clamp(min=0, max=bt.shape[1] - 1)]
+        expect = torch.where((blk >= 0) & (pos >= 0) & (pos // ps < bt.shape[1]), blk * ps + pos.clamp(min=0) % ps, -2)
         # Rows past kv_cu[-1] belong to no request (a step's groups share one row count): -1.
         expect = torch.where(torch.arange(M, device=kc.device) >= kc[-1], -1, expect)
         bad_rows = expect != kv_slots.long()

@@ -24,7 +24,7 @@ traced at all. ``lse`` is not returned: nothing after the core needs it (the MQA
 Checks (``checks.checks_enabled``): the shapes, dtypes and devices of every tensor, ``check_batch`` with the
 layer's window and sinks, and — when the step has MHA rows — that each request's rows are those
 ``plan_mha_rows`` gives it, before any read through them; in a model step the step check has validated them once
-for every layer (``mha_prefill.MHA_ROWS_VALIDATED``).
+for every layer of the same window and sinks (``mha_prefill.mha_rows_validated``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, 
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail, validated_entries
 from .inference_only import register_inference_only
-from .mha_prefill import MHA_ROWS_VALIDATED, _check_rows, _dims, mha_prefill_cuda, mha_swa_prefill_reference
+from .mha_prefill import _check_rows, _dims, mha_prefill_cuda, mha_rows_validated, mha_swa_prefill_reference
 
 __all__ = ["absorb_query", "mha_tokens", "mla_attention_reference", "swa_attention_reference"]
 
@@ -113,7 +113,7 @@ def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, se
     if {mha_kv_slots.device, mha_kv_cu.device} != {q_nope.device}:
         fail(f"mha_kv_slots and mha_kv_cu must be on q's device {q_nope.device}")
     if (data and checks_enabled() and mha_kv_slots.shape[1] and q_nope.device.type != "meta"
-            and MHA_ROWS_VALIDATED not in validated_entries((mha_kv_slots, mha_kv_cu), group)):
+            and mha_rows_validated(window or 0, sinks) not in validated_entries((mha_kv_slots, mha_kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, mha_kv_slots[group], mha_kv_cu[group],
                     cache.shape[1], window or 0, sinks if window else 0)
     return N, V

@@ -12,7 +12,7 @@ from .cache_write_checks import SLOTS_VALIDATED
 from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
 from .checks import check_group, check_index, checks_enabled, fail, note_validated
 from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
-from .mha_prefill import MHA_ROWS_VALIDATED, _check_rows
+from .mha_prefill import _check_rows, mha_rows_validated
 from .step_metadata import StepMetadata
 
 # The key of a full-attention layer's cache (``spec_key``).
@@ -173,6 +173,9 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
     if rows.shape[0] != block_tables.shape[0] or rows_cu.shape != (block_tables.shape[0], block_tables.shape[1] + 1):
         fail(f"mha_kv_slots {tuple(rows.shape)} and mha_kv_cu {tuple(rows_cu.shape)} must be [G, M] and [G, B + 1] "
              f"for block_tables {tuple(block_tables.shape)}")
+    if rows.device != device or rows_cu.device != device:
+        fail(f"mha_kv_slots ({rows.device}) and mha_kv_cu ({rows_cu.device}) must be on the device of the step's "
+             f"metadata ({device})")
     # One device-to-host copy for the whole step (the MHA rows with it: they are addresses the layers read through).
     parts = (positions, slot_mapping, block_tables, *meta.batch_tensors(), rows, rows_cu)
     host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
@@ -190,7 +193,8 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
         # The slots match the validated tables (so lie in range) and no two write one slot: the cache writes of
         # this step need not check them again.
         note_validated((slot_mapping,), g, SLOTS_VALIDATED)
-        note_validated((rows, rows_cu), g, MHA_ROWS_VALIDATED)
+        if rows.shape[1]:
+            note_validated((rows, rows_cu), g, mha_rows_validated(rule.window, rule.sinks))
     return meta
 
 

@@ -72,9 +72,9 @@ def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank:
     (``ops.mla_attention``), per head: MQA pays ``2(2R + P)`` per attended (query, key) pair and the absorb /
     un-absorb BMMs, ``2R(N + V)`` per query; MHA pays ``2(N + P + V)`` per pair and ``2R(N + V)`` per expanded
     row — and the BMMs too, since the op runs them on every token of the step. So MHA wins iff
-    ``pairs · (2R - N - V) > rows · R(N + V)``: never for short windows (``W ≲ 171`` at DeepSeek-V3's dims,
-    where a pair saves less than a row costs), for long windows and full layers once the chunk passes about
-    ``mha_crossover_tokens``. A FLOP count, not a measurement (``benchmarks/bench_mha_prefill.py`` measures)."""
+    ``pairs · (2R - N - V) > rows · R(N + V)``: never for short windows without many sinks (``W ≲ 171`` at
+    DeepSeek-V3's dims, where a pair saves less than a row costs), for long windows and full layers once the
+    chunk passes about ``mha_crossover_tokens``. A FLOP count, not a measurement (``benchmarks/bench_mha_prefill.py`` measures)."""
     gain = 2 * kv_lora_rank - nope_dim - v_dim
     if gain <= 0 or chunk <= 0:
         return False
@@ -96,6 +96,8 @@ class MHAPlan:
     dims: Optional[tuple[int, int, int]] = None
 
     def selects(self, item: StepItem, group: int) -> bool:
+        if not 0 <= group < len(self.groups):
+            raise IndexError(f"cache group {group} is not one of the plan's {len(self.groups)}")
         if not item.is_prefill or len(item.tokens) < self.min_tokens:
             return False
         if self.dims is None:

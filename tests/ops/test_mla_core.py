@@ -283,3 +283,35 @@ def test_the_plan_selects_per_group_by_the_flop_count():
     short = StepItem([1] * 100, 5000, list(range(81)), True)
     assert [plan.selects(short, g) for g in range(3)] == [False, False, False]
     assert not plan.selects(StepItem([1], 10, [0], False), 0)
+
+
+def test_rows_validated_for_one_window_are_checked_again_for_another(seed):
+    """The step check's mark carries the window and sinks it validated: an op of another window re-checks (rows
+    planned for a full layer are wrong for a window of 5) instead of running silently wrong."""
+    from swa_rewrite.ops.checks import note_validated, validated_step
+    from swa_rewrite.ops.mha_prefill import mha_rows_validated, plan_mha_rows
+
+    s = setup(MIXED, 4, 2, 5, 2, mha=[True] * 5)
+    m = s["meta"]
+    full_rows = plan_mha_rows(m["block_tables"], m["cu_seqlens_q"], m["seq_lens_decoder"], window=0, page_size=4)
+    rows, cu = full_rows[0][None], full_rows[1][None]
+    bt = m["block_tables"][None]
+    args = (s["q_nope"], s["q_pe"], s["w"], s["cache"], bt, m["cu_seqlens_q"], m["seq_lens_encoder"],
+            m["seq_lens_decoder"], m["batch_id_per_token"])
+    with validated_step():
+        note_validated((rows, cu), 0, mha_rows_validated(0, 0))
+        with pytest.raises(ValueError, match="kv_cu|kv_slots"):
+            ops.swa_attention(*args, s["scale"], window=5, sinks=2, mha_kv_slots=rows, mha_kv_cu=cu)
+    good_rows, good_cu = s["kv_slots"][None], s["kv_cu"][None]
+    with validated_step():                                  # the same window and sinks: trusted, no re-check
+        note_validated((good_rows, good_cu), 0, mha_rows_validated(5, 2))
+        ops.swa_attention(*args, s["scale"], window=5, sinks=2, mha_kv_slots=good_rows, mha_kv_cu=good_cu)
+
+
+@pytest.mark.parametrize("cu0", [10 ** 6, -3, 7])
+def test_a_malformed_kv_cu_is_a_value_error_not_an_index_error(seed, cu0):
+    s = setup(MIXED, 4, 2, 5, 2, mha=[True] * 5)
+    cu = s["kv_cu"].clone()
+    cu[0] = cu0
+    with pytest.raises(ValueError, match="kv_cu"):
+        core({**s, "kv_cu": cu})

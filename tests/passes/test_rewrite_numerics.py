@@ -62,9 +62,14 @@ def test_small_window_matches_windowed_reference_through_chunked_prefill(page_si
     engine = poisoned_engine(swa, num_blocks=64, page_size=page_size, max_tokens_per_step=rng.choice([1, 5, 17]))
     ref = dense_logits(model, tokens, windows={i: W for i in layers}, fp8_layers=layers)
     got = engine.logits(tokens)
-    assert rel_err(got, ref) <= 2e-3
+    # Heavy-tailed: the engine's float32 latents and the reference's float64 ones can round to neighbouring FP8
+    # values (3 mantissa bits) at a boundary, and with every layer sliding the flips compound. Over 40 seeds (page
+    # 16, all four layers): median 4e-7, 95th percentile 2.2e-3, largest 6.9e-3 — while full attention on those
+    # layers is at least 0.45 away. (2e-3 failed about one run in twenty.)
+    tolerance = 2e-2 if len(layers) == 4 else 2e-3
+    assert rel_err(got, ref) <= tolerance
     # The window matters: the same model with full attention on those layers is far away.
-    assert rel_err(got, dense_logits(model, tokens, fp8_layers=layers)) > 1e-2
+    assert rel_err(got, dense_logits(model, tokens, fp8_layers=layers)) > 5 * tolerance
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 53])
