@@ -99,11 +99,11 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def poisoned_engine(model, rng, page_size=None, budget=None):
+def poisoned_engine(model, rng, page_size=None, budget=None, mha_prefill="auto"):
     """An engine with a random page size and token budget (chunked prefill), caches poisoned with NaN."""
     page_size = page_size or rng.choice([1, 7, 16])
     engine = Engine(model, num_blocks=-(-3 * (PROMPT + 20) // page_size) + 3, page_size=page_size,
-                    max_tokens_per_step=budget or rng.choice([3, 5, 11]))
+                    max_tokens_per_step=budget or rng.choice([3, 5, 11]), mha_prefill=mha_prefill)
     for c in engine.kv_caches:
         c.fill_(float("nan") if c.is_floating_point() else 0xFF)  # 0xFF as e4m3fn is NaN
     return engine
@@ -383,7 +383,7 @@ def one_step_logits(model, tokens):
         return model(b.input_ids, kv_caches=caches, meta=b.meta).float()
 
 
-def check_rewritten_against(hf, reference, tokens, rng):
+def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
     """``swa_rewrite.apply`` with the schedule of ``hf.config`` vs ``reference``: logits in one step and through
     the paged engine (chunked prefill), and 16 greedy tokens. Returns the one-step and the reference's logits.
 
@@ -398,9 +398,9 @@ def check_rewritten_against(hf, reference, tokens, rng):
     ref = hf_logits(reference, tokens)
     single = one_step_logits(model, tokens)
     assert rel_err(single, ref) <= 3e-3
-    got = poisoned_engine(model, rng).logits(tokens)
+    got = poisoned_engine(model, rng, mha_prefill=mha_prefill).logits(tokens)
     assert rel_err(got, single) <= 3e-2
-    ours = poisoned_engine(model, rng).generate([tokens], 16)[0]
+    ours = poisoned_engine(model, rng, mha_prefill=mha_prefill).generate([tokens], 16)[0]
     theirs = hf_greedy(reference, tokens, 16)
     if ours != theirs:
         i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)
@@ -429,10 +429,12 @@ def test_apply_with_full_window_differs_only_by_fp8(variant, seed):
 
 
 @needs_apply
+@pytest.mark.parametrize("mha_prefill", ["auto", 1])
 @pytest.mark.parametrize("variant", ["v3", "v2-group-limited"])
-def test_apply_with_small_window_matches_windowed_transformers(variant, seed):
+def test_apply_with_small_window_matches_windowed_transformers(variant, mha_prefill, seed):
     """Sliding layers from the HF config's ``layer_types`` + ``sliding_window`` (the schedule comes from the
-    config), vs transformers running the windowed attention function on the same layers."""
+    config), vs transformers running the windowed attention function on the same layers — with the engine's
+    default MHA-mode selection and with every prompt chunk in MHA mode (SPEC §13)."""
     rng = random.Random(seed)
     types = ["sliding_attention", "full_attention", "sliding_attention"]
     over = dict(kv_lora_rank=128, layer_types=types, sliding_window=rng.choice([3, 7, 12]))
@@ -440,7 +442,7 @@ def test_apply_with_small_window_matches_windowed_transformers(variant, seed):
     schedule = swa_rewrite.Schedule.from_hf_config(hf.config)
     assert sorted(schedule.swa_layers) == [0, 2] and schedule.window == over["sliding_window"]
     tokens = [rng.randrange(V) for _ in range(PROMPT)]
-    check_rewritten_against(hf, make_swa_reference(hf_model(variant, seed, **over)), tokens, rng)
+    check_rewritten_against(hf, make_swa_reference(hf_model(variant, seed, **over)), tokens, rng, mha_prefill)
 
 
 def test_tied_checkpoint_repeating_a_mis_shaped_lm_head_is_rejected(tmp_path, seed):
