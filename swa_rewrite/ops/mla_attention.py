@@ -29,8 +29,6 @@ for every layer of the same window and sinks (``mha_prefill.mha_rows_validated``
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, paged_mqa_cuda,
@@ -40,7 +38,7 @@ from .checks import check_index, checks_enabled, fail, validated_entries
 from .inference_only import register_inference_only
 from .mha_prefill import _check_rows, _dims, mha_prefill_cuda, mha_rows_validated, mha_swa_prefill_reference
 
-__all__ = ["absorb_query", "mha_tokens", "mla_attention_reference", "swa_attention_reference"]
+__all__ = ["absorb_query", "mha_tokens", "unabsorb_output"]
 
 
 # ------------------------------------------------------------------------------------------------- pieces
@@ -71,21 +69,32 @@ def mha_tokens(kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.T
 
 
 def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-          mha_kv_slots, mha_kv_cu, scale, window, sinks, mqa: Callable, mha: Callable) -> torch.Tensor:
-    """Both modes (module docstring): ``mqa(q_abs, bid)`` → ``(o_lat, lse)``, ``mha(kv_slots, kv_cu)`` →
-    ``(o, lse)``; ``block_tables``, ``mha_kv_slots``, ``mha_kv_cu`` already the group's."""
-    N = q_nope.shape[-1]
+          mha_kv_slots, mha_kv_cu, scale, window: int, sinks: int, group: int, cuda: bool) -> torch.Tensor:
+    """Both modes (module docstring) of layer group ``group`` (``window = 0``: a full layer), through the CUDA
+    paths (``cuda``: Triton kernels, FlashMLA when selected) or the PyTorch references. Inputs already checked."""
+    N, P = q_nope.shape[-1], q_pe.shape[-1]
+    bt, rows, rows_cu = block_tables[group], mha_kv_slots[group], mha_kv_cu[group]   # views: no copy, no sync
+    cu, dec = cu_seqlens_q, seq_lens_decoder
     bid = batch_id_per_token
     selected = None
-    if mha_kv_slots.shape[-1] > 0:
-        selected = mha_tokens(mha_kv_cu, batch_id_per_token)
+    if rows.shape[-1] > 0:
+        selected = mha_tokens(rows_cu, batch_id_per_token)
         bid = torch.where(selected, -1, batch_id_per_token).to(batch_id_per_token.dtype)
-    o_lat, _ = mqa(absorb_query(q_nope, q_pe, kv_b_weight), bid)
+    q_abs = absorb_query(q_nope, q_pe, kv_b_weight)
+    if cuda:
+        o_lat, _ = (swa_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, P, window, sinks) if window
+                    else paged_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, P))
+    elif window:
+        o_lat, _ = swa_mla_attention_reference(q_abs, cache, bt, cu, dec, bid, scale, P, window, sinks)
+    else:
+        o_lat, _ = paged_mla_attention_reference(q_abs, _unpacked(cache, q_abs, P), bt, cu, dec, bid, scale, P)
     # Contiguous, as the fake's output is (Inductor checks strides); o_proj's reshape copied it before anyway.
     o = unabsorb_output(o_lat, kv_b_weight, N).contiguous()
     if selected is None:
         return o
-    o_mha, _ = mha(mha_kv_slots, mha_kv_cu)
+    mha = mha_prefill_cuda if cuda else mha_swa_prefill_reference
+    o_mha, _ = mha(q_nope, q_pe, kv_b_weight, cache, rows, rows_cu, cu, dec, batch_id_per_token, scale, window,
+                   sinks)
     return torch.where(selected[:, None, None], o_mha.to(o.dtype), o)
 
 
@@ -129,26 +138,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.T
     ``mha_kv_slots [G, M]``, ``mha_kv_cu [G, B + 1]``: the layer reads row ``group``."""
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
-    return mla_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables[group], cu_seqlens_q,
-                                   seq_lens_decoder, batch_id_per_token, mha_kv_slots[group], mha_kv_cu[group],
-                                   scale)
-
-
-def mla_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                            batch_id_per_token, mha_kv_slots, mha_kv_cu, scale) -> torch.Tensor:
-    """The full core with the PyTorch references (one group's tables and rows; CPU and unsupported dtypes)."""
-    P = q_pe.shape[-1]
-
-    def mqa(q_abs, bid):
-        return paged_mla_attention_reference(q_abs, _unpacked(cache, q_abs, P), block_tables, cu_seqlens_q,
-                                             seq_lens_decoder, bid, scale, P)
-
-    def mha(kv_slots, kv_cu):
-        return mha_swa_prefill_reference(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q,
-                                         seq_lens_decoder, batch_id_per_token, scale, 0, 0)
-
     return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                 mha_kv_slots, mha_kv_cu, scale, 0, 0, mqa, mha)
+                 mha_kv_slots, mha_kv_cu, scale, 0, 0, group, cuda=False)
 
 
 def _fake_out(q_nope, kv_b_weight):
@@ -169,17 +160,8 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
-    bt, cu, dec = block_tables[group], cu_seqlens_q, seq_lens_decoder   # views: no copy, no sync
-
-    def mqa(q_abs, bid):
-        return paged_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, rope_dim)
-
-    def mha(kv_slots, kv_cu):
-        return mha_prefill_cuda(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu, dec, batch_id_per_token,
-                                scale, 0, 0)
-
-    return _core(q_nope, q_pe, kv_b_weight, cache, bt, cu, dec, batch_id_per_token, mha_kv_slots[group],
-                 mha_kv_cu[group], scale, 0, 0, mqa, mha)
+    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                 mha_kv_slots, mha_kv_cu, scale, 0, 0, group, cuda=True)
 
 
 # ------------------------------------------------------------------------------------------------- SWA op
@@ -193,26 +175,8 @@ def swa_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.T
     docstring): token ``p`` attends to ``max(0, p - W + 1) … p`` and the first ``sinks`` positions."""
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks)
-    return swa_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables[group], cu_seqlens_q,
-                                   seq_lens_decoder, batch_id_per_token, mha_kv_slots[group], mha_kv_cu[group],
-                                   scale, window, sinks)
-
-
-def swa_attention_reference(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
-                            batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, window, sinks=0) -> torch.Tensor:
-    """The sliding-window core with the PyTorch references (one group's tables and rows)."""
-    P = q_pe.shape[-1]
-
-    def mqa(q_abs, bid):
-        return swa_mla_attention_reference(q_abs, cache, block_tables, cu_seqlens_q, seq_lens_decoder, bid, scale,
-                                           P, window, sinks)
-
-    def mha(kv_slots, kv_cu):
-        return mha_swa_prefill_reference(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu_seqlens_q,
-                                         seq_lens_decoder, batch_id_per_token, scale, window, sinks)
-
     return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                 mha_kv_slots, mha_kv_cu, scale, window, sinks, mqa, mha)
+                 mha_kv_slots, mha_kv_cu, scale, window, sinks, group, cuda=False)
 
 
 @swa_attention.register_fake
@@ -228,17 +192,8 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks=0):
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks)
-    bt, cu, dec = block_tables[group], cu_seqlens_q, seq_lens_decoder
-
-    def mqa(q_abs, bid):
-        return swa_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, rope_dim, window, sinks)
-
-    def mha(kv_slots, kv_cu):
-        return mha_prefill_cuda(q_nope, q_pe, kv_b_weight, cache, kv_slots, kv_cu, cu, dec, batch_id_per_token,
-                                scale, window, sinks)
-
-    return _core(q_nope, q_pe, kv_b_weight, cache, bt, cu, dec, batch_id_per_token, mha_kv_slots[group],
-                 mha_kv_cu[group], scale, window, sinks, mqa, mha)
+    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                 mha_kv_slots, mha_kv_cu, scale, window, sinks, group, cuda=True)
 
 
 for _op in (mla_attention, swa_attention):

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops.kv_cache_spec import group_specs
+from ..ops.mha_prefill import plan_mha_rows
 from ..ops.step_metadata import StepMetadata
 from ..ops.checks import check_int
 
@@ -115,8 +117,6 @@ class MHAPlan:
     def for_model(model, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None) -> "MHAPlan":
         """The plan for a model that states its per-layer ``kv_cache_spec()`` (an ``MLAModel``, an
         ``SWAModule``), its groups numbered as the engine numbers them."""
-        from ..ops.kv_cache_spec import group_specs  # noqa: PLC0415
-
         return MHAPlan.for_groups([spec for spec, _ in group_specs(model.kv_cache_spec())], min_tokens, dims)
 
 
@@ -211,8 +211,6 @@ def _mha_rows(mha: Optional[MHAPlan], items: Sequence[StepItem], table: torch.Te
                             dtype=torch.bool).view(len(mha.groups), len(items))
     if not bool(selected.any()):
         return None
-    from ..ops.mha_prefill import plan_mha_rows  # noqa: PLC0415  (ops import nothing of the runtime)
-
     cu_t = torch.tensor(cu, dtype=torch.int32)
     dec = torch.tensor([it.num_cached for it in items], dtype=torch.int32)
     planned = [plan_mha_rows(table[g], cu_t, dec, window=w, sinks=s, page_size=page_size, mha=selected[g])
