@@ -631,13 +631,15 @@ def test_captured_flashmla_follows_the_step_gpu(flashmla, kind, H, window, sinks
 def test_a_shape_first_seen_inside_a_capture_gpu(flashmla, seed):
     """A shape first seen inside a capture has no sparse metadata built outside it: that call runs Triton (the
     fallback says why) and the replays are right, for steps that advance. (Building FlashMLA's metadata inside
-    the capture gave NaN rows on replay: H200, 2026-11-28.)"""
+    the capture gave NaN rows on replay: H200, 2026-11-28.) Like any capture, it follows a warm-up outside it,
+    here on the Triton backend, which builds no FlashMLA metadata."""
     warm = Advancing("swa", [10, 200, 700], 64, 128, 0)
     with ops.attention_backend("flashmla"):
         warm.call()                                        # FlashMLA's kernels loaded, another shape cached
     step = Advancing("swa", [1, 64, 129, 1000, 4000], 64, 128, 0)
     cu, enc, dec, bid = step.cu, step.enc, step.dec, step.bid
     ops.swa_indexer(step.tables, cu, enc, dec, bid, window=128, page_size=64)     # the indexer compiled
+    step.call()                     # Triton's kernels compiled outside the capture, as DecodeGraphs' warm-up does
     torch.cuda.synchronize()
     cached = dict(fmb._sparse_metadata)
     graph = torch.cuda.CUDAGraph()
