@@ -11,7 +11,8 @@ chunk; page 64, packed FP8 cache, DeepSeek-V3 dims R=512, P=64, N=V=128, bf16, n
   (``plan_mha_rows``: ``C + min(hist, W-1)`` per request), expansion GEMM (cuBLAS), window flash attention; the best
   of the attention-kernel configs (``--configs``), with its parts timed alone beside it (gather | GEMM | attention);
 - ``MQA op`` — today's ``ops.swa_mla_attention`` (staged prefill kernel) on ``q_abs``, alone; ``MQA block`` — what
-  the model runs today: absorb BMM (``q_nope @ W_UK``) + that op + un-absorb BMM (``o_lat @ W_UVᵀ``);
+  the core op runs: absorb BMM (``q_nope @ W_UK``, ``ops.mla_attention.absorb_query``) + that op + un-absorb
+  BMM (``o_lat @ W_UVᵀ``, ``unabsorb_output``);
 - ``FlashMLA`` — ``flash_mla_sparse_fwd(q_abs [T,H,576], kv [rows,1,576] bf16, idx [T,1,K], scale)`` over the same
   dequantised rows (its kernel alone, as RESULTS.md compares); H < 64 runs padded to 64 heads (engines pad shards);
 - ratios ``MHA / FlashMLA`` (SPEC §10 goal: ≤ 0.6 at W ≥ 1024, ≤ 0.9 at W = 128, H = 128) and
@@ -45,6 +46,7 @@ os.environ.setdefault("SWA_REWRITE_CHECKS", "0")   # data checks synchronise; th
 from swa_rewrite import ops  # noqa: E402
 from swa_rewrite.kernels import mha_window  # noqa: E402
 from swa_rewrite.ops.mha_prefill import plan_mha_rows  # noqa: E402
+from swa_rewrite.ops.mla_attention import absorb_query, unabsorb_output  # noqa: E402
 from swa_rewrite.timing import median_us  # noqa: E402
 
 R, P, N, V = 512, 64, 128, 128
@@ -146,18 +148,16 @@ def mha_parts(s, config):
 
 
 def mqa_calls(s):
-    m, H = s["meta"], s["H"]
-    w = s["w"].view(H, N + V, R)
-    w_uk, w_uv = w[:, :N], w[:, N:]
-    q_lat = torch.bmm(s["q_nope"].transpose(0, 1), w_uk).transpose(0, 1)
-    q_abs = torch.cat([q_lat, s["q_pe"]], -1).contiguous()
+    """The MQA op alone on a precomputed ``q_abs``, and the block the core op runs: ``absorb_query`` + the op +
+    ``unabsorb_output`` (the library's own BMMs)."""
+    m = s["meta"]
+    q_abs = absorb_query(s["q_nope"], s["q_pe"], s["w"])
     op = lambda: ops.swa_mla_attention(q_abs, s["cache"], *m.values(), SCALE, window=s["W"], rope_dim=P)  # noqa
 
     def block():
-        ql = torch.bmm(s["q_nope"].transpose(0, 1), w_uk).transpose(0, 1)
-        qa = torch.cat([ql, s["q_pe"]], -1)
+        qa = absorb_query(s["q_nope"], s["q_pe"], s["w"])
         o_lat, _ = ops.swa_mla_attention(qa, s["cache"], *m.values(), SCALE, window=s["W"], rope_dim=P)
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return unabsorb_output(o_lat, s["w"], N)
     return op, block, q_abs
 
 

@@ -43,19 +43,26 @@ __all__ = ["absorb_query", "mha_tokens", "unabsorb_output"]
 
 # ------------------------------------------------------------------------------------------------- pieces
 def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor) -> torch.Tensor:
-    """``q_abs [T, H, R + P]``: ``W_UK`` absorbed into ``q_nope`` (one BMM in the query dtype), ``q_pe`` after."""
+    """``q_abs [T, H, R + P]``: ``W_UK`` absorbed into ``q_nope`` (one BMM in the query dtype), ``q_pe`` after.
+    The BMM writes straight into ``q_abs``'s first ``R`` columns (a strided output cuBLAS takes as it is: no
+    transpose or concatenation copy of the ``[T, H, R]`` product)."""
     T, H, N = q_nope.shape
-    R = kv_b_weight.shape[1]
+    R, P = kv_b_weight.shape[1], q_pe.shape[-1]
     w_uk = kv_b_weight.view(H, -1, R)[:, :N, :]                                   # [H, N, R]
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)              # [T, H, R]
-    return torch.cat([q_lat, q_pe], dim=-1)
+    q_abs = q_nope.new_empty(T, H, R + P)
+    torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[:, :, :R].transpose(0, 1))  # [H, T, R] view of q_abs
+    q_abs[:, :, R:].copy_(q_pe)
+    return q_abs
 
 
 def unabsorb_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, N: int) -> torch.Tensor:
-    """``o [T, H, V]`` from the latent output ``o_lat [T, H, R]`` with ``W_UV`` (one BMM)."""
-    H, R = o_lat.shape[1], kv_b_weight.shape[1]
+    """``o [T, H, V]`` (contiguous) from the latent output ``o_lat [T, H, R]`` with ``W_UV`` (one BMM, written
+    straight into ``o`` through its ``[H, T, V]`` view)."""
+    T, H, R = o_lat.shape[0], o_lat.shape[1], kv_b_weight.shape[1]
     w_uv = kv_b_weight.view(H, -1, R)[:, N:, :]                                   # [H, V, R]
-    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    o = o_lat.new_empty(T, H, w_uv.shape[1])
+    torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+    return o
 
 
 def mha_tokens(kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.Tensor:
@@ -88,8 +95,7 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
         o_lat, _ = swa_mla_attention_reference(q_abs, cache, bt, cu, dec, bid, scale, P, window, sinks)
     else:
         o_lat, _ = paged_mla_attention_reference(q_abs, _unpacked(cache, q_abs, P), bt, cu, dec, bid, scale, P)
-    # Contiguous, as the fake's output is (Inductor checks strides); o_proj's reshape copied it before anyway.
-    o = unabsorb_output(o_lat, kv_b_weight, N).contiguous()
+    o = unabsorb_output(o_lat, kv_b_weight, N)        # contiguous, as the fake's output is (Inductor checks strides)
     if selected is None:
         return o
     mha = mha_prefill_cuda if cuda else mha_swa_prefill_reference

@@ -69,19 +69,46 @@ def mha_expanded_rows(chunk: int, cached: int, window: int, sinks: int = 0) -> i
 
 
 def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank: int, nope_dim: int,
-                 v_dim: int) -> bool:
-    """Whether a prompt chunk does fewer FLOPs in MHA mode than in MQA mode, counted as the core op runs them
-    (``ops.mla_attention``), per head: MQA pays ``2(2R + P)`` per attended (query, key) pair and the absorb /
-    un-absorb BMMs, ``2R(N + V)`` per query; MHA pays ``2(N + P + V)`` per pair and ``2R(N + V)`` per expanded
-    row — and the BMMs too, since the op runs them on every token of the step. So MHA wins iff
-    ``pairs · (2R - N - V) > rows · R(N + V)``: never for short windows without many sinks (``W ≲ 171`` at
-    DeepSeek-V3's dims, where a pair saves less than a row costs), for long windows and full layers once the
-    chunk passes about ``mha_crossover_tokens``. A FLOP count, not a measurement (``benchmarks/bench_mha_prefill.py`` measures)."""
+                 v_dim: int, heads: Optional[int] = None) -> bool:
+    """Whether a prompt chunk should run MHA mode in a group of this window (0: a full layer): at DeepSeek's
+    dims (``R = 512``, ``N = V = 128``) with ``heads`` known, by ``mha_measured_rule``; otherwise where MHA mode
+    does fewer FLOPs, counted as the core op runs them (``ops.mla_attention``), per head: MQA pays ``2(2R + P)``
+    per attended (query, key) pair and the absorb / un-absorb BMMs, ``2R(N + V)`` per query; MHA pays
+    ``2(N + P + V)`` per pair and ``2R(N + V)`` per expanded row — and the BMMs too, since the op runs them on
+    every token of the step. So MHA wins iff ``pairs · (2R - N - V) > rows · R(N + V)``: never for short windows
+    without many sinks (``W ≲ 171`` at DeepSeek-V3's dims), for long windows and full layers once the chunk
+    passes about ``mha_crossover_tokens``."""
+    if chunk <= 0:
+        return False
+    if heads is not None and (kv_lora_rank, nope_dim, v_dim) == MEASURED_DIMS:
+        return mha_measured_rule(chunk, cached, window, heads)
     gain = 2 * kv_lora_rank - nope_dim - v_dim
-    if gain <= 0 or chunk <= 0:
+    if gain <= 0:
         return False
     pairs = mha_attended_pairs(chunk, cached, window, sinks)
     return pairs * gain > mha_expanded_rows(chunk, cached, window, sinks) * kv_lora_rank * (nope_dim + v_dim)
+
+
+# The dims the rule below was measured at: DeepSeek-V2/V3's (R, N, V), with P = 64.
+MEASURED_DIMS = (512, 128, 128)
+
+
+def mha_measured_rule(chunk: int, cached: int, window: int, heads: int) -> bool:
+    """MHA mode where it measured faster than MQA mode (``benchmarks/bench_mha_prefill.py`` sweep on an H200,
+    2026-11-28: chunks 64…16384 × windows 128…4096 × 16/64/128 heads, each chunk after ``min(cached, W)`` = W
+    cached positions; raw rows in ``benchmarks/mha_sweep_h200.jsonl``, table in RESULTS.md). The comparison is
+    the MHA block (gather, expansion GEMM, attention) against the MQA op alone, because the core op runs the
+    absorb / un-absorb BMMs on every token either way. Measured: MHA loses below 128 tokens everywhere (1.1–2.2×
+    at 64 with W ≥ 512); with W < 512 it needs 256 tokens and ≥ 64 heads (16 heads: 0.98–1.18× until 16384
+    tokens, 0.78× there); elsewhere it wins from 128 tokens (0.49–0.93×). Beyond the sweep's history (a full
+    layer or a window over 4096 positions with more cached), the fitted costs put the crossover near 120 tokens:
+    256 keeps a margin."""
+    if chunk < 128:
+        return False
+    if 0 < window < 512:
+        return chunk >= 256 and (heads >= 64 or chunk >= 16384)
+    seen = cached if window == 0 else min(cached, window)
+    return chunk >= 256 if seen > 4096 else True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +117,14 @@ class MHAPlan:
 
     ``groups``: each cache group's ``(window, sinks)``, window 0 for a full group (causal). A prompt chunk of at
     least ``min_tokens`` tokens runs MHA mode in group ``g`` — if ``dims = (R, N, V)`` is given, only where
-    ``mha_pays_off`` for its length, cached positions and that group's window; decodes always run MQA mode.
+    ``mha_pays_off`` for its length, cached positions, that group's window and the layer's ``heads`` (the
+    measured rule where it applies); decodes always run MQA mode.
     """
 
     groups: tuple[tuple[int, int], ...]
     min_tokens: int = 1
     dims: Optional[tuple[int, int, int]] = None
+    heads: Optional[int] = None
 
     def selects(self, item: StepItem, group: int) -> bool:
         if not 0 <= group < len(self.groups):
@@ -105,19 +134,21 @@ class MHAPlan:
         if self.dims is None:
             return True
         window, sinks = self.groups[group]
-        return mha_pays_off(len(item.tokens), item.num_cached, window, sinks, *self.dims)
+        return mha_pays_off(len(item.tokens), item.num_cached, window, sinks, *self.dims, heads=self.heads)
 
     @staticmethod
-    def for_groups(group_specs, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None) -> "MHAPlan":
+    def for_groups(group_specs, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None,
+                   heads: Optional[int] = None) -> "MHAPlan":
         """The plan for cache groups of these ``KVCacheSpec``s (one per group, in group order)."""
         return MHAPlan(tuple((0, 0) if s.window is None else (s.window, s.sinks) for s in group_specs), min_tokens,
-                       dims)
+                       dims, heads)
 
     @staticmethod
-    def for_model(model, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None) -> "MHAPlan":
+    def for_model(model, min_tokens: int = 1, dims: Optional[tuple[int, int, int]] = None,
+                  heads: Optional[int] = None) -> "MHAPlan":
         """The plan for a model that states its per-layer ``kv_cache_spec()`` (an ``MLAModel``, an
         ``SWAModule``), its groups numbered as the engine numbers them."""
-        return MHAPlan.for_groups([spec for spec, _ in group_specs(model.kv_cache_spec())], min_tokens, dims)
+        return MHAPlan.for_groups([spec for spec, _ in group_specs(model.kv_cache_spec())], min_tokens, dims, heads)
 
 
 @dataclasses.dataclass

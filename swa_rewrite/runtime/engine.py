@@ -123,8 +123,9 @@ class Engine:
             max_decode_batch: the largest graphed decode batch (default ``min(max_tokens_per_step, 256)``);
                 larger decode steps run outside graphs.
             mha_prefill: which prompt chunks run MHA-mode prefill (SPEC §13; the rest, and every decode, run MQA
-                mode): ``"auto"`` — per chunk and cache group, where ``runtime.batch.mha_pays_off`` counts fewer
-                FLOPs for the model's dims, the chunk's length and cached positions and the group's window; an
+                mode): ``"auto"`` — per chunk and cache group by ``runtime.batch.mha_pays_off``: at DeepSeek's dims
+                the rule measured on an H200 (``mha_measured_rule``: chunks of ≥ 128 tokens; ≥ 256 and ≥ 64 heads in
+                windows under 512; ≥ 256 after over 4096 cached positions), at other dims a FLOP count; an
                 int — chunks of at least that many tokens, in every group; ``"off"`` or None — none. A model
                 without a ``config`` runs ``"auto"`` as ``"off"``.
         """
@@ -582,7 +583,8 @@ def _mha_plan(mha_prefill, config, group_specs) -> Optional[MHAPlan]:
         dims = tuple(getattr(config, a, None) for a in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
         if not all(isinstance(d, int) for d in dims) or mha_crossover_tokens(*dims) is None:
             return None
-        return MHAPlan.for_groups(group_specs, 1, dims)
+        heads = getattr(config, "num_attention_heads", None)
+        return MHAPlan.for_groups(group_specs, 1, dims, heads if isinstance(heads, int) else None)
     if isinstance(mha_prefill, int) and not isinstance(mha_prefill, bool):
         return MHAPlan.for_groups(group_specs, check_int("mha_prefill", mha_prefill, minimum=1))
     raise ValueError(f'mha_prefill must be "auto", "off", None or a chunk length >= 1, got {mha_prefill!r}')

@@ -13,8 +13,8 @@ import torch
 from swa_rewrite import ops
 from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.ops.mla_attention import absorb_query, mha_tokens, unabsorb_output
-from swa_rewrite.runtime.batch import (MHAPlan, StepBatch, StepItem, mha_attended_pairs, mha_crossover_tokens,
-                                       mha_expanded_rows, mha_pays_off)
+from swa_rewrite.runtime.batch import (MEASURED_DIMS, MHAPlan, StepBatch, StepItem, mha_attended_pairs,
+                                       mha_crossover_tokens, mha_expanded_rows, mha_measured_rule, mha_pays_off)
 from test_mha_prefill import attended
 from test_mha_prefill import MIXED, reference_of, setup
 
@@ -283,6 +283,44 @@ def test_the_plan_selects_per_group_by_the_flop_count():
     short = StepItem([1] * 100, 5000, list(range(81)), True)
     assert [plan.selects(short, g) for g in range(3)] == [False, False, False]
     assert not plan.selects(StepItem([1], 10, [0], False), 0)
+
+
+def test_the_measured_rule_picks_the_faster_mode_of_the_recorded_sweep():
+    """Every case of the recorded GPU sweep (``benchmarks/mha_sweep_h200.jsonl``: MHA block vs the MQA op, which
+    is what the core op saves by choosing MHA) where one mode was more than 10 % faster: the rule picks that one
+    (near-ties may go either way). And the sweep covers each branch of the rule."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "mha_sweep_h200.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(rows) >= 100
+    decided = 0
+    for r in rows:
+        ratio = r["mha"] / r["mqa_op"]
+        if abs(ratio - 1) > 0.1:
+            decided += 1
+            assert mha_measured_rule(r["C"], r["hist"], r["W"], r["H"]) == (ratio < 1), r
+    assert decided >= 90
+    outcomes = {(r["C"] >= 128, r["W"] < 512, r["H"] >= 64, mha_measured_rule(r["C"], r["hist"], r["W"], r["H"]))
+                for r in rows}
+    assert {(False, False, True, False), (True, False, True, True), (True, True, True, True),
+            (True, True, False, False)} <= outcomes
+
+
+def test_the_plan_uses_the_measured_rule_at_deepseek_dims_with_heads():
+    assert MEASURED_DIMS == (512, 128, 128)
+    plan = MHAPlan(groups=((0, 0), (128, 0), (4096, 4)), dims=(512, 128, 128), heads=128)
+    assert [plan.selects(StepItem([1] * 2048, 0, list(range(33)), True), g) for g in range(3)] == [True] * 3
+    assert [plan.selects(StepItem([1] * 200, 0, list(range(4)), True), g) for g in range(3)] == [True, False, True]
+    assert [plan.selects(StepItem([1] * 200, 6000, list(range(97)), True), g) for g in range(3)] == [False, False,
+                                                                                                     True]
+    assert not any(plan.selects(StepItem([1] * 100, 0, list(range(2)), True), g) for g in range(3))
+    shard = MHAPlan(groups=((128, 0),), dims=(512, 128, 128), heads=16)
+    assert not shard.selects(StepItem([1] * 4096, 0, list(range(65)), True), 0)
+    other = MHAPlan(groups=((128, 0),), dims=(256, 64, 64), heads=128)       # other dims: the FLOP count
+    item = StepItem([1] * 4096, 0, list(range(65)), True)
+    assert other.selects(item, 0) == mha_pays_off(4096, 0, 128, 0, 256, 64, 64)
 
 
 def test_rows_validated_for_one_window_are_checked_again_for_another(seed):
