@@ -37,8 +37,9 @@ for a query with no valid index or zero keys).
 it depends only on the shapes (every token attends to ``K`` entries), so one ``FlashMLASchedMeta`` per
 ``(device, T, heads, K, page size)`` is built by the first call *outside* capture and reused by every later call
 — eager or captured — for that shape (DecodeGraphs' warm-up call is that first call). A shape seen first inside a
-capture runs Triton for that capture (fallback ``capture-metadata``): a metadata object built inside a capture gave
-NaN rows on replay (H200, 2026-11-28). For the dense decode the metadata depends on
+capture runs Triton for that capture (fallback ``capture-metadata``): a first test of metadata built inside a
+capture saw NaN rows on replay (H200, 2026-11-28), though that test also read a position its cache never wrote, so
+the cause was not isolated — the backend does not build it there either way. For the dense decode the metadata depends on
 the key counts, which change every step, so every call builds it (FlashMLA's scheduling kernel runs as the first
 kernel of the call, inside a captured graph too, reading the step's ``seqlens``).
 """
