@@ -212,9 +212,10 @@ def run_case(H, W, C, B, hist, configs, reps, log):
     T, M = s["T"], s["kv_slots"].shape[0]
     out = (torch.empty(T, H, V, dtype=torch.bfloat16, device=DEVICE), torch.empty(T, H, device=DEVICE))
     best = (float("nan"), None)
+    by_config = {}
     for name in configs:
         stats = {}
-        t = timed(mha_call(s, CONFIGS[name], out, stats), reps)
+        t = by_config[name] = timed(mha_call(s, CONFIGS[name], out, stats), reps)
         if name not in RESOURCES and stats.get("attention"):
             RESOURCES[name] = resource_line(stats["attention"]) + f" tma={stats.get('tma')}"
         if not math.isnan(t) and (best[1] is None or t < best[0]):
@@ -235,7 +236,7 @@ def run_case(H, W, C, B, hist, configs, reps, log):
             print(f"    [skip FlashMLA] {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
     att = B * attended(C, hist, W)
     row = dict(H=H, W=W, C=C, B=B, hist=hist, T=T, rows=M, mha=best[0], config=best[1], gather=t_gather,
-               gemm=t_gemm, attention=t_attn, mqa_op=t_op, mqa_block=t_block, flashmla=t_fm, flashmla_heads=fm_heads,
+               gemm=t_gemm, attention=t_attn, by_config=by_config, mqa_op=t_op, mqa_block=t_block, flashmla=t_fm, flashmla_heads=fm_heads,
                err=err, attended=att, attn_tflops=2 * H * att * (N + P + V) / t_attn / 1e6,
                gemm_tflops=2 * M * R * H * (N + V) / t_gemm / 1e6, resources=resource_line(stats.get("attention")))
     log.write(json.dumps(row) + "\n")
@@ -319,9 +320,16 @@ def main():
             print("\n## Issue 18 shapes: one fresh sequence of S tokens (µs; /FM = MHA ÷ FlashMLA, "
                   "/MQA = MHA ÷ MQA block; * FlashMLA run padded to 64 heads)")
             print(HEADER)
+            rows_issue = []
             for H in heads:
                 for S, W in ISSUE_SHAPES:
-                    print_row(run_case(H, W, S, 1, 0, configs, args.reps, log))
+                    rows_issue.append(run_case(H, W, S, 1, 0, configs, args.reps, log))
+                    print_row(rows_issue[-1])
+            print("\n## Whole MHA block per attention config, same run (µs)")
+            names = list(configs)
+            print(f"{'H':>3} {'W':>5} {'S':>6} | " + " ".join(f"{n:>8}" for n in names))
+            for r in rows_issue:
+                print(f"{r['H']:>3} {r['W']:>5} {r['C']:>6} | " + " ".join(f"{r['by_config'][n]:8.1f}" for n in names))
             print("\n## Attention kernel, compiler's report per config (DeepSeek dims)")
             for name, line in RESOURCES.items():
                 print(f"{name:>10}: {CONFIGS[name]} {line}")

@@ -10,6 +10,7 @@
 #   e2e         `swa-rewrite bench` (original and rewritten, our kernels and FlashMLA's) at 4K/32K/128K
 #   capacity    `swa-rewrite bench --capacity` (60 GiB KV budget, 32K and 128K)
 #   mha         bench_mha_prefill.py --quick (issue 18)
+#   host        bench_host.py: host µs of each op an eager decode step calls, checks off and on (issue 14)
 #   attention   bench_attention.py (issue 17)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
@@ -60,5 +61,6 @@ has e2e && run bench-e2e 560 python3 -m swa_rewrite bench --config v3-attn --no-
 has capacity && run bench-capacity 300 python3 -m swa_rewrite bench --capacity --config v3-attn --skip-freq 4 \
     --window 4096 --contexts 32768,131072 --budget 60 --unbounded --no-progress
 has mha && run bench-mha 560 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick
+has host && run bench-host 300 python3 benchmarks/bench_host.py
 has attention && run bench-attention 570 env OUT="$OUT" python3 benchmarks/bench_attention.py --variants base,untiled
 exit 0

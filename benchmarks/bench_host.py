@@ -1,0 +1,114 @@
+"""Where an eager decode step's host time goes (issue 14): each ``swa_rewrite`` op a step calls, replayed alone.
+
+    PYTHONPATH=. python benchmarks/bench_host.py                  # v3-attn, 32 requests at 4K, W=128 on 2 of 4 layers
+    PYTHONPATH=. python benchmarks/bench_host.py --cpu            # CPU smoke path (tiny config, reference kernels)
+
+An eager step is host-bound when the host takes longer to issue its launches than the device to run them; then the
+step's time is the host's. This records every ``swa_rewrite`` op call of one step of each model (a
+``TorchDispatchMode`` sees them with their real arguments), replays each call ``--iters`` times without
+synchronising and reports the host µs per call (``perf_counter`` around the calls; the device queue is drained
+before each batch of calls so a full queue never blocks a launch), with checks off and on, beside the whole step's
+host time. The rest of a step (linear layers, norms, rope: PyTorch's own ops) is the step minus the ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_compile import decode_batch, fill_random  # noqa: E402
+
+from swa_rewrite import Schedule, apply  # noqa: E402
+from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
+from swa_rewrite.ops.checks import checks_disabled, validated_step  # noqa: E402
+from swa_rewrite.runtime import num_cache_groups  # noqa: E402
+
+
+class Recorder(TorchDispatchMode):
+    """Records the ``swa_rewrite`` ops dispatched, with their arguments (outer calls only: an op that calls
+    another one inside its kernel is recorded once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "swa_rewrite":
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def host_us(fn, iters: int, device: torch.device, batch: int = 20) -> float:
+    """Median over batches of the host µs per call of ``fn`` (``batch`` calls between synchronisations)."""
+    times = []
+    for _ in range(max(1, iters // batch)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        times.append((time.perf_counter() - t0) / batch * 1e6)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cpu:
+        args.context, args.batch, args.window, args.iters = 40, 2, 8, 40
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    cfg = MLAConfig.named("tiny" if device.type == "cpu" else "v3-attn")
+    model = MLAModel(cfg, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, seed=0)
+    rewritten = apply(model, Schedule.from_skip_freq(2, cfg.num_hidden_layers, args.window))
+    ps = 8 if device.type == "cpu" else 64
+    nb = -(-(args.context + 1) // ps)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"# {card}, torch {torch.__version__}; {cfg.name if hasattr(cfg, 'name') else ''} decode step of "
+          f"{args.batch} requests at {args.context}, W={args.window} on layers 0, 2; host µs per call (median)")
+    with torch.no_grad():
+        for which, m in (("original", model), ("rewritten", rewritten)):
+            caches = m.allocate_kv_cache(args.batch * nb, ps, device)
+            fill_random(caches)
+            b = decode_batch(args.batch, args.context, ps, num_cache_groups(m), device)
+
+            def step():
+                return m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)
+
+            for label, ctx in (("checks off", checks_disabled), ("checks on", contextlib.nullcontext)):
+                with ctx():
+                    for _ in range(3):
+                        step()
+                    rec = Recorder()
+                    with rec:
+                        step()
+                    whole = host_us(step, args.iters // 4 or 1, device, batch=5)
+                    print(f"\n## {which}, {label}: whole step {whole:.0f} µs host")
+                    total = 0.0
+                    for func, a, kw in rec.calls:
+                        def call(func=func, a=a, kw=kw):
+                            with validated_step():       # as inside a model step: the step's checks done once
+                                return func(*a, **kw)
+                        us = host_us(call, args.iters, device)
+                        total += us
+                        print(f"  {str(func):45s} {us:8.1f}")
+                    print(f"  {'sum of the ops':45s} {total:8.1f}  (the rest of the step: {whole - total:.0f})")
+            caches = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
