@@ -59,6 +59,40 @@ def host_us(fn, iters: int, device: torch.device, batch: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def breakdown(calls, iters: int, device: torch.device) -> None:
+    """Host µs of the pieces of the first full and the first sliding attention call: the custom-op dispatch, the
+    shape checks, the absorb and un-absorb BMMs, the MQA-mode attention (Triton launches and their set-up)."""
+    from swa_rewrite.ops import mla_attention as core
+    from swa_rewrite.ops.attention import paged_mqa_cuda, swa_mqa_cuda
+
+    seen = set()
+    for func, a, kw in calls:
+        name = str(func).split(".")[1]
+        if name not in ("mla_attention", "swa_attention") or name in seen:
+            continue
+        seen.add(name)
+        (q_nope, q_pe, w, cache, bt, cu, enc, dec, bid, rows, rows_cu, scale, rope_dim) = a[:13]
+        window = a[13] if name == "swa_attention" else 0
+        group = a[15] if name == "swa_attention" else a[14]
+        q_abs = core.absorb_query(q_nope, q_pe, w)
+        o_lat = torch.empty(q_abs.shape[:2] + (w.shape[1],), dtype=q_abs.dtype, device=device)
+        pieces = {
+            "whole op": lambda: func(*a, **kw),
+            "shape checks (_check_core)": lambda: core._check_core(q_nope, q_pe, w, cache, bt, cu, enc, dec, bid,
+                                                                   rows, rows_cu, scale, rope_dim, group,
+                                                                   window or None, 0),
+            "absorb_query": lambda: core.absorb_query(q_nope, q_pe, w),
+            "MQA attention (Triton)": (
+                (lambda: swa_mqa_cuda(q_abs, cache, bt[group], cu, dec, bid, scale, rope_dim, window, 0)) if window
+                else (lambda: paged_mqa_cuda(q_abs, cache, bt[group], cu, dec, bid, scale, rope_dim))),
+            "unabsorb_output": lambda: core.unabsorb_output(o_lat, w, q_nope.shape[-1]),
+            "torch.empty x1": lambda: torch.empty(8, device=device),
+        }
+        print(f"    {name}: pieces (host µs per call)")
+        for label, fn in pieces.items():
+            print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
@@ -105,6 +139,8 @@ def main(argv=None) -> None:
                         total += us
                         print(f"  {str(func):45s} {us:8.1f}")
                     print(f"  {'sum of the ops':45s} {total:8.1f}  (the rest of the step: {whole - total:.0f})")
+                    if label == "checks off" and device.type == "cuda":
+                        breakdown(rec.calls, args.iters, device)
             caches = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
