@@ -62,7 +62,9 @@ def host_us(fn, iters: int, device: torch.device, batch: int = 20) -> float:
 def breakdown(calls, iters: int, device: torch.device) -> None:
     """Host µs of the pieces of the first full and the first sliding attention call: the custom-op dispatch, the
     shape checks, the absorb and un-absorb BMMs, the MQA-mode attention (Triton launches and their set-up)."""
-    from swa_rewrite.ops import mla_attention as core
+    import importlib
+
+    core = importlib.import_module("swa_rewrite.ops.mla_attention")      # (ops.mla_attention is the wrapper)
     from swa_rewrite.ops.attention import paged_mqa_cuda, swa_mqa_cuda
 
     seen = set()
