@@ -63,13 +63,6 @@ CONFIGS = {   # attention-kernel configs (kernels.mha_window.DEFAULT_CONFIG is "
     "m128w8": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),       # spills (sm_90 report)
     "m128n32w8": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),    # spills (sm_90 report)
     "ptr": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False),  # pointer loads, no TMA
-    # one flat loop over several heads × key tiles per program (``_mha_window_heads_kernel``, short windows)
-    "h4": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, heads_per_program=4),
-    "h8": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, heads_per_program=8),
-    "h16": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, heads_per_program=16),
-    "h8s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, heads_per_program=8),
-    "h8ptr": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, heads_per_program=8, tma=False),
-    "h8n32": dict(block_m=64, block_n=32, num_warps=4, num_stages=3, heads_per_program=8),
 }
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: --smoke only (Triton interpreter)

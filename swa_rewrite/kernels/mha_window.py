@@ -303,101 +303,6 @@ def _mha_window_fwd_kernel(
 
 
 @triton.jit
-def _mha_window_heads_kernel(
-        q_nope_ptr, q_pe_ptr, kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr,
-        cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr,
-        qk_scale, B, Hg, window, sinks, search_steps,
-        stride_qt, stride_qh, stride_pt, stride_ph,
-        stride_km, stride_kh, stride_pm,
-        stride_ot, stride_oh, stride_lt, stride_lh,
-        N: tl.constexpr, P: tl.constexpr, V: tl.constexpr,
-        BLOCK_NOPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, TMA: tl.constexpr,
-        INTERPRET: tl.constexpr):
-    """``_mha_window_fwd_kernel``'s work for ``HEADS`` heads of one query tile in one flat loop over (head, key
-    tile): for short windows a query tile sees only a few key tiles, and a loop of three iterations per program
-    leaves the loads unpipelined and the per-program costs exposed; one loop over ``HEADS × tiles`` pipelines
-    across heads. Every tile is masked (sink tiles first, then ``lo … p1``); the softmax state restarts at a
-    head's first tile and its rows are stored after its last."""
-    pid = tl.program_id(0)
-    h0 = tl.program_id(1) * HEADS
-    live = pid < tl.load(tile_cu_ptr + B)
-    lo_b = pid * 0
-    hi_b = pid * 0 + B
-    for _ in range(search_steps):
-        mid = (lo_b + hi_b) // 2
-        go = tl.load(tile_cu_ptr + mid) <= pid
-        lo_b = tl.where(go, mid, lo_b)
-        hi_b = tl.where(go, hi_b, mid)
-    b = lo_b
-    cu_b = tl.load(cu_ptr + b)
-    c_b = tl.load(cu_ptr + b + 1) - cu_b
-    dec_b = tl.load(dec_ptr + b)
-    base = tl.load(kv_cu_ptr + b).to(tl.int64)
-    i0 = (pid - tl.load(tile_cu_ptr + b)) * BLOCK_M
-    n_q = tl.where(live, tl.minimum(c_b - i0, BLOCK_M), 0)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    q_ok = offs_m < n_q
-    tok = (cu_b + i0).to(tl.int64) + offs_m
-    pos = dec_b + i0 + offs_m
-    p0 = dec_b + i0
-    p1 = p0 + n_q - 1
-    a_b = tl.maximum(dec_b - window + 1, 0)
-    ns_b = tl.minimum(sinks, a_b)
-    lo_t = tl.maximum(a_b, p0 - window + 1)
-    n_sink = tl.where(live, ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0), 0)
-    win0 = base + ns_b - a_b
-    n_s = tl.cdiv(n_sink, BLOCK_N)
-    n_t = n_s + tl.where(live, tl.cdiv(tl.maximum(p1 + 1 - lo_t, 0), BLOCK_N), 0)
-    n_h = tl.minimum(HEADS, Hg - h0)
-
-    offs_d = tl.arange(0, BLOCK_NOPE)
-    offs_p = tl.arange(0, BLOCK_ROPE)
-    offs_v = tl.arange(0, BLOCK_V)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    for j in range(0, n_h * n_t):
-        hh = j // n_t
-        t = j - hh * n_t
-        h = (h0 + hh).to(tl.int64)
-        first = t == 0
-        m_i = tl.where(first, _M_INIT, m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                         mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
-        q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
-                       mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
-        if INTERPRET:
-            q_nope = q_nope.to(tl.float32)
-            q_pe = q_pe.to(tl.float32)
-        is_sink = t < n_s
-        k0 = tl.where(is_sink, t * BLOCK_N, lo_t + (t - n_s) * BLOCK_N)
-        kk = k0 + offs_n
-        row0 = tl.where(is_sink, base + k0, win0 + k0)
-        ok = tl.where(is_sink, kk < n_sink, kk <= p1)
-        kn, kp, v = _load_keys(kv_ptr + h * stride_kh, kpe_ptr, kn_desc, v_desc, kp_desc, row0 + offs_n, row0, h,
-                               ok, stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
-                               INTERPRET)
-        in_window = (kk[None, :] <= pos[:, None]) & ((kk[None, :] > pos[:, None] - window) |
-                                                     (kk[None, :] < sinks))
-        allowed = tl.where(is_sink, ok[None, :], ok[None, :] & in_window)
-        m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
-        last = (tl.zeros([BLOCK_M], tl.int32) + (t == n_t - 1).to(tl.int32)) != 0     # (interpreter: no scalar & vector)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-        if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
-            o = _round_to_bf16_grid(o)
-        tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=(q_ok & last)[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
-        tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok & last)
-
-
-@triton.jit
 def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, stride_oh, stride_lt,
                            V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
     """``o = 0``, ``lse = +inf`` for token ``t`` when no program computes it: padding (``bid < 0``) or a request
@@ -457,22 +362,15 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     block_v = max(16, triton.next_power_of_2(V))
     descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
     kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
-    heads = cfg.get("heads_per_program", 1)
-    common = (scale * _LOG2E, B) + ((Hg,) if heads > 1 else ()) + (
-        min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
+    grid = (triton.cdiv(T, bm) + B, Hg)
+    compiled = _mha_window_fwd_kernel[grid](
+        q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu,
+        scale * _LOG2E, B, min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv.stride(0), kv.stride(1), k_pe.stride(0),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
-    meta = dict(N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm,
-                BLOCK_N=bn, TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
-    args = (q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu,
-            tile_cu) + common
-    if heads > 1:
-        compiled = _mha_window_heads_kernel[(triton.cdiv(T, bm) + B, triton.cdiv(Hg, heads))](*args, HEADS=heads,
-                                                                                               **meta)
-    else:
-        compiled = _mha_window_fwd_kernel[(triton.cdiv(T, bm) + B, Hg)](*args, **meta)
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm, BLOCK_N=bn,
+        TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if stats is not None:
         stats.setdefault("attention", []).append(compiled)
         stats["tma"] = descs is not None

@@ -275,18 +275,6 @@ def test_kernel_interpreter_float32(seed, window, sinks, ps, H):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("heads", [2, 3])
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-@pytest.mark.parametrize("window,sinks,ps,H", [(1, 3, 7, 3), (5, 0, 16, 3), (64, 3, 16, 5), (200, 0, 7, 4)])
-def test_kernel_interpreter_heads_per_program(seed, heads, tma, window, sinks, ps, H):
-    """The short-window variant (one flat loop over several heads × key tiles, every tile masked): heads not a
-    multiple of the group, sink tiles, windows shorter and longer than a tile, both load paths."""
-    s = setup(MIXED, ps, H, window, sinks)
-    assert_close(*run_kernel(s, config=dict(heads_per_program=heads, tma=tma)), *reference_of(s), rtol=1e-5,
-                 atol_lse=1e-5)
-
-
-@needs_interpreter
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("window,sinks", [(5, 3), (64, 0)])
 def test_kernel_interpreter_tma_and_pointer_loads(seed, tma, window, sinks):
@@ -458,9 +446,7 @@ def test_op_gpu_grid(seed, window, sinks, ps, H):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [dict(), dict(num_stages=3), dict(block_n=32, num_stages=3), dict(block_n=128),
                                     dict(tma=False), dict(block_m=128, num_warps=8),
-                                    dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
-                                    dict(heads_per_program=4), dict(heads_per_program=8, tma=False),
-                                    dict(heads_per_program=16, num_stages=3)])
+                                    dict(block_m=128, block_n=32, num_warps=8, num_stages=3)])
 def test_kernel_gpu_configs(seed, config):
     s = setup([(0, 1000), (3000, 517), (40, 3)], 16, 64, 777, 3, **GPU_DIMS)
     stats = {}
