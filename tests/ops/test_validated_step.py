@@ -21,16 +21,26 @@ D = R + P
 
 @pytest.fixture
 def data_checks(monkeypatch):
-    """Counts the data checks that run (one host copy each): ``[group, ...]``."""
+    """Counts the data checks that run (one host copy each): ``[group, ...]``. The step check's vectorised pass
+    over all its groups (``step_check._step_data_ok``) counts once for each group it passes; the per-group checks
+    it falls back to when it does not, once per group they check."""
     calls = []
     real = batch_checks.check_batch_data
+    real_fast = step_check._step_data_ok
 
     def spy(*args, **kwargs):
         calls.append(args[7] if len(args) > 7 else kwargs.get("group", 0))
         return real(*args, **kwargs)
 
+    def spy_fast(*args):
+        passed = real_fast(*args)
+        if passed:
+            calls.extend(args[-1])                        # the groups of ``rules``
+        return passed
+
     monkeypatch.setattr(batch_checks, "check_batch_data", spy)
     monkeypatch.setattr(step_check, "check_batch_data", spy)
+    monkeypatch.setattr(step_check, "_step_data_ok", spy_fast)
     return calls
 
 
