@@ -44,6 +44,36 @@ OP_CHECKS = tuple((importlib.import_module(f"swa_rewrite.ops.{m}"), f) for m, f 
 checks = importlib.import_module("swa_rewrite.ops.checks")
 
 
+def _stub_attention(q, *args, **kwargs):
+    T, H, D = q.shape
+    P = args[6]
+    return q.new_zeros(T, H, D - P), q.new_zeros(T, H, dtype=torch.float32)
+
+
+# The PyTorch references the ops run on the CPU, by (module, attribute), and what replaces them with
+# ``--kernels stub``: zeros of the right shape (an attention), nothing (a cache write) — the cost of an
+# asynchronous kernel launch rather than of the computation, as on a GPU.
+STUBS = (("mla_attention", "paged_mla_attention_reference", _stub_attention),
+         ("mla_attention", "swa_mla_attention_reference", _stub_attention),
+         ("fp8_cache", "write_fp8_cache_reference", lambda *args: None),
+         ("kv_cache", "write_kv_cache_reference", lambda *args: None))
+
+
+@contextlib.contextmanager
+def stubbed_kernels(enabled: bool):
+    saved = []
+    try:
+        if enabled:
+            for module, name, stub in STUBS:
+                module = importlib.import_module(f"swa_rewrite.ops.{module}")
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, stub)
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
 def step_batch(kind: str, batch: int, context: int, page_size: int, num_groups: int) -> StepBatch:
     """``decode``: ``batch`` one-token decodes with ``context`` cached each; ``prefill``: the same decodes plus
     two prefill chunks (a fresh prompt of ``context`` tokens and a second chunk of ``context // 2`` after
@@ -189,6 +219,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--trials", type=int, default=5, help="medians per mode, alternating; the best is reported")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: less noise)")
+    p.add_argument("--kernels", choices=("stub", "reference"), default="stub",
+                   help="stub (default): the attention and cache-write references return zeros / write nothing, so a "
+                        "step costs what its Python and small ops cost, as a GPU step's host side does; reference: run "
+                        "them (the CPU step then takes milliseconds more, and its noise hides the checks)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="print cProfile's top N functions (own "
                    "time) of the checked step")
     return p.parse_args(argv)
@@ -203,13 +237,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     schedule = Schedule.from_skip_freq(args.skip_freq, L, args.window)
     rewritten = apply(model, schedule)
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), stubbed_kernels(args.kernels == "stub"):
         results.append(measure("original", model, model.cache_groups, (FULL_KEY,) * L, args))
         results.append(measure("rewritten", rewritten, rewritten.cache_groups, schedule_spec_keys(schedule), args))
     print(f"CPU, torch {torch.__version__}, {args.threads} thread(s); {args.config} ({L} layers, "
           f"H={cfg.num_attention_heads}), SWA layers {sorted(schedule.swa_layers)} W={args.window}; {args.step} step "
           f"of {results[0]['tokens']} tokens ({args.batch} decodes, context {args.context}, page {args.page_size}); "
-          f"best of {args.trials} medians of {args.iters} steps\n")
+          f"best of {args.trials} medians of {args.iters} steps; kernels: {args.kernels}\n")
     print(render(results, L))
     for r in results:
         if "cprofile" in r:

@@ -67,11 +67,10 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
     op's (``BatchRule.covers``)."""
     check_index("block_tables", block_tables, 3)
     check_group("block_tables", block_tables, group)
-    table = block_tables[group]
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
                     ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
         check_index(name, t, 1)
-    B = table.shape[0]
+    B = block_tables.shape[1]
     if cu_seqlens_q.shape[0] != B + 1:
         fail(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected batch size + 1 = {B + 1}")
     if seq_lens_encoder.shape[0] != B or seq_lens_decoder.shape[0] != B:
@@ -81,17 +80,21 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
         fail(f"batch_id_per_token has {batch_id_per_token.shape[0]} entries for {num_tokens} tokens")
     if page_size < 1:
         fail(f"page_size must be >= 1, got {page_size}")
-    devices = {t.device for t in (table, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)}
-    if len(devices) > 1:
+    device = block_tables.device
+    if (cu_seqlens_q.device != device or seq_lens_encoder.device != device or seq_lens_decoder.device != device
+            or batch_id_per_token.device != device):
+        devices = {t.device for t in (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                                      batch_id_per_token)}
         fail(f"the step's metadata tensors must be on one device, got {sorted(map(str, devices))}")
-    if not (data and checks_enabled()) or table.device.type == "meta":
+    if not data or device.type == "meta" or not checks_enabled():
         return
     rule = BatchRule.of(page_size, num_blocks, window, sinks)
     tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
     if any(seen.covers(rule) for seen in validated_entries(tensors, group)):
         return                  # the step check validated these very tensors for this group, at least as strictly
+    table = block_tables[group]
     parts = (table,) + tensors[1:]
-    host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
+    host = torch.cat([t.reshape(-1) for t in parts]).cpu().long().split([t.numel() for t in parts])
     check_batch_data(num_tokens, host[0].view(table.shape), *host[1:], rule, group)
 
 

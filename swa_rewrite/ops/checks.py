@@ -46,11 +46,14 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "deferred", "_previous")
+    __slots__ = ("entries", "deferred", "environment_allows", "_previous")
 
     def __init__(self):
         self.entries: list = []
         self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
+        # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
+        # capture — read once for the step: neither changes inside one model call, and every op of the step asks.
+        self.environment_allows = _environment_allows()
         self._previous = None
 
     def __enter__(self) -> "StepScope":
@@ -64,7 +67,7 @@ class StepScope:
         deferred, self.deferred = self.deferred, []
         if exc_type is None and deferred:
             # One device-to-host copy for every deferred check of the step; the first that failed raises.
-            flags = torch.stack([flag.reshape(()) for flag, _ in deferred]).cpu().tolist()
+            flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred]).cpu().tolist()
             for failed, (_, action) in zip(flags, deferred):
                 if failed:
                     action()
@@ -93,9 +96,10 @@ def note_validated(tensors: tuple, group: int, rule: Any) -> None:
 
 def defer_check(flag: torch.Tensor, action) -> bool:
     """Inside a ``validated_step`` block, queue a check of data the step itself computes (e.g. a cache write's
-    latents): ``flag`` (a one-element bool device tensor) is read once, with every other queued flag, when the
-    block ends, and ``action()`` (which raises) runs for the first one set. Returns False outside a block (the
-    caller checks now). A step that fails a deferred check has already written its own slots, which the
+    latents): ``flag`` (a one-element device tensor, bool or floating point: nonzero or NaN when the check may have
+    failed) is read once, with every other queued flag, when the block ends, and ``action()`` runs for each one
+    set, in order, until one raises (an action that finds nothing wrong returns). Returns False outside a block
+    (the caller checks now). A step that fails a deferred check has already written its own slots, which the
     caller (the engine) drops with the step's requests; no other slot is touched."""
     scope = getattr(_state, "scope", None)
     if scope is None:
@@ -116,13 +120,18 @@ def validated_entries(tensors: tuple, group: int) -> list:
 
 def checks_enabled() -> bool:
     """Whether data-dependent input checks run now (see module docstring)."""
-    if getattr(_state, "disabled", False) or os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
+    if torch.compiler.is_compiling() or getattr(_state, "disabled", False):
         return False
-    if torch.compiler.is_compiling():
+    scope = getattr(_state, "scope", None)
+    return scope.environment_allows if scope is not None else _environment_allows()
+
+
+def _environment_allows() -> bool:
+    """Not ``SWA_REWRITE_CHECKS=0``, and no CUDA-graph capture on the current stream (none can run before CUDA is
+    initialised: asking then would cost a device query on every call)."""
+    if os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
         return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def fail(message: str) -> None:

@@ -219,13 +219,14 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
     G, B, nb = bt.shape
     if groups != list(range(G)):
         bt, slots = bt[groups], slots[groups]
-    n = int(cu[-1])
-    if int(cu[0]) != 0 or n > T:
+    first, n = cu[::max(1, B)].tolist() if B else (int(cu[0]),) * 2
+    if first != 0 or n > T:
         return False
     q_lens = torch.diff(cu)
     ends = dec + q_lens
     if B:
-        if int(torch.cat([q_lens, enc, dec]).min()) < 0 or int(ends.max()) > nb * ps:   # capacity: nb pages
+        # Lengths and cached counts >= 0, and every request within its nb pages.
+        if int(torch.cat([q_lens, enc, dec, (nb * ps) - ends]).min()) < 0:
             return False
         if not torch.equal(torch.where(enc > 0, q_lens, 0), enc):        # a prefill's new tokens are its chunk
             return False
