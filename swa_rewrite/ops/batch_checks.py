@@ -107,7 +107,6 @@ def check_batch_data(num_tokens: int, bt: torch.Tensor, cu: torch.Tensor, enc: t
                      bid: torch.Tensor, rule: BatchRule, group: int = 0) -> None:
     """The data checks of ``check_batch`` on host int64 copies: one group's table ``bt [B, nb]`` and the step's
     ``cu [B+1]``, ``enc [B]``, ``dec [B]``, ``bid [T]``, against ``rule``."""
-    B = bt.shape[0]
     q_lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or bool((q_lens < 0).any()) or int(cu[-1]) > num_tokens:
         fail(f"cu_seqlens_q must start at 0, not decrease and end at <= {num_tokens} tokens, got {cu.tolist()}")
@@ -119,7 +118,9 @@ def check_batch_data(num_tokens: int, bt: torch.Tensor, cu: torch.Tensor, enc: t
         fail(f"request {b}: seq_lens_encoder = {int(enc[b])} but cu_seqlens_q gives it {int(q_lens[b])} tokens")
     _check_table(bt, q_lens, dec, rule, group)
     expected = torch.full((num_tokens,), -1, dtype=torch.long)
-    expected[: int(cu[-1])] = torch.repeat_interleave(torch.arange(B), q_lens)
+    # Token t < cu[-1] belongs to the request b with cu[b] <= t < cu[b + 1]: the number of ends cu[1:] <= t
+    # (searchsorted, not repeat_interleave: that opens a parallel region on the host's threads for any size).
+    expected[: int(cu[-1])] = torch.searchsorted(cu[1:], torch.arange(int(cu[-1])), right=True)
     if not torch.equal(bid, expected):
         i = int((bid != expected).nonzero()[0, 0])
         fail(f"batch_id_per_token[{i}] = {int(bid[i])} does not match cu_seqlens_q (expected {int(expected[i])}; "

@@ -178,11 +178,10 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
              f"metadata ({device})")
     # One device-to-host copy for the whole step (the MHA rows with it: they are addresses the layers read through).
     # One cat (it promotes the int32 fields to int64 itself: no conversion launched per field on a device).
-    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors(), rows, rows_cu)
+    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors()) + ((rows, rows_cu) if rows.shape[1] else ())
     host = torch.cat([t.reshape(-1) for t in parts]).cpu().long().split([t.numel() for t in parts])
     pos, slots, bt = host[0], host[1].view(slot_mapping.shape), host[2].view(block_tables.shape)
     cu, enc, dec, bid = host[3:7]
-    host_rows, host_rows_cu = host[7].view(rows.shape), host[8].view(rows_cu.shape)
     # All groups at once, with few tensor operations; only when that finds something wrong (or cannot tell) do the
     # per-group checks run, in their order, and raise their message.
     passed = _step_data_ok(T, pos, slots, bt, cu, enc, dec, bid, rules)
@@ -191,7 +190,7 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
             check_batch_data(T, bt[g], cu, enc, dec, bid, rule, g)
             _check_slots(pos, slots[g], bt[g], cu, dec, bid, rule.page_size, g)
         if rows.shape[1]:
-            _check_mha_rows(bt[g], cu, dec, host_rows[g], host_rows_cu[g], rule, g)
+            _check_mha_rows(bt[g], cu, dec, host[7].view(rows.shape)[g], host[8].view(rows_cu.shape)[g], rule, g)
     tensors = (block_tables, *meta.batch_tensors())
     for g, rule in rules.items():
         note_validated(tensors, g, rule)
@@ -230,15 +229,19 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
             return False
         if not torch.equal(torch.where(enc > 0, q_lens, 0), enc):        # a prefill's new tokens are its chunk
             return False
-    req = torch.repeat_interleave(q_lens, output_size=n)                # [n] the request of each token
+    # [n] the request of each token: the number of requests that end at or before it (not repeat_interleave,
+    # which opens a parallel region on the host's threads even for a few elements: ~0.1 ms on a 16-core host).
+    req = torch.searchsorted(cu[1:], torch.arange(n), right=True)
     if not torch.equal(bid, torch.cat([req, req.new_full((T - n,), -1)])):
         return False
     want_pos = (dec - cu[:-1])[req] + torch.arange(n)                        # [n] each token's position
     if not torch.equal(pos[:n], want_pos):
         return False
     if B * nb:
-        low, high = bt.reshape(len(groups), -1).aminmax(dim=1)             # every entry a block or -1 ...
-        if any(lo < -1 or hi >= rules[g].num_blocks for g, lo, hi in zip(groups, low.tolist(), high.tolist())):
+        flat = bt.reshape(len(groups), -1)                                 # every entry a block or -1 ...
+        # (amin and amax: aminmax along a dimension also opens a parallel region for a few elements.)
+        if any(lo < -1 or hi >= rules[g].num_blocks
+               for g, lo, hi in zip(groups, flat.amin(1).tolist(), flat.amax(1).tolist())):
             return False
         # ... and a block on every page a group's ops read (batch_checks.needed_pages, in page numbers): page i
         # holds positions [i·ps, (i+1)·ps), so a full group reads pages i < ceil(end / ps); a sliding one those
@@ -257,13 +260,13 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
                     read |= col < ((ends.clamp(max=sinks) + (ps - 1)) // ps)[:, None]
                 mask = read & upto
             masks[window, sinks] = mask
-        needed = torch.stack([masks[rules[g].window, rules[g].sinks] for g in groups])
+        needed = (next(iter(masks.values())) if len(masks) == 1       # [B, nb], broadcast over the groups
+                  else torch.stack([masks[rules[g].window, rules[g].sinks] for g in groups]))
         if bool((needed & (bt < 0)).any()):
             return False
     # Each token writes the slot its table gives its position (a block: its page is one its group reads), padding
     # tokens nothing, and no slot twice.
-    page = want_pos // ps
-    want = bt[:, req, page] * ps + (want_pos - page * ps)                   # [G, n]
+    want = bt[:, req, want_pos // ps] * ps + want_pos % ps                  # [G, n]
     if not torch.equal(slots, torch.cat([want, want.new_full((len(groups), T - n), -1)], dim=1)):
         return False
     if n > 1:

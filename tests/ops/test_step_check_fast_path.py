@@ -162,3 +162,26 @@ def test_positions_past_the_tables_are_refused_not_indexed():
     assert not _fast_pass(host, rules)
     with pytest.raises(ValueError, match=r"request 0 reaches position 8 but its block table holds 8 positions"):
         check_batch_data(3, host["bt"][0], host["cu"], host["enc"], host["dec"], host["bid"], rules[0], 0)
+
+
+def test_the_step_check_opens_no_parallel_region_for_a_small_step():
+    """``repeat_interleave`` and ``aminmax`` along a dimension open a parallel region on the host's threads for any
+    size (~0.1 ms each on a 16-core host, where a GPU step's checks run): a decode step's check uses neither."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    items = [StepItem([1], 9, [[0, 1], [2, 3]], False), StepItem([1, 2, 3], 0, [[4], [5]], True)]
+    meta = StepBatch.build(items, 8, pad_to=6, num_groups=2).meta
+    caches = [torch.zeros(8, 8, R + P), torch.zeros(8, 8, fp8_cache_bytes(R, P), dtype=torch.uint8)]
+    with validated_step(), Record() as record:
+        step_check.checked_step_metadata(meta, caches, (0, 1), [("full", None, 0), ("sliding", 4, 0)])
+    assert "searchsorted" in record.ops                    # the mode saw the check's ops
+    assert not record.ops & {"repeat_interleave", "aminmax"}, record.ops
