@@ -231,10 +231,11 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
             return False
     # [n] the request of each token: the number of requests that end at or before it (not repeat_interleave,
     # which opens a parallel region on the host's threads even for a few elements: ~0.1 ms on a 16-core host).
-    req = torch.searchsorted(cu[1:], torch.arange(n), right=True)
-    if not torch.equal(bid, torch.cat([req, req.new_full((T - n,), -1)])):
+    tok = torch.arange(n)
+    req = torch.searchsorted(cu[1:], tok, right=True)
+    if not torch.equal(bid, req if n == T else torch.cat([req, req.new_full((T - n,), -1)])):
         return False
-    want_pos = (dec - cu[:-1])[req] + torch.arange(n)                        # [n] each token's position
+    want_pos = (dec - cu[:-1])[req] + tok                                    # [n] each token's position
     if not torch.equal(pos[:n], want_pos):
         return False
     if B * nb:
@@ -243,11 +244,9 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
         if any(lo < -1 or hi >= rules[g].num_blocks
                for g, lo, hi in zip(groups, flat.amin(1).tolist(), flat.amax(1).tolist())):
             return False
-        # ... and a block on every page a group's ops read (batch_checks.needed_pages, in page numbers): page i
-        # holds positions [i·ps, (i+1)·ps), so a full group reads pages i < ceil(end / ps); a sliding one those
-        # from its window's first page, floor(max(0, n - W + 1) / ps), and its sinks' pages, i < ceil(min(s, end) / ps).
-        col = torch.arange(nb)
-        upto = col < ((ends + (ps - 1)) // ps)[:, None]                      # [B, nb]
+        # ... and a block on every page a group's ops read: batch_checks.needed_pages, for each distinct rule.
+        start = torch.arange(0, nb * ps, ps)                                # [nb] first position of each page
+        upto = start < ends[:, None]                                        # [B, nb] pages up to the end
         masks: dict = {}
         for g in groups:
             window, sinks = rules[g].window, rules[g].sinks
@@ -255,9 +254,10 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
                 continue
             mask = upto
             if window:
-                read = col >= ((dec - (window - 1)).clamp_(min=0) // ps)[:, None]
+                lo = (dec - (window - 1)).clamp_(min=0)                     # [B] the window's first position
+                read = (start + ps) > lo[:, None]
                 if sinks:
-                    read |= col < ((ends.clamp(max=sinks) + (ps - 1)) // ps)[:, None]
+                    read |= start < ends.clamp(max=sinks)[:, None]
                 mask = read & upto
             masks[window, sinks] = mask
         needed = (next(iter(masks.values())) if len(masks) == 1       # [B, nb], broadcast over the groups
@@ -267,7 +267,7 @@ def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tens
     # Each token writes the slot its table gives its position (a block: its page is one its group reads), padding
     # tokens nothing, and no slot twice.
     want = bt[:, req, want_pos // ps] * ps + want_pos % ps                  # [G, n]
-    if not torch.equal(slots, torch.cat([want, want.new_full((len(groups), T - n), -1)], dim=1)):
+    if not torch.equal(slots, want if n == T else torch.cat([want, want.new_full((len(groups), T - n), -1)], 1)):
         return False
     if n > 1:
         ordered = want.sort(dim=1).values
