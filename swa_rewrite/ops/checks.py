@@ -46,10 +46,11 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "deferred", "environment_allows", "_previous")
+    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous")
 
     def __init__(self):
         self.entries: list = []
+        self._rules: dict = {}         # (group, id of each tensor) -> rules: the entries, for validated_entries
         self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
         # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
         # capture — read once for the step: neither changes inside one model call, and every op of the step asks.
@@ -91,7 +92,9 @@ def note_validated(tensors: tuple, group: int, rule: Any) -> None:
     checks of ``rule`` for cache group ``group``."""
     scope = getattr(_state, "scope", None)
     if scope is not None:
+        # The entry keeps the tensors alive while the scope lasts, so their ids name them (no reuse) until it ends.
         scope.entries.append((tensors, group, rule))
+        scope._rules.setdefault((group, *map(id, tensors)), []).append(rule)
 
 
 def defer_check(flag: torch.Tensor, action) -> bool:
@@ -114,8 +117,7 @@ def validated_entries(tensors: tuple, group: int) -> list:
     scope = getattr(_state, "scope", None)
     if scope is None:
         return []
-    return [rule for seen, g, rule in scope.entries
-            if g == group and len(seen) == len(tensors) and all(a is b for a, b in zip(seen, tensors))]
+    return scope._rules.get((group, *map(id, tensors)), [])
 
 
 def checks_enabled() -> bool:
