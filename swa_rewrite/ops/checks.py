@@ -4,7 +4,8 @@ Shape and dtype checks cost nothing and always run (they also run at trace time 
 implementations). Data checks — slot ranges, block-table bounds — read tensor values, which
 synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
 capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks (``swa_rewrite.compile`` runs its
-compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
+compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment (inside a model step, the
+environment and CUDA-graph capture are read once, the first time an op of the step asks).
 
 A model step validates its metadata once, for every cache group and window (``step_check.checked_step_metadata``),
 and runs its layers inside a ``validated_step()`` block. Within that block an op's batch check skips the data
@@ -53,8 +54,9 @@ class StepScope:
         self._rules: dict = {}         # (group, id of each tensor) -> rules: the entries, for validated_entries
         self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
         # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
-        # capture — read once for the step: neither changes inside one model call, and every op of the step asks.
-        self.environment_allows = _environment_allows()
+        # capture — read once for the step, when first asked: neither changes inside one model call, and every op
+        # of the step asks.
+        self.environment_allows: Optional[bool] = None
         self._previous = None
 
     def __enter__(self) -> "StepScope":
@@ -125,7 +127,11 @@ def checks_enabled() -> bool:
     if torch.compiler.is_compiling() or getattr(_state, "disabled", False):
         return False
     scope = getattr(_state, "scope", None)
-    return scope.environment_allows if scope is not None else _environment_allows()
+    if scope is None:
+        return _environment_allows()
+    if scope.environment_allows is None:
+        scope.environment_allows = _environment_allows()
+    return scope.environment_allows
 
 
 def _environment_allows() -> bool:

@@ -163,7 +163,7 @@ def test_checks_disabled_still_turns_every_data_check_off(data_checks):
 
 def test_the_environment_switch_is_read_when_a_step_opens(data_checks, monkeypatch):
     """``SWA_REWRITE_CHECKS=0`` turns the data checks off for the steps that open after it is set (a step reads
-    the environment once, when its block opens); unset, the next step checks again."""
+    the environment once, the first time one of its checks asks); unset, the next step checks again."""
     meta = _step().meta
     bad = meta.block_tables.clone()
     bad[1, 0, 2] = -1
