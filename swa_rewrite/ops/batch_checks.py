@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_group, check_index, checks_enabled, fail, validated_entries
+from .checks import check_group, check_index, checks_enabled, fail, host_int64, validated_entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,7 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
     if any(seen.covers(rule) for seen in validated_entries(tensors, group)):
         return                  # the step check validated these very tensors for this group, at least as strictly
     table = block_tables[group]
-    parts = (table,) + tensors[1:]
-    host = torch.cat([t.reshape(-1) for t in parts]).cpu().long().split([t.numel() for t in parts])
+    host = host_int64((table,) + tensors[1:])
     check_batch_data(num_tokens, host[0].view(table.shape), *host[1:], rule, group)
 
 

@@ -142,6 +142,28 @@ def _environment_allows() -> bool:
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
+def host_int64(tensors: tuple, *, words: Optional[bool] = None) -> list:
+    """Host int64 copies of integer ``tensors`` (int32 / int64, any shape, each flattened), read back in one
+    device-to-host copy.
+
+    On a device (``words``: default, any device but the CPU) the tensors travel as int32 words — an int64 tensor
+    is two of them, viewed, not converted — so the device runs one concatenation and one copy instead of a
+    conversion per int32 tensor (the host converts those after the copy); on the CPU one ``cat`` converts them."""
+    flat = [t.reshape(-1) for t in tensors]
+    if words is None:
+        words = bool(flat) and flat[0].device.type != "cpu"
+    if not words:
+        return list(torch.cat(flat).cpu().long().split([t.numel() for t in flat])) if flat else []
+    # int64 tensors first: each starts at an even word, so the host can view its words as int64 again.
+    order = sorted(range(len(flat)), key=lambda i: flat[i].dtype != torch.int64)
+    pieces = [flat[i].view(torch.int32) for i in order]
+    host = torch.cat(pieces).cpu().split([w.numel() for w in pieces])
+    out: list = [None] * len(flat)
+    for i, h in zip(order, host):
+        out[i] = h.view(torch.int64) if flat[i].dtype == torch.int64 else h.long()
+    return out
+
+
 def fail(message: str) -> None:
     raise ValueError(message)
 

@@ -10,7 +10,7 @@ import torch
 
 from .cache_write_checks import SLOTS_VALIDATED
 from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
-from .checks import check_group, check_index, checks_enabled, fail, note_validated
+from .checks import check_group, check_index, checks_enabled, fail, host_int64, note_validated
 from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
 from .mha_prefill import _check_rows, mha_rows_validated
 from .step_metadata import StepMetadata
@@ -177,9 +177,8 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
         fail(f"mha_kv_slots ({rows.device}) and mha_kv_cu ({rows_cu.device}) must be on the device of the step's "
              f"metadata ({device})")
     # One device-to-host copy for the whole step (the MHA rows with it: they are addresses the layers read through).
-    # One cat (it promotes the int32 fields to int64 itself: no conversion launched per field on a device).
-    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors()) + ((rows, rows_cu) if rows.shape[1] else ())
-    host = torch.cat([t.reshape(-1) for t in parts]).cpu().long().split([t.numel() for t in parts])
+    host = host_int64((positions, slot_mapping, block_tables, *meta.batch_tensors())
+                      + ((rows, rows_cu) if rows.shape[1] else ()))
     pos, slots, bt = host[0], host[1].view(slot_mapping.shape), host[2].view(block_tables.shape)
     cu, enc, dec, bid = host[3:7]
     # All groups at once, with few tensor operations; only when that finds something wrong (or cannot tell) do the
