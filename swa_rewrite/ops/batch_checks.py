@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_group, check_index, checks_enabled, fail, validated_entries
+from .checks import check_group, check_index, checks_enabled, fail, host_int64, validated_entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +67,10 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
     op's (``BatchRule.covers``)."""
     check_index("block_tables", block_tables, 3)
     check_group("block_tables", block_tables, group)
-    table = block_tables[group]
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
                     ("seq_lens_decoder", seq_lens_decoder), ("batch_id_per_token", batch_id_per_token)):
         check_index(name, t, 1)
-    B = table.shape[0]
+    B = block_tables.shape[1]
     if cu_seqlens_q.shape[0] != B + 1:
         fail(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected batch size + 1 = {B + 1}")
     if seq_lens_encoder.shape[0] != B or seq_lens_decoder.shape[0] != B:
@@ -81,17 +80,20 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
         fail(f"batch_id_per_token has {batch_id_per_token.shape[0]} entries for {num_tokens} tokens")
     if page_size < 1:
         fail(f"page_size must be >= 1, got {page_size}")
-    devices = {t.device for t in (table, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)}
-    if len(devices) > 1:
+    device = block_tables.device
+    if (cu_seqlens_q.device != device or seq_lens_encoder.device != device or seq_lens_decoder.device != device
+            or batch_id_per_token.device != device):
+        devices = {t.device for t in (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                                      batch_id_per_token)}
         fail(f"the step's metadata tensors must be on one device, got {sorted(map(str, devices))}")
-    if not (data and checks_enabled()) or table.device.type == "meta":
+    if not data or device.type == "meta" or not checks_enabled():
         return
     rule = BatchRule.of(page_size, num_blocks, window, sinks)
     tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
     if any(seen.covers(rule) for seen in validated_entries(tensors, group)):
         return                  # the step check validated these very tensors for this group, at least as strictly
-    parts = (table,) + tensors[1:]
-    host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
+    table = block_tables[group]
+    host = host_int64((table,) + tensors[1:])
     check_batch_data(num_tokens, host[0].view(table.shape), *host[1:], rule, group)
 
 
@@ -104,7 +106,6 @@ def check_batch_data(num_tokens: int, bt: torch.Tensor, cu: torch.Tensor, enc: t
                      bid: torch.Tensor, rule: BatchRule, group: int = 0) -> None:
     """The data checks of ``check_batch`` on host int64 copies: one group's table ``bt [B, nb]`` and the step's
     ``cu [B+1]``, ``enc [B]``, ``dec [B]``, ``bid [T]``, against ``rule``."""
-    B = bt.shape[0]
     q_lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or bool((q_lens < 0).any()) or int(cu[-1]) > num_tokens:
         fail(f"cu_seqlens_q must start at 0, not decrease and end at <= {num_tokens} tokens, got {cu.tolist()}")
@@ -116,7 +117,9 @@ def check_batch_data(num_tokens: int, bt: torch.Tensor, cu: torch.Tensor, enc: t
         fail(f"request {b}: seq_lens_encoder = {int(enc[b])} but cu_seqlens_q gives it {int(q_lens[b])} tokens")
     _check_table(bt, q_lens, dec, rule, group)
     expected = torch.full((num_tokens,), -1, dtype=torch.long)
-    expected[: int(cu[-1])] = torch.repeat_interleave(torch.arange(B), q_lens)
+    # Token t < cu[-1] belongs to the request b with cu[b] <= t < cu[b + 1]: the number of ends cu[1:] <= t
+    # (searchsorted, not repeat_interleave: that opens a parallel region on the host's threads for any size).
+    expected[: int(cu[-1])] = torch.searchsorted(cu[1:], torch.arange(int(cu[-1])), right=True)
     if not torch.equal(bid, expected):
         i = int((bid != expected).nonzero()[0, 0])
         fail(f"batch_id_per_token[{i}] = {int(bid[i])} does not match cu_seqlens_q (expected {int(expected[i])}; "

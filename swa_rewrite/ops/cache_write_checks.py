@@ -42,12 +42,11 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
     if latent.device != cache.device or slot_mapping.device != cache.device:
         fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
              "must be on one device")
-    rows = slot_mapping[group]
     # Inside a validated step whose check covered these very slots (range and uniqueness with the tables),
     # nothing is left to check (and no device-to-host copy is needed).
-    if (data and checks_enabled() and rows.numel() and cache.device.type != "meta"
+    if (data and slot_mapping.shape[1] and cache.device.type != "meta" and checks_enabled()
             and SLOTS_VALIDATED not in validated_entries((slot_mapping,), group)):
-        slot_mapping = rows
+        slot_mapping = slot_mapping[group]
         num_slots = cache.shape[0] * cache.shape[1]
         bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
         if bool(bad.any()):
@@ -66,16 +65,21 @@ def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor) -> Non
     raises ``NonFiniteLatentError`` naming the first row that is not. Inside a model step
     (``checks.validated_step``) the check is deferred to the step's end, where one host copy reads every
     layer's flag (``checks.defer_check``) instead of one synchronisation per write."""
-    if not checks_enabled() or latent.device.type == "meta" or not latent.numel():
+    if not latent.numel() or latent.device.type == "meta" or not checks_enabled():
         return
-    bad = ~(torch.isfinite(latent).all(dim=1) | (slot_mapping < 0))
+    # 0·x is ±0 for a finite x and NaN for NaN or ±inf, so a row's sum of them is NaN exactly when the row holds a
+    # non-finite value: two device ops for every row (isfinite, all, the slot mask and the reductions were nine
+    # launches per write), and the step's flag one more: NaN when any row is — a padding row too, which
+    # ``raise_first`` then finds allowed (an extra read in that rare case, never a wrong error).
+    rows = (latent * 0).sum(dim=1, dtype=torch.float32)                        # [T]: ±0, or NaN
 
     def raise_first() -> None:
+        bad = torch.isnan(rows) & (slot_mapping >= 0)
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
             slot = int(slot_mapping[t])
             raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache "
                                        "cannot store them", row=t, slot=slot)
 
-    if not defer_check(bad.any(), raise_first):
+    if not defer_check(rows.sum(), raise_first):
         raise_first()

@@ -4,7 +4,8 @@ Shape and dtype checks cost nothing and always run (they also run at trace time 
 implementations). Data checks — slot ranges, block-table bounds — read tensor values, which
 synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
 capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks (``swa_rewrite.compile`` runs its
-compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment.
+compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment (inside a model step, the
+environment and CUDA-graph capture are read once, the first time an op of the step asks).
 
 A model step validates its metadata once, for every cache group and window (``step_check.checked_step_metadata``),
 and runs its layers inside a ``validated_step()`` block. Within that block an op's batch check skips the data
@@ -46,11 +47,16 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "deferred", "_previous")
+    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous")
 
     def __init__(self):
         self.entries: list = []
+        self._rules: dict = {}         # (group, id of each tensor) -> rules: the entries, for validated_entries
         self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
+        # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
+        # capture — read once for the step, when first asked: neither changes inside one model call, and every op
+        # of the step asks.
+        self.environment_allows: Optional[bool] = None
         self._previous = None
 
     def __enter__(self) -> "StepScope":
@@ -64,7 +70,7 @@ class StepScope:
         deferred, self.deferred = self.deferred, []
         if exc_type is None and deferred:
             # One device-to-host copy for every deferred check of the step; the first that failed raises.
-            flags = torch.stack([flag.reshape(()) for flag, _ in deferred]).cpu().tolist()
+            flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred]).cpu().tolist()
             for failed, (_, action) in zip(flags, deferred):
                 if failed:
                     action()
@@ -88,14 +94,17 @@ def note_validated(tensors: tuple, group: int, rule: Any) -> None:
     checks of ``rule`` for cache group ``group``."""
     scope = getattr(_state, "scope", None)
     if scope is not None:
+        # The entry keeps the tensors alive while the scope lasts, so their ids name them (no reuse) until it ends.
         scope.entries.append((tensors, group, rule))
+        scope._rules.setdefault((group, *map(id, tensors)), []).append(rule)
 
 
 def defer_check(flag: torch.Tensor, action) -> bool:
     """Inside a ``validated_step`` block, queue a check of data the step itself computes (e.g. a cache write's
-    latents): ``flag`` (a one-element bool device tensor) is read once, with every other queued flag, when the
-    block ends, and ``action()`` (which raises) runs for the first one set. Returns False outside a block (the
-    caller checks now). A step that fails a deferred check has already written its own slots, which the
+    latents): ``flag`` (a one-element device tensor, bool or floating point: nonzero or NaN when the check may have
+    failed) is read once, with every other queued flag, when the block ends, and ``action()`` runs for each one
+    set, in order, until one raises (an action that finds nothing wrong returns). Returns False outside a block
+    (the caller checks now). A step that fails a deferred check has already written its own slots, which the
     caller (the engine) drops with the step's requests; no other slot is touched."""
     scope = getattr(_state, "scope", None)
     if scope is None:
@@ -110,19 +119,49 @@ def validated_entries(tensors: tuple, group: int) -> list:
     scope = getattr(_state, "scope", None)
     if scope is None:
         return []
-    return [rule for seen, g, rule in scope.entries
-            if g == group and len(seen) == len(tensors) and all(a is b for a, b in zip(seen, tensors))]
+    return scope._rules.get((group, *map(id, tensors)), [])
 
 
 def checks_enabled() -> bool:
     """Whether data-dependent input checks run now (see module docstring)."""
-    if getattr(_state, "disabled", False) or os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
+    if torch.compiler.is_compiling() or getattr(_state, "disabled", False):
         return False
-    if torch.compiler.is_compiling():
+    scope = getattr(_state, "scope", None)
+    if scope is None:
+        return _environment_allows()
+    if scope.environment_allows is None:
+        scope.environment_allows = _environment_allows()
+    return scope.environment_allows
+
+
+def _environment_allows() -> bool:
+    """Not ``SWA_REWRITE_CHECKS=0``, and no CUDA-graph capture on the current stream (none can run before CUDA is
+    initialised: asking then would cost a device query on every call)."""
+    if os.environ.get("SWA_REWRITE_CHECKS", "1") == "0":
         return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
+
+def host_int64(tensors: tuple, *, words: Optional[bool] = None) -> list:
+    """Host int64 copies of integer ``tensors`` (int32 / int64, any shape, each flattened), read back in one
+    device-to-host copy.
+
+    On a device (``words``: default, any device but the CPU) the tensors travel as int32 words — an int64 tensor
+    is two of them, viewed, not converted — so the device runs one concatenation and one copy instead of a
+    conversion per int32 tensor (the host converts those after the copy); on the CPU one ``cat`` converts them."""
+    flat = [t.reshape(-1) for t in tensors]
+    if words is None:
+        words = bool(flat) and flat[0].device.type != "cpu"
+    if not words:
+        return list(torch.cat(flat).cpu().long().split([t.numel() for t in flat])) if flat else []
+    # int64 tensors first: each starts at an even word, so the host can view its words as int64 again.
+    order = sorted(range(len(flat)), key=lambda i: flat[i].dtype != torch.int64)
+    pieces = [flat[i].view(torch.int32) for i in order]
+    host = torch.cat(pieces).cpu().split([w.numel() for w in pieces])
+    out: list = [None] * len(flat)
+    for i, h in zip(order, host):
+        out[i] = h.view(torch.int64) if flat[i].dtype == torch.int64 else h.long()
+    return out
 
 
 def fail(message: str) -> None:

@@ -46,14 +46,17 @@ def packed_row_bytes(width: int, rope_dim: int, what: str, cache: Optional[torch
     ``rope_dim`` that ``cache``'s rows imply for this width when there is one.
     """
     R = width - rope_dim
-    implied = None if cache is None or cache.dim() < 1 else implied_rope_dim(width, cache.shape[-1])
-    hint = "" if implied in (None, rope_dim) else \
-        f"; the cache's {cache.shape[-1]}-byte rows fit this {what} with rope_dim={implied}"
+
+    def hint() -> str:
+        implied = None if cache is None or cache.dim() < 1 else implied_rope_dim(width, cache.shape[-1])
+        return "" if implied in (None, rope_dim) else \
+            f"; the cache's {cache.shape[-1]}-byte rows fit this {what} with rope_dim={implied}"
+
     if rope_dim < 0 or rope_dim % 2:
-        fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}{hint}")
+        fail(f"rope_dim must be even and >= 0 for the FP8 cache, got {rope_dim}{hint()}")
     if R < fp8_format.TILE or R % fp8_format.TILE:
         fail(f"{what} is {width} wide with rope_dim={rope_dim}, which leaves R = {R} for the FP8 part: the packed "
-             f"cache needs R a positive multiple of {fp8_format.TILE} (DeepSeek-V3: 576 = 512 + 64){hint}")
+             f"cache needs R a positive multiple of {fp8_format.TILE} (DeepSeek-V3: 576 = 512 + 64){hint()}")
     return fp8_cache_bytes(R, rope_dim)
 
 

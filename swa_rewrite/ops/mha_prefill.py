@@ -219,8 +219,9 @@ def _dims(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, c
         width = R + P
     if cache.dim() != 3 or cache.shape[-1] != width:
         fail(f"cache must be [num_blocks, page_size, {width}] for R={R}, P={P}, got shape {tuple(cache.shape)}")
-    devices = {t.device for t in (q_nope, q_pe, kv_b_weight, cache)}
-    if len(devices) > 1:
+    device = q_nope.device
+    if q_pe.device != device or kv_b_weight.device != device or cache.device != device:
+        devices = {t.device for t in (q_nope, q_pe, kv_b_weight, cache)}
         fail(f"q_nope, q_pe, kv_b_weight and cache must be on one device, got {sorted(map(str, devices))}")
     return H, N, P, R, V
 

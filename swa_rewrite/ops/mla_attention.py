@@ -126,9 +126,9 @@ def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, se
     if mha_kv_slots.shape[0] != G or mha_kv_cu.shape != (G, B + 1):
         fail(f"mha_kv_slots must be [G={G}, M] and mha_kv_cu [G={G}, B + 1 = {B + 1}], got "
              f"{tuple(mha_kv_slots.shape)} and {tuple(mha_kv_cu.shape)}")
-    if {mha_kv_slots.device, mha_kv_cu.device} != {q_nope.device}:
+    if mha_kv_slots.device != q_nope.device or mha_kv_cu.device != q_nope.device:
         fail(f"mha_kv_slots and mha_kv_cu must be on q's device {q_nope.device}")
-    if (data and checks_enabled() and mha_kv_slots.shape[1] and q_nope.device.type != "meta"
+    if (data and mha_kv_slots.shape[1] and q_nope.device.type != "meta" and checks_enabled()
             and mha_rows_validated(window or 0, sinks) not in validated_entries((mha_kv_slots, mha_kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, mha_kv_slots[group], mha_kv_cu[group],
                     cache.shape[1], window or 0, sinks if window else 0)

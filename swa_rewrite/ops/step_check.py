@@ -10,7 +10,7 @@ import torch
 
 from .cache_write_checks import SLOTS_VALIDATED
 from .batch_checks import BatchRule, check_batch, check_batch_data, table_name
-from .checks import check_group, check_index, checks_enabled, fail, note_validated
+from .checks import check_group, check_index, checks_enabled, fail, host_int64, note_validated
 from .kv_cache_spec import FULL, SLIDING, KVCacheSpec
 from .mha_prefill import _check_rows, mha_rows_validated
 from .step_metadata import StepMetadata
@@ -177,16 +177,19 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
         fail(f"mha_kv_slots ({rows.device}) and mha_kv_cu ({rows_cu.device}) must be on the device of the step's "
              f"metadata ({device})")
     # One device-to-host copy for the whole step (the MHA rows with it: they are addresses the layers read through).
-    parts = (positions, slot_mapping, block_tables, *meta.batch_tensors(), rows, rows_cu)
-    host = torch.cat([t.reshape(-1).long() for t in parts]).cpu().split([t.numel() for t in parts])
+    host = host_int64((positions, slot_mapping, block_tables, *meta.batch_tensors())
+                      + ((rows, rows_cu) if rows.shape[1] else ()))
     pos, slots, bt = host[0], host[1].view(slot_mapping.shape), host[2].view(block_tables.shape)
     cu, enc, dec, bid = host[3:7]
-    host_rows, host_rows_cu = host[7].view(rows.shape), host[8].view(rows_cu.shape)
+    # All groups at once, with few tensor operations; only when that finds something wrong (or cannot tell) do the
+    # per-group checks run, in their order, and raise their message.
+    passed = _step_data_ok(T, pos, slots, bt, cu, enc, dec, bid, rules)
     for g, rule in rules.items():
-        check_batch_data(T, bt[g], cu, enc, dec, bid, rule, g)
-        _check_slots(pos, slots[g], bt[g], cu, dec, bid, rule.page_size, g)
+        if not passed:
+            check_batch_data(T, bt[g], cu, enc, dec, bid, rule, g)
+            _check_slots(pos, slots[g], bt[g], cu, dec, bid, rule.page_size, g)
         if rows.shape[1]:
-            _check_mha_rows(bt[g], cu, dec, host_rows[g], host_rows_cu[g], rule, g)
+            _check_mha_rows(bt[g], cu, dec, host[7].view(rows.shape)[g], host[8].view(rows_cu.shape)[g], rule, g)
     tensors = (block_tables, *meta.batch_tensors())
     for g, rule in rules.items():
         note_validated(tensors, g, rule)
@@ -196,6 +199,80 @@ def checked_step_metadata(meta: StepMetadata, kv_caches: Sequence[torch.Tensor],
         if rows.shape[1]:
             note_validated((rows, rows_cu), g, mha_rows_validated(rule.window, rule.sinks))
     return meta
+
+
+def _step_data_ok(T: int, pos: torch.Tensor, slots: torch.Tensor, bt: torch.Tensor, cu: torch.Tensor,
+                  enc: torch.Tensor, dec: torch.Tensor, bid: torch.Tensor, rules: dict) -> bool:
+    """Whether every group ``g`` of ``rules`` passes ``check_batch_data`` and ``_check_slots`` (host int64 copies:
+    ``pos [T]``, ``slots [G, T]``, ``bt [G, B, nb]``, ``cu [B+1]``, ``enc``, ``dec [B]``, ``bid [T]``).
+
+    The same conditions, computed for all groups together in few tensor operations (the per-group checks take
+    tens of small operations each, every step, each a few microseconds of host time). True only if all of them
+    hold; False when one does not, or when the groups' page sizes differ (not vectorised): the per-group checks
+    then decide, and name what is wrong."""
+    if len({rule.page_size for rule in rules.values()}) != 1:
+        return False
+    ps = next(iter(rules.values())).page_size
+    groups = list(rules)
+    G, B, nb = bt.shape
+    if groups != list(range(G)):
+        bt, slots = bt[groups], slots[groups]
+    first, n = cu[::max(1, B)].tolist() if B else (int(cu[0]),) * 2
+    if first != 0 or n > T:
+        return False
+    q_lens = torch.diff(cu)
+    ends = dec + q_lens
+    if B:
+        # Lengths and cached counts >= 0, and every request within its nb pages.
+        if int(torch.cat([q_lens, enc, dec, (nb * ps) - ends]).min()) < 0:
+            return False
+        if not torch.equal(torch.where(enc > 0, q_lens, 0), enc):        # a prefill's new tokens are its chunk
+            return False
+    # [n] the request of each token: the number of requests that end at or before it (not repeat_interleave,
+    # which opens a parallel region on the host's threads even for a few elements: ~0.1 ms on a 16-core host).
+    tok = torch.arange(n)
+    req = torch.searchsorted(cu[1:], tok, right=True)
+    if not torch.equal(bid, req if n == T else torch.cat([req, req.new_full((T - n,), -1)])):
+        return False
+    want_pos = (dec - cu[:-1])[req] + tok                                    # [n] each token's position
+    if not torch.equal(pos[:n], want_pos):
+        return False
+    if B * nb:
+        flat = bt.reshape(len(groups), -1)                                 # every entry a block or -1 ...
+        # (amin and amax: aminmax along a dimension also opens a parallel region for a few elements.)
+        if any(lo < -1 or hi >= rules[g].num_blocks
+               for g, lo, hi in zip(groups, flat.amin(1).tolist(), flat.amax(1).tolist())):
+            return False
+        # ... and a block on every page a group's ops read: batch_checks.needed_pages, for each distinct rule.
+        start = torch.arange(0, nb * ps, ps)                                # [nb] first position of each page
+        upto = start < ends[:, None]                                        # [B, nb] pages up to the end
+        masks: dict = {}
+        for g in groups:
+            window, sinks = rules[g].window, rules[g].sinks
+            if (window, sinks) in masks:
+                continue
+            mask = upto
+            if window:
+                lo = (dec - (window - 1)).clamp_(min=0)                     # [B] the window's first position
+                read = (start + ps) > lo[:, None]
+                if sinks:
+                    read |= start < ends.clamp(max=sinks)[:, None]
+                mask = read & upto
+            masks[window, sinks] = mask
+        needed = (next(iter(masks.values())) if len(masks) == 1       # [B, nb], broadcast over the groups
+                  else torch.stack([masks[rules[g].window, rules[g].sinks] for g in groups]))
+        if bool((needed & (bt < 0)).any()):
+            return False
+    # Each token writes the slot its table gives its position (a block: its page is one its group reads), padding
+    # tokens nothing, and no slot twice.
+    want = bt[:, req, want_pos // ps] * ps + want_pos % ps                  # [G, n]
+    if not torch.equal(slots, want if n == T else torch.cat([want, want.new_full((len(groups), T - n), -1)], 1)):
+        return False
+    if n > 1:
+        ordered = want.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            return False
+    return True
 
 
 def _check_mha_rows(bt, cu, dec, rows, rows_cu, rule, g) -> None:

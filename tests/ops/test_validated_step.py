@@ -21,16 +21,26 @@ D = R + P
 
 @pytest.fixture
 def data_checks(monkeypatch):
-    """Counts the data checks that run (one host copy each): ``[group, ...]``."""
+    """Counts the data checks that run (one host copy each): ``[group, ...]``. The step check's vectorised pass
+    over all its groups (``step_check._step_data_ok``) counts once for each group it passes; the per-group checks
+    it falls back to when it does not, once per group they check."""
     calls = []
     real = batch_checks.check_batch_data
+    real_fast = step_check._step_data_ok
 
     def spy(*args, **kwargs):
         calls.append(args[7] if len(args) > 7 else kwargs.get("group", 0))
         return real(*args, **kwargs)
 
+    def spy_fast(*args):
+        passed = real_fast(*args)
+        if passed:
+            calls.extend(args[-1])                        # the groups of ``rules``
+        return passed
+
     monkeypatch.setattr(batch_checks, "check_batch_data", spy)
     monkeypatch.setattr(step_check, "check_batch_data", spy)
+    monkeypatch.setattr(step_check, "_step_data_ok", spy_fast)
     return calls
 
 
@@ -151,6 +161,23 @@ def test_checks_disabled_still_turns_every_data_check_off(data_checks):
     assert data_checks == []
 
 
+def test_the_environment_switch_is_read_when_a_step_opens(data_checks, monkeypatch):
+    """``SWA_REWRITE_CHECKS=0`` turns the data checks off for the steps that open after it is set (a step reads
+    the environment once, the first time one of its checks asks); unset, the next step checks again."""
+    meta = _step().meta
+    bad = meta.block_tables.clone()
+    bad[1, 0, 2] = -1
+    monkeypatch.setenv("SWA_REWRITE_CHECKS", "0")
+    with validated_step():
+        checked_step_metadata(dataclasses.replace(meta, block_tables=bad), _caches(), (0, 1), SPECS)
+        _swa(meta, block_tables=bad)
+    assert data_checks == []
+    monkeypatch.delenv("SWA_REWRITE_CHECKS")
+    with validated_step():
+        with pytest.raises(ValueError, match=r"block_tables\[1\]\[0, 2\] = -1"):
+            _swa(meta, block_tables=bad)
+
+
 def test_shape_checks_run_inside_the_block():
     meta = _step().meta
     with validated_step():
@@ -159,6 +186,39 @@ def test_shape_checks_run_inside_the_block():
             _swa(meta, group=2)
         with pytest.raises(ValueError, match="window must be >= 1"):
             _swa(meta, window=0)
+
+
+def test_non_finite_latents_are_found_at_the_end_of_the_step_and_only_in_written_rows(monkeypatch):
+    """Inside a step, the cache writes' finite-latent checks are read together when the block ends (one host copy
+    of every write's flag): a non-finite value in a written row raises there, naming that write's row and slot; one
+    in a padding row (slot -1) sets the flag but is allowed; a clean step reads the flags once and raises nothing."""
+    from swa_rewrite.ops.cache_write_checks import NonFiniteLatentError
+
+    meta = _step().meta                                   # 4 tokens and 2 padding rows; group 1 = the packed cache
+    T = meta.positions.shape[0]
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.shape) or real_cpu(t, *a, **k))
+
+    def step(poison_row=None, layer=1):
+        cache = _caches()[1]
+        with validated_step():
+            checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+            reads.clear()
+            for i in range(3):
+                latent = torch.randn(T, D)
+                if i == layer and poison_row is not None:
+                    latent[poison_row, 5] = float("nan") if poison_row % 2 else float("inf")
+                ops.write_fp8_cache(latent, cache, meta.slot_mapping, rope_dim=P, group=1)
+            assert reads == []                            # nothing read before the block ends
+
+    step()
+    assert reads == [(3,)]                                # the three flags, in one copy
+    step(poison_row=5)                                    # a padding row: allowed
+    slot = int(meta.slot_mapping[1, 2])
+    with pytest.raises(NonFiniteLatentError, match=rf"latent row 2 \(slot {slot}\) has non-finite values") as info:
+        step(poison_row=2, layer=2)
+    assert (info.value.row, info.value.slot) == (2, slot)
 
 
 def test_a_model_step_copies_the_metadata_to_the_host_once(data_checks, monkeypatch, seed):
