@@ -388,8 +388,9 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
     the paged engine (chunked prefill), and 16 greedy tokens. Returns the one-step and the reference's logits.
 
     One step computes every latent as transformers does, so the FP8 rounding of the reference explains our
-    logits up to float32 noise (a latent element that noise tips across an e4m3 boundary moves logits by a few
-    1e-4). Chunks change the float32 summation order, so elements cross boundaries, and these random
+    logits up to float32 noise — a latent element that noise tips across an e4m3 boundary moves them, heavy-tailed:
+    150 seeds of the full-window test gave a median of 6e-7 and a maximum of 1.2e-3, seed 1733661989 3.4e-3, so
+    the one-step bound is 1e-2. Chunks change the float32 summation order, so elements cross boundaries, and these random
     unit-scale models amplify one crossing in an early token to ~1e-2 of the logits (seen in 2 of 500
     seeds): the engine is held to docs/design.md §9's FP8 envelope, 3e-2, against the one-step logits, and greedy
     tokens may part where the reference's top two are closer than that envelope."""
@@ -397,7 +398,7 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
     model = swa_rewrite.apply(from_hf(hf), schedule)
     ref = hf_logits(reference, tokens)
     single = one_step_logits(model, tokens)
-    assert rel_err(single, ref) <= 3e-3
+    assert rel_err(single, ref) <= 1e-2
     got = poisoned_engine(model, rng, mha_prefill=mha_prefill).logits(tokens)
     assert rel_err(got, single) <= 3e-2
     ours = poisoned_engine(model, rng, mha_prefill=mha_prefill).generate([tokens], 16)[0]
@@ -407,7 +408,7 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
         prefix = tokens + theirs[:i]
         ref_i = hf_logits(reference, prefix)[-1]
         envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # docs/design.md §9's bound, per logit (RMS)
-        assert rel_err(one_step_logits(model, prefix)[-1], ref_i) <= 3e-3
+        assert rel_err(one_step_logits(model, prefix)[-1], ref_i) <= 1e-2
         margin = (ref_i[theirs[i]] - ref_i[ours[i]]).item()
         assert margin <= envelope, f"token {i}: ours {ours[i]} vs reference {theirs[i]}, margin {margin:.4g}"
     return single, ref
