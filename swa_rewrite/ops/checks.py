@@ -156,7 +156,7 @@ def host_int64(tensors: tuple, *, words: Optional[bool] = None) -> list:
         return list(torch.cat(flat).cpu().long().split([t.numel() for t in flat])) if flat else []
     # int64 tensors first: each starts at an even word, so the host can view its words as int64 again.
     order = sorted(range(len(flat)), key=lambda i: flat[i].dtype != torch.int64)
-    pieces = [flat[i].view(torch.int32) for i in order]
+    pieces = [flat[i].contiguous().view(torch.int32) for i in order]     # (a strided 1-D tensor stays strided)
     host = torch.cat(pieces).cpu().split([w.numel() for w in pieces])
     out: list = [None] * len(flat)
     for i, h in zip(order, host):

@@ -50,6 +50,8 @@ def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Te
     T, H, N = q_nope.shape
     R, P = kv_b_weight.shape[1], q_pe.shape[-1]
     w_uk = kv_b_weight.view(H, -1, R)[:, :N, :]                                   # [H, N, R]
+    if _differentiable(q_nope, q_pe, kv_b_weight):      # bmm(out=) does not record a graph
+        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
     q_abs = q_nope.new_empty(T, H, R + P)
     torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[:, :, :R].transpose(0, 1))  # [H, T, R] view of q_abs
     q_abs[:, :, R:].copy_(q_pe)
@@ -61,9 +63,15 @@ def unabsorb_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, N: int) -> t
     straight into ``o`` through its ``[H, T, V]`` view, as ``absorb_query``)."""
     T, H, R = o_lat.shape[0], o_lat.shape[1], kv_b_weight.shape[1]
     w_uv = kv_b_weight.view(H, -1, R)[:, N:, :]                                   # [H, V, R]
+    if _differentiable(o_lat, kv_b_weight):
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).contiguous()
     o = o_lat.new_empty(T, H, w_uv.shape[1])
     torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
     return o
+
+
+def _differentiable(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def mha_tokens(kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.Tensor:

@@ -285,6 +285,26 @@ def test_the_plan_selects_per_group_by_the_flop_count():
     assert not plan.selects(StepItem([1], 10, [0], False), 0)
 
 
+@pytest.mark.parametrize("T", [0, 1, 7])
+def test_absorb_and_unabsorb_equal_the_plain_bmms_and_keep_gradients(T, seed):
+    """The BMMs write into strided views of their outputs; the values are the plain transposed BMMs' (q_nope and
+    q_pe as the model passes them: slices of one q), and with gradients on they fall back to differentiable ops."""
+    H, N, P, R, V = 3, 8, 4, 16, 8
+    q = torch.randn(T, H, N + P, dtype=torch.float64)
+    q_nope, q_pe = q[..., :N], q[..., N:]
+    w = torch.randn(H * (N + V), R, dtype=torch.float64)
+    w_uk, w_uv = w.view(H, N + V, R)[:, :N], w.view(H, N + V, R)[:, N:]
+    want = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)
+    assert torch.allclose(absorb_query(q_nope, q_pe, w), want, rtol=1e-12, atol=1e-12)
+    o_lat = torch.randn(T, H, R, dtype=torch.float64)[:, :, :]
+    got = unabsorb_output(o_lat, w, N)
+    assert got.is_contiguous() and torch.allclose(got, torch.einsum("thr,hvr->thv", o_lat, w_uv), rtol=1e-12,
+                                                   atol=1e-12)
+    wg = w.clone().requires_grad_(True)
+    (absorb_query(q_nope, q_pe, wg).sum() + unabsorb_output(o_lat, wg, N).sum()).backward()
+    assert wg.grad is not None and wg.grad.shape == w.shape
+
+
 def test_the_measured_rule_picks_the_faster_mode_of_the_recorded_sweep():
     """Every case of the recorded GPU sweep (``benchmarks/mha_sweep_h200.jsonl``: MHA block vs the MQA op, which
     is what the core op saves by choosing MHA) where one mode was more than 10 % faster: the rule picks that one

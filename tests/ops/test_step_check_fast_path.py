@@ -190,14 +190,15 @@ def test_the_step_check_opens_no_parallel_region_for_a_small_step():
 @pytest.mark.parametrize("words", [False, True])
 def test_the_host_copy_gives_every_tensor_back_as_int64(words):
     """``checks.host_int64``: int32 and int64 tensors of odd sizes, in any order (int64 ones after odd int32 ones
-    too), non-contiguous and empty ones, come back equal, as int64; ``words=True`` is the path a device takes (int32
-    words, one copy)."""
+    too), non-contiguous (a transposed 2-D one, which ``reshape`` copies, and strided 1-D ones, which it does not)
+    and empty ones, come back equal, as int64; ``words=True`` is the path a device takes (int32 words, one copy)."""
     from swa_rewrite.ops.checks import host_int64
 
     big = 2**40 + 3
     tensors = (torch.tensor([1, -2, 3], dtype=torch.int32), torch.tensor([big, -big, 5]),
                torch.arange(12, dtype=torch.int32).view(3, 4).t(), torch.empty(0, dtype=torch.int64),
-               torch.tensor([[-1, 7]], dtype=torch.int64), torch.tensor([2**31 - 1, -2**31], dtype=torch.int32))
+               torch.tensor([[-1, 7]], dtype=torch.int64), torch.tensor([2**31 - 1, -2**31], dtype=torch.int32),
+               torch.arange(-5, 10)[::2], torch.arange(12).view(3, 4)[:, 1], torch.arange(9, dtype=torch.int32)[::3])
     host = host_int64(tensors, words=words)
     assert len(host) == len(tensors)
     for t, h in zip(tensors, host):
