@@ -406,6 +406,9 @@ DENSE_VARIANTS = {
     # 64-key tiles with dedup need ~232 KB of shared memory on sm_90 (local report): not offered.
     "n32s3-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3, dedup=True),
     "n32s4-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4, dedup=True),
+    # persistent grids: 1 or 2 programs per SM looping over (token, head block, split) items (issue 17)
+    "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
+    "tma-persistent2": dict(kernel="tiles", tma=True, persistent=2),
 }
 DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
 # SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).
@@ -416,6 +419,7 @@ SWA_VARIANTS = {
     "bf16": dict(kernel="tiles", bf16_dequant=True, tma=False),
     "tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True),
     "n32-tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True, block_n=32),
+    "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
 }
 
 

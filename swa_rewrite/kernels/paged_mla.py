@@ -27,7 +27,7 @@ import triton.language as tl
 from .. import fp8_format
 from . import interpreting
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
-                      _load_queries, _load_tile, _plan, _split_range, _store_rows, split_targets)
+                      _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
 from .gathered_mla import paged_attention_fwd
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
@@ -150,10 +150,11 @@ def _slot(pid, num_slots, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _paged_tiles_fwd_kernel(
+def _paged_tile_item(
+        pid, pid_s,                                 # (token, head block) and split of this work item
         q_ptr, cache_ptr, lat_desc, sc_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
         scr_ptr,
-        qk_scale,                                   # softmax scale · log2(e)
+        qk_scale,
         H, window, page_size, num_splits, num_slots,
         stride_qt, stride_qh,
         stride_cb, stride_cr,                       # cache block / row strides (cache elements)
@@ -164,18 +165,16 @@ def _paged_tiles_fwd_kernel(
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
         WINDOWED: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, DEDUP: tl.constexpr,
         BF16_DEQUANT: tl.constexpr, PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
-    """Attention of token ``t`` (the heads of one block) to positions ``max(0, p-W+1) … p`` of its request
+    """One work item of ``_paged_tiles_fwd_kernel``: attention of token ``t`` (the heads of one block) to positions ``max(0, p-W+1) … p`` of its request
     (``0 … p`` when ``window == 0``; ``WINDOWED`` is ``window > 0``) in tiles aligned to ``BLOCK_N``
     (``page_size % BLOCK_N == 0``).
     ``CHUNK > 0``: the block ids of ``CHUNK`` tiles are loaded before an inner tile loop, which then has no
     address-feeding load; ``CHUNK == 0``: one scalar block-id load per tile. ``DEDUP``: scores go through
     a scratch slot of this SM (``num_slots`` slots of two ``[BLOCK_H, BLOCK_N]`` fp32 buffers; one program
     per SM). ``BF16_DEQUANT``: whole FP8 tiles dequantise in bf16 (``_dequantize_bf16``)."""
-    pid = tl.program_id(0)
     n_hb = tl.cdiv(H, BLOCK_H)
     t = (pid // n_hb).to(tl.int64)
     pid_h = pid % n_hb
-    pid_s = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     h_mask = offs_h < H
@@ -195,7 +194,7 @@ def _paged_tiles_fwd_kernel(
     k_begin, k_end = _split_range(t0, tl.where(b >= 0, pos + 1, t0), num_splits, pid_s, BLOCK_N)
     k_full = k_begin + (tl.maximum(k_end - k_begin, 0) // BLOCK_N) * BLOCK_N  # end of the whole tiles
     bt_row_ptr = bt_ptr + bb * stride_bt
-    scr_ptr = scr_ptr + _slot(pid, num_slots, INTERPRET).to(tl.int64) * (2 * BLOCK_H * BLOCK_N)
+    scr_ptr = scr_ptr + _slot(tl.program_id(0), num_slots, INTERPRET).to(tl.int64) * (2 * BLOCK_H * BLOCK_N)
 
     q_lat, q_pe = _load_queries(q_ptr + t * stride_qt + offs_h * stride_qh, h_mask, R, P, BLOCK_R, BLOCK_P,
                                 INTERPRET)
@@ -236,6 +235,39 @@ def _paged_tiles_fwd_kernel(
                 pid_s * stride_ls + t * stride_lt + offs_h, h_mask, R, BLOCK_R, PARTIAL, INTERPRET)
 
 
+@triton.jit
+def _paged_tiles_fwd_kernel(
+        q_ptr, cache_ptr, lat_desc, sc_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
+        scr_ptr,
+        qk_scale,                                   # softmax scale · log2(e)
+        H, window, page_size, num_splits, num_slots,
+        items_per_split,                            # tokens × head blocks
+        stride_qt, stride_qh,
+        stride_cb, stride_cr,                       # cache block / row strides (cache elements)
+        stride_bt,
+        stride_os, stride_ot, stride_oh,            # out (or partials: split, token, head)
+        stride_ls, stride_lt,                       # lse (or partial lse: split, token); head stride 1
+        R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
+        WINDOWED: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, DEDUP: tl.constexpr,
+        BF16_DEQUANT: tl.constexpr, PARTIAL: tl.constexpr, INTERPRET: tl.constexpr,
+        PERSISTENT: tl.constexpr):
+    """The page-tile kernel (``_paged_tile_item``): one program per (token, head block) × split — or, with
+    ``PERSISTENT``, a grid of a few programs per SM, each looping over work items ``w`` (split ``w //
+    items_per_split``, item ``w % items_per_split``), so per-program set-up is paid once per program."""
+    if PERSISTENT:
+        for w in range(tl.program_id(0), items_per_split * num_splits, tl.num_programs(0)):
+            _paged_tile_item(w % items_per_split, w // items_per_split, q_ptr, cache_ptr, lat_desc, sc_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr, scr_ptr,
+                qk_scale, H, window, page_size, num_splits, num_slots, stride_qt, stride_qh, stride_cb, stride_cr,
+                stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_R, BLOCK_P, BLOCK_H,
+                BLOCK_N, NT, FP8, WINDOWED, CHUNK, TMA, DEDUP, BF16_DEQUANT, PARTIAL, INTERPRET)
+    else:
+        _paged_tile_item(tl.program_id(0), tl.program_id(1), q_ptr, cache_ptr, lat_desc, sc_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr, scr_ptr,
+                qk_scale, H, window, page_size, num_splits, num_slots, stride_qt, stride_qh, stride_cb, stride_cr,
+                stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_R, BLOCK_P, BLOCK_H,
+                BLOCK_N, NT, FP8, WINDOWED, CHUNK, TMA, DEDUP, BF16_DEQUANT, PARTIAL, INTERPRET)
+
+
 # ------------------------------------------------------------------------------------------ launchers
 # Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "tiles" (the kernel
 # above) or "generic" (gathered_mla's kernel); ``tma``: tile loads through host TMA descriptors;
@@ -253,7 +285,7 @@ PAGED_DECODE_CONFIG = dict(kernel="tiles", block_n=64, num_warps=8, num_stages=2
 # instead of two, 13 % slower), and with 16-head blocks the TMA variant lost (call 2 of issue 17).
 SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto")
 SWA_TILES_MIN_WINDOW = 512
-_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant")
+_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent")
 # ``dedup`` scratch: one slot per SM id; %smid stays below the physical SM count (≤ 144 on GH100).
 _SCRATCH_SLOTS = 256
 
@@ -328,14 +360,19 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     slots = (_SCRATCH_SLOTS if not interpreting() else 1) if dedup else 1
     scratch = torch.empty(slots * 2 * plan["block_h"] * block_n if dedup else 1, dtype=torch.float32,
                           device=q.device)
-    grid = (T * plan["n_hb"], splits)
+    items = T * plan["n_hb"]
+    persistent = int(config.get("persistent", 0))
+    if persistent > 0:                  # a few programs per SM loop over the work items
+        grid = (max(1, min(items * splits, persistent * _sm_count(q.device))),)
+    else:
+        grid = (items, splits)
     compiled = _paged_tiles_fwd_kernel[grid](
         q, cache, lat_desc, sc_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-        o_t, l_t, scratch, scale * _LOG2E, H, window, ps, splits, slots, q.stride(0), q.stride(1),
+        o_t, l_t, scratch, scale * _LOG2E, H, window, ps, splits, slots, items, q.stride(0), q.stride(1),
         cache.stride(0), cache.stride(1), block_tables.stride(0), *o_strides, *l_strides,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=block_n, NT=nt, FP8=fp8,
         WINDOWED=window > 0, CHUNK=chunk, TMA=descs is not None, DEDUP=dedup, BF16_DEQUANT=bool(config["bf16_dequant"]),
-        PARTIAL=splits > 1, INTERPRET=interpreting(),
+        PARTIAL=splits > 1, INTERPRET=interpreting(), PERSISTENT=persistent > 0,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     if dedup and q.is_cuda and compiled is not None:
         props = torch.cuda.get_device_properties(q.device)
@@ -344,7 +381,8 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
             props.shared_memory_per_multiprocessor, "dedup needs one program per SM"
     if stats is not None:
         stats.update(attention=compiled, plan=dict(plan, kernel="tiles", chunk=chunk, tma=descs is not None,
-                                                   dedup=dedup))
+                                                   dedup=dedup, programs=grid[0] * (grid[1] if len(grid) > 1 else 1),
+                                                   items=items * splits))
     if splits > 1:
         bh = 16
         _combine_splits_kernel[(T, triton.cdiv(H, bh))](

@@ -23,6 +23,8 @@ VARIANTS = {
     "tma-chunk": dict(kernel="tiles", tma=True, chunk=64),
     "dedup": dict(kernel="tiles", dedup=True, tma=False),
     "tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, dedup=True),
+    "persistent": dict(kernel="tiles", tma=False, persistent=1),
+    "tma-persistent": dict(kernel="tiles", tma=True, persistent=2),
 }
 # On sm_90 a 64-key tile with ``dedup`` needs more than the 227 KB of shared memory (local report), so the
 # GPU runs dedup with 32-key tiles only.
@@ -32,6 +34,7 @@ GPU_VARIANTS = {
     "n32s4-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=4, dedup=True),
     "n32s3-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3, dedup=True),
     "n32s4-chunk": dict(kernel="tiles", chunk=64, block_n=32, num_stages=4, tma=False),
+    "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
 }
 
 
@@ -53,6 +56,9 @@ def _run(device, requests, ps, H, R, P, config, num_pad=2, check_plan=True):
         assert plan["kernel"] == "tiles"
         assert plan["tma"] == bool(config.get("tma"))
         assert plan["dedup"] == (bool(config.get("dedup")) and (H > 32 or device == "cpu"))
+        if config.get("persistent") and device == "cpu":       # (the interpreter counts 8 SMs)
+            assert plan["programs"] == min(plan["items"], 8 * config["persistent"])
+            assert plan["programs"] < plan["items"] or requests is not MIXED     # MIXED: programs loop
     assert_matches(*out, *causal_oracle(q, cache, meta[0], pos, bid, scale, R))
 
 
@@ -67,7 +73,7 @@ def test_tiles_interpreter(seed, variant, ps, H, P):
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
-@pytest.mark.parametrize("variant", ["ids", "tma-chunk-dedup"])
+@pytest.mark.parametrize("variant", ["ids", "tma-chunk-dedup", "persistent", "tma-persistent"])
 def test_tiles_split_context_interpreter(seed, variant):
     _run("cpu", [(90, 1), (2, 1), (33, 1)], 16, 4, 32, 16, dict(VARIANTS[variant], splits=3))
 
@@ -147,6 +153,7 @@ SWA_VARIANTS = {
     "dedup": dict(kernel="tiles", dedup=True, tma=False),
     "tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True),
     "bf16": dict(kernel="tiles", bf16_dequant=True, tma=False),
+    "tma-persistent": dict(kernel="tiles", tma=True, persistent=1),
 }
 
 
@@ -174,7 +181,8 @@ def test_swa_tiles_tma_interpreter(seed, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ids", "tma", "tma-bf16", "bf16", "n32s4-tma-chunk", "n32s3-tma-bf16"])
+@pytest.mark.parametrize("variant", ["ids", "tma", "tma-bf16", "bf16", "n32s4-tma-chunk", "n32s3-tma-bf16",
+                                     "tma-persistent"])
 @pytest.mark.parametrize("window", [1, 128, 1000])
 @pytest.mark.parametrize("ps", [64, 128])
 def test_swa_tiles_gpu(seed, variant, window, ps):
