@@ -68,6 +68,10 @@ def mha_expanded_rows(chunk: int, cached: int, window: int, sinks: int = 0) -> i
     return (min(sinks, a) if window else 0) + cached + chunk - a
 
 
+# The dims ``mha_measured_rule`` was measured at: DeepSeek-V2/V3's (R, N, V), with P = 64.
+MEASURED_DIMS = (512, 128, 128)
+
+
 def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank: int, nope_dim: int,
                  v_dim: int, heads: Optional[int] = None) -> bool:
     """Whether a prompt chunk should run MHA mode in a group of this window (0: a full layer): at DeepSeek's
@@ -87,10 +91,6 @@ def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank:
         return False
     pairs = mha_attended_pairs(chunk, cached, window, sinks)
     return pairs * gain > mha_expanded_rows(chunk, cached, window, sinks) * kv_lora_rank * (nope_dim + v_dim)
-
-
-# The dims the rule below was measured at: DeepSeek-V2/V3's (R, N, V), with P = 64.
-MEASURED_DIMS = (512, 128, 128)
 
 
 def mha_measured_rule(chunk: int, cached: int, window: int, heads: int) -> bool:
