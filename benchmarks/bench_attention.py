@@ -409,6 +409,10 @@ DENSE_VARIANTS = {
     # persistent grids: 1 or 2 programs per SM looping over (token, head block, split) items (issue 17)
     "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
     "tma-persistent2": dict(kernel="tiles", tma=True, persistent=2),
+    # Gluon (kernels/gluon_mla.py): S computed once, O split across the warpgroups, a TMA ring; loads issued
+    # by the compute warps or by a producer warp (warp-specialised)
+    "gluon": dict(kernel="gluon"),
+    "gluon-ws": dict(kernel="gluon", warp_specialize=True),
 }
 DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
 # SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).

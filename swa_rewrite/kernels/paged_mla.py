@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
+from . import gluon_mla, interpreting
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                       _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
 from .gathered_mla import paged_attention_fwd
@@ -285,7 +285,7 @@ PAGED_DECODE_CONFIG = dict(kernel="tiles", block_n=64, num_warps=8, num_stages=2
 # instead of two, 13 % slower), and with 16-head blocks the TMA variant lost (call 2 of issue 17).
 SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto")
 SWA_TILES_MIN_WINDOW = 512
-_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent")
+_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize")
 # ``dedup`` scratch: one slot per SM id; %smid stays below the physical SM count (≤ 144 on GH100).
 _SCRATCH_SLOTS = 256
 
@@ -329,6 +329,8 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     ps = cache.shape[1]
     block_n = config["block_n"] if not interpreting() else min(config["block_n"], 16)
     kernel = config["kernel"]
+    if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
+        kernel = "tiles"                            # (CPU, other GPUs, other shapes: the page-tile kernel)
     if kernel == "auto":
         kernel = "tiles" if window >= SWA_TILES_MIN_WINDOW and H > 32 else "generic"
     if kernel == "generic" or ps % block_n or cache.dim() != 3 or seq_lens_decoder.shape[0] == 0 or T == 0:
@@ -343,6 +345,9 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     capacity = block_tables.shape[1] * ps
     max_keys = min(window + block_n - 1, capacity) if window > 0 else capacity   # a window spans one more tile
     plan = _plan(T, H, max_keys, q.device, dict(config, block_n=block_n), KEYS_PAGED)
+    if kernel == "gluon":
+        return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
+                          plan, bool(config.get("warp_specialize")), stats)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
     nt = block_r // fp8_format.TILE if fp8 else 1
@@ -383,13 +388,37 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         stats.update(attention=compiled, plan=dict(plan, kernel="tiles", chunk=chunk, tma=descs is not None,
                                                    dedup=dedup, programs=grid[0] * (grid[1] if len(grid) > 1 else 1),
                                                    items=items * splits))
+    _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits)
+    return out_t, lse_t
+
+
+def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
+    """Merge the fp32 split partials into ``out_t`` / ``lse_t`` (nothing to do with one split)."""
     if splits > 1:
+        T, H, R = out_t.shape
         bh = 16
         _combine_splits_kernel[(T, triton.cdiv(H, bh))](
             o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
             *o_strides, *l_strides,
             out_t.stride(0), out_t.stride(1), lse_t.stride(0),
-            R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
+            R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
+
+
+def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
+               warp_specialize: bool, stats):
+    """The dense decode through ``gluon_mla`` (``kernel="gluon"``, where ``gluon_mla.supports`` the call)."""
+    out_t, lse_t = out
+    splits = plan["splits"]
+    o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)
+    compiled = gluon_mla.launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                                scale * _LOG2E, o_t, l_t, o_strides, l_strides, splits, warp_specialize)
+    if stats is not None:
+        T, H, _ = q.shape
+        items = T * (H // gluon_mla.BLOCK_H)
+        stats.update(attention=compiled, plan=dict(plan, kernel="gluon", block_h=gluon_mla.BLOCK_H, tma=True,
+                                                   dedup=False, warp_specialize=warp_specialize, chunk=0,
+                                                   programs=items * splits, items=items * splits))
+    _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits)
     return out_t, lse_t
 
 

@@ -26,6 +26,11 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
+try:  # Gluon kernels (issue 17): their own AST source and descriptors with a shared-memory layout
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor  # noqa: E402
+except ImportError:  # pragma: no cover
+    GluonASTSource = GluonDescriptor = None
 
 _PTR = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
         torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
@@ -38,6 +43,9 @@ if RESOURCES:
 
 
 def _type(value):
+    if GluonDescriptor is not None and isinstance(value, GluonDescriptor):
+        return (f"tensordesc<{_PTR[value.base.dtype]}[{','.join(str(b) for b in value.block_shape)}],"
+                f"{value.layout!r}>")
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
         return f"tensordesc<{_PTR[value.base.dtype]}[{','.join(str(b) for b in value.block_shape)}]>"
     if isinstance(value, torch.Tensor):
@@ -55,6 +63,7 @@ def aot_run(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
+    bound.update({k: v for k, v in options.items() if k in self.arg_names})   # e.g. a Gluon kernel's num_warps
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(self.arg_names):
         value = bound[name] if name in bound else self.params[i].default
@@ -71,7 +80,8 @@ def aot_run(self, *args, grid, warmup, **kwargs):
     try:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):        # Triton prints its ptxas -v log when asked to
-            kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs, attrs=attrs),
+            source = GluonASTSource if getattr(self, "is_gluon", lambda: False)() else ASTSource
+            kernel = triton.compile(source(self, signature, constexprs=constexprs, attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32), options=options)
         assert "cubin" in kernel.asm, "no cubin"
         compiled.append(label + (" " + resources(log.getvalue(), kernel) if RESOURCES else ""))
@@ -137,6 +147,18 @@ def main():
             qh = torch.zeros(m.batch_id_per_token.shape[0], heads, D, dtype=torch.bfloat16)
             sparse_mla.swa_attention_fwd(qh, packed, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder,
                                          m.batch_id_per_token, 0.1, P, 128, staged=b is prefill)
+    from swa_rewrite.kernels import gluon_mla
+    from swa_rewrite.kernels._common import split_targets
+    if gluon_mla.AVAILABLE:           # the Gluon dense decode kernel (issue 17): both pipelines, whole and split
+        m = decode.meta
+        T = m.batch_id_per_token.shape[0]
+        q = torch.zeros(T, H, D, dtype=torch.bfloat16)
+        out = (torch.empty(T, H, R, dtype=torch.bfloat16), torch.empty(T, H, dtype=torch.float32))
+        for splits in (1, 2):
+            o_t, l_t, o_strides, l_strides = split_targets(*out, splits)
+            for ws in (False, True):
+                gluon_mla.launch(q, bf16, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder,
+                                 m.batch_id_per_token, 0.1, o_t, l_t, o_strides, l_strides, splits, ws)
     for label in compiled:
         print("compiled", label[:160] if not RESOURCES else label)
     for label, tb in failures:

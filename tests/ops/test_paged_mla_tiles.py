@@ -35,6 +35,9 @@ GPU_VARIANTS = {
     "n32s3-tma-chunk-dedup": dict(kernel="tiles", tma=True, chunk=64, block_n=32, num_stages=3, dedup=True),
     "n32s4-chunk": dict(kernel="tiles", chunk=64, block_n=32, num_stages=4, tma=False),
     "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
+    # The Gluon kernel (kernels/gluon_mla.py): compute warps issuing the loads, or a producer warp
+    "gluon": dict(kernel="gluon"),
+    "gluon-ws": dict(kernel="gluon", warp_specialize=True),
 }
 
 
@@ -51,7 +54,13 @@ def _run(device, requests, ps, H, R, P, config, num_pad=2, check_plan=True):
     bt, cu, _, dec, bid_t = meta
     stats = {}
     paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, scale, P, config=config, out=out, stats=stats)
-    if check_plan:
+    if check_plan and config.get("kernel") == "gluon":
+        # Written for H % 64 == 0 and 64-aligned pages on a Hopper GPU; the page-tile kernel elsewhere.
+        gluon = device == "cuda" and H % 64 == 0 and ps % 64 == 0 and R == 512 and P == 64
+        assert stats["plan"]["kernel"] == ("gluon" if gluon else "tiles")
+        if gluon:
+            assert stats["plan"]["warp_specialize"] == bool(config.get("warp_specialize"))
+    elif check_plan:
         plan = stats["plan"]
         assert plan["kernel"] == "tiles"
         assert plan["tma"] == bool(config.get("tma"))
@@ -84,6 +93,13 @@ def test_tiles_chunk_boundaries_interpreter(seed):
     _run("cpu", [(100, 1), (64, 2), (17, 1)], 16, 2, 32, 16, dict(kernel="tiles", chunk=2, tma=False))
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("ws", [False, True])
+def test_gluon_request_takes_the_page_tile_kernel_on_cpu(seed, ws):
+    """Gluon has no interpreter: asked for on CPU, the launcher runs the page-tile kernel (checked by _run)."""
+    _run("cpu", MIXED, 16, 4, 32, 16, dict(kernel="gluon", warp_specialize=ws))
+
+
 def test_page_size_not_a_tile_multiple_takes_the_generic_kernel():
     from swa_rewrite.kernels import paged_mla
 
@@ -107,15 +123,15 @@ def test_tiles_gpu(seed, variant, ps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup"])
-@pytest.mark.parametrize("H", [16, 64])
+@pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
+@pytest.mark.parametrize("H", [16, 64, 128])
 def test_tiles_gpu_heads_and_splits(seed, variant, H):
     """Few heads (a shard) and a decode batch small enough that the context is split across programs."""
     _run("cuda", [(3000, 1), (17, 1), (640, 1)], 64, H, 512, 64, GPU_VARIANTS[variant], num_pad=1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup"])
+@pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
 def test_tiles_gpu_many_programs(seed, variant):
     """Several waves of programs sharing the per-SM score slots (a race there gives a moving error)."""
     requests = [(int(d), 1) for d in torch.randint(0, 2500, (300,))]
@@ -123,7 +139,7 @@ def test_tiles_gpu_many_programs(seed, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup"])
+@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
 def test_tiles_gpu_cuda_graph(seed, variant):
     """TMA descriptors and the scratch buffer are captured with the graph; replays see new queries."""
     from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd

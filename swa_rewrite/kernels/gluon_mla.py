@@ -1,0 +1,284 @@
+"""Dense paged MLA decode in Gluon, Triton's explicit-layout dialect, for Hopper (issue 17).
+
+The plain-Triton page-tile kernel (``paged_mla._paged_tiles_fwd_kernel``) cannot choose how its two
+warpgroups share the work: Triton lays a chained ``S = Q·Kᵀ`` out with both warpgroups computing all of it,
+and it has no lookahead for tile loads whose address comes from an in-loop block-id load. Here the layouts
+and the pipeline are written out:
+
+- **S computed once**: ``S [64 heads, 64 keys]`` has the wgmma layout ``warps_per_cta = [4, 2]``, so each
+  warpgroup computes 32 of the 64 key columns over all 576 dims; the row max / sum are reduced across the
+  two, and P goes to both as the A operand of ``P·V`` (a layout conversion through shared memory).
+- **O split**: ``O [64, 512]`` fp32 has the same ``[4, 2]`` layout with 256-column wgmma instructions: each
+  warpgroup owns 256 of the 512 output columns (128 registers per thread).
+- **TMA ring**: a key tile is 64 contiguous rows of one page (``page_size % 64 == 0``), loaded by TMA as a
+  ``[64, 512]`` latent and a ``[64, 64]`` rope box into a ring of ``NBUF`` shared-memory slots with one
+  mbarrier each; the block id of a tile is read one iteration before its load is issued, so no load's
+  address waits on an in-loop load. Q lives in shared memory for the whole item (72 KB; two slots 144 KB).
+- ``WARP_SPECIALIZE``: the loads are issued by a separate one-warp producer partition (``gl.warp_specialize``)
+  that runs ahead through "empty" / "ready" barrier rings, instead of by the compute warps between tiles.
+
+A split's last, partial tile is loaded with masked loads into its slot (rows past the request's last position
+may be unwritten: ``0 · NaN`` would survive P·V). One program owns (token, 64-head block, split), the same
+work item and partial-output layout as the page-tile kernel, whose ``_combine_splits_kernel`` merges splits.
+
+Gluon has no interpreter: the launcher (``paged_mla.paged_tiles_fwd`` with ``kernel="gluon"``) takes this
+kernel only on a Hopper GPU and for the shapes it is written for (bf16 ``[NB, ps, 576]`` cache, R = 512,
+P = 64, ``H % 64 == 0``, no window), and falls back to the interpreter-tested page-tile kernel otherwise.
+``tests/kernels/hopper_compile.py`` compiles it for sm_90 without a GPU; its GPU tests check it against the
+float64 reference. The Gluon API moved between Triton 3.6 (the GPU machine) and 3.9 (CI): the names that
+changed are aliased below, at module level (the JIT resolves every attribute it sees in a kernel body).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    AVAILABLE = False
+
+_LN2 = 0.6931471805599453
+BLOCK_H = 64
+BLOCK_N = 64
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, BLOCK_N: gl.constexpr):
+        """Request row ``bb`` of token ``t`` and its split's key range ``[k_begin, k_end)`` (causal, whole
+        ``BLOCK_N`` tiles per split, as ``_common._split_range``); empty for padding tokens."""
+        b = gl.load(bid_ptr + t)
+        bb = gl.maximum(b, 0)
+        cu_b = gl.load(cu_ptr + bb)
+        dec_b = gl.load(dec_ptr + bb)
+        hi = gl.where(b >= 0, dec_b + t - cu_b + 1, 0)
+        tiles = gl.cdiv(gl.cdiv(hi, BLOCK_N), num_splits)
+        k_begin = pid_s * tiles * BLOCK_N
+        k_end = gl.minimum(hi, k_begin + tiles * BLOCK_N)
+        return bb, k_begin, k_end
+
+    @gluon.jit
+    def _tile_row(bt_row_ptr, k0, page_size):
+        """First cache row (in the ``[NB·ps, D]`` view) of the tile at position ``k0``."""
+        blk = gl.load(bt_row_ptr + k0 // page_size)
+        return blk * page_size + k0 % page_size
+
+    @gluon.jit
+    def _issue(lat_desc, pe_desc, row, bar, lat_dst, pe_dst):
+        mbarrier.expect(bar, lat_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+        _tma_load(lat_desc, [row, 0], bar, lat_dst)
+        _tma_load(pe_desc, [row, 0], bar, pe_dst)
+
+    @gluon.jit
+    def _attend(q_lat_s, q_pe_s, kl, kp, m_i, l_i, acc, qk_scale, k0, k_end, MASKED: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One online-softmax step over the key tile in shared memory (``kl [BLOCK_N, R]``, ``kp [BLOCK_N,
+        P]``); ``MASKED``: only positions below ``k_end`` count."""
+        s = warpgroup_mma(q_pe_s, kp.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma(q_lat_s, kl.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = s * qk_scale
+        if MASKED:
+            offs = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(offs < k_end, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                                          k_width=2))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = warpgroup_mma(p_op, kl, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        return m_new, l_i, acc
+
+    @gluon.jit
+    def _masked_tile(cache_ptr, bt_row_ptr, k0, k_end, page_size, stride_cb, stride_cr, kl, kp,
+                     R: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+        """The partial tile at ``k0`` into slot ``kl`` / ``kp`` with masked loads (rows at or past ``k_end``
+        are zeros), fenced for the wgmma that reads it."""
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+        blk = gl.load(bt_row_ptr + k0 // page_size).to(gl.int64)
+        rows = gl.expand_dims(blk * stride_cb + (k0 % page_size + offs_n).to(gl.int64) * stride_cr, 1)
+        valid = gl.expand_dims(k0 + offs_n < k_end, 1)
+        kl.store(gl.load(cache_ptr + rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0),
+                         mask=valid, other=0.0))
+        kp.store(gl.load(cache_ptr + rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0),
+                         mask=valid, other=0.0))
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
+    def _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
+                 k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                 stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+                 R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                 NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """The compute warps (two warpgroups) of one work item: Q into shared memory, the whole tiles (issuing
+        their loads unless a producer partition does), the partial tile, the normalised store."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, 32, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, 256, 16])
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        n_full = gl.maximum(k_end - k_begin, 0) // BLOCK_N
+        k_full = k_begin + n_full * BLOCK_N
+
+        if not WARP_SPECIALIZE:          # the first NBUF tiles' loads, before Q's (they take longer)
+            row_next = 0
+            for i in gl.static_range(NBUF):
+                if i < n_full:
+                    row = _tile_row(bt_row_ptr, k_begin + i * BLOCK_N, page_size)
+                    _issue(lat_desc, pe_desc, row, ready.index(i), k_lat_s.index(i), k_pe_s.index(i))
+            if NBUF < n_full:
+                row_next = _tile_row(bt_row_ptr, k_begin + NBUF * BLOCK_N, page_size)
+
+        offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
+        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0)))
+        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0)))
+        fence_async_shared()
+        _barrier()
+
+        m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
+        for j in range(n_full):
+            slot = j % NBUF
+            mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
+            m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
+                                    qk_scale, 0, 0, False, s_layout, o_layout, BLOCK_H, BLOCK_N)
+            _barrier()                   # both warpgroups are done with the slot
+            if WARP_SPECIALIZE:
+                mbarrier.arrive(empty.index(slot), count=1)
+            else:
+                if j + NBUF < n_full:    # the slot's next tile; the block id of the one after, for next time
+                    _issue(lat_desc, pe_desc, row_next, ready.index(slot), k_lat_s.index(slot),
+                           k_pe_s.index(slot))
+                    if j + NBUF + 1 < n_full:
+                        row_next = _tile_row(bt_row_ptr, k_begin + (j + NBUF + 1) * BLOCK_N, page_size)
+        if k_full < k_end:               # every slot is free: all loads were consumed
+            slot = n_full % NBUF
+            _masked_tile(cache_ptr, bt_row_ptr, k_full, k_end, page_size, stride_cb, stride_cr,
+                         k_lat_s.index(slot), k_pe_s.index(slot), R, P, BLOCK_N, num_warps)
+            m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
+                                    qk_scale, k_full, k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
+
+        # A row with no key: out = 0 and lse = +inf (a partial: -inf, weight 0 in the combine).
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+        lse = gl.where(empty_row, float("-inf") if PARTIAL else float("inf"), lse)
+        offs_hs = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + pid_s * stride_ls + t.to(gl.int64) * stride_lt + offs_hs, lse)
+        o = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+        offs_ho = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
+        o_rows = pid_s * stride_os + t.to(gl.int64) * stride_ot + offs_ho.to(gl.int64) * stride_oh
+        o_ptrs = out_ptr + gl.expand_dims(o_rows, 1) + gl.expand_dims(
+            gl.arange(0, R, layout=gl.SliceLayout(0, o_layout)), 0)
+        gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty))
+
+    @gluon.jit
+    def _producer(lat_desc, pe_desc, bt_row_ptr, k_begin, n_full, page_size, k_lat_s, k_pe_s, ready, empty,
+                  NBUF: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The one-warp load partition: tile ``j``'s TMA loads into slot ``j % NBUF`` once the compute
+        warps have released it."""
+        for j in range(n_full):
+            slot = j % NBUF
+            mbarrier.wait(empty.index(slot), ((j // NBUF) & 1) ^ 1)
+            row = _tile_row(bt_row_ptr, k_begin + j * BLOCK_N, page_size)
+            _issue(lat_desc, pe_desc, row, ready.index(slot), k_lat_s.index(slot), k_pe_s.index(slot))
+
+    @gluon.jit
+    def _gluon_decode_kernel(q_ptr, cache_ptr, lat_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr,
+                             lse_ptr, qk_scale, H, page_size, num_splits,
+                             stride_qt, stride_qh, stride_cb, stride_cr, stride_bt,
+                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+                             R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                             NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+                             num_warps: gl.constexpr):
+        n_hb = H // BLOCK_H
+        t = gl.program_id(0) // n_hb
+        pid_h = gl.program_id(0) % n_hb
+        pid_s = gl.program_id(1)
+        bb, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, BLOCK_N)
+        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+
+        q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
+        q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, P], pe_desc.layout)
+        k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, R], lat_desc.layout)
+        k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+
+        if WARP_SPECIALIZE:
+            n_full = gl.maximum(k_end - k_begin, 0) // BLOCK_N
+            gl.warp_specialize([
+                (_compute, (q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s,
+                            k_lat_s, k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                            stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
+                            stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, num_warps)),
+                (_producer, (lat_desc, pe_desc, bt_row_ptr, k_begin, n_full, page_size, k_lat_s, k_pe_s, ready,
+                             empty, NBUF, BLOCK_N)),
+            ], [1], [24])
+        else:
+            _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
+                     k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                     stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
+                     stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, num_warps)
+
+
+def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, fp8: bool) -> bool:
+    """Whether the Gluon kernel is written for this call (else the caller takes the page-tile kernel)."""
+    if not AVAILABLE or fp8 or window > 0 or not q.is_cuda or cache.dim() != 3:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    T, H, D = q.shape
+    NB, ps, Dc = cache.shape
+    return (q.dtype == cache.dtype == torch.bfloat16 and D == Dc == 576 and rope_dim == 64 and H % BLOCK_H == 0
+            and ps % BLOCK_N == 0 and q.stride(-1) == 1 and cache.is_contiguous() and NB * ps < 2**31)
+
+
+def descriptors(cache: torch.Tensor, R: int, P: int):
+    """TMA descriptors over the cache rows (``[NB·ps, D]``): latent boxes ``[64, R]`` and rope boxes ``[64, P]``,
+    in the 128-byte-swizzled layouts the wgmma operands use."""
+    rows = cache.view(-1, cache.shape[-1])
+    lat_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.bfloat16)
+    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, P], gl.bfloat16)
+    return (GluonDescriptor(rows, [rows.shape[0], R], [rows.stride(0), 1], [BLOCK_N, R], lat_layout),
+            GluonDescriptor(rows[:, R:], [rows.shape[0], P], [rows.stride(0), 1], [BLOCK_N, P], pe_layout))
+
+
+def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,
+           o_strides, l_strides, splits: int, warp_specialize: bool, nbuf: int = 2):
+    """One launch of ``_gluon_decode_kernel`` over (token × head block, split), writing ``o_t`` / ``l_t`` (the
+    outputs, or the fp32 split partials) at the given (split, token, head) strides. Returns the compiled kernel."""
+    T, H, D = q.shape
+    P = 64
+    R = D - P
+    lat_desc, pe_desc = descriptors(cache, R, P)
+    grid = (T * (H // BLOCK_H), splits)
+    extra = dict(maxnreg=168) if warp_specialize else {}     # 3 warpgroups: 24 registers to the producer's
+    return _gluon_decode_kernel[grid](
+        q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t,
+        qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
+        block_tables.stride(0), *o_strides, *l_strides,
+        R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1,
+        WARP_SPECIALIZE=warp_specialize, num_warps=8, **extra)
