@@ -269,7 +269,8 @@ def _paged_tiles_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ launchers
-# Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "tiles" (the kernel
+# Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "gluon" (gluon_mla,
+# dense only, Hopper; ``warp_specialize``: its one-warp producer), "tiles" (the kernel
 # above) or "generic" (gathered_mla's kernel); ``tma``: tile loads through host TMA descriptors;
 # ``chunk``: block ids read per outer step (0: one scalar load per tile); ``dedup``: scores through a per-SM
 # scratch slot; ``bf16_dequant``: FP8 tiles dequantised in bf16 (exact: power-of-two scales). Other keys
@@ -277,13 +278,16 @@ def _paged_tiles_fwd_kernel(
 # Dense default (2026-11-28, H200, RESULTS.md issue 17): page tiles through TMA, 64 keys, 2 stages: 2.4x
 # the gathered kernel at B = 128 and 1.9x at B = 8 (H = 128), 1.6-2.3x at H = 64 / 16; every other variant
 # tried was slower.
-PAGED_DECODE_CONFIG = dict(kernel="tiles", block_n=64, num_warps=8, num_stages=2, chunk=0, tma=True,
-                           dedup=False, bf16_dequant=False)
+# Since 2026-11-28 (call 3 of session 7) the dense default is the Gluon kernel (``gluon_mla``, warp-specialised:
+# 1.44-1.46x FlashMLA at H = 128 where the page tiles took 2.12-2.26x, 1.02-1.09x at H = 64 B = 128); it falls
+# back to these page tiles off Hopper and for the shapes it is not written for.
+PAGED_DECODE_CONFIG = dict(kernel="gluon", warp_specialize=True, block_n=64, num_warps=8, num_stages=2, chunk=0,
+                           tma=True, dedup=False, bf16_dequant=False)
 # SWA decode default: ``kernel="auto"`` takes the same page tiles for windows of at least
 # ``SWA_TILES_MIN_WINDOW`` positions and 64-head blocks (1.1-1.8x the gathered kernel at W = 512 … 4096),
 # and the gathered kernel otherwise: a window that is not tile-aligned spans one more tile (W = 128: three
 # instead of two, 13 % slower), and with 16-head blocks the TMA variant lost (call 2 of issue 17).
-SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto")
+SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto", warp_specialize=False)
 SWA_TILES_MIN_WINDOW = 512
 _TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize")
 # ``dedup`` scratch: one slot per SM id; %smid stays below the physical SM count (≤ 144 on GH100).

@@ -12,7 +12,7 @@ import torch
 SCRIPT = pathlib.Path(__file__).with_name("hopper_compile.py")
 KERNELS = ("_write_kv_cache_kernel", "_write_fp8_cache_kernel", "_dequantize_fp8_cache_kernel", "_swa_indexer_kernel",
            "_mla_attention_fwd_kernel", "_combine_splits_kernel", "_stage_windows_kernel",
-           "_paged_tiles_fwd_kernel")
+           "_paged_tiles_fwd_kernel", "_gluon_decode_kernel")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the GPU tests compile and run every kernel")
