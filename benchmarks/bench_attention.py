@@ -424,6 +424,8 @@ SWA_VARIANTS = {
     "tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True),
     "n32-tma-bf16": dict(kernel="tiles", tma=True, bf16_dequant=True, block_n=32),
     "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
+    # Gluon (kernels/gluon_mla.py): a producer warp stages FP8 rows by TMA, the compute warps dequantise them
+    "gluon": dict(kernel="gluon"),
 }
 
 

@@ -32,7 +32,8 @@ changed are aliased below, at module level (the JIT resolves every attribute it 
 from __future__ import annotations
 
 import torch
-import triton
+
+from .. import fp8_format
 
 try:
     from triton.experimental import gluon
@@ -53,18 +54,22 @@ BLOCK_N = 64
 if AVAILABLE:
 
     @gluon.jit
-    def _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, BLOCK_N: gl.constexpr):
-        """Request row ``bb`` of token ``t`` and its split's key range ``[k_begin, k_end)`` (causal, whole
-        ``BLOCK_N`` tiles per split, as ``_common._split_range``); empty for padding tokens."""
+    def _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, window, BLOCK_N: gl.constexpr):
+        """Request row ``bb`` of token ``t`` at position ``p``, its first attended position ``lo`` (``p - window
+        + 1``, or 0 without a window) and its split's key range ``[k_begin, k_end)``: whole ``BLOCK_N`` tiles
+        per split from the tile holding ``lo``, as ``_common._split_range``; empty for padding tokens."""
         b = gl.load(bid_ptr + t)
         bb = gl.maximum(b, 0)
         cu_b = gl.load(cu_ptr + bb)
         dec_b = gl.load(dec_ptr + bb)
-        hi = gl.where(b >= 0, dec_b + t - cu_b + 1, 0)
-        tiles = gl.cdiv(gl.cdiv(hi, BLOCK_N), num_splits)
-        k_begin = pid_s * tiles * BLOCK_N
+        pos = dec_b + t - cu_b
+        lo = gl.where(window > 0, gl.maximum(pos - window + 1, 0), 0)
+        t0 = (lo // BLOCK_N) * BLOCK_N
+        hi = gl.where(b >= 0, pos + 1, t0)
+        tiles = gl.cdiv(gl.cdiv(hi - t0, BLOCK_N), num_splits)
+        k_begin = t0 + pid_s * tiles * BLOCK_N
         k_end = gl.minimum(hi, k_begin + tiles * BLOCK_N)
-        return bb, k_begin, k_end
+        return bb, lo, k_begin, k_end
 
     @gluon.jit
     def _tile_row(bt_row_ptr, k0, page_size):
@@ -79,10 +84,10 @@ if AVAILABLE:
         _tma_load(pe_desc, [row, 0], bar, pe_dst)
 
     @gluon.jit
-    def _attend(q_lat_s, q_pe_s, kl, kp, m_i, l_i, acc, qk_scale, k0, k_end, MASKED: gl.constexpr,
+    def _attend(q_lat_s, q_pe_s, kl, kp, m_i, l_i, acc, qk_scale, k0, lo, k_end, MASKED: gl.constexpr,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
-        """One online-softmax step over the key tile in shared memory (``kl [BLOCK_N, R]``, ``kp [BLOCK_N,
-        P]``); ``MASKED``: only positions below ``k_end`` count."""
+        """One online-softmax step over the key tile at position ``k0`` in shared memory (``kl [BLOCK_N, R]``,
+        ``kp [BLOCK_N, P]``); ``MASKED``: only positions in ``[lo, k_end)`` count."""
         s = warpgroup_mma(q_pe_s, kp.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
         s = warpgroup_mma(q_lat_s, kl.permute((1, 0)), s, is_async=True)
@@ -90,7 +95,7 @@ if AVAILABLE:
         s = s * qk_scale
         if MASKED:
             offs = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(offs < k_end, 0), s, float("-inf"))
+            s = gl.where(gl.expand_dims((offs >= lo) & (offs < k_end), 0), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
@@ -132,7 +137,6 @@ if AVAILABLE:
                                                            instr_shape=[16, 32, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, 256, 16])
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         n_full = gl.maximum(k_end - k_begin, 0) // BLOCK_N
         k_full = k_begin + n_full * BLOCK_N
 
@@ -145,13 +149,7 @@ if AVAILABLE:
             if NBUF < n_full:
                 row_next = _tile_row(bt_row_ptr, k_begin + NBUF * BLOCK_N, page_size)
 
-        offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
-        q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
-        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0)))
-        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0)))
-        fence_async_shared()
-        _barrier()
-
+        _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
         m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
@@ -159,7 +157,7 @@ if AVAILABLE:
             slot = j % NBUF
             mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
             m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
-                                    qk_scale, 0, 0, False, s_layout, o_layout, BLOCK_H, BLOCK_N)
+                                    qk_scale, 0, 0, 0, False, s_layout, o_layout, BLOCK_H, BLOCK_N)
             _barrier()                   # both warpgroups are done with the slot
             if WARP_SPECIALIZE:
                 mbarrier.arrive(empty.index(slot), count=1)
@@ -174,9 +172,29 @@ if AVAILABLE:
             _masked_tile(cache_ptr, bt_row_ptr, k_full, k_end, page_size, stride_cb, stride_cr,
                          k_lat_s.index(slot), k_pe_s.index(slot), R, P, BLOCK_N, num_warps)
             m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
-                                    qk_scale, k_full, k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
+                                    qk_scale, k_full, 0, k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
 
-        # A row with no key: out = 0 and lse = +inf (a partial: -inf, weight 0 in the combine).
+        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+                   stride_lt, s_layout, o_layout, R, BLOCK_H, PARTIAL)
+
+    @gluon.jit
+    def _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R: gl.constexpr, P: gl.constexpr,
+                BLOCK_H: gl.constexpr, num_warps: gl.constexpr):
+        """The head block's query rows into shared memory (latent and rope parts), fenced for the wgmmas."""
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
+        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0)))
+        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0)))
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
+    def _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+                   stride_lt, s_layout: gl.constexpr, o_layout: gl.constexpr, R: gl.constexpr,
+                   BLOCK_H: gl.constexpr, PARTIAL: gl.constexpr):
+        """Normalise and store the head block's rows. A row with no key: out = 0 and lse = +inf (a partial:
+        -inf, weight 0 in the combine)."""
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
@@ -213,7 +231,7 @@ if AVAILABLE:
         t = gl.program_id(0) // n_hb
         pid_h = gl.program_id(0) % n_hb
         pid_s = gl.program_id(1)
-        bb, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, BLOCK_N)
+        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, 0, BLOCK_N)
         bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
 
         q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
@@ -244,16 +262,125 @@ if AVAILABLE:
                      stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, num_warps)
 
 
+    # ------------------------------------------------------------------ sliding window over the FP8 cache
+    @gluon.jit
+    def _fp8_producer(lat_desc, sc_desc, pe_desc, bt_row_ptr, k_begin, n_tiles, page_size, st_lat, st_sc, pe_ring,
+                      ready, empty, NBUF: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The one-warp load partition of the FP8 kernel: tile ``j``'s packed rows by TMA into stage ``j %
+        NBUF`` (FP8 latent bytes, tile scales) and its rope rows into rope slot ``j % NBUF`` (bf16 already,
+        a wgmma operand as they are), once the compute warps have released them."""
+        for j in range(n_tiles):
+            slot = j % NBUF
+            mbarrier.wait(empty.index(slot), ((j // NBUF) & 1) ^ 1)
+            row = _tile_row(bt_row_ptr, k_begin + j * BLOCK_N, page_size)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, lat_desc.block_type.nbytes + sc_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+            _tma_load(lat_desc, [row, 0], bar, st_lat.index(slot))
+            _tma_load(sc_desc, [row, 0], bar, st_sc.index(slot))
+            _tma_load(pe_desc, [row, 0], bar, pe_ring.index(slot))
+
+    @gluon.jit
+    def _dequantize(st_lat, st_sc, lat_s, k0, lo, k_end, R: gl.constexpr, BLOCK_N: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """Staged FP8 rows × their tile scales → the bf16 latent operand ``lat_s``, 128 columns (one scale tile)
+        at a time; rows outside ``[lo, k_end)`` become 0 (past the request's last position they may be
+        unwritten: a NaN there would survive ``0 · NaN`` in P·V)."""
+        cv: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
+        sl: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [num_warps, 1], [1, 0])
+        NT: gl.constexpr = R // 128
+        sc = st_sc.load(sl)                                                        # [BLOCK_N, NT] fp32
+        cols = gl.expand_dims(gl.arange(0, NT, layout=gl.SliceLayout(0, sl)), 0)
+        offs_n = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cv))
+        valid = gl.expand_dims((offs_n >= lo) & (offs_n < k_end), 1)
+        for c in gl.static_range(NT):
+            sc_c = gl.convert_layout(gl.sum(gl.where(cols == c, sc, 0.0), axis=1), gl.SliceLayout(1, cv))
+            raw = st_lat.slice(c * 128, 128, dim=1).load(cv)
+            x = raw.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(sc_c, 1)
+            lat_s.slice(c * 128, 128, dim=1).store(gl.where(valid, x, 0.0).to(gl.bfloat16))
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
+    def _fp8_compute(q_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, lat_s, st_lat, st_sc, pe_ring, ready, empty, t,
+                     pid_h, pid_s, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
+                     stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
+                     BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+        """The compute warps of the FP8 kernel: per tile, dequantise the staged rows into the bf16 operand,
+        then the same online-softmax step as the dense kernel, masked to ``[lo, k_end)``."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, 32, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, 256, 16])
+        n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
+        _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
+        m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
+        for j in range(n_tiles):
+            slot = j % NBUF
+            k0 = k_begin + j * BLOCK_N
+            mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
+            _dequantize(st_lat.index(slot), st_sc.index(slot), lat_s, k0, lo, k_end, R, BLOCK_N, num_warps)
+            m_i, l_i, acc = _attend(q_lat_s, q_pe_s, lat_s, pe_ring.index(slot), m_i, l_i, acc, qk_scale, k0, lo,
+                                    k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
+            _barrier()                   # both warpgroups are done with the stage, the rope slot and lat_s
+            mbarrier.arrive(empty.index(slot), count=1)
+        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+                   stride_lt, s_layout, o_layout, R, BLOCK_H, PARTIAL)
+
+    @gluon.jit
+    def _gluon_swa_fp8_kernel(q_ptr, lat_desc, sc_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr, lse_ptr,
+                              qk_scale, H, window, page_size, num_splits,
+                              stride_qt, stride_qh, stride_bt,
+                              stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+                              R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                              NBUF: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+        """Sliding-window decode over the packed FP8 cache: a producer warp stages each tile's FP8 rows, scales
+        and rope rows by TMA (``NBUF`` stages); the compute warps dequantise a stage into one bf16 operand
+        buffer and attend to it. Shared memory: Q 72 KB, bf16 latent 64 KB, per stage 33 KB + 8 KB rope."""
+        n_hb = H // BLOCK_H
+        t = gl.program_id(0) // n_hb
+        pid_h = gl.program_id(0) % n_hb
+        pid_s = gl.program_id(1)
+        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, window, BLOCK_N)
+        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+        n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
+
+        bf16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.bfloat16)
+        q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], bf16_layout)
+        q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, P], pe_desc.layout)
+        lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, R], bf16_layout)
+        st_lat = gl.allocate_shared_memory(gl.uint8, [NBUF, BLOCK_N, R], lat_desc.layout)
+        st_sc = gl.allocate_shared_memory(gl.float32, [NBUF, BLOCK_N, R // 128], sc_desc.layout)
+        pe_ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_fp8_compute, (q_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, lat_s, st_lat, st_sc, pe_ring, ready, empty, t,
+                            pid_h, pid_s, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
+                            stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, num_warps)),
+            (_fp8_producer, (lat_desc, sc_desc, pe_desc, bt_row_ptr, k_begin, n_tiles, page_size, st_lat, st_sc,
+                             pe_ring, ready, empty, NBUF, BLOCK_N)),
+        ], [1], [24])
+
+
 def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, fp8: bool) -> bool:
-    """Whether the Gluon kernel is written for this call (else the caller takes the page-tile kernel)."""
-    if not AVAILABLE or fp8 or window > 0 or not q.is_cuda or cache.dim() != 3:
+    """Whether a Gluon kernel is written for this call (else the caller takes the page-tile kernel): the dense
+    kernel for a bf16 cache without a window, the FP8 kernel for the packed cache with one."""
+    if not AVAILABLE or fp8 != (window > 0) or not q.is_cuda or cache.dim() != 3:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     T, H, D = q.shape
     NB, ps, Dc = cache.shape
-    return (q.dtype == cache.dtype == torch.bfloat16 and D == Dc == 576 and rope_dim == 64 and H % BLOCK_H == 0
-            and ps % BLOCK_N == 0 and q.stride(-1) == 1 and cache.is_contiguous() and NB * ps < 2**31)
+    width = fp8_format.row_bytes(D - rope_dim, rope_dim) if fp8 else D
+    return (q.dtype == torch.bfloat16 and cache.dtype == (torch.uint8 if fp8 else torch.bfloat16) and D == 576
+            and rope_dim == 64 and Dc == width and H % BLOCK_H == 0 and ps % BLOCK_N == 0 and q.stride(-1) == 1
+            and cache.is_contiguous() and NB * ps < 2**31)
 
 
 def descriptors(cache: torch.Tensor, R: int, P: int):
@@ -264,6 +391,33 @@ def descriptors(cache: torch.Tensor, R: int, P: int):
     pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, P], gl.bfloat16)
     return (GluonDescriptor(rows, [rows.shape[0], R], [rows.stride(0), 1], [BLOCK_N, R], lat_layout),
             GluonDescriptor(rows[:, R:], [rows.shape[0], P], [rows.stride(0), 1], [BLOCK_N, P], pe_layout))
+
+
+def fp8_descriptors(cache: torch.Tensor, R: int, P: int):
+    """TMA descriptors over the packed rows (``[NB·ps, bytes]``): FP8 latent bytes ``[64, R]``, tile scales
+    ``[64, R/128]`` (fp32) and rope ``[64, P]`` (bf16), at their byte offsets in a row (SPEC §6)."""
+    rows = cache.view(-1, cache.shape[-1])
+    f32 = rows.view(torch.float32)[:, fp8_format.scale_offset(R) // 4:][:, :fp8_format.num_tiles(R)]
+    b16 = rows.view(torch.bfloat16)[:, fp8_format.rope_offset(R) // 2:][:, :P]
+    u8_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.uint8)
+    sc_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, f32.shape[1]], gl.float32)
+    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, P], gl.bfloat16)
+    return (GluonDescriptor(rows, [rows.shape[0], R], [rows.stride(0), 1], [BLOCK_N, R], u8_layout),
+            GluonDescriptor(f32, list(f32.shape), [f32.stride(0), 1], [BLOCK_N, f32.shape[1]], sc_layout),
+            GluonDescriptor(b16, list(b16.shape), [b16.stride(0), 1], [BLOCK_N, P], pe_layout))
+
+
+def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, window: int,
+               o_t, l_t, o_strides, l_strides, splits: int, nbuf: int = 2):
+    """One launch of ``_gluon_swa_fp8_kernel`` (as ``launch``, over the packed FP8 cache with a window)."""
+    T, H, D = q.shape
+    P = 64
+    R = D - P
+    descs = fp8_descriptors(cache, R, P)
+    return _gluon_swa_fp8_kernel[(T * (H // BLOCK_H), splits)](
+        q, *descs, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t, qk_scale, H, window,
+        cache.shape[1], splits, q.stride(0), q.stride(1), block_tables.stride(0), *o_strides, *l_strides,
+        R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=8, maxnreg=168)
 
 
 def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,

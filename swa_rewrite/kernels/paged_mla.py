@@ -334,7 +334,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     block_n = config["block_n"] if not interpreting() else min(config["block_n"], 16)
     kernel = config["kernel"]
     if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
-        kernel = "tiles"                            # (CPU, other GPUs, other shapes: the page-tile kernel)
+        kernel = "auto" if window > 0 else "tiles"  # (CPU, other GPUs, other shapes: the plain-Triton kernels)
     if kernel == "auto":
         kernel = "tiles" if window >= SWA_TILES_MIN_WINDOW and H > 32 else "generic"
     if kernel == "generic" or ps % block_n or cache.dim() != 3 or seq_lens_decoder.shape[0] == 0 or T == 0:
@@ -351,7 +351,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     plan = _plan(T, H, max_keys, q.device, dict(config, block_n=block_n), KEYS_PAGED)
     if kernel == "gluon":
         return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
-                          plan, bool(config.get("warp_specialize")), stats)
+                          plan, window, bool(config.get("warp_specialize")), stats)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
     nt = block_r // fp8_format.TILE if fp8 else 1
@@ -409,13 +409,18 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
-               warp_specialize: bool, stats):
-    """The dense decode through ``gluon_mla`` (``kernel="gluon"``, where ``gluon_mla.supports`` the call)."""
+               window: int, warp_specialize: bool, stats):
+    """``kernel="gluon"`` where ``gluon_mla.supports`` the call: the dense kernel (no window, bf16 cache) or the
+    sliding-window kernel over the packed FP8 cache (always warp-specialised)."""
     out_t, lse_t = out
     splits = plan["splits"]
     o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)
-    compiled = gluon_mla.launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                                scale * _LOG2E, o_t, l_t, o_strides, l_strides, splits, warp_specialize)
+    meta = (q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale * _LOG2E)
+    if window > 0:
+        warp_specialize = True
+        compiled = gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_strides, l_strides, splits)
+    else:
+        compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize)
     if stats is not None:
         T, H, _ = q.shape
         items = T * (H // gluon_mla.BLOCK_H)

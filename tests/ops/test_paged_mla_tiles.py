@@ -176,7 +176,35 @@ SWA_VARIANTS = {
 def _run_swa_tiles(device, requests, window, ps, H, R, P, config):
     from test_sparse_mla_attention import _run_swa
 
-    _run_swa(device, requests, window, ps, H=H, R=R, P=P, staged=False, config=config)
+    stats = {}
+    _run_swa(device, requests, window, ps, H=H, R=R, P=P, staged=False, config=config, stats=stats)
+    if config.get("kernel") == "gluon":
+        # Written for H % 64 == 0, 64-aligned pages, R = 512, P = 64 on a Hopper GPU; "auto" elsewhere.
+        gluon = device == "cuda" and H % 64 == 0 and ps % 64 == 0 and R == 512 and P == 64
+        assert (stats["plan"].get("kernel") == "gluon") == gluon
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+def test_swa_gluon_request_takes_the_plain_kernels_on_cpu(seed):
+    _run_swa_tiles("cpu", [(0, 9), (11, 5), (43, 1)], 21, 16, 4, 128, 16, dict(kernel="gluon"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [1, 64, 128, 200, 1000])
+@pytest.mark.parametrize("ps", [64, 128])
+def test_swa_gluon_gpu(seed, window, ps):
+    """The Gluon FP8 kernel: windows inside one tile, tile-aligned and not, prefill chunks and decodes; unwritten
+    slots are NaN, so a partial tile that is not zeroed fails."""
+    requests = [(0, 300), (1500, 64), (900, 1), (2047, 3), (5, 1), (0, 1)]
+    _run_swa_tiles("cuda", requests, window, ps, 128, 512, 64, dict(kernel="gluon"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [16, 64, 128])
+@pytest.mark.parametrize("window", [128, 2048])
+def test_swa_gluon_gpu_heads_and_splits(seed, H, window):
+    """Few tokens: the window is split across programs (and H = 16 takes the plain kernels)."""
+    _run_swa_tiles("cuda", [(3000, 1), (17, 1), (640, 1)], window, 64, H, 512, 64, dict(kernel="gluon"))
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")

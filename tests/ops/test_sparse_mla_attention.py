@@ -188,7 +188,7 @@ def window_slots(meta, pos, bid, window, ps):
     return torch.where(valid, blk * ps + p.clamp(min=0) % ps, -1)
 
 
-def _run_swa(device, requests, window, ps, H=4, R=128, P=16, staged=None, config=None, use_op=False):
+def _run_swa(device, requests, window, ps, H=4, R=128, P=16, staged=None, config=None, use_op=False, stats=None):
     meta, pos, bid, num_blocks = make_batch(requests, ps, device)
     written = [int(meta["block_tables"][b, p // ps]) * ps + p % ps
                for b, (d, n) in enumerate(requests) for p in range(d + n)]
@@ -202,7 +202,7 @@ def _run_swa(device, requests, window, ps, H=4, R=128, P=16, staged=None, config
         out = poisoned_outputs(T, H, R, device)
         _kernels().swa_attention_fwd(q, cache, meta["block_tables"], meta["cu_seqlens_q"],
                                      meta["seq_lens_decoder"], meta["batch_id_per_token"], scale, P, window,
-                                     config=config, staged=staged, out=out)
+                                     config=config, staged=staged, out=out, stats=stats)
     ref = attention_oracle(q, keys, window_slots(meta, pos, bid, window, ps).to(device), scale, R)
     assert_matches(*out, *ref)
 
