@@ -413,6 +413,8 @@ DENSE_VARIANTS = {
     # by the compute warps or by a producer warp (warp-specialised)
     "gluon": dict(kernel="gluon"),
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
+    "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
+    "gluon-ws-s1": dict(kernel="gluon", warp_specialize=True, min_tiles_per_split=1),
 }
 DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
 # SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).
@@ -426,6 +428,7 @@ SWA_VARIANTS = {
     "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
     # Gluon (kernels/gluon_mla.py): a producer warp stages FP8 rows by TMA, the compute warps dequantise them
     "gluon": dict(kernel="gluon"),
+    "gluon-s1": dict(kernel="gluon", min_tiles_per_split=1),     # more splits for few tokens
 }
 
 

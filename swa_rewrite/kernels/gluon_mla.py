@@ -84,14 +84,18 @@ if AVAILABLE:
         _tma_load(pe_desc, [row, 0], bar, pe_dst)
 
     @gluon.jit
-    def _attend(q_lat_s, q_pe_s, kl, kp, m_i, l_i, acc, qk_scale, k0, lo, k_end, MASKED: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
-        """One online-softmax step over the key tile at position ``k0`` in shared memory (``kl [BLOCK_N, R]``,
-        ``kp [BLOCK_N, P]``); ``MASKED``: only positions in ``[lo, k_end)`` count."""
+    def _scores(q_lat_s, q_pe_s, kl, kp, s_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+        """``S = Q·Kᵀ`` of the key tile in shared memory (``kl [BLOCK_N, R]``, ``kp [BLOCK_N, P]``), issued
+        asynchronously (two wgmma groups): wait before reading it."""
         s = warpgroup_mma(q_pe_s, kp.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
-        s = warpgroup_mma(q_lat_s, kl.permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        return warpgroup_mma(q_lat_s, kl.permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, acc, qk_scale, k0, lo, k_end, MASKED: gl.constexpr, s_layout: gl.constexpr,
+                 o_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The online-softmax update of scores ``s`` (``MASKED``: only positions in ``[lo, k_end)`` count):
+        new max and sum, P as the A operand of P·V, and ``acc`` rescaled."""
         s = s * qk_scale
         if MASKED:
             offs = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -103,9 +107,19 @@ if AVAILABLE:
         p_op = gl.convert_layout(p.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                                           k_width=2))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        return p_op, m_new, l_i, acc
+
+    @gluon.jit
+    def _attend(q_lat_s, q_pe_s, kl, kp, m_i, l_i, acc, qk_scale, k0, lo, k_end, MASKED: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One online-softmax step over the key tile at position ``k0`` in shared memory, start to finish."""
+        s = _scores(q_lat_s, q_pe_s, kl, kp, s_layout, BLOCK_H, BLOCK_N)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        p_op, m_i, l_i, acc = _softmax(s, m_i, l_i, acc, qk_scale, k0, lo, k_end, MASKED, s_layout, o_layout,
+                                       BLOCK_N)
         acc = warpgroup_mma(p_op, kl, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        return m_new, l_i, acc
+        return m_i, l_i, acc
 
     @gluon.jit
     def _masked_tile(cache_ptr, bt_row_ptr, k0, k_end, page_size, stride_cb, stride_cr, kl, kp,
@@ -130,7 +144,7 @@ if AVAILABLE:
                  stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
                  R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                  NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 PIPELINE: gl.constexpr, num_warps: gl.constexpr):
         """The compute warps (two warpgroups) of one work item: Q into shared memory, the whole tiles (issuing
         their loads unless a producer partition does), the partial tile, the normalised store."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -153,20 +167,49 @@ if AVAILABLE:
         m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
-        for j in range(n_full):
-            slot = j % NBUF
-            mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
-            m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
-                                    qk_scale, 0, 0, 0, False, s_layout, o_layout, BLOCK_H, BLOCK_N)
-            _barrier()                   # both warpgroups are done with the slot
-            if WARP_SPECIALIZE:
+        if PIPELINE:
+            # P·V of tile j and S of tile j+1 issued back to back: the tensor cores go from one to the other
+            # without waiting for the slot's release, which follows P·V's completion alone.
+            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+            if n_full > 0:
+                mbarrier.wait(ready.index(0), 0)
+                s = _scores(q_lat_s, q_pe_s, k_lat_s.index(0), k_pe_s.index(0), s_layout, BLOCK_H, BLOCK_N)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            for j in range(n_full - 1):
+                slot = j % NBUF
+                nxt = (j + 1) % NBUF
+                p_op, m_i, l_i, acc = _softmax(s, m_i, l_i, acc, qk_scale, 0, 0, 0, False, s_layout, o_layout,
+                                               BLOCK_N)
+                acc = warpgroup_mma(p_op, k_lat_s.index(slot), acc, is_async=True)
+                mbarrier.wait(ready.index(nxt), ((j + 1) // NBUF) & 1)
+                s = _scores(q_lat_s, q_pe_s, k_lat_s.index(nxt), k_pe_s.index(nxt), s_layout, BLOCK_H, BLOCK_N)
+                acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc, ))        # P·V done, S may still run
+                _barrier()
                 mbarrier.arrive(empty.index(slot), count=1)
-            else:
-                if j + NBUF < n_full:    # the slot's next tile; the block id of the one after, for next time
-                    _issue(lat_desc, pe_desc, row_next, ready.index(slot), k_lat_s.index(slot),
-                           k_pe_s.index(slot))
-                    if j + NBUF + 1 < n_full:
-                        row_next = _tile_row(bt_row_ptr, k_begin + (j + NBUF + 1) * BLOCK_N, page_size)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            if n_full > 0:
+                slot = (n_full - 1) % NBUF
+                p_op, m_i, l_i, acc = _softmax(s, m_i, l_i, acc, qk_scale, 0, 0, 0, False, s_layout, o_layout,
+                                               BLOCK_N)
+                acc = warpgroup_mma(p_op, k_lat_s.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                _barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
+        else:
+            for j in range(n_full):
+                slot = j % NBUF
+                mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
+                m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
+                                        qk_scale, 0, 0, 0, False, s_layout, o_layout, BLOCK_H, BLOCK_N)
+                _barrier()                   # both warpgroups are done with the slot
+                if WARP_SPECIALIZE:
+                    mbarrier.arrive(empty.index(slot), count=1)
+                else:
+                    if j + NBUF < n_full:    # the slot's next tile; the block id of the one after, for next time
+                        _issue(lat_desc, pe_desc, row_next, ready.index(slot), k_lat_s.index(slot),
+                               k_pe_s.index(slot))
+                        if j + NBUF + 1 < n_full:
+                            row_next = _tile_row(bt_row_ptr, k_begin + (j + NBUF + 1) * BLOCK_N, page_size)
         if k_full < k_end:               # every slot is free: all loads were consumed
             slot = n_full % NBUF
             _masked_tile(cache_ptr, bt_row_ptr, k_full, k_end, page_size, stride_cb, stride_cr,
@@ -226,7 +269,7 @@ if AVAILABLE:
                              stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
                              R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                              NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
-                             num_warps: gl.constexpr):
+                             PIPELINE: gl.constexpr, num_warps: gl.constexpr):
         n_hb = H // BLOCK_H
         t = gl.program_id(0) // n_hb
         pid_h = gl.program_id(0) % n_hb
@@ -251,7 +294,7 @@ if AVAILABLE:
                 (_compute, (q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s,
                             k_lat_s, k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
                             stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
-                            stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, num_warps)),
+                            stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, PIPELINE, num_warps)),
                 (_producer, (lat_desc, pe_desc, bt_row_ptr, k_begin, n_full, page_size, k_lat_s, k_pe_s, ready,
                              empty, NBUF, BLOCK_N)),
             ], [1], [24])
@@ -259,7 +302,7 @@ if AVAILABLE:
             _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
                      k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
                      stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
-                     stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, num_warps)
+                     stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, PIPELINE, num_warps)
 
 
     # ------------------------------------------------------------------ sliding window over the FP8 cache
@@ -421,7 +464,7 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
 
 
 def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,
-           o_strides, l_strides, splits: int, warp_specialize: bool, nbuf: int = 2):
+           o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False, nbuf: int = 2):
     """One launch of ``_gluon_decode_kernel`` over (token × head block, split), writing ``o_t`` / ``l_t`` (the
     outputs, or the fp32 split partials) at the given (split, token, head) strides. Returns the compiled kernel."""
     T, H, D = q.shape
@@ -435,4 +478,4 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
         qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
         block_tables.stride(0), *o_strides, *l_strides,
         R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1,
-        WARP_SPECIALIZE=warp_specialize, num_warps=8, **extra)
+        WARP_SPECIALIZE=warp_specialize, PIPELINE=pipeline and warp_specialize, num_warps=8, **extra)

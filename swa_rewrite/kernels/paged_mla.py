@@ -270,7 +270,7 @@ def _paged_tiles_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 # Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "gluon" (gluon_mla,
-# dense only, Hopper; ``warp_specialize``: its one-warp producer), "tiles" (the kernel
+# Hopper; ``warp_specialize``: its one-warp producer; ``pipeline``: P·V and the next S back to back), "tiles" (the kernel
 # above) or "generic" (gathered_mla's kernel); ``tma``: tile loads through host TMA descriptors;
 # ``chunk``: block ids read per outer step (0: one scalar load per tile); ``dedup``: scores through a per-SM
 # scratch slot; ``bf16_dequant``: FP8 tiles dequantised in bf16 (exact: power-of-two scales). Other keys
@@ -283,13 +283,15 @@ def _paged_tiles_fwd_kernel(
 # back to these page tiles off Hopper and for the shapes it is not written for.
 PAGED_DECODE_CONFIG = dict(kernel="gluon", warp_specialize=True, block_n=64, num_warps=8, num_stages=2, chunk=0,
                            tma=True, dedup=False, bf16_dequant=False)
-# SWA decode default: ``kernel="auto"`` takes the same page tiles for windows of at least
-# ``SWA_TILES_MIN_WINDOW`` positions and 64-head blocks (1.1-1.8x the gathered kernel at W = 512 … 4096),
-# and the gathered kernel otherwise: a window that is not tile-aligned spans one more tile (W = 128: three
-# instead of two, 13 % slower), and with 16-head blocks the TMA variant lost (call 2 of issue 17).
+# SWA decode default: ``kernel="auto"`` takes page tiles for windows of at least ``SWA_TILES_MIN_WINDOW``
+# positions and 64-head blocks — the Gluon FP8 kernel on Hopper (1.58-1.70x FlashMLA at H = 128, W >= 512, where
+# the plain page tiles took 2.0x; session 7), else the plain page tiles (1.1-1.8x the gathered kernel at W = 512
+# … 4096) — and the gathered kernel otherwise: a window that is not tile-aligned spans one more tile (W = 128:
+# three instead of two; the gathered kernel stays 5-10 % ahead of both), and with 16-head blocks the TMA
+# variant lost (call 2 of issue 17).
 SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto", warp_specialize=False)
 SWA_TILES_MIN_WINDOW = 512
-_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize")
+_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize", "pipeline")
 # ``dedup`` scratch: one slot per SM id; %smid stays below the physical SM count (≤ 144 on GH100).
 _SCRATCH_SLOTS = 256
 
@@ -333,10 +335,12 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     ps = cache.shape[1]
     block_n = config["block_n"] if not interpreting() else min(config["block_n"], 16)
     kernel = config["kernel"]
-    if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
-        kernel = "auto" if window > 0 else "tiles"  # (CPU, other GPUs, other shapes: the plain-Triton kernels)
+    long_window = window >= SWA_TILES_MIN_WINDOW and H > 32
     if kernel == "auto":
-        kernel = "tiles" if window >= SWA_TILES_MIN_WINDOW and H > 32 else "generic"
+        kernel = "gluon" if long_window else "generic"
+    if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
+        # CPU, other GPUs, other shapes: the plain-Triton kernels
+        kernel = "tiles" if window == 0 or long_window else "generic"
     if kernel == "generic" or ps % block_n or cache.dim() != 3 or seq_lens_decoder.shape[0] == 0 or T == 0:
         generic = {k: v for k, v in config.items() if k not in _TILE_KEYS}
         return paged_attention_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
@@ -351,7 +355,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     plan = _plan(T, H, max_keys, q.device, dict(config, block_n=block_n), KEYS_PAGED)
     if kernel == "gluon":
         return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
-                          plan, window, bool(config.get("warp_specialize")), stats)
+                          plan, window, bool(config.get("warp_specialize")), bool(config.get("pipeline")), stats)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
     nt = block_r // fp8_format.TILE if fp8 else 1
@@ -409,7 +413,7 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
-               window: int, warp_specialize: bool, stats):
+               window: int, warp_specialize: bool, pipeline: bool, stats):
     """``kernel="gluon"`` where ``gluon_mla.supports`` the call: the dense kernel (no window, bf16 cache) or the
     sliding-window kernel over the packed FP8 cache (always warp-specialised)."""
     out_t, lse_t = out
@@ -420,7 +424,7 @@ def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
         warp_specialize = True
         compiled = gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_strides, l_strides, splits)
     else:
-        compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize)
+        compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize, pipeline)
     if stats is not None:
         T, H, _ = q.shape
         items = T * (H // gluon_mla.BLOCK_H)

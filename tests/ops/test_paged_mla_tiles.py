@@ -38,6 +38,7 @@ GPU_VARIANTS = {
     # The Gluon kernel (kernels/gluon_mla.py): compute warps issuing the loads, or a producer warp
     "gluon": dict(kernel="gluon"),
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
+    "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
 }
 
 
@@ -123,7 +124,8 @@ def test_tiles_gpu(seed, variant, ps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
+@pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
+                                     "gluon-ws-pipe"])
 @pytest.mark.parametrize("H", [16, 64, 128])
 def test_tiles_gpu_heads_and_splits(seed, variant, H):
     """Few heads (a shard) and a decode batch small enough that the context is split across programs."""
@@ -131,7 +133,8 @@ def test_tiles_gpu_heads_and_splits(seed, variant, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
+@pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
+                                     "gluon-ws-pipe"])
 def test_tiles_gpu_many_programs(seed, variant):
     """Several waves of programs sharing the per-SM score slots (a race there gives a moving error)."""
     requests = [(int(d), 1) for d in torch.randint(0, 2500, (300,))]
@@ -139,7 +142,7 @@ def test_tiles_gpu_many_programs(seed, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws"])
+@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws", "gluon-ws-pipe"])
 def test_tiles_gpu_cuda_graph(seed, variant):
     """TMA descriptors and the scratch buffer are captured with the graph; replays see new queries."""
     from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd
