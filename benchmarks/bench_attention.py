@@ -411,7 +411,7 @@ DENSE_VARIANTS = {
     "tma-persistent2": dict(kernel="tiles", tma=True, persistent=2),
     # Gluon (kernels/gluon_mla.py): S computed once, O split across the warpgroups, a TMA ring; loads issued
     # by the compute warps or by a producer warp (warp-specialised)
-    "gluon": dict(kernel="gluon"),
+    "gluon": dict(kernel="gluon", warp_specialize=False),
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
     "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
     "gluon-ws-s1": dict(kernel="gluon", warp_specialize=True, min_tiles_per_split=1),

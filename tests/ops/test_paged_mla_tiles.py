@@ -36,7 +36,7 @@ GPU_VARIANTS = {
     "n32s4-chunk": dict(kernel="tiles", chunk=64, block_n=32, num_stages=4, tma=False),
     "tma-persistent1": dict(kernel="tiles", tma=True, persistent=1),
     # The Gluon kernel (kernels/gluon_mla.py): compute warps issuing the loads, or a producer warp
-    "gluon": dict(kernel="gluon"),
+    "gluon": dict(kernel="gluon", warp_specialize=False),
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
     "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
 }
@@ -264,3 +264,20 @@ def test_swa_default_picks_page_tiles_for_long_windows_and_64_head_blocks(window
     stats = {}
     sparse_mla.swa_attention_fwd(q, cache, bt, cu, dec, bid_t, 0.1, 16, window, staged=False, stats=stats)
     assert stats["plan"].get("kernel") == kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,window,kernel", [(3, 128, "gluon"), (200, 128, None), (200, 512, "gluon")])
+def test_swa_default_on_hopper(seed, tokens, window, kernel):
+    """The SWA decode default on a Hopper GPU: the Gluon FP8 kernel for long windows, and for short ones when
+    the tokens are few (then with one-tile splits); the gathered kernel for short windows over many tokens."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are written for Hopper")
+    from test_sparse_mla_attention import _run_swa
+
+    stats = {}
+    requests = [(int(d), 1) for d in torch.randint(300, 3000, (tokens,))]
+    _run_swa("cuda", requests, window, 64, H=128, R=512, P=64, staged=False, stats=stats)
+    assert stats["plan"].get("kernel") == kernel
+    if kernel == "gluon" and tokens == 3:
+        assert stats["plan"]["splits"] > 1
