@@ -485,6 +485,10 @@ def bench_swa_variants(log, names, heads):
                 t_fm = try_time(time_graph, fm)
                 if math.isfinite(t_fm):
                     ref = fm[0]()[0][:, 0]
+            elif flash_mla is not None and H < 64:      # a shard: FlashMLA pads the heads to 64
+                cache64, sets64 = decode_sets(B, W, 64)
+                t_fm = try_time(time_graph, [flashmla_decode(cache64, s) for s in sets64])
+                del cache64, sets64
             print(f"  H={H} B={B} W={W}: FlashMLA {fmt(t_fm, flops, nbytes)}", flush=True)
             for name in names:
                 stats = {}
@@ -550,6 +554,10 @@ def bench_dense_variants(log, names, heads):
                 t_fm = try_time(time_graph, fm)
                 if math.isfinite(t_fm):
                     ref = fm[0]()[0][:, 0]
+            elif flash_mla is not None and H < 64:      # a shard: FlashMLA pads the heads to 64 (issue 17's peer)
+                cache64, sets64, _ = dense_inputs(B, ctx, 64)
+                t_fm = try_time(time_graph, [flashmla_dense(cache64, s) for s in sets64])
+                del cache64, sets64
             print(f"  H={H} B={B} ctx≈{ctx_mean:.0f}: FlashMLA {fmt(t_fm, flops, nbytes)}", flush=True)
             for name in names:
                 stats = {}

@@ -23,7 +23,8 @@ work item and partial-output layout as the page-tile kernel, whose ``_combine_sp
 
 Gluon has no interpreter: the launcher (``paged_mla.paged_tiles_fwd`` with ``kernel="gluon"``) takes this
 kernel only on a Hopper GPU and for the shapes it is written for (bf16 ``[NB, ps, 576]`` cache, R = 512,
-P = 64, ``H % 64 == 0``, no window), and falls back to the interpreter-tested page-tile kernel otherwise.
+P = 64, fewer than 64 heads padded to a 64-row block as FlashMLA pads them, no window; the FP8 kernel for the
+packed cache with a window), and falls back to the interpreter-tested page-tile kernel otherwise.
 ``tests/kernels/hopper_compile.py`` compiles it for sm_90 without a GPU; its GPU tests check it against the
 float64 reference. The Gluon API moved between Triton 3.6 (the GPU machine) and 3.9 (CI): the names that
 changed are aliased below, at module level (the JIT resolves every attribute it sees in a kernel body).
@@ -32,6 +33,7 @@ changed are aliased below, at module level (the JIT resolves every attribute it 
 from __future__ import annotations
 
 import torch
+import triton
 
 from .. import fp8_format
 
@@ -140,7 +142,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
-                 k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                 k_pe_s, ready, empty, t, pid_h, pid_s, H, k_begin, k_end, qk_scale, page_size,
                  stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
                  R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                  NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
@@ -163,7 +165,7 @@ if AVAILABLE:
             if NBUF < n_full:
                 row_next = _tile_row(bt_row_ptr, k_begin + NBUF * BLOCK_N, page_size)
 
-        _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
+        _load_q(q_ptr, t, pid_h, H, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
         m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
@@ -217,23 +219,27 @@ if AVAILABLE:
             m_i, l_i, acc = _attend(q_lat_s, q_pe_s, k_lat_s.index(slot), k_pe_s.index(slot), m_i, l_i, acc,
                                     qk_scale, k_full, 0, k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
 
-        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, H, stride_os, stride_ot, stride_oh, stride_ls,
                    stride_lt, s_layout, o_layout, R, BLOCK_H, PARTIAL)
 
     @gluon.jit
-    def _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R: gl.constexpr, P: gl.constexpr,
+    def _load_q(q_ptr, t, pid_h, H, stride_qt, stride_qh, q_lat_s, q_pe_s, R: gl.constexpr, P: gl.constexpr,
                 BLOCK_H: gl.constexpr, num_warps: gl.constexpr):
-        """The head block's query rows into shared memory (latent and rope parts), fenced for the wgmmas."""
+        """The head block's query rows into shared memory (latent and rope parts; rows past ``H`` zero: fewer
+        heads are padded to the 64-row block, as FlashMLA pads them), fenced for the wgmmas."""
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
         q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
-        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0)))
-        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0)))
+        h_ok = gl.expand_dims(offs_h < H, 1)
+        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0),
+                              mask=h_ok, other=0.0))
+        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0),
+                             mask=h_ok, other=0.0))
         fence_async_shared()
         _barrier()
 
     @gluon.jit
-    def _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+    def _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, H, stride_os, stride_ot, stride_oh, stride_ls,
                    stride_lt, s_layout: gl.constexpr, o_layout: gl.constexpr, R: gl.constexpr,
                    BLOCK_H: gl.constexpr, PARTIAL: gl.constexpr):
         """Normalise and store the head block's rows. A row with no key: out = 0 and lse = +inf (a partial:
@@ -243,13 +249,13 @@ if AVAILABLE:
         lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
         lse = gl.where(empty_row, float("-inf") if PARTIAL else float("inf"), lse)
         offs_hs = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-        gl.store(lse_ptr + pid_s * stride_ls + t.to(gl.int64) * stride_lt + offs_hs, lse)
+        gl.store(lse_ptr + pid_s * stride_ls + t.to(gl.int64) * stride_lt + offs_hs, lse, mask=offs_hs < H)
         o = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
         offs_ho = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
         o_rows = pid_s * stride_os + t.to(gl.int64) * stride_ot + offs_ho.to(gl.int64) * stride_oh
         o_ptrs = out_ptr + gl.expand_dims(o_rows, 1) + gl.expand_dims(
             gl.arange(0, R, layout=gl.SliceLayout(0, o_layout)), 0)
-        gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty))
+        gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_ho < H, 1))
 
     @gluon.jit
     def _producer(lat_desc, pe_desc, bt_row_ptr, k_begin, n_full, page_size, k_lat_s, k_pe_s, ready, empty,
@@ -270,7 +276,7 @@ if AVAILABLE:
                              R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                              NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
                              PIPELINE: gl.constexpr, num_warps: gl.constexpr):
-        n_hb = H // BLOCK_H
+        n_hb = gl.cdiv(H, BLOCK_H)
         t = gl.program_id(0) // n_hb
         pid_h = gl.program_id(0) % n_hb
         pid_s = gl.program_id(1)
@@ -292,7 +298,7 @@ if AVAILABLE:
             n_full = gl.maximum(k_end - k_begin, 0) // BLOCK_N
             gl.warp_specialize([
                 (_compute, (q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s,
-                            k_lat_s, k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                            k_lat_s, k_pe_s, ready, empty, t, pid_h, pid_s, H, k_begin, k_end, qk_scale, page_size,
                             stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
                             stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, PIPELINE, num_warps)),
                 (_producer, (lat_desc, pe_desc, bt_row_ptr, k_begin, n_full, page_size, k_lat_s, k_pe_s, ready,
@@ -300,7 +306,7 @@ if AVAILABLE:
             ], [1], [24])
         else:
             _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
-                     k_pe_s, ready, empty, t, pid_h, pid_s, k_begin, k_end, qk_scale, page_size,
+                     k_pe_s, ready, empty, t, pid_h, pid_s, H, k_begin, k_end, qk_scale, page_size,
                      stride_qt, stride_qh, stride_cb, stride_cr, stride_os, stride_ot, stride_oh, stride_ls,
                      stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, PIPELINE, num_warps)
 
@@ -345,7 +351,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _fp8_compute(q_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, lat_s, st_lat, st_sc, pe_ring, ready, empty, t,
-                     pid_h, pid_s, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
+                     pid_h, pid_s, H, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
                      stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
         """The compute warps of the FP8 kernel: per tile, dequantise the staged rows into the bf16 operand,
@@ -355,7 +361,7 @@ if AVAILABLE:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, 256, 16])
         n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
-        _load_q(q_ptr, t, pid_h, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
+        _load_q(q_ptr, t, pid_h, H, stride_qt, stride_qh, q_lat_s, q_pe_s, R, P, BLOCK_H, num_warps)
         m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, R], gl.float32, o_layout)
@@ -368,7 +374,7 @@ if AVAILABLE:
                                     k_end, True, s_layout, o_layout, BLOCK_H, BLOCK_N)
             _barrier()                   # both warpgroups are done with the stage, the rope slot and lat_s
             mbarrier.arrive(empty.index(slot), count=1)
-        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, stride_os, stride_ot, stride_oh, stride_ls,
+        _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, H, stride_os, stride_ot, stride_oh, stride_ls,
                    stride_lt, s_layout, o_layout, R, BLOCK_H, PARTIAL)
 
     @gluon.jit
@@ -381,7 +387,7 @@ if AVAILABLE:
         """Sliding-window decode over the packed FP8 cache: a producer warp stages each tile's FP8 rows, scales
         and rope rows by TMA (``NBUF`` stages); the compute warps dequantise a stage into one bf16 operand
         buffer and attend to it. Shared memory: Q 72 KB, bf16 latent 64 KB, per stage 33 KB + 8 KB rope."""
-        n_hb = H // BLOCK_H
+        n_hb = gl.cdiv(H, BLOCK_H)
         t = gl.program_id(0) // n_hb
         pid_h = gl.program_id(0) % n_hb
         pid_s = gl.program_id(1)
@@ -404,7 +410,7 @@ if AVAILABLE:
         fence_async_shared()
         gl.warp_specialize([
             (_fp8_compute, (q_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, lat_s, st_lat, st_sc, pe_ring, ready, empty, t,
-                            pid_h, pid_s, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
+                            pid_h, pid_s, H, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
                             stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, num_warps)),
             (_fp8_producer, (lat_desc, sc_desc, pe_desc, bt_row_ptr, k_begin, n_tiles, page_size, st_lat, st_sc,
                              pe_ring, ready, empty, NBUF, BLOCK_N)),
@@ -422,7 +428,7 @@ def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, f
     NB, ps, Dc = cache.shape
     width = fp8_format.row_bytes(D - rope_dim, rope_dim) if fp8 else D
     return (q.dtype == torch.bfloat16 and cache.dtype == (torch.uint8 if fp8 else torch.bfloat16) and D == 576
-            and rope_dim == 64 and Dc == width and H % BLOCK_H == 0 and ps % BLOCK_N == 0 and q.stride(-1) == 1
+            and rope_dim == 64 and Dc == width and ps % BLOCK_N == 0 and q.stride(-1) == 1
             and cache.is_contiguous() and NB * ps < 2**31)
 
 
@@ -457,7 +463,7 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
     P = 64
     R = D - P
     descs = fp8_descriptors(cache, R, P)
-    return _gluon_swa_fp8_kernel[(T * (H // BLOCK_H), splits)](
+    return _gluon_swa_fp8_kernel[(T * triton.cdiv(H, BLOCK_H), splits)](
         q, *descs, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t, qk_scale, H, window,
         cache.shape[1], splits, q.stride(0), q.stride(1), block_tables.stride(0), *o_strides, *l_strides,
         R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=8, maxnreg=168)
@@ -471,7 +477,7 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
     P = 64
     R = D - P
     lat_desc, pe_desc = descriptors(cache, R, P)
-    grid = (T * (H // BLOCK_H), splits)
+    grid = (T * triton.cdiv(H, BLOCK_H), splits)
     extra = dict(maxnreg=168) if warp_specialize else {}     # 3 warpgroups: 24 registers to the producer's
     return _gluon_decode_kernel[grid](
         q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t,

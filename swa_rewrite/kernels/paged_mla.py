@@ -433,7 +433,7 @@ def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
         compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize, pipeline)
     if stats is not None:
         T, H, _ = q.shape
-        items = T * (H // gluon_mla.BLOCK_H)
+        items = T * triton.cdiv(H, gluon_mla.BLOCK_H)
         stats.update(attention=compiled, plan=dict(plan, kernel="gluon", block_h=gluon_mla.BLOCK_H, tma=True,
                                                    dedup=False, warp_specialize=warp_specialize, chunk=0,
                                                    programs=items * splits, items=items * splits))

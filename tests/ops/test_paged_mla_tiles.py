@@ -56,8 +56,8 @@ def _run(device, requests, ps, H, R, P, config, num_pad=2, check_plan=True):
     stats = {}
     paged_mla_attention_fwd(q, cache, bt, cu, dec, bid_t, scale, P, config=config, out=out, stats=stats)
     if check_plan and config.get("kernel") == "gluon":
-        # Written for H % 64 == 0 and 64-aligned pages on a Hopper GPU; the page-tile kernel elsewhere.
-        gluon = device == "cuda" and H % 64 == 0 and ps % 64 == 0 and R == 512 and P == 64
+        # Written for 64-aligned pages on a Hopper GPU (fewer than 64 heads padded); the page-tile kernel elsewhere.
+        gluon = device == "cuda" and ps % 64 == 0 and R == 512 and P == 64
         assert stats["plan"]["kernel"] == ("gluon" if gluon else "tiles")
         if gluon:
             assert stats["plan"]["warp_specialize"] == bool(config.get("warp_specialize"))
@@ -182,8 +182,8 @@ def _run_swa_tiles(device, requests, window, ps, H, R, P, config):
     stats = {}
     _run_swa(device, requests, window, ps, H=H, R=R, P=P, staged=False, config=config, stats=stats)
     if config.get("kernel") == "gluon":
-        # Written for H % 64 == 0, 64-aligned pages, R = 512, P = 64 on a Hopper GPU; "auto" elsewhere.
-        gluon = device == "cuda" and H % 64 == 0 and ps % 64 == 0 and R == 512 and P == 64
+        # Written for 64-aligned pages, R = 512, P = 64 on a Hopper GPU (heads padded to 64); "auto" elsewhere.
+        gluon = device == "cuda" and ps % 64 == 0 and R == 512 and P == 64
         assert (stats["plan"].get("kernel") == "gluon") == gluon
 
 
@@ -206,7 +206,7 @@ def test_swa_gluon_gpu(seed, window, ps):
 @pytest.mark.parametrize("H", [16, 64, 128])
 @pytest.mark.parametrize("window", [128, 2048])
 def test_swa_gluon_gpu_heads_and_splits(seed, H, window):
-    """Few tokens: the window is split across programs (and H = 16 takes the plain kernels)."""
+    """Few tokens: the window is split across programs; H = 16 pads the 64-row head block."""
     _run_swa_tiles("cuda", [(3000, 1), (17, 1), (640, 1)], window, 64, H, 512, 64, dict(kernel="gluon"))
 
 
