@@ -337,12 +337,15 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     kernel = config["kernel"]
     long_window = window >= SWA_TILES_MIN_WINDOW and H > 32
     if kernel == "auto":
-        # The Gluon FP8 kernel for long windows, and for short ones when the tokens are few enough that the
-        # window is split across programs (W = 128, B <= 8: 1.37-1.39x FlashMLA vs 1.78-1.89x gathered).
+        # The Gluon FP8 kernel (where it runs) but for short windows over many tokens with 64-head blocks
+        # (W = 128, B = 128, H >= 64: the gathered kernel reads 128 rows where the tiles read 192, 1.90x vs 2.02x
+        # FlashMLA); with few tokens the window is split across programs (W = 128, B <= 8: 1.37-1.39x vs
+        # 1.78-1.89x), and a 16-head shard pads to 64 heads and wins everywhere (1.18-1.33x vs 1.39-2.52x).
         few = T * triton.cdiv(H, 64) < _sm_count(q.device)
-        kernel = "gluon" if long_window or (H > 32 and few) else "generic"
+        kernel = "generic" if window < SWA_TILES_MIN_WINDOW and H > 32 and not few else "gluon"
     if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
-        # CPU, other GPUs, other shapes: the plain-Triton kernels
+        # CPU, other GPUs, other shapes: the plain-Triton kernels (the gathered one for short windows and for
+        # 16-head blocks, where the TMA page tiles lost: call 2 of issue 17)
         kernel = "tiles" if window == 0 or long_window else "generic"
     if kernel == "generic" or ps % block_n or cache.dim() != 3 or seq_lens_decoder.shape[0] == 0 or T == 0:
         generic = {k: v for k, v in config.items() if k not in _TILE_KEYS}

@@ -267,17 +267,19 @@ def test_swa_default_picks_page_tiles_for_long_windows_and_64_head_blocks(window
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens,window,kernel", [(3, 128, "gluon"), (200, 128, None), (200, 512, "gluon")])
-def test_swa_default_on_hopper(seed, tokens, window, kernel):
-    """The SWA decode default on a Hopper GPU: the Gluon FP8 kernel for long windows, and for short ones when
-    the tokens are few (then with one-tile splits); the gathered kernel for short windows over many tokens."""
+@pytest.mark.parametrize("tokens,window,H,kernel", [(3, 128, 128, "gluon"), (200, 128, 128, None),
+                                                   (200, 512, 128, "gluon"), (200, 128, 16, "gluon")])
+def test_swa_default_on_hopper(seed, tokens, window, H, kernel):
+    """The SWA decode default on a Hopper GPU: the Gluon FP8 kernel for long windows, for short ones when the
+    tokens are few (then with one-tile splits) and for a 16-head shard; the gathered kernel for short windows
+    over many tokens with 64-head blocks."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are written for Hopper")
     from test_sparse_mla_attention import _run_swa
 
     stats = {}
     requests = [(int(d), 1) for d in torch.randint(300, 3000, (tokens,))]
-    _run_swa("cuda", requests, window, 64, H=128, R=512, P=64, staged=False, stats=stats)
+    _run_swa("cuda", requests, window, 64, H=H, R=512, P=64, staged=False, stats=stats)
     assert stats["plan"].get("kernel") == kernel
     if kernel == "gluon" and tokens == 3:
         assert stats["plan"]["splits"] > 1
