@@ -408,10 +408,43 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
         prefix = tokens + theirs[:i]
         ref_i = hf_logits(reference, prefix)[-1]
         envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # docs/design.md §9's bound, per logit (RMS)
-        assert rel_err(one_step_logits(model, prefix)[-1], ref_i) <= 1e-2
+        err = rel_err(one_step_logits(model, prefix)[-1], ref_i)
+        if err > 1e-2:
+            # An MoE router of the reference at a tie for its last expert: float32 noise picks either side, and
+            # the two sides' logits differ by far more than the FP8 envelope (seed 3405431138, v2-greedy: third
+            # and fourth router scores 0.122980 / 0.122975, logits 0.6 apart). Nothing to compare there.
+            gap = router_tie_gap(reference, prefix)
+            assert gap < 1e-3, f"token {i}: one-step logits {err:.3g} from the reference, router gap {gap:.3g}"
+            return single, ref
         margin = (ref_i[theirs[i]] - ref_i[ours[i]]).item()
         assert margin <= envelope, f"token {i}: ours {ours[i]} vs reference {theirs[i]}, margin {margin:.4g}"
     return single, ref
+
+
+@torch.no_grad()
+def router_tie_gap(model, tokens):
+    """The smallest relative gap, over the MoE layers of an HF DeepSeek model, between the last token's
+    lowest chosen expert score and the highest unchosen one (the scores the router ranks: softmax for V2,
+    sigmoid + correction bias for V3, before group limits)."""
+    gaps, hooks = [], []
+
+    def record(gate, args, out):
+        logits, k = out[0][-1], gate.top_k
+        bias = getattr(gate, "e_score_correction_bias", None)
+        scores = logits.sigmoid() + bias if bias is not None else logits.softmax(-1)
+        top = scores.sort(descending=True).values
+        gaps.append(((top[k - 1] - top[k]) / top[k - 1].abs()).item())
+
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            hooks.append(gate.register_forward_hook(record))
+    try:
+        hf_logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(gaps, default=float("inf"))
 
 
 @needs_apply
