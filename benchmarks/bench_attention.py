@@ -415,6 +415,8 @@ DENSE_VARIANTS = {
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
     "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
     "gluon-ws-s1": dict(kernel="gluon", warp_specialize=True, min_tiles_per_split=1),
+    # FlashMLA's schedule: two compute warpgroups own alternate tiles' S (64-wide), exchange P and (m, l)
+    "gluon-pp": dict(kernel="gluon", pingpong=True),
 }
 DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
 # SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).

@@ -311,6 +311,200 @@ if AVAILABLE:
                      stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL, WARP_SPECIALIZE, PIPELINE, num_warps)
 
 
+    # ------------------------------------------------------------------ ping-pong (FlashMLA's schedule)
+    @gluon.jit
+    def _zero_rows(kl, k0, k_end, R: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Rows of the key tile at ``k0`` at or past ``k_end`` set to 0 in shared memory (64 columns at a time, by
+        one warpgroup), fenced for the wgmmas of both warpgroups."""
+        zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        keep = gl.expand_dims(k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zl)) < k_end, 1)
+        for c in gl.static_range(R // 64):
+            part = kl.slice(c * 64, 64, dim=1)
+            part.store(gl.where(keep, part.load(zl), 0.0))
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
+    def _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
+                     stride_ot, stride_oh, stride_ls, stride_lt, ME: gl.constexpr, R: gl.constexpr, P: gl.constexpr,
+                     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
+        """One of the two compute warpgroups of the ping-pong kernel (``ME`` 0 or 1). Tile ``j`` belongs to
+        warpgroup ``j % 2``: its owner computes the whole ``S`` (64-wide instructions: Q read once), the softmax
+        with the running max of tile ``j-1`` (published by the other warpgroup), and publishes ``P_j`` (bf16)
+        and the running ``(m, l)`` through shared memory; both warpgroups add ``P_j·V_j`` to their own 256
+        columns of O. While one runs its softmax, the other's S and P·V use the tensor cores."""
+        HALF: gl.constexpr = R // 2
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        st_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        # Q's rope part comes from global memory (L2) into registers for each own tile, as the A operand of S's
+        # rope product: the two P buffers take its place in shared memory, and holding it across the loop spilled.
+        offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, a_s))
+        q_pe_ptrs = (q_ptr + gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1) + R
+                     + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, a_s)), 0))
+        q_pe_mask = gl.expand_dims(offs_h < H, 1)
+        m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        acc = gl.zeros([BLOCK_H, HALF], gl.float32, o_layout)
+        offs_st = gl.arange(0, BLOCK_H, layout=st_l)
+        for k in range(n_tiles // 2 + 1):
+            j = 2 * k + ME                       # this warpgroup's tile
+            i = j - 1                            # the other's tile before it
+            sc = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+            if j < n_tiles:                      # own tile's S first: it needs no running max
+                slot = j % NBUF
+                q_pe = gl.load(q_pe_ptrs, mask=q_pe_mask, other=0.0)
+                mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
+                k0 = k_begin + j * BLOCK_N
+                if k0 + BLOCK_N > k_end:         # a split's partial last tile: rows past the end may be NaN
+                    _zero_rows(k_lat_s.index(slot), k0, k_end, R, BLOCK_N)
+                sc = warpgroup_mma(q_pe, k_pe_s.index(slot).permute((1, 0)), sc, use_acc=False)
+                sc = warpgroup_mma(q_lat_s, k_lat_s.index(slot).permute((1, 0)), sc) * qk_scale
+                offs_n = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                sc = gl.where(gl.expand_dims(offs_n < k_end, 0), sc, float("-inf"))
+            if i >= 0:
+                if i < n_tiles:                  # P_i from the other warpgroup: rescale, add P_i·V_i
+                    slot = i % NBUF
+                    mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
+                    mbarrier.wait(p_full.index(1 - ME), (i // 2) & 1)
+                    m_new = gl.convert_layout(st_bufs.index(2 * (1 - ME)).load(st_l), row_s)
+                    l_i = gl.convert_layout(st_bufs.index(2 * (1 - ME) + 1).load(st_l), row_s)
+                    alpha = gl.convert_layout(gl.exp2(m_i - m_new), row_o)
+                    m_i = m_new
+                    acc = acc * gl.expand_dims(alpha, 1)
+                    acc = warpgroup_mma(p_bufs.index(1 - ME), k_lat_s.index(slot).slice(ME * HALF, HALF, dim=1),
+                                        acc)
+                    _barrier()
+                    mbarrier.arrive(p_empty.index(1 - ME), count=1)
+                    mbarrier.arrive(empty.index(slot), count=1)
+            if j < n_tiles:                      # own tile: softmax, publish P_j and (m, l), add P_j·V_j
+                slot = j % NBUF
+                m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(sc - gl.expand_dims(m_new, 1))
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                m_i = m_new
+                pb = p.to(gl.bfloat16)
+                mbarrier.wait(p_empty.index(ME), ((j // 2) & 1) ^ 1)
+                p_bufs.index(ME).store(pb)
+                st_bufs.index(2 * ME).store(gl.convert_layout(m_i, st_l))
+                st_bufs.index(2 * ME + 1).store(gl.convert_layout(l_i, st_l))
+                fence_async_shared()
+                _barrier()
+                mbarrier.arrive(p_full.index(ME), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                acc = warpgroup_mma(gl.convert_layout(pb, a_o), k_lat_s.index(slot).slice(ME * HALF, HALF, dim=1),
+                                    acc)
+                _barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
+        # Normalise and store this warpgroup's 256 columns (warpgroup 0 also stores lse).
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        if ME == 0:
+            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+            lse = gl.where(empty_row, float("-inf") if PARTIAL else float("inf"), lse)
+            offs_hs = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+            gl.store(lse_ptr + pid_s * stride_ls + t.to(gl.int64) * stride_lt + offs_hs, lse, mask=offs_hs < H)
+        o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+        offs_ho = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
+        o_rows = pid_s * stride_os + t.to(gl.int64) * stride_ot + offs_ho.to(gl.int64) * stride_oh + ME * HALF
+        o_ptrs = out_ptr + gl.expand_dims(o_rows, 1) + gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout)), 0)
+        gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_ho < H, 1))
+
+    @gluon.jit
+    def _pp_consumer0(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                      stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
+                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
+        _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
+                     stride_ot, stride_oh, stride_ls, stride_lt, 0, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL)
+
+    @gluon.jit
+    def _pp_consumer1(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                      stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
+                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
+        _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
+                     stride_ot, stride_oh, stride_ls, stride_lt, 1, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL)
+
+    @gluon.jit
+    def _pp_producer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
+                     stride_ot, stride_oh, stride_ls, stride_lt, lat_desc, pe_desc, bt_row_ptr, page_size,
+                     NBUF: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The ping-pong kernel's load warp (the dense kernel's ``_producer``; its slots are released by both
+        compute warpgroups)."""
+        _producer(lat_desc, pe_desc, bt_row_ptr, k_begin, n_tiles, page_size, k_lat_s, k_pe_s, ready, empty, NBUF,
+                  BLOCK_N)
+
+    @gluon.jit
+    def _gluon_pingpong_kernel(q_ptr, cache_ptr, lat_desc, pe_desc, bt_ptr, cu_ptr, dec_ptr, bid_ptr, out_ptr,
+                               lse_ptr, qk_scale, H, page_size, num_splits,
+                               stride_qt, stride_qh, stride_cb, stride_cr, stride_bt,
+                               stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+                               R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                               NBUF: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+        """Dense decode with FlashMLA's schedule (``pingpong`` variant, not the default until measured): the
+        default partition and a 4-warp worker are the two compute warpgroups (``_pp_consumer``), a 1-warp worker
+        loads. No separate masked-tile path (a split's partial last tile has its rows past the end zeroed in shared memory
+        by its owner). Shared memory: Q's latent part 64 KB, two key slots 144 KB, two P buffers 16 KB."""
+        n_hb = gl.cdiv(H, BLOCK_H)
+        t = gl.program_id(0) // n_hb
+        pid_h = gl.program_id(0) % n_hb
+        pid_s = gl.program_id(1)
+        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, 0, BLOCK_N)
+        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+        n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
+
+        q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
+        k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, R], lat_desc.layout)
+        k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
+        p_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N], pe_desc.layout)
+        st_bufs = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        p_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        p_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)          # both compute warpgroups release a slot
+        for i in gl.static_range(2):
+            mbarrier.init(p_full.index(i), count=1)
+            mbarrier.init(p_empty.index(i), count=1)
+        # Q's latent rows by the default warps, before the partitions start (128 columns at a time).
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
+        for c in gl.static_range(R // 128):
+            cols = gl.expand_dims(c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ld)), 0)
+            q_lat_s.slice(c * 128, 128, dim=1).store(
+                gl.load(q_ptr + q_rows + cols, mask=gl.expand_dims(offs_h < H, 1), other=0.0))
+        fence_async_shared()
+        _barrier()
+        gl.warp_specialize([
+            (_pp_consumer0, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF,
+                             PARTIAL)),
+            (_pp_consumer1, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF,
+                             PARTIAL)),
+            (_pp_producer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                            p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                            stride_os, stride_ot, stride_oh, stride_ls, stride_lt, lat_desc, pe_desc, bt_row_ptr,
+                            page_size, NBUF, BLOCK_N)),
+        ], [4, 1], [240, 24])
+
     # ------------------------------------------------------------------ sliding window over the FP8 cache
     @gluon.jit
     def _fp8_producer(lat_desc, sc_desc, pe_desc, bt_row_ptr, k_begin, n_tiles, page_size, st_lat, st_sc, pe_ring,
@@ -470,7 +664,8 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
 
 
 def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,
-           o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False, nbuf: int = 2):
+           o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False, pingpong: bool = False,
+           nbuf: int = 2):
     """One launch of ``_gluon_decode_kernel`` over (token × head block, split), writing ``o_t`` / ``l_t`` (the
     outputs, or the fp32 split partials) at the given (split, token, head) strides. Returns the compiled kernel."""
     T, H, D = q.shape
@@ -478,6 +673,12 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
     R = D - P
     lat_desc, pe_desc = descriptors(cache, R, P)
     grid = (T * triton.cdiv(H, BLOCK_H), splits)
+    if pingpong:      # 4 default warps + 4 + 1 worker warps: three warpgroups, as the warp-specialised kernel
+        return _gluon_pingpong_kernel[grid](
+            q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t,
+            l_t, qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
+            block_tables.stride(0), *o_strides, *l_strides,
+            R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=4, maxnreg=168)
     extra = dict(maxnreg=168) if warp_specialize else {}     # 3 warpgroups: 24 registers to the producer's
     return _gluon_decode_kernel[grid](
         q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t,

@@ -291,7 +291,8 @@ PAGED_DECODE_CONFIG = dict(kernel="gluon", warp_specialize=True, block_n=64, num
 # variant lost (call 2 of issue 17).
 SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto", warp_specialize=False)
 SWA_TILES_MIN_WINDOW = 512
-_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize", "pipeline")
+_TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize", "pipeline",
+              "pingpong")
 # ``dedup`` scratch: one slot per SM id; %smid stays below the physical SM count (≤ 144 on GH100).
 _SCRATCH_SLOTS = 256
 
@@ -364,7 +365,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     plan = _plan(T, H, max_keys, q.device, cfg, KEYS_PAGED)
     if kernel == "gluon":
         return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
-                          plan, window, bool(config.get("warp_specialize")), bool(config.get("pipeline")), stats)
+                          plan, window, config, stats)
     block_r = max(16, triton.next_power_of_2(R))
     block_p = max(16, triton.next_power_of_2(P))
     nt = block_r // fp8_format.TILE if fp8 else 1
@@ -422,23 +423,25 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
-               window: int, warp_specialize: bool, pipeline: bool, stats):
+               window: int, config: dict, stats):
     """``kernel="gluon"`` where ``gluon_mla.supports`` the call: the dense kernel (no window, bf16 cache) or the
     sliding-window kernel over the packed FP8 cache (always warp-specialised)."""
     out_t, lse_t = out
     splits = plan["splits"]
     o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)
     meta = (q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale * _LOG2E)
+    warp_specialize = window > 0 or bool(config.get("warp_specialize"))
     if window > 0:
-        warp_specialize = True
         compiled = gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_strides, l_strides, splits)
     else:
-        compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize, pipeline)
+        compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize,
+                                    bool(config.get("pipeline")), bool(config.get("pingpong")))
     if stats is not None:
         T, H, _ = q.shape
         items = T * triton.cdiv(H, gluon_mla.BLOCK_H)
         stats.update(attention=compiled, plan=dict(plan, kernel="gluon", block_h=gluon_mla.BLOCK_H, tma=True,
                                                    dedup=False, warp_specialize=warp_specialize, chunk=0,
+                                                   pingpong=window == 0 and bool(config.get("pingpong")),
                                                    programs=items * splits, items=items * splits))
     _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits)
     return out_t, lse_t

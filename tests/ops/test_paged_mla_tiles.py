@@ -39,6 +39,7 @@ GPU_VARIANTS = {
     "gluon": dict(kernel="gluon", warp_specialize=False),
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
     "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
+    "gluon-pp": dict(kernel="gluon", warp_specialize=True, pingpong=True),   # FlashMLA schedule, not yet run on a GPU
 }
 
 
@@ -61,6 +62,7 @@ def _run(device, requests, ps, H, R, P, config, num_pad=2, check_plan=True):
         assert stats["plan"]["kernel"] == ("gluon" if gluon else "tiles")
         if gluon:
             assert stats["plan"]["warp_specialize"] == bool(config.get("warp_specialize"))
+            assert stats["plan"]["pingpong"] == bool(config.get("pingpong"))
     elif check_plan:
         plan = stats["plan"]
         assert plan["kernel"] == "tiles"
@@ -125,7 +127,7 @@ def test_tiles_gpu(seed, variant, ps):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
-                                     "gluon-ws-pipe"])
+                                     "gluon-ws-pipe", "gluon-pp"])
 @pytest.mark.parametrize("H", [16, 64, 128])
 def test_tiles_gpu_heads_and_splits(seed, variant, H):
     """Few heads (a shard) and a decode batch small enough that the context is split across programs."""
@@ -134,7 +136,7 @@ def test_tiles_gpu_heads_and_splits(seed, variant, H):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
-                                     "gluon-ws-pipe"])
+                                     "gluon-ws-pipe", "gluon-pp"])
 def test_tiles_gpu_many_programs(seed, variant):
     """Several waves of programs sharing the per-SM score slots (a race there gives a moving error)."""
     requests = [(int(d), 1) for d in torch.randint(0, 2500, (300,))]
@@ -142,7 +144,8 @@ def test_tiles_gpu_many_programs(seed, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws", "gluon-ws-pipe"])
+@pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws", "gluon-ws-pipe",
+                                     "gluon-pp"])
 def test_tiles_gpu_cuda_graph(seed, variant):
     """TMA descriptors and the scratch buffer are captured with the graph; replays see new queries."""
     from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd
