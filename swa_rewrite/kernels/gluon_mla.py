@@ -1,4 +1,7 @@
-"""Dense paged MLA decode in Gluon, Triton's explicit-layout dialect, for Hopper (issue 17).
+"""Paged MLA decode in Gluon, Triton's explicit-layout dialect, for Hopper (issue 17): the dense kernel of the
+full layers (``_gluon_decode_kernel``, the default on Hopper), the sliding window over the packed FP8 cache
+(``_gluon_swa_fp8_kernel``) and a ping-pong variant of the dense kernel (``_gluon_pingpong_kernel``, FlashMLA's
+schedule, not yet measured). Measurements: ``benchmarks/RESULTS.md``, issue 17, session 7.
 
 The plain-Triton page-tile kernel (``paged_mla._paged_tiles_fwd_kernel``) cannot choose how its two
 warpgroups share the work: Triton lays a chained ``S = Q·Kᵀ`` out with both warpgroups computing all of it,
@@ -16,6 +19,9 @@ and the pipeline are written out:
   address waits on an in-loop load. Q lives in shared memory for the whole item (72 KB; two slots 144 KB).
 - ``WARP_SPECIALIZE``: the loads are issued by a separate one-warp producer partition (``gl.warp_specialize``)
   that runs ahead through "empty" / "ready" barrier rings, instead of by the compute warps between tiles.
+
+The FP8 kernel stages a tile's FP8 bytes, scales and rope rows by TMA in a producer warp and has the compute
+warps dequantise them into one bf16 operand buffer (there is no room for two bf16 slots beside the staging).
 
 A split's last, partial tile is loaded with masked loads into its slot (rows past the request's last position
 may be unwritten: ``0 · NaN`` would survive P·V). One program owns (token, 64-head block, split), the same
