@@ -425,24 +425,6 @@ if AVAILABLE:
         gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_ho < H, 1))
 
     @gluon.jit
-    def _pp_consumer0(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
-                      stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
-                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
-        _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
-                     stride_ot, stride_oh, stride_ls, stride_lt, 0, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL)
-
-    @gluon.jit
-    def _pp_consumer1(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
-                      stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr,
-                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
-        _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                     p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
-                     stride_ot, stride_oh, stride_ls, stride_lt, 1, R, P, BLOCK_H, BLOCK_N, NBUF, PARTIAL)
-
-    @gluon.jit
     def _pp_producer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
                      stride_ot, stride_oh, stride_ls, stride_lt, lat_desc, pe_desc, bt_row_ptr, page_size,
@@ -497,14 +479,14 @@ if AVAILABLE:
         fence_async_shared()
         _barrier()
         gl.warp_specialize([
-            (_pp_consumer0, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
-                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF,
-                             PARTIAL)),
-            (_pp_consumer1, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
-                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
-                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, R, P, BLOCK_H, BLOCK_N, NBUF,
-                             PARTIAL)),
+            (_pp_consumer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                            p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                            stride_os, stride_ot, stride_oh, stride_ls, stride_lt, 0, R, P, BLOCK_H, BLOCK_N, NBUF,
+                            PARTIAL)),
+            (_pp_consumer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
+                            p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
+                            stride_os, stride_ot, stride_oh, stride_ls, stride_lt, 1, R, P, BLOCK_H, BLOCK_N, NBUF,
+                            PARTIAL)),
             (_pp_producer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, lat_desc, pe_desc, bt_row_ptr,
