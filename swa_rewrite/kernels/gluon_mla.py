@@ -80,6 +80,18 @@ if AVAILABLE:
         return bb, lo, k_begin, k_end
 
     @gluon.jit
+    def _slot_barriers(N: gl.constexpr, EMPTY_COUNT: gl.constexpr):
+        """``N`` "ready" mbarriers (one arrival: a TMA byte count or a publisher) and ``N`` "empty" ones
+        (``EMPTY_COUNT`` arrivals: the consumers releasing a slot), initialised and fenced."""
+        ready = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(N):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=EMPTY_COUNT)
+        fence_async_shared()
+        return ready, empty
+
+    @gluon.jit
     def _tile_row(bt_row_ptr, k0, page_size):
         """First cache row (in the ``[NB·ps, D]`` view) of the tile at position ``k0``."""
         blk = gl.load(bt_row_ptr + k0 // page_size)
@@ -130,6 +142,17 @@ if AVAILABLE:
         return m_i, l_i, acc
 
     @gluon.jit
+    def _rows_to_shared(ptr, rows, mask, lat_s, pe_s, R: gl.constexpr, P: gl.constexpr, ld: gl.constexpr):
+        """Rows at element offsets ``rows [M, 1]`` of ``ptr`` (``mask``: the others zero) into shared memory:
+        latent columns ``0 … R`` into ``lat_s``, rope columns ``R … R+P`` into ``pe_s``; fenced for the wgmmas."""
+        lat_s.store(gl.load(ptr + rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0),
+                            mask=mask, other=0.0))
+        pe_s.store(gl.load(ptr + rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0),
+                           mask=mask, other=0.0))
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
     def _masked_tile(cache_ptr, bt_row_ptr, k0, k_end, page_size, stride_cb, stride_cr, kl, kp,
                      R: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
         """The partial tile at ``k0`` into slot ``kl`` / ``kp`` with masked loads (rows at or past ``k_end``
@@ -139,12 +162,7 @@ if AVAILABLE:
         blk = gl.load(bt_row_ptr + k0 // page_size).to(gl.int64)
         rows = gl.expand_dims(blk * stride_cb + (k0 % page_size + offs_n).to(gl.int64) * stride_cr, 1)
         valid = gl.expand_dims(k0 + offs_n < k_end, 1)
-        kl.store(gl.load(cache_ptr + rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0),
-                         mask=valid, other=0.0))
-        kp.store(gl.load(cache_ptr + rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0),
-                         mask=valid, other=0.0))
-        fence_async_shared()
-        _barrier()
+        _rows_to_shared(cache_ptr, rows, valid, kl, kp, R, P, ld)
 
     @gluon.jit
     def _compute(q_ptr, cache_ptr, lat_desc, pe_desc, bt_row_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, k_lat_s,
@@ -236,13 +254,7 @@ if AVAILABLE:
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
         q_rows = gl.expand_dims(t.to(gl.int64) * stride_qt + offs_h.to(gl.int64) * stride_qh, 1)
-        h_ok = gl.expand_dims(offs_h < H, 1)
-        q_lat_s.store(gl.load(q_ptr + q_rows + gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, ld)), 0),
-                              mask=h_ok, other=0.0))
-        q_pe_s.store(gl.load(q_ptr + q_rows + R + gl.expand_dims(gl.arange(0, P, layout=gl.SliceLayout(0, ld)), 0),
-                             mask=h_ok, other=0.0))
-        fence_async_shared()
-        _barrier()
+        _rows_to_shared(q_ptr, q_rows, gl.expand_dims(offs_h < H, 1), q_lat_s, q_pe_s, R, P, ld)
 
     @gluon.jit
     def _store_out(out_ptr, lse_ptr, acc, m_i, l_i, t, pid_h, pid_s, H, stride_os, stride_ot, stride_oh, stride_ls,
@@ -293,12 +305,7 @@ if AVAILABLE:
         q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, P], pe_desc.layout)
         k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, R], lat_desc.layout)
         k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NBUF):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        fence_async_shared()
+        ready, empty = _slot_barriers(NBUF, 1)
 
         if WARP_SPECIALIZE:
             n_full = gl.maximum(k_end - k_begin, 0) // BLOCK_N
@@ -458,16 +465,8 @@ if AVAILABLE:
         k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
         p_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N], pe_desc.layout)
         st_bufs = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        p_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        p_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NBUF):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)          # both compute warpgroups release a slot
-        for i in gl.static_range(2):
-            mbarrier.init(p_full.index(i), count=1)
-            mbarrier.init(p_empty.index(i), count=1)
+        ready, empty = _slot_barriers(NBUF, 2)              # both compute warpgroups release a slot
+        p_full, p_empty = _slot_barriers(2, 1)              # one P buffer per warpgroup
         # Q's latent rows by the default warps, before the partitions start (128 columns at a time).
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
         offs_h = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
@@ -584,12 +583,7 @@ if AVAILABLE:
         st_lat = gl.allocate_shared_memory(gl.uint8, [NBUF, BLOCK_N, R], lat_desc.layout)
         st_sc = gl.allocate_shared_memory(gl.float32, [NBUF, BLOCK_N, R // 128], sc_desc.layout)
         pe_ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NBUF):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        fence_async_shared()
+        ready, empty = _slot_barriers(NBUF, 1)
         gl.warp_specialize([
             (_fp8_compute, (q_ptr, out_ptr, lse_ptr, q_lat_s, q_pe_s, lat_s, st_lat, st_sc, pe_ring, ready, empty, t,
                             pid_h, pid_s, H, lo, k_begin, k_end, qk_scale, stride_qt, stride_qh, stride_os, stride_ot,
