@@ -463,7 +463,10 @@ if AVAILABLE:
         q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
         k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, R], lat_desc.layout)
         k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, P], pe_desc.layout)
-        p_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N], pe_desc.layout)
+        gl.static_assert(NBUF == 2, "two key slots: one deadlocks (warpgroup 1 waits for a tile that only its own "
+                                    "release can load), three do not fit in shared memory")
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
+        p_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N], p_layout)
         st_bufs = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         ready, empty = _slot_barriers(NBUF, 2)              # both compute warpgroups release a slot
         p_full, p_empty = _slot_barriers(2, 1)              # one P buffer per warpgroup
