@@ -12,6 +12,8 @@
 #   mha         bench_mha_prefill.py --quick (issue 18)
 #   host        bench_host.py: host µs of each op an eager decode step calls, checks off and on (issue 14)
 #   attention   bench_attention.py (issue 17)
+#   gluon       the Gluon kernels' GPU tests (the ping-pong variant and the default choice first: never run yet),
+#               then their variants beside FlashMLA (issue 17)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -63,4 +65,8 @@ has capacity && run bench-capacity 300 python3 -m swa_rewrite bench --capacity -
 has mha && run bench-mha 560 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick
 has host && run bench-host 300 python3 benchmarks/bench_host.py
 has attention && run bench-attention 570 env OUT="$OUT" python3 benchmarks/bench_attention.py --variants base,untiled
+has gluon && run gluon-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
+    -k "gluon or default_on_hopper"
+has gluon && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attention.py --skip-tables \
+    --dense-variants gluon-ws,gluon-pp --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
 exit 0
