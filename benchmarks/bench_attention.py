@@ -417,6 +417,7 @@ DENSE_VARIANTS = {
     "gluon-ws-s1": dict(kernel="gluon", warp_specialize=True, min_tiles_per_split=1),
     # FlashMLA's schedule: two compute warpgroups own alternate tiles' S (64-wide), exchange P and (m, l)
     "gluon-pp": dict(kernel="gluon", pingpong=True),
+    "gluon-pp-overlap": dict(kernel="gluon", pingpong="overlap"),   # + the other's P·V beside the own softmax
 }
 DENSE_SHAPES = [(128, 1024), (128, 4096), (8, 4096)]
 # SWA decode (FP8 cache) settings compared by --swa-variants (keys of kernels.paged_mla.SWA_DECODE_CONFIG).

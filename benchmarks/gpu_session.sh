@@ -68,5 +68,5 @@ has attention && run bench-attention 570 env OUT="$OUT" python3 benchmarks/bench
 has gluon && run gluon-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
     -k "gluon or default_on_hopper"
 has gluon && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attention.py --skip-tables \
-    --dense-variants gluon-ws,gluon-pp --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
+    --dense-variants gluon-ws,gluon-pp,gluon-pp-overlap --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
 exit 0

@@ -338,15 +338,82 @@ if AVAILABLE:
         _barrier()
 
     @gluon.jit
+    def _pp_scores(q_pe_ptrs, q_pe_mask, q_lat_s, k_lat_s, k_pe_s, ready, j, k_begin, k_end, qk_scale,
+                   s_layout: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr):
+        """Scaled scores of this warpgroup's tile ``j`` (whole ``S``, positions at or past ``k_end`` -inf); a
+        split's partial last tile has its rows past the end zeroed in shared memory first (for both P·Vs)."""
+        slot = j % NBUF
+        q_pe = gl.load(q_pe_ptrs, mask=q_pe_mask, other=0.0)
+        mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
+        k0 = k_begin + j * BLOCK_N
+        if k0 + BLOCK_N > k_end:                 # rows past the request's last position may be NaN
+            _zero_rows(k_lat_s.index(slot), k0, k_end, R, BLOCK_N)
+        sc = warpgroup_mma(q_pe, k_pe_s.index(slot).permute((1, 0)),
+                           gl.zeros([q_pe.shape[0], BLOCK_N], gl.float32, s_layout), use_acc=False)
+        sc = warpgroup_mma(q_lat_s, k_lat_s.index(slot).permute((1, 0)), sc) * qk_scale
+        offs_n = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        return gl.where(gl.expand_dims(offs_n < k_end, 0), sc, float("-inf"))
+
+    @gluon.jit
+    def _pp_publish(sc, m_i, l_i, p_bufs, st_bufs, p_full, p_empty, j, row_o: gl.constexpr, st_l: gl.constexpr,
+                    ME: gl.constexpr):
+        """The softmax of this warpgroup's tile ``j`` with the running ``(m, l)``; ``P_j`` (bf16) and the new
+        ``(m, l)`` published to the other warpgroup. Returns P, m, l and the rescale of O (in O's row layout)."""
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        pb = p.to(gl.bfloat16)
+        mbarrier.wait(p_empty.index(ME), ((j // 2) & 1) ^ 1)
+        p_bufs.index(ME).store(pb)
+        st_bufs.index(2 * ME).store(gl.convert_layout(m_new, st_l))
+        st_bufs.index(2 * ME + 1).store(gl.convert_layout(l_i, st_l))
+        fence_async_shared()
+        _barrier()
+        mbarrier.arrive(p_full.index(ME), count=1)
+        return pb, m_new, l_i, gl.convert_layout(alpha, row_o)
+
+    @gluon.jit
+    def _pp_receive(st_bufs, ready, p_full, i, m_i, row_s: gl.constexpr, row_o: gl.constexpr, st_l: gl.constexpr,
+                    ME: gl.constexpr, NBUF: gl.constexpr):
+        """Wait for the other warpgroup's ``P_i`` and read its ``(m, l)``: the new running pair and the rescale
+        of this warpgroup's O (in O's row layout)."""
+        mbarrier.wait(ready.index(i % NBUF), (i // NBUF) & 1)
+        mbarrier.wait(p_full.index(1 - ME), (i // 2) & 1)
+        m_new = gl.convert_layout(st_bufs.index(2 * (1 - ME)).load(st_l), row_s)
+        l_i = gl.convert_layout(st_bufs.index(2 * (1 - ME) + 1).load(st_l), row_s)
+        return m_new, l_i, gl.convert_layout(gl.exp2(m_i - m_new), row_o)
+
+    @gluon.jit
+    def _pp_own(q_pe_ptrs, q_pe_mask, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full, p_empty, j,
+                k_begin, k_end, qk_scale, m_i, l_i, acc, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                a_o: gl.constexpr, st_l: gl.constexpr, ME: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr,
+                NBUF: gl.constexpr):
+        """This warpgroup's tile ``j`` alone: scores, softmax, publish, its P·V; the slot released."""
+        HALF: gl.constexpr = R // 2
+        sc = _pp_scores(q_pe_ptrs, q_pe_mask, q_lat_s, k_lat_s, k_pe_s, ready, j, k_begin, k_end, qk_scale,
+                        s_layout, R, BLOCK_N, NBUF)
+        pb, m_i, l_i, alpha = _pp_publish(sc, m_i, l_i, p_bufs, st_bufs, p_full, p_empty, j,
+                                          gl.SliceLayout(1, o_layout), st_l, ME)
+        acc = acc * gl.expand_dims(alpha, 1)
+        acc = warpgroup_mma(gl.convert_layout(pb, a_o), k_lat_s.index(j % NBUF).slice(ME * HALF, HALF, dim=1), acc)
+        _barrier()
+        mbarrier.arrive(empty.index(j % NBUF), count=1)
+        return m_i, l_i, acc
+
+    @gluon.jit
     def _pp_consumer(q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                      p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh, stride_os,
                      stride_ot, stride_oh, stride_ls, stride_lt, ME: gl.constexpr, R: gl.constexpr, P: gl.constexpr,
-                     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr):
+                     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, PARTIAL: gl.constexpr,
+                     OVERLAP: gl.constexpr):
         """One of the two compute warpgroups of the ping-pong kernel (``ME`` 0 or 1). Tile ``j`` belongs to
         warpgroup ``j % 2``: its owner computes the whole ``S`` (64-wide instructions: Q read once), the softmax
         with the running max of tile ``j-1`` (published by the other warpgroup), and publishes ``P_j`` (bf16)
         and the running ``(m, l)`` through shared memory; both warpgroups add ``P_j·V_j`` to their own 256
-        columns of O. While one runs its softmax, the other's S and P·V use the tensor cores."""
+        columns of O. While one runs its softmax, the other's S and P·V use the tensor cores; within a warpgroup
+        the other's P·V runs asynchronously beside its own softmax with ``OVERLAP`` (more registers: ptxas
+        reports more spills), else before it."""
         HALF: gl.constexpr = R // 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -366,57 +433,48 @@ if AVAILABLE:
         m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, row_s)
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
         acc = gl.zeros([BLOCK_H, HALF], gl.float32, o_layout)
-        offs_st = gl.arange(0, BLOCK_H, layout=st_l)
-        for k in range(n_tiles // 2 + 1):
-            j = 2 * k + ME                       # this warpgroup's tile
-            i = j - 1                            # the other's tile before it
-            sc = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
-            if j < n_tiles:                      # own tile's S first: it needs no running max
-                slot = j % NBUF
-                q_pe = gl.load(q_pe_ptrs, mask=q_pe_mask, other=0.0)
-                mbarrier.wait(ready.index(slot), (j // NBUF) & 1)
-                k0 = k_begin + j * BLOCK_N
-                if k0 + BLOCK_N > k_end:         # a split's partial last tile: rows past the end may be NaN
-                    _zero_rows(k_lat_s.index(slot), k0, k_end, R, BLOCK_N)
-                sc = warpgroup_mma(q_pe, k_pe_s.index(slot).permute((1, 0)), sc, use_acc=False)
-                sc = warpgroup_mma(q_lat_s, k_lat_s.index(slot).permute((1, 0)), sc) * qk_scale
-                offs_n = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                sc = gl.where(gl.expand_dims(offs_n < k_end, 0), sc, float("-inf"))
+        # Warpgroup 0: its tile 0 alone; then steps that each take the other's tile i = j - 1 and this
+        # warpgroup's tile j, the other's P·V running on the tensor cores while this one's softmax runs; last,
+        # the other's final tile alone where it has one.
+        if ME == 0:
+            if n_tiles > 0:
+                m_i, l_i, acc = _pp_own(q_pe_ptrs, q_pe_mask, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty,
+                                        p_full, p_empty, 0, k_begin, k_end, qk_scale, m_i, l_i, acc, s_layout,
+                                        o_layout, a_o, st_l, ME, R, BLOCK_N, NBUF)
+            first = 1
+            steps = (n_tiles + 1) // 2
+        else:
+            first = 0
+            steps = n_tiles // 2
+        for k in range(first, steps):
+            j = 2 * k + ME
+            i = j - 1
+            sc = _pp_scores(q_pe_ptrs, q_pe_mask, q_lat_s, k_lat_s, k_pe_s, ready, j, k_begin, k_end, qk_scale,
+                            s_layout, R, BLOCK_N, NBUF)
+            m_i, l_i, alpha = _pp_receive(st_bufs, ready, p_full, i, m_i, row_s, row_o, st_l, ME, NBUF)
+            acc = acc * gl.expand_dims(alpha, 1)
+            acc = warpgroup_mma(p_bufs.index(1 - ME), k_lat_s.index(i % NBUF).slice(ME * HALF, HALF, dim=1), acc,
+                                is_async=OVERLAP)
+            pb, m_i, l_i, alpha = _pp_publish(sc, m_i, l_i, p_bufs, st_bufs, p_full, p_empty, j, row_o, st_l, ME)
+            if OVERLAP:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _barrier()
+            mbarrier.arrive(p_empty.index(1 - ME), count=1)
+            mbarrier.arrive(empty.index(i % NBUF), count=1)
+            acc = acc * gl.expand_dims(alpha, 1)
+            acc = warpgroup_mma(gl.convert_layout(pb, a_o), k_lat_s.index(j % NBUF).slice(ME * HALF, HALF, dim=1),
+                                acc)
+            _barrier()
+            mbarrier.arrive(empty.index(j % NBUF), count=1)
+        if n_tiles % 2 != ME:                    # the other's last tile (n_tiles >= 1 there)
+            i = n_tiles - 1
             if i >= 0:
-                if i < n_tiles:                  # P_i from the other warpgroup: rescale, add P_i·V_i
-                    slot = i % NBUF
-                    mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
-                    mbarrier.wait(p_full.index(1 - ME), (i // 2) & 1)
-                    m_new = gl.convert_layout(st_bufs.index(2 * (1 - ME)).load(st_l), row_s)
-                    l_i = gl.convert_layout(st_bufs.index(2 * (1 - ME) + 1).load(st_l), row_s)
-                    alpha = gl.convert_layout(gl.exp2(m_i - m_new), row_o)
-                    m_i = m_new
-                    acc = acc * gl.expand_dims(alpha, 1)
-                    acc = warpgroup_mma(p_bufs.index(1 - ME), k_lat_s.index(slot).slice(ME * HALF, HALF, dim=1),
-                                        acc)
-                    _barrier()
-                    mbarrier.arrive(p_empty.index(1 - ME), count=1)
-                    mbarrier.arrive(empty.index(slot), count=1)
-            if j < n_tiles:                      # own tile: softmax, publish P_j and (m, l), add P_j·V_j
-                slot = j % NBUF
-                m_new = gl.maximum(m_i, gl.max(sc, axis=1))
-                alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(sc - gl.expand_dims(m_new, 1))
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                m_i = m_new
-                pb = p.to(gl.bfloat16)
-                mbarrier.wait(p_empty.index(ME), ((j // 2) & 1) ^ 1)
-                p_bufs.index(ME).store(pb)
-                st_bufs.index(2 * ME).store(gl.convert_layout(m_i, st_l))
-                st_bufs.index(2 * ME + 1).store(gl.convert_layout(l_i, st_l))
-                fence_async_shared()
+                m_i, l_i, alpha = _pp_receive(st_bufs, ready, p_full, i, m_i, row_s, row_o, st_l, ME, NBUF)
+                acc = acc * gl.expand_dims(alpha, 1)
+                acc = warpgroup_mma(p_bufs.index(1 - ME), k_lat_s.index(i % NBUF).slice(ME * HALF, HALF, dim=1), acc)
                 _barrier()
-                mbarrier.arrive(p_full.index(ME), count=1)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                acc = warpgroup_mma(gl.convert_layout(pb, a_o), k_lat_s.index(slot).slice(ME * HALF, HALF, dim=1),
-                                    acc)
-                _barrier()
-                mbarrier.arrive(empty.index(slot), count=1)
+                mbarrier.arrive(p_empty.index(1 - ME), count=1)
+                mbarrier.arrive(empty.index(i % NBUF), count=1)
         # Normalise and store this warpgroup's 256 columns (warpgroup 0 also stores lse).
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
@@ -447,7 +505,8 @@ if AVAILABLE:
                                stride_qt, stride_qh, stride_cb, stride_cr, stride_bt,
                                stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
                                R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NBUF: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+                               NBUF: gl.constexpr, PARTIAL: gl.constexpr, OVERLAP: gl.constexpr,
+                               num_warps: gl.constexpr):
         """Dense decode with FlashMLA's schedule (``pingpong`` variant, not the default until measured): the
         default partition and a 4-warp worker are the two compute warpgroups (``_pp_consumer``), a 1-warp worker
         loads. No separate masked-tile path (a split's partial last tile has its rows past the end zeroed in shared memory
@@ -484,11 +543,11 @@ if AVAILABLE:
             (_pp_consumer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, 0, R, P, BLOCK_H, BLOCK_N, NBUF,
-                            PARTIAL)),
+                            PARTIAL, OVERLAP)),
             (_pp_consumer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, 1, R, P, BLOCK_H, BLOCK_N, NBUF,
-                            PARTIAL)),
+                            PARTIAL, OVERLAP)),
             (_pp_producer, (q_ptr, out_ptr, lse_ptr, q_lat_s, k_lat_s, k_pe_s, p_bufs, st_bufs, ready, empty, p_full,
                             p_empty, t, pid_h, pid_s, H, k_begin, k_end, n_tiles, qk_scale, stride_qt, stride_qh,
                             stride_os, stride_ot, stride_oh, stride_ls, stride_lt, lat_desc, pe_desc, bt_row_ptr,
@@ -649,8 +708,8 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
 
 
 def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,
-           o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False, pingpong: bool = False,
-           nbuf: int = 2):
+           o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False,
+           pingpong: bool | str = False, nbuf: int = 2):
     """One launch of ``_gluon_decode_kernel`` over (token × head block, split), writing ``o_t`` / ``l_t`` (the
     outputs, or the fp32 split partials) at the given (split, token, head) strides. Returns the compiled kernel."""
     T, H, D = q.shape
@@ -663,7 +722,8 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
             q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t,
             l_t, qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
             block_tables.stride(0), *o_strides, *l_strides,
-            R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=4, maxnreg=168)
+            R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, OVERLAP=pingpong == "overlap",
+            num_warps=4, maxnreg=168)
     extra = dict(maxnreg=168) if warp_specialize else {}     # 3 warpgroups: 24 registers to the producer's
     return _gluon_decode_kernel[grid](
         q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t,

@@ -270,7 +270,8 @@ def _paged_tiles_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 # Settings of the page-tile kernel (issue 17; benchmarks/NOTES-attention.md): ``kernel`` "gluon" (gluon_mla,
-# Hopper; ``warp_specialize``: its one-warp producer; ``pipeline``: P·V and the next S back to back), "tiles" (the kernel
+# Hopper; ``warp_specialize``: its one-warp producer; ``pipeline``: P·V and the next S back to back;
+# ``pingpong``: FlashMLA's schedule, "overlap" with the other warpgroup's P·V asynchronous), "tiles" (the kernel
 # above) or "generic" (gathered_mla's kernel); ``tma``: tile loads through host TMA descriptors;
 # ``chunk``: block ids read per outer step (0: one scalar load per tile); ``dedup``: scores through a per-SM
 # scratch slot; ``bf16_dequant``: FP8 tiles dequantised in bf16 (exact: power-of-two scales). Other keys
@@ -435,7 +436,7 @@ def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
         compiled = gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_strides, l_strides, splits)
     else:
         compiled = gluon_mla.launch(*meta, o_t, l_t, o_strides, l_strides, splits, warp_specialize,
-                                    bool(config.get("pipeline")), bool(config.get("pingpong")))
+                                    bool(config.get("pipeline")), config.get("pingpong") or False)
     if stats is not None:
         T, H, _ = q.shape
         items = T * triton.cdiv(H, gluon_mla.BLOCK_H)

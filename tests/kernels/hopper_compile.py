@@ -163,6 +163,8 @@ def main():
                              0.1, o_t, l_t, o_strides, l_strides, splits, True, pipeline=True)
             gluon_mla.launch(q, bf16, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token,
                              0.1, o_t, l_t, o_strides, l_strides, splits, True, pingpong=True)
+            gluon_mla.launch(q, bf16, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token,
+                             0.1, o_t, l_t, o_strides, l_strides, splits, True, pingpong="overlap")
             gluon_mla.launch_fp8(q, packed, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder,
                                  m.batch_id_per_token, 0.1, 128, o_t, l_t, o_strides, l_strides, splits)
     for label in compiled:

@@ -40,6 +40,7 @@ GPU_VARIANTS = {
     "gluon-ws": dict(kernel="gluon", warp_specialize=True),
     "gluon-ws-pipe": dict(kernel="gluon", warp_specialize=True, pipeline=True),
     "gluon-pp": dict(kernel="gluon", warp_specialize=True, pingpong=True),   # FlashMLA schedule, not yet run on a GPU
+    "gluon-pp-overlap": dict(kernel="gluon", warp_specialize=True, pingpong="overlap"),
 }
 
 
@@ -127,7 +128,8 @@ def test_tiles_gpu(seed, variant, ps):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["ids", "n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
-                                     "gluon-ws-pipe", "gluon-pp"])
+                                     "gluon-ws-pipe", "gluon-pp",
+                                     "gluon-pp-overlap"])
 @pytest.mark.parametrize("H", [16, 64, 128])
 def test_tiles_gpu_heads_and_splits(seed, variant, H):
     """Few heads (a shard) and a decode batch small enough that the context is split across programs."""
@@ -136,7 +138,8 @@ def test_tiles_gpu_heads_and_splits(seed, variant, H):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["n32s3-tma-chunk-dedup", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws",
-                                     "gluon-ws-pipe", "gluon-pp"])
+                                     "gluon-ws-pipe", "gluon-pp",
+                                     "gluon-pp-overlap"])
 def test_tiles_gpu_many_programs(seed, variant):
     """Several waves of programs sharing the per-SM score slots (a race there gives a moving error)."""
     requests = [(int(d), 1) for d in torch.randint(0, 2500, (300,))]
@@ -145,7 +148,7 @@ def test_tiles_gpu_many_programs(seed, variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["tma-chunk", "n32s4-tma-chunk-dedup", "gluon", "gluon-ws", "gluon-ws-pipe",
-                                     "gluon-pp"])
+                                     "gluon-pp", "gluon-pp-overlap"])
 def test_tiles_gpu_cuda_graph(seed, variant):
     """TMA descriptors and the scratch buffer are captured with the graph; replays see new queries."""
     from swa_rewrite.kernels.paged_mla import paged_mla_attention_fwd
