@@ -466,7 +466,7 @@ if AVAILABLE:
                                 acc)
             _barrier()
             mbarrier.arrive(empty.index(j % NBUF), count=1)
-        if n_tiles % 2 != ME:                    # the other's last tile (n_tiles >= 1 there)
+        if n_tiles % 2 == ME:                    # the other's last tile n_tiles - 1 (none when n_tiles == 0)
             i = n_tiles - 1
             if i >= 0:
                 m_i, l_i, alpha = _pp_receive(st_bufs, ready, p_full, i, m_i, row_s, row_o, st_l, ME, NBUF)
