@@ -38,6 +38,8 @@ changed are aliased below, at module level (the JIT resolves every attribute it 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -670,12 +672,19 @@ def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, f
             and cache.is_contiguous() and NB * ps < 2**31)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_layout(width: int, dtype: str):
+    """The wgmma / TMA shared-memory layout of a ``[BLOCK_N, width]`` tile (computed once: it is on every call's
+    host path, ~7 µs each)."""
+    return gl.NVMMASharedLayout.get_default_for([BLOCK_N, width], getattr(gl, dtype))
+
+
 def descriptors(cache: torch.Tensor, R: int, P: int):
     """TMA descriptors over the cache rows (``[NB·ps, D]``): latent boxes ``[64, R]`` and rope boxes ``[64, P]``,
     in the 128-byte-swizzled layouts the wgmma operands use."""
     rows = cache.view(-1, cache.shape[-1])
-    lat_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.bfloat16)
-    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, P], gl.bfloat16)
+    lat_layout = _shared_layout(R, "bfloat16")
+    pe_layout = _shared_layout(P, "bfloat16")
     return (GluonDescriptor(rows, [rows.shape[0], R], [rows.stride(0), 1], [BLOCK_N, R], lat_layout),
             GluonDescriptor(rows[:, R:], [rows.shape[0], P], [rows.stride(0), 1], [BLOCK_N, P], pe_layout))
 
@@ -686,9 +695,9 @@ def fp8_descriptors(cache: torch.Tensor, R: int, P: int):
     rows = cache.view(-1, cache.shape[-1])
     f32 = rows.view(torch.float32)[:, fp8_format.scale_offset(R) // 4:][:, :fp8_format.num_tiles(R)]
     b16 = rows.view(torch.bfloat16)[:, fp8_format.rope_offset(R) // 2:][:, :P]
-    u8_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.uint8)
-    sc_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, f32.shape[1]], gl.float32)
-    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, P], gl.bfloat16)
+    u8_layout = _shared_layout(R, "uint8")
+    sc_layout = _shared_layout(f32.shape[1], "float32")
+    pe_layout = _shared_layout(P, "bfloat16")
     return (GluonDescriptor(rows, [rows.shape[0], R], [rows.stride(0), 1], [BLOCK_N, R], u8_layout),
             GluonDescriptor(f32, list(f32.shape), [f32.stride(0), 1], [BLOCK_N, f32.shape[1]], sc_layout),
             GluonDescriptor(b16, list(b16.shape), [b16.stride(0), 1], [BLOCK_N, P], pe_layout))

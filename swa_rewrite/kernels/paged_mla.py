@@ -284,12 +284,11 @@ def _paged_tiles_fwd_kernel(
 # back to these page tiles off Hopper and for the shapes it is not written for.
 PAGED_DECODE_CONFIG = dict(kernel="gluon", warp_specialize=True, block_n=64, num_warps=8, num_stages=2, chunk=0,
                            tma=True, dedup=False, bf16_dequant=False)
-# SWA decode default: ``kernel="auto"`` takes page tiles for windows of at least ``SWA_TILES_MIN_WINDOW``
-# positions and 64-head blocks — the Gluon FP8 kernel on Hopper (1.58-1.70x FlashMLA at H = 128, W >= 512, where
-# the plain page tiles took 2.0x; session 7), else the plain page tiles (1.1-1.8x the gathered kernel at W = 512
-# … 4096) — and the gathered kernel otherwise: a window that is not tile-aligned spans one more tile (W = 128:
-# three instead of two; the gathered kernel stays 5-10 % ahead of both), and with 16-head blocks the TMA
-# variant lost (call 2 of issue 17).
+# SWA decode default, ``kernel="auto"`` (the rule and its numbers at its use in ``paged_tiles_fwd``): on Hopper the
+# Gluon FP8 kernel except for windows under ``SWA_TILES_MIN_WINDOW`` over many tokens with 64-head blocks, which
+# take the gathered kernel (a window that is not tile-aligned spans one more tile); elsewhere the plain page tiles
+# for long windows with 64-head blocks (1.1-1.8x the gathered kernel at W = 512 … 4096) and the gathered kernel
+# otherwise (with 16-head blocks the TMA page tiles lost: call 2 of issue 17).
 SWA_DECODE_CONFIG = dict(PAGED_DECODE_CONFIG, kernel="auto", warp_specialize=False)
 SWA_TILES_MIN_WINDOW = 512
 _TILE_KEYS = ("kernel", "chunk", "tma", "dedup", "bf16_dequant", "persistent", "warp_specialize", "pipeline",
