@@ -64,10 +64,16 @@ BLOCK_N = 64
 if AVAILABLE:
 
     @gluon.jit
-    def _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, window, BLOCK_N: gl.constexpr):
-        """Request row ``bb`` of token ``t`` at position ``p``, its first attended position ``lo`` (``p - window
-        + 1``, or 0 without a window) and its split's key range ``[k_begin, k_end)``: whole ``BLOCK_N`` tiles
-        per split from the tile holding ``lo``, as ``_common._split_range``; empty for padding tokens."""
+    def _item(bid_ptr, cu_ptr, dec_ptr, bt_ptr, stride_bt, H, num_splits, window, BLOCK_H: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+        """This program's work item: token ``t``, head block ``pid_h``, split ``pid_s``; the first attended
+        position ``lo`` of the token at position ``p`` (``p - window + 1``, or 0 without a window); the split's
+        key range ``[k_begin, k_end)`` (whole ``BLOCK_N`` tiles per split from the tile holding ``lo``, as
+        ``_common._split_range``; empty for padding tokens) and the request's block-table row."""
+        n_hb = gl.cdiv(H, BLOCK_H)
+        t = gl.program_id(0) // n_hb
+        pid_h = gl.program_id(0) % n_hb
+        pid_s = gl.program_id(1)
         b = gl.load(bid_ptr + t)
         bb = gl.maximum(b, 0)
         cu_b = gl.load(cu_ptr + bb)
@@ -79,7 +85,7 @@ if AVAILABLE:
         tiles = gl.cdiv(gl.cdiv(hi - t0, BLOCK_N), num_splits)
         k_begin = t0 + pid_s * tiles * BLOCK_N
         k_end = gl.minimum(hi, k_begin + tiles * BLOCK_N)
-        return bb, lo, k_begin, k_end
+        return t, pid_h, pid_s, lo, k_begin, k_end, bt_ptr + bb.to(gl.int64) * stride_bt
 
     @gluon.jit
     def _slot_barriers(N: gl.constexpr, EMPTY_COUNT: gl.constexpr):
@@ -296,12 +302,8 @@ if AVAILABLE:
                              R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                              NBUF: gl.constexpr, PARTIAL: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
                              PIPELINE: gl.constexpr, num_warps: gl.constexpr):
-        n_hb = gl.cdiv(H, BLOCK_H)
-        t = gl.program_id(0) // n_hb
-        pid_h = gl.program_id(0) % n_hb
-        pid_s = gl.program_id(1)
-        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, 0, BLOCK_N)
-        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+        t, pid_h, pid_s, lo, k_begin, k_end, bt_row_ptr = _item(bid_ptr, cu_ptr, dec_ptr, bt_ptr, stride_bt, H,
+                                                                num_splits, 0, BLOCK_H, BLOCK_N)
 
         q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
         q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, P], pe_desc.layout)
@@ -513,12 +515,8 @@ if AVAILABLE:
         default partition and a 4-warp worker are the two compute warpgroups (``_pp_consumer``), a 1-warp worker
         loads. No separate masked-tile path (a split's partial last tile has its rows past the end zeroed in shared memory
         by its owner). Shared memory: Q's latent part 64 KB, two key slots 144 KB, two P buffers 16 KB."""
-        n_hb = gl.cdiv(H, BLOCK_H)
-        t = gl.program_id(0) // n_hb
-        pid_h = gl.program_id(0) % n_hb
-        pid_s = gl.program_id(1)
-        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, 0, BLOCK_N)
-        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+        t, pid_h, pid_s, lo, k_begin, k_end, bt_row_ptr = _item(bid_ptr, cu_ptr, dec_ptr, bt_ptr, stride_bt, H,
+                                                                num_splits, 0, BLOCK_H, BLOCK_N)
         n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
 
         q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, R], lat_desc.layout)
@@ -632,12 +630,8 @@ if AVAILABLE:
         """Sliding-window decode over the packed FP8 cache: a producer warp stages each tile's FP8 rows, scales
         and rope rows by TMA (``NBUF`` stages); the compute warps dequantise a stage into one bf16 operand
         buffer and attend to it. Shared memory: Q 72 KB, bf16 latent 64 KB, per stage 33 KB + 8 KB rope."""
-        n_hb = gl.cdiv(H, BLOCK_H)
-        t = gl.program_id(0) // n_hb
-        pid_h = gl.program_id(0) % n_hb
-        pid_s = gl.program_id(1)
-        bb, lo, k_begin, k_end = _item(bid_ptr, cu_ptr, dec_ptr, t, pid_s, num_splits, window, BLOCK_N)
-        bt_row_ptr = bt_ptr + bb.to(gl.int64) * stride_bt
+        t, pid_h, pid_s, lo, k_begin, k_end, bt_row_ptr = _item(bid_ptr, cu_ptr, dec_ptr, bt_ptr, stride_bt, H,
+                                                                num_splits, window, BLOCK_H, BLOCK_N)
         n_tiles = gl.cdiv(gl.maximum(k_end - k_begin, 0), BLOCK_N)
 
         bf16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.bfloat16)
