@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine_helpers import assert_idle
+from numerics import assert_greedy_agrees
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.ops.kv_cache_spec import KVCacheSpec, blocks_per_request
@@ -321,7 +322,7 @@ def test_soak_bounded_engine_with_arrivals_finishes_and_aborts(page_size, budget
     for _ in range(24):
         prompt = rng.choice(prefixes + [[]]) + [rng.randrange(V) for _ in range(rng.randrange(1, 6))]
         pending.append((prompt[:18], rng.randrange(0, 6)))
-    asked, got, finished, aborted = {}, {}, set(), set()
+    asked, got, kept, finished, aborted = {}, {}, {}, set(), set()
     steps = 0
     while pending or engine.has_unfinished():
         for _ in range(rng.choice([0, 1, 2])):
@@ -329,6 +330,8 @@ def test_soak_bounded_engine_with_arrivals_finishes_and_aborts(page_size, budget
                 prompt, n = pending.pop(0)
                 rid = engine.add_request(prompt, n)
                 asked[rid], got[rid] = (prompt, n), []
+                kept[rid] = engine._waiting[-1]      # keeps the logits its tokens were chosen from
+                kept[rid].keep_logits = True
         live = [rid for rid in asked if rid not in finished and rid not in aborted]
         if live and rng.random() < 0.06:
             rid = rng.choice(live)
@@ -346,7 +349,13 @@ def test_soak_bounded_engine_with_arrivals_finishes_and_aborts(page_size, budget
     assert finished | aborted == set(asked)
     for rid in finished:
         prompt, n = asked[rid]
-        assert got[rid] == reference.generate([prompt], n)[0], f"request {rid}"
+        # The chunks a request runs in depend on the traffic, and the latents a chunk computes differ from one
+        # computed alone by float rounding: an FP8 latent can round to its neighbour, which moves the logits by
+        # ~1e-2. So tokens may part from the reference's only at a near-tie of its logits, and the logits the
+        # engine chose from must stay within 2 % of the reference's (a wrong or stale block is far beyond).
+        chosen = torch.cat(kept[rid].logits)[-n:] if n else None     # row j chose token j
+        assert_greedy_agrees(got[rid], reference.generate([prompt], n)[0], prompt,
+                             lambda prefix: chosen[len(prefix) - len(prompt)][None], reference.logits, tol=2e-2)
     assert_idle(engine)
 
 
