@@ -63,6 +63,12 @@ CONFIGS = {   # attention-kernel configs (kernels.mha_window.DEFAULT_CONFIG is "
     "m128w8": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),       # spills (sm_90 report)
     "m128n32w8": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),    # spills (sm_90 report)
     "ptr": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False),  # pointer loads, no TMA
+    # Persistent plain Triton: a few programs per SM loop over (head, query tile) items, one masked key loop each.
+    "pers2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, persistent=2),
+    "pers2s1": dict(block_m=64, block_n=64, num_warps=4, num_stages=1, persistent=2),
+    # Gluon (kernels/gluon_mha.py): persistent, warp-specialised, 128-row items over two warpgroups.
+    "gluon": dict(kernel="gluon"),
+    "gluon-n2q1": dict(kernel="gluon", nbuf=2, qbuf=1),
 }
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: --smoke only (Triton interpreter)
@@ -135,7 +141,7 @@ def mha_parts(s, config):
     torch.mm(latent[:, :R], wt, out=kv)
     o = torch.empty(s["T"], H, V, dtype=torch.bfloat16, device=DEVICE)
     lse = torch.empty(s["T"], H, device=DEVICE)
-    tile_cu = mha_window.tile_offsets(m["cu_seqlens_q"], s["kv_cu"], mha_window.attention_config(config)["block_m"])
+    tile_cu = mha_window.tile_offsets(m["cu_seqlens_q"], s["kv_cu"], mha_window.attention_config(config, s["q_nope"], s["q_pe"], V)["block_m"])
     gather = lambda: mha_window.gather_latent_rows(s["cache"], s["kv_slots"], latent, rope_dim=P)  # noqa: E731
     gemm = lambda: torch.mm(latent[:, :R], wt, out=kv)  # noqa: E731
     stats = {}
@@ -206,11 +212,21 @@ def run_case(H, W, C, B, hist, configs, reps, log):
     out = (torch.empty(T, H, V, dtype=torch.bfloat16, device=DEVICE), torch.empty(T, H, device=DEVICE))
     best = (float("nan"), None)
     by_config = {}
+    expected = mqa_calls(s)[1]()                      # the MQA block's output: every config is checked against it
     for name in configs:
         stats = {}
-        t = by_config[name] = timed(mha_call(s, CONFIGS[name], out, stats), reps)
+        t = timed(mha_call(s, CONFIGS[name], out, stats), reps)
+        if not math.isnan(t):                         # a fresh, poisoned run of the config: a wrong kernel never wins
+            out[0].fill_(float("nan"))
+            mha_call(s, CONFIGS[name], out)()
+            e = rel_err(out[0], expected)
+            if not e <= 2e-2:
+                print(f"    [wrong] {name}: relative error {e:.3g} against the MQA block", file=sys.stderr)
+                t = float("nan")
+        by_config[name] = t
         if name not in RESOURCES and stats.get("attention"):
-            RESOURCES[name] = resource_line(stats["attention"]) + f" tma={stats.get('tma')}"
+            RESOURCES[name] = (resource_line(stats["attention"]) + f" tma={stats.get('tma')}"
+                               + f" kernel={stats.get('kernel', 'triton')}")
         if not math.isnan(t) and (best[1] is None or t < best[0]):
             best = (t, name)
     cfg = CONFIGS.get(best[1]) if best[1] else None
@@ -298,7 +314,7 @@ def main():
     if args.smoke:
         with open(os.path.join(args.out, "bench_mha_prefill.jsonl"), "w") as log:
             print(HEADER)
-            print_row(run_case(2, 16, 32, 2, 16, ["base"], 1, log))
+            print_row(run_case(2, 16, 32, 2, 16, ["base", "pers2", "gluon"], 1, log))
         return
     heads = [int(h) for h in args.heads.split(",")]
     configs = [c for c in args.configs.split(",") if c]

@@ -14,6 +14,8 @@
 #   attention   bench_attention.py (issue 17)
 #   gluon       the Gluon kernels' GPU tests (the ping-pong variant and the default choice first: never run yet),
 #               then their variants beside FlashMLA (issue 17)
+#   mha-gluon   the persistent MHA window kernels' GPU tests (Gluon and Triton: never run yet), then
+#               bench_mha_prefill.py --quick with them beside the default configs and FlashMLA (issue 18)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -69,4 +71,8 @@ has gluon && run gluon-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprov
     -k "gluon or default_on_hopper"
 has gluon && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attention.py --skip-tables \
     --dense-variants gluon-ws,gluon-pp,gluon-pp-overlap --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
+has mha-gluon && run mha-gluon-tests 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_mha_prefill.py -k "persistent or gluon"
+has mha-gluon && run bench-mha-gluon 420 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
+    --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1
 exit 0

@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
-from ._common import _LOG2E, _M_INIT, _dequantize_tile, _load_tile, _round_to_bf16_grid
+from . import gluon_mha, interpreting
+from ._common import _LOG2E, _M_INIT, _dequantize_tile, _load_tile, _round_to_bf16_grid, _sm_count
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernel loads through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -303,6 +303,92 @@ def _mha_window_fwd_kernel(
 
 
 @triton.jit
+def _mha_window_persistent_kernel(
+        q_nope_ptr, q_pe_ptr, kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr,
+        cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, tile_b_ptr,
+        qk_scale,                                   # softmax scale · log2(e)
+        B, Hg, window, sinks,
+        stride_qt, stride_qh, stride_pt, stride_ph,
+        stride_km, stride_kh, stride_pm,
+        stride_ot, stride_oh, stride_lt, stride_lh,
+        N: tl.constexpr, P: tl.constexpr, V: tl.constexpr,
+        BLOCK_NOPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    """The persistent variant (``persistent`` config, measured against the default in
+    ``benchmarks/bench_mha_prefill.py``): a few programs per SM loop over the work items ``(head, query tile)``
+    (query tiles fastest: programs running side by side share a head's K/V in L2), each item one loop over its key
+    tiles — sinks below the window, then the window's positions, every tile masked. ``tile_b [tiles]``: the
+    request of each query tile (``tile_requests``). Triton 3.6 does not fuse this loop nest (``tl.range(...,
+    flatten=True)`` only fuses inner loops whose bounds do not depend on the outer one, and automatic warp
+    specialisation of the outer loop fails in its Hopper pass), so the next item's loads are not issued under
+    the current one's tiles: ``gluon_mha`` does that by hand."""
+    n_tiles_all = tl.load(tile_cu_ptr + B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_NOPE)
+    offs_p = tl.arange(0, BLOCK_ROPE)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_n = tl.arange(0, BLOCK_N)
+    for item in range(tl.program_id(0), n_tiles_all * Hg, tl.num_programs(0)):
+        h = (item // n_tiles_all).to(tl.int64)
+        tile = item % n_tiles_all
+        b = tl.load(tile_b_ptr + tile)
+        cu_b = tl.load(cu_ptr + b)
+        c_b = tl.load(cu_ptr + b + 1) - cu_b
+        dec_b = tl.load(dec_ptr + b)
+        base = tl.load(kv_cu_ptr + b).to(tl.int64)
+        i0 = (tile - tl.load(tile_cu_ptr + b)) * BLOCK_M
+        n_q = tl.minimum(c_b - i0, BLOCK_M)
+        q_ok = offs_m < n_q
+        tok = (cu_b + i0).to(tl.int64) + offs_m
+        pos = dec_b + i0 + offs_m
+        p0 = dec_b + i0
+        p1 = p0 + n_q - 1
+        a_b = tl.maximum(dec_b - window + 1, 0)
+        ns_b = tl.minimum(sinks, a_b)
+        lo_t = tl.maximum(a_b, p0 - window + 1)
+        n_sink = ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0)
+        win0 = base + ns_b - a_b
+
+        q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                         mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
+        q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
+                       mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
+        if INTERPRET:
+            q_nope = q_nope.to(tl.float32)
+            q_pe = q_pe.to(tl.float32)
+        kv_h = kv_ptr + h * stride_kh
+        m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        n_st = tl.cdiv(n_sink, BLOCK_N)
+        n_wt = tl.cdiv(tl.maximum(p1 + 1 - lo_t, 0), BLOCK_N)
+        for t in range(0, n_st + n_wt):
+            # (The scalar condition is broadcast by arithmetic, as in _fill_uncovered_kernel.)
+            sink = (tl.zeros([BLOCK_N], tl.int32) + t) < n_st
+            kk = t * BLOCK_N + offs_n                                   # sink rows: base + kk
+            kpos0 = lo_t + (t - n_st) * BLOCK_N                         # window tiles: positions kpos0 + offs_n
+            kpos = kpos0 + offs_n
+            row0 = tl.where(t < n_st, base + t * BLOCK_N, win0 + kpos0)
+            ok = tl.where(sink, kk < n_sink, kpos <= p1)
+            kn, kp, v = _load_keys(kv_h, kpe_ptr, kn_desc, v_desc, kp_desc, row0 + offs_n, row0, h, ok,
+                                   stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V, BLOCK_N, TMA,
+                                   INTERPRET)
+            in_window = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] > pos[:, None] - window) |
+                                                           (kpos[None, :] < sinks))
+            allowed = tl.where(sink[None, :], ok[None, :], in_window)
+            m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+        if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+            o = _round_to_bf16_grid(o)
+        tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
+        tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok)
+
+
+@triton.jit
 def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, stride_oh, stride_lt,
                            V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
     """``o = 0``, ``lse = +inf`` for token ``t`` when no program computes it: padding (``bid < 0``) or a request
@@ -323,10 +409,17 @@ def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, s
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def attention_config(config: dict | None = None) -> dict:
+def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = None,
+                     q_pe: torch.Tensor | None = None, V: int = 0) -> dict:
     """The attention kernel's block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
-    updated with ``config``."""
-    return dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
+    updated with ``config``. ``kernel="gluon"`` (``GLUON_CONFIG``'s tiles) stays only where ``gluon_mha.supports``
+    the queries (given: ``q_nope``, ``q_pe``, ``V``); elsewhere the Triton kernel's default runs."""
+    cfg = dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
+    if cfg.get("kernel") == "gluon":
+        if q_nope is None or not gluon_mha.supports(q_nope, q_pe, V):
+            return dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG)
+        cfg.update(block_m=gluon_mha.BLOCK_M, block_n=gluon_mha.BLOCK_N)
+    return cfg
 
 
 def tile_offsets(cu_seqlens_q: torch.Tensor, kv_cu: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -336,6 +429,13 @@ def tile_offsets(cu_seqlens_q: torch.Tensor, kv_cu: torch.Tensor, block_m: int) 
     rows = kv_cu[1:] - kv_cu[:-1]
     tiles = torch.where(rows > 0, (q_lens + block_m - 1) // block_m, 0)
     return torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+
+
+def tile_requests(tile_cu: torch.Tensor, bound: int) -> torch.Tensor:
+    """``[bound]`` int32: the request of each query tile ``i < tile_cu[-1]`` (the last ``b`` with ``tile_cu[b] ≤ i``;
+    ``B`` past the last tile). Device ops only."""
+    tiles = torch.arange(bound, dtype=tile_cu.dtype, device=tile_cu.device)
+    return torch.searchsorted(tile_cu[1:], tiles, right=True).to(torch.int32)
 
 
 def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
@@ -352,7 +452,7 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     B = kv_cu.shape[0] - 1
     if T == 0 or B == 0 or Hg == 0:
         return
-    cfg = attention_config(config)
+    cfg = attention_config(config, q_nope, q_pe, out.shape[-1])
     bm, bn = cfg["block_m"], cfg["block_n"]
     if tile_cu is None:
         tile_cu = tile_offsets(cu_seqlens_q, kv_cu, bm)
@@ -362,6 +462,36 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     block_v = max(16, triton.next_power_of_2(V))
     descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
     kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
+    if cfg.get("kernel") == "gluon":
+        assert bm == gluon_mha.BLOCK_M, "the Gluon kernel's tiles are BLOCK_M query rows (tile_cu)"
+        assert gluon_mha.workspace_ok(kv, k_pe), "the Gluon kernel reads a contiguous bf16 workspace"
+        bound = triton.cdiv(T, bm) + B
+        compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
+                                    min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_requests(tile_cu, bound),
+                                    nbuf=cfg.get("nbuf", 3), qbuf=cfg.get("qbuf", 2))
+        if stats is not None:
+            stats.setdefault("attention", []).append(compiled)
+            stats["tma"] = True
+            stats["kernel"] = "gluon"
+        return
+    persistent = int(cfg.get("persistent", 0))
+    if persistent > 0:
+        bound = triton.cdiv(T, bm) + B                  # query tiles, from shapes only
+        grid = (max(1, min(bound * Hg, persistent * _sm_count(q_nope.device))),)
+        compiled = _mha_window_persistent_kernel[grid](
+            q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu,
+            tile_cu, tile_requests(tile_cu, bound), scale * _LOG2E, B, Hg, min(window, FULL_WINDOW), sinks,
+            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+            kv.stride(0), kv.stride(1), k_pe.stride(0),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm, BLOCK_N=bn,
+            TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+        if stats is not None:
+            stats.setdefault("attention", []).append(compiled)
+            stats["tma"] = descs is not None
+            stats["programs"] = grid[0]
+        return
     grid = (triton.cdiv(T, bm) + B, Hg)
     compiled = _mha_window_fwd_kernel[grid](
         q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu,
@@ -450,7 +580,7 @@ def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: t
         fill_uncovered(o, lse, kv_cu, batch_id_per_token)
     if T == 0 or M == 0 or kv_cu.shape[0] <= 1:
         return o, lse
-    cfg = attention_config(config)
+    cfg = attention_config(config, q_nope, q_pe, V)
     latent = torch.empty((M, R + P), dtype=dtype, device=q_nope.device)
     gather_latent_rows(cache, kv_slots, latent, rope_dim=P)
     tile_cu = tile_offsets(cu_seqlens_q, kv_cu, cfg["block_m"])

@@ -147,6 +147,27 @@ def main():
             qh = torch.zeros(m.batch_id_per_token.shape[0], heads, D, dtype=torch.bfloat16)
             sparse_mla.swa_attention_fwd(qh, packed, m.block_tables[0], m.cu_seqlens_q, m.seq_lens_decoder,
                                          m.batch_id_per_token, 0.1, P, 128, staged=b is prefill)
+    from swa_rewrite.kernels import mha_window     # MHA-mode prefill (issue 18): gather, GEMM, window attention
+    m = prefill.meta
+    T, N, V = m.batch_id_per_token.shape[0], 128, 128
+    slots, rows_cu = torch.arange(100 + 40, dtype=torch.int32), torch.tensor([0, 140], dtype=torch.int32)
+    for cfg in ({}, {"tma": False}, {"persistent": 2}, {"persistent": 3, "num_stages": 1}):
+        mha_window.mha_swa_prefill_fwd(torch.zeros(T, H, N, dtype=torch.bfloat16),
+                                       torch.zeros(T, H, P, dtype=torch.bfloat16),
+                                       torch.zeros(H * (N + V), R, dtype=torch.bfloat16), packed, slots, rows_cu,
+                                       m.cu_seqlens_q, m.seq_lens_decoder, m.batch_id_per_token, 0.1, 128,
+                                       config=cfg)
+    from swa_rewrite.kernels import gluon_mha
+    if gluon_mha.AVAILABLE:           # the Gluon MHA window kernel (issue 18), its default and smaller rings
+        M = 140
+        kv = torch.zeros(M, H, N + V, dtype=torch.bfloat16)
+        latent = torch.zeros(M, R + P, dtype=torch.bfloat16)
+        q = torch.zeros(T, H, N + P, dtype=torch.bfloat16)
+        tile_cu = torch.tensor([0, 1], dtype=torch.int32)
+        for nbuf, qbuf in ((3, 2), (2, 1)):
+            gluon_mha.launch(q[..., :N], q[..., N:], kv, latent[:, R:], rows_cu, m.cu_seqlens_q, m.seq_lens_decoder,
+                             0.1, 128, 0, torch.empty(T, H, V, dtype=torch.bfloat16), torch.empty(T, H), tile_cu,
+                             torch.zeros(2, dtype=torch.int32), nbuf=nbuf, qbuf=qbuf)
     from swa_rewrite.kernels import gluon_mla
     from swa_rewrite.kernels._common import split_targets
     if gluon_mla.AVAILABLE:           # the Gluon dense decode kernel (issue 17): both pipelines, whole and split

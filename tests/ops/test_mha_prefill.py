@@ -287,6 +287,28 @@ def test_kernel_interpreter_tma_and_pointer_loads(seed, tma, window, sinks):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("config", [dict(persistent=1), dict(persistent=2, tma=False)], ids=["tma", "pointers"])
+@pytest.mark.parametrize("window,sinks,ps,H", KERNEL_CASES[1::2])
+def test_kernel_interpreter_persistent(seed, config, window, sinks, ps, H):
+    """The persistent variant: programs (8 per "SM" on the CPU) loop over more (head, query tile) items than
+    there are programs, one masked key loop per item (sinks, then the window)."""
+    s = setup(MIXED, ps, H, window, sinks)
+    stats = {}
+    assert_close(*run_kernel(s, config=config, stats=stats), *reference_of(s), rtol=1e-5, atol_lse=1e-5)
+    assert stats["programs"] <= 8 * config["persistent"]
+
+
+@needs_interpreter
+def test_kernel_gluon_config_falls_back_off_hopper(seed):
+    """``kernel="gluon"`` where Gluon cannot run (here: the CPU) takes the Triton kernel's default config."""
+    s = setup(MIXED, 7, 3, 5, 3)
+    stats = {}
+    assert_close(*run_kernel(s, config=dict(kernel="gluon", nbuf=2), stats=stats), *reference_of(s), rtol=1e-5,
+                 atol_lse=1e-5)
+    assert stats.get("kernel", "triton") == "triton" and "programs" not in stats
+
+
+@needs_interpreter
 @pytest.mark.parametrize("window,sinks,ps,H", [(5, 3, 7, 3), (64, 0, 16, 16)])
 def test_kernel_interpreter_bf16(seed, window, sinks, ps, H):
     s = setup(MIXED, ps, H, window, sinks, dtype=torch.bfloat16)
@@ -452,6 +474,36 @@ def test_kernel_gpu_configs(seed, config):
     stats = {}
     assert_close(*run_kernel(s, config=config, stats=stats), *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
     assert stats["tma"] == config.get("tma", True)
+
+
+GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(persistent=2), dict(persistent=2, num_stages=1)],
+                         ids=["gluon", "gluon-n2q1", "persistent", "persistent-s1"])
+@pytest.mark.parametrize("window,sinks,ps,H", [(128, 0, 64, 128), (777, 3, 16, 64), (1, 0, 1, 16), (64, 2, 64, 1),
+                                               (0, 0, 64, 16)])
+def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
+    """The persistent kernels (issue 18) on ragged steps: chunks from 1 to 517 tokens, short and long history,
+    sinks, windows shorter than a key tile, full causal; the Gluon one runs on Hopper (else the fallback)."""
+    s = setup(GPU_REQUESTS, ps, H, window, sinks, packed=window != 0, **GPU_DIMS)
+    stats = {}
+    assert_close(*run_kernel(s, config=config, stats=stats), *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
+    gluon = config.get("kernel") == "gluon" and torch.cuda.get_device_capability()[0] == 9
+    assert stats.get("kernel", "triton") == ("gluon" if gluon else "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-n2q1"])
+def test_kernel_gpu_gluon_many_items_head_groups(seed, config):
+    """More work items than programs (each program loops, its query and key rings wrap many times), head groups
+    (query views at a head offset), a long chunk and a padded step."""
+    s = setup([(2000, 1000), (0, 129), (64, 64)], 64, 128, 128, 0, num_pad=3, **GPU_DIMS)
+    stats = {}
+    out = run_kernel(s, config=config, workspace_bytes=64 << 20, stats=stats)
+    assert stats["head_group"] < 128
+    assert_close(*out, *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
 
 
 @pytest.mark.gpu
