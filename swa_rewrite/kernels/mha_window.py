@@ -417,7 +417,8 @@ def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = N
     cfg = dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
     if cfg.get("kernel") == "gluon":
         if q_nope is None or not gluon_mha.supports(q_nope, q_pe, V):
-            return dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG)
+            return {k: v for k, v in (INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG).items()
+                    if k != "kernel"}
         cfg.update(block_m=gluon_mha.BLOCK_M, block_n=gluon_mha.BLOCK_N)
     return cfg
 
