@@ -74,5 +74,5 @@ has gluon && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attenti
 has mha-gluon && run mha-gluon-tests 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
     tests/ops/test_mha_prefill.py -k "persistent or gluon"
 has mha-gluon && run bench-mha-gluon 420 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
-    --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1
+    --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
 exit 0

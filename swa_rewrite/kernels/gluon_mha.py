@@ -220,7 +220,7 @@ if AVAILABLE:
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
                              n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
-        ], [4, 1], [168, 24])
+        ], [4, 1], [168 if BLOCK_N == 64 else 232, 24])
 
 
 def supports(q_nope: torch.Tensor, q_pe: torch.Tensor, V: int) -> bool:
@@ -258,8 +258,11 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_scale, window: int, sinks: int,
-           out, lse, tile_cu, tile_b, nbuf: int = 3, qbuf: int = 2, programs: int = 0):
-    """One launch over the ``tile_cu`` tiles (of ``BLOCK_M`` rows) × heads; ``programs`` (default one per SM)."""
+           out, lse, tile_cu, tile_b, nbuf: int = 3, qbuf: int = 2, block_n: int = BLOCK_N, programs: int = 0):
+    """One launch over the ``tile_cu`` tiles (of ``BLOCK_M`` rows) × heads; ``programs`` (default one per SM).
+    ``block_n``: keys per tile, 64 or 128 (128: fewer, larger steps; its S takes 64 more registers per thread, and
+    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``)."""
+    assert block_n in (64, 128), f"block_n must be 64 or 128, got {block_n}"
     T, Hg, N = q_nope.shape
     P, V = q_pe.shape[-1], out.shape[-1]
     M = kv.shape[0]
@@ -268,12 +271,13 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
     qn2, qp2 = _as_rows(q_nope, N), _as_rows(q_pe, P)
     descs = (GluonDescriptor(qn2, list(qn2.shape), list(qn2.stride()), [BLOCK_M, N], _layout(BLOCK_M, N)),
              GluonDescriptor(qp2, list(qp2.shape), list(qp2.stride()), [BLOCK_M, P], _layout(BLOCK_M, P)),
-             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [BLOCK_N, N], _layout(BLOCK_N, N)),
-             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [BLOCK_N, V], _layout(BLOCK_N, V)),
-             GluonDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [BLOCK_N, P], _layout(BLOCK_N, P)))
+             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, N], _layout(block_n, N)),
+             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, V], _layout(block_n, V)),
+             GluonDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [block_n, P], _layout(block_n, P)))
     bound = (triton.cdiv(T, BLOCK_M) + B) * Hg
     grid = (max(1, min(bound, programs or _sm_count(q_nope.device))),)
     return _gluon_mha_window_kernel[grid](
         *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window, sinks,
         q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)
+        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4,
+        maxnreg=168 if block_n == 64 else 232)

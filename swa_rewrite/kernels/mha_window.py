@@ -419,7 +419,7 @@ def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = N
         if q_nope is None or not gluon_mha.supports(q_nope, q_pe, V):
             return {k: v for k, v in (INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG).items()
                     if k != "kernel"}
-        cfg.update(block_m=gluon_mha.BLOCK_M, block_n=gluon_mha.BLOCK_N)
+        cfg["block_m"] = gluon_mha.BLOCK_M
     return cfg
 
 
@@ -469,7 +469,7 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
         bound = triton.cdiv(T, bm) + B
         compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
                                     min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_requests(tile_cu, bound),
-                                    nbuf=cfg.get("nbuf", 3), qbuf=cfg.get("qbuf", 2))
+                                    nbuf=cfg.get("nbuf", 3), qbuf=cfg.get("qbuf", 2), block_n=bn)
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
             stats["tma"] = True

@@ -476,12 +476,13 @@ def test_kernel_gpu_configs(seed, config):
     assert stats["tma"] == config.get("tma", True)
 
 
-GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1)]
+GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1),
+                 dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(persistent=2), dict(persistent=2, num_stages=1)],
-                         ids=["gluon", "gluon-n2q1", "persistent", "persistent-s1"])
+                         ids=["gluon", "gluon-n2q1", "gluon-n128", "persistent", "persistent-s1"])
 @pytest.mark.parametrize("window,sinks,ps,H", [(128, 0, 64, 128), (777, 3, 16, 64), (1, 0, 1, 16), (64, 2, 64, 1),
                                                (0, 0, 64, 16)])
 def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
@@ -495,7 +496,7 @@ def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-n2q1"])
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-n2q1", "gluon-n128"])
 def test_kernel_gpu_gluon_many_items_head_groups(seed, config):
     """More work items than programs (each program loops, its query and key rings wrap many times), head groups
     (query views at a head offset), a long chunk and a padded step."""
