@@ -26,8 +26,11 @@ expansion per *row* (``C + W - 1`` rows per chunk) plus ``640·W``; MQA pays the
 ``2176·W``. At equal efficiency MHA wins once ``C ≳ 262144·(W-1) / (1536·W) ≈ 171`` tokens, for any W.
 
 The sweep ends with **the rule**: for each (H, W), the shortest chunk length at which MHA beats the MQA block (and the
-MQA op alone). Times: medians of CUDA-event timings (``swa_rewrite.timing.median_us``) after warm-up; full rows to
-``$OUT/bench_mha_prefill.jsonl``.
+MQA op alone). Times (``--timing``): ``graph`` (the default) — medians of CUDA-graph replays
+(``swa_rewrite.timing.graph_replay_us``, checks off), the device time of each path, as the decode benchmarks time
+theirs; ``events`` — medians of CUDA-event timings of eager calls (``median_us``), which also count the host's
+launch time wherever the device waits for it: our block is several Python launches, FlashMLA's one, so short
+paths (the gather alone: ~40 µs whatever its rows) measure the host. Full rows to ``$OUT/bench_mha_prefill.jsonl``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from swa_rewrite import ops  # noqa: E402
 from swa_rewrite.kernels import mha_window  # noqa: E402
 from swa_rewrite.ops.mha_prefill import plan_mha_rows  # noqa: E402
 from swa_rewrite.ops.mla_attention import absorb_query, unabsorb_output  # noqa: E402
-from swa_rewrite.timing import median_us  # noqa: E402
+from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
+from swa_rewrite.timing import graph_replay_us, median_us  # noqa: E402
 
 R, P, N, V = 512, 64, 128, 128
 D = R + P
@@ -187,8 +191,19 @@ def flashmla_call(s, q_abs, latent):
 
 
 # ------------------------------------------------------------------------------------------ timing
+TIMING = "graph"      # --timing
+
+
 def timed(fn, reps):
     try:
+        if DEVICE == "cuda" and TIMING == "graph":
+            try:
+                with checks_disabled():               # data checks read back: not capturable
+                    return graph_replay_us(fn, iters=reps, warmup=2)
+            except Exception as e:  # noqa: BLE001  (a path that cannot be captured is timed eagerly, and says so)
+                print(f"    [events] not capturable ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                      file=sys.stderr)
+                torch.cuda.synchronize()
         return median_us(fn, iters=reps, warmup=2 if DEVICE == "cuda" else 0, device=DEVICE)
     except Exception as e:  # noqa: BLE001  (a path that does not support a shape reports n/a)
         print(f"    [skip] {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
@@ -311,7 +326,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the issue's three fresh shapes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="one tiny case, runs on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--timing", choices=["graph", "events"], default="graph",
+                    help="CUDA-graph replays (device time, the default) or CUDA events around eager calls")
     args = ap.parse_args()
+    global TIMING
+    TIMING = args.timing
     if args.smoke:
         with open(os.path.join(args.out, "bench_mha_prefill.jsonl"), "w") as log:
             print(HEADER)
@@ -322,6 +341,7 @@ def main():
     sweep_configs = [c for c in args.sweep_configs.split(",") if c]
     props = torch.cuda.get_device_properties(0)   # the real runs need the GPU
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
+          f"timing {TIMING}, "
           f"FlashMLA {'present' if flash_mla is not None else 'absent'}; "
           f"EXPAND_BYTES {mha_window.EXPAND_BYTES >> 20} MiB")
     rows = []
