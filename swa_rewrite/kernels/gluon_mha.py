@@ -220,7 +220,7 @@ if AVAILABLE:
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
                              n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
-        ], [4, 1], [168 if BLOCK_N == 64 else 232, 24])
+        ], [4, 1], [168 if BLOCK_N == 64 else 232, 24])     # (maxnreg 168: 384 threads must fit the SM's registers)
 
 
 def supports(q_nope: torch.Tensor, q_pe: torch.Tensor, V: int) -> bool:
@@ -237,7 +237,7 @@ def supports(q_nope: torch.Tensor, q_pe: torch.Tensor, V: int) -> bool:
 def workspace_ok(kv: torch.Tensor, k_pe: torch.Tensor) -> bool:
     """``kv [M, Hg, N + V]`` contiguous and ``k_pe [M, P]`` TMA-compatible, both bf16."""
     return (kv.dtype == k_pe.dtype == torch.bfloat16 and kv.is_contiguous() and kv.data_ptr() % 16 == 0
-            and _tma_ok(k_pe) and kv.shape[0] < 2**31)
+            and _tma_ok(k_pe) and 0 < kv.shape[0] < 2**31)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -258,11 +258,14 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_scale, window: int, sinks: int,
-           out, lse, tile_cu, tile_b, nbuf: int = 3, qbuf: int = 2, block_n: int = BLOCK_N, programs: int = 0):
+           out, lse, tile_cu, tile_b, nbuf: int | None = None, qbuf: int | None = None, block_n: int = BLOCK_N,
+           programs: int = 0):
     """One launch over the ``tile_cu`` tiles (of ``BLOCK_M`` rows) × heads; ``programs`` (default one per SM).
     ``block_n``: keys per tile, 64 or 128 (128: fewer, larger steps; its S takes 64 more registers per thread, and
-    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``)."""
+    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``, the defaults given None)."""
     assert block_n in (64, 128), f"block_n must be 64 or 128, got {block_n}"
+    nbuf = nbuf or (3 if block_n == 64 else 2)
+    qbuf = qbuf or (2 if block_n == 64 else 1)
     T, Hg, N = q_nope.shape
     P, V = q_pe.shape[-1], out.shape[-1]
     M = kv.shape[0]
@@ -279,5 +282,4 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
     return _gluon_mha_window_kernel[grid](
         *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window, sinks,
         q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4,
-        maxnreg=168 if block_n == 64 else 232)
+        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)

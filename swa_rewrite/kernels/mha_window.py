@@ -412,11 +412,12 @@ def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, s
 def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = None,
                      q_pe: torch.Tensor | None = None, V: int = 0) -> dict:
     """The attention kernel's block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
-    updated with ``config``. ``kernel="gluon"`` (``GLUON_CONFIG``'s tiles) stays only where ``gluon_mha.supports``
-    the queries (given: ``q_nope``, ``q_pe``, ``V``); elsewhere the Triton kernel's default runs."""
+    updated with ``config``. ``kernel="gluon"`` (``gluon_mha``: 128-row query tiles, ``block_n`` 64 or 128, rings
+    ``nbuf`` / ``qbuf``) stays only where ``gluon_mha.supports`` the queries (given: ``q_nope``, ``q_pe``, ``V``) and
+    not under the interpreter; elsewhere the Triton kernel's default runs."""
     cfg = dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
     if cfg.get("kernel") == "gluon":
-        if q_nope is None or not gluon_mha.supports(q_nope, q_pe, V):
+        if q_nope is None or interpreting() or not gluon_mha.supports(q_nope, q_pe, V):
             return {k: v for k, v in (INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG).items()
                     if k != "kernel"}
         cfg["block_m"] = gluon_mha.BLOCK_M
@@ -463,13 +464,12 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     block_v = max(16, triton.next_power_of_2(V))
     descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
     kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
-    if cfg.get("kernel") == "gluon":
-        assert bm == gluon_mha.BLOCK_M, "the Gluon kernel's tiles are BLOCK_M query rows (tile_cu)"
-        assert gluon_mha.workspace_ok(kv, k_pe), "the Gluon kernel reads a contiguous bf16 workspace"
+    # The Gluon kernel where it reads the workspace (else the Triton kernel on the same 128-row tiles of tile_cu).
+    if cfg.get("kernel") == "gluon" and gluon_mha.workspace_ok(kv, k_pe):
         bound = triton.cdiv(T, bm) + B
         compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
                                     min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_requests(tile_cu, bound),
-                                    nbuf=cfg.get("nbuf", 3), qbuf=cfg.get("qbuf", 2), block_n=bn)
+                                    nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn)
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
             stats["tma"] = True

@@ -65,16 +65,43 @@ class StepScope:
         return self
 
     def __exit__(self, exc_type, *exc) -> bool:
-        _state.scope = self._previous
+        outer = self._previous
+        _state.scope = outer
         self._previous = None
         deferred, self.deferred = self.deferred, []
         if exc_type is None and deferred:
-            # One device-to-host copy for every deferred check of the step; the first that failed raises.
-            flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred]).cpu().tolist()
-            for failed, (_, action) in zip(flags, deferred):
-                if failed:
-                    action()
+            if isinstance(outer, StepScope):      # an enclosing block reads them with its own (e.g. the engine's)
+                outer.deferred.extend(deferred)
+            else:
+                _run_deferred(deferred)
         return False
+
+    def read(self, values: torch.Tensor) -> list:
+        """``values.tolist()`` (1-D, integer or floating point) in one device-to-host copy together with every
+        deferred check queued in this block so far, whose failing actions run (and raise) first: the engine reads
+        its sampled tokens and the step's checks in one synchronisation."""
+        deferred, self.deferred = self.deferred, []
+        return _run_deferred(deferred, values)
+
+
+def _run_deferred(deferred: list, values: Optional[torch.Tensor] = None) -> list:
+    """One device-to-host copy of the deferred checks' flags (and of ``values``); the first failed check raises.
+    Returns ``values`` as a list."""
+    if not deferred:
+        return [] if values is None else values.cpu().tolist()
+    flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred])
+    n = 0 if values is None else values.numel()
+    if values is not None:
+        kind = torch.float64 if values.is_floating_point() else torch.int64
+        failed = ((flags != 0) | torch.isnan(flags)).to(kind)           # a flag is set: nonzero or NaN
+        both = torch.cat([values.reshape(-1).to(kind), failed.to(values.device)]).cpu().tolist()
+        values_host, flags_host = both[:n], both[n:]
+    else:
+        values_host, flags_host = [], flags.cpu().tolist()
+    for failed, (_, action) in zip(flags_host, deferred):
+        if failed:
+            action()
+    return values_host
 
 
 def validated_step():
@@ -82,7 +109,9 @@ def validated_step():
 
     The step check inside records what it validated (``note_validated``); ops in the block whose metadata are
     those very tensor objects skip the data checks that would repeat it (``validated_entries``). Blocks nest
-    (the innermost one counts) and forget everything when they end. Inside Dynamo tracing (where no data check
+    (the innermost one counts) and forget everything when they end, but for their deferred checks
+    (``defer_check``), which pass to the enclosing block: the outermost one reads them, at its end or with
+    ``StepScope.read``. Inside Dynamo tracing (where no data check
     runs) it is a no-op ``nullcontext``, so a compiled forward keeps one graph."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()

@@ -11,7 +11,7 @@ from typing import Any, Hashable, Optional, Sequence, Union
 import torch
 
 from ..ops.cache_write_checks import NonFiniteLatentError
-from ..ops.checks import check_int
+from ..ops.checks import check_int, validated_step
 from ..ops.kv_cache_spec import KVCacheSpec, blocks_per_request, cache_groups, num_groups
 from ..ops.step_check import check_kv_caches
 from .batch import MHAPlan, StepBatch, StepItem, mha_crossover_tokens, token_of_row
@@ -464,6 +464,7 @@ class Engine:
                 graphs = None
         else:
             graphs = None
+        greedy = None
         try:
             if graphs is not None:
                 logits = graphs.run(batch).float()
@@ -471,8 +472,13 @@ class Engine:
                 batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
                                         device=self.device)
                 logits_indices = None if keep_logits else batch.last_token_index
-                logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
-                                    logits_indices=logits_indices).float()
+                # The model's checks deferred to the step's end (the cache writes' finite-latent flags) are read
+                # in the same device-to-host copy as the greedy tokens: one synchronisation per checked step.
+                with validated_step() as scope:
+                    logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
+                                        logits_indices=logits_indices).float()
+                    if not keep_logits and scope is not None:
+                        greedy = scope.read(logits.argmax(-1))
         except NonFiniteLatentError as e:
             raise self._name_token(e, items, reqs) from e
         self.stats.steps += 1
@@ -483,7 +489,7 @@ class Engine:
         if keep_logits:
             logits = logits.cpu()
             greedy = logits[torch.tensor(cu[1:]) - 1].argmax(-1).tolist()
-        else:
+        elif greedy is None:
             greedy = logits.argmax(-1).tolist()
         new_tokens = []
         for b, (it, r) in enumerate(zip(items, reqs)):

@@ -11,7 +11,7 @@ import torch
 
 from swa_rewrite import ops
 from swa_rewrite.ops import batch_checks, step_check
-from swa_rewrite.ops.checks import checks_disabled, validated_step
+from swa_rewrite.ops.checks import checks_disabled, defer_check, validated_step
 from swa_rewrite.ops.step_check import checked_step_metadata
 from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -221,6 +221,52 @@ def test_non_finite_latents_are_found_at_the_end_of_the_step_and_only_in_written
     assert (info.value.row, info.value.slot) == (2, slot)
 
 
+def test_nested_blocks_pass_deferred_checks_out_and_read_them_with_values(monkeypatch):
+    """An inner block's deferred checks go to the enclosing block; ``StepScope.read`` copies them with the values
+    asked for (one host copy), runs a failed check's action first, and leaves nothing for the block's end."""
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.shape) or real_cpu(t, *a, **k))
+    ran = []
+    with validated_step() as outer:
+        with validated_step():
+            defer_check(torch.tensor(0.0), lambda: ran.append("clean"))
+            defer_check(torch.tensor(float("nan")), lambda: ran.append("nan"))
+        assert reads == [] and ran == []                  # the inner block read nothing
+        values = torch.tensor([7, 3, 11])
+        assert outer.read(values) == [7, 3, 11]
+        assert reads == [(5,)] and ran == ["nan"]          # three values and two flags, one copy
+    assert reads == [(5,)]                                  # nothing left for the outer block's end
+    with pytest.raises(KeyError, match="boom"):
+        with validated_step() as outer:
+            with validated_step():
+                defer_check(torch.tensor(1.0), lambda: (_ for _ in ()).throw(KeyError("boom")))
+            outer.read(torch.tensor([1.5]))
+    with validated_step() as outer:                         # no deferred check: the values alone
+        assert outer.read(torch.tensor([2.5, -1.0])) == [2.5, -1.0]
+
+
+def test_an_engine_step_reads_its_tokens_and_deferred_checks_in_one_copy(monkeypatch, seed):
+    """A checked eager engine step of the rewritten model copies to the host twice: the step check's metadata
+    words, then the greedy tokens together with every FP8 write's finite-latent flag (not a third copy)."""
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import Engine
+
+    tiny = MLAConfig.named("tiny")
+    swa = apply(MLAModel(tiny, seed=seed), Schedule(4, [0, 2], tiny.num_layers))
+    engine = Engine(swa, num_blocks=16, page_size=4, max_tokens_per_step=8)
+    engine.add_request([1, 2, 3], 2)
+    engine.add_request([4, 5], 2)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))
+    engine.step()
+    monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+    assert len(copies) == 2, copies
+    assert copies[1] == (2 + 2,)                            # two requests' tokens and the two FP8 writes' flags
+
+
 def test_a_model_step_copies_the_metadata_to_the_host_once(data_checks, monkeypatch, seed):
     """An eager step of the original and of a rewritten model: one data check per cache group (the step check's,
     one host copy), none in the layers' attention ops."""
@@ -248,6 +294,33 @@ def test_a_model_step_copies_the_metadata_to_the_host_once(data_checks, monkeypa
         metadata_copies = [s for s in copies if len(s) == 1 and s[0] > b.input_ids.shape[0]]
         assert len(metadata_copies) == 1, (type(m).__name__, copies)
         copies.clear()
+
+
+@pytest.mark.gpu
+def test_an_eager_engine_step_on_cuda_synchronises_twice(seed):
+    """A checked eager engine step of the rewritten model on CUDA: the step check's metadata copy and one read of
+    the greedy tokens with the deferred flags — two synchronisations, where it was three."""
+    import warnings
+
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import Engine
+
+    tiny = MLAConfig.named("tiny")
+    swa = apply(MLAModel(tiny, device="cuda", dtype=torch.bfloat16, seed=seed), Schedule(4, [0, 2], tiny.num_layers))
+    engine = Engine(swa, num_blocks=16, page_size=4, max_tokens_per_step=8, cuda_graphs=False)
+    engine.generate([[1, 2, 3]], 1)                                    # warm-up (Triton compiles)
+    engine.add_request([1, 2, 3], 2)
+    engine.add_request([4, 5], 2)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in caught) == 2, [str(w.message) for w in caught]
 
 
 @pytest.mark.gpu
