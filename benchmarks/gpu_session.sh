@@ -16,6 +16,9 @@
 #               then their variants beside FlashMLA (issue 17)
 #   mha-gluon   the persistent MHA window kernels' GPU tests (Gluon and Triton: never run yet), then
 #               bench_mha_prefill.py --quick with them beside the default configs and FlashMLA (issue 18)
+#   verify      every GPU test of code not yet run on a GPU (the ping-pong decode, the persistent MHA kernels,
+#               the engine's one-copy step), in one call (~4 min); then gluon-bench and mha-bench:
+#   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -74,5 +77,12 @@ has gluon && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attenti
 has mha-gluon && run mha-gluon-tests 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
     tests/ops/test_mha_prefill.py -k "persistent or gluon"
 has mha-gluon && run bench-mha-gluon 420 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
+    --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
+has verify && run verify-tests 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_paged_mla_tiles.py tests/ops/test_mha_prefill.py tests/ops/test_validated_step.py \
+    -k "gluon or default_on_hopper or persistent or synchronises"
+has gluon-bench && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attention.py --skip-tables \
+    --dense-variants gluon-ws,gluon-pp,gluon-pp-overlap --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
+has mha-bench && run bench-mha-gluon 450 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
     --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
 exit 0
