@@ -199,6 +199,58 @@ def _attend_boundary_tile(q_nope, q_pe, m_i, l_i, acc, qk_scale, kv_h, kpe_ptr, 
 
 
 @triton.jit
+def _query_tile(q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, b, tile, live, h, window, sinks,
+                stride_qt, stride_qh, stride_pt, stride_ph, N: tl.constexpr, P: tl.constexpr,
+                BLOCK_NOPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """Query tile ``tile`` (of ``tile_cu``'s numbering) of request ``b``'s chunk, head ``h`` (none unless ``live``): the
+    queries, which rows exist (``q_ok``), their tokens and positions (``p0 … p1``), the tile's first window
+    position ``lo_t``, the sink rows below it (``n_sink`` from workspace row ``base``) and the workspace row of
+    position 0 (``win0``: position ``x`` is row ``win0 + x``)."""
+    cu_b = tl.load(cu_ptr + b)
+    c_b = tl.load(cu_ptr + b + 1) - cu_b
+    dec_b = tl.load(dec_ptr + b)
+    base = tl.load(kv_cu_ptr + b).to(tl.int64)
+    i0 = (tile - tl.load(tile_cu_ptr + b)) * BLOCK_M
+    n_q = tl.where(live, tl.minimum(c_b - i0, BLOCK_M), 0)
+    offs_m = tl.arange(0, BLOCK_M)
+    q_ok = offs_m < n_q
+    tok = (cu_b + i0).to(tl.int64) + offs_m
+    pos = dec_b + i0 + offs_m                                               # query positions
+    p0 = dec_b + i0
+    p1 = p0 + n_q - 1
+    a_b = tl.maximum(dec_b - window + 1, 0)                                 # first window row's position
+    ns_b = tl.minimum(sinks, a_b)                                           # sink rows below it
+    lo_t = tl.maximum(a_b, p0 - window + 1)                                 # the tile's first window position
+    n_sink = tl.where(live, ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0), 0)
+    win0 = base + ns_b - a_b                                                # workspace row of position x: win0 + x
+    offs_d = tl.arange(0, BLOCK_NOPE)
+    offs_p = tl.arange(0, BLOCK_ROPE)
+    q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                     mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
+                   mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
+    if INTERPRET:
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    return q_nope, q_pe, q_ok, tok, pos, p0, p1, lo_t, n_sink, base, win0
+
+
+@triton.jit
+def _store_tile(out_ptr, lse_ptr, acc, m_i, l_i, tok, q_ok, h, stride_ot, stride_oh, stride_lt, stride_lh,
+                V: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRET: tl.constexpr):
+    """Normalise and store a query tile's rows (every valid query attends at least to itself)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        o = _round_to_bf16_grid(o)
+    offs_v = tl.arange(0, BLOCK_V)
+    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
+    tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok)
+
+
+@triton.jit
 def _mha_window_fwd_kernel(
         q_nope_ptr, q_pe_ptr, kv_ptr, kpe_ptr, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr,
         cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr,
@@ -222,39 +274,11 @@ def _mha_window_fwd_kernel(
         go = tl.load(tile_cu_ptr + mid) <= pid
         lo_b = tl.where(go, mid, lo_b)
         hi_b = tl.where(go, hi_b, mid)
-    b = lo_b
-    cu_b = tl.load(cu_ptr + b)
-    c_b = tl.load(cu_ptr + b + 1) - cu_b
-    dec_b = tl.load(dec_ptr + b)
-    base = tl.load(kv_cu_ptr + b).to(tl.int64)
-    i0 = (pid - tl.load(tile_cu_ptr + b)) * BLOCK_M
-    n_q = tl.where(live, tl.minimum(c_b - i0, BLOCK_M), 0)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    q_ok = offs_m < n_q
-    tok = (cu_b + i0).to(tl.int64) + offs_m
-    pos = dec_b + i0 + offs_m                                               # query positions
-    p0 = dec_b + i0
-    p1 = p0 + n_q - 1
-    a_b = tl.maximum(dec_b - window + 1, 0)                                 # first window row's position
-    ns_b = tl.minimum(sinks, a_b)                                           # sink rows below it
-    lo_t = tl.maximum(a_b, p0 - window + 1)                                 # the tile's first window position
-    n_sink = tl.where(live, ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0), 0)
-    win0 = base + ns_b - a_b                                                # workspace row of position x: win0 + x
-
-    offs_d = tl.arange(0, BLOCK_NOPE)
-    offs_p = tl.arange(0, BLOCK_ROPE)
-    offs_v = tl.arange(0, BLOCK_V)
+    q_nope, q_pe, q_ok, tok, pos, p0, p1, lo_t, n_sink, base, win0 = _query_tile(
+        q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, lo_b, pid, live, h, window, sinks, stride_qt, stride_qh,
+        stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE, BLOCK_M, INTERPRET)
     offs_n = tl.arange(0, BLOCK_N)
-    q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                     mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
-    q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
-                   mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
-    if INTERPRET:
-        q_nope = q_nope.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
     kv_h = kv_ptr + h * stride_kh
-
     m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
@@ -291,15 +315,8 @@ def _mha_window_fwd_kernel(
                                               stride_km, stride_pm, N, P, V, BLOCK_NOPE, BLOCK_ROPE, BLOCK_V,
                                               BLOCK_N, TMA, INTERPRET)
 
-    # ---- normalise and store this tile's rows (every valid query attends at least to itself)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
-        o = _round_to_bf16_grid(o)
-    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=q_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
-    tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok)
+    _store_tile(out_ptr, lse_ptr, acc, m_i, l_i, tok, q_ok, h, stride_ot, stride_oh, stride_lt, stride_lh, V, BLOCK_V,
+                INTERPRET)
 
 
 @triton.jit
@@ -323,39 +340,14 @@ def _mha_window_persistent_kernel(
     specialisation of the outer loop fails in its Hopper pass), so the next item's loads are not issued under
     the current one's tiles: ``gluon_mha`` does that by hand."""
     n_tiles_all = tl.load(tile_cu_ptr + B)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_NOPE)
-    offs_p = tl.arange(0, BLOCK_ROPE)
-    offs_v = tl.arange(0, BLOCK_V)
     offs_n = tl.arange(0, BLOCK_N)
     for item in range(tl.program_id(0), n_tiles_all * Hg, tl.num_programs(0)):
         h = (item // n_tiles_all).to(tl.int64)
         tile = item % n_tiles_all
-        b = tl.load(tile_b_ptr + tile)
-        cu_b = tl.load(cu_ptr + b)
-        c_b = tl.load(cu_ptr + b + 1) - cu_b
-        dec_b = tl.load(dec_ptr + b)
-        base = tl.load(kv_cu_ptr + b).to(tl.int64)
-        i0 = (tile - tl.load(tile_cu_ptr + b)) * BLOCK_M
-        n_q = tl.minimum(c_b - i0, BLOCK_M)
-        q_ok = offs_m < n_q
-        tok = (cu_b + i0).to(tl.int64) + offs_m
-        pos = dec_b + i0 + offs_m
-        p0 = dec_b + i0
-        p1 = p0 + n_q - 1
-        a_b = tl.maximum(dec_b - window + 1, 0)
-        ns_b = tl.minimum(sinks, a_b)
-        lo_t = tl.maximum(a_b, p0 - window + 1)
-        n_sink = ns_b + tl.maximum(tl.minimum(sinks, lo_t) - a_b, 0)
-        win0 = base + ns_b - a_b
-
-        q_nope = tl.load(q_nope_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                         mask=q_ok[:, None] & _col_ok(offs_d, N, BLOCK_NOPE)[None, :], other=0.0)
-        q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + h * stride_ph + offs_p[None, :],
-                       mask=q_ok[:, None] & _col_ok(offs_p, P, BLOCK_ROPE)[None, :], other=0.0)
-        if INTERPRET:
-            q_nope = q_nope.to(tl.float32)
-            q_pe = q_pe.to(tl.float32)
+        q_nope, q_pe, q_ok, tok, pos, p0, p1, lo_t, n_sink, base, win0 = _query_tile(
+            q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, tl.load(tile_b_ptr + tile), tile,
+            item >= 0, h, window, sinks, stride_qt,
+            stride_qh, stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE, BLOCK_M, INTERPRET)
         kv_h = kv_ptr + h * stride_kh
         m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -378,14 +370,8 @@ def _mha_window_persistent_kernel(
             allowed = tl.where(sink[None, :], ok[None, :], in_window)
             m_i, l_i, acc = _attend(q_nope, q_pe, kn, kp, v, allowed, m_i, l_i, acc, qk_scale, MASKED=True)
 
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-        if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
-            o = _round_to_bf16_grid(o)
-        tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & _col_ok(offs_v, V, BLOCK_V)[None, :])
-        tl.store(lse_ptr + tok * stride_lt + h * stride_lh, lse, mask=q_ok)
+        _store_tile(out_ptr, lse_ptr, acc, m_i, l_i, tok, q_ok, h, stride_ot, stride_oh, stride_lt, stride_lh, V,
+                    BLOCK_V, INTERPRET)
 
 
 @triton.jit
