@@ -298,6 +298,27 @@ def test_kernel_interpreter_persistent(seed, config, window, sinks, ps, H):
     assert stats["programs"] <= 8 * config["persistent"]
 
 
+@pytest.mark.parametrize("heads", [(0, 5), (2, 4), (4, 5)])
+def test_gluon_query_views_address_each_head(seed, heads):
+    """The Gluon kernel's 2-D TMA views of ``q_nope`` / ``q_pe`` (slices of one ``[T, H, N + P]`` query, and a head
+    group of it): head ``h``'s columns start at ``h · stride``, the view ends with the last head's columns and
+    stays inside the tensor's storage; the request-of-tile map it loops with."""
+    from swa_rewrite.kernels import gluon_mha, mha_window
+
+    T, H, N, P = 7, 5, 12, 4
+    q = torch.randn(T, H, N + P)
+    h0, h1 = heads
+    for part, width, off in ((q[:, h0:h1, :N], N, 0), (q[:, h0:h1, N:], P, N)):
+        rows = gluon_mha._as_rows(part, width)
+        assert rows.shape == (T, (h1 - h0 - 1) * (N + P) + width)
+        assert rows.storage_offset() + (T - 1) * rows.stride(0) + rows.shape[1] <= q.numel()
+        for h in range(h1 - h0):
+            assert torch.equal(rows[:, h * part.stride(1):h * part.stride(1) + width], q[:, h0 + h, off:off + width])
+    assert not gluon_mha.supports(q[..., :N], q[..., N:], N)            # the CPU: never the Gluon kernel
+    tile_cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)           # request 1 has no tiles
+    assert mha_window.tile_requests(tile_cu, 8).tolist() == [0, 0, 2, 2, 2, 3, 4, 4]
+
+
 @needs_interpreter
 def test_kernel_gluon_config_falls_back_off_hopper(seed):
     """``kernel="gluon"`` where Gluon cannot run (here: the CPU) takes the Triton kernel's default config."""
