@@ -78,9 +78,13 @@ has mha-gluon && run mha-gluon-tests 150 python3 -m pytest -q -ra -m gpu -p no:c
     tests/ops/test_mha_prefill.py -k "persistent or gluon"
 has mha-gluon && run bench-mha-gluon 420 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
     --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
-has verify && run verify-tests 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
-    tests/ops/test_paged_mla_tiles.py tests/ops/test_mha_prefill.py tests/ops/test_validated_step.py \
-    -k "gluon or default_on_hopper or persistent or synchronises"
+# (Three runs, each with its own limit: a kernel that hangs costs its own run, not the others'.)
+has verify && run verify-sync 90 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_validated_step.py -k "synchronises"
+has verify && run verify-mha 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_mha_prefill.py -k "persistent or gluon"
+has verify && run verify-decode 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_paged_mla_tiles.py -k "gluon or default_on_hopper"
 has gluon-bench && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_attention.py --skip-tables \
     --dense-variants gluon-ws,gluon-pp,gluon-pp-overlap --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
 has mha-bench && run bench-mha-gluon 450 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
