@@ -445,11 +445,6 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     if tile_cu is None:
         tile_cu = tile_offsets(cu_seqlens_q, kv_cu, bm)
     assert min(q_nope.stride(-1), q_pe.stride(-1), kv.stride(-1), k_pe.stride(-1), out.stride(-1)) == 1
-    block_nope = max(16, triton.next_power_of_2(N))
-    block_rope = max(16, triton.next_power_of_2(P))
-    block_v = max(16, triton.next_power_of_2(V))
-    descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
-    kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
     # The Gluon kernel where it reads the workspace (else the Triton kernel on the same 128-row tiles of tile_cu).
     if cfg.get("kernel") == "gluon" and gluon_mha.workspace_ok(kv, k_pe):
         bound = triton.cdiv(T, bm) + B
@@ -461,6 +456,11 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
             stats["tma"] = True
             stats["kernel"] = "gluon"
         return
+    block_nope = max(16, triton.next_power_of_2(N))
+    block_rope = max(16, triton.next_power_of_2(P))
+    block_v = max(16, triton.next_power_of_2(V))
+    descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
+    kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
     persistent = int(cfg.get("persistent", 0))
     if persistent > 0:
         bound = triton.cdiv(T, bm) + B                  # query tiles, from shapes only
