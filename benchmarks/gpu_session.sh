@@ -80,7 +80,7 @@ has mha-gluon && run bench-mha-gluon 420 env OUT="$OUT" python3 benchmarks/bench
     --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
 # (Three runs, each with its own limit: a kernel that hangs costs its own run, not the others'.)
 has verify && run verify-sync 90 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
-    tests/ops/test_validated_step.py -k "synchronises"
+    tests/ops/test_validated_step.py -k "synchronises or copies_to_the_host"
 has verify && run verify-mha 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
     tests/ops/test_mha_prefill.py -k "persistent or gluon"
 has verify && run verify-decode 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
