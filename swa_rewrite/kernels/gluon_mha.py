@@ -212,11 +212,11 @@ if AVAILABLE:
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
                              lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
-                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 0)),
+                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 0)),    # ME = 0
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
                              lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
-                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 1)),
+                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 1)),    # ME = 1
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
                              n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
