@@ -117,8 +117,8 @@ if AVAILABLE:
     @gluon.jit
     def _mha_consumer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                       q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr, lse_ptr,
-                      n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot, stride_oh, stride_lt,
-                      stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
+                      n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot, stride_oh,
+                      stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, ME: gl.constexpr):
         """Compute warpgroup ``ME``: rows ``64·ME … 64·ME + 63`` of every item of this program."""
         HALF: gl.constexpr = BLOCK_M // 2
@@ -193,8 +193,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _gluon_mha_window_kernel(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr, cu_ptr, dec_ptr,
-                                 kv_cu_ptr, tile_cu_ptr, tile_b_ptr, qk_scale, B, Hg, window, sinks, qn_col, qp_col, kv_col,
-                                 stride_ot, stride_oh, stride_lt, stride_lh,
+                                 kv_cu_ptr, tile_cu_ptr, tile_b_ptr, qk_scale, B, Hg, window, sinks, qn_col, qp_col,
+                                 kv_col, stride_ot, stride_oh, stride_lt, stride_lh,
                                  N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
                                  BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
                                  num_warps: gl.constexpr):

@@ -275,8 +275,8 @@ def _mha_window_fwd_kernel(
         lo_b = tl.where(go, mid, lo_b)
         hi_b = tl.where(go, hi_b, mid)
     q_nope, q_pe, q_ok, tok, pos, p0, p1, lo_t, n_sink, base, win0 = _query_tile(
-        q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, lo_b, pid, live, h, window, sinks, stride_qt, stride_qh,
-        stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE, BLOCK_M, INTERPRET)
+        q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, lo_b, pid, live, h, window, sinks, stride_qt,
+        stride_qh, stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE, BLOCK_M, INTERPRET)
     offs_n = tl.arange(0, BLOCK_N)
     kv_h = kv_ptr + h * stride_kh
     m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
@@ -346,8 +346,8 @@ def _mha_window_persistent_kernel(
         tile = item % n_tiles_all
         q_nope, q_pe, q_ok, tok, pos, p0, p1, lo_t, n_sink, base, win0 = _query_tile(
             q_nope_ptr, q_pe_ptr, cu_ptr, dec_ptr, kv_cu_ptr, tile_cu_ptr, tl.load(tile_b_ptr + tile), tile,
-            item >= 0, h, window, sinks, stride_qt,
-            stride_qh, stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE, BLOCK_M, INTERPRET)
+            item >= 0, h, window, sinks, stride_qt, stride_qh, stride_pt, stride_ph, N, P, BLOCK_NOPE, BLOCK_ROPE,
+            BLOCK_M, INTERPRET)
         kv_h = kv_ptr + h * stride_kh
         m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
