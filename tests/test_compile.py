@@ -230,11 +230,18 @@ def test_inductor_post_grad_pass(seed):
             got = step(torch.compile(model, fullgraph=True), caches, items, 16)
     assert rel_err(got, ref) < 1e-3
     assert swa_pass.results[-1][1].num_matches == 2
+    flipped = False
     for i in schedule.swa_layers:
         # The packed caches agree up to FP8 rounding flips where Inductor's float32 latents differ in the
-        # last bit from eager ones.
+        # last bit from eager ones. A flip in an earlier sliding layer moves every later layer's input a little
+        # (CI seed 4271326256: one flip in layer 0, layer 2's cache then 1.8e-3 apart, its rope beyond one bf16
+        # step): later layers agree to 1e-2 there (a wrong rewrite is O(1) apart).
         a, b = (swa_rewrite.ops.dequantize_fp8_cache(c[i], rope_dim=TINY.qk_rope_head_dim) for c in (caches, ref_caches))
-        assert_fp8_caches_close(a, b, TINY.kv_lora_rank)
+        if flipped:
+            assert rel_err(a, b) < 1e-2, f"layer {i}"
+        else:
+            assert_fp8_caches_close(a, b, TINY.kv_lora_rank)
+        flipped = flipped or bool((a != b).any())
 
 
 def test_export_keeps_the_swa_op_and_round_trips(seed):
