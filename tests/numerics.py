@@ -2,6 +2,13 @@
 
 import torch
 
+# The engine against the dense reference with the same layers' latents through FP8: they compute the latents in
+# different float orders, so usually the same FP8 bits (median 4e-7 apart over ~250 runs of these tests), but a
+# last-bit difference can round one element to its neighbouring FP8 value and move a tiny model's logits by
+# 1e-3 to 2.3e-3 (CI seeds 2454642212, 4025704701), more where flips compound over several sliding layers. A wrong
+# window, sinks or cache group is >= 0.22 away in the same tests.
+FP8_FLIP_TOL = 1e-2
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a - b‖ / ‖b‖`` (Frobenius), computed in float64."""

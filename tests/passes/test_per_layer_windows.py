@@ -9,7 +9,7 @@ import torch
 
 import swa_rewrite
 from mla_reference import dense_logits
-from numerics import rel_err
+from numerics import FP8_FLIP_TOL, rel_err
 from swa_rewrite import Schedule, SWAPostGradPass, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.passes import SwaRewriteOps
@@ -58,7 +58,7 @@ def test_two_windows_match_the_windowed_reference_per_layer(page_size, seed):
     engine = poisoned_engine(swa, num_blocks=64, page_size=page_size, max_tokens_per_step=rng.choice([1, 6, 17]))
     got = engine.logits(tokens)
     ref = dense_logits(model, tokens, windows={1: small, 3: large}, fp8_layers={1, 3})
-    assert rel_err(got, ref) <= 2e-3
+    assert rel_err(got, ref) <= FP8_FLIP_TOL
     # Each layer's own window matters: one window for both layers is far away, either way round.
     for w in (small, large):
         assert rel_err(got, dense_logits(model, tokens, windows={1: w, 3: w}, fp8_layers={1, 3})) > 1e-2
@@ -150,13 +150,13 @@ def test_sinks_match_the_windowed_sinks_reference_through_the_engine(page_size, 
     engine = poisoned_engine(swa, num_blocks=64, page_size=page_size, max_tokens_per_step=budget or len(tokens))
     got = engine.logits(tokens)
     ref = dense_logits(model, tokens, windows=windows, fp8_layers={1, 3}, sinks=sinks)
-    assert rel_err(got, ref) <= 2e-3
+    assert rel_err(got, ref) <= FP8_FLIP_TOL                   # (without the sinks: >= 6e-2 over 84 runs)
     # The sinks matter: the same windows without them are far away, except at the positions p < W of the
     # sink layer's window W, whose windows still hold positions 0 … p (the sinks add nothing there).
     no_sinks = dense_logits(model, tokens, windows=windows, fp8_layers={1, 3})
-    assert rel_err(got, no_sinks) > 1e-2
+    assert rel_err(got, no_sinks) > 2e-2
     W = windows[next(layer for layer, s in sinks.items() if s)]
-    assert rel_err(got[:W], no_sinks[:W]) <= 2e-3 and rel_err(got[W:], no_sinks[W:]) > 1e-2
+    assert rel_err(got[:W], no_sinks[:W]) <= FP8_FLIP_TOL and rel_err(got[W:], no_sinks[W:]) > 2e-2
 
 
 def test_the_reference_sees_each_position_once_and_only_sinks_and_window():
