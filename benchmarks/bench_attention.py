@@ -606,8 +606,9 @@ def main():
     ap.add_argument("--swa-heads", default="128", help="head counts for --swa-variants")
     ap.add_argument("--warm-dense", default="", help=argparse.SUPPRESS)
     ap.add_argument("--warm-swa", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     heads = [int(h) for h in args.heads.split(",")]
     if args.warm_dense:
         warm_dense(args.warm_dense.split(","), heads)

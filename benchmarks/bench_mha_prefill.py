@@ -324,11 +324,12 @@ def main():
     ap.add_argument("--skip-issue", action="store_true", help="only the sweep")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="only the issue's three fresh shapes")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
     ap.add_argument("--smoke", action="store_true", help="one tiny case, runs on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--timing", choices=["graph", "events"], default="graph",
                     help="CUDA-graph replays (device time, the default) or CUDA events around eager calls")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     global TIMING
     TIMING = args.timing
     if args.smoke:

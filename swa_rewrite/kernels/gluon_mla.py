@@ -1,7 +1,7 @@
 """Paged MLA decode in Gluon, Triton's explicit-layout dialect, for Hopper (issue 17): the dense kernel of the
 full layers (``_gluon_decode_kernel``, the default on Hopper), the sliding window over the packed FP8 cache
 (``_gluon_swa_fp8_kernel``) and a ping-pong variant of the dense kernel (``_gluon_pingpong_kernel``, FlashMLA's
-schedule, not yet measured). Measurements: ``benchmarks/RESULTS.md``, issue 17, session 7.
+schedule, measured slower: session 9). Measurements: ``benchmarks/RESULTS.md``, issue 17, sessions 7 and 9.
 
 The plain-Triton page-tile kernel (``paged_mla._paged_tiles_fwd_kernel``) cannot choose how its two
 warpgroups share the work: Triton lays a chained ``S = Q·Kᵀ`` out with both warpgroups computing all of it,
@@ -511,7 +511,8 @@ if AVAILABLE:
                                R: gl.constexpr, P: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
                                NBUF: gl.constexpr, PARTIAL: gl.constexpr, OVERLAP: gl.constexpr,
                                num_warps: gl.constexpr):
-        """Dense decode with FlashMLA's schedule (``pingpong`` variant, not the default until measured): the
+        """Dense decode with FlashMLA's schedule (``pingpong`` variant; measured 35–70 % slower than
+        ``gluon-ws`` on the H200 (RESULTS.md, issue 17 session 9), so not the default): the
         default partition and a 4-warp worker are the two compute warpgroups (``_pp_consumer``), a 1-warp worker
         loads. No separate masked-tile path (a split's partial last tile has its rows past the end zeroed in shared memory
         by its owner). Shared memory: Q's latent part 64 KB, two key slots 144 KB, two P buffers 16 KB."""
