@@ -60,20 +60,22 @@ PS = 64
 SCALE = (N + P) ** -0.5
 ISSUE_SHAPES = [(4096, 128), (4096, 2048), (16384, 1024)]          # fresh sequences (S, W), as RESULTS.md
 CONFIGS = {   # attention-kernel configs (kernels.mha_window.DEFAULT_CONFIG is "base")
-    "base": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    "s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    "n32s3": dict(block_m=64, block_n=32, num_warps=4, num_stages=3),
-    "n128": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
-    "m128w8": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),       # spills (sm_90 report)
-    "m128n32w8": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),    # spills (sm_90 report)
-    "ptr": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False),  # pointer loads, no TMA
+    "base": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "s3": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "n32s3": dict(kernel="triton", block_m=64, block_n=32, num_warps=4, num_stages=3),
+    "n128": dict(kernel="triton", block_m=64, block_n=128, num_warps=4, num_stages=2),
+    "m128w8": dict(kernel="triton", block_m=128, block_n=64, num_warps=8, num_stages=2),       # spills (sm_90 report)
+    "m128n32w8": dict(kernel="triton", block_m=128, block_n=32, num_warps=8, num_stages=3),    # spills (sm_90 report)
+    "ptr": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False),  # pointer loads, no TMA
     # Persistent plain Triton: a few programs per SM loop over (head, query tile) items, one masked key loop each.
-    "pers2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, persistent=2),
-    "pers2s1": dict(block_m=64, block_n=64, num_warps=4, num_stages=1, persistent=2),
+    "pers2": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=2, persistent=2),
+    "pers2s1": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=1, persistent=2),
     # Gluon (kernels/gluon_mha.py): persistent, warp-specialised, 128-row items over two warpgroups.
     "gluon": dict(kernel="gluon"),
     "gluon-n2q1": dict(kernel="gluon", nbuf=2, qbuf=1),
     "gluon-n128": dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1),   # 92 B spilled (sm_90 report)
+    "gluon-n4q1": dict(kernel="gluon", nbuf=4, qbuf=1),                # a deeper key ring, one query slot
+    "auto": dict(kernel="auto"),                                       # the library's default rule
 }
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: --smoke only (Triton interpreter)
@@ -146,7 +148,8 @@ def mha_parts(s, config):
     torch.mm(latent[:, :R], wt, out=kv)
     o = torch.empty(s["T"], H, V, dtype=torch.bfloat16, device=DEVICE)
     lse = torch.empty(s["T"], H, device=DEVICE)
-    tile_cu = mha_window.tile_offsets(m["cu_seqlens_q"], s["kv_cu"], mha_window.attention_config(config, s["q_nope"], s["q_pe"], V)["block_m"])
+    bm = mha_window.attention_config(config, s["q_nope"], s["q_pe"], V, s["W"])["block_m"]
+    tile_cu, tile_b = mha_window.tile_plan(m["cu_seqlens_q"], s["kv_cu"], bm, -(-s["T"] // bm) + s["B"])
     gather = lambda: mha_window.gather_latent_rows(s["cache"], s["kv_slots"], latent, rope_dim=P)  # noqa: E731
     gemm = lambda: torch.mm(latent[:, :R], wt, out=kv)  # noqa: E731
     stats = {}
@@ -154,7 +157,8 @@ def mha_parts(s, config):
     def attention():
         mha_window.mha_window_attention(s["q_nope"][:, :hg], s["q_pe"][:, :hg], kv.view(M, hg, N + V), latent[:, R:],
                                         s["kv_cu"], m["cu_seqlens_q"], m["seq_lens_decoder"], SCALE, s["W"], 0,
-                                        o[:, :hg], lse[:, :hg], tile_cu=tile_cu, config=config, stats=stats)
+                                        o[:, :hg], lse[:, :hg], tile_cu=tile_cu, tile_b=tile_b, config=config,
+                                        stats=stats)
     return gather, gemm, attention, stats, latent, H / hg
 
 

@@ -19,6 +19,8 @@
 #   verify      every GPU test of code not yet run on a GPU (the ping-pong decode, the persistent MHA kernels,
 #               the engine's one-copy step), in one call (~4 min); then gluon-bench and mha-bench:
 #   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
+#   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
+#               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -89,4 +91,11 @@ has gluon-bench && run bench-gluon 300 env OUT="$OUT" python3 benchmarks/bench_a
     --dense-variants gluon-ws,gluon-pp,gluon-pp-overlap --dense-heads 128,64 --swa-variants generic,gluon --swa-heads 128
 has mha-bench && run bench-mha-gluon 450 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
     --configs base,ptr,pers2,pers2s1,gluon,gluon-n2q1,gluon-n128
+has mha-rule && run mha-rule-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_mha_prefill.py -k "gluon or default or persistent or configs or poison"
+has mha-rule && run bench-mha-rule 330 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
+    --configs base,gluon,gluon-n4q1,auto
+has mha-rule && mv "$OUT/bench_mha_prefill.jsonl" "$OUT/bench_mha_issue.jsonl" 2>/dev/null
+has mha-rule && run bench-mha-sweep 300 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --skip-issue \
+    --heads 128,64,16 --windows 128,256,512,1024 --chunks 512,4096 --sweep-configs base,gluon --reps 3
 exit 0

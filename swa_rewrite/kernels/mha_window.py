@@ -75,8 +75,11 @@ EXPAND_BYTES = 1 << 30
 # Compiled for sm_90 without a GPU (Triton 3.9, DeepSeek dims, 2026-11-28): 64×64 tiles, 4 warps, TMA: 183
 # registers, no spills, 107 KB shared (2 programs per SM); 128-row tiles with 8 warps hit 255 registers and spill
 # (168-472 B of stack) with or without TMA; pointer loads spill at every shape (e.g. 528 B at 64×64).
-DEFAULT_CONFIG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
-INTERPRET_CONFIG = dict(block_m=16, block_n=16, num_warps=4, num_stages=1, tma=True)
+DEFAULT_CONFIG = dict(kernel="auto", block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
+INTERPRET_CONFIG = dict(kernel="auto", block_m=16, block_n=16, num_warps=4, num_stages=1, tma=True)
+# ``kernel="auto"`` takes the Gluon kernel (Hopper) for windows up to this many positions: measured on the H200
+# (RESULTS.md, issue 18, session 9), whole MHA block at S = 4096.
+GLUON_MAX_WINDOW = 512
 # A window of at least this many positions is full causal attention (``window=0`` in the op).
 FULL_WINDOW = 1 << 30
 
@@ -375,38 +378,83 @@ def _mha_window_persistent_kernel(
 
 
 @triton.jit
-def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, H, stride_ot, stride_oh, stride_lt,
-                           V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``o = 0``, ``lse = +inf`` for token ``t`` when no program computes it: padding (``bid < 0``) or a request
-    without workspace rows."""
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.load(bid_ptr + t).to(tl.int64)
+def _fill_uncovered_kernel(out_ptr, lse_ptr, bid_ptr, kv_cu_ptr, T, H, stride_ot, stride_oh, stride_lt, stride_lh,
+                           V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``o = 0``, ``lse = +inf`` for the tokens of a ``BLOCK_T`` block that no program computes: padding
+    (``bid < 0``) or a request without workspace rows. A block without such tokens (the usual case) only reads
+    its batch ids."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    b = tl.load(bid_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
     bb = tl.maximum(b, 0)
-    rows = tl.load(kv_cu_ptr + bb + 1, mask=b >= 0, other=0) - tl.load(kv_cu_ptr + bb, mask=b >= 0, other=0)
-    uncovered = (b < 0) | (rows <= 0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_v = tl.arange(0, BLOCK_V)
-    # (The scalar flag is broadcast by arithmetic: the interpreter rejects a scalar-bool & vector-bool mask.)
-    h_ok = (offs_h < H) & ((tl.zeros([BLOCK_H], tl.int32) + uncovered.to(tl.int32)) != 0)
-    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_v[None, :],
-             tl.zeros([BLOCK_H, BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & (offs_v < V)[None, :])
-    tl.store(lse_ptr + t * stride_lt + offs_h, tl.full([BLOCK_H], float("inf"), tl.float32), mask=h_ok)
+    has = t_ok & (b >= 0)
+    rows = tl.load(kv_cu_ptr + bb + 1, mask=has, other=0) - tl.load(kv_cu_ptr + bb, mask=has, other=0)
+    uncovered = t_ok & ((b < 0) | (rows <= 0))
+    if tl.sum(uncovered.to(tl.int32), 0) > 0:
+        offs_v = tl.arange(0, BLOCK_V)
+        o_rows = out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_v[None, :]
+        mask = uncovered[:, None] & (offs_v < V)[None, :]
+        for h in range(H):
+            tl.store(o_rows + h * stride_oh, tl.zeros([BLOCK_T, BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.store(lse_ptr + offs_t.to(tl.int64) * stride_lt + h * stride_lh,
+                     tl.full([BLOCK_T], float("inf"), tl.float32), mask=uncovered)
+
+
+@triton.jit
+def _tile_plan_kernel(cu_ptr, kv_cu_ptr, tile_cu_ptr, tile_b_ptr, B, bound, search_steps,
+                      BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: ``tile_cu [B + 1]`` (prefix sums of each request's query tiles, ``cdiv(C_b, BLOCK_M)`` or 0
+    without workspace rows) and ``tile_b [bound]`` (each tile's request, ``B`` past the last tile) — what
+    ``tile_offsets`` and ``tile_requests`` compute with ten small device ops, in one launch."""
+    offs = tl.arange(0, BLOCK)
+    carry = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+    tl.store(tile_cu_ptr + offs, tl.zeros([BLOCK], tl.int32), mask=offs == 0)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + offs
+        ok = b < B
+        q_len = (tl.load(cu_ptr + b + 1, mask=ok, other=0) - tl.load(cu_ptr + b, mask=ok, other=0)).to(tl.int32)
+        rows = (tl.load(kv_cu_ptr + b + 1, mask=ok, other=0) - tl.load(kv_cu_ptr + b, mask=ok, other=0))
+        n = tl.where(ok & (rows > 0), (q_len + BLOCK_M - 1) // BLOCK_M, 0)
+        tl.store(tile_cu_ptr + b + 1, tl.cumsum(n, 0) + carry, mask=ok)
+        carry += tl.sum(n, 0)
+    tl.debug_barrier()                       # the block's tile_cu stores are visible to all its threads
+    for i0 in range(0, bound, BLOCK):
+        i = i0 + offs
+        lo = tl.zeros([BLOCK], tl.int32)     # the count of tile_cu[1 …] ≤ i, by binary search over [0, B]
+        hi = lo + B
+        for _ in range(search_steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            go = active & (tl.load(tile_cu_ptr + mid + 1, mask=active, other=0) <= i)
+            lo = tl.where(go, mid + 1, lo)
+            hi = tl.where(active & ~go, mid, hi)
+        tl.store(tile_b_ptr + i, lo, mask=i < bound)
 
 
 # ------------------------------------------------------------------------------------------ launchers
 def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = None,
-                     q_pe: torch.Tensor | None = None, V: int = 0) -> dict:
-    """The attention kernel's block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
-    updated with ``config``. ``kernel="gluon"`` (``gluon_mha``: 128-row query tiles, ``block_n`` 64 or 128, rings
-    ``nbuf`` / ``qbuf``) stays only where ``gluon_mha.supports`` the queries (given: ``q_nope``, ``q_pe``, ``V``) and
-    not under the interpreter; elsewhere the Triton kernel's default runs."""
-    cfg = dict(INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG, **(config or {}))
-    if cfg.get("kernel") == "gluon":
+                     q_pe: torch.Tensor | None = None, V: int = 0, window: int | None = None) -> dict:
+    """The attention kernel and its block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
+    updated with ``config``. ``kernel``: ``"triton"`` (``_mha_window_fwd_kernel``), ``"gluon"`` (``gluon_mha``:
+    128-row query tiles, ``block_n`` 64 or 128, rings ``nbuf`` / ``qbuf``) or ``"auto"`` (the default: Gluon for
+    windows of at most ``GLUON_MAX_WINDOW`` positions, where it measured faster, else Triton). Gluon stays only
+    where ``gluon_mha.supports`` the queries (given: ``q_nope``, ``q_pe``, ``V``) and not under the interpreter;
+    elsewhere the Triton kernel's default runs. The result names the kernel that runs."""
+    base = INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG
+    cfg = dict(base, **(config or {}))
+    kernel = cfg.get("kernel", "auto")
+    if kernel == "auto":
+        kernel = "gluon" if window is not None and 0 < window <= GLUON_MAX_WINDOW else "triton"
+    if kernel not in ("gluon", "triton"):
+        raise ValueError(f"attention config kernel must be 'auto', 'gluon' or 'triton', got {kernel!r}")
+    if kernel == "gluon":
         if q_nope is None or interpreting() or not gluon_mha.supports(q_nope, q_pe, V):
-            return {k: v for k, v in (INTERPRET_CONFIG if interpreting() else DEFAULT_CONFIG).items()
-                    if k != "kernel"}
+            if (config or {}).get("kernel", "auto") == "auto":      # auto: the Triton kernel as configured
+                return dict(cfg, kernel="triton")
+            return dict(base, kernel="triton")
         cfg["block_m"] = gluon_mha.BLOCK_M
+    cfg["kernel"] = kernel
     return cfg
 
 
@@ -426,10 +474,23 @@ def tile_requests(tile_cu: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.searchsorted(tile_cu[1:], tiles, right=True).to(torch.int32)
 
 
+def tile_plan(cu_seqlens_q: torch.Tensor, kv_cu: torch.Tensor, block_m: int,
+              bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile_offsets(...), tile_requests(..., bound))`` in one launch of one program (the torch versions are
+    its reference). No synchronisation."""
+    B = kv_cu.shape[0] - 1
+    tile_cu = torch.empty(B + 1, dtype=torch.int32, device=kv_cu.device)
+    tile_b = torch.empty(max(bound, 1), dtype=torch.int32, device=kv_cu.device)
+    _tile_plan_kernel[(1,)](cu_seqlens_q, kv_cu, tile_cu, tile_b, B, bound, B.bit_length() + 1, BLOCK_M=block_m,
+                            BLOCK=256 if not interpreting() else 32, num_warps=4)
+    return tile_cu, tile_b[:bound]
+
+
 def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                          kv_cu: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,
                          scale: float, window: int, sinks: int, out: torch.Tensor, lse: torch.Tensor, *,
-                         tile_cu: torch.Tensor | None = None, config: dict | None = None, stats=None) -> None:
+                         tile_cu: torch.Tensor | None = None, tile_b: torch.Tensor | None = None,
+                         config: dict | None = None, stats=None) -> None:
     """The attention kernel over an expanded workspace (module docstring): ``q_nope [T, Hg, N]``,
     ``q_pe [T, Hg, P]``, ``kv [M, Hg, N + V]`` (``k_nope | v``), ``k_pe [M, P]`` (shared by the heads), request
     rows ``kv_cu [B + 1]`` → ``out [T, Hg, V]`` and ``lse [T, Hg]`` (natural log) written for the tokens of
@@ -440,16 +501,18 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     B = kv_cu.shape[0] - 1
     if T == 0 or B == 0 or Hg == 0:
         return
-    cfg = attention_config(config, q_nope, q_pe, out.shape[-1])
+    cfg = attention_config(config, q_nope, q_pe, out.shape[-1], window)
     bm, bn = cfg["block_m"], cfg["block_n"]
+    bound = triton.cdiv(T, bm) + B                      # a bound on the query tiles, from shapes only
     if tile_cu is None:
-        tile_cu = tile_offsets(cu_seqlens_q, kv_cu, bm)
+        tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, bm, bound)
+    elif tile_b is None and (cfg.get("kernel") == "gluon" or int(cfg.get("persistent", 0)) > 0):
+        tile_b = tile_requests(tile_cu, bound)
     assert min(q_nope.stride(-1), q_pe.stride(-1), kv.stride(-1), k_pe.stride(-1), out.stride(-1)) == 1
     # The Gluon kernel where it reads the workspace (else the Triton kernel on the same 128-row tiles of tile_cu).
     if cfg.get("kernel") == "gluon" and gluon_mha.workspace_ok(kv, k_pe):
-        bound = triton.cdiv(T, bm) + B
         compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
-                                    min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_requests(tile_cu, bound),
+                                    min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_b,
                                     nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn)
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
@@ -463,11 +526,10 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
     persistent = int(cfg.get("persistent", 0))
     if persistent > 0:
-        bound = triton.cdiv(T, bm) + B                  # query tiles, from shapes only
         grid = (max(1, min(bound * Hg, persistent * _sm_count(q_nope.device))),)
         compiled = _mha_window_persistent_kernel[grid](
             q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu,
-            tile_cu, tile_requests(tile_cu, bound), scale * _LOG2E, B, Hg, min(window, FULL_WINDOW), sinks,
+            tile_cu, tile_b, scale * _LOG2E, B, Hg, min(window, FULL_WINDOW), sinks,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
             kv.stride(0), kv.stride(1), k_pe.stride(0),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -514,7 +576,7 @@ def _descriptors(kv: torch.Tensor, k_pe: torch.Tensor, block_n: int, block_nope:
 
 
 def fill_uncovered(out: torch.Tensor, lse: torch.Tensor, kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor,
-                   block_h: int = 16) -> None:
+                   block_t: int = 64) -> None:
     """``out [T, H, V] = 0`` and ``lse [T, H] = +inf`` for the tokens the attention kernel does not compute."""
     T, H, V = out.shape
     if T == 0 or H == 0:
@@ -523,9 +585,9 @@ def fill_uncovered(out: torch.Tensor, lse: torch.Tensor, kv_cu: torch.Tensor, ba
         out.zero_()
         lse.fill_(float("inf"))
         return
-    _fill_uncovered_kernel[(T, triton.cdiv(H, block_h))](
-        out, lse, batch_id_per_token, kv_cu, H, out.stride(0), out.stride(1), lse.stride(0),
-        V=V, BLOCK_H=block_h, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
+    _fill_uncovered_kernel[(triton.cdiv(T, block_t),)](
+        out, lse, batch_id_per_token, kv_cu, T, H, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        V=V, BLOCK_T=block_t, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
 
 
 def head_group(M: int, H: int, width: int, element_size: int, workspace_bytes: int | None = None) -> int:
@@ -567,10 +629,10 @@ def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: t
         fill_uncovered(o, lse, kv_cu, batch_id_per_token)
     if T == 0 or M == 0 or kv_cu.shape[0] <= 1:
         return o, lse
-    cfg = attention_config(config, q_nope, q_pe, V)
+    cfg = attention_config(config, q_nope, q_pe, V, window)
     latent = torch.empty((M, R + P), dtype=dtype, device=q_nope.device)
     gather_latent_rows(cache, kv_slots, latent, rope_dim=P)
-    tile_cu = tile_offsets(cu_seqlens_q, kv_cu, cfg["block_m"])
+    tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, cfg["block_m"], triton.cdiv(T, cfg["block_m"]) + kv_cu.shape[0] - 1)
     hg = head_group(M, H, N + V, latent.element_size(), workspace_bytes)
     buf = torch.empty(M * hg * (N + V), dtype=dtype, device=q_nope.device)
     w = kv_b_weight.view(H, N + V, R)
@@ -583,5 +645,5 @@ def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: t
         torch.mm(latent[:, :R], w[h0:h1].reshape((h1 - h0) * (N + V), R).t(), out=kv)
         mha_window_attention(q_nope[:, h0:h1], q_pe[:, h0:h1], kv.view(M, h1 - h0, N + V), latent[:, R:],
                              kv_cu, cu_seqlens_q, seq_lens_decoder, scale, window, sinks, o[:, h0:h1],
-                             lse[:, h0:h1], tile_cu=tile_cu, config=cfg, stats=stats)
+                             lse[:, h0:h1], tile_cu=tile_cu, tile_b=tile_b, config=cfg, stats=stats)
     return o, lse

@@ -320,6 +320,65 @@ def test_gluon_query_views_address_each_head(seed, heads):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_tile_plan_matches_the_torch_prefix_sums_and_search(seed, block_m):
+    """The one-launch tile plan against ``tile_offsets`` / ``tile_requests`` (torch ops): ragged chunks, requests
+    without rows or without tokens, more requests than the kernel's block (several prefix-sum blocks)."""
+    mw = _kernels()
+    g = torch.Generator().manual_seed(seed)
+    for B in (1, 5, 33, 70):
+        lens = torch.randint(0, 300, (B,), generator=g) * (torch.rand(B, generator=g) > 0.2)
+        rows = torch.where(torch.rand(B, generator=g) > 0.3, lens + torch.randint(0, 9, (B,), generator=g), 0)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        kv_cu = torch.nn.functional.pad(rows.cumsum(0), (1, 0)).to(torch.int32)
+        bound = -(-int(lens.sum()) // block_m) + B
+        tile_cu, tile_b = mw.tile_plan(cu, kv_cu, block_m, bound)
+        want_cu = mw.tile_offsets(cu, kv_cu, block_m)
+        assert torch.equal(tile_cu, want_cu), (B, tile_cu, want_cu)
+        assert torch.equal(tile_b, mw.tile_requests(want_cu, bound))
+        assert tile_b.shape == (bound,) and int(want_cu[-1]) <= bound
+
+
+@needs_interpreter
+def test_fill_uncovered_writes_only_padding_and_rowless_requests(seed):
+    """Blocks of tokens: padding (``bid < 0``) and tokens of requests without workspace rows get ``o = 0``,
+    ``lse = +inf`` in every head; every other entry keeps its poison; views with a head stride of ``lse``."""
+    mw = _kernels()
+    g = torch.Generator().manual_seed(seed)
+    T, H, V, B = 150, 3, 16, 6
+    bid = torch.randint(-1, B, (T,), generator=g, dtype=torch.int32)
+    bid[:64] = torch.tensor([0, 2, 4, 5])[torch.randint(0, 4, (64,), generator=g)]   # a block with nothing to fill
+    rows = torch.tensor([4, 0, 7, 0, 2, 9])
+    kv_cu = torch.nn.functional.pad(rows.cumsum(0), (1, 0)).to(torch.int32)
+    out = torch.full((T, H, V), float("nan"), dtype=torch.bfloat16)
+    lse_store = torch.full((T, 2 * H), float("nan"))
+    lse = lse_store[:, ::2]
+    mw.fill_uncovered(out, lse, kv_cu, bid)
+    bl = bid.long()
+    unc = (bl < 0) | (rows[bl.clamp(min=0)] == 0)
+    assert unc.any() and (~unc).any() and not unc[:64].any()
+    assert torch.all(out[unc] == 0) and torch.all(lse[unc] == float("inf"))
+    assert torch.isnan(out[~unc]).all() and torch.isnan(lse[~unc]).all()
+    assert torch.isnan(lse_store[:, 1::2]).all()
+
+
+def test_attention_config_names_the_kernel_and_rejects_unknown_ones():
+    """Off Hopper (here: the CPU) every request resolves to the Triton kernel: ``auto`` keeps its block shapes,
+    an explicit ``gluon`` falls back to the defaults; an unknown kernel name is a ``ValueError`` naming it."""
+    mw = _kernels()
+    q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    qp = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    for window in (1, 128, mw.GLUON_MAX_WINDOW, 4096, mw.FULL_WINDOW):
+        assert mw.attention_config(None, q, qp, 128, window)["kernel"] == "triton"
+    cfg = mw.attention_config(dict(num_stages=3), q, qp, 128, 128)
+    assert cfg["kernel"] == "triton" and cfg["num_stages"] == 3
+    cfg = mw.attention_config(dict(kernel="gluon", nbuf=2), q, qp, 128, 128)
+    assert cfg["kernel"] == "triton" and "nbuf" not in cfg
+    with pytest.raises(ValueError, match="'flash'"):
+        mw.attention_config(dict(kernel="flash"), q, qp, 128, 128)
+
+
+@needs_interpreter
 def test_kernel_gluon_config_falls_back_off_hopper(seed):
     """``kernel="gluon"`` where Gluon cannot run (here: the CPU) takes the Triton kernel's default config."""
     s = setup(MIXED, 7, 3, 5, 3)
@@ -493,8 +552,23 @@ def test_op_gpu_grid(seed, window, sinks, ps, H):
 def test_kernel_gpu_configs(seed, config):
     s = setup([(0, 1000), (3000, 517), (40, 3)], 16, 64, 777, 3, **GPU_DIMS)
     stats = {}
-    assert_close(*run_kernel(s, config=config, stats=stats), *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
-    assert stats["tma"] == config.get("tma", True)
+    assert_close(*run_kernel(s, config=dict(kernel="triton", **config), stats=stats), *reference_of(s), rtol=5e-3,
+                 atol_lse=GPU_ATOL_LSE)
+    assert stats["tma"] == config.get("tma", True) and stats.get("kernel", "triton") == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [128, 512, 513, 2048, 0])
+def test_kernel_gpu_default_kernel_by_window(seed, window):
+    """The default (``kernel="auto"``): the Gluon kernel on Hopper for windows up to ``GLUON_MAX_WINDOW``, the
+    Triton kernel for longer windows and full causal layers — both against the float64 reference."""
+    mw = _kernels()
+    s = setup(GPU_REQUESTS[:4], 64, 128, window, 0, packed=window != 0, **GPU_DIMS)
+    stats = {}
+    assert_close(*run_kernel(s, stats=stats), *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    short = 0 < window <= mw.GLUON_MAX_WINDOW
+    assert stats.get("kernel", "triton") == ("gluon" if hopper and short else "triton")
 
 
 GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1),
