@@ -19,6 +19,8 @@
 #   verify      every GPU test of code not yet run on a GPU (the ping-pong decode, the persistent MHA kernels,
 #               the engine's one-copy step), in one call (~4 min); then gluon-bench and mha-bench:
 #   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
+#   mha-sweep   bench_mha_prefill.py's whole sweep (H × W × C, the default kernel rule) for the MHA / MQA rule
+#   mha-tests   every GPU test of the MHA prefill and the core op (after a change of their defaults)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
 #
@@ -98,4 +100,8 @@ has mha-rule && run bench-mha-rule 330 env OUT="$OUT" python3 benchmarks/bench_m
 has mha-rule && mv "$OUT/bench_mha_prefill.jsonl" "$OUT/bench_mha_issue.jsonl" 2>/dev/null
 has mha-rule && run bench-mha-sweep 300 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --skip-issue \
     --heads 128,64,16 --windows 128,256,512,1024 --chunks 512,4096 --sweep-configs base,gluon --reps 3
+has mha-sweep && run bench-mha-full-sweep 580 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --skip-issue \
+    --sweep-configs auto --reps 3
+has mha-tests && run mha-tests 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_mha_prefill.py \
+    tests/ops/test_mla_core.py
 exit 0

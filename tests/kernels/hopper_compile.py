@@ -84,6 +84,10 @@ def aot_run(self, *args, grid, warmup, **kwargs):
             kernel = triton.compile(source(self, signature, constexprs=constexprs, attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32), options=options)
         assert "cubin" in kernel.asm, "no cubin"
+        if os.environ.get("HOPPER_PTX_DIR"):          # keep the PTX (e.g. to read a kernel's setmaxnreg split)
+            with open(os.path.join(os.environ["HOPPER_PTX_DIR"], f"{len(compiled):03d}-{self.fn.__name__}.ptx"),
+                      "w") as f:
+                f.write(kernel.asm["ptx"])
         compiled.append(label + (" " + resources(log.getvalue(), kernel) if RESOURCES else ""))
     except Exception:
         failures.append((label, traceback.format_exc(limit=3)))

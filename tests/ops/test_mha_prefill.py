@@ -576,7 +576,8 @@ GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1),
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(persistent=2), dict(persistent=2, num_stages=1)],
+@pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(kernel="triton", persistent=2),
+                                    dict(kernel="triton", persistent=2, num_stages=1)],
                          ids=["gluon", "gluon-n2q1", "gluon-n128", "persistent", "persistent-s1"])
 @pytest.mark.parametrize("window,sinks,ps,H", [(128, 0, 64, 128), (777, 3, 16, 64), (1, 0, 1, 16), (64, 2, 64, 1),
                                                (0, 0, 64, 16)])
