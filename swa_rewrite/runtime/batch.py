@@ -95,18 +95,16 @@ def mha_pays_off(chunk: int, cached: int, window: int, sinks: int, kv_lora_rank:
 
 def mha_measured_rule(chunk: int, cached: int, window: int, heads: int) -> bool:
     """MHA mode where it measured faster than MQA mode (``benchmarks/bench_mha_prefill.py`` sweep on an H200,
-    2026-11-28: chunks 64…16384 × windows 128…4096 × 16/64/128 heads, each chunk after ``min(cached, W)`` = W
-    cached positions; raw rows in ``benchmarks/mha_sweep_h200.jsonl``, table in RESULTS.md). The comparison is
-    the MHA block (gather, expansion GEMM, attention) against the MQA op alone, because the core op runs the
-    absorb / un-absorb BMMs on every token either way. Measured: MHA loses below 128 tokens everywhere (1.1–2.2×
-    at 64 with W ≥ 512); with W < 512 it needs 256 tokens and ≥ 64 heads (16 heads: 0.98–1.18× until 16384
-    tokens, 0.78× there); elsewhere it wins from 128 tokens (0.49–0.93×). Beyond the sweep's history (a full
-    layer or a window over 4096 positions with more cached), the fitted costs put the crossover near 120 tokens:
-    256 keeps a margin."""
+    2026-11-28, session 9: chunks 64…16384 × windows 128…4096 × 16/64/128 heads, each chunk after
+    ``min(cached, W)`` = W cached positions, CUDA-graph replays, the default attention kernel; raw rows in
+    ``benchmarks/mha_sweep_h200.jsonl``, table in RESULTS.md). The comparison is the MHA block (gather, expansion
+    GEMM, attention) against the MQA op alone, because the core op runs the absorb / un-absorb BMMs on every token
+    either way. Measured: MHA wins from 128 tokens everywhere (0.63–0.88× at 128, 0.21–0.55× from 256); at 64
+    tokens it loses (1.13–1.60×) except for tensor-parallel shards (16 heads) in windows under 512 (0.84× at
+    W = 128, a tie at 512). Beyond the sweep's history (a full layer or a window over 4096 positions with more
+    cached) the costs fitted to the first sweep put the crossover near 120 tokens: 256 keeps a margin."""
     if chunk < 128:
-        return False
-    if 0 < window < 512:
-        return chunk >= 256 and (heads >= 64 or chunk >= 16384)
+        return chunk >= 64 and heads < 64 and 0 < window < 512
     seen = cached if window == 0 else min(cached, window)
     return chunk >= 256 if seen > 4096 else True
 

@@ -124,8 +124,9 @@ class Engine:
                 larger decode steps run outside graphs.
             mha_prefill: which prompt chunks run MHA-mode prefill (SPEC §13; the rest, and every decode, run MQA
                 mode): ``"auto"`` — per chunk and cache group by ``runtime.batch.mha_pays_off``: at DeepSeek's dims
-                the rule measured on an H200 (``mha_measured_rule``: chunks of ≥ 128 tokens; ≥ 256 and ≥ 64 heads in
-                windows under 512; ≥ 256 after over 4096 cached positions), at other dims a FLOP count; an
+                the rule measured on an H200 (``mha_measured_rule``: chunks of ≥ 128 tokens, ≥ 64 for shards of
+                under 64 heads in windows under 512, ≥ 256 after over 4096 cached positions), at other dims a
+                FLOP count; an
                 int — chunks of at least that many tokens, in every group; ``"off"`` or None — none. A model
                 without a ``config`` runs ``"auto"`` as ``"off"``.
         """

@@ -324,20 +324,21 @@ def test_the_measured_rule_picks_the_faster_mode_of_the_recorded_sweep():
     assert decided >= 90
     outcomes = {(r["C"] >= 128, r["W"] < 512, r["H"] >= 64, mha_measured_rule(r["C"], r["hist"], r["W"], r["H"]))
                 for r in rows}
-    assert {(False, False, True, False), (True, False, True, True), (True, True, True, True),
-            (True, True, False, False)} <= outcomes
+    assert {(False, False, True, False), (False, True, True, False), (False, True, False, True),
+            (True, False, True, True), (True, True, True, True), (True, True, False, True)} <= outcomes
+    assert not mha_measured_rule(32, 0, 128, 16) and not mha_measured_rule(200, 5000, 0, 128)
 
 
 def test_the_plan_uses_the_measured_rule_at_deepseek_dims_with_heads():
     assert MEASURED_DIMS == (512, 128, 128)
     plan = MHAPlan(groups=((0, 0), (128, 0), (4096, 4)), dims=(512, 128, 128), heads=128)
     assert [plan.selects(StepItem([1] * 2048, 0, list(range(33)), True), g) for g in range(3)] == [True] * 3
-    assert [plan.selects(StepItem([1] * 200, 0, list(range(4)), True), g) for g in range(3)] == [True, False, True]
-    assert [plan.selects(StepItem([1] * 200, 6000, list(range(97)), True), g) for g in range(3)] == [False, False,
+    assert [plan.selects(StepItem([1] * 200, 0, list(range(4)), True), g) for g in range(3)] == [True] * 3
+    assert [plan.selects(StepItem([1] * 200, 6000, list(range(97)), True), g) for g in range(3)] == [False, True,
                                                                                                      True]
     assert not any(plan.selects(StepItem([1] * 100, 0, list(range(2)), True), g) for g in range(3))
-    shard = MHAPlan(groups=((128, 0),), dims=(512, 128, 128), heads=16)
-    assert not shard.selects(StepItem([1] * 4096, 0, list(range(65)), True), 0)
+    shard = MHAPlan(groups=((128, 0), (0, 0)), dims=(512, 128, 128), heads=16)
+    assert [shard.selects(StepItem([1] * 100, 0, list(range(2)), True), g) for g in range(2)] == [True, False]
     other = MHAPlan(groups=((128, 0),), dims=(256, 64, 64), heads=128)       # other dims: the FLOP count
     item = StepItem([1] * 4096, 0, list(range(65)), True)
     assert other.selects(item, 0) == mha_pays_off(4096, 0, 128, 0, 256, 64, 64)
