@@ -632,7 +632,8 @@ def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: t
     cfg = attention_config(config, q_nope, q_pe, V, window)
     latent = torch.empty((M, R + P), dtype=dtype, device=q_nope.device)
     gather_latent_rows(cache, kv_slots, latent, rope_dim=P)
-    tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, cfg["block_m"], triton.cdiv(T, cfg["block_m"]) + kv_cu.shape[0] - 1)
+    bound = triton.cdiv(T, cfg["block_m"]) + kv_cu.shape[0] - 1          # query tiles, from shapes only
+    tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, cfg["block_m"], bound)
     hg = head_group(M, H, N + V, latent.element_size(), workspace_bytes)
     buf = torch.empty(M * hg * (N + V), dtype=dtype, device=q_nope.device)
     w = kv_b_weight.view(H, N + V, R)
