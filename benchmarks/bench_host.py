@@ -96,6 +96,44 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
             print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
 
 
+def profile_step(which: str, step, n: int, device: torch.device, top: int = 45) -> None:
+    """``n`` steps under cProfile (checks off): the functions with the most own time, then every
+    ``swa_rewrite`` op of the step replayed ``n`` times alone under its own profile."""
+    import cProfile
+    import pstats
+
+    def run(fn, label):
+        with checks_disabled():
+            for _ in range(3):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                fn()
+            prof.disable()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"\n## cProfile, {which}: {label}, {n} calls (own and cumulative seconds for all calls)")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+
+    run(step, "whole step")
+    rec = Recorder()
+    with checks_disabled(), rec:
+        step()
+    seen = set()
+    for func, a, kw in rec.calls:
+        if str(func) in seen:
+            continue
+        seen.add(str(func))
+
+        def call(func=func, a=a, kw=kw):
+            with validated_step():
+                return func(*a, **kw)
+        run(call, str(func))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
@@ -103,6 +141,9 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="instead: N eager steps of each model (checks off) under cProfile, then each op alone; "
+                         "prints the functions with the most own time")
     args = ap.parse_args(argv)
     if args.cpu:
         args.context, args.batch, args.window, args.iters = 40, 2, 8, 40
@@ -124,6 +165,10 @@ def main(argv=None) -> None:
             def step():
                 return m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)
 
+            if args.cprofile:
+                profile_step(which, step, args.cprofile, device)
+                caches = None
+                continue
             for label, ctx in (("checks off", checks_disabled), ("checks on", contextlib.nullcontext)):
                 with ctx():
                     for _ in range(3):
