@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -84,3 +85,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
     c, s = cos.view(shape), sin.view(shape)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class RopeRotation(NamedTuple):
+    """``apply_rope`` of one step as a table: ``rotate(x, table, index)`` is ``[x[index[:P]] | x[index[P:]]]``
+    times ``[cos | cos]`` and ``[-sin | sin]``, summed — one gather, one product and one sum where
+    ``apply_rope`` issues eleven ops (an eager step is host-bound: RESULTS.md, issue 14)."""
+
+    tokens: torch.Tensor   # [T, 2, P] for k_pe [T, P]: row 0 the cosines, row 1 the signed sines
+    heads: torch.Tensor    # [T, 1, 2, P] (a view) for q_pe [T, H, P]
+    index: torch.Tensor    # [2P] int64: the output's source column, then its rotation partner
+
+
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> RopeRotation:
+    """The step's ``RopeRotation`` from ``cos, sin [T, P/2]`` (``rope_cos_sin``), for either layout."""
+    half = cos.shape[-1]
+    P = 2 * half
+    table = torch.cat([cos, cos, -sin, sin], dim=-1).unflatten(-1, (2, P))          # [T, 2, P]
+    i = torch.arange(P, device=cos.device)
+    if interleave:   # output i < P/2 reads x[2i] (partner x[2i + 1]); output P/2 + i reads x[2i + 1] (x[2i])
+        source = i.view(half, 2).t().reshape(P)
+        partner = torch.bitwise_xor(source, 1)
+    else:            # NeoX: output i reads x[i], its partner x[(i + P/2) mod P]
+        source, partner = i, torch.remainder(i + half, P)
+    return RopeRotation(table, table.unsqueeze(1), torch.cat([source, partner]))
+
+
+def rotate(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``apply_rope(x, cos, sin, interleave)``, bit for bit, with a ``RopeRotation``'s ``index`` and the table
+    that broadcasts against ``x`` (``tokens`` for ``[T, P]``, ``heads`` for ``[T, H, P]``): each output is
+    ``x_a·c ± x_b·s`` rounded per product and once for the sum, as the op-by-op form rounds it."""
+    pairs = x.index_select(-1, index).unflatten(-1, (2, -1))                       # [..., 2, P]
+    return (pairs * table).sum(-2)
