@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--inference-mode", action="store_true", help="steps under torch.inference_mode(), not no_grad")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="instead: N eager steps of each model (checks off) under cProfile, then each op alone; "
                          "prints the functions with the most own time")
@@ -156,7 +157,9 @@ def main(argv=None) -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# {card}, torch {torch.__version__}; {cfg.name if hasattr(cfg, 'name') else ''} decode step of "
           f"{args.batch} requests at {args.context}, W={args.window} on layers 0, 2; host µs per call (median)")
-    with torch.no_grad():
+    grad_mode = torch.inference_mode if args.inference_mode else torch.no_grad
+    print(f"# under torch.{grad_mode.__name__}()")
+    with grad_mode():
         for which, m in (("original", model), ("rewritten", rewritten)):
             caches = m.allocate_kv_cache(args.batch * nb, ps, device)
             fill_random(caches)

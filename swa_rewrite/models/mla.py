@@ -21,7 +21,8 @@ from ..ops.checks import validated_step
 from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
 from .moe import MoE
-from .rope import apply_rope, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits
+from .rope import (RopeRotation, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits, rope_rotation,
+                   rotate)
 
 
 def select_rows(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
@@ -55,10 +56,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x · rsqrt(mean(x²) + eps) in float32, rounded to x's dtype, then the weight (as DeepSeek's reference).
-        # F.rms_norm can dispatch to one fused CUDA kernel (aten._fused_rms_norm) where pow / mean / add / rsqrt /
-        # mul were five launches: an eager step issues 17 norms and is host-bound (issue 14; on the H200 the profile
-        # shows one aten::_fused_rms_norm kernel per norm, ~3 µs each).
-        return self.weight * F.rms_norm(x.float(), (self.dim,), eps=self.eps).to(x.dtype)
+        # F.rms_norm computes in float32 for half inputs and rounds once, so it takes x as it is: the same bits as
+        # the float32 round trip (tests/models/test_model_ops.py, on the GPU too), two launches fewer. An eager
+        # step issues 17 norms and is host-bound (issue 14; H200 host: 57 -> 28 µs per norm). `.to` keeps the
+        # dtype under autocast, which may run the norm in float32; otherwise a no-op.
+        return self.weight * F.rms_norm(x, (self.dim,), eps=self.eps).to(x.dtype)
 
 
 class MLAAttention(nn.Module):
@@ -85,8 +87,7 @@ class MLAAttention(nn.Module):
         self.softmax_scale = c.softmax_scale
         self.cache_group = cache_group(c, layer_idx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                meta: StepMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeRotation, cache: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """``x [T, hidden]`` → ``[T, hidden]``; writes this step's latents into ``cache`` (the rows
         ``meta.slot_mapping[self.cache_group]``), then attends from it."""
         T = x.shape[0]
@@ -99,9 +100,8 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q[..., :N], q[..., N:]
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        interleave = self.config.rope_interleave
-        q_pe = apply_rope(q_pe, cos, sin, interleave)                           # [T, H, P]
-        k_pe = apply_rope(k_pe, cos, sin, interleave)                           # [T, P]
+        q_pe = rotate(q_pe, rope.heads, rope.index)                             # [T, H, P]: apply_rope's bits
+        k_pe = rotate(k_pe, rope.tokens, rope.index)                            # [T, P]
 
         latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
 
@@ -141,8 +141,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+    def forward(self, x, rope, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,8 +246,9 @@ class MLAModel(nn.Module):
             # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
             inv_freq = self.rope_inv_freq_bits.view(torch.float32)
             cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype)
+            rope = rope_rotation(cos, sin, self.config.rope_interleave)        # once per step, for every layer
             x = self.embed_tokens(input_ids)
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, kv_caches[i], meta)
+                x = layer(x, rope, kv_caches[i], meta)
             x = self.norm(x)
             return self.lm_head(select_rows(x, logits_indices))
