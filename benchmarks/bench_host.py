@@ -91,6 +91,7 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
             "unabsorb_output": lambda: core.unabsorb_output(o_lat, w, q_nope.shape[-1]),
             "torch.empty x1": lambda: torch.empty(8, device=device),
         }
+        pieces.update(triton_pieces(q_abs, cache, bt[group], cu, dec, bid, scale, rope_dim, window))
         print(f"    {name}: pieces (host µs per call)")
         for label, fn in pieces.items():
             print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
@@ -132,6 +133,37 @@ def profile_step(which: str, step, n: int, device: torch.device, top: int = 45) 
             with validated_step():
                 return func(*a, **kw)
         run(call, str(func))
+
+
+def triton_pieces(q, cache, bt, cu, dec, bid, scale, rope_dim, window):
+    """The steps of the Gluon decode path (``paged_tiles_fwd`` → ``_gluon_fwd``), each alone."""
+    from swa_rewrite.kernels import gluon_mla, paged_mla
+    from swa_rewrite.kernels._common import KEYS_PAGED, _plan, split_targets
+
+    fp8 = window > 0
+    if not gluon_mla.supports(q, cache, rope_dim, window, fp8):
+        return {}
+    T, H, D = q.shape
+    R = D - rope_dim
+    cfg = dict(paged_mla.PAGED_DECODE_CONFIG, min_tiles_per_split=1) if fp8 else dict(paged_mla.PAGED_DECODE_CONFIG)
+    plan = _plan(T, H, min(window + 63, bt.shape[1] * cache.shape[1]) if fp8 else bt.shape[1] * cache.shape[1],
+                 q.device, cfg, KEYS_PAGED)
+    out = (torch.empty((T, H, R), dtype=q.dtype, device=q.device), torch.empty((T, H), device=q.device))
+    o_t, l_t, o_s, l_s = split_targets(*out, plan["splits"])
+    meta = (q, cache, bt, cu, dec, bid, scale)
+    launch = ((lambda: gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_s, l_s, plan["splits"])) if fp8 else
+              (lambda: gluon_mla.launch(*meta, o_t, l_t, o_s, l_s, plan["splits"], True)))
+    return {
+        f"  gluon_mla.supports": lambda: gluon_mla.supports(q, cache, rope_dim, window, fp8),
+        f"  _plan (splits {plan['splits']})": lambda: _plan(T, H, 4096, q.device, cfg, KEYS_PAGED),
+        "  outputs + split partials (4 empty)": lambda: (torch.empty((T, H, R), dtype=q.dtype, device=q.device),
+                                                         torch.empty((T, H), device=q.device),
+                                                         split_targets(*out, plan["splits"])),
+        "  TMA descriptors": (lambda: gluon_mla.fp8_descriptors(cache, R, rope_dim)) if fp8 else
+                             (lambda: gluon_mla.descriptors(cache, R, rope_dim)),
+        "  Gluon kernel launch (descriptors incl.)": launch,
+        "  split combine launch": lambda: paged_mla._combine(o_t, l_t, *out, o_s, l_s, plan["splits"]),
+    }
 
 
 def main(argv=None) -> None:

@@ -85,15 +85,16 @@ def main() -> None:
         "custom op (torch.library.Library)": lambda: torch.ops.swa_bench.noop_lib(x, w, 1.0, 3),
     }
     if device.type == "cuda":
-        a, b = torch.empty(1024, device=device), torch.randn(1024, device=device)
-        rows["Triton launch, 16 args"] = lambda: _k16[(4,)](a, b, a, b, 1024, 1, 2, 3, 4, 5, 6, 7, 8, 9, 256, 16)
+        dst, src = torch.empty(1024, device=device), torch.randn(1024, device=device)
+        rows["Triton launch, 16 args"] = lambda: _k16[(4,)](dst, src, dst, src, 1024, 1, 2, 3, 4, 5, 6, 7, 8, 9, 256,
+                                                            16)
     print(f"  {'':40s} {'no_grad':>8s} {'inference_mode':>15s}")
     for label, fn in rows.items():
         with torch.no_grad():
-            a = host_us(fn, device)
+            plain = host_us(fn, device)
         with torch.inference_mode():
-            b = host_us(fn, device)
-        print(f"  {label:40s} {a:8.1f} {b:15.1f}")
+            inference = host_us(fn, device)
+        print(f"  {label:40s} {plain:8.1f} {inference:15.1f}")
     with torch.no_grad():
         same_rope = [torch.equal(apply_rope(t, cos, sin, il), rotate(t, r.heads if t.dim() == 3 else r.tokens, r.index))
                      for t in (q, k) for il in (True, False) for r in [rope_rotation(cos, sin, il)]]
