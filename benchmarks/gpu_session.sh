@@ -12,7 +12,6 @@
 #   mha         bench_mha_prefill.py --quick (issue 18)
 #   host        bench_host.py: host µs of each op an eager decode step calls, checks off and on (issue 14)
 #   host-pieces bench_host_pieces.py: host µs of one op, rope and RMSNorm forms, custom-op registrations, a launch
-#   launch      the GPU tests of the cached kernel relaunch and of the decode path's ops and CUDA graphs (issue 14)
 #   host-modes  the model-op GPU tests, host-pieces, then bench_host.py under no_grad and under inference_mode
 #   host-profile  bench_host.py --cprofile: the Python functions with the most own host time, per step and per op
 #   attention   bench_attention.py (issue 17)
@@ -78,9 +77,6 @@ has capacity && run bench-capacity 300 python3 -m swa_rewrite bench --capacity -
 has mha && run bench-mha 560 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick
 has host && run bench-host 300 python3 benchmarks/bench_host.py
 has host-pieces && run host-pieces 120 python3 benchmarks/bench_host_pieces.py
-has launch && run launch-tests 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
-    tests/ops/test_paged_mla_tiles.py tests/ops/test_mla_core.py tests/ops/test_fp8_cache.py tests/ops/test_kv_cache.py \
-    tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py tests/test_compile.py
 has host-modes && run model-ops-tests 120 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/models/test_model_ops.py
 has host-modes && run host-pieces 120 python3 benchmarks/bench_host_pieces.py
 has host-modes && run bench-host 200 python3 benchmarks/bench_host.py

@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import run_kernel
-
 _BLOCK_COLS = 1024   # table columns per program
 
 
@@ -58,6 +56,6 @@ def decode_rows(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
         return seqlens, rows
     block = min(_BLOCK_COLS, triton.next_power_of_2(max(nb, 1)))
     grid = (T, max(1, triton.cdiv(nb, block)))
-    run_kernel(_decode_rows_kernel, grid, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, seqlens,
-               rows, nb, block_tables.stride(0), block_tables.stride(1), BLOCK=block)
+    _decode_rows_kernel[grid](block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, seqlens, rows, nb,
+                              block_tables.stride(0), block_tables.stride(1), BLOCK=block)
     return seqlens, rows

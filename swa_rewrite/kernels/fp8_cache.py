@@ -26,7 +26,6 @@ import triton.language as tl
 
 from .. import fp8_format
 from . import interpreting
-from ._launch import run_kernel
 
 _TILE: tl.constexpr = tl.constexpr(fp8_format.TILE)
 _E4M3_MAX: tl.constexpr = tl.constexpr(fp8_format.E4M3_MAX)
@@ -151,12 +150,12 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     wide = aligned if wide_stores is None else wide_stores
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
     grid = (triton.cdiv(T, block_t),)
-    run_kernel(_write_fp8_cache_kernel, grid,
-               latent, cache, slot_mapping.contiguous(), T, num_blocks * ps, ps,
-               latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
-               R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
-               BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
-               BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)
+    _write_fp8_cache_kernel[grid](
+        latent, cache, slot_mapping.contiguous(), T, num_blocks * ps, ps,
+        latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
+        R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
+        BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
+        BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------- dequantise
@@ -203,7 +202,7 @@ def dequantize_fp8_cache(cache: torch.Tensor, out: torch.Tensor, *, rope_dim: in
     n = outer * inner
     if n == 0:
         return
-    run_kernel(_dequantize_fp8_cache_kernel, (triton.cdiv(n, block_t),),
-               cache, out, n, inner, cache.stride(0), cache.stride(1),
-               R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
-               BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)
+    _dequantize_fp8_cache_kernel[(triton.cdiv(n, block_t),)](
+        cache, out, n, inner, cache.stride(0), cache.stride(1),
+        R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
+        BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)

@@ -37,7 +37,6 @@ from . import interpreting
 from ._common import (_LOG2E, _M_INIT, KEYS_INDICES, KEYS_PAGED, KEYS_ROWS, _attend_tile, _combine_splits_kernel,
                       _dequantize_tile, _load_queries, _load_tile, _outputs, _plan, _split_range, _store_rows,
                       split_targets)
-from ._launch import run_kernel
 
 
 @triton.jit
@@ -218,28 +217,27 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         raise ValueError(f"token tiles (block_t = {block_t}) need the staged path")
     if T > 0:
         if block_t > 1:
-            compiled = run_kernel(_staged_tiled_fwd_kernel, grid,
-                                  q, cache, cu, dec, bid, o_t, l_t, scale * _LOG2E, T, H, window, splits,
-                                  q.stride(0), q.stride(1), stride_cr, *o_strides, *l_strides, BLOCK_T=block_t,
-                                  **common)
+            compiled = _staged_tiled_fwd_kernel[grid](
+                q, cache, cu, dec, bid, o_t, l_t, scale * _LOG2E, T, H, window, splits,
+                q.stride(0), q.stride(1), stride_cr, *o_strides, *l_strides, BLOCK_T=block_t, **common)
         else:
-            compiled = run_kernel(_mla_attention_fwd_kernel, grid,
-                                  q, cache, idx, bt, cu, dec, bid, o_t, l_t,
-                                  scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
-                                  q.stride(0), q.stride(1), stride_cb, stride_cr,
-                                  idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
-                                  *o_strides, *l_strides,
-                                  NT=block_r // fp8_format.TILE if fp8 else 1, KEYS=keys, FP8=fp8, **common)
+            compiled = _mla_attention_fwd_kernel[grid](
+                q, cache, idx, bt, cu, dec, bid, o_t, l_t,
+                scale * _LOG2E, H, max_keys if keys == KEYS_INDICES else 0, window, page_size, splits,
+                q.stride(0), q.stride(1), stride_cb, stride_cr,
+                idx.stride(0) if idx.dim() > 0 else 0, bt.stride(0) if bt.dim() > 1 else 0,
+                *o_strides, *l_strides,
+                NT=block_r // fp8_format.TILE if fp8 else 1, KEYS=keys, FP8=fp8, **common)
         if stats is not None:
             stats.update(attention=compiled, plan=plan)
         if splits > 1:
             bh = 16
-            run_kernel(_combine_splits_kernel, (T, triton.cdiv(H, bh)),
-                       o_t, l_t, out, lse, H, splits,  # the fp32 partials
-                       *o_strides, *l_strides,
-                       out.stride(0), out.stride(1), lse.stride(0),
-                       R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(),
-                       num_warps=4)
+            _combine_splits_kernel[(T, triton.cdiv(H, bh))](
+                o_t, l_t, out, lse, H, splits,  # the fp32 partials
+                *o_strides, *l_strides,
+                out.stride(0), out.stride(1), lse.stride(0),
+                R=R, BLOCK_R=block_r, BLOCK_H=bh, INTERPRET=interpreting(),
+                num_warps=4)
     return out, lse
 
 

@@ -40,7 +40,6 @@ import triton
 
 from ._common import _sm_count
 from .gluon_mla import AVAILABLE
-from ._launch import run_kernel
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -280,9 +279,7 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
              GluonDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [block_n, P], _layout(block_n, P)))
     bound = (triton.cdiv(T, BLOCK_M) + B) * Hg
     grid = (max(1, min(bound, programs or _sm_count(q_nope.device))),)
-    return run_kernel(_gluon_mha_window_kernel, grid,
-                      *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg,
-                      window, sinks,
-                      q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-                      lse.stride(1),
-                      N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)
+    return _gluon_mha_window_kernel[grid](
+        *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window, sinks,
+        q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)

@@ -60,7 +60,6 @@ import triton.language as tl
 from .. import fp8_format
 from . import gluon_mha, interpreting
 from ._common import _LOG2E, _M_INIT, _dequantize_tile, _load_tile, _round_to_bf16_grid, _sm_count
-from ._launch import run_kernel
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernel loads through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -118,13 +117,12 @@ def gather_latent_rows(cache: torch.Tensor, kv_slots: torch.Tensor, out: torch.T
         return
     fp8 = cache.dtype == torch.uint8
     block_r = max(16, triton.next_power_of_2(R))
-    run_kernel(_gather_rows_kernel, (triton.cdiv(M, block_t),),
-               cache, kv_slots, out, M, cache.shape[1], cache.shape[0] * cache.shape[1], cache.stride(0),
-               cache.stride(1),
-               out.stride(0),
-               R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
-               NT=block_r // fp8_format.TILE if fp8 else 1, BLOCK_T=block_t, FP8=fp8,
-               num_warps=num_warps)
+    _gather_rows_kernel[(triton.cdiv(M, block_t),)](
+        cache, kv_slots, out, M, cache.shape[1], cache.shape[0] * cache.shape[1], cache.stride(0), cache.stride(1),
+        out.stride(0),
+        R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
+        NT=block_r // fp8_format.TILE if fp8 else 1, BLOCK_T=block_t, FP8=fp8,
+        num_warps=num_warps)
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -483,9 +481,8 @@ def tile_plan(cu_seqlens_q: torch.Tensor, kv_cu: torch.Tensor, block_m: int,
     B = kv_cu.shape[0] - 1
     tile_cu = torch.empty(B + 1, dtype=torch.int32, device=kv_cu.device)
     tile_b = torch.empty(max(bound, 1), dtype=torch.int32, device=kv_cu.device)
-    run_kernel(_tile_plan_kernel, (1,), cu_seqlens_q, kv_cu, tile_cu, tile_b, B, bound, B.bit_length() + 1,
-               BLOCK_M=block_m,
-               BLOCK=256 if not interpreting() else 32, num_warps=4)
+    _tile_plan_kernel[(1,)](cu_seqlens_q, kv_cu, tile_cu, tile_b, B, bound, B.bit_length() + 1, BLOCK_M=block_m,
+                            BLOCK=256 if not interpreting() else 32, num_warps=4)
     return tile_cu, tile_b[:bound]
 
 
@@ -530,34 +527,29 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     persistent = int(cfg.get("persistent", 0))
     if persistent > 0:
         grid = (max(1, min(bound * Hg, persistent * _sm_count(q_nope.device))),)
-        compiled = run_kernel(_mha_window_persistent_kernel, grid,
-                              q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q,
-                              seq_lens_decoder, kv_cu,
-                              tile_cu, tile_b, scale * _LOG2E, B, Hg, min(window, FULL_WINDOW), sinks,
-                              q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
-                              kv.stride(0), kv.stride(1), k_pe.stride(0),
-                              out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                              N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v,
-                              BLOCK_M=bm, BLOCK_N=bn,
-                              TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"],
-                              num_stages=cfg["num_stages"])
+        compiled = _mha_window_persistent_kernel[grid](
+            q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu,
+            tile_cu, tile_b, scale * _LOG2E, B, Hg, min(window, FULL_WINDOW), sinks,
+            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+            kv.stride(0), kv.stride(1), k_pe.stride(0),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm, BLOCK_N=bn,
+            TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
             stats["tma"] = descs is not None
             stats["programs"] = grid[0]
         return
     grid = (triton.cdiv(T, bm) + B, Hg)
-    compiled = run_kernel(_mha_window_fwd_kernel, grid,
-                          q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder,
-                          kv_cu, tile_cu,
-                          scale * _LOG2E, B, min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
-                          q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
-                          kv.stride(0), kv.stride(1), k_pe.stride(0),
-                          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                          N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm,
-                          BLOCK_N=bn,
-                          TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"])
+    compiled = _mha_window_fwd_kernel[grid](
+        q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu,
+        scale * _LOG2E, B, min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv.stride(0), kv.stride(1), k_pe.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        N=N, P=P, V=V, BLOCK_NOPE=block_nope, BLOCK_ROPE=block_rope, BLOCK_V=block_v, BLOCK_M=bm, BLOCK_N=bn,
+        TMA=descs is not None, INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if stats is not None:
         stats.setdefault("attention", []).append(compiled)
         stats["tma"] = descs is not None
@@ -593,9 +585,9 @@ def fill_uncovered(out: torch.Tensor, lse: torch.Tensor, kv_cu: torch.Tensor, ba
         out.zero_()
         lse.fill_(float("inf"))
         return
-    run_kernel(_fill_uncovered_kernel, (triton.cdiv(T, block_t),),
-               out, lse, batch_id_per_token, kv_cu, T, H, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-               V=V, BLOCK_T=block_t, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
+    _fill_uncovered_kernel[(triton.cdiv(T, block_t),)](
+        out, lse, batch_id_per_token, kv_cu, T, H, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        V=V, BLOCK_T=block_t, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
 
 
 def head_group(M: int, H: int, width: int, element_size: int, workspace_bytes: int | None = None) -> int:

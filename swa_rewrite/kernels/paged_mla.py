@@ -29,7 +29,6 @@ from . import gluon_mla, interpreting
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                       _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
 from .gathered_mla import paged_attention_fwd
-from ._launch import run_kernel
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -390,18 +389,14 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         grid = (max(1, min(items * splits, persistent * _sm_count(q.device))),)
     else:
         grid = (items, splits)
-    compiled = run_kernel(_paged_tiles_fwd_kernel, grid,
-                          q, cache, lat_desc, sc_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder,
-                          batch_id_per_token,
-                          o_t, l_t, scratch, scale * _LOG2E, H, window, ps, splits, slots, items, q.stride(0),
-                          q.stride(1),
-                          cache.stride(0), cache.stride(1), block_tables.stride(0), *o_strides, *l_strides,
-                          R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=block_n, NT=nt,
-                          FP8=fp8,
-                          WINDOWED=window > 0, CHUNK=chunk, TMA=descs is not None, DEDUP=dedup,
-                          BF16_DEQUANT=bool(config["bf16_dequant"]),
-                          PARTIAL=splits > 1, INTERPRET=interpreting(), PERSISTENT=persistent > 0,
-                          num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    compiled = _paged_tiles_fwd_kernel[grid](
+        q, cache, lat_desc, sc_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+        o_t, l_t, scratch, scale * _LOG2E, H, window, ps, splits, slots, items, q.stride(0), q.stride(1),
+        cache.stride(0), cache.stride(1), block_tables.stride(0), *o_strides, *l_strides,
+        R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=block_n, NT=nt, FP8=fp8,
+        WINDOWED=window > 0, CHUNK=chunk, TMA=descs is not None, DEDUP=dedup, BF16_DEQUANT=bool(config["bf16_dequant"]),
+        PARTIAL=splits > 1, INTERPRET=interpreting(), PERSISTENT=persistent > 0,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     if dedup and q.is_cuda and compiled is not None:
         props = torch.cuda.get_device_properties(q.device)
         regs = compiled.n_regs * 32 * plan["num_warps"]
@@ -420,11 +415,11 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
     if splits > 1:
         T, H, R = out_t.shape
         bh = 16
-        run_kernel(_combine_splits_kernel, (T, triton.cdiv(H, bh)),
-                   o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
-                   *o_strides, *l_strides,
-                   out_t.stride(0), out_t.stride(1), lse_t.stride(0),
-                   R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
+        _combine_splits_kernel[(T, triton.cdiv(H, bh))](
+            o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
+            *o_strides, *l_strides,
+            out_t.stride(0), out_t.stride(1), lse_t.stride(0),
+            R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import run_kernel
-
 _TILE_ELEMS = 2048  # window entries per program
 
 
@@ -96,8 +94,8 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
     block_w = min(triton.next_power_of_2(width), tile_elems)
     block_t = max(1, min(tile_elems // block_w, triton.next_power_of_2(T)))
     grid = (triton.cdiv(T, block_t), triton.cdiv(width, block_w))
-    run_kernel(_swa_indexer_kernel, grid,
-               block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, indices, num_valid,
-               T, window, sinks, page_size, block_tables.shape[1], block_tables.stride(0), block_tables.stride(1),
-               BLOCK_T=block_t, BLOCK_W=block_w, PAGE_SIZE=page_size if specialize_page_size else 0,
-               num_warps=num_warps)
+    _swa_indexer_kernel[grid](
+        block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, indices, num_valid,
+        T, window, sinks, page_size, block_tables.shape[1], block_tables.stride(0), block_tables.stride(1),
+        BLOCK_T=block_t, BLOCK_W=block_w, PAGE_SIZE=page_size if specialize_page_size else 0,
+        num_warps=num_warps)
