@@ -75,7 +75,6 @@ CONFIGS = {   # attention-kernel configs (kernels.mha_window.DEFAULT_CONFIG is "
     "gluon-n2q1": dict(kernel="gluon", nbuf=2, qbuf=1),
     "gluon-n128": dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1),   # 92 B spilled (sm_90 report)
     "gluon-n4q1": dict(kernel="gluon", nbuf=4, qbuf=1),                # a deeper key ring, one query slot
-    "gluon-reuse": dict(kernel="gluon", reuse=True),                   # consecutive query tiles share key tiles
     "auto": dict(kernel="auto"),                                       # the library's default rule
 }
 

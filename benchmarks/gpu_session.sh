@@ -24,7 +24,6 @@
 #   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
 #   mha-sweep   bench_mha_prefill.py's whole sweep (H × W × C, the default kernel rule) for the MHA / MQA rule
 #   mha-tests   every GPU test of the MHA prefill and the core op (after a change of their defaults)
-#   mha-reuse   the key-tile-sharing Gluon MHA variant: its GPU tests, then beside the default Gluon config
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
 #
@@ -107,10 +106,6 @@ has mha-rule && run mha-rule-tests 200 python3 -m pytest -q -ra -m gpu -p no:cac
     tests/ops/test_mha_prefill.py -k "gluon or default or persistent or configs or poison"
 has mha-rule && run bench-mha-rule 330 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
     --configs base,gluon,gluon-n4q1,auto
-has mha-reuse && run mha-reuse-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
-    tests/ops/test_mha_prefill.py -k "reuse"
-has mha-reuse && run bench-mha-reuse 240 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --quick \
-    --heads 128 --configs gluon,gluon-reuse
 has mha-rule && mv "$OUT/bench_mha_prefill.jsonl" "$OUT/bench_mha_issue.jsonl" 2>/dev/null
 has mha-rule && run bench-mha-sweep 300 env OUT="$OUT" python3 benchmarks/bench_mha_prefill.py --skip-issue \
     --heads 128,64,16 --windows 128,256,512,1024 --chunks 512,4096 --sweep-configs base,gluon --reps 3

@@ -14,12 +14,6 @@ them by TMA, so the next item's query and key tiles are in shared memory while t
   memory as the A operand of ``S``, P from registers as the A operand of ``P·V``. Both read the same key tiles;
   a tile one warpgroup's rows cannot see (past its last row, or before its window) it waits for and releases
   without computing — at W = 128 each warpgroup computes 3 of the item's 4 tiles.
-- **Key-tile reuse** (``reuse=True``, ``REUSE``): a program takes a contiguous run of items — consecutive query
-  tiles of one head — and the window tiles sit on the grid ``a_b + k·BLOCK_N`` (no sinks), so the next item's
-  first tiles are this item's last ones (two of four at W = 128): they stay in the ring, the producer loads only
-  the new ones (key-tile stream index ``s`` into slot ``s % NBUF``), and each warpgroup releases a tile after the
-  last item that reads it (``_shift``). The arithmetic and barriers are modelled in
-  ``benchmarks/mha_reuse_protocol_model.py`` (random ragged steps and interleavings).
 - **Producer** (one warp): per item the query rows (``[128, N]`` and ``[128, P]`` boxes of 2-D views of
   ``q_nope`` / ``q_pe``: head ``h`` starts at column ``h · stride``) into one of ``QBUF`` query slots, then each
   key tile's ``k_nope``, ``v`` (``[64, N]`` / ``[64, V]`` boxes of the ``[M, Hg·(N+V)]`` workspace) and ``k_pe``
@@ -64,13 +58,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _mha_item(item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, REUSE: gl.constexpr):
-        """Work item ``item`` → head ``h``, request ``b``, its query rows (first token ``tok0``, ``n_q`` of them,
-        positions ``p0 … p1``), the first window tile's first position ``lo``, the sink rows below it (``n_sink``
-        rows from workspace row ``base``), the workspace row of position 0 (``win0``: position ``x`` is row
-        ``win0 + x``) and its key tiles: ``n_st`` of sinks, then ``n_wt`` of the window. ``lo`` is the tile's first
-        window position, or with ``REUSE`` and no sinks the grid point ``a_b + k·BLOCK_N`` at or below it, so
-        that the next query tile's key tiles are some of these (module docstring)."""
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Work item ``item`` → head ``h``, its query rows (first token ``tok0``, ``n_q`` of them, positions
+        ``p0 … p1``), the first window position ``lo`` of the tile, the sink rows below it (``n_sink`` rows from
+        workspace row ``base``), the workspace row of position 0 (``win0``: position ``x`` is row ``win0 + x``)
+        and its key tiles: ``n_st`` of sinks, then ``n_wt`` of the window."""
         h = item // n_tiles_all
         tile = item % n_tiles_all
         b = gl.load(tile_b_ptr + tile)
@@ -86,76 +78,33 @@ if AVAILABLE:
         ns_b = gl.minimum(sinks, a_b)
         lo = gl.maximum(a_b, p0 - window + 1)
         n_sink = ns_b + gl.maximum(gl.minimum(sinks, lo) - a_b, 0)
-        if REUSE:
-            lo = gl.where(sinks == 0, a_b + ((lo - a_b) // BLOCK_N) * BLOCK_N, lo)
         win0 = base + ns_b - a_b
         n_st = gl.cdiv(n_sink, BLOCK_N)
         n_wt = gl.cdiv(gl.maximum(p1 + 1 - lo, 0), BLOCK_N)
-        return h, b, cu_b + i0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt
-
-    @gluon.jit
-    def _item_of(j, total, REUSE: gl.constexpr):
-        """This program's ``j``-th work item: with ``REUSE`` a contiguous run of items (consecutive query tiles of
-        a head), else every ``num_programs``-th item."""
-        if REUSE:
-            return gl.program_id(0) * gl.cdiv(total, gl.num_programs(0)) + j
-        else:
-            return gl.program_id(0) + j * gl.num_programs(0)
-
-    @gluon.jit
-    def _local_items(total, REUSE: gl.constexpr):
-        """How many work items this program takes (``_item_of``)."""
-        if REUSE:
-            per = gl.cdiv(total, gl.num_programs(0))
-            return gl.minimum(gl.maximum(total - gl.program_id(0) * per, 0), per)
-        else:
-            return gl.cdiv(gl.maximum(total - gl.program_id(0), 0), gl.num_programs(0))
-
-    @gluon.jit
-    def _shift(j, n_local, total, h, b, lo, n, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
-               window, sinks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr,
-               REUSE: gl.constexpr):
-        """How far the key-tile stream advances after item ``j`` (its ``n`` tiles, the first at window position
-        ``lo``): ``n``, or with ``REUSE`` ``d`` when the next item (same head and request, no sinks) starts ``d``
-        tiles further on the same grid and needs the last ``n - d`` of them, which stay in the ring (at most
-        ``NBUF``: the producer must be able to load this item's last tile while they are held)."""
-        shift = n
-        if REUSE:
-            if j + 1 < n_local:
-                h2, b2, t2, q2, a2, z2, lo2, s2, e2, w2, st2, wt2 = _mha_item(
-                    _item_of(j + 1, total, REUSE), n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
-                    window, sinks, BLOCK_M, BLOCK_N, REUSE)
-                d = (lo2 - lo) // BLOCK_N
-                ok = ((sinks == 0) & (h2 == h) & (b2 == b) & (lo2 >= lo) & ((lo2 - lo) % BLOCK_N == 0) & (d <= n)
-                      & (n - d <= NBUF) & (st2 + wt2 >= n - d))
-                shift = gl.where(ok, d, n)
-        return shift
+        return h, cu_b + i0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt
 
     @gluon.jit
     def _mha_producer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
-                      q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all, total,
-                      n_local, window, sinks, qn_col, qp_col, kv_col, N: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, REUSE: gl.constexpr):
+                      q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all, n_local,
+                      window, sinks, qn_col, qp_col, kv_col, N: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr):
         """The one-warp load partition: for each of this program's items, its query rows into query slot
-        ``j % QBUF``, then the key tiles the ring does not hold yet into the key slots in turn (stream index
-        ``s`` into slot ``s % NBUF``), each once both warpgroups released the slot's previous tile."""
-        start = 0                                            # stream index of the item's first key tile
-        loaded = 0                                           # key tiles loaded so far
+        ``j % QBUF``, then its key tiles into the key slots in turn, each once both warpgroups released it."""
+        cnt = 0
         for j in range(n_local):
-            h, b, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
-                _item_of(j, total, REUSE), n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window,
-                sinks, BLOCK_M, BLOCK_N, REUSE)
+            item = gl.program_id(0) + j * gl.num_programs(0)
+            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
+                item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks, BLOCK_M,
+                BLOCK_N)
             qs = j % QBUF
             mbarrier.wait(q_empty.index(qs), ((j // QBUF) & 1) ^ 1)
             bar = q_ready.index(qs)
             mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes)
             _tma_load(qn_desc, [tok0, h * qn_col], bar, q_n_s.index(qs))
             _tma_load(qp_desc, [tok0, h * qp_col], bar, q_p_s.index(qs))
-            n = n_st + n_wt
-            for t in range(loaded - start, n):
-                s = start + t
-                slot = s % NBUF
-                mbarrier.wait(empty.index(slot), ((s // NBUF) & 1) ^ 1)
+            for t in range(n_st + n_wt):
+                slot = cnt % NBUF
+                mbarrier.wait(empty.index(slot), ((cnt // NBUF) & 1) ^ 1)
                 row = gl.where(t < n_st, base + t * BLOCK_N, win0 + lo + (t - n_st) * BLOCK_N)
                 bar = ready.index(slot)
                 mbarrier.expect(bar, kn_desc.block_type.nbytes + v_desc.block_type.nbytes
@@ -163,17 +112,14 @@ if AVAILABLE:
                 _tma_load(kn_desc, [row, h * kv_col], bar, k_n_s.index(slot))
                 _tma_load(v_desc, [row, h * kv_col + N], bar, v_s.index(slot))
                 _tma_load(kp_desc, [row, 0], bar, k_p_s.index(slot))
-            loaded = start + n
-            start += _shift(j, n_local, total, h, b, lo, n, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr,
-                            kv_cu_ptr, window, sinks, BLOCK_M, BLOCK_N, NBUF, REUSE)
+                cnt += 1
 
     @gluon.jit
     def _mha_consumer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                       q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr, lse_ptr,
-                      n_tiles_all, total, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
-                      stride_oh, stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
-                      ME: gl.constexpr, REUSE: gl.constexpr):
+                      n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot, stride_oh,
+                      stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, ME: gl.constexpr):
         """Compute warpgroup ``ME``: rows ``64·ME … 64·ME + 63`` of every item of this program."""
         HALF: gl.constexpr = BLOCK_M // 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -188,14 +134,12 @@ if AVAILABLE:
         offs_mo = ME * HALF + gl.arange(0, HALF, layout=row_o)
         offs_n = gl.arange(0, BLOCK_N, layout=col_s)
         offs_v = gl.arange(0, V, layout=gl.SliceLayout(0, o_layout))
-        start = 0                                            # stream index of the item's first key tile
+        cnt = 0
         for j in range(n_local):
-            h, b, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
-                _item_of(j, total, REUSE), n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window,
-                sinks, BLOCK_M, BLOCK_N, REUSE)
-            n = n_st + n_wt
-            shift = _shift(j, n_local, total, h, b, lo, n, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr,
-                           kv_cu_ptr, window, sinks, BLOCK_M, BLOCK_N, NBUF, REUSE)   # tiles t >= shift stay
+            item = gl.program_id(0) + j * gl.num_programs(0)
+            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
+                item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks, BLOCK_M,
+                BLOCK_N)
             first = p0 + ME * HALF                           # this warpgroup's first and last query positions
             last = gl.minimum(p1, first + HALF - 1)
             has_rows = n_q > ME * HALF
@@ -207,10 +151,9 @@ if AVAILABLE:
             m_i = gl.full([HALF], -1.0e30, gl.float32, row_s)
             l_i = gl.zeros([HALF], gl.float32, row_s)
             acc = gl.zeros([HALF, V], gl.float32, o_layout)
-            for t in range(n):
-                s_idx = start + t
-                slot = s_idx % NBUF
-                mbarrier.wait(ready.index(slot), (s_idx // NBUF) & 1)
+            for t in range(n_st + n_wt):
+                slot = cnt % NBUF
+                mbarrier.wait(ready.index(slot), (cnt // NBUF) & 1)
                 k0 = lo + (t - n_st) * BLOCK_N                # a window tile's first position
                 sink = t < n_st
                 need = has_rows & (sink | ((k0 <= last) & ((k0 + BLOCK_N - 1 > first - window) | (k0 < sinks))))
@@ -233,10 +176,9 @@ if AVAILABLE:
                     acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), a_o), v_s.index(slot), acc,
                                         is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                if t < shift:                                # the next item does not read this tile
-                    _barrier()                               # the warpgroup is done with the slot
-                    mbarrier.arrive(empty.index(slot), count=1)
-            start += shift
+                _barrier()                                   # the warpgroup is done with the slot
+                mbarrier.arrive(empty.index(slot), count=1)
+                cnt += 1
             _barrier()
             mbarrier.arrive(q_empty.index(qs), count=1)
             # Normalise and store this warpgroup's rows (every valid query attends at least to itself).
@@ -255,10 +197,10 @@ if AVAILABLE:
                                  kv_col, stride_ot, stride_oh, stride_lt, stride_lh,
                                  N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
                                  BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
-                                 REUSE: gl.constexpr, num_warps: gl.constexpr):
+                                 num_warps: gl.constexpr):
         n_tiles_all = gl.load(tile_cu_ptr + B)
         total = n_tiles_all * Hg
-        n_local = _local_items(total, REUSE)
+        n_local = gl.cdiv(gl.maximum(total - gl.program_id(0), 0), gl.num_programs(0))
         q_n_s = gl.allocate_shared_memory(gl.bfloat16, [QBUF, BLOCK_M, N], qn_desc.layout)
         q_p_s = gl.allocate_shared_memory(gl.bfloat16, [QBUF, BLOCK_M, P], qp_desc.layout)
         k_n_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_N, N], kn_desc.layout)
@@ -269,26 +211,16 @@ if AVAILABLE:
         gl.warp_specialize([
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
-                             lse_ptr, n_tiles_all, total, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col,
-                             stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 0,
-                             REUSE)),    # ME = 0
+                             lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
+                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 0)),    # ME = 0
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
-                             lse_ptr, n_tiles_all, total, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col,
-                             stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 1,
-                             REUSE)),    # ME = 1
+                             lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
+                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 1)),    # ME = 1
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
-                             total, n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF,
-                             REUSE)),
+                             n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
         ], [4, 1], [168 if BLOCK_N == 64 else 232, 24])     # (maxnreg 168: 384 threads must fit the SM's registers)
-
-
-def reuses_key_tiles(window: int, nbuf: int, block_n: int = BLOCK_N) -> bool:
-    """Whether ``reuse`` takes effect: the tiles two consecutive items share — at most an item's tiles (its window
-    and query rows, the first tile off the grid) less one query tile's advance — must fit the ring of ``nbuf``
-    slots; else each item loads its own, and the grid would only add a tile (the protocol model counts both)."""
-    return 0 < window and triton.cdiv(window + BLOCK_M + block_n - 2, block_n) - BLOCK_M // block_n <= nbuf
 
 
 def supports(q_nope: torch.Tensor, q_pe: torch.Tensor, V: int) -> bool:
@@ -327,16 +259,13 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_scale, window: int, sinks: int,
            out, lse, tile_cu, tile_b, nbuf: int | None = None, qbuf: int | None = None, block_n: int = BLOCK_N,
-           programs: int = 0, reuse: bool = False):
+           programs: int = 0):
     """One launch over the ``tile_cu`` tiles (of ``BLOCK_M`` rows) × heads; ``programs`` (default one per SM).
     ``block_n``: keys per tile, 64 or 128 (128: fewer, larger steps; its S takes 64 more registers per thread, and
-    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``, the defaults given None). ``reuse``: each
-    program takes consecutive query tiles of a head and keeps the key tiles they share in the ring (module
-    docstring), where the window is short enough for the ring to hold them."""
+    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``, the defaults given None)."""
     assert block_n in (64, 128), f"block_n must be 64 or 128, got {block_n}"
     nbuf = nbuf or (3 if block_n == 64 else 2)
     qbuf = qbuf or (2 if block_n == 64 else 1)
-    reuse = bool(reuse) and reuses_key_tiles(window, nbuf, block_n)
     T, Hg, N = q_nope.shape
     P, V = q_pe.shape[-1], out.shape[-1]
     M = kv.shape[0]
@@ -353,5 +282,4 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
     return _gluon_mha_window_kernel[grid](
         *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window, sinks,
         q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, REUSE=bool(reuse), num_warps=4,
-        maxnreg=168)
+        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)

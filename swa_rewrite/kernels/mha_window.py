@@ -437,8 +437,7 @@ def attention_config(config: dict | None = None, q_nope: torch.Tensor | None = N
                      q_pe: torch.Tensor | None = None, V: int = 0, window: int | None = None) -> dict:
     """The attention kernel and its block shapes: ``DEFAULT_CONFIG`` (``INTERPRET_CONFIG`` under the interpreter)
     updated with ``config``. ``kernel``: ``"triton"`` (``_mha_window_fwd_kernel``), ``"gluon"`` (``gluon_mha``:
-    128-row query tiles, ``block_n`` 64 or 128, rings ``nbuf`` / ``qbuf``, ``reuse``: consecutive query tiles per
-    program, sharing key tiles) or ``"auto"`` (the default: Gluon for
+    128-row query tiles, ``block_n`` 64 or 128, rings ``nbuf`` / ``qbuf``) or ``"auto"`` (the default: Gluon for
     windows of at most ``GLUON_MAX_WINDOW`` positions, where it measured faster, else Triton). Gluon stays only
     where ``gluon_mha.supports`` the queries (given: ``q_nope``, ``q_pe``, ``V``) and not under the interpreter;
     elsewhere the Triton kernel's default runs. The result names the kernel that runs."""
@@ -514,8 +513,7 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     if cfg.get("kernel") == "gluon" and gluon_mha.workspace_ok(kv, k_pe):
         compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
                                     min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_b,
-                                    nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn,
-                                    reuse=bool(cfg.get("reuse")))
+                                    nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn)
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
             stats["tma"] = True

@@ -572,15 +572,13 @@ def test_kernel_gpu_default_kernel_by_window(seed, window):
 
 
 GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1),
-                 dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1), dict(kernel="gluon", reuse=True),
-                 dict(kernel="gluon", reuse=True, nbuf=4, qbuf=1)]
-GLUON_IDS = ["gluon", "gluon-n2q1", "gluon-n128", "gluon-reuse", "gluon-reuse-n4q1"]
+                 dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(kernel="triton", persistent=2),
                                     dict(kernel="triton", persistent=2, num_stages=1)],
-                         ids=GLUON_IDS + ["persistent", "persistent-s1"])
+                         ids=["gluon", "gluon-n2q1", "gluon-n128", "persistent", "persistent-s1"])
 @pytest.mark.parametrize("window,sinks,ps,H", [(128, 0, 64, 128), (777, 3, 16, 64), (1, 0, 1, 16), (64, 2, 64, 1),
                                                (0, 0, 64, 16)])
 def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
@@ -594,7 +592,7 @@ def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=GLUON_IDS)
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-n2q1", "gluon-n128"])
 def test_kernel_gpu_gluon_many_items_head_groups(seed, config):
     """More work items than programs (each program loops, its query and key rings wrap many times), head groups
     (query views at a head offset), a long chunk and a padded step."""
