@@ -13,7 +13,6 @@ that the fewer-op forms give the same bits as the op-by-op ones on this device.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +21,15 @@ import triton.language as tl
 
 from swa_rewrite.models.rope import apply_rope, rope_rotation, rotate
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_host import host_us  # noqa: E402
 
-def host_us(fn, device: torch.device, iters: int = 2000, batch: int = 50) -> float:
+
+def timed(fn, device: torch.device) -> float:
+    """``bench_host.host_us`` after 20 warm-up calls: median host µs per call over batches of 50."""
     for _ in range(20):
         fn()
-    times = []
-    for _ in range(max(1, iters // batch)):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        times.append((time.perf_counter() - t0) / batch * 1e6)
-    times.sort()
-    return times[len(times) // 2]
+    return host_us(fn, 2000, device, batch=50)
 
 
 @torch.library.custom_op("swa_bench::noop_custom", mutates_args=())
@@ -91,9 +85,9 @@ def main() -> None:
     print(f"  {'':40s} {'no_grad':>8s} {'inference_mode':>15s}")
     for label, fn in rows.items():
         with torch.no_grad():
-            plain = host_us(fn, device)
+            plain = timed(fn, device)
         with torch.inference_mode():
-            inference = host_us(fn, device)
+            inference = timed(fn, device)
         print(f"  {label:40s} {plain:8.1f} {inference:15.1f}")
     with torch.no_grad():
         same_rope = [torch.equal(apply_rope(t, cos, sin, il), rotate(t, r.heads if t.dim() == 3 else r.tokens, r.index))
