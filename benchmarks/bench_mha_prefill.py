@@ -72,6 +72,9 @@ CONFIGS = {   # attention-kernel configs (kernels.mha_window.DEFAULT_CONFIG is "
     "pers2s1": dict(kernel="triton", block_m=64, block_n=64, num_warps=4, num_stages=1, persistent=2),
     # Gluon (kernels/gluon_mha.py): persistent, warp-specialised, 128-row items over two warpgroups.
     "gluon": dict(kernel="gluon"),
+    "gluon-v0": dict(kernel="gluon", prefetch=False, tma_out=False),   # as measured in session 9 (less its math)
+    "gluon-nopf": dict(kernel="gluon", prefetch=False),
+    "gluon-notma": dict(kernel="gluon", tma_out=False),
     "gluon-n2q1": dict(kernel="gluon", nbuf=2, qbuf=1),
     "gluon-n128": dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1),   # 92 B spilled (sm_90 report)
     "gluon-n4q1": dict(kernel="gluon", nbuf=4, qbuf=1),                # a deeper key ring, one query slot

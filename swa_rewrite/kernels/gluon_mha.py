@@ -44,11 +44,12 @@ from .gluon_mla import AVAILABLE
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     from .gluon_mla import _barrier, _slot_barriers, _tma_load
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 BLOCK_M = 128        # query rows per work item (64 per compute warpgroup)
 BLOCK_N = 64         # keys per tile
@@ -57,21 +58,27 @@ HALF_M = 64
 if AVAILABLE:
 
     @gluon.jit
-    def _mha_item(item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Work item ``item`` → head ``h``, its query rows (first token ``tok0``, ``n_q`` of them, positions
-        ``p0 … p1``), the first window position ``lo`` of the tile, the sink rows below it (``n_sink`` rows from
-        workspace row ``base``), the workspace row of position 0 (``win0``: position ``x`` is row ``win0 + x``)
-        and its key tiles: ``n_st`` of sinks, then ``n_wt`` of the window."""
+    def _item_loads(item, n_tiles_all, B, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr):
+        """The step metadata of work item ``item``'s request ``b``: ``cu_seqlens_q[b]``, ``cu_seqlens_q[b + 1]``,
+        ``seq_lens_decoder[b]``, ``kv_cu[b]``, ``tile_cu[b]``. Reads in bounds for any ``item ≥ 0`` (a tile taken
+        modulo the step's tiles, ``b`` clamped), so a consumer can load the next item's before it knows there is
+        one."""
+        tile = item % gl.maximum(n_tiles_all, 1)
+        b = gl.minimum(gl.maximum(gl.load(tile_b_ptr + tile), 0), B - 1)
+        return (b, gl.load(cu_ptr + b), gl.load(cu_ptr + b + 1), gl.load(dec_ptr + b), gl.load(kv_cu_ptr + b),
+                gl.load(tile_cu_ptr + b))
+
+    @gluon.jit
+    def _item_geometry(item, n_tiles_all, cu_b, cu_b1, dec_b, base, tcu_b, window, sinks, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr):
+        """Work item ``item`` (with its ``_item_loads``) → head ``h``, its query rows (first token ``tok0``,
+        ``n_q`` of them, positions ``p0 … p1``), the first window position ``lo`` of the tile, the sink rows below
+        it (``n_sink`` rows from workspace row ``base``), the workspace row of position 0 (``win0``: position
+        ``x`` is row ``win0 + x``) and its key tiles: ``n_st`` of sinks, then ``n_wt`` of the window."""
         h = item // n_tiles_all
         tile = item % n_tiles_all
-        b = gl.load(tile_b_ptr + tile)
-        cu_b = gl.load(cu_ptr + b)
-        c_b = gl.load(cu_ptr + b + 1) - cu_b
-        dec_b = gl.load(dec_ptr + b)
-        base = gl.load(kv_cu_ptr + b)
-        i0 = (tile - gl.load(tile_cu_ptr + b)) * BLOCK_M
-        n_q = gl.minimum(c_b - i0, BLOCK_M)
+        i0 = (tile - tcu_b) * BLOCK_M
+        n_q = gl.minimum(cu_b1 - cu_b - i0, BLOCK_M)
         p0 = dec_b + i0
         p1 = p0 + n_q - 1
         a_b = gl.maximum(dec_b - window + 1, 0)
@@ -85,17 +92,18 @@ if AVAILABLE:
 
     @gluon.jit
     def _mha_producer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
-                      q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all, n_local,
-                      window, sinks, qn_col, qp_col, kv_col, N: gl.constexpr, BLOCK_M: gl.constexpr,
+                      q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all, B,
+                      n_local, window, sinks, qn_col, qp_col, kv_col, N: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr):
         """The one-warp load partition: for each of this program's items, its query rows into query slot
         ``j % QBUF``, then its key tiles into the key slots in turn, each once both warpgroups released it."""
         cnt = 0
         for j in range(n_local):
             item = gl.program_id(0) + j * gl.num_programs(0)
-            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
-                item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks, BLOCK_M,
-                BLOCK_N)
+            b, cu_b, cu_b1, dec_b, base, tcu_b = _item_loads(item, n_tiles_all, B, tile_b_ptr, tile_cu_ptr, cu_ptr,
+                                                             dec_ptr, kv_cu_ptr)
+            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _item_geometry(
+                item, n_tiles_all, cu_b, cu_b1, dec_b, base, tcu_b, window, sinks, BLOCK_M, BLOCK_N)
             qs = j % QBUF
             mbarrier.wait(q_empty.index(qs), ((j // QBUF) & 1) ^ 1)
             bar = q_ready.index(qs)
@@ -115,11 +123,12 @@ if AVAILABLE:
                 cnt += 1
 
     @gluon.jit
-    def _mha_consumer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
+    def _mha_consumer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                       q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr, lse_ptr,
-                      n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot, stride_oh,
-                      stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, ME: gl.constexpr):
+                      n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, o_col, stride_ot,
+                      stride_oh, stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
+                      ME: gl.constexpr, SINKS: gl.constexpr, PREFETCH: gl.constexpr, TMA_OUT: gl.constexpr):
         """Compute warpgroup ``ME``: rows ``64·ME … 64·ME + 63`` of every item of this program."""
         HALF: gl.constexpr = BLOCK_M // 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -135,11 +144,21 @@ if AVAILABLE:
         offs_n = gl.arange(0, BLOCK_N, layout=col_s)
         offs_v = gl.arange(0, V, layout=gl.SliceLayout(0, o_layout))
         cnt = 0
+        # PREFETCH: the next item's metadata is loaded while this one is computed (its loads' latency was ~15 % of
+        # a warpgroup's time at W = 128, ncu); the first item's here.
+        b1, c1, e1, d1, k1, t1 = _item_loads(gl.program_id(0), n_tiles_all, B, tile_b_ptr, tile_cu_ptr, cu_ptr,
+                                             dec_ptr, kv_cu_ptr)
         for j in range(n_local):
             item = gl.program_id(0) + j * gl.num_programs(0)
-            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _mha_item(
-                item, n_tiles_all, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, window, sinks, BLOCK_M,
-                BLOCK_N)
+            if PREFETCH:
+                cu_b, cu_b1, dec_b, base, tcu_b = c1, e1, d1, k1, t1
+                b1, c1, e1, d1, k1, t1 = _item_loads(item + gl.num_programs(0), n_tiles_all, B, tile_b_ptr,
+                                                     tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr)
+            else:
+                b0, cu_b, cu_b1, dec_b, base, tcu_b = _item_loads(item, n_tiles_all, B, tile_b_ptr, tile_cu_ptr,
+                                                                  cu_ptr, dec_ptr, kv_cu_ptr)
+            h, tok0, n_q, p0, p1, lo, n_sink, base, win0, n_st, n_wt = _item_geometry(
+                item, n_tiles_all, cu_b, cu_b1, dec_b, base, tcu_b, window, sinks, BLOCK_M, BLOCK_N)
             first = p0 + ME * HALF                           # this warpgroup's first and last query positions
             last = gl.minimum(p1, first + HALF - 1)
             has_rows = n_q > ME * HALF
@@ -148,7 +167,7 @@ if AVAILABLE:
             mbarrier.wait(q_ready.index(qs), (j // QBUF) & 1)
             q_n = q_n_s.index(qs).slice(ME * HALF, HALF, dim=0)
             q_p = q_p_s.index(qs).slice(ME * HALF, HALF, dim=0)
-            m_i = gl.full([HALF], -1.0e30, gl.float32, row_s)
+            m_i = gl.full([HALF], -1.0e30, gl.float32, row_s)      # running maximum of the unscaled scores
             l_i = gl.zeros([HALF], gl.float32, row_s)
             acc = gl.zeros([HALF, V], gl.float32, o_layout)
             for t in range(n_st + n_wt):
@@ -161,15 +180,21 @@ if AVAILABLE:
                     s = warpgroup_mma(q_p, k_p_s.index(slot).permute((1, 0)),
                                       gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
                     s = warpgroup_mma(q_n, k_n_s.index(slot).permute((1, 0)), s, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * qk_scale
-                    kpos = gl.expand_dims(k0 + offs_n, 0)
-                    qpos = gl.expand_dims(pos, 1)
-                    in_window = (kpos <= qpos) & ((kpos > qpos - window) | (kpos < sinks))
-                    sink_row = gl.expand_dims(t * BLOCK_N + offs_n < n_sink, 0) & (qpos >= 0)
-                    s = gl.where(gl.where(sink, sink_row, in_window), s, float("-inf"))
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                    if SINKS:
+                        kpos = gl.expand_dims(k0 + offs_n, 0)
+                        qpos = gl.expand_dims(pos, 1)
+                        in_window = (kpos <= qpos) & ((kpos > qpos - window) | (kpos < sinks))
+                        sink_row = gl.expand_dims(t * BLOCK_N + offs_n < n_sink, 0) & (qpos >= 0)
+                        s = gl.where(gl.where(sink, sink_row, in_window), s, float("-inf"))
+                    elif (k0 + BLOCK_N - 1 > first) | (k0 <= last - window):   # the window cuts the tile
+                        kpos = gl.expand_dims(k0 + offs_n, 0)
+                        qpos = gl.expand_dims(pos, 1)
+                        s = gl.where((kpos <= qpos) & (kpos > qpos - window), s, float("-inf"))
                     m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+                    m_scaled = m_new * qk_scale
+                    alpha = gl.exp2(m_i * qk_scale - m_scaled)
+                    p = gl.exp2(s * qk_scale - gl.expand_dims(m_scaled, 1))    # (one FMA per score)
                     l_i = l_i * alpha + gl.sum(p, axis=1)
                     m_i = m_new
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -179,25 +204,36 @@ if AVAILABLE:
                 _barrier()                                   # the warpgroup is done with the slot
                 mbarrier.arrive(empty.index(slot), count=1)
                 cnt += 1
-            _barrier()
-            mbarrier.arrive(q_empty.index(qs), count=1)
             # Normalise and store this warpgroup's rows (every valid query attends at least to itself).
             l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-            lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            lse = gl.where(l_i == 0.0, float("inf"), (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453)
+            o = (acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)).to(out_ptr.dtype.element_ty)
+            if TMA_OUT and n_q >= (ME + 1) * HALF:
+                # Rows all this item's: through this warpgroup's half of the query slot (its query rows are read)
+                # by one TMA store, which is done reading shared memory before the slot is released.
+                o_s = q_n_s.index(qs).slice(ME * HALF, HALF, dim=0)
+                o_s.store(o)
+                fence_async_shared()
+                _barrier()
+                _tma_store(o_desc, [tok0 + ME * HALF, h * o_col], o_s)
+            else:
+                tok_o = (tok0 + offs_mo).to(gl.int64)
+                o_ptrs = out_ptr + gl.expand_dims(tok_o * stride_ot + h * stride_oh, 1) + gl.expand_dims(offs_v, 0)
+                gl.store(o_ptrs, o, mask=gl.expand_dims(offs_mo < n_q, 1))
             tok_s = (tok0 + offs_ms).to(gl.int64)
             gl.store(lse_ptr + tok_s * stride_lt + h * stride_lh, lse, mask=offs_ms < n_q)
-            o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-            tok_o = (tok0 + offs_mo).to(gl.int64)
-            o_ptrs = out_ptr + gl.expand_dims(tok_o * stride_ot + h * stride_oh, 1) + gl.expand_dims(offs_v, 0)
-            gl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_mo < n_q, 1))
+            if TMA_OUT:
+                tma.store_wait(0)
+            _barrier()
+            mbarrier.arrive(q_empty.index(qs), count=1)
 
     @gluon.jit
-    def _gluon_mha_window_kernel(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, out_ptr, lse_ptr, cu_ptr, dec_ptr,
-                                 kv_cu_ptr, tile_cu_ptr, tile_b_ptr, qk_scale, B, Hg, window, sinks, qn_col, qp_col,
-                                 kv_col, stride_ot, stride_oh, stride_lt, stride_lh,
+    def _gluon_mha_window_kernel(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, out_ptr, lse_ptr, cu_ptr,
+                                 dec_ptr, kv_cu_ptr, tile_cu_ptr, tile_b_ptr, qk_scale, B, Hg, window, sinks, qn_col,
+                                 qp_col, kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh,
                                  N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
-                                 BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
-                                 num_warps: gl.constexpr):
+                                 BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, SINKS: gl.constexpr,
+                                 PREFETCH: gl.constexpr, TMA_OUT: gl.constexpr, num_warps: gl.constexpr):
         n_tiles_all = gl.load(tile_cu_ptr + B)
         total = n_tiles_all * Hg
         n_local = gl.cdiv(gl.maximum(total - gl.program_id(0), 0), gl.num_programs(0))
@@ -209,17 +245,19 @@ if AVAILABLE:
         ready, empty = _slot_barriers(NBUF, 2)               # both compute warpgroups release a key slot
         q_ready, q_empty = _slot_barriers(QBUF, 2)           # ... and a query slot
         gl.warp_specialize([
-            (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
-                             q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
-                             lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
-                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 0)),    # ME = 0
-            (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
-                             q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr,
-                             lse_ptr, n_tiles_all, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
-                             stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N, NBUF, QBUF, 1)),    # ME = 1
+            (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s,
+                             q_ready, q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
+                             out_ptr, lse_ptr, n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col,
+                             kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
+                             NBUF, QBUF, 0, SINKS, PREFETCH, TMA_OUT)),    # ME = 0
+            (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s,
+                             q_ready, q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
+                             out_ptr, lse_ptr, n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col,
+                             kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
+                             NBUF, QBUF, 1, SINKS, PREFETCH, TMA_OUT)),    # ME = 1
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
-                             n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
+                             B, n_local, window, sinks, qn_col, qp_col, kv_col, N, BLOCK_M, BLOCK_N, NBUF, QBUF)),
         ], [4, 1], [168 if BLOCK_N == 64 else 232, 24])     # (maxnreg 168: 384 threads must fit the SM's registers)
 
 
@@ -259,10 +297,12 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_scale, window: int, sinks: int,
            out, lse, tile_cu, tile_b, nbuf: int | None = None, qbuf: int | None = None, block_n: int = BLOCK_N,
-           programs: int = 0):
+           programs: int = 0, prefetch: bool = True, tma_out: bool = True):
     """One launch over the ``tile_cu`` tiles (of ``BLOCK_M`` rows) × heads; ``programs`` (default one per SM).
     ``block_n``: keys per tile, 64 or 128 (128: fewer, larger steps; its S takes 64 more registers per thread, and
-    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``, the defaults given None)."""
+    the rings must shrink to fit shared memory: ``nbuf=2, qbuf=1``, the defaults given None). ``prefetch``: load
+    the next item's step metadata during this one; ``tma_out``: store the output by TMA through the query slot
+    (both on by default; off, the kernel as first measured, for A/B runs)."""
     assert block_n in (64, 128), f"block_n must be 64 or 128, got {block_n}"
     nbuf = nbuf or (3 if block_n == 64 else 2)
     qbuf = qbuf or (2 if block_n == 64 else 1)
@@ -277,9 +317,16 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
              GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, N], _layout(block_n, N)),
              GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, V], _layout(block_n, V)),
              GluonDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [block_n, P], _layout(block_n, P)))
+    # The output through TMA stores where its rows allow (bf16, TMA-compatible): else (and for a warpgroup's rows
+    # a request ends inside) masked stores; the descriptor is then unused.
+    tma_out = bool(tma_out) and out.dtype == torch.bfloat16 and _tma_ok(out)
+    o2 = _as_rows(out, V) if tma_out else qn2
+    o_desc = GluonDescriptor(o2, list(o2.shape), list(o2.stride()), [HALF_M, V], _layout(HALF_M, V)) if tma_out \
+        else descs[0]
     bound = (triton.cdiv(T, BLOCK_M) + B) * Hg
     grid = (max(1, min(bound, programs or _sm_count(q_nope.device))),)
     return _gluon_mha_window_kernel[grid](
-        *descs, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window, sinks,
-        q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf, num_warps=4, maxnreg=168)
+        *descs, o_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window,
+        sinks, q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), lse.stride(1), N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf,
+        SINKS=sinks > 0, PREFETCH=bool(prefetch), TMA_OUT=tma_out, num_warps=4, maxnreg=168)

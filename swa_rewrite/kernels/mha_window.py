@@ -513,7 +513,8 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
     if cfg.get("kernel") == "gluon" and gluon_mha.workspace_ok(kv, k_pe):
         compiled = gluon_mha.launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, scale * _LOG2E,
                                     min(window, FULL_WINDOW), sinks, out, lse, tile_cu, tile_b,
-                                    nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn)
+                                    nbuf=cfg.get("nbuf"), qbuf=cfg.get("qbuf"), block_n=bn,
+                                    prefetch=cfg.get("prefetch", True), tma_out=cfg.get("tma_out", True))
         if stats is not None:
             stats.setdefault("attention", []).append(compiled)
             stats["tma"] = True

@@ -168,10 +168,12 @@ def main():
         latent = torch.zeros(M, R + P, dtype=torch.bfloat16)
         q = torch.zeros(T, H, N + P, dtype=torch.bfloat16)
         tile_cu = torch.tensor([0, 1], dtype=torch.int32)
-        for nbuf, qbuf, block_n in ((3, 2, 64), (2, 1, 64), (2, 1, 128), (4, 1, 64)):
+        for nbuf, qbuf, block_n, sinks, fast in ((3, 2, 64, 0, True), (3, 2, 64, 4, True), (3, 2, 64, 0, False),
+                                                 (2, 1, 64, 0, True), (2, 1, 128, 0, True), (4, 1, 64, 0, True)):
             gluon_mha.launch(q[..., :N], q[..., N:], kv, latent[:, R:], rows_cu, m.cu_seqlens_q, m.seq_lens_decoder,
-                             0.1, 128, 0, torch.empty(T, H, V, dtype=torch.bfloat16), torch.empty(T, H), tile_cu,
-                             torch.zeros(2, dtype=torch.int32), nbuf=nbuf, qbuf=qbuf, block_n=block_n)
+                             0.1, 128, sinks, torch.empty(T, H, V, dtype=torch.bfloat16), torch.empty(T, H), tile_cu,
+                             torch.zeros(2, dtype=torch.int32), nbuf=nbuf, qbuf=qbuf, block_n=block_n,
+                             prefetch=fast, tma_out=fast)
     from swa_rewrite.kernels import gluon_mla
     from swa_rewrite.kernels._common import split_targets
     if gluon_mla.AVAILABLE:           # the Gluon dense decode kernel (issue 17): both pipelines, whole and split

@@ -572,13 +572,15 @@ def test_kernel_gpu_default_kernel_by_window(seed, window):
 
 
 GLUON_CONFIGS = [dict(kernel="gluon"), dict(kernel="gluon", nbuf=2, qbuf=1),
-                 dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1)]
+                 dict(kernel="gluon", block_n=128, nbuf=2, qbuf=1),
+                 dict(kernel="gluon", prefetch=False, tma_out=False)]
+GLUON_IDS = ["gluon", "gluon-n2q1", "gluon-n128", "gluon-v0"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", GLUON_CONFIGS + [dict(kernel="triton", persistent=2),
                                     dict(kernel="triton", persistent=2, num_stages=1)],
-                         ids=["gluon", "gluon-n2q1", "gluon-n128", "persistent", "persistent-s1"])
+                         ids=GLUON_IDS + ["persistent", "persistent-s1"])
 @pytest.mark.parametrize("window,sinks,ps,H", [(128, 0, 64, 128), (777, 3, 16, 64), (1, 0, 1, 16), (64, 2, 64, 1),
                                                (0, 0, 64, 16)])
 def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
@@ -592,7 +594,7 @@ def test_kernel_gpu_persistent_and_gluon(seed, config, window, sinks, ps, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-n2q1", "gluon-n128"])
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=GLUON_IDS)
 def test_kernel_gpu_gluon_many_items_head_groups(seed, config):
     """More work items than programs (each program loops, its query and key rings wrap many times), head groups
     (query views at a head offset), a long chunk and a padded step."""
@@ -601,6 +603,24 @@ def test_kernel_gpu_gluon_many_items_head_groups(seed, config):
     out = run_kernel(s, config=config, workspace_bytes=64 << 20, stats=stats)
     assert stats["head_group"] < 128
     assert_close(*out, *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", [64, 1], ids=["tma-view", "unaligned-view"])
+def test_kernel_gpu_gluon_output_views(seed, pad):
+    """The output as a view into wider rows: with 16-byte strides the Gluon kernel stores full 64-row halves by TMA
+    (the rest by masked stores), else all by masked stores; either way it writes exactly the view's elements (the
+    columns between heads stay poisoned) and matches the reference."""
+    s = setup([(0, 300), (40, 64), (7, 129)], 64, 16, 128, 0, **GPU_DIMS)
+    T, H, V = s["q_nope"].shape[0], s["q_nope"].shape[1], s["V"]
+    wide = torch.full((T, H, V + pad), float("nan"), dtype=s["q_nope"].dtype, device="cuda")
+    out = (wide[..., :V], torch.full((T, H), float("nan"), dtype=torch.float32, device="cuda"))
+    stats = {}
+    got = run_kernel(s, out=out, config=dict(kernel="gluon"), stats=stats)
+    assert got[0].data_ptr() == wide.data_ptr()
+    assert torch.isnan(wide[..., V:]).all(), "the kernel wrote outside the output view"
+    assert_close(*got, *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
+    assert stats["kernel"] == ("gluon" if torch.cuda.get_device_capability()[0] == 9 else "triton")
 
 
 @pytest.mark.gpu
