@@ -144,16 +144,16 @@ if AVAILABLE:
         offs_n = gl.arange(0, BLOCK_N, layout=col_s)
         offs_v = gl.arange(0, V, layout=gl.SliceLayout(0, o_layout))
         cnt = 0
-        # PREFETCH: the next item's metadata is loaded while this one is computed (its loads' latency was ~15 % of
-        # a warpgroup's time at W = 128, ncu); the first item's here.
+        # PREFETCH: the next item's metadata is loaded after this one's key loop, so its latency (~15 % of a
+        # warpgroup's time at W = 128 by ncu when loaded where used) passes during the epilogue, and the values are
+        # not live in the key loop (held there, they spilled and the spill store waited for the loads); the first
+        # item's here.
         b1, c1, e1, d1, k1, t1 = _item_loads(gl.program_id(0), n_tiles_all, B, tile_b_ptr, tile_cu_ptr, cu_ptr,
                                              dec_ptr, kv_cu_ptr)
         for j in range(n_local):
             item = gl.program_id(0) + j * gl.num_programs(0)
             if PREFETCH:
                 cu_b, cu_b1, dec_b, base, tcu_b = c1, e1, d1, k1, t1
-                b1, c1, e1, d1, k1, t1 = _item_loads(item + gl.num_programs(0), n_tiles_all, B, tile_b_ptr,
-                                                     tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr)
             else:
                 b0, cu_b, cu_b1, dec_b, base, tcu_b = _item_loads(item, n_tiles_all, B, tile_b_ptr, tile_cu_ptr,
                                                                   cu_ptr, dec_ptr, kv_cu_ptr)
@@ -204,6 +204,9 @@ if AVAILABLE:
                 _barrier()                                   # the warpgroup is done with the slot
                 mbarrier.arrive(empty.index(slot), count=1)
                 cnt += 1
+            if PREFETCH:
+                b1, c1, e1, d1, k1, t1 = _item_loads(item + gl.num_programs(0), n_tiles_all, B, tile_b_ptr,
+                                                     tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr)
             # Normalise and store this warpgroup's rows (every valid query attends at least to itself).
             l_safe = gl.where(l_i == 0.0, 1.0, l_i)
             lse = gl.where(l_i == 0.0, float("inf"), (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453)
