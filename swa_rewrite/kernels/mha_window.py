@@ -77,11 +77,12 @@ EXPAND_BYTES = 1 << 30
 # (168-472 B of stack) with or without TMA; pointer loads spill at every shape (e.g. 528 B at 64×64).
 DEFAULT_CONFIG = dict(kernel="auto", block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
 INTERPRET_CONFIG = dict(kernel="auto", block_m=16, block_n=16, num_warps=4, num_stages=1, tma=True)
-# ``kernel="auto"`` takes the Gluon kernel (Hopper) for windows up to this many positions: measured on the H200
-# (RESULTS.md, issue 18, session 9), whole MHA block at S = 4096.
-GLUON_MAX_WINDOW = 512
 # A window of at least this many positions is full causal attention (``window=0`` in the op).
 FULL_WINDOW = 1 << 30
+# ``kernel="auto"`` takes the Gluon kernel (Hopper) for windows up to this many positions: every window, full
+# causal included, since its session-11 version (whole MHA block 0.74-0.84x the Triton kernel's at W = 128 … 4096,
+# H = 128 and 16, chunks 512 and 4096; H200, RESULTS.md issue 18); it was 512 before.
+GLUON_MAX_WINDOW = FULL_WINDOW
 
 
 # ------------------------------------------------------------------------------------------ gather

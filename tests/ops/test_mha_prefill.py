@@ -560,14 +560,15 @@ def test_kernel_gpu_configs(seed, config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [128, 512, 513, 2048, 0])
 def test_kernel_gpu_default_kernel_by_window(seed, window):
-    """The default (``kernel="auto"``): the Gluon kernel on Hopper for windows up to ``GLUON_MAX_WINDOW``, the
-    Triton kernel for longer windows and full causal layers — both against the float64 reference."""
+    """The default (``kernel="auto"``): the Gluon kernel on Hopper for windows up to ``GLUON_MAX_WINDOW`` (full
+    causal layers count as ``FULL_WINDOW``), the Triton kernel beyond and elsewhere — against the float64
+    reference."""
     mw = _kernels()
     s = setup(GPU_REQUESTS[:4], 64, 128, window, 0, packed=window != 0, **GPU_DIMS)
     stats = {}
     assert_close(*run_kernel(s, stats=stats), *reference_of(s), rtol=5e-3, atol_lse=GPU_ATOL_LSE)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    short = 0 < window <= mw.GLUON_MAX_WINDOW
+    short = 0 < (window or mw.FULL_WINDOW) <= mw.GLUON_MAX_WINDOW
     assert stats.get("kernel", "triton") == ("gluon" if hopper and short else "triton")
 
 
