@@ -14,6 +14,12 @@ them by TMA, so the next item's query and key tiles are in shared memory while t
   memory as the A operand of ``S``, P from registers as the A operand of ``P·V``. Both read the same key tiles;
   a tile one warpgroup's rows cannot see (past its last row, or before its window) it waits for and releases
   without computing — at W = 128 each warpgroup computes 3 of the item's 4 tiles.
+- **Epilogue**: a warpgroup whose 64 rows all belong to the item writes its normalised output into its half of
+  the item's query slot (its query is no longer read) and stores it with one TMA box, then releases the slot once
+  the store has read shared memory; rows a request ends inside go out by masked stores (``tma_out``). The next
+  item's step metadata is loaded after the key loop, so its latency passes in the epilogue (``prefetch``). Both
+  were found by ncu at W = 128, where the item's start and end took ~38 % of a warpgroup's time (RESULTS.md,
+  issue 18, session 11).
 - **Producer** (one warp): per item the query rows (``[128, N]`` and ``[128, P]`` boxes of 2-D views of
   ``q_nope`` / ``q_pe``: head ``h`` starts at column ``h · stride``) into one of ``QBUF`` query slots, then each
   key tile's ``k_nope``, ``v`` (``[64, N]`` / ``[64, V]`` boxes of the ``[M, Hg·(N+V)]`` workspace) and ``k_pe``
