@@ -2,7 +2,9 @@
 # Everything that needs the GPU machine, logs under $OUT (default ./gpu-out). Steps (comma-separated):
 #
 #   tests       the whole GPU suite (`pytest -m gpu`) — over 6 minutes on an H200: prefer the halves below
-#   tests-ops   GPU tests under tests/ops          tests-rest  every other GPU test
+#   tests-ops   GPU tests under tests/ops but the attention kernels' files
+#   tests-ops2  the attention kernels' files (MHA prefill, MLA core, paged and sparse MLA)
+#   tests-rest  every other GPU test
 #   new         the GPU tests written without a GPU (FlashMLA backend, MHA prefill, the step's sync count,
 #               CUDA-graph decode): run these first in a session
 #   train       train the reference model (issue 15; ~3.5 min), checkpoint + log tarred into $OUT/reference.tgz
@@ -61,7 +63,12 @@ run() {   # run NAME LIMIT_SECONDS COMMAND...
 
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 has tests && run gpu-tests 560 python3 -m pytest -q -ra -m gpu --durations=10 -p no:cacheprovider tests
-has tests-ops && run gpu-tests-ops 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops
+# (tests/ops in two steps: the whole directory ran past 560 s in session 11.)
+has tests-ops && run gpu-tests-ops 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    $(ls tests/ops/test_*.py | grep -v -e test_mha_prefill -e test_mla_core -e test_paged_mla -e test_sparse_mla)
+has tests-ops2 && run gpu-tests-ops2 560 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
+    tests/ops/test_mha_prefill.py tests/ops/test_mla_core.py tests/ops/test_paged_mla_attention.py \
+    tests/ops/test_paged_mla_tiles.py tests/ops/test_sparse_mla_attention.py
 has tests-rest && run gpu-tests-rest 400 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/cli \
     tests/kernels tests/models tests/passes tests/runtime tests/reference tests/eval tests/test_compile.py \
     tests/test_timing.py tests/test_fp8_format.py tests/test_schedule.py
