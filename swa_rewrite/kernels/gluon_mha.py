@@ -131,7 +131,7 @@ if AVAILABLE:
     @gluon.jit
     def _mha_consumer(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                       q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, out_ptr, lse_ptr,
-                      n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, o_col, stride_ot,
+                      n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col, kv_col, stride_ot,
                       stride_oh, stride_lt, stride_lh, N: gl.constexpr, P: gl.constexpr, V: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr,
                       ME: gl.constexpr, SINKS: gl.constexpr, PREFETCH: gl.constexpr, TMA_OUT: gl.constexpr):
@@ -224,7 +224,7 @@ if AVAILABLE:
                 o_s.store(o)
                 fence_async_shared()
                 _barrier()
-                _tma_store(o_desc, [tok0 + ME * HALF, h * o_col], o_s)
+                _tma_store(o_desc, [tok0 + ME * HALF, h * stride_oh], o_s)
             else:
                 tok_o = (tok0 + offs_mo).to(gl.int64)
                 o_ptrs = out_ptr + gl.expand_dims(tok_o * stride_ot + h * stride_oh, 1) + gl.expand_dims(offs_v, 0)
@@ -239,7 +239,7 @@ if AVAILABLE:
     @gluon.jit
     def _gluon_mha_window_kernel(qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, out_ptr, lse_ptr, cu_ptr,
                                  dec_ptr, kv_cu_ptr, tile_cu_ptr, tile_b_ptr, qk_scale, B, Hg, window, sinks, qn_col,
-                                 qp_col, kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh,
+                                 qp_col, kv_col, stride_ot, stride_oh, stride_lt, stride_lh,
                                  N: gl.constexpr, P: gl.constexpr, V: gl.constexpr, BLOCK_M: gl.constexpr,
                                  BLOCK_N: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, SINKS: gl.constexpr,
                                  PREFETCH: gl.constexpr, TMA_OUT: gl.constexpr, num_warps: gl.constexpr):
@@ -257,12 +257,12 @@ if AVAILABLE:
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s,
                              q_ready, q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
                              out_ptr, lse_ptr, n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col,
-                             kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
+                             kv_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
                              NBUF, QBUF, 0, SINKS, PREFETCH, TMA_OUT)),    # ME = 0
             (_mha_consumer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, o_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s,
                              q_ready, q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr,
                              out_ptr, lse_ptr, n_tiles_all, B, n_local, qk_scale, window, sinks, qn_col, qp_col,
-                             kv_col, o_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
+                             kv_col, stride_ot, stride_oh, stride_lt, stride_lh, N, P, V, BLOCK_M, BLOCK_N,
                              NBUF, QBUF, 1, SINKS, PREFETCH, TMA_OUT)),    # ME = 1
             (_mha_producer, (qn_desc, qp_desc, kn_desc, v_desc, kp_desc, q_n_s, q_p_s, k_n_s, k_p_s, v_s, q_ready,
                              q_empty, ready, empty, tile_b_ptr, tile_cu_ptr, cu_ptr, dec_ptr, kv_cu_ptr, n_tiles_all,
@@ -304,6 +304,11 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.as_strided((T, (H - 1) * x.stride(1) + width), (x.stride(0), 1))
 
 
+def _desc(x2: torch.Tensor, rows: int, width: int):
+    """A TMA descriptor of ``[rows, width]`` boxes over the 2-D view ``x2``, in the default swizzled layout."""
+    return GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, width], _layout(rows, width))
+
+
 def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_scale, window: int, sinks: int,
            out, lse, tile_cu, tile_b, nbuf: int | None = None, qbuf: int | None = None, block_n: int = BLOCK_N,
            programs: int = 0, prefetch: bool = True, tma_out: bool = True):
@@ -321,21 +326,16 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
     B = kv_cu.shape[0] - 1
     kv2 = kv.view(M, Hg * (N + V))
     qn2, qp2 = _as_rows(q_nope, N), _as_rows(q_pe, P)
-    descs = (GluonDescriptor(qn2, list(qn2.shape), list(qn2.stride()), [BLOCK_M, N], _layout(BLOCK_M, N)),
-             GluonDescriptor(qp2, list(qp2.shape), list(qp2.stride()), [BLOCK_M, P], _layout(BLOCK_M, P)),
-             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, N], _layout(block_n, N)),
-             GluonDescriptor(kv2, list(kv2.shape), list(kv2.stride()), [block_n, V], _layout(block_n, V)),
-             GluonDescriptor(k_pe, list(k_pe.shape), list(k_pe.stride()), [block_n, P], _layout(block_n, P)))
+    descs = (_desc(qn2, BLOCK_M, N), _desc(qp2, BLOCK_M, P), _desc(kv2, block_n, N), _desc(kv2, block_n, V),
+             _desc(k_pe, block_n, P))
     # The output through TMA stores where its rows allow (bf16, TMA-compatible): else (and for a warpgroup's rows
-    # a request ends inside) masked stores; the descriptor is then unused.
+    # a request ends inside) masked stores, and the descriptor passed is an unused stand-in.
     tma_out = bool(tma_out) and out.dtype == torch.bfloat16 and _tma_ok(out)
-    o2 = _as_rows(out, V) if tma_out else qn2
-    o_desc = GluonDescriptor(o2, list(o2.shape), list(o2.stride()), [HALF_M, V], _layout(HALF_M, V)) if tma_out \
-        else descs[0]
+    o_desc = _desc(_as_rows(out, V), HALF_M, V) if tma_out else descs[0]
     bound = (triton.cdiv(T, BLOCK_M) + B) * Hg
     grid = (max(1, min(bound, programs or _sm_count(q_nope.device))),)
     return _gluon_mha_window_kernel[grid](
         *descs, o_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window,
-        sinks, q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(1), out.stride(0), out.stride(1),
+        sinks, q_nope.stride(1), q_pe.stride(1), kv.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1), N=N, P=P, V=V, BLOCK_M=BLOCK_M, BLOCK_N=block_n, NBUF=nbuf, QBUF=qbuf,
         SINKS=sinks > 0, PREFETCH=bool(prefetch), TMA_OUT=tma_out, num_warps=4, maxnreg=168)
