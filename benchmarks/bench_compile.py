@@ -185,53 +185,61 @@ def run(args) -> list[dict]:
 
 
 def profile(args) -> None:
-    """The torch profiler's view of one eager decode step of each model, checks off (serving) and on (a user's
-    default), and the host's time to issue a step (``perf_counter`` around 5 un-synchronised calls, after a sync):
-    a step whose host time exceeds its device time is host-bound, and that host time is what eager measures."""
+    """The torch profiler's view of one decode step of each model in each of ``--profile-modes`` (eager: checks
+    off, as served, and on, a user's default; inductor: checks off), and the host's time to issue a step
+    (``perf_counter`` around 5 un-synchronised calls, after a sync) beside the time to finish it: a step whose
+    host time exceeds its device time is host-bound, and that host time is what the mode measures."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     device = torch.device("cpu" if args.cpu else "cuda")
     cfg = MLAConfig.named(args.config)
     model = MLAModel(cfg, device=device, dtype=torch.float32 if args.cpu else torch.bfloat16, seed=0)
-    rewritten = apply(model, Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window))
+    schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
+    rewritten = apply(model, schedule)
     ctx = args.contexts[0]
     nb = -(-(ctx + 1) // args.page_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for which, m in (("original", model), ("rewritten", rewritten)):
-        caches = m.allocate_kv_cache(args.batch * nb, args.page_size, device)
-        fill_random(caches)
-        b = decode_batch(args.batch, ctx, args.page_size, num_cache_groups(m), device)
-        call = lambda: m(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)  # noqa: E731
-        for checks in (False, True):
-            with (contextlib.nullcontext() if checks else checks_disabled()):
-                for _ in range(3):
-                    call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    call()
-                host_us = (time.perf_counter() - t0) / 5 * 1e6
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall_us = (time.perf_counter() - t0) / 5 * 1e6
-                with torch_profile(activities=activities) as prof:
-                    for _ in range(5):
+    for mode in args.profile_modes:
+        for which, m in (("original", model), ("rewritten", rewritten)):
+            caches = m.allocate_kv_cache(args.batch * nb, args.page_size, device)
+            fill_random(caches)
+            b = decode_batch(args.batch, ctx, args.page_size, num_cache_groups(m), device)
+            step = m
+            if mode == "inductor":
+                torch._dynamo.reset()
+                empty = Schedule(schedule.window, [], schedule.num_layers)
+                step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True)
+            call = lambda: step(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)  # noqa: E731
+            for checks in ((False, True) if mode == "eager" else (False,)):
+                with (contextlib.nullcontext() if checks else checks_disabled()):
+                    for _ in range(3):
                         call()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            label = "checks on" if checks else "checks off"
-            print(f"\n## profile: {which}, eager ({label}), context {ctx}, batch {args.batch}, 5 steps; host time to "
-                  f"issue a step {host_us:.0f} us, to finish it {wall_us:.0f} us")
-            print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
-            if not checks:
-                python_profile(call, label=f"{which}, eager (checks off)")
-        caches = b = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                    t0 = time.perf_counter()
+                    for _ in range(5):
+                        call()
+                    host_us = (time.perf_counter() - t0) / 5 * 1e6
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    wall_us = (time.perf_counter() - t0) / 5 * 1e6
+                    with torch_profile(activities=activities) as prof:
+                        for _ in range(5):
+                            call()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                label = f"{mode}, checks {'on' if checks else 'off'}"
+                print(f"\n## profile: {which}, {label}, context {ctx}, batch {args.batch}, 5 steps; host time to "
+                      f"issue a step {host_us:.0f} us, to finish it {wall_us:.0f} us")
+                print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=24, max_name_column_width=60))
+                if not checks:
+                    python_profile(call, label=f"{which}, {label}")
+            caches = b = step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def python_profile(call, label: str, steps: int = 10) -> None:
@@ -287,8 +295,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--quick", action="store_true", help="smoke run: one small context, batch 8, 5 iterations")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one eager step of each model (checks on) at the first context: top ops by "
-                        "device time, host-side time and device-to-host copies")
+                   help="also profile one step of each model at the first context in each of --profile-modes: top "
+                        "ops by device time, host-side time and device-to-host copies")
+    p.add_argument("--profile-modes", default="eager", help="comma-separated, of eager,inductor (default eager)")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device: pass --cpu for the CPU smoke path")
@@ -302,6 +311,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.trials = args.trials or (1 if args.cpu or args.quick else 3)
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
+    args.profile_modes = args.profile_modes.split(",")
+    if set(args.profile_modes) - {"eager", "inductor"}:
+        p.error(f"--profile-modes takes eager and inductor, got {args.profile_modes}")
     args.modes = (args.modes or ",".join(CPU_MODES if args.cpu else MODES)).split(",")
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
