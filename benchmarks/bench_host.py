@@ -70,6 +70,9 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
     seen = set()
     for func, a, kw in calls:
         name = str(func).split(".")[1]
+        if name in ("write_kv_cache", "write_fp8_cache") and name not in seen and device.type == "cuda":
+            seen.add(name)
+            write_pieces(name, func, a, kw, iters, device)
         if name not in ("mla_attention", "swa_attention") or name in seen:
             continue
         seen.add(name)
@@ -95,6 +98,27 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
         print(f"    {name}: pieces (host µs per call)")
         for label, fn in pieces.items():
             print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
+
+
+def write_pieces(name, func, a, kw, iters: int, device: torch.device) -> None:
+    """Host µs of a cache write's pieces: the whole op, its checks, the kernel launch alone."""
+    from swa_rewrite.kernels import fp8_cache as fp8_kernels
+    from swa_rewrite.kernels import kv_cache as kv_kernels
+    from swa_rewrite.ops import fp8_cache as fp8_ops
+    from swa_rewrite.ops import kv_cache as kv_ops
+
+    latent, cache, slots = a[:3]
+    if name == "write_fp8_cache":
+        rope_dim, group = a[3], a[5]
+        pieces = {"checks": lambda: fp8_ops._check_fp8_write(latent, cache, slots, rope_dim, group),
+                  "kernel launch": lambda: fp8_kernels.write_fp8_cache(latent, cache, slots[group], rope_dim=rope_dim)}
+    else:
+        group = a[4]
+        pieces = {"checks": lambda: kv_ops._check_write(latent, cache, slots, group),
+                  "kernel launch": lambda: kv_kernels.write_kv_cache(latent, cache, slots[group])}
+    print(f"    {name}: pieces (host µs per call)")
+    for label, fn in {"whole op": lambda: func(*a, **kw), **pieces}.items():
+        print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
 
 
 def profile_step(which: str, step, n: int, device: torch.device, top: int = 45) -> None:
@@ -153,6 +177,21 @@ def triton_pieces(q, cache, bt, cu, dec, bid, scale, rope_dim, window):
     meta = (q, cache, bt, cu, dec, bid, scale)
     launch = ((lambda: gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_s, l_s, plan["splits"])) if fp8 else
               (lambda: gluon_mla.launch(*meta, o_t, l_t, o_s, l_s, plan["splits"], True)))
+    descs = gluon_mla.fp8_descriptors(cache, R, rope_dim) if fp8 else gluon_mla.descriptors(cache, R, rope_dim)
+    prebuilt = ((lambda: gluon_mla.launch_fp8(*meta, window, o_t, l_t, o_s, l_s, plan["splits"], descs=descs)) if fp8
+                else (lambda: gluon_mla.launch(*meta, o_t, l_t, o_s, l_s, plan["splits"], True, descs=descs)))
+    extra = {}
+    if fp8:
+        from swa_rewrite.kernels.sparse_mla import swa_attention_fwd
+        from swa_rewrite.timing import graph_replay_us
+
+        def swa(splits):
+            return lambda: swa_attention_fwd(q, cache, bt, cu, dec, bid, scale, rope_dim, window,
+                                             config=None if splits is None else dict(splits=splits))
+        for splits in (None, 1, 2):
+            label = "default" if splits is None else f"splits {splits}"
+            extra[f"  SWA MQA, {label}"] = swa(splits)
+            print(f"      device µs of the SWA MQA attention, {label}: {graph_replay_us(swa(splits), 50):.1f}")
     return {
         f"  gluon_mla.supports": lambda: gluon_mla.supports(q, cache, rope_dim, window, fp8),
         f"  _plan (splits {plan['splits']})": lambda: _plan(T, H, 4096, q.device, cfg, KEYS_PAGED),
@@ -162,7 +201,9 @@ def triton_pieces(q, cache, bt, cu, dec, bid, scale, rope_dim, window):
         "  TMA descriptors": (lambda: gluon_mla.fp8_descriptors(cache, R, rope_dim)) if fp8 else
                              (lambda: gluon_mla.descriptors(cache, R, rope_dim)),
         "  Gluon kernel launch (descriptors incl.)": launch,
+        "  Gluon kernel launch, descriptors prebuilt": prebuilt,
         "  split combine launch": lambda: paged_mla._combine(o_t, l_t, *out, o_s, l_s, plan["splits"]),
+        **extra,
     }
 
 

@@ -699,12 +699,13 @@ def fp8_descriptors(cache: torch.Tensor, R: int, P: int):
 
 
 def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, window: int,
-               o_t, l_t, o_strides, l_strides, splits: int, nbuf: int = 2):
+               o_t, l_t, o_strides, l_strides, splits: int, nbuf: int = 2, descs=None):
     """One launch of ``_gluon_swa_fp8_kernel`` (as ``launch``, over the packed FP8 cache with a window)."""
     T, H, D = q.shape
     P = 64
     R = D - P
-    descs = fp8_descriptors(cache, R, P)
+    if descs is None:
+        descs = fp8_descriptors(cache, R, P)
     return _gluon_swa_fp8_kernel[(T * triton.cdiv(H, BLOCK_H), splits)](
         q, *descs, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t, qk_scale, H, window,
         cache.shape[1], splits, q.stride(0), q.stride(1), block_tables.stride(0), *o_strides, *l_strides,
@@ -713,13 +714,14 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
 
 def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, qk_scale, o_t, l_t,
            o_strides, l_strides, splits: int, warp_specialize: bool, pipeline: bool = False,
-           pingpong: bool | str = False, nbuf: int = 2):
+           pingpong: bool | str = False, nbuf: int = 2, descs=None):
     """One launch of ``_gluon_decode_kernel`` over (token × head block, split), writing ``o_t`` / ``l_t`` (the
-    outputs, or the fp32 split partials) at the given (split, token, head) strides. Returns the compiled kernel."""
+    outputs, or the fp32 split partials) at the given (split, token, head) strides; ``descs``: ``descriptors(cache,
+    ...)`` when the caller has them. Returns the compiled kernel."""
     T, H, D = q.shape
     P = 64
     R = D - P
-    lat_desc, pe_desc = descriptors(cache, R, P)
+    lat_desc, pe_desc = descriptors(cache, R, P) if descs is None else descs
     grid = (T * triton.cdiv(H, BLOCK_H), splits)
     if pingpong:      # 4 default warps + 4 + 1 worker warps: three warpgroups, as the warp-specialised kernel
         return _gluon_pingpong_kernel[grid](
