@@ -82,8 +82,10 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
         group = a[15] if name == "swa_attention" else a[14]
         q_abs = core.absorb_query(q_nope, q_pe, w)
         o_lat = torch.empty(q_abs.shape[:2] + (w.shape[1],), dtype=q_abs.dtype, device=device)
+        op = getattr(core, name)
         pieces = {
             "whole op": lambda: func(*a, **kw),
+            "its CUDA function called directly": lambda: op._backend_fns["cuda"](*a, **kw),
             "shape checks (_check_core)": lambda: core._check_core(q_nope, q_pe, w, cache, bt, cu, enc, dec, bid,
                                                                    rows, rows_cu, scale, rope_dim, group,
                                                                    window or None, sinks),
@@ -119,6 +121,30 @@ def write_pieces(name, func, a, kw, iters: int, device: torch.device) -> None:
     print(f"    {name}: pieces (host µs per call)")
     for label, fn in {"whole op": lambda: func(*a, **kw), **pieces}.items():
         print(f"      {label:40s} {host_us(fn, iters, device):8.1f}")
+
+
+def swa_split_sweep(device: torch.device, context: int = 4096, window: int = 128, H: int = 128) -> None:
+    """Device µs (CUDA-graph replays) and host µs of the SWA decode attention with its window split across programs
+    (the rule before session 12: whenever SMs are idle) and unsplit, by batch size: where ``SWA_SPLIT_BELOW``
+    should sit."""
+    from swa_rewrite.kernels.sparse_mla import swa_attention_fwd
+    from swa_rewrite.timing import graph_replay_us
+
+    print(f"\n## SWA decode attention, W = {window}, H = {H}, context {context}: split (old rule) vs unsplit")
+    print(f"  {'tokens':>6s} {'device split':>13s} {'device unsplit':>15s} {'host split':>11s} {'host unsplit':>13s}")
+    for T in (4, 8, 16, 24, 32, 48):
+        ps = 64
+        b = decode_batch(T, context, ps, 1, device)
+        cache = torch.randint(0, 100, (T * b.meta.block_tables.shape[2], ps, 656), dtype=torch.uint8, device=device)
+        q = torch.randn(T, H, 576, device=device, dtype=torch.bfloat16)
+        m = b.meta
+        row = []
+        for split_below in (1.0, 0.0):
+            fn = (lambda sb=split_below: swa_attention_fwd(q, cache, m.block_tables[0], m.cu_seqlens_q,
+                                                           m.seq_lens_decoder, m.batch_id_per_token, 0.07, 64, window,
+                                                           config=dict(split_below=sb), staged=False))
+            row.append((graph_replay_us(fn, 50), host_us(fn, 200, device)))
+        print(f"  {T:6d} {row[0][0]:13.1f} {row[1][0]:15.1f} {row[0][1]:11.1f} {row[1][1]:13.1f}")
 
 
 def profile_step(which: str, step, n: int, device: torch.device, top: int = 45) -> None:
@@ -215,6 +241,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--inference-mode", action="store_true", help="steps under torch.inference_mode(), not no_grad")
+    ap.add_argument("--swa-splits", action="store_true", help="only: the SWA decode attention split vs unsplit, "
+                    "device and host µs by batch size (CUDA)")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="instead: N eager steps of each model (checks off) under cProfile, then each op alone; "
                          "prints the functions with the most own time")
@@ -222,6 +250,10 @@ def main(argv=None) -> None:
     if args.cpu:
         args.context, args.batch, args.window, args.iters = 40, 2, 8, 40
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    if args.swa_splits:
+        with torch.no_grad():
+            swa_split_sweep(device)
+        return
     cfg = MLAConfig.named("tiny" if device.type == "cpu" else "v3-attn")
     model = MLAModel(cfg, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, seed=0)
     rewritten = apply(model, Schedule.from_skip_freq(2, cfg.num_hidden_layers, args.window))

@@ -222,7 +222,9 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     tiles = triton.cdiv(max(max_keys + block_t - 1, 1), block_n)
     progs = max(triton.cdiv(T, block_t) * n_hb, 1)
     splits = 1
-    if progs < _sm_count(device):
+    # Split keys across programs only when the items alone leave SMs idle: below ``split_below`` of them (a split
+    # costs a combine launch and two partial buffers: ~45 µs of host per call, issue 14).
+    if progs < _sm_count(device) * cfg.get("split_below", 1.0):
         splits = max(1, min(_sm_count(device) // progs, tiles // cfg["min_tiles_per_split"]))
     if "splits" in cfg:
         splits = cfg["splits"]

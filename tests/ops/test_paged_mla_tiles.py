@@ -289,3 +289,52 @@ def test_swa_default_on_hopper(seed, tokens, window, H, kernel):
     assert stats["plan"].get("kernel") == kernel
     if kernel == "gluon" and tokens == 3:
         assert stats["plan"]["splits"] > 1
+
+
+def test_gluon_descriptors_remembered_per_cache_tensor_without_holding_it():
+    """``gluon_mla._remembered`` (issue 14): one cache tensor's descriptors are built once and reused; another
+    tensor, or the same one viewed at another layout, gets its own; a remembered descriptor keeps no reference to
+    its cache (the cache's memory is freed when the caller drops it) and a new tensor is never given a dead one's."""
+    import gc
+    import weakref
+
+    from swa_rewrite.kernels import gluon_mla
+
+    if not gluon_mla.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    gluon_mla._REMEMBERED.clear()
+    for kind, build, dtype, width in (("dense", gluon_mla.descriptors, torch.bfloat16, 576),
+                                      ("fp8", gluon_mla.fp8_descriptors, torch.uint8, 656)):
+        cache = torch.zeros(3, 64, width, dtype=dtype)
+        first = gluon_mla._remembered(kind, cache, 512, 64, build)
+        assert gluon_mla._remembered(kind, cache, 512, 64, build) is first
+        fresh = build(cache, 512, 64)
+        assert [d.base.data_ptr() for d in first] == [d.base.data_ptr() for d in fresh]
+        assert [(list(d.shape), list(d.strides), list(d.block_shape)) for d in first] == \
+            [(list(d.shape), list(d.strides), list(d.block_shape)) for d in fresh]
+        other = torch.zeros_like(cache)
+        assert gluon_mla._remembered(kind, other, 512, 64, build)[0].base.data_ptr() == other.data_ptr()
+        ref = weakref.ref(cache)
+        del cache, fresh, first
+        gc.collect()
+        assert ref() is None, "a remembered descriptor kept its cache alive"
+        for _ in range(4):       # new tensors (one may reuse the dead one's id and address) get their own
+            new = torch.zeros(3, 64, width, dtype=dtype)
+            assert gluon_mla._remembered(kind, new, 512, 64, build)[0].base.data_ptr() == new.data_ptr()
+
+
+@pytest.mark.parametrize("tokens,splits", [(1, 3), (8, 3), (16, 3), (32, 1), (64, 1)])
+def test_swa_split_rule(monkeypatch, tokens, splits):
+    """The Gluon FP8 kernel's plan (``_plan`` with ``split_below``): a W = 128 window (3 tiles of 64) is split
+    across programs only when its items (tokens × 2 head blocks) fill under a quarter of the SMs; the dense
+    kernel keeps splitting whenever SMs are idle (132 SMs, as an H100 SXM / H200)."""
+    import swa_rewrite.kernels._common as common
+    from swa_rewrite.kernels.paged_mla import SWA_SPLIT_BELOW
+
+    monkeypatch.setattr(common, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(common, "interpreting", lambda: False)     # the interpreter shrinks tiles to 16 keys
+    cpu = torch.device("cpu")
+    swa = dict(block_n=64, min_tiles_per_split=1, split_below=SWA_SPLIT_BELOW)
+    assert common._plan(tokens, 128, 128 + 63, cpu, swa, common.KEYS_PAGED)["splits"] == splits
+    dense = common._plan(tokens, 128, 4096, cpu, dict(block_n=64), common.KEYS_PAGED)["splits"]
+    assert dense == (min(132 // (2 * tokens), 4096 // 64 // 2) if 2 * tokens < 132 else 1)
