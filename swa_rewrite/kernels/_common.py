@@ -10,6 +10,7 @@ staging kernel) and ``paged_mla`` (the page-tile kernel).
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import triton
@@ -201,6 +202,25 @@ DEFAULT_CONFIG = dict(block_n=64, num_warps=8, num_stages=2, min_tiles_per_split
 
 
 def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | None, keys: int = KEYS_INDICES):
+    """Block sizes, warps and splits of a launch (a dict the caller may not change: it is remembered)."""
+    sms = _sm_count(device)
+    try:
+        key = (T, H, max_keys, sms, keys, interpreting(), tuple(sorted((config or {}).items())))
+        hash(key)
+    except TypeError:         # a config value that is not hashable: plan without remembering
+        return _make_plan(T, H, max_keys, sms, config, keys)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = types.MappingProxyType(_make_plan(T, H, max_keys, sms, config, keys))
+    return plan
+
+
+_PLANS: dict = {}
+
+
+def _make_plan(T: int, H: int, max_keys: int, sms: int, config: dict | None, keys: int):
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     # Few heads (a tensor-parallel shard) on staging rows: tile BLOCK_T adjacent tokens so the matrix
     # products keep 64 rows and every key tile serves BLOCK_T tokens (``block_t=1`` turns it off).
@@ -224,8 +244,8 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     splits = 1
     # Split keys across programs only when the items alone leave SMs idle: below ``split_below`` of them (a split
     # costs a combine launch and two partial buffers: ~45 µs of host per call, issue 14).
-    if progs < _sm_count(device) * cfg.get("split_below", 1.0):
-        splits = max(1, min(_sm_count(device) // progs, tiles // cfg["min_tiles_per_split"]))
+    if progs < sms * cfg.get("split_below", 1.0):
+        splits = max(1, min(sms // progs, tiles // cfg["min_tiles_per_split"]))
     if "splits" in cfg:
         splits = cfg["splits"]
     return dict(block_h=block_h, block_t=block_t, block_n=block_n, num_warps=num_warps,

@@ -658,7 +658,7 @@ def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, f
     kernel for a bf16 cache without a window, the FP8 kernel for the packed cache with one."""
     if not AVAILABLE or fp8 != (window > 0) or not q.is_cuda or cache.dim() != 3:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if _major(q.device.index if q.device.index is not None else torch.cuda.current_device()) != 9:
         return False
     T, H, D = q.shape
     NB, ps, Dc = cache.shape
@@ -666,6 +666,12 @@ def supports(q: torch.Tensor, cache: torch.Tensor, rope_dim: int, window: int, f
     return (q.dtype == torch.bfloat16 and cache.dtype == (torch.uint8 if fp8 else torch.bfloat16) and D == 576
             and rope_dim == 64 and Dc == width and ps % BLOCK_N == 0 and q.stride(-1) == 1
             and cache.is_contiguous() and NB * ps < 2**31)
+
+
+@functools.lru_cache(maxsize=16)
+def _major(device_index: int) -> int:
+    """The compute capability's major number of a CUDA device (read once: ``supports`` is on every call's path)."""
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 @functools.lru_cache(maxsize=16)
