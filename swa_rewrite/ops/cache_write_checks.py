@@ -60,13 +60,14 @@ def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: t
 SLOTS_VALIDATED = "slots"     # what the step check records for a group's slot_mapping row (checks.note_validated)
 
 
-def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """In checked mode, every row of ``latent [T, D]`` that is written (``slot_mapping [T] >= 0``) is finite;
+def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor, group: int) -> None:
+    """In checked mode, every row of ``latent [T, D]`` that is written (``slot_mapping[group] [T] >= 0``) is finite;
     raises ``NonFiniteLatentError`` naming the first row that is not. Inside a model step
     (``checks.validated_step``) the check is deferred to the step's end, where one host copy reads every
     layer's flag (``checks.defer_check``) instead of one synchronisation per write."""
     if not latent.numel() or latent.device.type == "meta" or not checks_enabled():
         return
+    slot_mapping = slot_mapping[group]       # (only now: a select is a dispatched op, on every unchecked write too)
     # 0·x is ±0 for a finite x and NaN for NaN or ±inf, so a row's sum of them is NaN exactly when the row holds a
     # non-finite value: two device ops for every row (isfinite, all, the slot mask and the reductions were nine
     # launches per write), and the step's flag one more: NaN when any row is — a padding row too, which

@@ -118,7 +118,7 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
         fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "
              f"got strides {cache.stride()}")
     if data:
-        check_finite_latent(latent, slot_mapping[group])
+        check_finite_latent(latent, slot_mapping, group)
 
 
 @torch.library.custom_op("swa_rewrite::write_fp8_cache", mutates_args=("cache",))
