@@ -372,15 +372,51 @@ def test_windowed_reference_is_a_window(seed):
     assert 1e-3 < rel_err(fp8_roundtrip(x), x) < 0.05 and torch.equal(fp8_roundtrip(fp8_roundtrip(x)), fp8_roundtrip(x))
 
 
-def one_step_logits(model, tokens):
-    """Logits of ``tokens`` as one prefill step (no chunks) over NaN-poisoned caches, page size 16."""
+def one_step_logits(model, tokens, caches_out=None):
+    """Logits of ``tokens`` as one prefill step (no chunks) over NaN-poisoned caches, page size 16 (token ``t`` in
+    slot ``t``); the caches, written, are appended to ``caches_out`` when given."""
     b = StepBatch.build([StepItem(tokens, 0, list(range(-(-len(tokens) // 16))), True)], 16,
                         num_groups=num_cache_groups(model))
     caches = model.allocate_kv_cache(-(-len(tokens) // 16), 16)
     for c in caches:
         c.fill_(float("nan") if c.is_floating_point() else 0xFF)
+    if caches_out is not None:
+        caches_out.extend(caches)
     with torch.no_grad():
         return model(b.input_ids, kv_caches=caches, meta=b.meta).float()
+
+
+def logits_given_our_latents(reference, caches, tokens):
+    """``reference``'s logits (``make_swa_reference``) with each sliding layer's FP8-rounded latents replaced by the
+    ones our one step cached (``one_step_logits``' ``caches``). First asserts that ours are the reference's rounding
+    up to what float32 noise can do: at most 2 % of the elements differ (on the other side of an e4m3 boundary) and
+    the latents as a whole are within 1e-2 of the reference's (an error in the latents' computation moves nearly all
+    of them)."""
+    from swa_rewrite import fp8_format
+
+    cfg = reference.config
+    R, P, T = cfg.kv_lora_rank, cfg.qk_rope_head_dim, len(tokens)
+    hooks = []
+
+    def swap(mod, args, out, ours):
+        rounded = out.reshape(T, R).float()
+        differ = (rounded != ours).float().mean()
+        assert differ <= 0.02, f"{differ:.3%} of the latents differ from the reference's rounding"
+        assert rel_err(ours, rounded) <= 1e-2
+        return ours.reshape(out.shape).to(out.dtype)
+
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "sliding_attention":
+            rows = caches[i].reshape(-1, caches[i].shape[-1])[:T]
+            ours = fp8_format.dequantize_rows(rows, R, P)[:, :R].float()
+            attn = reference.model.layers[i].self_attn
+            hooks.append(attn.kv_a_layernorm.register_forward_hook(
+                lambda mod, args, out, ours=ours: swap(mod, args, out, ours)))
+    try:
+        return hf_logits(reference, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
@@ -397,7 +433,15 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
     schedule = swa_rewrite.Schedule.from_hf_config(hf.config)
     model = swa_rewrite.apply(from_hf(hf), schedule)
     ref = hf_logits(reference, tokens)
-    single = one_step_logits(model, tokens)
+    caches = []
+    single = one_step_logits(model, tokens, caches)
+    if rel_err(single, ref) > 1e-2:
+        # A few latent elements on the other side of an e4m3 boundary, amplified by a peaked attention. Seed
+        # 2876080319, v3: layer 1's float32 noise (4e-7 of its latents) comes out of its attention 1000x larger,
+        # moves 23 of layer 2's 5120 latent codes, and one token's logits move 22 % while the others stay within
+        # 0.2 %. Judge against the reference given our codes, once they are shown to be its rounding up to such
+        # elements.
+        ref = logits_given_our_latents(reference, caches, tokens)
     assert rel_err(single, ref) <= 1e-2
     got = poisoned_engine(model, rng, mha_prefill=mha_prefill).logits(tokens)
     assert rel_err(got, single) <= 3e-2
@@ -407,8 +451,12 @@ def check_rewritten_against(hf, reference, tokens, rng, mha_prefill="auto"):
         i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         prefix = tokens + theirs[:i]
         ref_i = hf_logits(reference, prefix)[-1]
+        caches = []
+        mine = one_step_logits(model, prefix, caches)[-1]
+        if rel_err(mine, ref_i) > 1e-2 and any(k == "sliding_attention" for k in reference.config.layer_types):
+            ref_i = logits_given_our_latents(reference, caches, prefix)[-1]     # as for the prompt, above
         envelope = 3e-2 * ref_i.norm().item() / ref_i.numel() ** 0.5     # docs/design.md §9's bound, per logit (RMS)
-        err = rel_err(one_step_logits(model, prefix)[-1], ref_i)
+        err = rel_err(mine, ref_i)
         if err > 1e-2:
             # An MoE router of the reference at a tie for its last expert: float32 noise picks either side, and
             # the two sides' logits differ by far more than the FP8 envelope (seed 3405431138, v2-greedy: third
