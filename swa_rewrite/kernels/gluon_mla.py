@@ -695,7 +695,7 @@ class _Address:
 
 
 _REMEMBERED: dict = {}
-_REMEMBERED_MAX = 64
+_REMEMBERED_MAX = 1024     # a layer a cache: DeepSeek-V3 has 61, and a few models may share the process
 
 
 def _remembered(kind: str, cache: torch.Tensor, R: int, P: int, build):
