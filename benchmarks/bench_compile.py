@@ -1,5 +1,5 @@
 """Decode-step latency of the original and the rewritten model, timed the same ways (issue 14), with the
-speed-up the bytes predict beside each measured one.
+speed-up the bytes predict beside each measured one, and the host's time to issue each step (a step at the host's pace is host-bound).
 
     PYTHONPATH=. python benchmarks/bench_compile.py                       # v3-attn, 4K / 32K / 128K, batch 32
     PYTHONPATH=. python benchmarks/bench_compile.py --quick               # smoke run: 4K, batch 8, few iterations
@@ -161,8 +161,9 @@ def run(args) -> list[dict]:
             for t in range(args.trials):
                 for which in (list(built) if t % 2 == 0 else list(built)[::-1]):
                     trials[which].append(median_us(built[which][0], args.iters, warmup=args.warmup, device=device))
+            host = {w: host_issue_us(built[w][0], device) for w in built}
             for which, (_, setup_s) in built.items():
-                result[(which, ctx, mode)] = (min(trials[which]), setup_s)
+                result[(which, ctx, mode)] = (min(trials[which]), setup_s, host[which])
             print("    medians (us): " + "; ".join(f"{w} " + ", ".join(f"{x:.0f}" for x in v) for w, v in trials.items()),
                   file=sys.stderr, flush=True)
             built = None
@@ -177,11 +178,29 @@ def run(args) -> list[dict]:
     for ctx in args.contexts:
         kv = {w: kv_bytes(specs[w], ctx, args.batch) for w in specs}
         for mode in args.modes:
-            (t0, s0), (t1, s1) = result[("original", ctx, mode)], result[("rewritten", ctx, mode)]
+            (t0, s0, h0), (t1, s1, h1) = result[("original", ctx, mode)], result[("rewritten", ctx, mode)]
             rows.append(dict(context=ctx, mode=mode, original_us=t0, rewritten_us=t1, speedup=t0 / t1,
+                             original_host_us=h0, rewritten_host_us=h1,
                              predicted=(weights + kv["original"]) / (weights + kv["rewritten"]),
                              kv_ratio=kv["original"] / kv["rewritten"], original_setup_s=s0, rewritten_setup_s=s1))
     return rows
+
+
+def host_issue_us(fn: Callable[[], object], device: torch.device, calls: int = 5, trials: int = 3) -> float:
+    """Host µs to issue one call of ``fn`` without waiting for the device (best of ``trials``, each ``calls``
+    un-synchronised calls after a sync). A step whose host time is at or above its measured time ran at the host's
+    pace: its device would have run it faster."""
+    best = float("inf")
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return best
 
 
 def profile(args) -> None:
@@ -268,11 +287,12 @@ def python_profile(call, label: str, steps: int = 10) -> None:
 def render(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (one per context and mode)."""
     lines = ["| context | mode | original (µs) | rewritten (µs) | speed-up | bytes predict (weights + KV) | "
-             "KV bytes ratio | setup s (orig / rewr) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "KV bytes ratio | host µs to issue (orig / rewr) | setup s (orig / rewr) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['context']} | {r['mode']} | {r['original_us']:.1f} | {r['rewritten_us']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['predicted']:.2f}x | {r['kv_ratio']:.2f}x | "
+                     f"{r['original_host_us']:.0f} / {r['rewritten_host_us']:.0f} | "
                      f"{r['original_setup_s']:.1f} / {r['rewritten_setup_s']:.1f} |")
     return "\n".join(lines)
 

@@ -353,6 +353,9 @@ def test_bench_compile_cpu_smoke(capsys):
     weights = bench.weight_bytes(MLAModel(TINY), 2)
     assert rows[0]["predicted"] == pytest.approx((weights + original) / (weights + rewritten))
     assert all(r["original_us"] > 0 and r["rewritten_us"] > 0 for r in rows)
+    # The host's time to issue a step beside the step's time (host-bound when at or above it).
+    assert all(r["original_host_us"] > 0 and r["rewritten_host_us"] > 0 for r in rows)
+    assert "host µs to issue (orig / rewr)" in out
 
 
 def test_backend_rejects_non_schedules():
