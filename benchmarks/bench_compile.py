@@ -1,5 +1,6 @@
 """Decode-step latency of the original and the rewritten model, timed the same ways (issue 14), with the
-speed-up the bytes predict beside each measured one, and the host's time to issue each step (a step at the host's pace is host-bound).
+speed-up the bytes predict beside each measured one, and the host's time to issue each step (a step that takes no
+longer than that ran at the host's pace: host-bound).
 
     PYTHONPATH=. python benchmarks/bench_compile.py                       # v3-attn, 4K / 32K / 128K, batch 32
     PYTHONPATH=. python benchmarks/bench_compile.py --quick               # smoke run: 4K, batch 8, few iterations
