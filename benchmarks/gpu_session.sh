@@ -26,7 +26,7 @@
 #   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
 #   mha-sweep   bench_mha_prefill.py's whole sweep (H × W × C, the default kernel rule) for the MHA / MQA rule
 #   mha-tests   every GPU test of the MHA prefill and the core op (after a change of their defaults)
-#   host-verify the GPU tests session 12's host-path changes did not reach (FP8 cache, compile, FlashMLA backend,
+#   host-verify the GPU tests of session 12's host-path changes not yet run (FP8 cache and its kernel-set finite flag, compile, FlashMLA backend,
 #               sinks, indexer, bounded tables), then bench_host.py and its SWA split sweep (issue 14)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
@@ -124,7 +124,7 @@ has mha-tests && run mha-tests 560 python3 -m pytest -q -ra -m gpu -p no:cachepr
     tests/ops/test_mla_core.py
 has host-verify && run host-verify-tests 420 python3 -m pytest -q -ra -m gpu -p no:cacheprovider \
     tests/ops/test_fp8_cache.py tests/test_compile.py tests/ops/test_flashmla_backend.py tests/ops/test_swa_sinks.py \
-    tests/ops/test_swa_indexer.py tests/ops/test_bounded_tables.py tests/ops/test_no_host_sync.py
+    tests/ops/test_swa_indexer.py tests/ops/test_bounded_tables.py tests/ops/test_no_host_sync.py tests/ops/test_validated_step.py
 has host-verify && run bench-host 120 python3 benchmarks/bench_host.py
 has host-verify && run bench-host-splits 60 python3 benchmarks/bench_host.py --swa-splits
 exit 0

@@ -61,13 +61,13 @@ def _fp32_to_bf16_bits(x):
 # ------------------------------------------------------------------------------------------ write
 @triton.jit
 def _write_fp8_cache_kernel(
-    latent_ptr, cache_ptr, slot_ptr,
+    latent_ptr, cache_ptr, slot_ptr, flag_ptr,
     num_tokens, num_slots, page_size,
     stride_lt, stride_ld,            # latent [T, D]
     stride_cb, stride_cp,            # cache [num_blocks, ps, bytes], byte strides (last one is 1)
     R: tl.constexpr, P: tl.constexpr, SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_T: tl.constexpr, SOFT_CVT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, SOFT_CVT: tl.constexpr, WIDE: tl.constexpr, CHECK: tl.constexpr,
 ):
     NT: tl.constexpr = R // _TILE        # scale tiles
     BLOCK_NT: tl.constexpr = BLOCK_R // _TILE
@@ -91,6 +91,13 @@ def _write_fp8_cache_kernel(
     x = tl.load(src[:, None] + cols[None, :] * stride_ld, mask=lmask, other=0.0)      # [BLOCK_T, BLOCK_R]
     r = tl.load(src[:, None] + (R + pcols)[None, :] * stride_ld, mask=pmask, other=0.0)  # [BLOCK_T, BLOCK_P]
 
+    if CHECK:
+        # A written row (the others loaded as 0) holding NaN or ±inf sets the flag (``flag_ptr``, int32).
+        xf = x.to(tl.float32)
+        rf = r.to(tl.float32)
+        bad = tl.sum(tl.sum(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), axis=1), axis=0)
+        bad += tl.sum(tl.sum(((rf != rf) | (tl.abs(rf) == float("inf"))).to(tl.int32), axis=1), axis=0)
+        tl.atomic_max(flag_ptr, (bad > 0).to(tl.int32))
     x = tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_NT, _TILE])
     amax = tl.max(tl.abs(x), axis=2)                                                # [BLOCK_T, BLOCK_NT]
     s = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _SCALE_FLOOR)
@@ -131,13 +138,16 @@ def _write_fp8_cache_kernel(
 
 def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                     rope_dim: int, block_t: int = 8, num_warps: int = 4,
-                    soft_cvt: bool | None = None, wide_stores: bool | None = None) -> None:
+                    soft_cvt: bool | None = None, wide_stores: bool | None = None,
+                    finite_flag: torch.Tensor | None = None) -> None:
     """Quantise ``latent [T, R+P]`` (bf16/fp16/fp32) into ``cache [num_blocks, ps, bytes]`` (uint8) rows.
 
     Row ``slot_mapping[t]`` (int32/int64; ``-1`` or out of range: skipped) receives token ``t``.
     ``cache`` may have any block stride; within a block rows must be ``bytes`` apart and bytes contiguous.
     Inputs are not validated here (the op does that). ``soft_cvt`` defaults to "interpreting";
     ``wide_stores`` (scales as int32, rope as int16 stores) defaults to "rows are 4-byte aligned".
+    ``finite_flag``: an int32 tensor on the device whose first element the kernel sets to 1 when a row it writes
+    holds NaN or ±inf (the checked op's finite-latent check, without launches of its own); left as it is otherwise.
     """
     T, D = latent.shape
     R = D - rope_dim
@@ -151,11 +161,12 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
     grid = (triton.cdiv(T, block_t),)
     _write_fp8_cache_kernel[grid](
-        latent, cache, slot_mapping.contiguous(), T, num_blocks * ps, ps,
+        latent, cache, slot_mapping.contiguous(), finite_flag if finite_flag is not None else slot_mapping,
+        T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
         R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
         BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
-        BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, num_warps=num_warps)
+        BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, CHECK=finite_flag is not None, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------- dequantise

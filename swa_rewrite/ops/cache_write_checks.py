@@ -70,17 +70,38 @@ def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor, group:
     slot_mapping = slot_mapping[group]       # (only now: a select is a dispatched op, on every unchecked write too)
     # 0·x is ±0 for a finite x and NaN for NaN or ±inf, so a row's sum of them is NaN exactly when the row holds a
     # non-finite value: two device ops for every row (isfinite, all, the slot mask and the reductions were nine
-    # launches per write), and the step's flag one more: NaN when any row is — a padding row too, which
-    # ``raise_first`` then finds allowed (an extra read in that rare case, never a wrong error).
-    rows = (latent * 0).sum(dim=1, dtype=torch.float32)                        # [T]: ±0, or NaN
+    # launches per write), and the step's flag one more: NaN when any row is — a padding row too, which the action
+    # then finds allowed (an extra read in that rare case, never a wrong error).
+    rows = _finite_rows(latent)
+    if not defer_check(rows.sum(), lambda: _raise_first_non_finite(rows, slot_mapping)):
+        _raise_first_non_finite(rows, slot_mapping)
 
-    def raise_first() -> None:
-        bad = torch.isnan(rows) & (slot_mapping >= 0)
-        if bool(bad.any()):
-            t = int(bad.nonzero()[0, 0])
-            slot = int(slot_mapping[t])
-            raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache "
-                                       "cannot store them", row=t, slot=slot)
 
-    if not defer_check(rows.sum(), raise_first):
-        raise_first()
+def deferred_finite_flag(latent: torch.Tensor, slot_mapping: torch.Tensor, group: int) -> Optional[torch.Tensor]:
+    """``check_finite_latent`` for a write kernel that checks the rows it writes itself: in checked mode inside a model
+    step, a zeroed int32 ``[1]`` flag on ``latent``'s device for the kernel to set, queued for the step's end with the
+    action that finds the row (from ``latent``, which the step does not change); elsewhere the rows are checked here
+    and None is returned. One launch (the zeroing) where ``check_finite_latent`` takes three."""
+    if not latent.numel() or latent.device.type == "meta" or not checks_enabled():
+        return None
+    flag = torch.zeros(1, dtype=torch.int32, device=latent.device)
+    if defer_check(flag, lambda: _raise_first_non_finite(_finite_rows(latent), slot_mapping[group])):
+        return flag
+    check_finite_latent(latent, slot_mapping, group)
+    return None
+
+
+def _finite_rows(latent: torch.Tensor) -> torch.Tensor:
+    """``[T]`` float32: ±0 for a finite row of ``latent``, NaN for a row holding NaN or ±inf."""
+    return (latent * 0).sum(dim=1, dtype=torch.float32)
+
+
+def _raise_first_non_finite(rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Raise ``NonFiniteLatentError`` for the first written row (``slot_mapping [T] >= 0``) whose ``rows`` entry is
+    NaN; return if there is none."""
+    bad = torch.isnan(rows) & (slot_mapping >= 0)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        slot = int(slot_mapping[t])
+        raise NonFiniteLatentError(f"latent row {t} (slot {slot}) has non-finite values; the FP8 cache "
+                                   "cannot store them", row=t, slot=slot)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import fp8_format
-from .cache_write_checks import check_cache_write, check_finite_latent
+from .cache_write_checks import check_cache_write, check_finite_latent, deferred_finite_flag
 from .checks import fail
 
 # The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).
@@ -100,8 +100,8 @@ def write_fp8_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_ma
 
 # ---------------------------------------------------------------------------------------------- ops
 def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                     rope_dim: int, group: int, *, data: bool = True) -> None:
-    """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and finiteness."""
+                     rope_dim: int, group: int, *, data: bool = True, finite: bool = True) -> None:
+    """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and (``finite``) finiteness."""
     if latent.dim() != 2:
         fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
     if latent.dtype not in LATENT_DTYPES:
@@ -117,7 +117,7 @@ def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: to
     if cache.stride(2) != 1 or (cache.shape[1] > 1 and cache.stride(1) != cache.shape[2]):
         fail(f"cache rows must be contiguous and packed inside a block (strides [*, {cache.shape[2]}, 1]), "
              f"got strides {cache.stride()}")
-    if data:
+    if data and finite:
         check_finite_latent(latent, slot_mapping, group)
 
 
@@ -137,10 +137,19 @@ def _(latent, cache, slot_mapping, rope_dim, layer, group):
 
 @write_fp8_cache.register_kernel("cuda")
 def _(latent, cache, slot_mapping, rope_dim, layer, group):
+    write_fp8_cache_triton(latent, cache, slot_mapping, rope_dim, group)
+
+
+def write_fp8_cache_triton(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, rope_dim: int,
+                           group: int) -> None:
+    """The op's CUDA implementation (any device the Triton kernel runs on: the interpreter's tests call it on the
+    CPU). The kernel checks the rows it writes: inside a model step in checked mode it sets one flag read at the
+    step's end, with no launches of its own."""
     from ..kernels.fp8_cache import write_fp8_cache as launch
 
-    _check_fp8_write(latent, cache, slot_mapping, rope_dim, group)
-    launch(latent, cache, slot_mapping[group], rope_dim=rope_dim)
+    _check_fp8_write(latent, cache, slot_mapping, rope_dim, group, finite=False)
+    flag = deferred_finite_flag(latent, slot_mapping, group)
+    launch(latent, cache, slot_mapping[group], rope_dim=rope_dim, finite_flag=flag)
 
 
 def _as_3d(cache: torch.Tensor) -> torch.Tensor:

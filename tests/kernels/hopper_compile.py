@@ -119,6 +119,8 @@ def main():
 
     kv_cache.write_kv_cache(torch.zeros(4, D, dtype=torch.bfloat16), bf16, torch.arange(4))
     fp8_cache.write_fp8_cache(torch.zeros(4, D, dtype=torch.bfloat16), packed, torch.arange(4), rope_dim=P)
+    fp8_cache.write_fp8_cache(torch.zeros(4, D, dtype=torch.bfloat16), packed, torch.arange(4), rope_dim=P,
+                              finite_flag=torch.zeros(1, dtype=torch.int32))      # checked: the kernel's own flag
     fp8_cache.dequantize_fp8_cache(packed, torch.empty(8 * ps, D, dtype=torch.bfloat16),
                                    rope_dim=P)
     for b in (decode, prefill):

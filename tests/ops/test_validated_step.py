@@ -221,6 +221,54 @@ def test_non_finite_latents_are_found_at_the_end_of_the_step_and_only_in_written
     assert (info.value.row, info.value.slot) == (2, slot)
 
 
+def test_the_fp8_write_kernel_sets_the_steps_finite_flag_itself(monkeypatch):
+    """The op's Triton path (``fp8_cache.write_fp8_cache_triton``; here under the interpreter) in a checked step: the
+    write kernel sets the flag a step's end reads (one zeroing launch per write, no reduction of its own) — a NaN or
+    ±inf in a written row's latent or rope part raises there, naming that row and slot; one in a padding row (slot -1)
+    is not even flagged; a clean step reads the three flags in one copy. Outside a step the rows are checked before
+    the write, which then does not happen."""
+    from swa_rewrite.ops.cache_write_checks import NonFiniteLatentError
+    from swa_rewrite.ops.fp8_cache import write_fp8_cache_triton
+
+    meta = _step().meta                                   # 4 tokens and 2 padding rows; group 1 = the packed cache
+    T = meta.positions.shape[0]
+    reads, flags = [], []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.shape) or real_cpu(t, *a, **k))
+
+    def step(poison=None, layer=1):
+        cache = _caches()[1]
+        with validated_step() as scope:
+            checked_step_metadata(meta, _caches(), (0, 1), SPECS)
+            reads.clear()
+            for i in range(3):
+                latent = torch.randn(T, D)
+                if i == layer and poison is not None:
+                    row, col, value = poison
+                    latent[row, col] = value
+                write_fp8_cache_triton(latent, cache, meta.slot_mapping, P, 1)
+            flags[:] = [int(f.reshape(-1)[0]) for f, _ in scope.deferred]
+            assert reads == []                            # nothing read before the block ends
+        return cache
+
+    step()
+    assert reads == [(3,)] and flags == [0, 0, 0]         # the three flags, in one copy
+    step(poison=(5, 3, float("nan")))                     # a padding row: not flagged
+    assert flags == [0, 0, 0]
+    slot = int(meta.slot_mapping[1, 2])
+    for col, value in ((7, float("nan")), (R + 2, float("inf")), (0, float("-inf"))):   # latent, rope, latent
+        with pytest.raises(NonFiniteLatentError, match=rf"latent row 2 \(slot {slot}\) has non-finite values"):
+            step(poison=(2, col, value), layer=2)
+        assert flags == [0, 0, 1]
+    cache = _caches()[1]
+    before = cache.clone()
+    latent = torch.randn(T, D)
+    latent[1, 4] = float("nan")
+    with pytest.raises(NonFiniteLatentError, match=r"latent row 1 "):
+        write_fp8_cache_triton(latent, cache, meta.slot_mapping, P, 1)
+    assert torch.equal(cache.view(torch.uint8), before.view(torch.uint8))    # checked before the write, nothing written
+
+
 def test_nested_blocks_pass_deferred_checks_out_and_read_them_with_values(monkeypatch):
     """An inner block's deferred checks go to the enclosing block; ``StepScope.read`` copies them with the values
     asked for (one host copy), runs a failed check's action first, and leaves nothing for the block's end."""
