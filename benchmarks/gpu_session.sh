@@ -26,8 +26,9 @@
 #   gluon-bench / mha-bench   the two benchmarks of `gluon` / `mha-gluon` alone
 #   mha-sweep   bench_mha_prefill.py's whole sweep (H × W × C, the default kernel rule) for the MHA / MQA rule
 #   mha-tests   every GPU test of the MHA prefill and the core op (after a change of their defaults)
-#   host-verify the GPU tests of session 12's host-path changes not yet run (FP8 cache and its kernel-set finite flag, compile, FlashMLA backend,
-#               sinks, indexer, bounded tables), then bench_host.py and its SWA split sweep (issue 14)
+#   host-verify the GPU tests of session 12's host-path changes not yet run (the FP8 write's kernel-set finite
+#               flag, compile, FlashMLA backend, sinks, indexer, bounded tables, validated step), then bench_host.py
+#               and its split sweep (issue 14)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
 #
