@@ -91,14 +91,14 @@ def _write_fp8_cache_kernel(
     x = tl.load(src[:, None] + cols[None, :] * stride_ld, mask=lmask, other=0.0)      # [BLOCK_T, BLOCK_R]
     r = tl.load(src[:, None] + (R + pcols)[None, :] * stride_ld, mask=pmask, other=0.0)  # [BLOCK_T, BLOCK_P]
 
+    x = x.to(tl.float32)
     if CHECK:
         # A written row (the others loaded as 0) holding NaN or ±inf sets the flag (``flag_ptr``, int32).
-        xf = x.to(tl.float32)
         rf = r.to(tl.float32)
-        bad = tl.sum(tl.sum(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), axis=1), axis=0)
+        bad = tl.sum(tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
         bad += tl.sum(tl.sum(((rf != rf) | (tl.abs(rf) == float("inf"))).to(tl.int32), axis=1), axis=0)
         tl.atomic_max(flag_ptr, (bad > 0).to(tl.int32))
-    x = tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_NT, _TILE])
+    x = tl.reshape(x, [BLOCK_T, BLOCK_NT, _TILE])
     amax = tl.max(tl.abs(x), axis=2)                                                # [BLOCK_T, BLOCK_NT]
     s = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _SCALE_FLOOR)
     # Round s up to a power of two: add "all mantissa ones" and clear the mantissa.
