@@ -255,21 +255,20 @@ def profile(args) -> None:
                       f"issue a step {host_us:.0f} us, to finish it {wall_us:.0f} us")
                 print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=24, max_name_column_width=60))
-                if not checks:
-                    python_profile(call, label=f"{which}, {label}")
+                python_profile(call, label=f"{which}, {label}", checks=checks)
             caches = b = step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
-def python_profile(call, label: str, steps: int = 10) -> None:
-    """cProfile's view of ``steps`` un-synchronised eager steps: the Python functions where the host's time goes
-    (own time, then cumulative), library and project code alike."""
+def python_profile(call, label: str, steps: int = 10, checks: bool = False) -> None:
+    """cProfile's view of ``steps`` un-synchronised eager steps (``checks``: in checked mode): the Python functions
+    where the host's time goes (own time, then cumulative), library and project code alike."""
     import cProfile
     import io
     import pstats
 
-    with checks_disabled():
+    with (contextlib.nullcontext() if checks else checks_disabled()):
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(steps):

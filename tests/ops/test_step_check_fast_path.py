@@ -191,7 +191,7 @@ def test_the_step_check_runs_no_tensor_operation_on_the_host_copy(monkeypatch):
         step_check.checked_step_metadata(meta, caches, (0, 1), [("full", None, 0), ("sliding", 4, 0)])
     assert results == [True]                               # the fast pass ran and passed the step
     assert "cat" in record.ops                             # the mode saw the copy's ops ...
-    assert record.ops <= {"cat", "split_with_sizes", "view", "detach", "_to_copy", "alias"}, record.ops  # ... only
+    assert record.ops <= {"cat", "split_with_sizes", "view", "detach", "alias", "lift_fresh"}, record.ops  # ... only
 
 
 @pytest.mark.parametrize("words", [False, True])
@@ -210,3 +210,31 @@ def test_the_host_copy_gives_every_tensor_back_as_int64(words):
     assert len(host) == len(tensors)
     for t, h in zip(tensors, host):
         assert h.dtype == torch.int64 and torch.equal(h, t.reshape(-1).long())
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_the_host_copy_widens_int32_without_a_torch_operation(words):
+    """``checks.host_int64`` widens int32 tensors on the host in NumPy, not with a torch conversion: one over more
+    than 32K elements (a 32K-context block table of 32 requests in two cache groups) opens a parallel region on the
+    host's threads — 0.3 ms per checked step in the H200's profile. Only the copy's own torch operations run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from swa_rewrite.ops.checks import host_int64
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    table = torch.randint(-1, 2**31 - 1, (2, 32, 513), dtype=torch.int32)
+    lengths = torch.randint(0, 2**20, (32,), dtype=torch.int32)
+    with Record() as record:
+        host = host_int64((table, lengths), words=words)
+    copy_ops = {"cat", "split_with_sizes", "view", "alias", "detach", "lift_fresh"}
+    assert "_to_copy" not in record.ops and record.ops <= copy_ops, record.ops
+    assert [h.dtype for h in host] == [torch.int64, torch.int64]
+    assert torch.equal(host[0], table.reshape(-1).long()) and torch.equal(host[1], lengths.long())
