@@ -1,0 +1,109 @@
+"""What checked mode costs an eager decode step on the GPU, piece by piece (issue 14): each model's step with checks
+off, on, and on without each of its parts, timed alternately in one run.
+
+    PYTHONPATH=. python benchmarks/bench_checks_gpu.py --context 32768
+
+Variants (each a whole eager step, ``--batch`` one-token decodes at ``--context``, v3-attn, W on layers 0 and 2):
+
+- ``off``: ``checks_disabled()``, as served;
+- ``on``: the default (the step check with its one device-to-host copy, the FP8 writes' finite flags read at the
+  step's end: a second copy);
+- ``on, finite flags set but not read``: checked, the FP8 write kernels set their zeroed flags, nothing reads them
+  (the end-of-step copy's share of the flags' cost);
+- ``on, no finite flags``: checked, but the FP8 writes do not check their latents (no flag, no end-of-step copy).
+
+Times: median of ``--iters`` steps (CUDA events around each step), best of ``--trials`` alternating rounds. The host
+varies between calls: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_compile import decode_batch, fill_random  # noqa: E402
+
+from swa_rewrite import Schedule, apply  # noqa: E402
+from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
+from swa_rewrite.ops import fp8_cache  # noqa: E402
+from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
+from swa_rewrite.runtime import num_cache_groups  # noqa: E402
+from swa_rewrite.timing import median_us  # noqa: E402
+
+
+@contextlib.contextmanager
+def no_finite_flags():
+    """FP8 writes without the finite-latent check (no flag, nothing deferred)."""
+    saved = fp8_cache.deferred_finite_flag
+    fp8_cache.deferred_finite_flag = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        fp8_cache.deferred_finite_flag = saved
+
+
+@contextlib.contextmanager
+def unread_finite_flags():
+    """FP8 writes whose kernels set a zeroed flag, as checked mode's, that nothing reads (no end-of-step copy)."""
+    saved = fp8_cache.deferred_finite_flag
+    fp8_cache.deferred_finite_flag = lambda latent, *a, **k: torch.zeros(1, dtype=torch.int32, device=latent.device)
+    try:
+        yield
+    finally:
+        fp8_cache.deferred_finite_flag = saved
+
+
+VARIANTS = {
+    "off": checks_disabled,
+    "on": contextlib.nullcontext,
+    "on, finite flags set but not read": unread_finite_flags,
+    "on, no finite flags": no_finite_flags,
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--trials", type=int, default=5)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_checks_gpu.py needs CUDA")
+    assert hasattr(fp8_cache, "deferred_finite_flag")
+    dev = torch.device("cuda")
+    cfg = MLAConfig.named("v3-attn")
+    model = MLAModel(cfg, device=dev, dtype=torch.bfloat16, seed=0)
+    rewritten = apply(model, Schedule.from_skip_freq(2, cfg.num_hidden_layers, args.window))
+    ps = 64
+    nb = -(-(args.context + 1) // ps)
+    steps = {}
+    for which, m in (("original", model), ("rewritten", rewritten)):
+        caches = m.allocate_kv_cache(args.batch * nb, ps, dev)
+        fill_random(caches)
+        b = decode_batch(args.batch, args.context, ps, num_cache_groups(m), dev)
+        steps[which] = (lambda m=m, c=caches, b=b: m(b.input_ids, kv_caches=c, meta=b.meta,
+                                                    logits_indices=b.last_token_index))
+    best = {}
+    with torch.no_grad():
+        for _ in range(args.trials):
+            for label, ctx in VARIANTS.items():
+                for which, step in steps.items():
+                    with ctx():
+                        us = median_us(step, warmup=3, iters=args.iters)
+                    best[which, label] = min(best.get((which, label), float("inf")), us)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; eager decode step, {args.batch} requests at "
+          f"{args.context}, W={args.window} on layers 0, 2; µs, best of {args.trials} medians of {args.iters}")
+    print("| variant | original | rewritten | speed-up |\n|---|---|---|---|")
+    for label in VARIANTS:
+        o, r = best["original", label], best["rewritten", label]
+        print(f"| {label} | {o:.1f} | {r:.1f} | {o / r:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
