@@ -29,6 +29,8 @@
 #   host-verify the GPU tests of session 12's host-path changes not yet run (the FP8 write's kernel-set finite
 #               flag, compile, FlashMLA backend, sinks, indexer, bounded tables, validated step), then bench_host.py
 #               and its split sweep (issue 14)
+#   checks      bench_checks_gpu.py at 32K and 4K (checked mode's cost per eager step, the finite flags' share) and
+#               bench_launch.py (a Triton launch's host time, layer by layer) (issue 14)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
 #
@@ -128,4 +130,7 @@ has host-verify && run host-verify-tests 420 python3 -m pytest -q -ra -m gpu -p 
     tests/ops/test_swa_indexer.py tests/ops/test_bounded_tables.py tests/ops/test_no_host_sync.py tests/ops/test_validated_step.py
 has host-verify && run bench-host 120 python3 benchmarks/bench_host.py
 has host-verify && run bench-host-splits 60 python3 benchmarks/bench_host.py --swa-splits
+has checks && run bench-checks-32k 150 python3 benchmarks/bench_checks_gpu.py --context 32768
+has checks && run bench-checks-4k 150 python3 benchmarks/bench_checks_gpu.py --context 4096
+has checks && run bench-launch 90 python3 benchmarks/bench_launch.py
 exit 0
