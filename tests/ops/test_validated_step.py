@@ -408,3 +408,52 @@ def test_an_eager_step_on_cuda_synchronises_twice(seed):
                     torch.cuda.set_sync_debug_mode("default")
         counts[type(m).__name__] = sum("synchroniz" in str(w.message) for w in caught)
     assert all(n <= 2 for n in counts.values()), counts
+
+
+def test_a_steps_deferred_flags_share_one_zeroed_buffer(monkeypatch):
+    """``checks.deferred_flag``: the flags a block hands out are views of one int32 buffer zeroed once (one launch
+    for a step's writes, not one each), read at the block's end in one copy of that buffer's used prefix, with no
+    conversion; the actions of the set ones run, in order. Past one buffer's worth (64) a second one starts and the
+    general read still finds every set flag; nested blocks pass theirs out, read with the outer block's values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from swa_rewrite.ops.checks import deferred_flag
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.shape) or real_cpu(t, *a, **k))
+    ran = []
+    with validated_step():
+        with Record() as record:
+            flags = [deferred_flag(torch.device("cpu"), lambda i=i: ran.append(i)) for i in range(5)]
+        assert len([op for op in record.ops if op in ("zeros", "zero_", "fill_")]) == 1, record.ops
+        assert all(f._base is flags[0]._base and f.dtype == torch.int32 and int(f) == 0 for f in flags)
+        flags[1].fill_(1)
+        flags[4].fill_(7)
+        assert reads == []
+    assert reads == [(5,)] and ran == [1, 4]                     # one copy of the five, no conversion
+
+    reads.clear(), ran.clear()
+    with validated_step():
+        flags = [deferred_flag(torch.device("cpu"), lambda i=i: ran.append(i)) for i in range(70)]
+        assert flags[63]._base is flags[0]._base and flags[64]._base is not flags[0]._base
+        for i in (2, 63, 64, 69):
+            flags[i].fill_(1)
+    assert ran == [2, 63, 64, 69] and len(reads) == 1
+
+    ran.clear()
+    with validated_step() as outer:
+        with validated_step():
+            inner = [deferred_flag(torch.device("cpu"), lambda i=i: ran.append(i)) for i in range(3)]
+        inner[2].fill_(1)
+        assert outer.read(torch.tensor([5, 6])) == [5, 6] and ran == [2]
+    assert deferred_flag(torch.device("cpu"), lambda: None) is None   # outside a block: the caller checks now
