@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_group, check_index, checks_enabled, defer_check, deferred_flag, fail, validated_entries
+from .checks import check_group, check_index, checks_enabled, defer_check, fail, validated_entries
 
 
 class NonFiniteLatentError(ValueError):
@@ -79,13 +79,13 @@ def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor, group:
 
 def deferred_finite_flag(latent: torch.Tensor, slot_mapping: torch.Tensor, group: int) -> Optional[torch.Tensor]:
     """``check_finite_latent`` for a write kernel that checks the rows it writes itself: in checked mode inside a model
-    step, a zeroed int32 ``[1]`` flag on ``latent``'s device for the kernel to set (``checks.deferred_flag``: the
-    step's flags share one zeroing launch), queued for the step's end with the action that finds the row (from
-    ``latent``, which the step does not change); elsewhere the rows are checked here and None is returned."""
+    step, a zeroed int32 ``[1]`` flag on ``latent``'s device for the kernel to set, queued for the step's end with the
+    action that finds the row (from ``latent``, which the step does not change); elsewhere the rows are checked here
+    and None is returned. One launch (the zeroing) where ``check_finite_latent`` takes three."""
     if not latent.numel() or latent.device.type == "meta" or not checks_enabled():
         return None
-    flag = deferred_flag(latent.device, lambda: _raise_first_non_finite(_finite_rows(latent), slot_mapping[group]))
-    if flag is not None:
+    flag = torch.zeros(1, dtype=torch.int32, device=latent.device)
+    if defer_check(flag, lambda: _raise_first_non_finite(_finite_rows(latent), slot_mapping[group])):
         return flag
     check_finite_latent(latent, slot_mapping, group)
     return None

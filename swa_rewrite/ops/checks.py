@@ -48,14 +48,12 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous", "_flags", "_flags_used")
+    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous")
 
     def __init__(self):
         self.entries: list = []
         self._rules: dict = {}         # (group, id of each tensor) -> rules: the entries, for validated_entries
         self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
-        self._flags: Optional[torch.Tensor] = None    # zeroed int32 flags handed out by ``deferred_flag``
-        self._flags_used = 0
         # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
         # capture — read once for the step, when first asked: neither changes inside one model call, and every op
         # of the step asks.
@@ -92,21 +90,6 @@ def _run_deferred(deferred: list, values: Optional[torch.Tensor] = None) -> list
     Returns ``values`` as a list."""
     if not deferred:
         return [] if values is None else values.cpu().tolist()
-    shared = _one_buffer([flag for flag, _ in deferred])
-    if shared is not None:                       # deferred_flag's: a prefix of one int32 buffer, read as it is
-        base, index = shared
-        used = base[:max(index) + 1]
-        n = 0 if values is None else values.numel()
-        if values is None:
-            host = used.cpu().tolist()
-        else:
-            kind = torch.float64 if values.is_floating_point() else torch.int64
-            host = torch.cat([values.reshape(-1).to(kind), used.to(device=values.device, dtype=kind)]).cpu().tolist()
-        values_host, host = host[:n], host[n:]
-        for i, (_, action) in zip(index, deferred):
-            if host[i]:
-                action()
-        return values_host
     flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred])
     n = 0 if values is None else values.numel()
     if values is not None:
@@ -158,39 +141,6 @@ def defer_check(flag: torch.Tensor, action) -> bool:
         return False
     scope.deferred.append((flag, action))
     return True
-
-
-_FLAGS_PER_BUFFER = 64     # one zeroing launch serves this many deferred flags (a layer's write each)
-
-
-def deferred_flag(device: torch.device, action) -> Optional[torch.Tensor]:
-    """Inside a ``validated_step`` block, a zeroed int32 ``[1]`` device flag for a kernel to set (nonzero: the
-    check may have failed), queued like ``defer_check``'s with ``action``; None outside a block (the caller checks
-    now). The flags of a block are views of one buffer it zeroes once, so a step's writes share one zeroing launch
-    and its end reads their flags in one copy with no conversion launches (a 61-layer model's step: one launch
-    where it made one per sliding layer, and one short copy where it stacked them)."""
-    scope = getattr(_state, "scope", None)
-    if scope is None:
-        return None
-    flags = scope._flags
-    if flags is None or scope._flags_used == flags.numel() or flags.device != device:
-        flags = scope._flags = torch.zeros(_FLAGS_PER_BUFFER, dtype=torch.int32, device=device)
-        scope._flags_used = 0
-    flag = flags[scope._flags_used:scope._flags_used + 1]
-    scope._flags_used += 1
-    scope.deferred.append((flag, action))
-    return flag
-
-
-def _one_buffer(flags: list) -> Optional[tuple[torch.Tensor, list]]:
-    """``(buffer, index of each flag)`` when every flag is an int32 ``[1]`` view of one buffer (``deferred_flag``'s),
-    else None."""
-    base = flags[0]._base
-    if base is None or base.dtype != torch.int32 or base.dim() != 1:
-        return None
-    if any(f._base is not base or f.shape != (1,) for f in flags):
-        return None
-    return base, [f.storage_offset() - base.storage_offset() for f in flags]
 
 
 def validated_entries(tensors: tuple, group: int) -> list:
