@@ -13,21 +13,15 @@ what the layers above computed held fixed; host µs per call, median of batches 
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import bench_host  # noqa: E402
 
-def host_us(fn, iters: int = 400, batch: int = 20) -> float:
-    times = []
-    for _ in range(iters // batch):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        times.append((time.perf_counter() - t0) / batch * 1e6)
-    times.sort()
-    return times[len(times) // 2]
+
+def host_us(fn, iters: int = 400) -> float:
+    return bench_host.host_us(fn, iters, torch.device("cuda"))
 
 
 def layers(name: str, jit_fn, grid, args: tuple, kwargs: dict) -> dict:

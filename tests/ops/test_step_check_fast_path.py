@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from swa_rewrite.ops import step_check
 from swa_rewrite.ops.batch_checks import BatchRule, check_batch_data
@@ -164,30 +165,31 @@ def test_positions_past_the_tables_are_refused_not_indexed():
         check_batch_data(3, host["bt"][0], host["cu"], host["enc"], host["dec"], host["bid"], rules[0], 0)
 
 
+class RecordOps(TorchDispatchMode):
+    """The names of the torch operations dispatched inside the block (``ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_step_check_runs_no_tensor_operation_on_the_host_copy(monkeypatch):
     """After its one device-to-host copy the step check's fast pass works on NumPy views of the host tensors: a torch
     CPU operation costs ~5 µs of dispatch where NumPy's costs ~1, and one over more than 32K elements (a long
     context's block table) — or ``repeat_interleave`` / ``aminmax`` along a dimension at any size — opens a parallel
     region on the host's threads (~0.1 ms each on a 16-core host). So the only torch operations of a passing step
     check are the copy's own (concatenate, split, views)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     results = []
     fast = step_check._step_data_ok
     monkeypatch.setattr(step_check, "_step_data_ok", lambda *a: results.append(fast(*a)) or results[-1])
     items = [StepItem([1], 9, [[0, 1], [2, 3]], False), StepItem([1, 2, 3], 0, [[4], [5]], True)]
     meta = StepBatch.build(items, 8, pad_to=6, num_groups=2).meta
     caches = [torch.zeros(8, 8, R + P), torch.zeros(8, 8, fp8_cache_bytes(R, P), dtype=torch.uint8)]
-    with validated_step(), Record() as record:
+    with validated_step(), RecordOps() as record:
         step_check.checked_step_metadata(meta, caches, (0, 1), [("full", None, 0), ("sliding", 4, 0)])
     assert results == [True]                               # the fast pass ran and passed the step
     assert "cat" in record.ops                             # the mode saw the copy's ops ...
@@ -217,22 +219,11 @@ def test_the_host_copy_widens_int32_without_a_torch_operation(words):
     """``checks.host_int64`` widens int32 tensors on the host in NumPy, not with a torch conversion: one over more
     than 32K elements (a 32K-context block table of 32 requests in two cache groups) opens a parallel region on the
     host's threads — 0.3 ms per checked step in the H200's profile. Only the copy's own torch operations run."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from swa_rewrite.ops.checks import host_int64
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     table = torch.randint(-1, 2**31 - 1, (2, 32, 513), dtype=torch.int32)
     lengths = torch.randint(0, 2**20, (32,), dtype=torch.int32)
-    with Record() as record:
+    with RecordOps() as record:
         host = host_int64((table, lengths), words=words)
     copy_ops = {"cat", "split_with_sizes", "view", "alias", "detach", "lift_fresh"}
     assert "_to_copy" not in record.ops and record.ops <= copy_ops, record.ops
