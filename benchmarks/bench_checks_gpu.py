@@ -36,25 +36,24 @@ from swa_rewrite.timing import median_us  # noqa: E402
 
 
 @contextlib.contextmanager
+def finite_flags_from(make):
+    """FP8 writes whose finite-latent flag is ``make(latent)`` instead of checked mode's (queued for the step's end)."""
+    saved = fp8_cache.deferred_finite_flag
+    fp8_cache.deferred_finite_flag = lambda latent, *a, **k: make(latent)
+    try:
+        yield
+    finally:
+        fp8_cache.deferred_finite_flag = saved
+
+
 def no_finite_flags():
     """FP8 writes without the finite-latent check (no flag, nothing deferred)."""
-    saved = fp8_cache.deferred_finite_flag
-    fp8_cache.deferred_finite_flag = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        fp8_cache.deferred_finite_flag = saved
+    return finite_flags_from(lambda latent: None)
 
 
-@contextlib.contextmanager
 def unread_finite_flags():
     """FP8 writes whose kernels set a zeroed flag, as checked mode's, that nothing reads (no end-of-step copy)."""
-    saved = fp8_cache.deferred_finite_flag
-    fp8_cache.deferred_finite_flag = lambda latent, *a, **k: torch.zeros(1, dtype=torch.int32, device=latent.device)
-    try:
-        yield
-    finally:
-        fp8_cache.deferred_finite_flag = saved
+    return finite_flags_from(lambda latent: torch.zeros(1, dtype=torch.int32, device=latent.device))
 
 
 VARIANTS = {
