@@ -36,8 +36,12 @@ def layers(name: str, jit_fn, grid, args: tuple, kwargs: dict) -> dict:
     bound, _, _ = binder(*args, **kwargs)
     values = tuple(bound.values())
     run = compiled.run
+    from swa_rewrite.kernels.launch import launch
+
+    launch(jit_fn, grid, *args, **kwargs)
     rows = {
         "kernel[grid](...)": lambda: jit_fn[grid](*args, **kwargs),
+        "swa_rewrite.kernels.launch.launch(...)": lambda: launch(jit_fn, grid, *args, **kwargs),
         "  device + stream query": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
         "  binder (specialisation)": lambda: binder(*args, **kwargs),
         "  compiled.run (launcher object)": lambda: run(grid[0], grid[1], grid[2], stream, compiled.function,

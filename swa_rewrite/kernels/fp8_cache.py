@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .. import fp8_format
 from . import interpreting
+from .launch import launch
 
 _TILE: tl.constexpr = tl.constexpr(fp8_format.TILE)
 _E4M3_MAX: tl.constexpr = tl.constexpr(fp8_format.E4M3_MAX)
@@ -160,7 +161,7 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     wide = aligned if wide_stores is None else wide_stores
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
     grid = (triton.cdiv(T, block_t),)
-    _write_fp8_cache_kernel[grid](
+    launch(_write_fp8_cache_kernel, grid,
         latent, cache, slot_mapping.contiguous(), finite_flag if finite_flag is not None else slot_mapping,
         T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),

@@ -45,6 +45,7 @@ import torch
 import triton
 
 from .. import fp8_format
+from .launch import launch as launch_kernel
 
 try:
     from triton.experimental import gluon
@@ -747,7 +748,7 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
     R = D - P
     if descs is None:
         descs = _remembered("fp8", cache, R, P, fp8_descriptors)
-    return _gluon_swa_fp8_kernel[(T * triton.cdiv(H, BLOCK_H), splits)](
+    return launch_kernel(_gluon_swa_fp8_kernel, (T * triton.cdiv(H, BLOCK_H), splits),
         q, *descs, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t, qk_scale, H, window,
         cache.shape[1], splits, q.stride(0), q.stride(1), block_tables.stride(0), *o_strides, *l_strides,
         R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=8, maxnreg=168)
@@ -765,14 +766,14 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
     lat_desc, pe_desc = _remembered("dense", cache, R, P, descriptors) if descs is None else descs
     grid = (T * triton.cdiv(H, BLOCK_H), splits)
     if pingpong:      # 4 default warps + 4 + 1 worker warps: three warpgroups, as the warp-specialised kernel
-        return _gluon_pingpong_kernel[grid](
+        return launch_kernel(_gluon_pingpong_kernel, grid,
             q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t,
             l_t, qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
             block_tables.stride(0), *o_strides, *l_strides,
             R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, OVERLAP=pingpong == "overlap",
             num_warps=4, maxnreg=168)
     extra = dict(maxnreg=168) if warp_specialize else {}     # 3 warpgroups: 24 registers to the producer's
-    return _gluon_decode_kernel[grid](
+    return launch_kernel(_gluon_decode_kernel, grid,
         q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t,
         qk_scale, H, cache.shape[1], splits, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
         block_tables.stride(0), *o_strides, *l_strides,

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _write_kv_cache_kernel(latent_ptr, cache_ptr, slot_ptr, T, D, page_size,
@@ -36,6 +38,5 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
     if T == 0:
         return
     grid = (triton.cdiv(T, block_t),)
-    _write_kv_cache_kernel[grid](latent, cache, slot_mapping, T, D, cache.shape[1],
-                                 latent.stride(0), cache.stride(0), cache.stride(1),
-                                 BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    launch(_write_kv_cache_kernel, grid, latent, cache, slot_mapping, T, D, cache.shape[1],
+           latent.stride(0), cache.stride(0), cache.stride(1), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)

@@ -29,6 +29,7 @@ from . import gluon_mla, interpreting
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                       _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
 from .gathered_mla import paged_attention_fwd
+from .launch import launch
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3); without them the ``tma`` variant is not offered
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -421,11 +422,11 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
     if splits > 1:
         T, H, R = out_t.shape
         bh = 16
-        _combine_splits_kernel[(T, triton.cdiv(H, bh))](
-            o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
-            *o_strides, *l_strides,
-            out_t.stride(0), out_t.stride(1), lse_t.stride(0),
-            R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
+        launch(_combine_splits_kernel, (T, triton.cdiv(H, bh)),
+               o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
+               *o_strides, *l_strides,
+               out_t.stride(0), out_t.stride(1), lse_t.stride(0),
+               R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
