@@ -1,5 +1,6 @@
-"""What checked mode costs an eager decode step on the GPU, piece by piece (issue 14): each model's step with checks
-off, on, and on without each of its parts, timed alternately in one run.
+"""What checked mode and Triton's launch path cost an eager decode step on the GPU, piece by piece (issue 14): each
+model's step with checks off, on, and on without each of its parts, and with checks off through ``kernel[grid]``
+instead of ``kernels.launch``'s direct relaunch, timed alternately in one run.
 
     PYTHONPATH=. python benchmarks/bench_checks_gpu.py --context 32768
 
@@ -10,7 +11,9 @@ Variants (each a whole eager step, ``--batch`` one-token decodes at ``--context`
   step's end: a second copy);
 - ``on, finite flags set but not read``: checked, the FP8 write kernels set their zeroed flags, nothing reads them
   (the end-of-step copy's share of the flags' cost);
-- ``on, no finite flags``: checked, but the FP8 writes do not check their latents (no flag, no end-of-step copy).
+- ``on, no finite flags``: checked, but the FP8 writes do not check their latents (no flag, no end-of-step copy);
+- ``off, kernel[grid] launches``: unchecked, every Triton kernel launched through the JIT (``launch.jit_launches``),
+  against ``off``: what the direct relaunch saves.
 
 Times: median of ``--iters`` steps (CUDA events around each step), best of ``--trials`` alternating rounds. The host
 varies between calls: compare rows of one run only.
@@ -28,6 +31,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_compile import decode_batch, fill_random  # noqa: E402
 
 from swa_rewrite import Schedule, apply  # noqa: E402
+from swa_rewrite.kernels import launch  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
 from swa_rewrite.ops import fp8_cache  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
@@ -61,7 +65,14 @@ VARIANTS = {
     "on": contextlib.nullcontext,
     "on, finite flags set but not read": unread_finite_flags,
     "on, no finite flags": no_finite_flags,
+    "off, kernel[grid] launches": lambda: _both(checks_disabled(), launch.jit_launches()),
 }
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
 
 
 def main(argv=None) -> None:
@@ -98,6 +109,7 @@ def main(argv=None) -> None:
                     best[which, label] = min(best.get((which, label), float("inf")), us)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; eager decode step, {args.batch} requests at "
           f"{args.context}, W={args.window} on layers 0, 2; µs, best of {args.trials} medians of {args.iters}")
+    print(f"direct relaunches: {launch.direct_calls()}")
     print("| variant | original | rewritten | speed-up |\n|---|---|---|---|")
     for label in VARIANTS:
         o, r = best["original", label], best["rewritten", label]

@@ -33,6 +33,9 @@
 #               bench_launch.py (a Triton launch's host time, layer by layer) (issue 14)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
+#   launch      kernels.launch's direct relaunch: its GPU tests and those of every kernel it launches (cache writes,
+#               CUDA graphs, the checked step, the Gluon decode tiles), bench_launch.py, bench_checks_gpu.py at 32K
+#               (with the kernel[grid] A/B row) (issue 14)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -133,4 +136,10 @@ has host-verify && run bench-host-splits 60 python3 benchmarks/bench_host.py --s
 has checks && run bench-checks-32k 150 python3 benchmarks/bench_checks_gpu.py --context 32768
 has checks && run bench-checks-4k 150 python3 benchmarks/bench_checks_gpu.py --context 4096
 has checks && run bench-launch 90 python3 benchmarks/bench_launch.py
+has launch && run launch-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
+    tests/ops/test_kv_cache.py tests/ops/test_fp8_cache.py tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py
+has launch && run launch-tiles 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
+    -k "gluon or default_on_hopper or remembered or split"
+has launch && run bench-launch 90 python3 benchmarks/bench_launch.py
+has launch && run bench-checks-32k 200 python3 benchmarks/bench_checks_gpu.py --context 32768
 exit 0

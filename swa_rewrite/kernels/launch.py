@@ -19,6 +19,7 @@ calls are exactly ``kernel[grid]``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from typing import Optional
@@ -115,6 +116,12 @@ def _desc_args(desc, k: int, meta) -> list:
     return made
 
 
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: Triton 3.6 keeps each hook as a ``HookChain`` object (never None), set once
+    it has ``calls``; a hook assigned in place of the chain (a plain function) is set too."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` (module docstring); returns the compiled kernel as that does."""
     if not _direct_ok() or callable(grid):
@@ -123,7 +130,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     from triton.runtime import driver
 
     runtime = knobs.runtime
-    if runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
         return kernel[grid](*args, **kwargs)
     device = driver.active.get_current_device()
     try:
@@ -155,6 +162,21 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     entry.raw(g0, g1, g2, driver.active.get_current_stream(device), compiled.function, *entry.fixed, *values)
     _STATE["calls"] = _STATE.get("calls", 0) + 1
     return compiled
+
+
+@contextlib.contextmanager
+def jit_launches():
+    """Within it every ``launch`` is ``kernel[grid]`` (benchmarks' A/B, debugging); as ``SWA_REWRITE_DIRECT_LAUNCH=0``
+    for one block."""
+    saved = _STATE.get("ok")
+    _STATE["ok"] = False
+    try:
+        yield
+    finally:
+        if saved is None:
+            _STATE.pop("ok", None)
+        else:
+            _STATE["ok"] = saved
 
 
 def direct_calls() -> int:
