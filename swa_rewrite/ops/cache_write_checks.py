@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_group, check_index, checks_enabled, defer_check, fail, validated_entries
+from .checks import check_group, check_index, checks_enabled, defer_check, deferred_flag, fail, validated_entries
 
 
 class NonFiniteLatentError(ValueError):
@@ -79,16 +79,16 @@ def check_finite_latent(latent: torch.Tensor, slot_mapping: torch.Tensor, group:
 
 def deferred_finite_flag(latent: torch.Tensor, slot_mapping: torch.Tensor, group: int) -> Optional[torch.Tensor]:
     """``check_finite_latent`` for a write kernel that checks the rows it writes itself: in checked mode inside a model
-    step, a zeroed int32 ``[1]`` flag on ``latent``'s device for the kernel to set, queued for the step's end with the
-    action that finds the row (from ``latent``, which the step does not change); elsewhere the rows are checked here
-    and None is returned. One launch (the zeroing) where ``check_finite_latent`` takes three."""
+    step, a zeroed int32 ``[1]`` flag on ``latent``'s device for the kernel to set — a slot of the step's one flag
+    buffer (``checks.deferred_flag``: one zeroing launch per step, not per write) — queued for the step's end with
+    the action that finds the row (from ``latent``, which the step does not change); elsewhere the rows are checked
+    here and None is returned."""
     if not latent.numel() or latent.device.type == "meta" or not checks_enabled():
         return None
-    flag = torch.zeros(1, dtype=torch.int32, device=latent.device)
-    if defer_check(flag, lambda: _raise_first_non_finite(_finite_rows(latent), slot_mapping[group])):
-        return flag
-    check_finite_latent(latent, slot_mapping, group)
-    return None
+    flag = deferred_flag(latent.device, lambda: _raise_first_non_finite(_finite_rows(latent), slot_mapping[group]))
+    if flag is None:
+        check_finite_latent(latent, slot_mapping, group)
+    return flag
 
 
 def _finite_rows(latent: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,13 @@ class StepScope:
     ``(tensors, group, rule)`` per cache group, ``tensors`` the metadata tensor objects it read and ``rule``
     what it required of them (``batch_checks.BatchRule``)."""
 
-    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous")
+    __slots__ = ("entries", "deferred", "environment_allows", "_rules", "_previous", "_flags")
 
     def __init__(self):
         self.entries: list = []
         self._rules: dict = {}         # (group, id of each tensor) -> rules: the entries, for validated_entries
-        self.deferred: list = []       # (device flag, action): checks of data the step computes, run at its end
+        self.deferred: list = []       # (device flag, action, slot): checks of data the step computes, run at its end
+        self._flags = None             # the step's flag buffer and how many slots of it are handed out (flag_slot)
         # What ``checks_enabled`` reads beyond this thread's switch — the environment variable and CUDA-graph
         # capture — read once for the step, when first asked: neither changes inside one model call, and every op
         # of the step asks.
@@ -77,6 +78,18 @@ class StepScope:
                 _run_deferred(deferred)
         return False
 
+    def flag_slot(self, device: torch.device) -> tuple[torch.Tensor, tuple]:
+        """A zeroed one-element int32 flag on ``device`` for a kernel of this step to set, and its place in the
+        step's flag buffer: the buffer is allocated and zeroed once per step (one launch for up to ``FLAG_SLOTS``
+        flags, where a tensor per flag was a zeroing launch each, and a cast each at the read), and read at the end
+        in one copy of its used prefix. Slots lie ``FLAG_STRIDE`` int32 apart: 16 bytes, so each is as aligned as a
+        fresh tensor (Triton specialises its kernels on pointer alignment)."""
+        buf, used = self._flags if self._flags is not None else (None, FLAG_SLOTS)
+        if used >= FLAG_SLOTS or buf.device != device:
+            buf, used = torch.zeros(FLAG_SLOTS * FLAG_STRIDE, dtype=torch.int32, device=device), 0
+        self._flags = (buf, used + 1)
+        return buf[used * FLAG_STRIDE:used * FLAG_STRIDE + 1], (buf, used)
+
     def read(self, values: torch.Tensor) -> list:
         """``values.tolist()`` (1-D, integer or floating point) in one device-to-host copy together with every
         deferred check queued in this block so far, whose failing actions run (and raise) first: the engine reads
@@ -85,22 +98,54 @@ class StepScope:
         return _run_deferred(deferred, values)
 
 
+FLAG_STRIDE = 4      # int32 words per slot of a step's flag buffer (16 bytes: StepScope.flag_slot)
+FLAG_SLOTS = 64      # slots per buffer (a step with more flags takes another buffer)
+
+
 def _run_deferred(deferred: list, values: Optional[torch.Tensor] = None) -> list:
     """One device-to-host copy of the deferred checks' flags (and of ``values``); the first failed check raises.
     Returns ``values`` as a list."""
     if not deferred:
         return [] if values is None else values.cpu().tolist()
-    flags = torch.stack([flag.reshape(()).float() for flag, _ in deferred])
-    n = 0 if values is None else values.numel()
-    if values is not None:
-        kind = torch.float64 if values.is_floating_point() else torch.int64
-        failed = ((flags != 0) | torch.isnan(flags)).to(kind)           # a flag is set: nonzero or NaN
-        both = torch.cat([values.reshape(-1).to(kind), failed.to(values.device)]).cpu().tolist()
-        values_host, flags_host = both[:n], both[n:]
+    buffers: dict = {}                                       # id -> (buffer, slots used), in order of first use
+    for _, _, slot in deferred:
+        if slot is not None:
+            buf, i = slot
+            buffers[id(buf)] = (buf, max(i + 1, buffers.get(id(buf), (buf, 0))[1]))
+    loose = [flag for flag, _, slot in deferred if slot is None]
+    if values is None and not loose and len(buffers) == 1:
+        # The usual checked step: its flags are slots of one buffer; its used prefix is copied as it is (no kernel).
+        (buf, used), = buffers.values()
+        host = buf[:used * FLAG_STRIDE].cpu()[::FLAG_STRIDE].tolist()
+        flags_host = [host[slot[1]] for _, _, slot in deferred]
+        values_host = []
     else:
-        values_host, flags_host = [], flags.cpu().tolist()
-    for failed, (_, action) in zip(flags_host, deferred):
-        if failed:
+        parts, start = [], {}
+        for key, (buf, used) in buffers.items():
+            start[key] = sum(p.numel() for p in parts)
+            parts.append(buf[:used * FLAG_STRIDE:FLAG_STRIDE].float())
+        n_slots = sum(p.numel() for p in parts)
+        if loose:
+            parts.append(torch.stack([flag.reshape(()).float() for flag in loose]))
+        flags = torch.cat(parts) if len(parts) > 1 else parts[0]
+        order, k = [], n_slots
+        for _, _, slot in deferred:                          # each deferred check's place in ``flags``
+            if slot is None:
+                order.append(k)
+                k += 1
+            else:
+                order.append(start[id(slot[0])] + slot[1])
+        n = 0 if values is None else values.numel()
+        if values is not None:
+            kind = torch.float64 if values.is_floating_point() else torch.int64
+            failed = ((flags != 0) | torch.isnan(flags)).to(kind)       # a flag is set: nonzero or NaN
+            both = torch.cat([values.reshape(-1).to(kind), failed.to(values.device)]).cpu().tolist()
+            values_host, flat = both[:n], both[n:]
+        else:
+            values_host, flat = [], flags.cpu().tolist()
+        flags_host = [flat[i] for i in order]
+    for failed, (_, action, _) in zip(flags_host, deferred):
+        if failed:                                           # nonzero, or NaN (a float flag)
             action()
     return values_host
 
@@ -139,8 +184,20 @@ def defer_check(flag: torch.Tensor, action) -> bool:
     scope = getattr(_state, "scope", None)
     if scope is None:
         return False
-    scope.deferred.append((flag, action))
+    scope.deferred.append((flag, action, None))
     return True
+
+
+def deferred_flag(device: torch.device, action) -> Optional[torch.Tensor]:
+    """Inside a ``validated_step`` block, a zeroed one-element int32 flag on ``device`` for a kernel to set (to
+    nonzero) when its check fails, read with the step's other deferred checks (``defer_check``; ``action`` runs if
+    it is set): a slot of the step's one flag buffer (``StepScope.flag_slot``). None outside a block."""
+    scope = getattr(_state, "scope", None)
+    if scope is None:
+        return None
+    flag, slot = scope.flag_slot(torch.device(device))
+    scope.deferred.append((flag, action, slot))
+    return flag
 
 
 def validated_entries(tensors: tuple, group: int) -> list:

@@ -11,7 +11,7 @@ import torch
 
 from swa_rewrite import ops
 from swa_rewrite.ops import batch_checks, step_check
-from swa_rewrite.ops.checks import checks_disabled, defer_check, validated_step
+from swa_rewrite.ops.checks import FLAG_STRIDE, checks_disabled, defer_check, validated_step
 from swa_rewrite.ops.step_check import checked_step_metadata
 from swa_rewrite.runtime import StepBatch, StepItem
 
@@ -223,7 +223,7 @@ def test_non_finite_latents_are_found_at_the_end_of_the_step_and_only_in_written
 
 def test_the_fp8_write_kernel_sets_the_steps_finite_flag_itself(monkeypatch):
     """The op's Triton path (``fp8_cache.write_fp8_cache_triton``; here under the interpreter) in a checked step: the
-    write kernel sets the flag a step's end reads (one zeroing launch per write, no reduction of its own) — a NaN or
+    write kernel sets the flag a step's end reads (a slot of the step's one zeroed flag buffer, no reduction of its own) — a NaN or
     ±inf in a written row's latent or rope part raises there, naming that row and slot; one in a padding row (slot -1)
     is not even flagged; a clean step reads the three flags in one copy. Outside a step the rows are checked before
     the write, which then does not happen."""
@@ -247,12 +247,15 @@ def test_the_fp8_write_kernel_sets_the_steps_finite_flag_itself(monkeypatch):
                     row, col, value = poison
                     latent[row, col] = value
                 write_fp8_cache_triton(latent, cache, meta.slot_mapping, P, 1)
-            flags[:] = [int(f.reshape(-1)[0]) for f, _ in scope.deferred]
+            flags[:] = [int(f.reshape(-1)[0]) for f, *_ in scope.deferred]
+            buffers = {id(slot[0]) for _, _, slot in scope.deferred}
+            assert len(buffers) == 1                      # slots of the step's one flag buffer (one zeroing) ...
+            assert all(f.data_ptr() % 16 == 0 for f, *_ in scope.deferred)  # ... each 16-byte aligned
             assert reads == []                            # nothing read before the block ends
         return cache
 
     step()
-    assert reads == [(3,)] and flags == [0, 0, 0]         # the three flags, in one copy
+    assert reads == [(3 * FLAG_STRIDE,)] and flags == [0, 0, 0]   # the three flags: the buffer's prefix, one copy
     step(poison=(5, 3, float("nan")))                     # a padding row: not flagged
     assert flags == [0, 0, 0]
     slot = int(meta.slot_mapping[1, 2])
@@ -408,3 +411,40 @@ def test_an_eager_step_on_cuda_synchronises_twice(seed):
                     torch.cuda.set_sync_debug_mode("default")
         counts[type(m).__name__] = sum("synchroniz" in str(w.message) for w in caught)
     assert all(n <= 2 for n in counts.values()), counts
+
+
+def test_flag_slots_and_loose_flags_are_read_in_one_copy_and_acted_on_in_queued_order(monkeypatch):
+    """``checks.deferred_flag`` hands out slots of one zeroed buffer per step (a new buffer after ``FLAG_SLOTS``);
+    the step's end reads every slot and every loose ``defer_check`` flag in one copy, with ``StepScope.read``'s
+    values too, and runs the actions of the set ones in the order they were queued, the first to raise stopping
+    the rest. Nested blocks pass their slots out like their loose flags."""
+    from swa_rewrite.ops.checks import FLAG_SLOTS, deferred_flag
+
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.numel()) or real_cpu(t, *a, **k))
+    assert deferred_flag("cpu", lambda: None) is None           # outside a step: nothing deferred
+    n = FLAG_SLOTS + 3
+    ran = []
+    with validated_step() as scope:
+        with validated_step():
+            flags = [deferred_flag("cpu", lambda i=i: ran.append(i)) for i in range(n)]
+        defer_check(torch.tensor(float("nan")), lambda: ran.append("loose nan"))
+        flags.append(deferred_flag("cpu", lambda: ran.append("last")))
+        defer_check(torch.tensor(0.0), lambda: ran.append("loose clean"))
+        assert all(int(f.item()) == 0 and f.numel() == 1 and f.dtype == torch.int32 for f in flags)
+        assert len({f.data_ptr() for f in flags}) == n + 1 and all(f.data_ptr() % 16 == 0 for f in flags)
+        for i in (2, FLAG_SLOTS + 1, n):                       # set by "kernels": a first-buffer, a second-buffer
+            flags[i].fill_(1)                                   # and the outer block's slot
+        reads.clear()
+        assert scope.read(torch.tensor([5, 6])) == [5, 6]
+    assert reads == [2 + n + 3] and ran == [2, FLAG_SLOTS + 1, "loose nan", "last"]
+    reads.clear()
+    ran.clear()
+    with pytest.raises(KeyError, match="boom"):                 # the first set flag's action raises: no other runs
+        with validated_step():
+            first = deferred_flag("cpu", lambda: (_ for _ in ()).throw(KeyError("boom")))
+            second = deferred_flag("cpu", lambda: ran.append("second"))
+            first.fill_(7)
+            second.fill_(1)
+    assert ran == [] and reads == [2 * 4]                        # the buffer's used prefix, copied as it is
