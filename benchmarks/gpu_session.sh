@@ -138,7 +138,7 @@ has checks && run bench-checks-4k 150 python3 benchmarks/bench_checks_gpu.py --c
 has checks && run bench-launch 90 python3 benchmarks/bench_launch.py
 has launch && run launch-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
     tests/ops/test_kv_cache.py tests/ops/test_fp8_cache.py tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py
-has launch && run launch-tiles 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
+has launch && run launch-tiles 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
     -k "gluon or default_on_hopper or remembered or split"
 has launch && run bench-launch 90 python3 benchmarks/bench_launch.py
 has launch && run bench-checks-32k 200 python3 benchmarks/bench_checks_gpu.py --context 32768
