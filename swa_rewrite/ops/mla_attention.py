@@ -89,11 +89,12 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
     """Both modes (module docstring) of layer group ``group`` (``window = 0``: a full layer), through the CUDA
     paths (``cuda``: Triton kernels, FlashMLA when selected) or the PyTorch references. Inputs already checked."""
     N, P = q_nope.shape[-1], q_pe.shape[-1]
-    bt, rows, rows_cu = block_tables[group], mha_kv_slots[group], mha_kv_cu[group]   # views: no copy, no sync
+    bt = block_tables[group]                                  # a view: no copy, no sync
     cu, dec = cu_seqlens_q, seq_lens_decoder
     bid = batch_id_per_token
     selected = None
-    if rows.shape[-1] > 0:
+    if mha_kv_slots.shape[-1] > 0:        # (the rows' views only then: a select is a dispatched op, every layer)
+        rows, rows_cu = mha_kv_slots[group], mha_kv_cu[group]
         selected = mha_tokens(rows_cu, batch_id_per_token)
         bid = torch.where(selected, -1, batch_id_per_token).to(batch_id_per_token.dtype)
     q_abs = absorb_query(q_nope, q_pe, kv_b_weight)
