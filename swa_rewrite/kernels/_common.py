@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
+from . import cdiv, interpreting, next_pow2
 
 KEYS_INDICES, KEYS_PAGED, KEYS_ROWS = 0, 1, 2
 
@@ -226,21 +226,21 @@ def _make_plan(T: int, H: int, max_keys: int, sms: int, config: dict | None, key
     # products keep 64 rows and every key tile serves BLOCK_T tokens (``block_t=1`` turns it off).
     block_t = cfg.get("block_t")
     if block_t is None:
-        block_t = 64 // triton.next_power_of_2(H) if keys == KEYS_ROWS and H <= 32 else 1
+        block_t = 64 // next_pow2(H) if keys == KEYS_ROWS and H <= 32 else 1
     if block_t > 1:
-        block_h = cfg.get("block_h") or triton.next_power_of_2(H)
+        block_h = cfg.get("block_h") or next_pow2(H)
         if block_t * block_h < 16:
             raise ValueError(f"block_t * block_h must be >= 16 (the smallest matrix-product tile), got "
                              f"{block_t} * {block_h}")
     else:
-        block_h = cfg.get("block_h") or (64 if H > 32 else max(16, triton.next_power_of_2(H)))
+        block_h = cfg.get("block_h") or (64 if H > 32 else max(16, next_pow2(H)))
     block_n = cfg["block_n"]
     num_warps = cfg["num_warps"] if block_h * block_t == 64 else 4
     if interpreting():
         block_n = min(block_n, 16)
-    n_hb = triton.cdiv(H, block_h)
-    tiles = triton.cdiv(max(max_keys + block_t - 1, 1), block_n)
-    progs = max(triton.cdiv(T, block_t) * n_hb, 1)
+    n_hb = cdiv(H, block_h)
+    tiles = cdiv(max(max_keys + block_t - 1, 1), block_n)
+    progs = max(cdiv(T, block_t) * n_hb, 1)
     splits = 1
     # Split keys across programs only when the items alone leave SMs idle: below ``split_below`` of them (a split
     # costs a combine launch and two partial buffers: ~45 µs of host per call, issue 14).

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 _BLOCK_COLS = 1024   # table columns per program
 
 
@@ -54,8 +56,8 @@ def decode_rows(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
     rows = torch.empty(T, nb, dtype=torch.int32, device=batch_id_per_token.device)
     if T == 0:
         return seqlens, rows
-    block = min(_BLOCK_COLS, triton.next_power_of_2(max(nb, 1)))
-    grid = (T, max(1, triton.cdiv(nb, block)))
+    block = min(_BLOCK_COLS, next_pow2(max(nb, 1)))
+    grid = (T, max(1, cdiv(nb, block)))
     _decode_rows_kernel[grid](block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, seqlens, rows, nb,
                               block_tables.stride(0), block_tables.stride(1), BLOCK=block)
     return seqlens, rows

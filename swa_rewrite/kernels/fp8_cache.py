@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
+from . import cdiv, interpreting, next_pow2
 from .launch import launch
 
 _TILE: tl.constexpr = tl.constexpr(fp8_format.TILE)
@@ -160,13 +160,13 @@ def write_fp8_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: tor
     aligned = cache.data_ptr() % 4 == 0 and cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0
     wide = aligned if wide_stores is None else wide_stores
     assert aligned or not wide, "wide stores need 4-byte aligned cache rows"
-    grid = (triton.cdiv(T, block_t),)
+    grid = (cdiv(T, block_t),)
     launch(_write_fp8_cache_kernel, grid,
         latent, cache, slot_mapping.contiguous(), finite_flag if finite_flag is not None else slot_mapping,
         T, num_blocks * ps, ps,
         latent.stride(0), latent.stride(1), cache.stride(0), cache.stride(1),
         R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
-        BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(rope_dim),
+        BLOCK_R=next_pow2(R), BLOCK_P=next_pow2(rope_dim),
         BLOCK_T=block_t, SOFT_CVT=soft, WIDE=wide, CHECK=finite_flag is not None, num_warps=num_warps)
 
 
@@ -214,7 +214,7 @@ def dequantize_fp8_cache(cache: torch.Tensor, out: torch.Tensor, *, rope_dim: in
     n = outer * inner
     if n == 0:
         return
-    _dequantize_fp8_cache_kernel[(triton.cdiv(n, block_t),)](
+    _dequantize_fp8_cache_kernel[(cdiv(n, block_t),)](
         cache, out, n, inner, cache.stride(0), cache.stride(1),
         R=R, P=rope_dim, SCALE_OFF=fp8_format.scale_offset(R), ROPE_OFF=fp8_format.rope_offset(R),
-        BLOCK_P=triton.next_power_of_2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)
+        BLOCK_P=next_pow2(rope_dim), BLOCK_T=block_t, num_warps=num_warps)

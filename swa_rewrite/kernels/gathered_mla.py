@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
+from . import cdiv, interpreting, next_pow2
 from ._common import (_LOG2E, _M_INIT, KEYS_INDICES, KEYS_PAGED, KEYS_ROWS, _attend_tile, _combine_splits_kernel,
                       _dequantize_tile, _load_queries, _load_tile, _outputs, _plan, _split_range, _store_rows,
                       split_targets)
@@ -200,8 +200,8 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
         lse.fill_(float("inf"))
         return out, lse
     plan = _plan(T, H, max_keys, q.device, config, keys)
-    block_r = max(16, triton.next_power_of_2(R))
-    block_p = max(16, triton.next_power_of_2(P))
+    block_r = max(16, next_pow2(R))
+    block_p = max(16, next_pow2(P))
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
     idx = dummy if idx is None else idx
     bt = dummy if bt is None else bt
@@ -209,7 +209,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
     splits = plan["splits"]
     o_t, l_t, o_strides, l_strides = split_targets(out, lse, splits)
     block_t = plan["block_t"]
-    grid = (triton.cdiv(T, block_t) * plan["n_hb"], splits)
+    grid = (cdiv(T, block_t) * plan["n_hb"], splits)
     common = dict(R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=plan["block_h"], BLOCK_N=plan["block_n"],
                   PARTIAL=splits > 1, INTERPRET=interpreting(), num_warps=plan["num_warps"],
                   num_stages=plan["num_stages"])
@@ -232,7 +232,7 @@ def _launch(q, cache, out, lse, *, keys, fp8, scale, rope_dim, max_keys, idx=Non
             stats.update(attention=compiled, plan=plan)
         if splits > 1:
             bh = 16
-            _combine_splits_kernel[(T, triton.cdiv(H, bh))](
+            _combine_splits_kernel[(T, cdiv(H, bh))](
                 o_t, l_t, out, lse, H, splits,  # the fp32 partials
                 *o_strides, *l_strides,
                 out.stride(0), out.stride(1), lse.stride(0),

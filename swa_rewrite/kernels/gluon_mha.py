@@ -42,8 +42,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
+from . import cdiv
 from ._common import _sm_count
 from .gluon_mla import AVAILABLE
 
@@ -332,7 +332,7 @@ def launch(q_nope, q_pe, kv, k_pe, kv_cu, cu_seqlens_q, seq_lens_decoder, qk_sca
     # a request ends inside) masked stores, and the descriptor passed is an unused stand-in.
     tma_out = bool(tma_out) and out.dtype == torch.bfloat16 and _tma_ok(out)
     o_desc = _desc(_as_rows(out, V), HALF_M, V) if tma_out else descs[0]
-    bound = (triton.cdiv(T, BLOCK_M) + B) * Hg
+    bound = (cdiv(T, BLOCK_M) + B) * Hg
     grid = (max(1, min(bound, programs or _sm_count(q_nope.device))),)
     return _gluon_mha_window_kernel[grid](
         *descs, o_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu, tile_b, qk_scale, B, Hg, window,

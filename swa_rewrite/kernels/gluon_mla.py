@@ -42,9 +42,9 @@ import functools
 import weakref
 
 import torch
-import triton
 
 from .. import fp8_format
+from . import cdiv
 from .launch import launch as launch_kernel
 
 try:
@@ -748,7 +748,7 @@ def launch_fp8(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
     R = D - P
     if descs is None:
         descs = _remembered("fp8", cache, R, P, fp8_descriptors)
-    return launch_kernel(_gluon_swa_fp8_kernel, (T * triton.cdiv(H, BLOCK_H), splits),
+    return launch_kernel(_gluon_swa_fp8_kernel, (T * cdiv(H, BLOCK_H), splits),
         q, *descs, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t, l_t, qk_scale, H, window,
         cache.shape[1], splits, q.stride(0), q.stride(1), block_tables.stride(0), *o_strides, *l_strides,
         R=R, P=P, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NBUF=nbuf, PARTIAL=splits > 1, num_warps=8, maxnreg=168)
@@ -764,7 +764,7 @@ def launch(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_
     P = 64
     R = D - P
     lat_desc, pe_desc = _remembered("dense", cache, R, P, descriptors) if descs is None else descs
-    grid = (T * triton.cdiv(H, BLOCK_H), splits)
+    grid = (T * cdiv(H, BLOCK_H), splits)
     if pingpong:      # 4 default warps + 4 + 1 worker warps: three warpgroups, as the warp-specialised kernel
         return launch_kernel(_gluon_pingpong_kernel, grid,
             q, cache, lat_desc, pe_desc, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, o_t,

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
 from .launch import launch
 
 
@@ -37,6 +38,6 @@ def write_kv_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
     T, D = latent.shape
     if T == 0:
         return
-    grid = (triton.cdiv(T, block_t),)
+    grid = (cdiv(T, block_t),)
     launch(_write_kv_cache_kernel, grid, latent, cache, slot_mapping, T, D, cache.shape[1],
            latent.stride(0), cache.stride(0), cache.stride(1), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import gluon_mha, interpreting
+from . import cdiv, gluon_mha, interpreting, next_pow2
 from ._common import _LOG2E, _M_INIT, _dequantize_tile, _load_tile, _round_to_bf16_grid, _sm_count
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernel loads through pointers
@@ -117,11 +117,11 @@ def gather_latent_rows(cache: torch.Tensor, kv_slots: torch.Tensor, out: torch.T
     if M == 0:
         return
     fp8 = cache.dtype == torch.uint8
-    block_r = max(16, triton.next_power_of_2(R))
-    _gather_rows_kernel[(triton.cdiv(M, block_t),)](
+    block_r = max(16, next_pow2(R))
+    _gather_rows_kernel[(cdiv(M, block_t),)](
         cache, kv_slots, out, M, cache.shape[1], cache.shape[0] * cache.shape[1], cache.stride(0), cache.stride(1),
         out.stride(0),
-        R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
+        R=R, P=rope_dim, BLOCK_R=block_r, BLOCK_P=max(16, next_pow2(rope_dim)),
         NT=block_r // fp8_format.TILE if fp8 else 1, BLOCK_T=block_t, FP8=fp8,
         num_warps=num_warps)
 
@@ -504,7 +504,7 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
         return
     cfg = attention_config(config, q_nope, q_pe, out.shape[-1], window)
     bm, bn = cfg["block_m"], cfg["block_n"]
-    bound = triton.cdiv(T, bm) + B                      # a bound on the query tiles, from shapes only
+    bound = cdiv(T, bm) + B                      # a bound on the query tiles, from shapes only
     if tile_cu is None:
         tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, bm, bound)
     elif tile_b is None and (cfg.get("kernel") == "gluon" or int(cfg.get("persistent", 0)) > 0):
@@ -521,9 +521,9 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
             stats["tma"] = True
             stats["kernel"] = "gluon"
         return
-    block_nope = max(16, triton.next_power_of_2(N))
-    block_rope = max(16, triton.next_power_of_2(P))
-    block_v = max(16, triton.next_power_of_2(V))
+    block_nope = max(16, next_pow2(N))
+    block_rope = max(16, next_pow2(P))
+    block_v = max(16, next_pow2(V))
     descs = _descriptors(kv, k_pe, bn, block_nope, block_rope, block_v) if cfg["tma"] else None
     kn_desc, v_desc, kp_desc = descs if descs is not None else (kv, kv, kv)        # unused pointers
     persistent = int(cfg.get("persistent", 0))
@@ -543,7 +543,7 @@ def mha_window_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
             stats["tma"] = descs is not None
             stats["programs"] = grid[0]
         return
-    grid = (triton.cdiv(T, bm) + B, Hg)
+    grid = (cdiv(T, bm) + B, Hg)
     compiled = _mha_window_fwd_kernel[grid](
         q_nope, q_pe, kv, k_pe, kn_desc, v_desc, kp_desc, out, lse, cu_seqlens_q, seq_lens_decoder, kv_cu, tile_cu,
         scale * _LOG2E, B, min(window, FULL_WINDOW), sinks, max(1, math.ceil(math.log2(B + 1))) + 1,
@@ -587,9 +587,9 @@ def fill_uncovered(out: torch.Tensor, lse: torch.Tensor, kv_cu: torch.Tensor, ba
         out.zero_()
         lse.fill_(float("inf"))
         return
-    _fill_uncovered_kernel[(triton.cdiv(T, block_t),)](
+    _fill_uncovered_kernel[(cdiv(T, block_t),)](
         out, lse, batch_id_per_token, kv_cu, T, H, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        V=V, BLOCK_T=block_t, BLOCK_V=max(16, triton.next_power_of_2(V)), num_warps=4)
+        V=V, BLOCK_T=block_t, BLOCK_V=max(16, next_pow2(V)), num_warps=4)
 
 
 def head_group(M: int, H: int, width: int, element_size: int, workspace_bytes: int | None = None) -> int:
@@ -598,8 +598,8 @@ def head_group(M: int, H: int, width: int, element_size: int, workspace_bytes: i
     budget = EXPAND_BYTES if workspace_bytes is None else workspace_bytes
     per_head = max(1, M * width * element_size)
     fit = max(1, min(H, budget // per_head))
-    groups = triton.cdiv(H, fit)
-    return triton.cdiv(H, groups)
+    groups = cdiv(H, fit)
+    return cdiv(H, groups)
 
 
 def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, cache: torch.Tensor,
@@ -634,7 +634,7 @@ def mha_swa_prefill_fwd(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: t
     cfg = attention_config(config, q_nope, q_pe, V, window)
     latent = torch.empty((M, R + P), dtype=dtype, device=q_nope.device)
     gather_latent_rows(cache, kv_slots, latent, rope_dim=P)
-    bound = triton.cdiv(T, cfg["block_m"]) + kv_cu.shape[0] - 1          # query tiles, from shapes only
+    bound = cdiv(T, cfg["block_m"]) + kv_cu.shape[0] - 1          # query tiles, from shapes only
     tile_cu, tile_b = tile_plan(cu_seqlens_q, kv_cu, cfg["block_m"], bound)
     hg = head_group(M, H, N + V, latent.element_size(), workspace_bytes)
     buf = torch.empty(M * hg * (N + V), dtype=dtype, device=q_nope.device)

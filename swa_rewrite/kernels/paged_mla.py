@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import gluon_mla, interpreting
+from . import cdiv, gluon_mla, interpreting, next_pow2
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                       _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
 from .gathered_mla import paged_attention_fwd
@@ -345,7 +345,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         # (W = 128, B = 128, H >= 64: the gathered kernel reads 128 rows where the tiles read 192, 1.90x vs 2.02x
         # FlashMLA); with few tokens the window is split across programs (W = 128, B <= 8: 1.37-1.39x vs
         # 1.78-1.89x), and a 16-head shard pads to 64 heads and wins everywhere (1.18-1.33x vs 1.39-2.52x).
-        few = T * triton.cdiv(H, 64) < _sm_count(q.device)
+        few = T * cdiv(H, 64) < _sm_count(q.device)
         kernel = "generic" if window < SWA_TILES_MIN_WINDOW and H > 32 and not few else "gluon"
     if kernel == "gluon" and not gluon_mla.supports(q, cache, rope_dim, window, fp8):
         # CPU, other GPUs, other shapes: the plain-Triton kernels (the gathered one for short windows and for
@@ -373,8 +373,8 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     if kernel == "gluon":
         return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
                           plan, window, config, stats)
-    block_r = max(16, triton.next_power_of_2(R))
-    block_p = max(16, triton.next_power_of_2(P))
+    block_r = max(16, next_pow2(R))
+    block_p = max(16, next_pow2(P))
     nt = block_r // fp8_format.TILE if fp8 else 1
     descs = _descriptors(cache, R, P, block_n, block_r, block_p, fp8) if config["tma"] else None
     lat_desc, sc_desc, pe_desc = descs if descs is not None else (cache, cache, cache)   # unused pointers
@@ -382,7 +382,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)
     chunk = int(config["chunk"])
     if chunk:
-        chunk = max(2, triton.next_power_of_2(chunk))
+        chunk = max(2, next_pow2(chunk))
     # The per-SM score slots need one program per SM: true at BLOCK_H = 64 and 8 warps, where the [64, R]
     # fp32 accumulator alone takes 128 registers per thread (checked after the launch, below). The
     # interpreter runs one program at a time: any head block may use slot 0 there.
@@ -422,11 +422,11 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
     if splits > 1:
         T, H, R = out_t.shape
         bh = 16
-        launch(_combine_splits_kernel, (T, triton.cdiv(H, bh)),
+        launch(_combine_splits_kernel, (T, cdiv(H, bh)),
                o_t, l_t, out_t, lse_t, H, splits,  # the fp32 partials
                *o_strides, *l_strides,
                out_t.stride(0), out_t.stride(1), lse_t.stride(0),
-               R=R, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
+               R=R, BLOCK_R=max(16, next_pow2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
 
 
 def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
@@ -445,7 +445,7 @@ def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_
                                     bool(config.get("pipeline")), config.get("pingpong") or False)
     if stats is not None:
         T, H, _ = q.shape
-        items = T * triton.cdiv(H, gluon_mla.BLOCK_H)
+        items = T * cdiv(H, gluon_mla.BLOCK_H)
         stats.update(attention=compiled, plan=dict(plan, kernel="gluon", block_h=gluon_mla.BLOCK_H, tma=True,
                                                    dedup=False, warp_specialize=warp_specialize, chunk=0,
                                                    pingpong=window == 0 and bool(config.get("pingpong")),

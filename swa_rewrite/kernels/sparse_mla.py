@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
-from . import interpreting
+from . import cdiv, interpreting, next_pow2
 from ._common import DEFAULT_CONFIG, KEYS_INDICES, KEYS_ROWS, _dequantize_tile, _load_tile, _outputs
 from .gathered_mla import _launch
 from .paged_mla import SWA_DECODE_CONFIG, paged_tiles_fwd
@@ -85,12 +85,12 @@ def staged_swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables:
     stage = torch.empty((T + B * (window - 1), D), dtype=q.dtype, device=q.device)
     block_n = cfg["stage_block_n"] if not interpreting() else 16
     if T > 0 and B > 0:
-        staged_kernel = _stage_windows_kernel[(B, triton.cdiv(T + window - 1, block_n))](
+        staged_kernel = _stage_windows_kernel[(B, cdiv(T + window - 1, block_n))](
             cache, block_tables, cu_seqlens_q, seq_lens_decoder, stage, window, cache.shape[1],
             cache.stride(0), cache.stride(1), block_tables.stride(0), stage.stride(0),
-            R=R, P=rope_dim, BLOCK_R=max(16, triton.next_power_of_2(R)),
-            BLOCK_P=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n,
-            NT=max(16, triton.next_power_of_2(R)) // fp8_format.TILE, FP8=True, num_warps=4)
+            R=R, P=rope_dim, BLOCK_R=max(16, next_pow2(R)),
+            BLOCK_P=max(16, next_pow2(rope_dim)), BLOCK_N=block_n,
+            NT=max(16, next_pow2(R)) // fp8_format.TILE, FP8=True, num_warps=4)
         if stats is not None:
             stats.update(stage=staged_kernel)
     out, lse = _outputs(q, R, out)

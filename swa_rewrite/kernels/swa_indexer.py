@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 _TILE_ELEMS = 2048  # window entries per program
 
 
@@ -91,9 +93,9 @@ def swa_indexer(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens
         indices.fill_(-1)
         num_valid.zero_()
         return
-    block_w = min(triton.next_power_of_2(width), tile_elems)
-    block_t = max(1, min(tile_elems // block_w, triton.next_power_of_2(T)))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(width, block_w))
+    block_w = min(next_pow2(width), tile_elems)
+    block_t = max(1, min(tile_elems // block_w, next_pow2(T)))
+    grid = (cdiv(T, block_t), cdiv(width, block_w))
     _swa_indexer_kernel[grid](
         block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, indices, num_valid,
         T, window, sinks, page_size, block_tables.shape[1], block_tables.stride(0), block_tables.stride(1),
