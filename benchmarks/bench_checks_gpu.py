@@ -15,14 +15,17 @@ Variants (each a whole eager step, ``--batch`` one-token decodes at ``--context`
 - ``off, kernel[grid] launches``: unchecked, every Triton kernel launched through the JIT (``launch.jit_launches``),
   against ``off``: what the direct relaunch saves.
 
-Times: median of ``--iters`` steps (CUDA events around each step), best of ``--trials`` alternating rounds. The host
-varies between calls: compare rows of one run only.
+Times: median of ``--iters`` steps (CUDA events around each step), best of ``--trials`` rounds, the two models
+interleaved call by call (``timing.paired_us``); "paired speed-up": the median over every round of the original's
+step time over the rewritten's in the same round, which the host's drift does not move. The host varies between
+calls: compare rows of one run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 
 import torch
@@ -36,7 +39,7 @@ from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
 from swa_rewrite.ops import fp8_cache  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
 from swa_rewrite.runtime import num_cache_groups  # noqa: E402
-from swa_rewrite.timing import median_us  # noqa: E402
+from swa_rewrite.timing import paired_us  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -99,21 +102,23 @@ def main(argv=None) -> None:
         b = decode_batch(args.batch, args.context, ps, num_cache_groups(m), dev)
         steps[which] = (lambda m=m, c=caches, b=b: m(b.input_ids, kv_caches=c, meta=b.meta,
                                                     logits_indices=b.last_token_index))
-    best = {}
+    best, ratios = {}, {label: [] for label in VARIANTS}
+    names = list(steps)
     with torch.no_grad():
         for _ in range(args.trials):
             for label, ctx in VARIANTS.items():
-                for which, step in steps.items():
-                    with ctx():
-                        us = median_us(step, warmup=3, iters=args.iters)
-                    best[which, label] = min(best.get((which, label), float("inf")), us)
+                with ctx():     # the two models interleaved call by call: their ratio does not drift with the host
+                    times = paired_us([steps[w] for w in names], args.iters, warmup=3)
+                for which, ts in zip(names, times):
+                    best[which, label] = min(best.get((which, label), float("inf")), statistics.median(ts))
+                ratios[label].extend(a / b for a, b in zip(*times))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; eager decode step, {args.batch} requests at "
           f"{args.context}, W={args.window} on layers 0, 2; µs, best of {args.trials} medians of {args.iters}")
     print(f"direct relaunches: {launch.direct_calls()}")
-    print("| variant | original | rewritten | speed-up |\n|---|---|---|---|")
+    print("| variant | original | rewritten | speed-up | paired speed-up |\n|---|---|---|---|---|")
     for label in VARIANTS:
         o, r = best["original", label], best["rewritten", label]
-        print(f"| {label} | {o:.1f} | {r:.1f} | {o / r:.2f}x |")
+        print(f"| {label} | {o:.1f} | {r:.1f} | {o / r:.2f}x | {statistics.median(ratios[label]):.2f}x |")
 
 
 if __name__ == "__main__":

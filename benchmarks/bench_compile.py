@@ -20,9 +20,11 @@ Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite
 - ``inductor+graphs``: the Inductor step inside ``DecodeGraphs``.
 
 Caches are allocated once per model for the longest context (``--batch`` requests of it) and shared by all
-contexts. Every time is the best of ``--trials`` medians of ``swa_rewrite.timing.median_us`` (CUDA events on the
-GPU) after warm-up, the two models timed alternately (eager steps are host-bound: a drift of the machine then
-lands on both; the per-trial medians go to stderr), with data
+contexts. The two models' steps are timed interleaved call by call (``swa_rewrite.timing.paired_us``: CUDA events
+on the GPU, a synchronisation per call) after warm-up; every time is the best of ``--trials`` per-trial medians
+(which go to stderr), and the "paired" speed-up the median over every round of the original's call time over the
+rewritten's in the same round: eager steps are host-bound and the host's speed drifts by tens of percent within
+seconds, which moves separate medians but not the ratio of neighbouring calls. With data
 checks off (``checks_disabled``), as in serving. One decode step: ``--batch`` requests of one token each,
 ``context`` tokens cached, page ``--page-size``; caches hold random bytes (what is timed does not depend on
 their values). Predicted speed-up = bytes the original's step reads / bytes the rewritten's reads: every
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import statistics
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -49,7 +52,7 @@ from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.ops.kv_cache_spec import FULL
 from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
-from swa_rewrite.timing import median_us
+from swa_rewrite.timing import paired_us
 
 MODES = ("eager", "eager+checks", "eager+graphs", "inductor", "reduce-overhead", "inductor+graphs")
 CPU_MODES = ("eager", "eager+checks", "eager+graphs")
@@ -158,13 +161,22 @@ def run(args) -> list[dict]:
                 print(f"  {which}, context {ctx}, {mode} ...", file=sys.stderr, flush=True)
                 built[which] = build(mode, which, model, rewritten, schedule, caches_of[which], *steps[which],
                                      groups[which], device)
-            trials = {w: [] for w in built}
-            for t in range(args.trials):
-                for which in (list(built) if t % 2 == 0 else list(built)[::-1]):
-                    trials[which].append(median_us(built[which][0], args.iters, warmup=args.warmup, device=device))
+            # The two models' steps interleaved call by call (paired_us): each trial's median per model (the best
+            # trial reported), and the median of the per-round ratios over every trial — the speed-up of neighbouring
+            # calls, which the host's drift between and within trials (tens of percent in host-bound modes) does
+            # not move.
+            names = list(built)
+            trials = {w: [] for w in names}
+            ratios = []
+            for _ in range(args.trials):
+                times = paired_us([built[w][0] for w in names], args.iters, warmup=args.warmup, device=device)
+                for w, ts in zip(names, times):
+                    trials[w].append(statistics.median(ts))
+                ratios.extend(a / b for a, b in zip(*times))
+            paired = statistics.median(ratios)
             host = {w: host_issue_us(built[w][0], device) for w in built}
             for which, (_, setup_s) in built.items():
-                result[(which, ctx, mode)] = (min(trials[which]), setup_s, host[which])
+                result[(which, ctx, mode)] = (min(trials[which]), setup_s, host[which], paired)
             print("    medians (us): " + "; ".join(f"{w} " + ", ".join(f"{x:.0f}" for x in v) for w, v in trials.items()),
                   file=sys.stderr, flush=True)
             built = None
@@ -179,8 +191,9 @@ def run(args) -> list[dict]:
     for ctx in args.contexts:
         kv = {w: kv_bytes(specs[w], ctx, args.batch) for w in specs}
         for mode in args.modes:
-            (t0, s0, h0), (t1, s1, h1) = result[("original", ctx, mode)], result[("rewritten", ctx, mode)]
+            (t0, s0, h0, paired), (t1, s1, h1, _) = result[("original", ctx, mode)], result[("rewritten", ctx, mode)]
             rows.append(dict(context=ctx, mode=mode, original_us=t0, rewritten_us=t1, speedup=t0 / t1,
+                             paired_speedup=paired,
                              original_host_us=h0, rewritten_host_us=h1,
                              predicted=(weights + kv["original"]) / (weights + kv["rewritten"]),
                              kv_ratio=kv["original"] / kv["rewritten"], original_setup_s=s0, rewritten_setup_s=s1))
@@ -286,12 +299,12 @@ def python_profile(call, label: str, steps: int = 10, checks: bool = False) -> N
 
 def render(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (one per context and mode)."""
-    lines = ["| context | mode | original (µs) | rewritten (µs) | speed-up | bytes predict (weights + KV) | "
-             "KV bytes ratio | host µs to issue (orig / rewr) | setup s (orig / rewr) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| context | mode | original (µs) | rewritten (µs) | speed-up | paired speed-up | "
+             "bytes predict (weights + KV) | KV bytes ratio | host µs to issue (orig / rewr) | setup s (orig / rewr) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['context']} | {r['mode']} | {r['original_us']:.1f} | {r['rewritten_us']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['predicted']:.2f}x | {r['kv_ratio']:.2f}x | "
+                     f"{r['speedup']:.2f}x | {r['paired_speedup']:.2f}x | {r['predicted']:.2f}x | {r['kv_ratio']:.2f}x | "
                      f"{r['original_host_us']:.0f} / {r['rewritten_host_us']:.0f} | "
                      f"{r['original_setup_s']:.1f} / {r['rewritten_setup_s']:.1f} |")
     return "\n".join(lines)

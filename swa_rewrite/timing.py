@@ -4,7 +4,9 @@
 no host round trip inside the timed region), ``time.perf_counter`` on the CPU, warm-up calls first, the
 median in microseconds; ``flush_l2=True`` empties the GPU's L2 cache before each timed call (bandwidth
 benchmarks). ``graph_replay_us(fn)`` captures ``fn`` once in a CUDA graph and times replays of it the same
-way (launch overhead out of the picture, as a serving engine replays decode steps). Importing this module
+way (launch overhead out of the picture, as a serving engine replays decode steps). ``paired_us(fns)`` times
+several callables interleaved call by call, and ``paired_ratio`` compares two of them round by round: a ratio
+that the host's drift does not move (host-paced steps). Importing this module
 needs no GPU; only the CUDA paths do. ``progress(iterable)`` is a ``tqdm`` bar on stderr, off when stderr is
 not a terminal (logs, CI, pipes) or when the caller says so.
 """
@@ -14,13 +16,13 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-__all__ = ["graph_replay_us", "median_us", "progress"]
+__all__ = ["graph_replay_us", "median_us", "paired_ratio", "paired_us", "progress"]
 
 _L2_FLUSH_BYTES = 256 << 20   # larger than any current GPU's L2 (H100/H200: 50 MB), as triton.testing uses
 
@@ -49,6 +51,43 @@ def median_us(fn: Callable[[], object], iters: int = 30, *, warmup: int = 3,
         scratch = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
         flush = scratch.zero_
     return statistics.median(_cuda_times(fn, iters, flush))
+
+
+def paired_us(fns: Sequence[Callable[[], object]], iters: int = 30, *, warmup: int = 3,
+              device: torch.device | str | None = None) -> list[list[float]]:
+    """Microseconds of every timed call of each of ``fns``, the callables interleaved call by call: round ``i``
+    calls each once, in turn (the order rotating from round to round), so neighbouring calls of different callables
+    see the same machine. Where the host paces the calls (an eager step) its speed drifts by tens of percent within
+    seconds; the ratio of two callables' calls from one round (``paired_ratio``) does not drift with it, as medians
+    of separate runs do. Each callable gets ``warmup`` untimed calls first; timed as ``median_us`` (CUDA events and a
+    synchronisation per call on CUDA, ``perf_counter`` elsewhere). Returns one list of ``iters`` times per callable.
+    ``ValueError`` for ``iters < 1``, ``warmup < 0`` or no callables."""
+    _check_counts(iters, warmup)
+    if not fns:
+        raise ValueError("paired_us needs at least one callable")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.device(device).type == "cuda"
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
+    n = len(fns)
+    for i in range(iters):
+        for k in range(n):
+            j = (i + k) % n
+            times[j].extend(_cuda_times(fns[j], 1) if cuda else _wall_times(fns[j], 1))
+    return times
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median over rounds of ``a[i] / b[i]`` (two callables' times from ``paired_us``): how many times longer
+    ``a`` took than ``b`` on the same machine state."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def graph_replay_us(fn: Callable[[], object], iters: int = 20, *, warmup: int = 1) -> float:

@@ -352,7 +352,8 @@ def test_bench_compile_cpu_smoke(capsys):
     assert rows[0]["kv_ratio"] == pytest.approx(original / rewritten)
     weights = bench.weight_bytes(MLAModel(TINY), 2)
     assert rows[0]["predicted"] == pytest.approx((weights + original) / (weights + rewritten))
-    assert all(r["original_us"] > 0 and r["rewritten_us"] > 0 for r in rows)
+    assert all(r["original_us"] > 0 and r["rewritten_us"] > 0 and r["paired_speedup"] > 0 for r in rows)
+    assert "| speed-up | paired speed-up |" in out
     # The host's time to issue a step beside the step's time (host-bound when at or above it).
     assert all(r["original_host_us"] > 0 and r["rewritten_host_us"] > 0 for r in rows)
     assert "host µs to issue (orig / rewr)" in out

@@ -7,7 +7,8 @@ import pytest
 
 import torch
 
-from swa_rewrite.timing import graph_replay_us, median_us, progress
+from swa_rewrite import timing
+from swa_rewrite.timing import graph_replay_us, median_us, paired_ratio, paired_us, progress
 
 
 def test_median_us_times_warmup_then_iters_on_cpu():
@@ -20,6 +21,46 @@ def test_median_us_times_warmup_then_iters_on_cpu():
     us = median_us(fn, iters=5, warmup=2, device="cpu")
     assert len(calls) == 7
     assert 1500 < us < 200_000           # ~2 ms in µs, loose for a busy machine
+
+
+def test_paired_us_interleaves_the_callables_call_by_call_with_a_rotating_order():
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    times = paired_us(fns, iters=3, warmup=1, device="cpu")
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")   # warm-ups, then three rounds
+    assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
+
+
+def test_the_paired_ratio_holds_while_the_host_drifts(monkeypatch):
+    """A host whose speed halves over the run (each call 2 % slower than the one before) and two steps of which
+    ``a`` costs twice ``b``: the ratio of neighbouring calls stays 2 (within the one-call drift), where the ratio
+    of medians taken one after the other does not."""
+    state = {"speed": 1.0}
+
+    def fake_wall_times(fn, iters):
+        out = []
+        for _ in range(iters):
+            out.append(fn() * state["speed"])
+            state["speed"] *= 1.02
+        return out
+
+    monkeypatch.setattr(timing, "_wall_times", fake_wall_times)
+    a, b = (lambda: 200.0), (lambda: 100.0)
+    ta, tb = paired_us([a, b], iters=40, warmup=0, device="cpu")
+    assert paired_ratio(ta, tb) == pytest.approx(2.0, rel=0.03)
+    state["speed"] = 1.0
+    separate_a, separate_b = median_us(a, iters=40, warmup=0, device="cpu"), median_us(b, iters=40, warmup=0,
+                                                                                       device="cpu")
+    assert separate_a / separate_b < 1.4                     # the drift between the two runs hides most of it
+
+
+@pytest.mark.parametrize("args, match", [(([],), "needs at least one callable"),
+                                         (([lambda: None], 0), "iters must be an integer >= 1, got 0")])
+def test_paired_us_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        paired_us(*args, device="cpu")
+    with pytest.raises(ValueError, match="equally long, non-empty"):
+        paired_ratio([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("kw, match", [(dict(iters=0), "iters must be an integer >= 1, got 0"),
