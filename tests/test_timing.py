@@ -137,3 +137,4 @@ def test_progress_draws_on_a_terminal_unless_disabled(monkeypatch):
         monkeypatch.setattr("sys.stderr", err)
         assert list(progress(range(3), desc="steps", disable=disable)) == [0, 1, 2]
         assert ("steps" in err.getvalue()) == drawn
+

@@ -1,0 +1,19 @@
+"""``benchmarks/bench_op_python.py``: the Python host time of our ops' CUDA functions, measured on the CPU (issue 14)."""
+
+
+def test_bench_op_python_cpu_smoke():
+    """``benchmarks/bench_op_python.py``: each op's CUDA function runs on CPU tensors with its launches stubbed,
+    and every stub is undone afterwards."""
+    import importlib.util
+    import pathlib
+
+    from swa_rewrite.kernels import gluon_mla, paged_mla
+
+    before = (gluon_mla.supports, gluon_mla.launch_kernel, paged_mla.launch)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_op_python.py"
+    spec = importlib.util.spec_from_file_location("bench_op_python", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--calls", "3", "--context", "256", "--batch", "4"])
+    assert len(rows) == 4 and all(us > 0 for us in rows.values())
+    assert (gluon_mla.supports, gluon_mla.launch_kernel, paged_mla.launch) == before
