@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import importlib
-import io
-import pstats
 import statistics
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_compile import cprofiled, profile_table  # noqa: E402
 
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
@@ -187,14 +187,7 @@ def measure(which: str, model: torch.nn.Module, groups: tuple, keys: tuple, args
                   per_check={k: (v[0] / runs * 1e6, v[1] / runs, totals_off.get(k, (0.0, 0))[0] / runs * 1e6)
                              for k, v in totals.items()})
     if args.cprofile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.iters):
-            step()
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.cprofile)
-        result["cprofile"] = "\n".join(line[:180] for line in buf.getvalue().splitlines()[4:] if line.strip())
+        result["cprofile"] = profile_table(cprofiled(step, args.iters), rows=args.cprofile, width=180)
     return result
 
 

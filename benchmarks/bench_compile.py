@@ -274,27 +274,39 @@ def profile(args) -> None:
                 torch.cuda.empty_cache()
 
 
-def python_profile(call, label: str, steps: int = 10, checks: bool = False) -> None:
-    """cProfile's view of ``steps`` un-synchronised eager steps (``checks``: in checked mode): the Python functions
-    where the host's time goes (own time, then cumulative), library and project code alike."""
+def cprofiled(fn: Callable[[], object], calls: int):
+    """``calls`` calls of ``fn`` under cProfile; returns the profile (``profile_table``)."""
     import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    return prof
+
+
+def profile_table(prof, order: str = "tottime", rows: int = 28, width: int = 200) -> str:
+    """The ``rows`` functions of ``prof`` with the most ``order`` time (``tottime``: own, ``cumtime``: with callees),
+    cProfile's table without its preamble, lines cut at ``width``."""
     import io
     import pstats
 
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(rows)
+    return "\n".join(line[:width] for line in buf.getvalue().splitlines()[4:] if line.strip())
+
+
+def python_profile(call, label: str, steps: int = 10, checks: bool = False) -> None:
+    """cProfile's view of ``steps`` un-synchronised eager steps (``checks``: in checked mode): the Python functions
+    where the host's time goes (own time, then cumulative), library and project code alike."""
     with (contextlib.nullcontext() if checks else checks_disabled()):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(steps):
-            call()
-        prof.disable()
+        prof = cprofiled(call, steps)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     for order in ("tottime", "cumtime"):
-        buf = io.StringIO()
-        stats = pstats.Stats(prof, stream=buf)
-        stats.sort_stats(order).print_stats(28)
         print(f"\n## cProfile: {label}, {steps} steps, by {order}")
-        print("\n".join(line[:200] for line in buf.getvalue().splitlines()[5:]))
+        print(profile_table(prof, order))
 
 
 def render(rows: list[dict]) -> str:

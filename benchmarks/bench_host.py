@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_compile import decode_batch, fill_random  # noqa: E402
+from bench_compile import cprofiled, decode_batch, fill_random, profile_table  # noqa: E402
 
 from swa_rewrite import Schedule, apply  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
@@ -150,24 +150,17 @@ def swa_split_sweep(device: torch.device, context: int = 4096, window: int = 128
 def profile_step(which: str, step, n: int, device: torch.device, top: int = 45) -> None:
     """``n`` steps under cProfile (checks off): the functions with the most own time, then every
     ``swa_rewrite`` op of the step replayed ``n`` times alone under its own profile."""
-    import cProfile
-    import pstats
-
     def run(fn, label):
         with checks_disabled():
             for _ in range(3):
                 fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(n):
-                fn()
-            prof.disable()
+            prof = cprofiled(fn, n)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         print(f"\n## cProfile, {which}: {label}, {n} calls (own and cumulative seconds for all calls)")
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+        print(profile_table(prof, rows=top))
 
     run(step, "whole step")
     rec = Recorder()

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import importlib
-import io
-import pstats
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_compile import decode_batch  # noqa: E402
+from bench_compile import cprofiled, decode_batch, profile_table  # noqa: E402
 
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
 
@@ -116,15 +113,8 @@ def main(argv=None) -> dict:
             results[name] = host_us(fn, args.calls)
             print(f"  {name:42s} {results[name]:7.1f}")
         for name, fn in calls.items() if args.cprofile else ():
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.cprofile):
-                fn()
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
             print(f"\n## cProfile: {name}, {args.cprofile} calls, by own time")
-            print("\n".join(line[:170] for line in buf.getvalue().splitlines()[5:]))
+            print(profile_table(cprofiled(fn, args.cprofile), rows=16, width=170))
     return results
 
 
