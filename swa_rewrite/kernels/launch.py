@@ -35,7 +35,8 @@ DIRECT_TRITON = ("3.6",)
 _ENTRIES: dict = {}        # (kernel, device, specialisation, options, knobs) -> _Entry, or None: not direct
 _DESC_ARGS: dict = {}      # (id(descriptor), index) -> (weak reference to it, its launcher arguments)
 _MAX = 4096
-_STATE: dict = {}          # "ok": whether this Triton has what ``launch`` reads (checked once); "calls"
+_STATE: dict = {}          # "ok": whether this Triton has what ``launch`` reads (checked once), "triton": its
+                           # knobs and driver modules; "calls"
 
 
 class _Entry:
@@ -62,6 +63,7 @@ def _direct_ok() -> bool:
                       and hasattr(nv_driver, "CudaLauncher")
                       and getattr(nv_driver, "_BASE_ARGS_FORMAT", None) == "iiiKKppOOOOOO"
                       and driver.active is not None)
+                _STATE["triton"] = (knobs, driver)     # for ``launch``: no import statement on its path
             except Exception:
                 ok = False
         _STATE["ok"] = ok
@@ -126,9 +128,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` (module docstring); returns the compiled kernel as that does."""
     if not _direct_ok() or callable(grid):
         return kernel[grid](*args, **kwargs)
-    from triton import knobs
-    from triton.runtime import driver
-
+    knobs, driver = _STATE["triton"]
     runtime = knobs.runtime
     if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
         return kernel[grid](*args, **kwargs)
