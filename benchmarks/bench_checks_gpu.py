@@ -104,7 +104,7 @@ def main(argv=None) -> None:
                                                     logits_indices=b.last_token_index))
     best, ratios = {}, {label: [] for label in VARIANTS}
     names = list(steps)
-    with torch.no_grad():
+    with torch.inference_mode():
         for _ in range(args.trials):
             for label, ctx in VARIANTS.items():
                 with ctx():     # the two models interleaved call by call: their ratio does not drift with the host

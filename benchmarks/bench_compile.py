@@ -368,7 +368,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
-    with torch.no_grad():
+    with torch.inference_mode():      # as serving engines run a model step (custom ops skip their autograd layer)
         rows = run(args)
         if args.profile:
             profile(args)

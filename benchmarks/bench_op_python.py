@@ -10,7 +10,8 @@ is called with CPU tensors of the GPU step's shapes (bf16 queries, packed FP8 / 
 ``--batch`` one-token decodes at ``--context``), checks off as in serving, with: the Gluon kernels taken as
 supported on a 132-SM device, every Triton launch (``kernels.launch``) a no-op, and the two matrix products
 (absorb / un-absorb) replaced by empty outputs of their shapes (their CPU arithmetic would swamp the rest). So a
-row is the Python and the small tensor operations (views, empties, checks) of one call. The CPU's host is ~2-3×
+row is the Python and the small tensor operations (views, empties, checks) of one call; its second column the same
+inside ``checks.compiled_graph`` (an op in an Inductor graph of ``swa_rewrite.backend``: no shape checks). The CPU's host is ~2-3×
 faster per operation than the lent H200's: compare rows of one run, and between commits.
 """
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_compile import cprofiled, decode_batch, profile_table  # noqa: E402
 
-from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
+from swa_rewrite.ops.checks import checks_disabled, compiled_graph  # noqa: E402
 
 _MODULES = {name: importlib.import_module(f"swa_rewrite.{name}") for name in (
     "kernels._common", "kernels.gluon_mla", "kernels.paged_mla", "kernels.fp8_cache", "kernels.kv_cache", "ops.mla_attention",
@@ -109,9 +110,12 @@ def main(argv=None) -> dict:
         calls = op_calls(args.batch, args.context)
         print(f"# CPU, torch {torch.__version__}; CUDA functions of the ops, launches stubbed; {args.batch} decodes at "
               f"{args.context}, W = 128; host µs per call, best of 5 means of {args.calls}")
+        print(f"  {'':42s} {'eager':>7s} {'in a compiled graph':>20s}")
         for name, fn in calls.items():
             results[name] = host_us(fn, args.calls)
-            print(f"  {name:42s} {results[name]:7.1f}")
+            with compiled_graph():              # as inside swa_rewrite.backend's Inductor graphs: shapes traced
+                results[name + ", compiled graph"] = host_us(fn, args.calls)
+            print(f"  {name:42s} {results[name]:7.1f} {results[name + ', compiled graph']:20.1f}")
         for name, fn in calls.items() if args.cprofile else ():
             print(f"\n## cProfile: {name}, {args.cprofile} calls, by own time")
             print(profile_table(cprofiled(fn, args.cprofile), rows=16, width=170))

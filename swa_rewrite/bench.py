@@ -52,7 +52,7 @@ def run_bench(model: MLAModel, schedule: Schedule, args) -> None:
     """Time ``model`` (on CUDA, bf16) and its rewrite by ``schedule``; ``args`` carries the sizes of
     ``swa-rewrite bench`` (``contexts``, ``batch``, ``prefill_tokens``, ``page_size``, ``iters``,
     ``no_progress``). The CLI builds the model and the schedule: this module never imports the CLI."""
-    with checks_disabled(), torch.no_grad():   # serving mode: no host round trips for input checks
+    with checks_disabled(), torch.inference_mode():   # serving mode: no host round trips for input checks
         _run_bench(model, schedule, args)
 
 
@@ -191,7 +191,7 @@ def run_capacity(model: MLAModel, schedule: Schedule, args, device: str = "cuda"
     KV budget of ``args.budget_gib`` GiB (caches allocated for real, filled with random latents, tables
     synthetic), and the decode step of each at that batch (a CUDA graph on CUDA). Returns one dict per
     (context, model) and prints a table."""
-    with checks_disabled(), torch.no_grad():
+    with checks_disabled(), torch.inference_mode():
         return _run_capacity(model, schedule, args, device)
 
 

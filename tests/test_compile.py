@@ -233,6 +233,32 @@ def test_inductor_compiled_matches_eager_and_reference(seed):
 
 
 @pytest.mark.slow
+def test_compiled_graph_skips_shape_checks_keeps_data_checks(seed):
+    """Inside an Inductor graph of the backend the ops skip the shape checks its trace ran (checks.compiled_graph):
+    no attention op checks its dimensions when the compiled step runs; eager steps do, once per layer. The data
+    checks still run there in checked mode: an out-of-range block id raises."""
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    compiled = torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True)
+    items = random_items(random.Random(seed), 16)
+    core = importlib.import_module("swa_rewrite.ops.mla_attention")
+    calls = []
+    dims = core._dims
+    with unittest.mock.patch.object(core, "_dims", lambda *a: calls.append(1) or dims(*a)), torch.no_grad():
+        ref = step(apply(model, schedule), packed_caches(model, schedule), items, 16)
+        assert len(calls) == TINY.num_hidden_layers                      # eager: every attention op
+        step(compiled, packed_caches(model, schedule), items, 16)        # compiles: the fake implementations check
+        traced = len(calls)
+        got = step(compiled, packed_caches(model, schedule), items, 16)
+        assert len(calls) == traced                                      # the compiled graph's ops do not
+    assert rel_err(got, ref) < 1e-2
+    assert not swa_rewrite.ops.checks.shapes_traced()                     # only inside the graph's call
+    b = StepBatch.build(items, 16, num_groups=ALL_GROUPS)
+    b.meta.block_tables[:, 0, 0] = 10_000
+    with torch.no_grad(), pytest.raises(ValueError, match="out of range"):
+        compiled(b.input_ids, kv_caches=packed_caches(model, schedule), meta=b.meta)
+
+
 def test_inductor_post_grad_pass(seed):
     """The same rewrite installed as Inductor's custom post-grad pass on a plain torch.compile."""
     model = MLAModel(TINY, seed=seed)

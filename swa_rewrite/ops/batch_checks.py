@@ -57,14 +57,32 @@ class BatchRule:
 def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
                 batch_id_per_token: torch.Tensor, page_size: int, num_blocks: int, group: int, *,
-                window: Optional[int] = None, sinks: int = 0, data: bool = True) -> None:
+                window: Optional[int] = None, sinks: int = 0, data: bool = True, shapes: bool = True) -> None:
     """Batch metadata of docs/design.md §5 for ``num_tokens`` query tokens, ``block_tables [G, B, nb]`` read at
     ``group`` by an op with ``window`` (None or 0: full attention) and ``sinks`` (``BatchRule``).
 
-    Shapes and dtypes are always checked. The data checks (``check_batch_data``, one device-to-host copy) run in
+    Shapes and dtypes are checked unless ``shapes=False`` (an op inside a compiled graph, whose trace checked them:
+    ``checks.compiled_graph``). The data checks (``check_batch_data``, one device-to-host copy) run in
     checked mode unless ``data=False`` (fake implementations) or these tensors are the very objects the step
     check of the enclosing ``checks.validated_step`` block validated for this group under a rule covering this
     op's (``BatchRule.covers``)."""
+    if shapes:
+        _check_batch_shapes(num_tokens, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                            batch_id_per_token, page_size, group)
+    if not data or block_tables.device.type == "meta" or not checks_enabled():
+        return
+    rule = BatchRule.of(page_size, num_blocks, window, sinks)
+    tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
+    if any(seen.covers(rule) for seen in validated_entries(tensors, group)):
+        return                  # the step check validated these very tensors for this group, at least as strictly
+    table = block_tables[group]
+    host = host_int64((table,) + tensors[1:])
+    check_batch_data(num_tokens, host[0].view(table.shape), *host[1:], rule, group)
+
+
+def _check_batch_shapes(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens_encoder: torch.Tensor, seq_lens_decoder: torch.Tensor,
+                        batch_id_per_token: torch.Tensor, page_size: int, group: int) -> None:
     check_index("block_tables", block_tables, 3)
     check_group("block_tables", block_tables, group)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens_encoder", seq_lens_encoder),
@@ -86,15 +104,6 @@ def check_batch(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch
         devices = {t.device for t in (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                                       batch_id_per_token)}
         fail(f"the step's metadata tensors must be on one device, got {sorted(map(str, devices))}")
-    if not data or device.type == "meta" or not checks_enabled():
-        return
-    rule = BatchRule.of(page_size, num_blocks, window, sinks)
-    tensors = (block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token)
-    if any(seen.covers(rule) for seen in validated_entries(tensors, group)):
-        return                  # the step check validated these very tensors for this group, at least as strictly
-    table = block_tables[group]
-    host = host_int64((table,) + tensors[1:])
-    check_batch_data(num_tokens, host[0].view(table.shape), *host[1:], rule, group)
 
 
 def table_name(group: int) -> str:

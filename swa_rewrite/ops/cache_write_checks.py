@@ -23,25 +23,27 @@ class NonFiniteLatentError(ValueError):
 
 
 def check_cache_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                      width: int, group: int, *, data: bool = True) -> None:
+                      width: int, group: int, *, data: bool = True, shapes: bool = True) -> None:
     """``latent [T, D]``, ``cache [num_blocks, ps, width]``, ``slot_mapping [G, T]`` of which row ``group``
     is this cache's.
 
-    ``data=False`` (fake implementations) checks shapes and dtypes only.
+    ``data=False`` (fake implementations) checks shapes and dtypes only; ``shapes=False`` (an op inside a compiled
+    graph, whose trace checked them: ``checks.compiled_graph``) the data only.
     """
-    if latent.dim() != 2:
-        fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
-    if cache.dim() != 3:
-        fail(f"cache must be [num_blocks, page_size, bytes_or_D], got shape {tuple(cache.shape)}")
-    if cache.shape[-1] != width:
-        fail(f"cache rows are {cache.shape[-1]} wide, expected {width} for latent width {latent.shape[1]}")
-    check_index("slot_mapping", slot_mapping, 2)
-    check_group("slot_mapping", slot_mapping, group)
-    if slot_mapping.shape[1] != latent.shape[0]:
-        fail(f"slot_mapping has {slot_mapping.shape[1]} entries for {latent.shape[0]} latent rows")
-    if latent.device != cache.device or slot_mapping.device != cache.device:
-        fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
-             "must be on one device")
+    if shapes:
+        if latent.dim() != 2:
+            fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
+        if cache.dim() != 3:
+            fail(f"cache must be [num_blocks, page_size, bytes_or_D], got shape {tuple(cache.shape)}")
+        if cache.shape[-1] != width:
+            fail(f"cache rows are {cache.shape[-1]} wide, expected {width} for latent width {latent.shape[1]}")
+        check_index("slot_mapping", slot_mapping, 2)
+        check_group("slot_mapping", slot_mapping, group)
+        if slot_mapping.shape[1] != latent.shape[0]:
+            fail(f"slot_mapping has {slot_mapping.shape[1]} entries for {latent.shape[0]} latent rows")
+        if latent.device != cache.device or slot_mapping.device != cache.device:
+            fail(f"latent ({latent.device}), cache ({cache.device}) and slot_mapping ({slot_mapping.device}) "
+                 "must be on one device")
     # Inside a validated step whose check covered these very slots (range and uniqueness with the tables),
     # nothing is left to check (and no device-to-host copy is needed).
     if (data and slot_mapping.shape[1] and cache.device.type != "meta" and checks_enabled()

@@ -1,17 +1,18 @@
 """The checks switch and the generic argument checks every op, the model and the runtime share.
 
-Shape and dtype checks cost nothing and always run (they also run at trace time in the fake
-implementations). Data checks — slot ranges, block-table bounds — read tensor values, which
-synchronises with the device, so they run only in *checked mode*: eager execution outside CUDA-graph
-capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks (``swa_rewrite.compile`` runs its
-compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment (inside a model step, the
-environment and CUDA-graph capture are read once, the first time an op of the step asks).
+Shape and dtype checks cost little and run on every eager call (they also run at trace time in the fake
+implementations); inside an Inductor-compiled graph of ``swa_rewrite.backend`` they ran when it was traced and
+Dynamo's guards hold them, so the ops skip them there (``compiled_graph``). Data checks — slot ranges,
+block-table bounds — read tensor values, which synchronises with the device, so they run only in *checked mode*:
+eager execution outside CUDA-graph capture, outside Dynamo tracing and outside ``checks_disabled()`` blocks
+(``swa_rewrite.compile`` runs its compiled steps in one), unless ``SWA_REWRITE_CHECKS=0`` is set in the environment
+(inside a model step, the environment and CUDA-graph capture are read once, the first time an op of the step asks).
 
 A model step validates its metadata once, for every cache group and window (``step_check.checked_step_metadata``),
 and runs its layers inside a ``validated_step()`` block. Within that block an op's batch check skips the data
 checks — and with them their device-to-host copy — when the metadata tensors it is given are the very objects
 (``is``) the step validated, for a rule at least as strict as its own (``batch_checks.check_batch``); shape and
-dtype checks always run. Outside the block, or with any other tensor, an op checks in full: nothing is
+dtype checks still run. Outside the block, or with any other tensor, an op checks in full: nothing is
 remembered from one step to the next. (Within the block the validated tensors are trusted not to change: a model
 step reads its metadata, it never writes it.)
 """
@@ -41,6 +42,31 @@ def checks_disabled():
         yield
     finally:
         _state.disabled = previous
+
+
+class compiled_graph:
+    """``with compiled_graph(): <a call of an Inductor-compiled graph>`` (``compile.SWABackend`` wraps each graph it
+    compiles in one): the ops run inside a graph whose fake implementations checked every shape, dtype and device
+    of their arguments when AOTAutograd traced it, and Dynamo's guards — its shape environment's included —
+    re-establish those facts before every call, so the ops skip repeating those checks (``shapes_traced``).
+    Data checks are unchanged (``checks_enabled``). A class, not a generator context manager: entered on every
+    call of the graph."""
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> "compiled_graph":
+        self._previous = getattr(_state, "compiled", False)
+        _state.compiled = True
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _state.compiled = self._previous
+        return False
+
+
+def shapes_traced() -> bool:
+    """Whether the ops run inside a ``compiled_graph`` block, whose trace checked their shapes (see there)."""
+    return getattr(_state, "compiled", False)
 
 
 class StepScope:

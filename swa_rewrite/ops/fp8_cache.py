@@ -17,7 +17,7 @@ import torch
 
 from .. import fp8_format
 from .cache_write_checks import check_cache_write, check_finite_latent, deferred_finite_flag
-from .checks import fail
+from .checks import fail, shapes_traced
 
 # The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).
 LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -101,7 +101,13 @@ def write_fp8_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_ma
 # ---------------------------------------------------------------------------------------------- ops
 def _check_fp8_write(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                      rope_dim: int, group: int, *, data: bool = True, finite: bool = True) -> None:
-    """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and (``finite``) finiteness."""
+    """Shapes, dtypes and layout; with ``data`` and in checked mode also slots and (``finite``) finiteness. Inside a
+    compiled graph (``checks.shapes_traced``) only the data: its trace checked the rest."""
+    if data and shapes_traced():
+        check_cache_write(latent, cache, slot_mapping, cache.shape[-1], group, shapes=False)
+        if finite:
+            check_finite_latent(latent, slot_mapping, group)
+        return
     if latent.dim() != 2:
         fail(f"latent must be [T, D], got shape {tuple(latent.shape)}")
     if latent.dtype not in LATENT_DTYPES:

@@ -11,7 +11,7 @@ import torch
 
 from .fp8_cache import fp8_cache_bytes, implied_rope_dim
 from .cache_write_checks import check_cache_write
-from .checks import fail
+from .checks import fail, shapes_traced
 
 
 def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -78,6 +78,9 @@ def packed_rope_dim(latent_dim: int, packed_bytes: int) -> int:
 
 
 def _check_write(latent, cache, slot_mapping, group, data=True):
+    if data and shapes_traced():          # inside a compiled graph: its trace checked the shapes
+        check_cache_write(latent, cache, slot_mapping, cache.shape[-1], group, shapes=False)
+        return
     if cache.dtype == torch.uint8:
         if cache.dim() == 3:
             packed_rope_dim(latent.shape[-1], cache.shape[-1])

@@ -34,7 +34,7 @@ import torch
 from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, paged_mqa_cuda,
                         swa_mla_attention_reference, swa_mqa_cuda)
 from .batch_checks import check_batch
-from .checks import check_index, checks_enabled, fail, validated_entries
+from .checks import check_index, checks_enabled, fail, shapes_traced, validated_entries
 from .inference_only import register_inference_only
 from .mha_prefill import _check_rows, _dims, mha_prefill_cuda, mha_rows_validated, mha_swa_prefill_reference
 
@@ -117,26 +117,35 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
 # ------------------------------------------------------------------------------------------------- checks
 def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=True):
-    H, N, P, R, V = _dims(q_nope, q_pe, kv_b_weight, cache)
-    if rope_dim != P:
-        fail(f"rope_dim = {rope_dim} differs from q_pe's last dimension {P}")
-    if window is not None and cache.dtype != torch.uint8:
-        fail(f"a sliding-window layer reads the packed FP8 cache (uint8), got {cache.dtype}")
-    if window is not None and window < 1:
-        fail(f"window must be >= 1, got {window}")
-    if sinks < 0:
-        fail(f"sinks must be >= 0, got {sinks}")
-    finite_scale(scale)
+    """Every check of the op's arguments (``data``: the data checks too, in checked mode); returns ``(N, V)``. Inside
+    a compiled graph (``checks.shapes_traced``) only the data checks run: its trace checked the rest."""
+    traced = data and shapes_traced()
+    if traced:
+        N = q_nope.shape[-1]
+        V = kv_b_weight.shape[0] // q_nope.shape[1] - N
+    else:
+        H, N, P, R, V = _dims(q_nope, q_pe, kv_b_weight, cache)
+        if rope_dim != P:
+            fail(f"rope_dim = {rope_dim} differs from q_pe's last dimension {P}")
+        if window is not None and cache.dtype != torch.uint8:
+            fail(f"a sliding-window layer reads the packed FP8 cache (uint8), got {cache.dtype}")
+        if window is not None and window < 1:
+            fail(f"window must be >= 1, got {window}")
+        if sinks < 0:
+            fail(f"sinks must be >= 0, got {sinks}")
+        finite_scale(scale)
     check_batch(q_nope.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, cache.shape[1], cache.shape[0], group, window=window, sinks=sinks, data=data)
-    check_index("mha_kv_slots", mha_kv_slots, 2)
-    check_index("mha_kv_cu", mha_kv_cu, 2)
-    G, B = block_tables.shape[0], block_tables.shape[1]
-    if mha_kv_slots.shape[0] != G or mha_kv_cu.shape != (G, B + 1):
-        fail(f"mha_kv_slots must be [G={G}, M] and mha_kv_cu [G={G}, B + 1 = {B + 1}], got "
-             f"{tuple(mha_kv_slots.shape)} and {tuple(mha_kv_cu.shape)}")
-    if mha_kv_slots.device != q_nope.device or mha_kv_cu.device != q_nope.device:
-        fail(f"mha_kv_slots and mha_kv_cu must be on q's device {q_nope.device}")
+                batch_id_per_token, cache.shape[1], cache.shape[0], group, window=window, sinks=sinks, data=data,
+                shapes=not traced)
+    if not traced:
+        check_index("mha_kv_slots", mha_kv_slots, 2)
+        check_index("mha_kv_cu", mha_kv_cu, 2)
+        G, B = block_tables.shape[0], block_tables.shape[1]
+        if mha_kv_slots.shape[0] != G or mha_kv_cu.shape != (G, B + 1):
+            fail(f"mha_kv_slots must be [G={G}, M] and mha_kv_cu [G={G}, B + 1 = {B + 1}], got "
+                 f"{tuple(mha_kv_slots.shape)} and {tuple(mha_kv_cu.shape)}")
+        if mha_kv_slots.device != q_nope.device or mha_kv_cu.device != q_nope.device:
+            fail(f"mha_kv_slots and mha_kv_cu must be on q's device {q_nope.device}")
     if (data and mha_kv_slots.shape[1] and q_nope.device.type != "meta" and checks_enabled()
             and mha_rows_validated(window or 0, sinks) not in validated_entries((mha_kv_slots, mha_kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, mha_kv_slots[group], mha_kv_cu[group],

@@ -23,7 +23,7 @@ any function with that call.
   them at the addresses it was captured with.
 - **Capture.** Lazily, on a bucket's first step: ``warmup`` eager calls on a side stream (Triton compiles,
   Dynamo/Inductor compiles, allocator warm-up), then the capture into a memory pool all buckets share, all
-  under ``ops.checks.checks_disabled()`` and ``torch.no_grad()``. A warm-up call writes the step's own
+  under ``ops.checks.checks_disabled()`` and ``torch.inference_mode()``. A warm-up call writes the step's own
   latents to the step's own slots, which the replay writes again: nothing else in the caches changes.
 - ``graphs=False`` runs the same buffers eagerly (checks as the caller has them): the padding and buffer
   logic without a GPU.
@@ -317,7 +317,7 @@ class DecodeGraphs:
             _fill(self._bucket_views(bucket), batch, B)
         self.bytes_copied += self._layouts[bucket][1]
         if not self.graphs:
-            with torch.no_grad():
+            with torch.inference_mode():
                 out = self._call(bucket)
             self.eager_runs += 1
             return out[:B]
@@ -355,7 +355,7 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int):
         """Warm up and capture the graph of ``bucket`` (its buffers hold the current step)."""
-        with torch.cuda.device(self.device), torch.no_grad(), checks_disabled():
+        with torch.cuda.device(self.device), torch.inference_mode(), checks_disabled():
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(current)

@@ -86,7 +86,8 @@ class Engine:
     abort requests between steps; ``generate`` and ``logits`` run their prompts to completion on it.
     Requests are admitted first come, first served, each only when its whole generation (prompt plus
     ``max_new_tokens``) fits beside what the running requests have reserved, so an admitted request never
-    waits for blocks.
+    waits for blocks. Model steps run under ``torch.inference_mode()``, as serving engines run them (a custom op
+    then skips its Python autograd layer: ~6 µs of host per call on the H200, RESULTS.md issue 14 run 7).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: Optional[int] = None, page_size: int,
@@ -233,6 +234,7 @@ class Engine:
         return DecodeGraphs(model, self.kv_caches, num_groups=self.num_groups, page_size=ps, max_blocks=max_blocks,
                             max_batch=max_batch, device=self.device)
 
+    @torch.inference_mode()     # (abort runs it outside a step: caches made under inference mode take it only there)
     def _poison(self, group: int, blocks: list[int]) -> None:
         index = torch.tensor(blocks, device=self.device)
         for cache, g in zip(self.kv_caches, self.cache_groups):
@@ -258,7 +260,7 @@ class Engine:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
         return self._add(self._checked_prompt("prompt", prompt, max_new_tokens), max_new_tokens).rid
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One model call: admit what fits, run every decode then prompt chunks within ``max_tokens_per_step``.
 
@@ -317,7 +319,7 @@ class Engine:
         return bool(self._waiting or self._running)
 
     # ------------------------------------------------------------------------------------------ whole calls
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt: ``max_new_tokens`` new tokens per prompt.
 
@@ -334,15 +336,15 @@ class Engine:
         reqs = self._run([(p, max_new_tokens, True, False) for p in prompts])
         return [r.generated for r in reqs]
 
-    @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:
         """Float32 logits ``[len(prompt), vocab]`` of every prompt position, computed through the paged path.
 
         Every position is computed (no prefix reuse for this prompt); its full blocks are still published.
         Like ``generate``, it needs an engine with no unfinished step-API requests.
         """
-        (req,) = self._run([(self._checked_prompt("prompt", prompt, 0), 0, False, True)])
-        return torch.cat(req.logits)
+        with torch.inference_mode():
+            (req,) = self._run([(self._checked_prompt("prompt", prompt, 0), 0, False, True)])
+        return torch.cat(req.logits)          # made outside inference mode: an ordinary tensor for the caller
 
     # ----------------------------------------------------------------------------------------- internals
     def _checked_prompt(self, name: str, prompt: Any, max_new_tokens: int) -> list[int]:
