@@ -32,7 +32,7 @@ from swa_rewrite.ops.checks import checks_disabled, compiled_graph  # noqa: E402
 
 _MODULES = {name: importlib.import_module(f"swa_rewrite.{name}") for name in (
     "kernels._common", "kernels.gluon_mla", "kernels.paged_mla", "kernels.fp8_cache", "kernels.kv_cache", "ops.mla_attention",
-    "ops.fp8_cache", "ops.kv_cache")}
+    "ops.attention", "ops.fp8_cache", "ops.kv_cache")}
 
 
 @contextlib.contextmanager
@@ -74,12 +74,18 @@ def op_calls(batch: int, context: int, window: int = 128, page_size: int = 64) -
     meta = (m.block_tables, m.cu_seqlens_q, m.seq_lens_encoder, m.seq_lens_decoder, m.batch_id_per_token,
             m.mha_kv_slots, m.mha_kv_cu)
     cuda = {name: getattr(_MODULES[f"ops.{mod}"], name)._backend_fns["cuda"] for mod, name in (
-        ("mla_attention", "swa_attention"), ("mla_attention", "mla_attention"), ("fp8_cache", "write_fp8_cache"),
-        ("kv_cache", "write_kv_cache"))}
+        ("mla_attention", "swa_attention"), ("mla_attention", "mla_attention"), ("attention", "swa_mla_attention"),
+        ("attention", "paged_mla_attention"), ("fp8_cache", "write_fp8_cache"), ("kv_cache", "write_kv_cache"))}
+    q_abs = torch.randn(T, H, R + P, dtype=torch.bfloat16)
+    mqa_meta = meta[:5]
     return {
         "swa_attention (a sliding layer's core)":
             lambda: cuda["swa_attention"](q_nope, q_pe, w, fp8, *meta, 0.07, P, window, 0, 0, 0),
         "mla_attention (a full layer's core)": lambda: cuda["mla_attention"](q_nope, q_pe, w, bf16, *meta, 0.07, P, 1, 1),
+        # What a decode step's Inductor graph calls instead (compile.decompose_mqa_cores): the MQA op alone.
+        "swa_mla_attention (its MQA op)":
+            lambda: cuda["swa_mla_attention"](q_abs, fp8, *mqa_meta, 0.07, P, window, 0, 0, 0),
+        "paged_mla_attention (its MQA op)": lambda: cuda["paged_mla_attention"](q_abs, bf16, *mqa_meta, 0.07, P, 1, 1),
         "write_fp8_cache": lambda: cuda["write_fp8_cache"](latent, fp8, m.slot_mapping, P, 0, 0),
         "write_kv_cache": lambda: cuda["write_kv_cache"](latent, bf16, m.slot_mapping, 1, 1),
     }

@@ -6,6 +6,11 @@ Dynamo graph (in *partial* mode: a graph may hold any part of the model), then h
 engines that own their pass manager. ``swa_rewrite.compile`` wraps a model so that its forward is compiled
 through the backend and its ``allocate_kv_cache`` returns the packed caches of the SWA layers.
 
+With Inductor (the default ``inner``) the backend also decomposes the MLA core ops of steps without MHA rows into
+absorb BMM, MQA attention op and un-absorb BMM (``decompose_mqa_cores``), and runs each compiled graph inside
+``ops.checks.compiled_graph`` (its ops skip the shape checks the trace ran): an uncompiled-graph step is paced by
+the host (issue 14), and both take host work out of it.
+
 Dynamo and Inductor are imported when a backend or pass is built or used, not by ``import swa_rewrite``
 (Inductor alone takes seconds to import).
 
@@ -145,8 +150,36 @@ class SWABackend:
             patches = dict(kwargs.get("options") or {})
             if kwargs.get("mode"):
                 patches.update(torch._inductor.list_mode_options(kwargs["mode"], kwargs.get("dynamic")))
+            decompose_mqa_cores(gm)
             return _in_compiled_graph(compile_fx(gm, example_inputs, config_patches=patches or None))
         return self.inner(gm, example_inputs, **kwargs)
+
+
+def decompose_mqa_cores(gm: torch.fx.GraphModule) -> int:
+    """Replace each MLA core op of ``gm`` whose step has no MHA rows — ``mha_kv_slots [G, M]`` with ``M`` the static
+    size 0 in the graph's example values (Dynamo specialises a size 0: decode graphs) — by its decomposed form
+    (``ops.mla_attention.DECOMPOSED``: absorb BMM, the MQA attention op, un-absorb BMM), which Inductor then traces
+    into graph operations. Inductor issues those from its generated code, where the fused op spent ~16 dispatched
+    tensor operations and its own Python per layer on the host (issue 14: an uncompiled-graph step is paced by the
+    host). A core whose ``M`` is nonzero or symbolic keeps the fused op (MHA rows). Returns how many were replaced."""
+    from .ops.mla_attention import DECOMPOSED
+    from .passes.graph_pass import op_name
+
+    replaced = 0
+    for node in gm.graph.nodes:
+        decomposed = DECOMPOSED.get(op_name(node.target)) if node.op == "call_function" else None
+        if decomposed is None:
+            continue
+        slots = node.args[9] if len(node.args) > 9 else node.kwargs.get("mha_kv_slots")
+        meta = slots.meta if isinstance(slots, torch.fx.Node) else {}
+        value = meta.get("example_value", meta.get("val"))
+        M = value.shape[-1] if isinstance(value, torch.Tensor) else None
+        if type(M) is int and M == 0:
+            node.target = decomposed
+            replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
 
 
 def _in_compiled_graph(compiled: Callable) -> Callable:

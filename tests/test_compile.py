@@ -1,5 +1,6 @@
 """torch.compile / torch.export integration (issue 6), in the style of vLLM's compile tests."""
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -22,7 +23,7 @@ from swa_rewrite.graph_diff import node_layer
 from swa_rewrite.passes.graph_pass import op_name
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.ops import StepMetadata
-from swa_rewrite.runtime import Engine, StepBatch, StepItem
+from swa_rewrite.runtime import Engine, MHAPlan, StepBatch, StepItem, num_cache_groups
 
 TINY = MLAConfig.named("tiny")
 
@@ -257,6 +258,56 @@ def test_compiled_graph_skips_shape_checks_keeps_data_checks(seed):
     b.meta.block_tables[:, 0, 0] = 10_000
     with torch.no_grad(), pytest.raises(ValueError, match="out of range"):
         compiled(b.input_ids, kv_caches=packed_caches(model, schedule), meta=b.meta)
+
+
+def test_inductor_decomposes_mqa_cores_keeps_mha_steps_fused(seed):
+    """``swa_rewrite.backend``'s Inductor graphs run a step without MHA rows (``M = 0``: decodes, MQA-mode chunks)
+    as absorb BMM → the MQA op (``swa_mla_attention`` / ``paged_mla_attention``) → un-absorb BMM, the core op
+    decomposed (ops.mla_attention.inductor_decompositions); a step with MHA rows keeps the fused core. Each agrees
+    with the eager rewritten step, caches too."""
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    swa = apply(model, schedule)
+    G = num_cache_groups(swa)
+    compiled = torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True)
+    rng = random.Random(seed)
+    tables = [[b] for b in range(3)]
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(4, 12))] for _ in tables]
+    steps = {
+        "mha": (StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=G,
+                                mha=MHAPlan.for_model(swa, min_tokens=4)), True),
+        "decode": (StepBatch.build([StepItem([rng.randrange(256)], len(p), t, False) for p, t in zip(prompts, tables)],
+                                   16, num_groups=G), False),
+    }
+    att = importlib.import_module("swa_rewrite.ops.attention")
+    core = importlib.import_module("swa_rewrite.ops.mla_attention")
+    counted = {(att, "_check_swa_attention"): 0, (att, "_check_paged_attention"): 0, (core, "_check_core"): 0}
+
+    def counting(key):
+        real = getattr(*key)
+
+        def call(*a, **k):
+            counted[key] += 1
+            return real(*a, **k)
+        return call
+
+    caches, ref_caches = packed_caches(model, schedule), packed_caches(model, schedule)
+    for name, (b, fused) in steps.items():
+        assert b.meta.has_mha == fused
+        with torch.no_grad():
+            ref = swa(b.input_ids, kv_caches=ref_caches, meta=b.meta)
+            compiled(b.input_ids, kv_caches=[c.clone() for c in caches], meta=b.meta)      # compiles this shape
+            with contextlib.ExitStack() as stack:
+                for key in counted:
+                    counted[key] = 0
+                    stack.enter_context(unittest.mock.patch.object(*key, counting(key)))
+                got = compiled(b.input_ids, kv_caches=caches, meta=b.meta)
+        runs = {key[1]: n for key, n in counted.items()}
+        if fused:
+            assert runs == {"_check_swa_attention": 0, "_check_paged_attention": 0, "_check_core": 4}, name
+        else:
+            assert runs == {"_check_swa_attention": 2, "_check_paged_attention": 2, "_check_core": 0}, name
+        assert_compiled_step_close(got, ref, caches, ref_caches, schedule)
 
 
 def test_inductor_post_grad_pass(seed):

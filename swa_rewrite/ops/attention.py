@@ -31,7 +31,7 @@ from .. import fp8_format
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
 from .batch_checks import check_batch
-from .checks import check_index, checks_enabled, fail
+from .checks import check_index, checks_enabled, fail, shapes_traced
 from . import flashmla_backend
 from .step_metadata import token_positions
 from .swa_indexer import launch_swa_indexer, swa_indexer_reference
@@ -188,6 +188,10 @@ def _check_scale(scale: float) -> None:
 
 def _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                            batch_id_per_token, scale, rope_dim, group, data=True):
+    if data and shapes_traced():          # inside a compiled graph: its trace checked the shapes
+        check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                    batch_id_per_token, cache.shape[1], cache.shape[0], group, shapes=False)
+        return
     if q.dim() != 3:
         fail(f"q must be [T, H, D], got shape {tuple(q.shape)}")
     if not q.dtype.is_floating_point:
@@ -341,6 +345,11 @@ def _(q, cache, indices, scale, rope_dim):
 # ---------------------------------------------------------------------------------------- SWA op
 def _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                          batch_id_per_token, scale, rope_dim, window, group, sinks, data=True):
+    if data and shapes_traced():          # inside a compiled graph: its trace checked the shapes
+        check_batch(q.shape[0], block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                    batch_id_per_token, cache.shape[1], cache.shape[0], group, window=window, sinks=sinks,
+                    shapes=False)
+        return
     _fp8_latent_rank(cache, q, rope_dim)
     _check_scale(scale)
     if window < 1:

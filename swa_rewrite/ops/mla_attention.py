@@ -223,3 +223,42 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
 
 for _op in (mla_attention, swa_attention):
     register_inference_only(_op)
+
+
+# ------------------------------------------------------------------------------- decomposed, for Inductor
+def _mqa_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+              batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks):
+    """The core op of a step without MHA rows as graph operations: the absorb BMM, the MQA op the core calls
+    (``swa_mla_attention`` with a window, else ``paged_mla_attention``), the un-absorb BMM — the same kernels on the
+    same values. For tracing (``decomposed_cores``); the op's shape checks run here, at trace time."""
+    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=False)
+    H, N, R = q_nope.shape[1], q_nope.shape[-1], kv_b_weight.shape[1]
+    w = kv_b_weight.view(H, -1, R)                                                 # [H, N + V, R]
+    q_abs = torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :N, :]).transpose(0, 1), q_pe], dim=-1)
+    meta = (cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
+            rope_dim)
+    if window is None:
+        o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(q_abs, *meta, layer, group)
+    else:
+        o_lat, _ = torch.ops.swa_rewrite.swa_mla_attention(q_abs, *meta, window, layer, group, sinks)
+    return torch.bmm(o_lat.transpose(0, 1), w[:, N:, :].transpose(1, 2)).transpose(0, 1).contiguous()
+
+
+def mla_attention_mqa(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
+                      seq_lens_decoder, batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
+    """``mla_attention`` of a step without MHA rows, decomposed (``_mqa_core``)."""
+    return _mqa_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                     batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, None, layer, group, 0)
+
+
+def swa_attention_mqa(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
+                      seq_lens_decoder, batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer,
+                      group, sinks=0):
+    """``swa_attention`` of a step without MHA rows, decomposed (``_mqa_core``)."""
+    return _mqa_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+                     batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks)
+
+
+DECOMPOSED = {"swa_rewrite::mla_attention": mla_attention_mqa, "swa_rewrite::swa_attention": swa_attention_mqa}
+"""The core ops and their decomposed forms for steps without MHA rows (``compile.decompose_mqa_cores``)."""
