@@ -236,22 +236,30 @@ def test_inductor_compiled_matches_eager_and_reference(seed):
 @pytest.mark.slow
 def test_compiled_graph_skips_shape_checks_keeps_data_checks(seed):
     """Inside an Inductor graph of the backend the ops skip the shape checks its trace ran (checks.compiled_graph):
-    no attention op checks its dimensions when the compiled step runs; eager steps do, once per layer. The data
-    checks still run there in checked mode: an out-of-range block id raises."""
+    an eager step's core ops check their dimensions, the compiled (decode-form) step's MQA ops check nothing of the
+    kind. The data checks still run there in checked mode: an out-of-range block id raises."""
     model = MLAModel(TINY, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     compiled = torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True)
     items = random_items(random.Random(seed), 16)
     core = importlib.import_module("swa_rewrite.ops.mla_attention")
-    calls = []
-    dims = core._dims
-    with unittest.mock.patch.object(core, "_dims", lambda *a: calls.append(1) or dims(*a)), torch.no_grad():
+    att = importlib.import_module("swa_rewrite.ops.attention")
+    calls = {"_dims": 0, "_check_scale": 0}        # shape checks of the core ops and of the MQA ops (not traced by
+    dims, scale = core._dims, att._check_scale      # Dynamo: their fake implementations run them at trace time)
+
+    def counted(name, fn):
+        def call(*a):
+            calls[name] += 1
+            return fn(*a)
+        return call
+    with unittest.mock.patch.object(core, "_dims", counted("_dims", dims)), \
+            unittest.mock.patch.object(att, "_check_scale", counted("_check_scale", scale)), torch.no_grad():
         ref = step(apply(model, schedule), packed_caches(model, schedule), items, 16)
-        assert len(calls) == TINY.num_hidden_layers                      # eager: every attention op
+        assert calls["_dims"] == TINY.num_hidden_layers                  # eager: every core op
         step(compiled, packed_caches(model, schedule), items, 16)        # compiles: the fake implementations check
-        traced = len(calls)
+        traced = dict(calls)
         got = step(compiled, packed_caches(model, schedule), items, 16)
-        assert len(calls) == traced                                      # the compiled graph's ops do not
+        assert calls == traced                                           # the compiled graph's ops do not
     assert rel_err(got, ref) < 1e-2
     assert not swa_rewrite.ops.checks.shapes_traced()                     # only inside the graph's call
     b = StepBatch.build(items, 16, num_groups=ALL_GROUPS)
