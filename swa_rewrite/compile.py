@@ -170,7 +170,9 @@ def decompose_mqa_cores(gm: torch.fx.GraphModule) -> int:
         decomposed = DECOMPOSED.get(op_name(node.target)) if node.op == "call_function" else None
         if decomposed is None:
             continue
-        slots = node.args[9] if len(node.args) > 9 else node.kwargs.get("mha_kv_slots")
+        op = node.target if isinstance(node.target, torch._ops.OpOverload) else node.target.default
+        at = [a.name for a in op._schema.arguments].index("mha_kv_slots")
+        slots = node.args[at] if len(node.args) > at else node.kwargs.get("mha_kv_slots")
         meta = slots.meta if isinstance(slots, torch.fx.Node) else {}
         value = meta.get("example_value", meta.get("val"))
         M = value.shape[-1] if isinstance(value, torch.Tensor) else None

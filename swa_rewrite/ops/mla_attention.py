@@ -230,7 +230,7 @@ def _mqa_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_
               batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks):
     """The core op of a step without MHA rows as graph operations: the absorb BMM, the MQA op the core calls
     (``swa_mla_attention`` with a window, else ``paged_mla_attention``), the un-absorb BMM — the same kernels on the
-    same values. For tracing (``decomposed_cores``); the op's shape checks run here, at trace time."""
+    same values. For tracing (``compile.decompose_mqa_cores``); the op's shape checks run here, at trace time."""
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=False)
     H, N, R = q_nope.shape[1], q_nope.shape[-1], kv_b_weight.shape[1]
