@@ -307,6 +307,12 @@ class DecodeGraphs:
             raise (TypeError if not isinstance(batch, StepBatch) else ValueError)(reason)
         B = batch.input_ids.shape[0]
         bucket = self.bucket_for(B)
+        # Under inference mode throughout: the buffers' views may first be made inside it (a capture, an engine
+        # step), and inference-mode views take in-place writes only inside it.
+        with torch.inference_mode():
+            return self._run(batch, B, bucket)
+
+    def _run(self, batch: StepBatch, B: int, bucket: int) -> torch.Tensor:
         if batch.input_ids.device.type == "cpu":
             cu = batch.meta.cu_seqlens_q
             if not torch.equal(cu.long(), torch.arange(B + 1)):
@@ -317,8 +323,7 @@ class DecodeGraphs:
             _fill(self._bucket_views(bucket), batch, B)
         self.bytes_copied += self._layouts[bucket][1]
         if not self.graphs:
-            with torch.inference_mode():
-                out = self._call(bucket)
+            out = self._call(bucket)
             self.eager_runs += 1
             return out[:B]
         graph = self._graphs.get(bucket)

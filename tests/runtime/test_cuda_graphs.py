@@ -148,6 +148,24 @@ def test_a_smaller_step_in_the_same_bucket_leaves_no_stale_rows(seed):
     assert meta.block_tables.shape == (sc.G, 4, sc.nb + 3)
 
 
+@pytest.mark.parametrize("made_inside", [True, False])
+def test_runs_inside_and_outside_inference_mode(made_inside, seed):
+    """A runner made under ``torch.inference_mode`` (an engine step), or whose buffer views are first made there
+    (a capture reads ``step_inputs`` inside it), still runs steps called from either mode (a GPU run found
+    "Inplace update to inference tensor outside InferenceMode" on the second step)."""
+    rng = random.Random(seed)
+    sc = Scenario(step_model("rewritten", seed), rng, page_size=4)
+    with torch.inference_mode(made_inside):
+        graphs = DecodeGraphs(sc.model, sc.caches, num_groups=sc.G, page_size=4, max_blocks=sc.nb, buckets=[4])
+    with torch.inference_mode():
+        graphs.step_inputs(4)
+    assert_step_matches(graphs, sc, sc.decode_items(3))
+    with torch.inference_mode():
+        assert_step_matches(graphs, sc, sc.decode_items(4))
+    assert_step_matches(graphs, sc, sc.decode_items(2))
+    assert graphs.eager_runs == 3
+
+
 def test_step_inputs_are_aligned_views_of_one_buffer_and_copy_bytes_add_up():
     caches = MLAModel(TINY).allocate_kv_cache(4, 16)
     graphs = DecodeGraphs(lambda *a, **k: None, caches, num_groups=3, page_size=16, max_blocks=5, max_batch=48)
