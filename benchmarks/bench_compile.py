@@ -268,10 +268,50 @@ def profile(args) -> None:
                       f"issue a step {host_us:.0f} us, to finish it {wall_us:.0f} us")
                 print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=24, max_name_column_width=60))
+                if device.type == "cuda":
+                    print(device_timeline(prof, steps=5))
                 python_profile(call, label=f"{which}, {label}", checks=checks)
             caches = b = step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def device_timeline(prof, steps: int, gaps: int = 12) -> str:
+    """Where a profiled run's device waited: its kernels and copies per step, the time they kept the device busy,
+    the time it sat idle between the first and the last, and the longest idle gaps with the activity before and
+    after each (an idle gap is host time the device did not hide)."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    acts = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), str(e.get("name", "")))
+                  for e in events if str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not acts:
+        return "## device timeline: the profiler recorded no device activity"
+    busy, idle, end, found = 0.0, 0.0, acts[0][0], []
+    for i, (t0, t1, name) in enumerate(acts):
+        if t0 > end:
+            idle += t0 - end
+            found.append((t0 - end, acts[i - 1][2] if i else "", name))
+        busy += max(0.0, t1 - max(t0, end))
+        end = max(end, t1)
+    lines = [f"## device timeline: {len(acts) / steps:.0f} kernels and copies per step; per step busy "
+             f"{busy / steps:.0f} us, idle between them {idle / steps:.0f} us (span {(end - acts[0][0]) / steps:.0f} "
+             f"us); idle gaps over 2 us per step: {sum(1 for g in found if g[0] > 2) / steps:.0f}, longest:"]
+    for gap, before, after in sorted(found, reverse=True)[:gaps]:
+        lines.append(f"   {gap:8.1f} us  after {before[:70]!r}  before {after[:70]!r}")
+    by_next: dict[str, list[float]] = {}
+    for gap, _, after in found:
+        by_next.setdefault(after[:70], []).append(gap)
+    lines.append("   idle per step by the activity that ended it (us, count):")
+    for name, gs in sorted(by_next.items(), key=lambda kv: -sum(kv[1]))[:gaps]:
+        lines.append(f"   {sum(gs) / steps:8.1f} us  {len(gs) / steps:5.1f}  {name!r}")
+    return "\n".join(lines)
 
 
 def cprofiled(fn: Callable[[], object], calls: int):
