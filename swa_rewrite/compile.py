@@ -132,7 +132,9 @@ class SWABackend:
         layers with their window and sinks over the packed ``uint8`` row, the others full."""
         return _kv_cache_spec(model, self.schedule, self.registry)
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, *, mqa_steps: bool = False, **kwargs: Any):
+        """Rewrite and compile ``gm``. ``mqa_steps``: the caller runs this graph only for steps without MHA rows
+        (``SWACompiledModel``'s MQA entry), so Inductor gets every MLA core op decomposed (``decompose_mqa_cores``)."""
         t0 = time.perf_counter()
         try:
             self.results.append(_rewrite(self.schedule, self.registry, TracedModel(gm)))
@@ -150,18 +152,20 @@ class SWABackend:
             patches = dict(kwargs.get("options") or {})
             if kwargs.get("mode"):
                 patches.update(torch._inductor.list_mode_options(kwargs["mode"], kwargs.get("dynamic")))
-            decompose_mqa_cores(gm)
+            decompose_mqa_cores(gm, no_mha_rows=mqa_steps)
             return _in_compiled_graph(compile_fx(gm, example_inputs, config_patches=patches or None))
         return self.inner(gm, example_inputs, **kwargs)
 
 
-def decompose_mqa_cores(gm: torch.fx.GraphModule) -> int:
-    """Replace each MLA core op of ``gm`` whose step has no MHA rows — ``mha_kv_slots [G, M]`` with ``M`` the static
-    size 0 in the graph's example values (Dynamo specialises a size 0: decode graphs) — by its decomposed form
+def decompose_mqa_cores(gm: torch.fx.GraphModule, *, no_mha_rows: bool = False) -> int:
+    """Replace each MLA core op of ``gm`` whose step has no MHA rows by its decomposed form
     (``ops.mla_attention.DECOMPOSED``: absorb BMM, the MQA attention op, un-absorb BMM), which Inductor then traces
     into graph operations. Inductor issues those from its generated code, where the fused op spent ~16 dispatched
     tensor operations and its own Python per layer on the host (issue 14: an uncompiled-graph step is paced by the
-    host). A core whose ``M`` is nonzero or symbolic keeps the fused op (MHA rows). Returns how many were replaced."""
+    host). A step has no MHA rows when the caller says so (``no_mha_rows``: it runs the graph only for such steps)
+    or when ``mha_kv_slots [G, M]`` has the static size ``M = 0`` in the graph's example values (plain
+    ``torch.compile`` specialises a size 0); a core whose ``M`` is nonzero or symbolic keeps the fused op.
+    Returns how many were replaced."""
     from .ops.mla_attention import DECOMPOSED
     from .passes.graph_pass import op_name
 
@@ -176,7 +180,7 @@ def decompose_mqa_cores(gm: torch.fx.GraphModule) -> int:
         meta = slots.meta if isinstance(slots, torch.fx.Node) else {}
         value = meta.get("example_value", meta.get("val"))
         M = value.shape[-1] if isinstance(value, torch.Tensor) else None
-        if type(M) is int and M == 0:
+        if no_mha_rows or (type(M) is int and M == 0):
             node.target = decomposed
             replaced += 1
     if replaced:
@@ -259,6 +263,36 @@ def _register_with_inductor() -> None:
     CustomGraphPass.register(SWAPostGradPass)
 
 
+class _MQAStepBackend:
+    """``backend`` compiling the graphs of ``SWACompiledModel``'s MQA entry (steps without MHA rows)."""
+
+    def __init__(self, backend: SWABackend):
+        self.backend = backend
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
+        return self.backend(gm, example_inputs, mqa_steps=True, **kwargs)
+
+
+def _mqa_entry(model: torch.nn.Module) -> Callable:
+    """A function calling ``model``: its own code object, so Dynamo keeps its graphs (compiled for steps without
+    MHA rows) apart from those of ``model.forward``."""
+
+    def mqa_step(*args: Any, **kwargs: Any):
+        return model(*args, **kwargs)
+
+    return mqa_step
+
+
+def _has_mha_rows(args: tuple, kwargs: dict) -> bool:
+    """Whether the step's ``StepMetadata`` (``meta=`` or a positional argument) has MHA-mode rows
+    (``mha_kv_slots [G, M]`` with ``M > 0``: a shape, no host synchronisation); True when no metadata is found."""
+    meta = kwargs.get("meta")
+    if meta is None:
+        meta = next((a for a in args if hasattr(a, "mha_kv_slots")), None)
+    slots = getattr(meta, "mha_kv_slots", None)
+    return not isinstance(slots, torch.Tensor) or slots.shape[-1] > 0
+
+
 def _mark_dynamic_step_inputs(args: tuple, kwargs: dict) -> None:
     """Mark every dimension of the integer step tensors (tokens, batch, block-table width, cache groups) dynamic:
     ``input_ids``, ``logits_indices`` and every tensor of the ``StepMetadata`` (a pytree, so its leaves)."""
@@ -285,6 +319,11 @@ class SWACompiledModel(torch.nn.Module):
         self.swa_backend = SWABackend(schedule, registry=compile_kwargs.pop("registry", None),
                                       inner=compile_kwargs.pop("inner", "inductor"))
         self.__dict__["_compiled"] = torch.compile(model, backend=self.swa_backend, **compile_kwargs)
+        # Steps without MHA rows (decodes, MQA-mode chunks) run through their own entry, whose Inductor graphs
+        # have every MLA core op decomposed: the dynamic sizes here keep M symbolic, so one graph cannot tell.
+        self.__dict__["_compiled_mqa"] = (
+            torch.compile(_mqa_entry(model), backend=_MQAStepBackend(self.swa_backend), **compile_kwargs)
+            if self.swa_backend.inner == "inductor" else self._compiled)
         self.config = getattr(model, "config", None)
 
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
@@ -301,8 +340,9 @@ class SWACompiledModel(torch.nn.Module):
         # one-token step: the reshape of the attention output guards on whether a copy is needed (T == 1).
         # Input checks read tensor values (a host round trip per op): off inside the compiled step.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True), checks_disabled():
+            compiled = self._compiled if _has_mha_rows(args, kwargs) else self._compiled_mqa
             try:
-                return self._compiled(*args, **kwargs)
+                return compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 # The rewrite's own errors (a schedule or model it cannot rewrite) surface as apply raises them,
                 # not wrapped in Dynamo's backend failure.

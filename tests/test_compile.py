@@ -268,25 +268,29 @@ def test_compiled_graph_skips_shape_checks_keeps_data_checks(seed):
         compiled(b.input_ids, kv_caches=packed_caches(model, schedule), meta=b.meta)
 
 
-def test_inductor_decomposes_mqa_cores_keeps_mha_steps_fused(seed):
-    """``swa_rewrite.backend``'s Inductor graphs run a step without MHA rows (``M = 0``: decodes, MQA-mode chunks)
-    as absorb BMM → the MQA op (``swa_mla_attention`` / ``paged_mla_attention``) → un-absorb BMM, the core op
-    decomposed (ops.mla_attention.inductor_decompositions); a step with MHA rows keeps the fused core. Each agrees
-    with the eager rewritten step, caches too."""
+@pytest.mark.parametrize("entry", ["backend", "compile"])
+def test_inductor_decomposes_mqa_cores_keeps_mha_steps_fused(entry, seed):
+    """Inductor graphs of the backend run a step without MHA rows (``M = 0``: decodes, MQA-mode chunks) as absorb
+    BMM → the MQA op (``swa_mla_attention`` / ``paged_mla_attention``) → un-absorb BMM, the core op decomposed
+    (``compile.decompose_mqa_cores``); a step with MHA rows keeps the fused core. Each agrees with the eager
+    rewritten step, caches too. Decodes after an MHA step still run decomposed: through ``swa_rewrite.compile``
+    (dynamic sizes keep ``M`` symbolic) they have their own entry (a GPU benchmark found none decomposed)."""
     model = MLAModel(TINY, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     swa = apply(model, schedule)
     G = num_cache_groups(swa)
-    compiled = torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True)
+    compiled = (torch.compile(model, backend=swa_rewrite.backend(schedule), fullgraph=True) if entry == "backend"
+                else swa_rewrite.compile(model, schedule, fullgraph=True))
     rng = random.Random(seed)
     tables = [[b] for b in range(3)]
     prompts = [[rng.randrange(256) for _ in range(rng.randint(4, 12))] for _ in tables]
-    steps = {
-        "mha": (StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=G,
-                                mha=MHAPlan.for_model(swa, min_tokens=4)), True),
-        "decode": (StepBatch.build([StepItem([rng.randrange(256)], len(p), t, False) for p, t in zip(prompts, tables)],
-                                   16, num_groups=G), False),
-    }
+    mha = StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=G,
+                          mha=MHAPlan.for_model(swa, min_tokens=4))
+
+    def decode(n):
+        return StepBatch.build([StepItem([rng.randrange(256)], len(p) + n, t, False) for p, t in zip(prompts, tables)],
+                               16, num_groups=G)
+    steps = [("decode", decode(0), False), ("mha", mha, True), ("decode", decode(1), False)]
     att = importlib.import_module("swa_rewrite.ops.attention")
     core = importlib.import_module("swa_rewrite.ops.mla_attention")
     counted = {(att, "_check_swa_attention"): 0, (att, "_check_paged_attention"): 0, (core, "_check_core"): 0}
@@ -300,7 +304,7 @@ def test_inductor_decomposes_mqa_cores_keeps_mha_steps_fused(seed):
         return call
 
     caches, ref_caches = packed_caches(model, schedule), packed_caches(model, schedule)
-    for name, (b, fused) in steps.items():
+    for name, b, fused in steps:
         assert b.meta.has_mha == fused
         with torch.no_grad():
             ref = swa(b.input_ids, kv_caches=ref_caches, meta=b.meta)
