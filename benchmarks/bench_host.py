@@ -27,6 +27,7 @@ from bench_compile import cprofiled, decode_batch, fill_random, profile_table  #
 from swa_rewrite import Schedule, apply  # noqa: E402
 from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled, validated_step  # noqa: E402
+from swa_rewrite.ops.registration import cuda_kernel  # noqa: E402
 from swa_rewrite.runtime import num_cache_groups  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def breakdown(calls, iters: int, device: torch.device) -> None:
         op = getattr(core, name)
         pieces = {
             "whole op": lambda: func(*a, **kw),
-            "its CUDA function called directly": lambda: op._backend_fns["cuda"](*a, **kw),
+            "its CUDA function called directly": lambda: cuda_kernel(op)(*a, **kw),
             "shape checks (_check_core)": lambda: core._check_core(q_nope, q_pe, w, cache, bt, cu, enc, dec, bid,
                                                                    rows, rows_cu, scale, rope_dim, group,
                                                                    window or None, sinks),

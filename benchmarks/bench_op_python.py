@@ -29,6 +29,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_compile import cprofiled, decode_batch, profile_table  # noqa: E402
 
 from swa_rewrite.ops.checks import checks_disabled, compiled_graph  # noqa: E402
+from swa_rewrite.ops.registration import cuda_kernel  # noqa: E402
 
 _MODULES = {name: importlib.import_module(f"swa_rewrite.{name}") for name in (
     "kernels._common", "kernels.gluon_mla", "kernels.paged_mla", "kernels.fp8_cache", "kernels.kv_cache", "ops.mla_attention",
@@ -73,7 +74,7 @@ def op_calls(batch: int, context: int, window: int = 128, page_size: int = 64) -
     latent = torch.randn(T, R + P, dtype=torch.bfloat16)
     meta = (m.block_tables, m.cu_seqlens_q, m.seq_lens_encoder, m.seq_lens_decoder, m.batch_id_per_token,
             m.mha_kv_slots, m.mha_kv_cu)
-    cuda = {name: getattr(_MODULES[f"ops.{mod}"], name)._backend_fns["cuda"] for mod, name in (
+    cuda = {name: cuda_kernel(getattr(_MODULES[f"ops.{mod}"], name)) for mod, name in (
         ("mla_attention", "swa_attention"), ("mla_attention", "mla_attention"), ("attention", "swa_mla_attention"),
         ("attention", "paged_mla_attention"), ("fp8_cache", "write_fp8_cache"), ("kv_cache", "write_kv_cache"))}
     q_abs = torch.randn(T, H, R + P, dtype=torch.bfloat16)

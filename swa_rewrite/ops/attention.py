@@ -30,6 +30,7 @@ import torch
 from .. import fp8_format
 from .fp8_cache import dequantize_fp8_reference, fp8_cache_bytes
 from .inference_only import register_inference_only
+from .registration import register_cuda
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail, shapes_traced
 from . import flashmla_backend
@@ -240,7 +241,7 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
-@paged_mla_attention.register_kernel("cuda")
+@register_cuda(paged_mla_attention)
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
       scale, rope_dim, layer, group):
     _check_paged_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
@@ -332,7 +333,7 @@ def _(q, cache, indices, scale, rope_dim):
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
-@sparse_mla_attention.register_kernel("cuda")
+@register_cuda(sparse_mla_attention)
 def _(q, cache, indices, scale, rope_dim):
     _check_sparse_attention(q, cache, indices, scale, rope_dim)
     if not _triton_supported(q, cache):
@@ -387,7 +388,7 @@ def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, 
     return q.new_empty(T, H, D - rope_dim), q.new_empty(T, H, dtype=torch.float32)
 
 
-@swa_mla_attention.register_kernel("cuda")
+@register_cuda(swa_mla_attention)
 def _(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
       rope_dim, window, layer, group, sinks=0):
     _check_swa_attention(q, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,

@@ -18,6 +18,7 @@ import torch
 from .. import fp8_format
 from .cache_write_checks import check_cache_write, check_finite_latent, deferred_finite_flag
 from .checks import fail, shapes_traced
+from .registration import register_cuda
 
 # The latent dtypes the packed write quantises (the model dtypes a sliding-window layer can have).
 LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -141,7 +142,7 @@ def _(latent, cache, slot_mapping, rope_dim, layer, group):
     _check_fp8_write(latent, cache, slot_mapping, rope_dim, group, data=False)
 
 
-@write_fp8_cache.register_kernel("cuda")
+@register_cuda(write_fp8_cache)
 def _(latent, cache, slot_mapping, rope_dim, layer, group):
     write_fp8_cache_triton(latent, cache, slot_mapping, rope_dim, group)
 
@@ -189,7 +190,7 @@ def _(cache, rope_dim):
     return _dequantize_out(cache, rope_dim)
 
 
-@dequantize_fp8_cache.register_kernel("cuda")
+@register_cuda(dequantize_fp8_cache)
 def _(cache, rope_dim):
     from ..kernels.fp8_cache import dequantize_fp8_cache as launch
 

@@ -12,6 +12,7 @@ import torch
 from .fp8_cache import fp8_cache_bytes, implied_rope_dim
 from .cache_write_checks import check_cache_write
 from .checks import fail, shapes_traced
+from .registration import register_cuda
 
 
 def write_kv_cache_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -117,7 +118,7 @@ def _(latent, cache, slot_mapping, layer, group):
     _check_write(latent, cache, slot_mapping, group, data=False)
 
 
-@write_kv_cache.register_kernel("cuda")
+@register_cuda(write_kv_cache)
 def _(latent, cache, slot_mapping, layer, group):
     _check_write(latent, cache, slot_mapping, group)
     if cache.dtype == torch.uint8:

@@ -45,6 +45,7 @@ from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail, validated_entries
 from .fp8_cache import dequantize_fp8_reference
 from .inference_only import register_inference_only
+from .registration import register_cuda
 
 def mha_rows_validated(window: int, sinks: int) -> tuple:
     """What the step check records for a group's MHA rows (``checks.note_validated``) when it validated them for
@@ -338,7 +339,7 @@ def triton_supported(q_nope: torch.Tensor, cache: torch.Tensor) -> bool:
     return cache.data_ptr() % 4 == 0 and all(cache.stride(d) % 4 == 0 for d in range(cache.dim() - 1))
 
 
-@mha_swa_prefill_op.register_kernel("cuda")
+@register_cuda(mha_swa_prefill_op)
 def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
       batch_id_per_token, kv_slots, kv_cu, scale, window, layer, group, sinks=0):
     _check_mha_prefill(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,

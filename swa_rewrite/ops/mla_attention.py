@@ -36,6 +36,7 @@ from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, 
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail, shapes_traced, validated_entries
 from .inference_only import register_inference_only
+from .registration import register_cuda
 from .mha_prefill import _check_rows, _dims, mha_prefill_cuda, mha_rows_validated, mha_swa_prefill_reference
 
 __all__ = ["absorb_query", "mha_tokens", "unabsorb_output"]
@@ -180,7 +181,7 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
     return _fake_out(q_nope, kv_b_weight)
 
 
-@mla_attention.register_kernel("cuda")
+@register_cuda(mla_attention)
 def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
@@ -212,7 +213,7 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
     return _fake_out(q_nope, kv_b_weight)
 
 
-@swa_attention.register_kernel("cuda")
+@register_cuda(swa_attention)
 def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks=0):
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,

@@ -26,6 +26,7 @@ import torch
 
 from .batch_checks import check_batch
 from .checks import fail
+from .registration import register_cuda
 from .step_metadata import token_positions
 
 
@@ -133,7 +134,7 @@ def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_p
     return _empty_outputs(batch_id_per_token, sinks + window)
 
 
-@swa_indexer.register_kernel("cuda")
+@register_cuda(swa_indexer)
 def _(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, window, page_size,
       group, sinks=0):
     _check_indexer(block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token,
