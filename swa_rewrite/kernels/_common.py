@@ -205,7 +205,8 @@ def _plan(T: int, H: int, max_keys: int, device: torch.device, config: dict | No
     """Block sizes, warps and splits of a launch (a dict the caller may not change: it is remembered)."""
     sms = _sm_count(device)
     try:
-        key = (T, H, max_keys, sms, keys, interpreting(), tuple(sorted((config or {}).items())))
+        # (In the dict's order: the same settings in another order only plan once more.)
+        key = (T, H, max_keys, sms, keys, interpreting(), tuple(config.items()) if config else ())
         hash(key)
     except TypeError:         # a config value that is not hashable: plan without remembering
         return _make_plan(T, H, max_keys, sms, config, keys)

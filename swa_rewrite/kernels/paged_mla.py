@@ -463,4 +463,5 @@ def paged_mla_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: 
     ``lse [T, H]`` fp32; padding tokens (``batch_id_per_token == -1``) give ``out = 0``, ``lse = +inf``.
     ``config`` overrides ``PAGED_DECODE_CONFIG``."""
     return paged_tiles_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale,
-                           rope_dim, 0, False, dict(PAGED_DECODE_CONFIG, **(config or {})), out, stats)
+                           rope_dim, 0, False, dict(PAGED_DECODE_CONFIG, **config) if config else PAGED_DECODE_CONFIG,
+                           out, stats)

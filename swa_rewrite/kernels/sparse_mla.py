@@ -123,4 +123,5 @@ def swa_attention_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.
     # Decode-like steps: the page-tile kernel where the page size allows it (issue 17), else the gathered
     # kernel walking the block table (gathered_mla.paged_attention_fwd).
     return paged_tiles_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale,
-                           rope_dim, window, True, dict(SWA_DECODE_CONFIG, **(config or {})), out, stats)
+                           rope_dim, window, True, dict(SWA_DECODE_CONFIG, **config) if config else SWA_DECODE_CONFIG,
+                           out, stats)

@@ -275,8 +275,9 @@ def paged_mqa_cuda(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Ten
 def _triton_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """The Triton kernels take bf16 queries (FP8 tiles dequantise to bf16 for the dot with q) and caches
     whose rows are contiguous and 4-byte aligned; anything else takes the PyTorch reference."""
-    return (q.dtype == torch.bfloat16 and cache.stride(-1) == 1 and cache.data_ptr() % 4 == 0
-            and all(cache.stride(d) * cache.element_size() % 4 == 0 for d in range(cache.dim() - 1)))
+    strides, size = cache.stride(), cache.element_size()
+    return (q.dtype == torch.bfloat16 and strides[-1] == 1 and cache.data_ptr() % 4 == 0
+            and all(s * size % 4 == 0 for s in strides[:-1]))
 
 
 # ------------------------------------------------------------------------------------- sparse op
