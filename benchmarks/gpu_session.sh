@@ -33,6 +33,9 @@
 #               bench_launch.py (a Triton launch's host time, layer by layer) (issue 14)
 #   mha-rule    the MHA prefill GPU tests, then the issue shapes (Triton / Gluon / the default rule beside FlashMLA)
 #               and a sweep over W = 128 … 1024 at two chunk lengths for the default's window threshold (issue 18)
+#   dispatch    the ops' GPU tests through the dispatcher (every op's CUDA kernel registered directly, session 16:
+#               cache writes, FP8, indexer, the cores, paged and SWA MQA ops, compile, CUDA graphs; ~4 min), then
+#               bench_compile.py every mode (issue 14)
 #   launch      kernels.launch's direct relaunch: its GPU tests and those of every kernel it launches (cache writes,
 #               CUDA graphs, the checked step, the Gluon decode tiles), bench_launch.py, bench_checks_gpu.py at 32K
 #               (with the kernel[grid] A/B row) (issue 14)
@@ -136,6 +139,10 @@ has host-verify && run bench-host-splits 60 python3 benchmarks/bench_host.py --s
 has checks && run bench-checks-32k 150 python3 benchmarks/bench_checks_gpu.py --context 32768
 has checks && run bench-checks-4k 150 python3 benchmarks/bench_checks_gpu.py --context 4096
 has checks && run bench-launch 90 python3 benchmarks/bench_launch.py
+has dispatch && run dispatch-tests 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_kv_cache.py \
+    tests/ops/test_fp8_cache.py tests/ops/test_swa_indexer.py tests/ops/test_mla_core.py tests/ops/test_paged_mla_attention.py \
+    tests/ops/test_validated_step.py tests/ops/test_inference_only.py tests/test_compile.py tests/runtime/test_cuda_graphs.py
+has dispatch && run bench-compile 250 python3 benchmarks/bench_compile.py --modes eager,eager+checks,eager+graphs,inductor,inductor+graphs
 has launch && run launch-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
     tests/ops/test_kv_cache.py tests/ops/test_fp8_cache.py tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py
 has launch && run launch-tiles 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \
