@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import importlib.util
 import io
+import json
 import pathlib
 import random
 import re
@@ -430,13 +431,19 @@ def test_export_keyword_arguments_in_another_order(strict, seed):
     assert all(torch.equal(x, y) for x, y in zip(c1, c2))
 
 
-def test_bench_compile_cpu_smoke(capsys):
-    """``benchmarks/bench_compile.py --cpu``: both models, eager (checks off and on) and through ``DecodeGraphs``'s buffers, with the
-    byte arithmetic of the predicted speed-up (tiny: full rows 144 float32 = 576 B, packed rows 164 B)."""
+def _bench_compile():
+    """``benchmarks/bench_compile.py`` as a module."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
     spec = importlib.util.spec_from_file_location("bench_compile", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_compile_cpu_smoke(capsys):
+    """``benchmarks/bench_compile.py --cpu``: both models, eager (checks off and on) and through ``DecodeGraphs``'s buffers, with the
+    byte arithmetic of the predicted speed-up (tiny: full rows 144 float32 = 576 B, packed rows 164 B)."""
+    bench = _bench_compile()
     rows = bench.main(["--cpu", "--contexts", "16", "--iters", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+checks"), (16, "eager+graphs")]
@@ -451,6 +458,28 @@ def test_bench_compile_cpu_smoke(capsys):
     # The host's time to issue a step beside the step's time (host-bound when at or above it).
     assert all(r["original_host_us"] > 0 and r["rewritten_host_us"] > 0 for r in rows)
     assert "host µs to issue (orig / rewr)" in out
+
+
+def test_bench_compile_device_timeline():
+    """``bench_compile.device_timeline``: busy time as the union of device activities (overlaps counted once), idle
+    gaps between them (host events ignored), the longest gaps with their neighbours, idle by the activity after it."""
+    bench = _bench_compile()
+    events = [dict(cat="kernel", name="a", ts=0, dur=10), dict(cat="kernel", name="b", ts=5, dur=10),   # overlap
+              dict(cat="gpu_memcpy", name="copy", ts=40, dur=5), dict(cat="kernel", name="b", ts=47, dur=3),
+              dict(cat="kernel", name="attn", ts=100, dur=20), dict(cat="cpu_op", name="host", ts=0, dur=500)]
+
+    class Prof:
+        def export_chrome_trace(self, path):
+            pathlib.Path(path).write_text(json.dumps({"traceEvents": events}))
+
+    text = bench.device_timeline(Prof(), steps=1)
+    # busy: [0, 15) + [40, 45) + [47, 50) + [100, 120) = 43; idle: 25 + 2 + 50 = 77; span 120.
+    assert "5 kernels and copies per step; per step busy 43 us, idle between them 77 us (span 120 us)" in text
+    assert "idle gaps over 2 us per step: 2" in text
+    lines = text.splitlines()
+    assert "50.0 us  after 'b'  before 'attn'" in lines[1] and "25.0 us  after 'b'  before 'copy'" in lines[2]
+    by_next = lines[lines.index("   idle per step by the activity that ended it (us, count):") + 1:]
+    assert by_next[0].split() == ["50.0", "us", "1.0", "'attn'"] and by_next[1].split()[:1] == ["25.0"]
 
 
 def test_backend_rejects_non_schedules():
