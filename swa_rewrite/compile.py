@@ -21,6 +21,7 @@ A step may run with grad mode on: the ops' backward is traceable and raises only
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from typing import Any, Callable, Optional, Union
@@ -180,6 +181,9 @@ def decompose_mqa_cores(gm: torch.fx.GraphModule, *, no_mha_rows: bool = False) 
         meta = slots.meta if isinstance(slots, torch.fx.Node) else {}
         value = meta.get("example_value", meta.get("val"))
         M = value.shape[-1] if isinstance(value, torch.Tensor) else None
+        if no_mha_rows and type(M) is int and M > 0:
+            raise RewriteError(f"a step with MHA rows (mha_kv_slots [G, {M}]) reached the MQA-step entry, whose "
+                               "graphs run every core in MQA mode")
         if no_mha_rows or (type(M) is int and M == 0):
             node.target = decomposed
             replaced += 1
@@ -274,31 +278,39 @@ class _MQAStepBackend:
 
 
 def _mqa_entry(model: torch.nn.Module) -> Callable:
-    """A function calling ``model``: its own code object, so Dynamo keeps its graphs (compiled for steps without
-    MHA rows) apart from those of ``model.forward``."""
+    """A function calling ``model`` for steps without MHA rows, with a code object of its own (per call of this
+    function), so Dynamo keeps its graphs apart from those of ``model.forward`` and of other compiled models: each
+    code object has its own cache and recompile budget. ``forward`` leaves ``M`` static here (0: its graphs guard
+    on it), and the backend refuses a graph whose ``M`` is a nonzero constant."""
 
     def mqa_step(*args: Any, **kwargs: Any):
         return model(*args, **kwargs)
 
+    # A fresh code object of a unique name: Dynamo keys its cache on the object, and its sizes' automatic-dynamic
+    # history on the name.
+    mqa_step.__code__ = mqa_step.__code__.replace(co_name=f"mqa_step_{next(_MQA_ENTRIES)}")
     return mqa_step
 
 
-def _has_mha_rows(args: tuple, kwargs: dict) -> bool:
-    """Whether the step's ``StepMetadata`` (``meta=`` or a positional argument) has MHA-mode rows
-    (``mha_kv_slots [G, M]`` with ``M > 0``: a shape, no host synchronisation); True when no metadata is found."""
+_MQA_ENTRIES = itertools.count()
+
+
+def _mha_slots(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The step's ``mha_kv_slots [G, M]`` (from its ``StepMetadata``: ``meta=`` or a positional argument), or None."""
     meta = kwargs.get("meta")
     if meta is None:
         meta = next((a for a in args if hasattr(a, "mha_kv_slots")), None)
     slots = getattr(meta, "mha_kv_slots", None)
-    return not isinstance(slots, torch.Tensor) or slots.shape[-1] > 0
+    return slots if isinstance(slots, torch.Tensor) else None
 
 
-def _mark_dynamic_step_inputs(args: tuple, kwargs: dict) -> None:
+def _mark_dynamic_step_inputs(args: tuple, kwargs: dict, static_slots: Optional[torch.Tensor] = None) -> None:
     """Mark every dimension of the integer step tensors (tokens, batch, block-table width, cache groups) dynamic:
-    ``input_ids``, ``logits_indices`` and every tensor of the ``StepMetadata`` (a pytree, so its leaves)."""
+    ``input_ids``, ``logits_indices`` and every tensor of the ``StepMetadata`` (a pytree, so its leaves), but the
+    row count ``M`` of ``static_slots`` (a step without MHA rows: ``M = 0`` stays a constant of its graphs)."""
     for t in torch.utils._pytree.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor) and t.dtype in (torch.int32, torch.int64):
-            for dim in range(t.dim()):
+            for dim in range(t.dim() - (t is static_slots)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
@@ -335,12 +347,14 @@ class SWACompiledModel(torch.nn.Module):
         return self.swa_backend.kv_cache_spec(self.model)
 
     def forward(self, *args: Any, **kwargs: Any):
-        _mark_dynamic_step_inputs(args, kwargs)
+        slots = _mha_slots(args, kwargs)
+        mqa = slots is not None and slots.shape[-1] == 0 and self._compiled_mqa is not self._compiled
+        _mark_dynamic_step_inputs(args, kwargs, static_slots=slots if mqa else None)
         # Sizes 0 and 1 would otherwise be specialised on every input. One recompile remains, for the first
         # one-token step: the reshape of the attention output guards on whether a copy is needed (T == 1).
         # Input checks read tensor values (a host round trip per op): off inside the compiled step.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True), checks_disabled():
-            compiled = self._compiled if _has_mha_rows(args, kwargs) else self._compiled_mqa
+            compiled = self._compiled_mqa if mqa else self._compiled
             try:
                 return compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:

@@ -323,6 +323,25 @@ def test_inductor_decomposes_mqa_cores_keeps_mha_steps_fused(entry, seed):
         assert_compiled_step_close(got, ref, caches, ref_caches, schedule)
 
 
+def test_mqa_step_entries_are_per_model_and_refuse_mha_rows(seed):
+    """Each ``swa_rewrite.compile`` model has its own MQA-step entry (a code object of its own name: its own Dynamo
+    cache, recompile budget and automatic-dynamic history), and its graphs keep ``M = 0`` a constant: a step with MHA
+    rows handed to it directly fails to compile rather than run every core in MQA mode."""
+    model = MLAModel(TINY, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    swa = apply(model, schedule)
+    a, b = (swa_rewrite.compile(model, schedule, fullgraph=True) for _ in range(2))
+    fa, fb = (m._compiled_mqa._torchdynamo_orig_callable for m in (a, b))
+    assert fa.__code__ is not fb.__code__ and fa.__code__.co_name != fb.__code__.co_name
+    rng = random.Random(seed)
+    prompt = [rng.randrange(256) for _ in range(10)]
+    mha = StepBatch.build([StepItem(prompt, 0, [0], True)], 16, num_groups=num_cache_groups(swa),
+                          mha=MHAPlan.for_model(swa, min_tokens=4))
+    assert mha.meta.has_mha
+    with torch.no_grad(), pytest.raises(Exception, match="reached the MQA-step entry"):
+        b._compiled_mqa(mha.input_ids, kv_caches=packed_caches(model, schedule), meta=mha.meta)
+
+
 def test_inductor_post_grad_pass(seed):
     """The same rewrite installed as Inductor's custom post-grad pass on a plain torch.compile."""
     model = MLAModel(TINY, seed=seed)
