@@ -52,7 +52,7 @@ def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Te
     R, P = kv_b_weight.shape[1], q_pe.shape[-1]
     w_uk = kv_b_weight.view(H, -1, R)[:, :N, :]                                   # [H, N, R]
     if _differentiable(q_nope, q_pe, kv_b_weight):      # bmm(out=) does not record a graph
-        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
+        return _absorbed(q_nope, q_pe, w_uk)
     q_abs = q_nope.new_empty(T, H, R + P)
     torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[:, :, :R].transpose(0, 1))  # [H, T, R] view of q_abs
     q_abs[:, :, R:].copy_(q_pe)
@@ -65,10 +65,20 @@ def unabsorb_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, N: int) -> t
     T, H, R = o_lat.shape[0], o_lat.shape[1], kv_b_weight.shape[1]
     w_uv = kv_b_weight.view(H, -1, R)[:, N:, :]                                   # [H, V, R]
     if _differentiable(o_lat, kv_b_weight):
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).contiguous()
+        return _unabsorbed(o_lat, w_uv)
     o = o_lat.new_empty(T, H, w_uv.shape[1])
     torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
     return o
+
+
+def _absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """``absorb_query`` as plain operations (autograd records them; a trace sees a BMM and a cat)."""
+    return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
+
+
+def _unabsorbed(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """``unabsorb_output`` as plain operations."""
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).contiguous()
 
 
 def _differentiable(*tensors: torch.Tensor) -> bool:
@@ -236,14 +246,14 @@ def _mqa_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=False)
     H, N, R = q_nope.shape[1], q_nope.shape[-1], kv_b_weight.shape[1]
     w = kv_b_weight.view(H, -1, R)                                                 # [H, N + V, R]
-    q_abs = torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :N, :]).transpose(0, 1), q_pe], dim=-1)
+    q_abs = _absorbed(q_nope, q_pe, w[:, :N, :])           # (plain operations: Inductor traces them)
     meta = (cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder, batch_id_per_token, scale,
             rope_dim)
     if window is None:
         o_lat, _ = torch.ops.swa_rewrite.paged_mla_attention(q_abs, *meta, layer, group)
     else:
         o_lat, _ = torch.ops.swa_rewrite.swa_mla_attention(q_abs, *meta, window, layer, group, sinks)
-    return torch.bmm(o_lat.transpose(0, 1), w[:, N:, :].transpose(1, 2)).transpose(0, 1).contiguous()
+    return _unabsorbed(o_lat, w[:, N:, :])
 
 
 def mla_attention_mqa(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
