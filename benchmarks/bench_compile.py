@@ -15,7 +15,9 @@ Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite
   packed on the host and sent in one copy, then a replay);
 - ``inductor``: ``swa_rewrite.compile(model, schedule, fullgraph=True)``; the original through the same call with
   a schedule that selects no layer (``torch.compile`` through the backend, which rewrites nothing: the same
-  Dynamo/Inductor settings for both, dynamic step dimensions included);
+  Dynamo/Inductor settings for both, dynamic step dimensions included; on CUDA the backend's default
+  ``cpp_wrapper``: the graph's launches issued from compiled C++, ``compile.inductor_defaults``);
+- ``inductor-py``: the same with Inductor's Python wrapper (``options={"cpp_wrapper": False}``);
 - ``reduce-overhead``: the same with ``mode="reduce-overhead"`` (Inductor's CUDA-graph trees);
 - ``inductor+graphs``: the Inductor step inside ``DecodeGraphs``.
 
@@ -54,7 +56,7 @@ from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
 from swa_rewrite.timing import paired_us
 
-MODES = ("eager", "eager+checks", "eager+graphs", "inductor", "reduce-overhead", "inductor+graphs")
+MODES = ("eager", "eager+checks", "eager+graphs", "inductor", "inductor-py", "reduce-overhead", "inductor+graphs")
 CPU_MODES = ("eager", "eager+checks", "eager+graphs")
 
 
@@ -93,6 +95,15 @@ def fill_random(caches: list[torch.Tensor]) -> None:
             c.normal_(0, 0.1)
 
 
+def _compile_kwargs(mode: str) -> dict:
+    """``swa_rewrite.compile``'s keyword arguments for a compiled ``mode`` (besides ``fullgraph``)."""
+    if mode == "reduce-overhead":
+        return dict(mode="reduce-overhead")
+    if mode == "inductor-py":
+        return dict(options={"cpp_wrapper": False})
+    return {}
+
+
 def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, schedule: Schedule,
           caches: list[torch.Tensor], b: StepBatch, host_b: StepBatch, groups: int,
           device: torch.device) -> tuple[Callable[[], object], float]:
@@ -104,9 +115,9 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
     else:
         # Both through swa_rewrite.compile, so both get the same Dynamo/Inductor settings (dynamic step
         # dimensions, checks off); the original's schedule selects no layer, so its graph is not rewritten.
-        kw = dict(mode="reduce-overhead") if mode == "reduce-overhead" else {}
         empty = Schedule(schedule.window, [], schedule.num_layers)
-        step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True, **kw)
+        step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True,
+                                   **_compile_kwargs(mode))
     if mode.endswith("+graphs"):
         graphs = DecodeGraphs(step, caches, num_groups=groups, page_size=caches[0].shape[1],
                               max_blocks=b.meta.block_tables.shape[2], buckets=[b.input_ids.shape[0]], device=device,
@@ -239,10 +250,11 @@ def profile(args) -> None:
             fill_random(caches)
             b = decode_batch(args.batch, ctx, args.page_size, num_cache_groups(m), device)
             step = m
-            if mode == "inductor":
+            if mode.startswith("inductor"):
                 torch._dynamo.reset()
                 empty = Schedule(schedule.window, [], schedule.num_layers)
-                step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True)
+                step = swa_rewrite.compile(model, schedule if which == "rewritten" else empty, fullgraph=True,
+                                           **_compile_kwargs(mode))
             call = lambda: step(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=b.last_token_index)  # noqa: E731
             for checks in ((False, True) if mode == "eager" else (False,)):
                 with (contextlib.nullcontext() if checks else checks_disabled()):
@@ -382,7 +394,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each model at the first context in each of --profile-modes: top "
                         "ops by device time, host-side time and device-to-host copies")
-    p.add_argument("--profile-modes", default="eager", help="comma-separated, of eager,inductor (default eager)")
+    p.add_argument("--profile-modes", default="eager",
+                   help="comma-separated, of eager,inductor,inductor-py (default eager)")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device: pass --cpu for the CPU smoke path")
@@ -397,8 +410,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
     args.profile_modes = args.profile_modes.split(",")
-    if set(args.profile_modes) - {"eager", "inductor"}:
-        p.error(f"--profile-modes takes eager and inductor, got {args.profile_modes}")
+    if set(args.profile_modes) - {"eager", "inductor", "inductor-py"}:
+        p.error(f"--profile-modes takes eager, inductor and inductor-py, got {args.profile_modes}")
     args.modes = (args.modes or ",".join(CPU_MODES if args.cpu else MODES)).split(",")
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:

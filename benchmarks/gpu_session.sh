@@ -39,6 +39,8 @@
 #   launch      kernels.launch's direct relaunch: its GPU tests and those of every kernel it launches (cache writes,
 #               CUDA graphs, the checked step, the Gluon decode tiles), bench_launch.py, bench_checks_gpu.py at 32K
 #               (with the kernel[grid] A/B row) (issue 14)
+#   cppwrap     the backend's C++-wrapper default on CUDA (session 17): the compile and CUDA-graph runtime GPU tests
+#               (~4 min with the C++ compiles), then bench_compile.py every mode, the Python wrapper beside it (issue 14)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -143,6 +145,10 @@ has dispatch && run dispatch-tests 330 python3 -m pytest -q -ra -m gpu -p no:cac
     tests/ops/test_fp8_cache.py tests/ops/test_swa_indexer.py tests/ops/test_mla_core.py tests/ops/test_paged_mla_attention.py \
     tests/ops/test_validated_step.py tests/ops/test_inference_only.py tests/test_compile.py tests/runtime/test_cuda_graphs.py
 has dispatch && run bench-compile 250 python3 benchmarks/bench_compile.py --modes eager,eager+checks,eager+graphs,inductor,inductor+graphs
+has cppwrap && run cppwrap-tests 300 python3 -m pytest -q -ra -m gpu --durations=8 -p no:cacheprovider \
+    tests/test_compile.py tests/runtime/test_cuda_graphs.py
+has cppwrap && run bench-compile 290 python3 benchmarks/bench_compile.py \
+    --modes eager,eager+checks,eager+graphs,inductor,inductor-py,inductor+graphs
 has launch && run launch-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
     tests/ops/test_kv_cache.py tests/ops/test_fp8_cache.py tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py
 has launch && run launch-tiles 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \

@@ -342,6 +342,64 @@ def test_mqa_step_entries_are_per_model_and_refuse_mha_rows(seed):
         b._compiled_mqa(mha.input_ids, kv_caches=packed_caches(model, schedule), meta=mha.meta)
 
 
+def compile_fx_spy():
+    """``(seen, spy)``: ``spy`` calls Inductor's ``compile_fx`` and appends the config patches of each outermost call
+    to ``seen`` (``compile_fx`` calls itself again inside its patches; those calls are not the backend's)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    real, seen, depth = compile_fx_module.compile_fx, [], [0]
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        if not depth[0]:
+            seen.append(dict(config_patches or {}))
+        depth[0] += 1
+        try:
+            return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    return seen, spy
+
+
+def test_inductor_defaults_add_the_cpp_wrapper_for_cuda_graphs_only():
+    """The backend's Inductor defaults (``compile.inductor_defaults``): the C++ wrapper for a graph with CUDA inputs,
+    nothing for a CPU graph, and never over what the caller chose or with Inductor's CUDA graphs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from swa_rewrite.compile import inductor_defaults
+
+    with FakeTensorMode():
+        cuda_inputs = [torch.empty(4, 8, device="cuda"), 3, torch.empty(2, dtype=torch.int32)]
+        cpu_inputs = [torch.empty(4, 8), 3]
+    given = {"max_autotune": False}
+    assert inductor_defaults(given, cuda_inputs) == {"max_autotune": False, "cpp_wrapper": True}
+    assert given == {"max_autotune": False}                                  # not changed in place
+    assert inductor_defaults({}, cpu_inputs) == {}
+    assert inductor_defaults({"cpp_wrapper": False}, cuda_inputs) == {"cpp_wrapper": False}
+    assert inductor_defaults({"triton.cudagraphs": True}, cuda_inputs) == {"triton.cudagraphs": True}
+
+
+def test_backend_passes_inductor_its_defaults_and_the_callers_options(seed):
+    """What the backend hands Inductor's ``compile_fx`` for a CPU model: the caller's options as given (no C++
+    wrapper on the CPU), through both entries of ``swa_rewrite.compile`` (a step with MHA rows, then decodes)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen, spy = compile_fx_spy()
+    model, schedule = MLAModel(TINY, seed=seed), Schedule(8, [0, 2], 4)
+    compiled = swa_rewrite.compile(model, schedule, fullgraph=True, options={"max_autotune": False})
+    swa = apply(model, schedule)
+    rng = random.Random(seed)
+    caches = packed_caches(model, schedule)
+    prefill = StepBatch.build([StepItem([rng.randrange(256) for _ in range(10)], 0, [b], True) for b in range(3)],
+                              16, num_groups=num_cache_groups(swa), mha=MHAPlan.for_model(swa, min_tokens=4))
+    decode = StepBatch.build([StepItem([5], 10, [b], False) for b in range(3)], 16, num_groups=num_cache_groups(swa))
+    assert prefill.meta.has_mha and not decode.meta.has_mha
+    with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy), torch.no_grad():
+        for b in (prefill, decode):
+            compiled(b.input_ids, kv_caches=caches, meta=b.meta)
+    assert len(seen) >= 2 and all(p == {"max_autotune": False} for p in seen), seen
+
+
 def test_inductor_post_grad_pass(seed):
     """The same rewrite installed as Inductor's custom post-grad pass on a plain torch.compile."""
     model = MLAModel(TINY, seed=seed)
@@ -567,6 +625,46 @@ def test_cuda_graph_decode_matches_eager(seed):
                 assert rel_err(x.float().nan_to_num(), y.float().nan_to_num()) < 2e-2, (i, layer)
     assert replays >= 3, (replays, dict(counters["inductor"]))   # warm-up, recording, then replays
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_step_uses_the_cpp_wrapper_and_matches_eager(seed):
+    """On CUDA the backend compiles with Inductor's C++ wrapper by default (``compile.inductor_defaults``) and
+    ``options={"cpp_wrapper": False}`` keeps the Python one; both steps (prefill, then decodes through the MQA
+    entry) give eager's logits and cache writes."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen, spy = compile_fx_spy()
+
+    rng = random.Random(seed)
+    model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
+    schedule = Schedule(8, [0, 2], 4)
+    eager = apply(model, schedule)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 30, 5)]
+    tables = [[4 * b + i for i in range(4)] for b in range(3)]
+    for options, wrapper in (({}, True), ({"cpp_wrapper": False}, False)):
+        torch._dynamo.reset()
+        seen.clear()
+        compiled = swa_rewrite.compile(model, schedule, fullgraph=True, options=options)
+        caches = compiled.allocate_kv_cache(16, 16, "cuda")
+        ref_caches = [c.clone() for c in caches]
+        groups = num_cache_groups(eager)
+        batches = [StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=groups,
+                                   device="cuda", mha=MHAPlan.for_model(eager, min_tokens=4))]     # MHA rows
+        batches += [StepBatch.build([StepItem([rng.randrange(256)], len(p) + i, t, False)
+                                     for p, t in zip(prompts, tables)], 16, num_groups=groups, device="cuda")
+                    for i in range(3)]
+        assert batches[0].meta.has_mha
+        with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy), torch.no_grad():
+            for i, b in enumerate(batches):
+                got = compiled(b.input_ids, kv_caches=caches, meta=b.meta)
+                ref = eager(b.input_ids, kv_caches=ref_caches, meta=b.meta)
+                assert rel_err(got, ref) < 2e-2, (options, i)
+        assert len(seen) >= 2 and all(p.get("cpp_wrapper", False) is wrapper for p in seen), (options, seen)
+        for layer, (x, y) in enumerate(zip(caches, ref_caches)):
+            if x.dtype == torch.uint8:
+                x, y = (swa_rewrite.ops.dequantize_fp8_cache(c, rope_dim=16) for c in (x, y))
+            assert rel_err(x.float().nan_to_num(), y.float().nan_to_num()) < 2e-2, (options, layer)
 
 
 def test_export_with_dynamic_step_shapes(seed):
