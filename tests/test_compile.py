@@ -630,41 +630,50 @@ def test_cuda_graph_decode_matches_eager(seed):
 @pytest.mark.gpu
 def test_compiled_cuda_step_uses_the_cpp_wrapper_and_matches_eager(seed):
     """On CUDA the backend compiles with Inductor's C++ wrapper by default (``compile.inductor_defaults``) and
-    ``options={"cpp_wrapper": False}`` keeps the Python one; both steps (prefill, then decodes through the MQA
-    entry) give eager's logits and cache writes."""
+    ``options={"cpp_wrapper": False}`` keeps the Python one. The two launch the same kernels in the same order, so
+    their steps (a prefill with MHA rows, then decodes through the MQA entry) give the same bits, logits and cache
+    writes; both are eager's up to bf16 and FP8 rounding (Inductor's fusions round the latents differently, and a
+    flipped FP8 element moves later layers: ~2e-2 in norm here, where a wrong rewrite is O(1))."""
     import torch._inductor.compile_fx as compile_fx_module
 
     seen, spy = compile_fx_spy()
-
     rng = random.Random(seed)
     model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
     eager = apply(model, schedule)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (13, 30, 5)]
     tables = [[4 * b + i for i in range(4)] for b in range(3)]
+    groups = num_cache_groups(eager)
+    batches = [StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=groups,
+                               device="cuda", mha=MHAPlan.for_model(eager, min_tokens=4))]       # MHA rows
+    batches += [StepBatch.build([StepItem([rng.randrange(256)], len(p) + i, t, False) for p, t in zip(prompts, tables)],
+                                16, num_groups=groups, device="cuda") for i in range(3)]
+    assert batches[0].meta.has_mha and not batches[1].meta.has_mha
+    initial = eager.allocate_kv_cache(16, 16, "cuda")
+    ref_caches = [c.clone() for c in initial]
+    with torch.no_grad():
+        refs = [eager(b.input_ids, kv_caches=ref_caches, meta=b.meta) for b in batches]
+    runs = {}
     for options, wrapper in (({}, True), ({"cpp_wrapper": False}, False)):
         torch._dynamo.reset()
         seen.clear()
         compiled = swa_rewrite.compile(model, schedule, fullgraph=True, options=options)
-        caches = compiled.allocate_kv_cache(16, 16, "cuda")
-        ref_caches = [c.clone() for c in caches]
-        groups = num_cache_groups(eager)
-        batches = [StepBatch.build([StepItem(p, 0, t, True) for p, t in zip(prompts, tables)], 16, num_groups=groups,
-                                   device="cuda", mha=MHAPlan.for_model(eager, min_tokens=4))]     # MHA rows
-        batches += [StepBatch.build([StepItem([rng.randrange(256)], len(p) + i, t, False)
-                                     for p, t in zip(prompts, tables)], 16, num_groups=groups, device="cuda")
-                    for i in range(3)]
-        assert batches[0].meta.has_mha
+        caches = [c.clone() for c in initial]
         with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy), torch.no_grad():
-            for i, b in enumerate(batches):
-                got = compiled(b.input_ids, kv_caches=caches, meta=b.meta)
-                ref = eager(b.input_ids, kv_caches=ref_caches, meta=b.meta)
-                assert rel_err(got, ref) < 2e-2, (options, i)
+            outs = [compiled(b.input_ids, kv_caches=caches, meta=b.meta) for b in batches]
         assert len(seen) >= 2 and all(p.get("cpp_wrapper", False) is wrapper for p in seen), (options, seen)
+        for i, (got, ref) in enumerate(zip(outs, refs)):
+            assert rel_err(got, ref) < 5e-2, (options, i)
         for layer, (x, y) in enumerate(zip(caches, ref_caches)):
             if x.dtype == torch.uint8:
                 x, y = (swa_rewrite.ops.dequantize_fp8_cache(c, rope_dim=16) for c in (x, y))
-            assert rel_err(x.float().nan_to_num(), y.float().nan_to_num()) < 2e-2, (options, layer)
+            assert rel_err(x.float().nan_to_num(), y.float().nan_to_num()) < 5e-2, (options, layer)
+        runs[wrapper] = outs, caches
+    (cpp_outs, cpp_caches), (py_outs, py_caches) = runs[True], runs[False]
+    for i, (a, b) in enumerate(zip(cpp_outs, py_outs)):
+        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max().item())
+    for layer, (a, b) in enumerate(zip(cpp_caches, py_caches)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), layer      # bytes: NaN slots compare equal
 
 
 def test_export_with_dynamic_step_shapes(seed):
