@@ -385,5 +385,6 @@ class SWACompiledModel(torch.nn.Module):
 
 def compile(model: torch.nn.Module, schedule: Schedule, **torch_compile_kwargs: Any) -> SWACompiledModel:
     """``torch.compile`` ``model`` through the SWA backend; ``torch_compile_kwargs`` go to ``torch.compile``
-    (``fullgraph``, ``dynamic``, ``mode``, ``options``), plus ``inner`` (``"inductor"`` / ``"eager"``)."""
+    (``fullgraph``, ``dynamic``, ``mode``, ``options``), plus ``inner`` (``"inductor"`` / ``"eager"``). On CUDA,
+    Inductor compiles with its C++ wrapper unless ``options`` says otherwise (``inductor_defaults``)."""
     return SWACompiledModel(model, schedule, **torch_compile_kwargs)
