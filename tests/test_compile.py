@@ -342,9 +342,10 @@ def test_mqa_step_entries_are_per_model_and_refuse_mha_rows(seed):
         b._compiled_mqa(mha.input_ids, kv_caches=packed_caches(model, schedule), meta=mha.meta)
 
 
+@contextlib.contextmanager
 def compile_fx_spy():
-    """``(seen, spy)``: ``spy`` calls Inductor's ``compile_fx`` and appends the config patches of each outermost call
-    to ``seen`` (``compile_fx`` calls itself again inside its patches; those calls are not the backend's)."""
+    """Within it Inductor's ``compile_fx`` runs as before, and the config patches of each outermost call go to the
+    list it yields (``compile_fx`` calls itself again inside its patches; those calls are not the backend's)."""
     import torch._inductor.compile_fx as compile_fx_module
 
     real, seen, depth = compile_fx_module.compile_fx, [], [0]
@@ -358,7 +359,8 @@ def compile_fx_spy():
         finally:
             depth[0] -= 1
 
-    return seen, spy
+    with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy):
+        yield seen
 
 
 def test_inductor_defaults_add_the_cpp_wrapper_for_cuda_graphs_only():
@@ -382,9 +384,6 @@ def test_inductor_defaults_add_the_cpp_wrapper_for_cuda_graphs_only():
 def test_backend_passes_inductor_its_defaults_and_the_callers_options(seed):
     """What the backend hands Inductor's ``compile_fx`` for a CPU model: the caller's options as given (no C++
     wrapper on the CPU), through both entries of ``swa_rewrite.compile`` (a step with MHA rows, then decodes)."""
-    import torch._inductor.compile_fx as compile_fx_module
-
-    seen, spy = compile_fx_spy()
     model, schedule = MLAModel(TINY, seed=seed), Schedule(8, [0, 2], 4)
     compiled = swa_rewrite.compile(model, schedule, fullgraph=True, options={"max_autotune": False})
     swa = apply(model, schedule)
@@ -394,7 +393,7 @@ def test_backend_passes_inductor_its_defaults_and_the_callers_options(seed):
                               16, num_groups=num_cache_groups(swa), mha=MHAPlan.for_model(swa, min_tokens=4))
     decode = StepBatch.build([StepItem([5], 10, [b], False) for b in range(3)], 16, num_groups=num_cache_groups(swa))
     assert prefill.meta.has_mha and not decode.meta.has_mha
-    with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy), torch.no_grad():
+    with compile_fx_spy() as seen, torch.no_grad():
         for b in (prefill, decode):
             compiled(b.input_ids, kv_caches=caches, meta=b.meta)
     assert len(seen) >= 2 and all(p == {"max_autotune": False} for p in seen), seen
@@ -634,9 +633,6 @@ def test_compiled_cuda_step_uses_the_cpp_wrapper_and_matches_eager(seed):
     their steps (a prefill with MHA rows, then decodes through the MQA entry) give the same bits, logits and cache
     writes; both are eager's up to bf16 and FP8 rounding (Inductor's fusions round the latents differently, and a
     flipped FP8 element moves later layers: ~2e-2 in norm here, where a wrong rewrite is O(1))."""
-    import torch._inductor.compile_fx as compile_fx_module
-
-    seen, spy = compile_fx_spy()
     rng = random.Random(seed)
     model = MLAModel(TINY, device="cuda", dtype=torch.bfloat16, seed=seed)
     schedule = Schedule(8, [0, 2], 4)
@@ -656,10 +652,9 @@ def test_compiled_cuda_step_uses_the_cpp_wrapper_and_matches_eager(seed):
     runs = {}
     for options, wrapper in (({}, True), ({"cpp_wrapper": False}, False)):
         torch._dynamo.reset()
-        seen.clear()
         compiled = swa_rewrite.compile(model, schedule, fullgraph=True, options=options)
         caches = [c.clone() for c in initial]
-        with unittest.mock.patch.object(compile_fx_module, "compile_fx", spy), torch.no_grad():
+        with compile_fx_spy() as seen, torch.no_grad():
             outs = [compiled(b.input_ids, kv_caches=caches, meta=b.meta) for b in batches]
         assert len(seen) >= 2 and all(p.get("cpp_wrapper", False) is wrapper for p in seen), (options, seen)
         for i, (got, ref) in enumerate(zip(outs, refs)):
