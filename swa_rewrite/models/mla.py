@@ -20,9 +20,10 @@ from ..ops.kv_cache_spec import KVCacheSpec
 from ..ops.checks import validated_step
 from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
+from .fused import mla_rope_latent
+from .fused import rms_norm as fused_rms_norm
 from .moe import MoE
-from .rope import (RopeRotation, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits, rope_rotation,
-                   rotate)
+from .rope import RopeRotation, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits, rope_rotation
 
 
 def select_rows(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
@@ -37,6 +38,10 @@ def cache_device(device: Optional[torch.device | str], like: torch.Tensor) -> to
 
 torch.fx.wrap("select_rows")
 torch.fx.wrap("cache_device")
+# Graph leaves: one launch each in eager CUDA steps, their op-by-op forms when traced (models/fused.py), in the
+# original module and the rewritten one alike.
+torch.fx.wrap("fused_rms_norm")
+torch.fx.wrap("mla_rope_latent")
 # A graph leaf: the rewritten module keeps checking its inputs at run time (Dynamo traces through it).
 torch.fx.wrap("checked_step_metadata")
 
@@ -54,13 +59,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.dim, self.eps = dim, eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x · rsqrt(mean(x²) + eps) in float32, rounded to x's dtype, then the weight (as DeepSeek's reference).
-        # F.rms_norm computes in float32 for half inputs and rounds once, so it takes x as it is: the same bits as
-        # the float32 round trip (tests/models/test_model_ops.py, on the GPU too), two launches fewer. An eager
-        # step issues 17 norms and is host-bound (issue 14; H200 host: 57 -> 28 µs per norm). `.to` keeps the
-        # dtype under autocast, which may run the norm in float32; otherwise a no-op.
-        return self.weight * F.rms_norm(x, (self.dim,), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """``weight · rms_norm(x)``: x · rsqrt(mean(x²) + eps) in float32, rounded to x's dtype, then the weight
+        (as DeepSeek's reference). With ``residual``, of ``h = x + residual``, returning ``(normed, h)``: the
+        decoder's residual add and the norm after it in one launch in eager CUDA steps (``models.fused``)."""
+        return fused_rms_norm(x, self.weight, self.eps, residual)
 
 
 class MLAAttention(nn.Module):
@@ -98,12 +101,11 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, H, N + P)
         q_nope, q_pe = q[..., :N], q[..., N:]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_pe = rotate(q_pe, rope.heads, rope.index)                             # [T, H, P]: apply_rope's bits
-        k_pe = rotate(k_pe, rope.tokens, rope.index)                            # [T, P]
-
-        latent = torch.cat([c_kv, k_pe], dim=-1)                                # [T, D]
+        # q_pe rotated [T, H, P] and the latent [T, D] = [kv_a_layernorm(c_kv) | rotate(k_pe)]: apply_rope's bits
+        # (one launch in eager CUDA steps: models/fused.py).
+        rotated = mla_rope_latent(q_pe, self.kv_a_proj_with_mqa(x), rope.tokens, rope.heads, rope.index,
+                                  self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
+        q_pe, latent = rotated[0], rotated[1]
 
         # The layer and its cache group are constant arguments: the pass finds layers by the first and
         # sets the second in place, as it does the window (docs/design.md §8, §12). The attention core takes
@@ -142,8 +144,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rope, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, meta), x)
+        return x + self.mlp(normed)
 
 
 class MLAModel(nn.Module):

@@ -1,0 +1,90 @@
+"""The model's small per-layer ops, one launch each in eager CUDA steps (issue 14), their op-by-op forms elsewhere.
+
+An eager decode step is host-bound (benchmarks/RESULTS.md, issue 14): the host issues ~60 ops a layer and the
+device waits. ``rms_norm`` (with the residual add before it) and ``mla_rope_latent`` (the kv norm, both rotations
+and the latent's concatenation) take one Triton launch each (``kernels.model_ops``) when
+
+* the tensors are plain CUDA tensors of one half or float32 dtype in the layouts the kernels take,
+* nothing records them for autograd (inference: ``no_grad`` / ``inference_mode``, or tensors without grad),
+* no tracer runs (``torch.compile``, ``torch.export``: they see the op-by-op form, which Inductor fuses itself;
+  fake or functional tensors and fx proxies are not plain tensors), autocast is off,
+* ``SWA_REWRITE_FUSED_MODEL_OPS`` is not ``0`` in the environment (read once; ``op_by_op()`` for one block);
+
+and run their op-by-op forms otherwise (CPU, training, tracing). Both forms compute the same values in the same
+order and roundings (``kernels.model_ops``); the norms' float32 sums are reduced in another order.
+
+The functions are graph leaves of ``torch.fx`` (``models.mla`` wraps them): the rewritten module calls them as
+the original does, so both take the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_STATE = {"on": os.environ.get("SWA_REWRITE_FUSED_MODEL_OPS", "1") != "0"}
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DEVICES = ("cuda",)       # (tests add "cpu" to run the kernels in Triton's interpreter)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` (the first one's dtype for all) take the one-launch forms (module docstring)."""
+    if not _STATE["on"] or torch.compiler.is_compiling():
+        return False
+    x = tensors[0]
+    if x.device.type not in _DEVICES or x.dtype not in _DTYPES:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) not in _PLAIN or t.dtype != x.dtype or t.stride(-1) != 1 or (grad and t.requires_grad):
+            return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+@contextlib.contextmanager
+def op_by_op():
+    """Within it the model's small ops take their op-by-op forms everywhere (A/B benchmarks, tests)."""
+    saved = _STATE["on"]
+    _STATE["on"] = False
+    try:
+        yield
+    finally:
+        _STATE["on"] = saved
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """``weight · rms_norm(x)`` (float32 normalisation rounded to ``x``'s dtype, then the weight product), as
+    DeepSeek's reference; with ``residual``, of ``h = x + residual`` and returns ``(normed, h)``."""
+    if x.dim() == 2 and weight.dim() == 1 and (
+            _fused(x, weight) if residual is None else (residual.shape == x.shape and _fused(x, weight, residual))):
+        from ..kernels import model_ops
+        return model_ops.rms_norm(x, weight, eps, residual)
+    h = x if residual is None else x + residual
+    # F.rms_norm computes in float32 for half inputs and rounds once: the same bits as the float32 round trip
+    # (tests/models/test_model_ops.py). `.to` keeps the dtype under autocast, which may run the norm in float32.
+    y = weight * F.rms_norm(h, (weight.shape[0],), eps=eps).to(h.dtype)
+    return y if residual is None else (y, h)
+
+
+def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, tokens: torch.Tensor, heads: torch.Tensor,
+                    index: torch.Tensor, weight: torch.Tensor, eps: float):
+    """One MLA layer's rope and latent: ``(rotate(q_pe), [rms_norm(kv[:, :R]) | rotate(kv[:, R:])])`` for
+    ``q_pe [T, H, P]``, ``kv [T, R + P]`` (``kv_a_proj_with_mqa``'s output), the step's ``RopeRotation``
+    (``tokens``, ``heads``, ``index``) and the kv norm's ``weight [R]``."""
+    P = q_pe.shape[-1]
+    R = kv.shape[-1] - P
+    if (q_pe.dim() == 3 and kv.dim() == 2 and tokens.dim() == 3 and index.stride(0) == 1
+            and _fused(q_pe, kv, tokens, weight)):
+        from ..kernels import model_ops
+        return model_ops.mla_rope_latent(q_pe, kv, tokens, index, weight, eps)
+    from .rope import rotate
+
+    c_kv, k_pe = kv.split([R, P], dim=-1)
+    c_kv = rms_norm(c_kv, weight, eps)
+    return rotate(q_pe, heads, index), torch.cat([c_kv, rotate(k_pe, tokens, index)], dim=-1)
