@@ -10,7 +10,8 @@ from numerics import rel_err
 from swa_rewrite.kernels import model_ops
 from swa_rewrite.models import MLAConfig, MLAModel, fused
 from swa_rewrite.models.rope import apply_rope, rope_rotation
-from swa_rewrite.runtime import StepBatch, StepItem
+from swa_rewrite import Schedule, apply
+from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 HALF = (torch.bfloat16, torch.float16)
@@ -117,7 +118,7 @@ def test_mla_rope_latent_kernel(device, dtype, interleave, H, R, P, seed):
 def _step(model, T=3, page_size=4, context=6, device="cpu"):
     nb = -(-(context + T) // page_size)
     items = [StepItem([5, 9, 2][:T], context, list(range(nb)), True)]
-    batch = StepBatch.build(items, page_size, device=device)
+    batch = StepBatch.build(items, page_size, num_groups=num_cache_groups(model), device=device)
     caches = model.allocate_kv_cache(nb + 1, page_size, device)
     for c in caches:
         c.random_(0, 100) if c.dtype == torch.uint8 else c.normal_(0, 0.5)   # packed FP8 rows: finite bytes
@@ -144,14 +145,17 @@ def _cpu_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeypatch, dtype, seed):
-    """A tiny model's step under no_grad: each layer's four norms (one with the residual add) and its rope / latent
-    go through the kernels, and the logits are the op-by-op forms' (float32: to its rounding; bf16 in the interpreter,
-    which truncates: to 2 %, norm-wise)."""
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeypatch, dtype, rewrite, seed):
+    """A tiny model's step under no_grad, and the rewritten model's: each layer's four norms (one with the residual
+    add) and its rope / latent go through the kernels, and the logits are the op-by-op forms' (float32: to its
+    rounding; bf16 in the interpreter, which truncates: to 2 %, norm-wise)."""
     _cpu_kernels(monkeypatch)
     spy = _Spy(monkeypatch)
     model = MLAModel(MLAConfig.named("tiny"), seed=seed % 1000, dtype=dtype)
     L = model.config.num_hidden_layers
+    if rewrite:
+        model = apply(model, Schedule.from_skip_freq(2, L, 4))
     torch.manual_seed(seed)
     step = _step(model)
     torch.manual_seed(seed)
@@ -186,7 +190,6 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
         torch.testing.assert_close(compiled(x), norm(x))
         assert spy.calls["rms_norm"] == 3, "the compiled call must trace the op-by-op form"
     # the rewritten module calls the same leaves: its fx graph has them as calls, not traced through
-    from swa_rewrite import Schedule, apply
     rewritten = apply(model, Schedule.from_skip_freq(2, model.config.num_hidden_layers, 4))
     targets = {getattr(n.target, "__name__", None) for n in rewritten.graph.nodes if n.op == "call_function"}
     assert {"rms_norm", "mla_rope_latent"} <= targets
@@ -196,8 +199,6 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
 def test_cuda_model_step_takes_the_kernels_and_matches_op_by_op(monkeypatch, seed):
     """The V3 attention dims (H = 128, R = 512, P = 64) in bf16 on the GPU: the eager step launches the kernels
     and its logits match the op-by-op step's to bf16 rounding; the rewritten model takes them too."""
-    from swa_rewrite import Schedule, apply
-
     spy = _Spy(monkeypatch)
     cfg = MLAConfig.named("tiny").replace(num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64,
                                           hidden_size=256, q_lora_rank=128)
