@@ -11,6 +11,7 @@ from swa_rewrite.kernels import model_ops
 from swa_rewrite.models import MLAConfig, MLAModel, fused
 from swa_rewrite.models.rope import apply_rope, rope_rotation
 from swa_rewrite import Schedule, apply
+from swa_rewrite.fp8_format import quantize_rows
 from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -120,8 +121,13 @@ def _step(model, T=3, page_size=4, context=6, device="cpu"):
     items = [StepItem([5, 9, 2][:T], context, list(range(nb)), True)]
     batch = StepBatch.build(items, page_size, num_groups=num_cache_groups(model), device=device)
     caches = model.allocate_kv_cache(nb + 1, page_size, device)
-    for c in caches:
-        c.random_(0, 100) if c.dtype == torch.uint8 else c.normal_(0, 0.5)   # packed FP8 rows: finite bytes
+    P = model.config.qk_rope_head_dim
+    for c in caches:   # the cached context: random latents (packed FP8 rows in the rewritten model's sliding layers)
+        if c.dtype == torch.uint8:
+            rows = torch.randn(c.shape[0] * c.shape[1], model.config.kv_lora_rank + P, device=device) * 0.5
+            c.copy_(quantize_rows(rows, P).view(c.shape))
+        else:
+            c.normal_(0, 0.5)
     return lambda: model(batch.input_ids, kv_caches=caches, meta=batch.meta)
 
 
@@ -149,7 +155,8 @@ def _cpu_kernels(monkeypatch):
 def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeypatch, dtype, rewrite, seed):
     """A tiny model's step under no_grad, and the rewritten model's: each layer's four norms (one with the residual
     add) and its rope / latent go through the kernels, and the logits are the op-by-op forms' (float32: to its
-    rounding; bf16 in the interpreter, which truncates: to 2 %, norm-wise)."""
+    rounding; bf16 in the interpreter, which truncates every rounding, the FP8 caches amplifying it: to a few %,
+    norm-wise: a wrong wire is off by ~100 %)."""
     _cpu_kernels(monkeypatch)
     spy = _Spy(monkeypatch)
     model = MLAModel(MLAConfig.named("tiny"), seed=seed % 1000, dtype=dtype)
@@ -167,7 +174,7 @@ def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeyp
             want = step_ref()
         assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L}, "op_by_op() must not launch them"
     err = rel_err(got, want)
-    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    assert err < (1e-5 if dtype == torch.float32 else 6e-2 if rewrite else 3e-2), err  # bf16: max 3.5 / 2.2 % (16 seeds)
 
 
 def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, seed):
