@@ -7,6 +7,8 @@ compute, in the same order and with the same roundings:
 * ``rms_norm``: ``weight · rms_norm(x)`` — the float32 normalisation rounded once to ``x``'s dtype, then the weight
   product rounded again (``models.mla.RMSNorm``); with ``residual``, first ``h = x + residual`` rounded to the
   dtype, which it also returns (the decoder layer's residual add before its post-attention norm).
+* ``rope_table``: the step's rope table ``[T, 2, P]`` (``models.rope.rope_rotation`` of ``rope_cos_sin``: each
+  position's angles, their cosines and sines times the magnitude, rounded to the dtype), ~15 ops in one launch;
 * ``mla_rope_latent``: one MLA layer's rope and latent: ``q_pe`` rotated (``models.rope.rotate``: each product
   rounded, then their sum), and the latent row ``[kv_a_layernorm(c_kv) | rotate(k_pe)]`` the layer writes into its
   cache — the kv norm, two rotations and the concatenation, five to nine ops, in one launch.
@@ -24,8 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from . import cdiv, next_pow2
+from . import cdiv, interpreting, next_pow2
 from .launch import launch
 
 
@@ -52,6 +55,29 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, stride_x, stride_r, s
         x = (x.to(tl.float32) + r.to(tl.float32)).to(DTYPE)
         tl.store(h_ptr + row * stride_h + cols, x, mask=mask)
     tl.store(y_ptr + row * stride_y + cols, _rms_row(x, w_ptr, cols, mask, D, eps, DTYPE), mask=mask)
+
+
+@triton.jit
+def _rope_table_kernel(pos_ptr, inv_ptr, tab_ptr, magnitude, stride_t, stride_row, HALF: tl.constexpr,
+                       BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    mask = j < HALF
+    DTYPE: tl.constexpr = tab_ptr.dtype.element_ty
+    angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + j, mask=mask, other=0.0)
+    if INTERPRET:                                             # (the interpreter has no libdevice: numpy's)
+        cos = tl.cos(angle) * magnitude
+        sin = tl.sin(angle) * magnitude
+    else:                                                     # CUDA's cosf / sinf, as PyTorch's cos / sin
+        cos = libdevice.cos(angle) * magnitude
+        sin = libdevice.sin(angle) * magnitude
+    row = tab_ptr + t * stride_t + j
+    tl.store(row, cos.to(DTYPE), mask=mask)                   # [cos | cos]
+    tl.store(row + HALF, cos.to(DTYPE), mask=mask)
+    # [-sin | sin]: negated before rounding (the same bits: rounding to nearest is symmetric; the interpreter
+    # negates a bf16 value wrongly)
+    tl.store(row + stride_row, (-sin).to(DTYPE), mask=mask)
+    tl.store(row + stride_row + HALF, sin.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -106,6 +132,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
                num_warps=num_warps or (8 if block >= 4096 else 4 if block >= 1024 else 2))
     return (y, h) if residual is not None else y
+
+
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, magnitude: float, dtype: torch.dtype, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, 2, P]`` in ``dtype`` for ``positions [T]`` (integers) and ``inv_freq [P/2]`` (float32, contiguous): row 0
+    ``[cos | cos]``, row 1 ``[-sin | sin]`` of ``positions · inv_freq`` times ``magnitude`` (a ``RopeRotation``'s
+    ``tokens``). ``out``: the table to write (unit last stride). Not validated here."""
+    T, half = positions.shape[0], inv_freq.shape[0]
+    table = out if out is not None else torch.empty((T, 2, 2 * half), dtype=dtype, device=positions.device)
+    if T:
+        launch(_rope_table_kernel, (T,), positions, inv_freq, table, float(magnitude), table.stride(0),
+               table.stride(1), HALF=half, BLOCK=next_pow2(half), INTERPRET=interpreting(), num_warps=1,
+               enable_fp_fusion=False)
+    return table
 
 
 def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,

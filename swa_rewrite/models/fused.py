@@ -27,24 +27,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import RopeRotation, rope_cos_sin, rope_index, rope_rotation
+
 _STATE = {"on": os.environ.get("SWA_REWRITE_FUSED_MODEL_OPS", "1") != "0"}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DEVICES = ("cuda",)       # (tests add "cpu" to run the kernels in Triton's interpreter)
 _PLAIN = (torch.Tensor, nn.Parameter)
+_INDEX: dict = {}          # (P, interleave, device) -> a RopeRotation's index
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` may take a one-launch form, dtypes aside (module docstring)."""
+    if not _STATE["on"] or torch.compiler.is_compiling() or tensors[0].device.type not in _DEVICES:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) not in _PLAIN or t.stride(-1) != 1 or (grad and t.requires_grad):
+            return False
+    return not torch.is_autocast_enabled(tensors[0].device.type)
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` (the first one's dtype for all) take the one-launch forms (module docstring)."""
-    if not _STATE["on"] or torch.compiler.is_compiling():
-        return False
-    x = tensors[0]
-    if x.device.type not in _DEVICES or x.dtype not in _DTYPES:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if type(t) not in _PLAIN or t.dtype != x.dtype or t.stride(-1) != 1 or (grad and t.requires_grad):
-            return False
-    return not torch.is_autocast_enabled(x.device.type)
+    dtype = tensors[0].dtype
+    return dtype in _DTYPES and all(t.dtype == dtype for t in tensors) and _eager(*tensors)
 
 
 @contextlib.contextmanager
@@ -70,6 +76,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     # (tests/models/test_model_ops.py). `.to` keeps the dtype under autocast, which may run the norm in float32.
     y = weight * F.rms_norm(h, (weight.shape[0],), eps=eps).to(h.dtype)
     return y if residual is None else (y, h)
+
+
+def step_rope(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor, dtype: torch.dtype,
+              interleave: bool) -> RopeRotation:
+    """The step's ``RopeRotation`` for ``positions [T]``: ``rope_rotation(*rope_cos_sin(...), interleave)``, as one
+    launch without grad mode (the table; its ``index`` depends on ``P`` and the layout only, made once per device
+    outside CUDA-graph capture, where its first making would be recorded but not run)."""
+    P = 2 * inv_freq.shape[-1]
+    if (not torch.is_grad_enabled() and positions.dim() == 1 and inv_freq.dim() == 1 and dtype in _DTYPES
+            and inv_freq.dtype == torch.float32 and positions.dtype in (torch.int32, torch.int64)
+            and inv_freq.device == positions.device and _eager(positions, inv_freq)):
+        key = (P, bool(interleave), positions.device)
+        index = _INDEX.get(key)
+        if index is None and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+            with torch.inference_mode(False):     # an ordinary tensor: usable in any later step
+                index = _INDEX.setdefault(key, rope_index(P, interleave, positions.device))
+        if index is not None:
+            from ..kernels import model_ops
+            table = model_ops.rope_table(positions, inv_freq, magnitude, dtype)
+            return RopeRotation(table, table.unsqueeze(1), index)
+    return rope_rotation(*rope_cos_sin(inv_freq, magnitude, positions, dtype), interleave)
 
 
 def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, tokens: torch.Tensor, heads: torch.Tensor,

@@ -20,10 +20,10 @@ from ..ops.kv_cache_spec import KVCacheSpec
 from ..ops.checks import validated_step
 from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
-from .fused import mla_rope_latent
+from .fused import mla_rope_latent, step_rope
 from .fused import rms_norm as fused_rms_norm
 from .moe import MoE
-from .rope import RopeRotation, reset_rope_buffer, rope_cos_sin, rope_inv_freq, rope_inv_freq_bits, rope_rotation
+from .rope import RopeRotation, reset_rope_buffer, rope_inv_freq, rope_inv_freq_bits
 
 
 def select_rows(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
@@ -42,6 +42,7 @@ torch.fx.wrap("cache_device")
 # original module and the rewritten one alike.
 torch.fx.wrap("fused_rms_norm")
 torch.fx.wrap("mla_rope_latent")
+torch.fx.wrap("step_rope")
 # A graph leaf: the rewritten module keeps checking its inputs at run time (Dynamo traces through it).
 torch.fx.wrap("checked_step_metadata")
 
@@ -247,8 +248,9 @@ class MLAModel(nn.Module):
             meta = checked_step_metadata(meta, kv_caches, self.cache_groups, (FULL_KEY,) * self.num_layers)
             # Not the property: fx would freeze its value as a float constant, which dtype moves round again.
             inv_freq = self.rope_inv_freq_bits.view(torch.float32)
-            cos, sin = rope_cos_sin(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype)
-            rope = rope_rotation(cos, sin, self.config.rope_interleave)        # once per step, for every layer
+            # once per step, for every layer (one launch in eager CUDA inference: models/fused.py)
+            rope = step_rope(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype,
+                             self.config.rope_interleave)
             x = self.embed_tokens(input_ids)
             for i, layer in enumerate(self.layers):
                 x = layer(x, rope, kv_caches[i], meta)

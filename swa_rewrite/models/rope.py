@@ -99,16 +99,21 @@ class RopeRotation(NamedTuple):
 
 def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> RopeRotation:
     """The step's ``RopeRotation`` from ``cos, sin [T, P/2]`` (``rope_cos_sin``), for either layout."""
-    half = cos.shape[-1]
-    P = 2 * half
+    P = 2 * cos.shape[-1]
     table = torch.cat([cos, cos, -sin, sin], dim=-1).unflatten(-1, (2, P))          # [T, 2, P]
-    i = torch.arange(P, device=cos.device)
+    return RopeRotation(table, table.unsqueeze(1), rope_index(P, interleave, cos.device))
+
+
+def rope_index(P: int, interleave: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    """A ``RopeRotation``'s ``index [2P]`` (int64): each output's source column, then its rotation partner."""
+    half = P // 2
+    i = torch.arange(P, device=device)
     if interleave:   # output i < P/2 reads x[2i] (partner x[2i + 1]); output P/2 + i reads x[2i + 1] (x[2i])
         source = i.view(half, 2).t().reshape(P)
         partner = torch.bitwise_xor(source, 1)
     else:            # NeoX: output i reads x[i], its partner x[(i + P/2) mod P]
         source, partner = i, torch.remainder(i + half, P)
-    return RopeRotation(table, table.unsqueeze(1), torch.cat([source, partner]))
+    return torch.cat([source, partner])
 
 
 def rotate(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from numerics import rel_err
 from swa_rewrite.kernels import model_ops
 from swa_rewrite.models import MLAConfig, MLAModel, fused
-from swa_rewrite.models.rope import apply_rope, rope_rotation
+from swa_rewrite.models.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_rotation
 from swa_rewrite import Schedule, apply
 from swa_rewrite.fp8_format import quantize_rows
 from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
@@ -116,6 +116,41 @@ def test_mla_rope_latent_kernel(device, dtype, interleave, H, R, P, seed):
     assert _ulps(latent[:, :R], want).max() <= _NORM_ULPS[dtype] + _truncating(device, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_step_rope_table_kernel(device, dtype, interleave, seed):
+    """The step's rope table in one launch: ``rope_rotation(*rope_cos_sin(...))`` — the angles' cosines and sines
+    (CUDA's, as PyTorch's) times a yarn magnitude, rounded — bit for bit on the GPU, at positions up to 160K."""
+    _skip_without(device)
+    g = torch.Generator().manual_seed(seed)
+    cfg = MLAConfig.named("v3-attn")
+    inv_freq, magnitude = rope_inv_freq(cfg)
+    positions = torch.randint(0, 163840, (37,), generator=g)
+    positions[:3] = torch.tensor([0, 1, 163839])
+    positions, inv_freq = positions.to(device), inv_freq.to(device)
+    want = rope_rotation(*rope_cos_sin(inv_freq, magnitude, positions, dtype), interleave)
+    out = _nan(want.tokens.shape, dtype, device)
+    table = model_ops.rope_table(positions.int() if device == "cpu" else positions, inv_freq, magnitude, dtype,
+                                 out=out)
+    assert table.data_ptr() == out.data_ptr() and not table.isnan().any()
+    if device == "cpu":          # numpy's float32 cos / sin in the interpreter, and its truncation to bf16
+        torch.testing.assert_close(table.double(), want.tokens.double(), rtol=0, atol=4 * torch.finfo(dtype).eps)
+    else:
+        assert torch.equal(table, want.tokens), f"differs at {(table != want.tokens).nonzero()[:4].tolist()}"
+    # the whole RopeRotation, as the model takes it (index made once per device and layout, then reused)
+    monkeypatch_devices = fused._DEVICES
+    try:
+        fused._DEVICES = ("cuda", "cpu")
+        with torch.no_grad():
+            rope = fused.step_rope(inv_freq, magnitude, positions, dtype, interleave)
+            again = fused.step_rope(inv_freq, magnitude, positions, dtype, interleave)
+    finally:
+        fused._DEVICES = monkeypatch_devices
+    assert torch.equal(rope.index, want.index) and again.index is rope.index
+    assert rope.heads.shape == want.heads.shape and rope.heads.data_ptr() == rope.tokens.data_ptr()
+
+
 def _step(model, T=3, page_size=4, context=6, device="cpu"):
     nb = -(-(context + T) // page_size)
     items = [StepItem([5, 9, 2][:T], context, list(range(nb)), True)]
@@ -135,7 +170,7 @@ class _Spy:
     """Counts the calls of ``kernels.model_ops``' launchers."""
 
     def __init__(self, monkeypatch):
-        self.calls = {"rms_norm": 0, "mla_rope_latent": 0}
+        self.calls = {"rms_norm": 0, "mla_rope_latent": 0, "rope_table": 0}
         for name in self.calls:
             real = getattr(model_ops, name)
 
@@ -169,10 +204,11 @@ def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeyp
     step_ref = _step(model)
     with torch.no_grad():
         got = step()
-        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L}
+        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L, "rope_table": 1}
         with fused.op_by_op():
             want = step_ref()
-        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L}, "op_by_op() must not launch them"
+        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L, "rope_table": 1}, \
+            "op_by_op() must not launch them"
     err = rel_err(got, want)
     assert err < (1e-5 if dtype == torch.float32 else 6e-2 if rewrite else 3e-2), err  # bf16: max 3.5 / 2.2 % (16 seeds)
 
@@ -185,6 +221,12 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
     norm = model.layers[0].input_layernorm
     norm(x)                                                     # grad on and a weight that requires it
     assert spy.calls["rms_norm"] == 0
+    inv_freq, positions = model.rope_inv_freq, torch.arange(5)
+    fused.step_rope(inv_freq, 1.0, positions, torch.float32, True)   # grad mode on: the op-by-op form
+    assert spy.calls["rope_table"] == 0
+    with torch.no_grad():
+        fused.step_rope(inv_freq, 1.0, positions, torch.float32, True)
+        assert spy.calls["rope_table"] == 1
     with torch.no_grad():
         norm(x)
         assert spy.calls["rms_norm"] == 1
@@ -223,5 +265,6 @@ def test_cuda_model_step_takes_the_kernels_and_matches_op_by_op(monkeypatch, see
             with fused.op_by_op():
                 want = step_ref()
         assert spy.calls["mla_rope_latent"] - before["mla_rope_latent"] == L
+        assert spy.calls["rope_table"] - before["rope_table"] == 1
         assert spy.calls["rms_norm"] - before["rms_norm"] == 3 * L + 1
         assert rel_err(got, want) < 1e-2
