@@ -1,13 +1,16 @@
-"""The model's small per-layer ops, one launch each in eager CUDA steps (issue 14), their op-by-op forms elsewhere.
+"""The model's small ops, one launch each in eager CUDA steps (issue 14), their op-by-op forms elsewhere.
 
 An eager decode step is host-bound (benchmarks/RESULTS.md, issue 14): the host issues ~60 ops a layer and the
-device waits. ``rms_norm`` (with the residual add before it) and ``mla_rope_latent`` (the kv norm, both rotations
-and the latent's concatenation) take one Triton launch each (``kernels.model_ops``) when
+device waits. ``rms_norm`` (with the residual add before it), ``mla_rope_latent`` (the kv norm, both rotations and
+the latent's concatenation) and ``step_rope`` (the step's rope table) take one Triton launch each
+(``kernels.model_ops``) when
 
 * the tensors are plain CUDA tensors of one half or float32 dtype in the layouts the kernels take,
-* nothing records them for autograd (inference: ``no_grad`` / ``inference_mode``, or tensors without grad),
-* no tracer runs (``torch.compile``, ``torch.export``: they see the op-by-op form, which Inductor fuses itself;
-  fake or functional tensors and fx proxies are not plain tensors), autocast is off,
+* nothing records them for autograd (inference: ``no_grad`` / ``inference_mode``, or tensors without grad;
+  ``step_rope``: grad mode off),
+* nothing watches PyTorch's ops (``_traced``: ``torch.compile`` and ``torch.export`` see the op-by-op forms, which
+  Inductor fuses itself; so do ``make_fx``, dispatch and function modes and ``torch.jit.trace``; fake or functional
+  tensors and fx proxies are not plain tensors), autocast is off,
 * ``SWA_REWRITE_FUSED_MODEL_OPS`` is not ``0`` in the environment (read once; ``op_by_op()`` for one block);
 
 and run their op-by-op forms otherwise (CPU, training, tracing). Both forms compute the same values in the same
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import RopeRotation, rope_cos_sin, rope_index, rope_rotation
+from .rope import RopeRotation, rope_cos_sin, rope_index, rope_rotation, rotate
 
 _STATE = {"on": os.environ.get("SWA_REWRITE_FUSED_MODEL_OPS", "1") != "0"}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -38,13 +41,20 @@ _INDEX: dict = {}          # (P, interleave, device) -> a RopeRotation's index
 
 def _eager(*tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` may take a one-launch form, dtypes aside (module docstring)."""
-    if not _STATE["on"] or torch.compiler.is_compiling() or tensors[0].device.type not in _DEVICES:
+    if not _STATE["on"] or tensors[0].device.type not in _DEVICES or _traced():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if type(t) not in _PLAIN or t.stride(-1) != 1 or (grad and t.requires_grad):
             return False
     return not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def _traced() -> bool:
+    """Whether anything watches PyTorch's ops: a compiler or export, ``make_fx`` or another dispatch / function mode
+    (profilers and FLOP counters included), ``torch.jit.trace`` — none of them sees a Triton launch."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._len_torch_function_stack() > 0 or torch.jit.is_tracing())
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -110,8 +120,6 @@ def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, tokens: torch.Tensor, 
             and _fused(q_pe, kv, tokens, weight)):
         from ..kernels import model_ops
         return model_ops.mla_rope_latent(q_pe, kv, tokens, index, weight, eps)
-    from .rope import rotate
-
     c_kv, k_pe = kv.split([R, P], dim=-1)
     c_kv = rms_norm(c_kv, weight, eps)
     return rotate(q_pe, heads, index), torch.cat([c_kv, rotate(k_pe, tokens, index)], dim=-1)

@@ -238,6 +238,14 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
         compiled = torch.compile(lambda t: norm(t), backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), norm(x))
         assert spy.calls["rms_norm"] == 3, "the compiled call must trace the op-by-op form"
+        # make_fx on real tensors (no compiler flag, plain tensors: its dispatch mode is what tells)
+        from torch.fx.experimental.proxy_tensor import make_fx
+        graph = make_fx(lambda t: norm(t))(x)
+        assert spy.calls["rms_norm"] == 3
+        assert any(k in str(n.target) for n in graph.graph.nodes for k in ("rms_norm", "rsqrt")), graph.code
+        with torch.utils.flop_counter.FlopCounterMode(display=False):
+            norm(x)
+        assert spy.calls["rms_norm"] == 3, "a dispatch mode sees the op-by-op form"
     # the rewritten module calls the same leaves: its fx graph has them as calls, not traced through
     rewritten = apply(model, Schedule.from_skip_freq(2, model.config.num_hidden_layers, 4))
     targets = {getattr(n.target, "__name__", None) for n in rewritten.graph.nodes if n.op == "call_function"}
