@@ -116,8 +116,8 @@ def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, tokens: torch.Tensor, 
     (``tokens``, ``heads``, ``index``) and the kv norm's ``weight [R]``."""
     P = q_pe.shape[-1]
     R = kv.shape[-1] - P
-    if (q_pe.dim() == 3 and kv.dim() == 2 and tokens.dim() == 3 and index.stride(0) == 1
-            and _fused(q_pe, kv, tokens, weight)):
+    if (q_pe.dim() == 3 and kv.dim() == 2 and tokens.dim() == 3 and index.stride(0) == 1 and P & (P - 1) == 0
+            and _fused(q_pe, kv, tokens, weight)):                # (the kernel spans P in one power-of-two block)
         from ..kernels import model_ops
         return model_ops.mla_rope_latent(q_pe, kv, tokens, index, weight, eps)
     c_kv, k_pe = kv.split([R, P], dim=-1)

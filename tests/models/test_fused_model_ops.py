@@ -246,6 +246,14 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
         with torch.utils.flop_counter.FlopCounterMode(display=False):
             norm(x)
         assert spy.calls["rms_norm"] == 3, "a dispatch mode sees the op-by-op form"
+        # a rope width the kernel's one power-of-two block cannot span: the op-by-op form, the same values
+        cos, sin = torch.rand(4, 12), torch.rand(4, 12)
+        rope = rope_rotation(cos, sin, True)
+        q_pe, kv, w = torch.randn(4, 3, 24), torch.randn(4, 32 + 24), torch.rand(32) + 0.5
+        q_rot, latent = fused.mla_rope_latent(q_pe, kv, rope.tokens, rope.heads, rope.index, w, 1e-6)
+        assert spy.calls["mla_rope_latent"] == 0
+        assert torch.equal(q_rot, apply_rope(q_pe, cos, sin, True))
+        assert torch.equal(latent[:, 32:], apply_rope(kv[:, 32:], cos, sin, True))
     # the rewritten module calls the same leaves: its fx graph has them as calls, not traced through
     rewritten = apply(model, Schedule.from_skip_freq(2, model.config.num_hidden_layers, 4))
     targets = {getattr(n.target, "__name__", None) for n in rewritten.graph.nodes if n.op == "call_function"}
