@@ -126,11 +126,31 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
 
 
 # ------------------------------------------------------------------------------------------------- checks
+# The argument signatures (every tensor's shape, dtype and device, every scalar with its type) whose shape checks
+# passed in an eager call: a later call of one of them skips those checks, which read nothing else (issue 14: they
+# were ~40 % of an eager decode call's own Python). Data checks are never remembered (``checks`` docstring).
+_SIGNATURES: dict = {}
+_SIGNATURES_MAX = 1024
+
+
 def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks, data=True):
     """Every check of the op's arguments (``data``: the data checks too, in checked mode); returns ``(N, V)``. Inside
-    a compiled graph (``checks.shapes_traced``) only the data checks run: its trace checked the rest."""
+    a compiled graph (``checks.shapes_traced``) only the data checks run: its trace checked the rest; so in an eager
+    call whose argument signature an earlier one passed (``_SIGNATURES``)."""
+    signature = None
     traced = data and shapes_traced()
+    if data and not traced:
+        signature = (q_nope.shape, q_nope.dtype, q_nope.device, q_pe.shape, q_pe.dtype, q_pe.device,
+                     kv_b_weight.shape, kv_b_weight.dtype, kv_b_weight.device, cache.shape, cache.dtype, cache.device,
+                     block_tables.shape, block_tables.dtype, block_tables.device, cu_seqlens_q.shape,
+                     cu_seqlens_q.dtype, cu_seqlens_q.device, seq_lens_encoder.shape, seq_lens_encoder.dtype,
+                     seq_lens_encoder.device, seq_lens_decoder.shape, seq_lens_decoder.dtype, seq_lens_decoder.device,
+                     batch_id_per_token.shape, batch_id_per_token.dtype, batch_id_per_token.device,
+                     mha_kv_slots.shape, mha_kv_slots.dtype, mha_kv_slots.device, mha_kv_cu.shape, mha_kv_cu.dtype,
+                     mha_kv_cu.device, type(scale), scale, type(rope_dim), rope_dim, type(group), group,
+                     type(window), window, type(sinks), sinks)
+        traced = signature in _SIGNATURES
     if traced:
         N = q_nope.shape[-1]
         V = kv_b_weight.shape[0] // q_nope.shape[1] - N
@@ -161,6 +181,10 @@ def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, se
             and mha_rows_validated(window or 0, sinks) not in validated_entries((mha_kv_slots, mha_kv_cu), group)):
         _check_rows(block_tables[group], cu_seqlens_q, seq_lens_decoder, mha_kv_slots[group], mha_kv_cu[group],
                     cache.shape[1], window or 0, sinks if window else 0)
+    if signature is not None and not traced:
+        if len(_SIGNATURES) >= _SIGNATURES_MAX:
+            _SIGNATURES.clear()
+        _SIGNATURES[signature] = None
     return N, V
 
 

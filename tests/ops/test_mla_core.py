@@ -7,6 +7,8 @@ expanded with the un-absorbed weight (MHA and MQA mode are the same mathematics,
 Unused cache slots are poisoned. ``mha_crossover_tokens`` is held to a FLOP count written here.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -126,6 +128,65 @@ def test_checks_name_the_bad_input(seed):
                                             m["cu_seqlens_q"], m["seq_lens_encoder"], m["seq_lens_decoder"],
                                             m["batch_id_per_token"], s["kv_slots"][None], s["kv_cu"][None],
                                             s["scale"], 8, 5, 0, 0)
+
+
+@pytest.mark.parametrize("window", [5, 0])
+def test_shape_checks_run_once_per_argument_signature(seed, monkeypatch, window):
+    """An eager call whose argument signature (every tensor's shape, dtype and device, every scalar and its type) an
+    earlier call passed skips the shape checks (issue 14: ~40 % of a decode call's own Python); a call that changes
+    any one of them is checked again, and a bad one still raises."""
+    module = sys.modules["swa_rewrite.ops.mla_attention"]
+    monkeypatch.setattr(module, "_SIGNATURES", {})
+    checked = []
+    real = module._dims
+    monkeypatch.setattr(module, "_dims", lambda *a: checked.append(1) or real(*a))
+    s = setup([(0, 6), (9, 2)], 4, 2, window, 0, mha=[True, False])
+    m = s["meta"]
+    with checks_disabled():
+        want = core(s)
+        assert len(checked) == 1
+        got = core(s)
+        assert len(checked) == 1, "the same signature again: its shape checks are not repeated"
+        assert torch.equal(got, want)
+        core({**s, "q_nope": s["q_nope"].clone()})               # new tensors of the same signature
+        assert len(checked) == 1
+        bad = [({**s, "w": s["w"].double()}, ValueError, "kv_b_weight"),
+               ({**s, "cache": s["cache"][..., :-1]}, ValueError, "cache"),
+               ({**s, "meta": {**m, "batch_id_per_token": m["batch_id_per_token"][:-1]}}, ValueError,
+                "batch_id_per_token"),
+               ({**s, "meta": {**m, "block_tables": m["block_tables"].float()}}, ValueError, "block_tables"),
+               ({**s, "kv_cu": s["kv_cu"][:-1]}, ValueError, "mha_kv_cu")]
+        for args, error, match in bad:
+            before = len(checked)
+            with pytest.raises(error, match=match):
+                core(args)
+            assert len(checked) == before + 1, f"{match}: a changed signature is checked again"
+
+        # the op's scalars, through the dispatcher (the Python wrapper checks some of them itself)
+        def direct(scale=s["scale"], rope_dim=16, group=0, sinks=0):
+            tensors = (s["q_nope"], s["q_pe"], s["w"], s["cache"], m["block_tables"][None], m["cu_seqlens_q"],
+                       m["seq_lens_encoder"], m["seq_lens_decoder"], m["batch_id_per_token"], s["kv_slots"][None],
+                       s["kv_cu"][None])
+            if window:
+                return torch.ops.swa_rewrite.swa_attention(*tensors, scale, rope_dim, window, 0, group, sinks)
+            return torch.ops.swa_rewrite.mla_attention(*tensors, scale, rope_dim, 0, group)
+
+        direct()
+        before = len(checked)
+        direct()
+        assert len(checked) == before
+        scalars = [(dict(scale=float("nan")), "scale"), (dict(rope_dim=8), "rope_dim"), (dict(group=1), "group 1")]
+        if window:
+            scalars.append((dict(sinks=-1), "sinks"))
+        for kw, match in scalars:
+            before = len(checked)
+            with pytest.raises(ValueError, match=match):
+                direct(**kw)
+            assert len(checked) == before + 1, f"{match}: a changed signature is checked again"
+        before = len(checked)
+        direct()
+        core(s)
+        assert len(checked) == before, "the failed calls were not remembered; the good ones still are"
 
 
 def test_step_batch_plans_each_groups_rows_and_pads_them():
