@@ -303,16 +303,10 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None) -> int:
 
 
 def check_index(name: str, t: torch.Tensor, dim: int) -> None:
-    """An integer metadata tensor of ``dim`` dimensions whose last one is dense: the kernels read its rows with unit
-    stride (a strided view, e.g. every other entry, would be read as its neighbours)."""
     if t.dtype not in _INDEX_DTYPES:
         fail(f"{name} must be int32 or int64, got {t.dtype}")
     if t.dim() != dim:
         fail(f"{name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
-    # The stride first: a dense tensor's is the constant 1 even under Dynamo's dynamic sizes, so no guard on a size.
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        fail(f"{name} must have unit stride in its last dimension (the kernels read it so), got shape "
-             f"{tuple(t.shape)} with strides {t.stride()}: pass .contiguous()")
 
 
 def check_group(name: str, t: torch.Tensor, group: int) -> None:

@@ -126,10 +126,9 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
 
 
 # ------------------------------------------------------------------------------------------------- checks
-# The argument signatures (every tensor's shape, dtype and device, the metadata's last strides, every scalar with its
-# type) whose shape checks passed in an eager call: a later call of one of them skips those checks, which read
-# nothing else (issue 14: they were ~40 % of an eager decode call's own Python). Data checks are never remembered
-# (``checks`` docstring).
+# The argument signatures (every tensor's shape, dtype and device, every scalar with its type) whose shape checks
+# passed in an eager call: a later call of one of them skips those checks, which read nothing else (issue 14: they
+# were ~40 % of an eager decode call's own Python). Data checks are never remembered (``checks`` docstring).
 _SIGNATURES: dict = {}
 _SIGNATURES_MAX = 1024
 
@@ -149,9 +148,7 @@ def _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, se
                      seq_lens_encoder.device, seq_lens_decoder.shape, seq_lens_decoder.dtype, seq_lens_decoder.device,
                      batch_id_per_token.shape, batch_id_per_token.dtype, batch_id_per_token.device,
                      mha_kv_slots.shape, mha_kv_slots.dtype, mha_kv_slots.device, mha_kv_cu.shape, mha_kv_cu.dtype,
-                     mha_kv_cu.device, block_tables.stride(-1), cu_seqlens_q.stride(-1), seq_lens_encoder.stride(-1),
-                     seq_lens_decoder.stride(-1), batch_id_per_token.stride(-1), mha_kv_slots.stride(-1),
-                     mha_kv_cu.stride(-1), type(scale), scale, type(rope_dim), rope_dim, type(group), group,
+                     mha_kv_cu.device, type(scale), scale, type(rope_dim), rope_dim, type(group), group,
                      type(window), window, type(sinks), sinks)
         traced = signature in _SIGNATURES
     if traced:
