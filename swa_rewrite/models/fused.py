@@ -8,10 +8,13 @@ the latent's concatenation) and ``step_rope`` (the step's rope table) take one T
 * the tensors are plain CUDA tensors of one half or float32 dtype in the layouts the kernels take,
 * nothing records them for autograd (inference: ``no_grad`` / ``inference_mode``, or tensors without grad;
   ``step_rope``: grad mode off),
-* nothing watches PyTorch's ops (``_traced``: ``torch.compile`` and ``torch.export`` see the op-by-op forms, which
-  Inductor fuses itself; so do ``make_fx``, dispatch and function modes and ``torch.jit.trace``; fake or functional
-  tensors and fx proxies are not plain tensors), autocast is off,
-* ``SWA_REWRITE_FUSED_MODEL_OPS`` is not ``0`` in the environment (read once; ``op_by_op()`` for one block);
+* nothing watches or transforms PyTorch's ops (``_traced``: ``torch.compile`` and ``torch.export`` see the op-by-op
+  forms, which Inductor fuses itself; so do ``make_fx``, dispatch and function modes, ``torch.jit.trace``,
+  forward-mode AD and ``torch.func`` transforms; fake or functional tensors and fx proxies are not plain tensors),
+  autocast is off, and the shapes are the ones the kernels read (anything else takes the op-by-op form, which raises
+  where it should),
+* ``SWA_REWRITE_FUSED_MODEL_OPS`` is not ``0`` in the environment (read once; ``op_by_op()`` for one block, per
+  thread);
 
 and run their op-by-op forms otherwise (CPU, training, tracing). Both forms compute the same values in the same
 order and roundings (``kernels.model_ops``); the norms' float32 sums are reduced in another order.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -33,6 +37,7 @@ from torch import nn
 from .rope import RopeRotation, rope_cos_sin, rope_index, rope_rotation, rotate
 
 _STATE = {"on": os.environ.get("SWA_REWRITE_FUSED_MODEL_OPS", "1") != "0"}
+_LOCAL = threading.local()     # op_by_op() blocks, per thread
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DEVICES = ("cuda",)       # (tests add "cpu" to run the kernels in Triton's interpreter)
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -40,21 +45,27 @@ _INDEX: dict = {}          # (P, interleave, device) -> a RopeRotation's index
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
-    """Whether ``tensors`` may take a one-launch form, dtypes aside (module docstring)."""
-    if not _STATE["on"] or tensors[0].device.type not in _DEVICES or _traced():
+    """Whether ``tensors`` may take a one-launch form, dtypes and shapes aside (module docstring)."""
+    first = tensors[0]
+    if (not _STATE["on"] or getattr(_LOCAL, "op_by_op", False) or first.device.type not in _DEVICES
+            or _traced()):
         return False
-    grad = torch.is_grad_enabled()
+    grad, device = torch.is_grad_enabled(), first.get_device()
     for t in tensors:
-        if type(t) not in _PLAIN or t.stride(-1) != 1 or (grad and t.requires_grad):
+        if (type(t) not in _PLAIN or t.stride(-1) != 1 or (grad and t.requires_grad)
+                or t.get_device() != device):
             return False
-    return not torch.is_autocast_enabled(tensors[0].device.type)
+    return not torch.is_autocast_enabled(first.device.type)
 
 
 def _traced() -> bool:
-    """Whether anything watches PyTorch's ops: a compiler or export, ``make_fx`` or another dispatch / function mode
-    (profilers and FLOP counters included), ``torch.jit.trace`` — none of them sees a Triton launch."""
+    """Whether anything watches or transforms PyTorch's ops: a compiler or export, ``make_fx`` or another dispatch /
+    function mode (profilers and FLOP counters included), ``torch.jit.trace``, forward-mode AD, ``torch.func``
+    transforms (``vmap``, ``grad``, ``jvp``) — none of them sees a Triton launch."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._len_torch_function_stack() > 0 or torch.jit.is_tracing())
+            or torch._C._len_torch_function_stack() > 0 or torch.jit.is_tracing()
+            or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -65,19 +76,19 @@ def _fused(*tensors: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def op_by_op():
-    """Within it the model's small ops take their op-by-op forms everywhere (A/B benchmarks, tests)."""
-    saved = _STATE["on"]
-    _STATE["on"] = False
+    """Within it the model's small ops take their op-by-op forms, in this thread (A/B benchmarks, tests)."""
+    saved = getattr(_LOCAL, "op_by_op", False)
+    _LOCAL.op_by_op = True
     try:
         yield
     finally:
-        _STATE["on"] = saved
+        _LOCAL.op_by_op = saved
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
     """``weight · rms_norm(x)`` (float32 normalisation rounded to ``x``'s dtype, then the weight product), as
     DeepSeek's reference; with ``residual``, of ``h = x + residual`` and returns ``(normed, h)``."""
-    if x.dim() == 2 and weight.dim() == 1 and (
+    if x.dim() == 2 and weight.dim() == 1 and weight.shape[0] == x.shape[1] and (
             _fused(x, weight) if residual is None else (residual.shape == x.shape and _fused(x, weight, residual))):
         from ..kernels import model_ops
         return model_ops.rms_norm(x, weight, eps, residual)
@@ -96,7 +107,7 @@ def step_rope(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor,
     P = 2 * inv_freq.shape[-1]
     if (not torch.is_grad_enabled() and positions.dim() == 1 and inv_freq.dim() == 1 and dtype in _DTYPES
             and inv_freq.dtype == torch.float32 and positions.dtype in (torch.int32, torch.int64)
-            and inv_freq.device == positions.device and _eager(positions, inv_freq)):
+            and _eager(positions, inv_freq)):
         key = (P, bool(interleave), positions.device)
         index = _INDEX.get(key)
         if index is None and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -116,7 +127,10 @@ def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, tokens: torch.Tensor, 
     (``tokens``, ``heads``, ``index``) and the kv norm's ``weight [R]``."""
     P = q_pe.shape[-1]
     R = kv.shape[-1] - P
-    if (q_pe.dim() == 3 and kv.dim() == 2 and tokens.dim() == 3 and index.stride(0) == 1 and P & (P - 1) == 0
+    T = q_pe.shape[0]
+    if (q_pe.dim() == 3 and kv.dim() == 2 and kv.shape[0] == T and R > 0 and P & (P - 1) == 0
+            and tokens.shape == (T, 2, P) and weight.shape == (R,) and index.shape == (2 * P,)
+            and index.stride(0) == 1 and index.get_device() == q_pe.get_device()
             and _fused(q_pe, kv, tokens, weight)):                # (the kernel spans P in one power-of-two block)
         from ..kernels import model_ops
         return model_ops.mla_rope_latent(q_pe, kv, tokens, index, weight, eps)

@@ -246,6 +246,28 @@ def test_kernels_are_not_taken_for_autograd_tracing_or_autocast(monkeypatch, see
         with torch.utils.flop_counter.FlopCounterMode(display=False):
             norm(x)
         assert spy.calls["rms_norm"] == 3, "a dispatch mode sees the op-by-op form"
+        # forward-mode AD and torch.func transforms carry plain-looking tensors: the op-by-op form keeps tangents
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(norm(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+        assert tangent is not None and spy.calls["rms_norm"] == 3
+        torch.testing.assert_close(torch.func.vmap(norm)(x[None]), norm(x)[None])
+        assert spy.calls["rms_norm"] == 4, "vmap takes the op-by-op form (the direct call after it the kernel)"
+        # shapes the kernel would read past: the op-by-op form, which raises
+        with pytest.raises(RuntimeError):
+            fused.rms_norm(x, norm.weight[:-1], 1e-6)
+        assert spy.calls["rms_norm"] == 4
+        # op_by_op() is per thread
+        import threading
+        with fused.op_by_op():
+            def in_thread():
+                with torch.no_grad():                           # (grad mode is per thread too)
+                    norm(x)
+            other = threading.Thread(target=in_thread)
+            other.start()
+            other.join()
+            norm(x)
+        assert spy.calls["rms_norm"] == 5, "another thread keeps the kernels while this one is op by op"
         # a rope width the kernel's one power-of-two block cannot span: the op-by-op form, the same values
         cos, sin = torch.rand(4, 12), torch.rand(4, 12)
         rope = rope_rotation(cos, sin, True)
