@@ -13,6 +13,8 @@ Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite
 - ``eager``: the step as Python launches it;
 - ``eager-op-by-op``: ``eager`` with the model's small ops in their op-by-op forms (``models.fused.op_by_op``: the
   norms, rope and latent as separate PyTorch ops instead of one Triton launch each), the A/B of those launches;
+- ``eager-no-plans``: ``eager`` with our ops deciding every call afresh (``ops.decode_plans.no_plans``: checks,
+  kernel choice, launch plan and Triton's binder on every call), the A/B of the decode plans;
 - ``eager+graphs``: the eager step as a CUDA graph, ``runtime.cuda_graphs.DecodeGraphs`` (the step's inputs
   packed on the host and sent in one copy, then a replay);
 - ``inductor``: ``swa_rewrite.compile(model, schedule, fullgraph=True)``; the original through the same call with
@@ -54,15 +56,16 @@ from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.models.fused import op_by_op
 from swa_rewrite.ops.checks import checks_disabled
+from swa_rewrite.ops.decode_plans import no_plans
 from swa_rewrite.ops.kv_cache_spec import FULL
 from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
 from swa_rewrite.timing import paired_us
 
-MODES = ("eager", "eager+checks", "eager-op-by-op", "eager+graphs", "inductor", "inductor-py", "reduce-overhead",
-         "inductor+graphs")
+MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager+graphs", "inductor", "inductor-py",
+         "reduce-overhead", "inductor+graphs")
 CPU_MODES = ("eager", "eager+checks", "eager+graphs")
-EAGER_MODES = ("eager", "eager+checks", "eager-op-by-op", "eager+graphs")
+EAGER_MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager+graphs")
 
 
 def decode_batch(batch: int, context: int, page_size: int, num_groups: int, device) -> StepBatch:
@@ -135,7 +138,7 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
         # Serving mode: no input checks (no host round trips); "eager+checks" is a plain eager call, checks on
         # as a user's eager model has them by default.
         plain = fn
-        scope = op_by_op if mode == "eager-op-by-op" else contextlib.nullcontext
+        scope = {"eager-op-by-op": op_by_op, "eager-no-plans": no_plans}.get(mode, contextlib.nullcontext)
 
         def fn():
             with checks_disabled(), scope():

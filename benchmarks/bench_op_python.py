@@ -11,7 +11,10 @@ is called with CPU tensors of the GPU step's shapes (bf16 queries, packed FP8 / 
 supported on a 132-SM device, every Triton launch (``kernels.launch``) a no-op, and the two matrix products
 (absorb / un-absorb) replaced by empty outputs of their shapes (their CPU arithmetic would swamp the rest). So a
 row is the Python and the small tensor operations (views, empties, checks) of one call; its second column the same
-inside ``checks.compiled_graph`` (an op in an Inductor graph of ``swa_rewrite.backend``: no shape checks). The CPU's host is ~2-3×
+inside ``checks.compiled_graph`` (an op in an Inductor graph of ``swa_rewrite.backend``: no shape checks), those two with
+decode plans off (``ops.decode_plans.no_plans``); the "planned" column the eager call replaying its signature's decode
+plan, as every call after a signature's first does in serving. Under ``torch.inference_mode()``, as a serving step.
+The CPU's host is ~2-3×
 faster per operation than the lent H200's: compare rows of one run, and between commits.
 """
 
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_compile import cprofiled, decode_batch, profile_table  # noqa: E402
 
+from swa_rewrite.ops import decode_plans  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled, compiled_graph  # noqa: E402
 from swa_rewrite.ops.registration import cuda_kernel  # noqa: E402
 
@@ -59,6 +63,18 @@ def stubbed_launches(R: int, P: int, V: int):
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def planned_on_cpu():
+    """Decode plans (``ops.decode_plans``) for these CPU tensors, as a GPU step has them after its first call."""
+    saved = decode_plans._DEVICES
+    decode_plans._DEVICES = saved + ("cpu",)
+    try:
+        yield
+    finally:
+        decode_plans._DEVICES = saved
+        decode_plans.clear()
 
 
 def op_calls(batch: int, context: int, window: int = 128, page_size: int = 64) -> dict:
@@ -113,19 +129,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="also profile N calls of each op")
     args = ap.parse_args(argv)
     results = {}
-    with torch.no_grad(), checks_disabled(), stubbed_launches(512, 64, 128):
+    with torch.inference_mode(), checks_disabled(), stubbed_launches(512, 64, 128):
         calls = op_calls(args.batch, args.context)
         print(f"# CPU, torch {torch.__version__}; CUDA functions of the ops, launches stubbed; {args.batch} decodes at "
               f"{args.context}, W = 128; host µs per call, best of 5 means of {args.calls}")
-        print(f"  {'':42s} {'eager':>7s} {'in a compiled graph':>20s}")
+        print(f"  {'':42s} {'eager':>7s} {'eager, planned':>15s} {'in a compiled graph':>20s}")
         for name, fn in calls.items():
-            results[name] = host_us(fn, args.calls)
-            with compiled_graph():              # as inside swa_rewrite.backend's Inductor graphs: shapes traced
-                results[name + ", compiled graph"] = host_us(fn, args.calls)
-            print(f"  {name:42s} {results[name]:7.1f} {results[name + ', compiled graph']:20.1f}")
+            with decode_plans.no_plans():
+                results[name] = host_us(fn, args.calls)
+                with compiled_graph():          # as inside swa_rewrite.backend's Inductor graphs: shapes traced
+                    results[name + ", compiled graph"] = host_us(fn, args.calls)
+            with planned_on_cpu():
+                results[name + ", planned"] = host_us(fn, args.calls)
+            print(f"  {name:42s} {results[name]:7.1f} {results[name + ', planned']:15.1f} "
+                  f"{results[name + ', compiled graph']:20.1f}")
         for name, fn in calls.items() if args.cprofile else ():
-            print(f"\n## cProfile: {name}, {args.cprofile} calls, by own time")
-            print(profile_table(cprofiled(fn, args.cprofile), rows=16, width=170))
+            for label, scope in (("eager", decode_plans.no_plans), ("eager, planned", planned_on_cpu)):
+                with scope():
+                    fn()
+                    print(f"\n## cProfile: {name}, {label}, {args.cprofile} calls, by own time")
+                    print(profile_table(cprofiled(fn, args.cprofile), rows=16, width=170))
     return results
 
 

@@ -43,6 +43,9 @@
 #               (~4 min with the C++ compiles), then bench_compile.py every mode, the Python wrapper beside it (issue 14)
 #   fused       the model's one-launch norm / rope / latent kernels (session 18): their GPU tests, then bench_compile.py
 #               eager beside eager-op-by-op (best of 5) (issue 14)
+#   plans       the ops' decode plans, the residual folded into the next norm and the one-launch silu_mul (session 19):
+#               their GPU tests and those of the code they touch, then bench_compile.py eager beside eager-no-plans and
+#               eager-op-by-op (best of 5) (issue 14)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -154,6 +157,11 @@ has cppwrap && run bench-compile 290 python3 benchmarks/bench_compile.py \
 has fused && run fused-tests 120 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/models/test_fused_model_ops.py \
     tests/models/test_model_ops.py
 has fused && run bench-compile-fused 250 python3 benchmarks/bench_compile.py --modes eager,eager-op-by-op --trials 5
+has plans && run plans-tests 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_decode_plans.py \
+    tests/kernels/test_launch.py tests/models/test_fused_model_ops.py tests/models/test_model_ops.py \
+    tests/ops/test_mla_core.py tests/ops/test_validated_step.py tests/ops/test_no_host_sync.py tests/runtime/test_cuda_graphs.py
+has plans && run bench-compile-plans 260 python3 benchmarks/bench_compile.py --modes eager,eager-no-plans,eager-op-by-op \
+    --trials 5
 has launch && run launch-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/kernels/test_launch.py \
     tests/ops/test_kv_cache.py tests/ops/test_fp8_cache.py tests/runtime/test_cuda_graphs.py tests/ops/test_validated_step.py
 has launch && run launch-tiles 330 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/ops/test_paged_mla_tiles.py \

@@ -15,12 +15,20 @@ specialisation goes through ``kernel[grid]`` (which compiles), as does every cal
 launch hook set (profilers), with a kernel needing scratch memory, with a Triton whose internals this was not
 written against (``DIRECT_TRITON``) or with ``SWA_REWRITE_DIRECT_LAUNCH=0`` in the environment (read once): those
 calls are exactly ``kernel[grid]``.
+
+Replay (``recording`` / ``replaying``, issue 14): an op that decides its kernels from its arguments' shapes once
+(``ops.decode_plans``) records the launches of a call and replays them on later calls of the same shapes, each
+launch then skipping the binder too: a recorded launch (``Relaunch``) is reused when the same kernel is launched
+with the same grid, the same keyword arguments, the same integer and float arguments and the same descriptor
+objects, on the same device — the tensors are the new call's; the op's plan key pins their dtypes and 16-byte
+alignment, the rest of what the binder would specialise on. Anything else takes the ordinary path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -36,7 +44,8 @@ _ENTRIES: dict = {}        # (kernel, device, specialisation, options, knobs) ->
 _DESC_ARGS: dict = {}      # (id(descriptor), index) -> (weak reference to it, its launcher arguments)
 _MAX = 4096
 _STATE: dict = {}          # "ok": whether this Triton has what ``launch`` reads (checked once), "triton": its
-                           # knobs and driver modules; "calls"
+                           # knobs and driver modules; "calls", "replays"
+_LOCAL = threading.local()  # .record: the list ``recording`` fills; .replay: the Relaunches ``replaying`` hands out
 
 
 class _Entry:
@@ -126,28 +135,40 @@ def _hooked(hook) -> bool:
 
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` (module docstring); returns the compiled kernel as that does."""
+    record = getattr(_LOCAL, "record", None)
     if not _direct_ok() or callable(grid):
-        return kernel[grid](*args, **kwargs)
+        return _jit(record, kernel, grid, args, kwargs)
     knobs, driver = _STATE["triton"]
     runtime = knobs.runtime
     if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-        return kernel[grid](*args, **kwargs)
+        return _jit(record, kernel, grid, args, kwargs)
     device = driver.active.get_current_device()
+    replay = getattr(_LOCAL, "replay", None)
+    if replay:
+        relaunch = replay.pop()
+        if relaunch is not None and relaunch.fits(kernel, grid, device, args, kwargs, knobs):
+            relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
+                         *relaunch.fixed, *relaunch.values(args))
+            _STATE["replays"] = _STATE.get("replays", 0) + 1
+            return relaunch.compiled
     try:
         bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
         key = (kernel, device, tuple(specialization), tuple(options.items()), runtime.debug,
                knobs.compilation.instrumentation_mode)
         entry = _ENTRIES.get(key, False)
     except Exception:                      # an argument the binder or a key cannot take: the JIT path says why
-        return kernel[grid](*args, **kwargs)
+        return _jit(record, kernel, grid, args, kwargs)
     if entry is False or entry is None:
         compiled = kernel[grid](*args, **kwargs)
         if entry is False:
             if len(_ENTRIES) >= _MAX:
                 _ENTRIES.clear()
             _ENTRIES[key] = _prepare(compiled) if compiled is not None else None
+        if record is not None:
+            record.append(None)            # (compiled here, or not direct: a plan records again, or launches so)
         return compiled
-    values = list(bound.values())
+    bound_values = list(bound.values())
+    values = bound_values
     if entry.descs:
         final = []
         last = 0
@@ -161,7 +182,94 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     compiled = entry.compiled
     entry.raw(g0, g1, g2, driver.active.get_current_stream(device), compiled.function, *entry.fixed, *values)
     _STATE["calls"] = _STATE.get("calls", 0) + 1
+    if record is not None:
+        record.append(Relaunch.make(entry, kernel, (g0, g1, g2), tuple(grid), device, args, kwargs, bound_values,
+                                    knobs))
     return compiled
+
+
+def _jit(record, kernel, grid, args, kwargs):
+    """``kernel[grid]``; a launch ``recording`` sees as one it cannot replay."""
+    if record is not None:
+        record.append(None)
+    return kernel[grid](*args, **kwargs)
+
+
+class Relaunch:
+    """One launch recorded by ``launch`` (``recording``), to be issued again through the compiled kernel's C launcher
+    with a later call's positional arguments and without the binder (``launch`` checks ``fits`` first)."""
+
+    __slots__ = ("kernel", "grid", "grid3", "device", "kwargs", "scalars", "scalar_values", "descs", "pieces",
+                 "tail", "raw", "function", "fixed", "compiled", "debug", "instrumentation")
+
+    @classmethod
+    def make(cls, entry, kernel, grid3, grid, device, args, kwargs, bound_values, knobs) -> Optional["Relaunch"]:
+        """The Relaunch of a direct launch, or None where its positional arguments are not the binder's first values
+        or a descriptor is passed by keyword."""
+        n = len(args)
+        if len(bound_values) < n or any(a is not b for a, b in zip(args, bound_values)):
+            return None
+        if any(position >= n for position, _ in entry.descs):
+            return None
+        self = cls()
+        self.kernel, self.grid, self.grid3, self.device = kernel, grid, grid3, device
+        self.kwargs = dict(kwargs)
+        self.scalars = tuple(i for i, a in enumerate(args) if isinstance(a, (int, float)))   # bools are ints
+        self.scalar_values = tuple(args[i] for i in self.scalars)
+        self.descs = tuple((position, args[position]) for position, _ in entry.descs)
+        # The launcher's values: args[lo:hi] then a descriptor's encoded arguments, piece by piece, then the
+        # keyword and default values (constexprs and what the key pins).
+        pieces, last = [], 0
+        for position, k in entry.descs:
+            pieces.append((last, position, tuple(_desc_args(args[position], k, entry.metas[k]))))
+            last = position + 1
+        pieces.append((last, n, ()))
+        self.pieces = tuple(pieces)
+        self.tail = tuple(bound_values[n:])
+        self.raw, self.function, self.fixed, self.compiled = entry.raw, entry.compiled.function, entry.fixed, \
+            entry.compiled
+        self.debug, self.instrumentation = knobs.runtime.debug, knobs.compilation.instrumentation_mode
+        return self
+
+    def fits(self, kernel, grid, device, args, kwargs, knobs) -> bool:
+        """Whether a launch of ``kernel[grid](*args, **kwargs)`` on ``device`` is this one's with new tensors."""
+        return (kernel is self.kernel and device == self.device and tuple(grid) == self.grid
+                and len(args) == self.pieces[-1][1] and kwargs == self.kwargs
+                and tuple(args[i] for i in self.scalars) == self.scalar_values
+                and all(args[position] is desc for position, desc in self.descs)
+                and knobs.runtime.debug == self.debug
+                and knobs.compilation.instrumentation_mode == self.instrumentation)
+
+    def values(self, args: tuple) -> tuple:
+        out: tuple = ()
+        for lo, hi, encoded in self.pieces:
+            out += args[lo:hi] + encoded
+        return out + self.tail
+
+
+@contextlib.contextmanager
+def recording():
+    """Within it each ``launch`` appends its ``Relaunch`` (None: a launch that cannot be replayed) to the list it
+    yields (this thread's launches)."""
+    saved = getattr(_LOCAL, "record", None)
+    launches: list = []
+    _LOCAL.record = launches
+    try:
+        yield launches
+    finally:
+        _LOCAL.record = saved
+
+
+def replay_begin(launches: list) -> object:
+    """Hand ``launches`` (in order) to this thread's next ``launch`` calls, each taking one; returns what
+    ``replay_end`` restores (a function pair, not a context manager: it is on a decode call's host path)."""
+    saved = getattr(_LOCAL, "replay", None)
+    _LOCAL.replay = launches[::-1]
+    return saved
+
+
+def replay_end(saved: object) -> None:
+    _LOCAL.replay = saved
 
 
 @contextlib.contextmanager
@@ -180,5 +288,10 @@ def jit_launches():
 
 
 def direct_calls() -> int:
-    """How many launches went through the C launcher directly (tests)."""
-    return _STATE.get("calls", 0)
+    """How many launches went through the C launcher directly (tests), replays included."""
+    return _STATE.get("calls", 0) + _STATE.get("replays", 0)
+
+
+def replayed_calls() -> int:
+    """How many launches were replays of a recorded launch (tests)."""
+    return _STATE.get("replays", 0)

@@ -1,7 +1,7 @@
 """The bundled model's small per-layer ops as one launch each, for eager steps (issue 14).
 
 An eager decode step is host-bound: its time is what the host takes to issue ~60 ops a layer, ~7-30 µs each on a
-lent H200's host. Two kernels fold the model's small ops into one launch each, computing what the op-by-op forms
+lent H200's host. Four kernels fold the model's small ops into one launch each, computing what the op-by-op forms
 compute, in the same order and with the same roundings:
 
 * ``rms_norm``: ``weight · rms_norm(x)`` — the float32 normalisation rounded once to ``x``'s dtype, then the weight
@@ -11,7 +11,10 @@ compute, in the same order and with the same roundings:
   position's angles, their cosines and sines times the magnitude, rounded to the dtype), ~15 ops in one launch;
 * ``mla_rope_latent``: one MLA layer's rope and latent: ``q_pe`` rotated (``models.rope.rotate``: each product
   rounded, then their sum), and the latent row ``[kv_a_layernorm(c_kv) | rotate(k_pe)]`` the layer writes into its
-  cache — the kv norm, two rotations and the concatenation, five to nine ops, in one launch.
+  cache — the kv norm, two rotations and the concatenation, five to nine ops, in one launch;
+* ``silu_mul``: the MLP's ``F.silu(gate) * up``, two ops in one launch — ``x / (1 + exp(-x))`` in float32 with
+  CUDA's ``expf`` and a correctly rounded division, as PyTorch's kernel computes it, rounded to the dtype, then the
+  product rounded again.
 
 The rotations read the step's ``RopeRotation`` table and index, and their kernel is compiled without floating-point
 contraction (``enable_fp_fusion=False``: Triton's default fuses ``a·c + b·s`` into one FMA, which rounds once where
@@ -114,6 +117,35 @@ def _mla_rope_latent_kernel(q_ptr, kv_ptr, tab_ptr, idx_ptr, w_ptr, qo_ptr, lat_
         tl.store(lat_ptr + t * stride_lat + cols, _rms_row(c_kv, w_ptr, cols, cmask, R, eps, DTYPE), mask=cmask)
         k = _rotate(kv + R, src, partner, cos, sin, j < P, DTYPE)
         tl.store(lat_ptr + t * stride_lat + R + j, k)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, stride_y, BLOCK: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    if INTERPRET:                                             # (the interpreter has no libdevice: numpy's)
+        s = g / (1.0 + tl.exp(-g))
+    else:                                                     # PyTorch's silu: x / (1 + expf(-x)), IEEE division
+        s = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+    tl.store(y_ptr + row * stride_y + cols, (s.to(DTYPE).to(tl.float32) * u).to(DTYPE), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
+             block: int = 1024) -> torch.Tensor:
+    """``F.silu(gate) * up`` of ``gate, up [T, N]`` (unit last strides, one dtype) → ``[T, N]`` (``out`` to write,
+    unit last stride; default new). Not validated here (``models.fused`` chooses when to call it)."""
+    T, N = gate.shape
+    y = out if out is not None else torch.empty((T, N), dtype=gate.dtype, device=gate.device)
+    if T and N:
+        block = min(block, next_pow2(N))
+        launch(_silu_mul_kernel, (T, cdiv(N, block)), gate, up, y, N, gate.stride(0), up.stride(0), y.stride(0),
+               BLOCK=block, INTERPRET=interpreting(), num_warps=4, enable_fp_fusion=False)
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,

@@ -20,6 +20,9 @@ depend on shapes only (CUDA-graph capturable). Measurements and reasons: ``bench
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -371,7 +374,7 @@ def paged_tiles_fwd(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         cfg.setdefault("split_below", SWA_SPLIT_BELOW)
     plan = _plan(T, H, max_keys, q.device, cfg, KEYS_PAGED)
     if kernel == "gluon":
-        return _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
+        return gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out,
                           plan, window, config, stats)
     block_r = max(16, next_pow2(R))
     block_p = max(16, next_pow2(P))
@@ -429,10 +432,31 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
                R=R, BLOCK_R=max(16, next_pow2(R)), BLOCK_H=bh, INTERPRET=interpreting(), num_warps=4)
 
 
-def _gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
-               window: int, config: dict, stats):
+_TAP = threading.local()
+
+
+@contextlib.contextmanager
+def gluon_calls():
+    """Within it (this thread) every ``gluon_fwd`` call appends its arguments to the list it yields: what
+    ``ops.decode_plans`` checks a recorded call against before replaying that route."""
+    saved = getattr(_TAP, "calls", None)
+    calls: list = []
+    _TAP.calls = calls
+    try:
+        yield calls
+    finally:
+        _TAP.calls = saved
+
+
+def gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
+              window: int, config: dict, stats):
     """``kernel="gluon"`` where ``gluon_mla.supports`` the call: the dense kernel (no window, bf16 cache) or the
-    sliding-window kernel over the packed FP8 cache (always warp-specialised)."""
+    sliding-window kernel over the packed FP8 cache (always warp-specialised). ``out``: the ``(out [T, H, R],
+    lse [T, H])`` pair it writes; ``plan``: ``_plan``'s for the call."""
+    calls = getattr(_TAP, "calls", None)
+    if calls is not None:
+        calls.append((q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,
+                      window, config))
     out_t, lse_t = out
     splits = plan["splits"]
     o_t, l_t, o_strides, l_strides = split_targets(out_t, lse_t, splits)

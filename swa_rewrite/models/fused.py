@@ -2,7 +2,8 @@
 
 An eager decode step is host-bound (benchmarks/RESULTS.md, issue 14): the host issues ~60 ops a layer and the
 device waits. ``rms_norm`` (with the residual add before it), ``mla_rope_latent`` (the kv norm, both rotations and
-the latent's concatenation) and ``step_rope`` (the step's rope table) take one Triton launch each
+the latent's concatenation), ``silu_mul`` (the MLP's activation and product) and ``step_rope`` (the step's rope
+table) take one Triton launch each
 (``kernels.model_ops``) when
 
 * the tensors are plain CUDA tensors of one half or float32 dtype in the layouts the kernels take,
@@ -97,6 +98,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     # (tests/models/test_model_ops.py). `.to` keeps the dtype under autocast, which may run the norm in float32.
     y = weight * F.rms_norm(h, (weight.shape[0],), eps=eps).to(h.dtype)
     return y if residual is None else (y, h)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation ``F.silu(gate) * up`` (``gate, up [T, N]``)."""
+    if gate.dim() == 2 and up.shape == gate.shape and _fused(gate, up):
+        from ..kernels import model_ops
+        return model_ops.silu_mul(gate, up)
+    return F.silu(gate) * up
 
 
 def step_rope(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor, dtype: torch.dtype,

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.fx
 from torch import nn
-import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers the torch.ops.swa_rewrite.* ops this model calls)
 from ..ops.step_metadata import StepMetadata
@@ -20,7 +19,7 @@ from ..ops.kv_cache_spec import KVCacheSpec
 from ..ops.checks import validated_step
 from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
-from .fused import mla_rope_latent, step_rope
+from .fused import mla_rope_latent, silu_mul, step_rope
 from .fused import rms_norm as fused_rms_norm
 from .moe import MoE
 from .rope import RopeRotation, reset_rope_buffer, rope_inv_freq, rope_inv_freq_bits
@@ -43,6 +42,7 @@ torch.fx.wrap("cache_device")
 torch.fx.wrap("fused_rms_norm")
 torch.fx.wrap("mla_rope_latent")
 torch.fx.wrap("step_rope")
+torch.fx.wrap("silu_mul")
 # A graph leaf: the rewritten module keeps checking its inputs at run time (Dynamo traces through it).
 torch.fx.wrap("checked_step_metadata")
 
@@ -129,7 +129,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # F.silu(gate) * up (one launch in eager CUDA steps: models/fused.py)
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -144,9 +145,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, cache, meta):
-        normed, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, meta), x)
-        return x + self.mlp(normed)
+    def forward(self, x: torch.Tensor, rope: RopeRotation, cache: torch.Tensor, meta: StepMetadata,
+                residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, h)``: this layer's MLP output and the residual stream before it; the layer's output is their
+        sum, which the next layer's input norm (or the model's final norm) adds with its norm, in one launch in eager
+        CUDA steps (``models.fused``). ``x``: the previous layer's ``mlp_out`` and ``residual`` its ``h`` (the
+        embedding and None for the first layer)."""
+        if residual is None:
+            h, normed = x, self.input_layernorm(x)
+        else:
+            normed, h = self.input_layernorm(x, residual)
+        normed, h = self.post_attention_layernorm(self.self_attn(normed, rope, cache, meta), h)
+        return self.mlp(normed), h
 
 
 class MLAModel(nn.Module):
@@ -252,7 +262,9 @@ class MLAModel(nn.Module):
             rope = step_rope(inv_freq, self.rope_magnitude, meta.positions, self.lm_head.weight.dtype,
                              self.config.rope_interleave)
             x = self.embed_tokens(input_ids)
+            residual = None
             for i, layer in enumerate(self.layers):
-                x = layer(x, rope, kv_caches[i], meta)
-            x = self.norm(x)
+                # each layer's residual add is the next norm's (DecoderLayer.forward)
+                x, residual = layer(x, rope, kv_caches[i], meta, residual)
+            x = self.norm(x) if residual is None else self.norm(x, residual)[0]
             return self.lm_head(select_rows(x, logits_indices))

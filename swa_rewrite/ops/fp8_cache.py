@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import fp8_format
+from . import decode_plans
 from .cache_write_checks import check_cache_write, check_finite_latent, deferred_finite_flag
 from .checks import fail, shapes_traced
 from .registration import register_cuda
@@ -154,9 +155,16 @@ def write_fp8_cache_triton(latent: torch.Tensor, cache: torch.Tensor, slot_mappi
     step's end, with no launches of its own."""
     from ..kernels.fp8_cache import write_fp8_cache as launch
 
+    key = decode_plans.write_key(latent, cache, slot_mapping, rope_dim, group)
+    plan = decode_plans.lookup(key)
+    if plan is not None:            # this signature's checks passed (serving mode: no data checks, no finite flag)
+        decode_plans.replayed(plan, launch, latent, cache, slot_mapping[group], rope_dim=rope_dim, finite_flag=None)
+        return
     _check_fp8_write(latent, cache, slot_mapping, rope_dim, group, finite=False)
     flag = deferred_finite_flag(latent, slot_mapping, group)
-    launch(latent, cache, slot_mapping[group], rope_dim=rope_dim, finite_flag=flag)
+    if flag is not None:            # (checked mode: never with a key)
+        key = None
+    decode_plans.recorded(key, launch, latent, cache, slot_mapping[group], rope_dim=rope_dim, finite_flag=flag)
 
 
 def _as_3d(cache: torch.Tensor) -> torch.Tensor:

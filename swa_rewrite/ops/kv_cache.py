@@ -11,6 +11,7 @@ import torch
 
 from .fp8_cache import fp8_cache_bytes, implied_rope_dim
 from .cache_write_checks import check_cache_write
+from . import decode_plans
 from .checks import fail, shapes_traced
 from .registration import register_cuda
 
@@ -120,6 +121,13 @@ def _(latent, cache, slot_mapping, layer, group):
 
 @register_cuda(write_kv_cache)
 def _(latent, cache, slot_mapping, layer, group):
+    key = decode_plans.write_key(latent, cache, slot_mapping, group)
+    plan = decode_plans.lookup(key)
+    if plan is not None:                                 # this signature's checks passed and took the kernel
+        from ..kernels.kv_cache import write_kv_cache as launch
+
+        decode_plans.replayed(plan, launch, latent, cache, slot_mapping[group].contiguous())
+        return
     _check_write(latent, cache, slot_mapping, group)
     if cache.dtype == torch.uint8:
         rope_dim = packed_rope_dim(latent.shape[-1], cache.shape[-1])
@@ -131,4 +139,4 @@ def _(latent, cache, slot_mapping, layer, group):
         return
     from ..kernels.kv_cache import write_kv_cache as launch
 
-    launch(latent, cache, slots.contiguous())
+    decode_plans.recorded(key, launch, latent, cache, slots.contiguous())

@@ -29,10 +29,13 @@ for every layer of the same window and sinks (``mha_prefill.mha_rows_validated``
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .attention import (_unpacked, finite_scale, paged_mla_attention_reference, paged_mqa_cuda,
                         swa_mla_attention_reference, swa_mqa_cuda)
+from . import decode_plans
 from .batch_checks import check_batch
 from .checks import check_index, checks_enabled, fail, shapes_traced, validated_entries
 from .inference_only import register_inference_only
@@ -96,9 +99,11 @@ def mha_tokens(kv_cu: torch.Tensor, batch_id_per_token: torch.Tensor) -> torch.T
 
 
 def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-          mha_kv_slots, mha_kv_cu, scale, window: int, sinks: int, group: int, cuda: bool) -> torch.Tensor:
+          mha_kv_slots, mha_kv_cu, scale, window: int, sinks: int, group: int, cuda: bool,
+          seen: Optional[dict] = None) -> torch.Tensor:
     """Both modes (module docstring) of layer group ``group`` (``window = 0``: a full layer), through the CUDA
-    paths (``cuda``: Triton kernels, FlashMLA when selected) or the PyTorch references. Inputs already checked."""
+    paths (``cuda``: Triton kernels, FlashMLA when selected) or the PyTorch references. Inputs already checked.
+    ``seen``: filled with the absorbed query and the group's table view (a decode plan's recording)."""
     N, P = q_nope.shape[-1], q_pe.shape[-1]
     bt = block_tables[group]                                  # a view: no copy, no sync
     cu, dec = cu_seqlens_q, seq_lens_decoder
@@ -109,6 +114,8 @@ def _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens
         selected = mha_tokens(rows_cu, batch_id_per_token)
         bid = torch.where(selected, -1, batch_id_per_token).to(batch_id_per_token.dtype)
     q_abs = absorb_query(q_nope, q_pe, kv_b_weight)
+    if seen is not None:
+        seen.update(q_abs=q_abs, bt=bt, bid=bid)
     if cuda:
         o_lat, _ = (swa_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, P, window, sinks) if window
                     else paged_mqa_cuda(q_abs, cache, bt, cu, dec, bid, scale, P))
@@ -218,10 +225,8 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
 @register_cuda(mla_attention)
 def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, layer, group):
-    _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
-                batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
-    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                 mha_kv_slots, mha_kv_cu, scale, 0, 0, group, cuda=True)
+    return _cuda_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
+                      seq_lens_decoder, batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, None, 0)
 
 
 # ------------------------------------------------------------------------------------------------- SWA op
@@ -250,10 +255,60 @@ def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_enc
 @register_cuda(swa_attention)
 def _(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
       batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, window, layer, group, sinks=0):
+    return _cuda_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder,
+                      seq_lens_decoder, batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window,
+                      sinks)
+
+
+def _cuda_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+               batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks) -> torch.Tensor:
+    """The cores' CUDA function (``window`` None: a full layer): a decode plan's replay where this argument signature
+    recorded one (``ops.decode_plans``), else the checks and ``_core``, recording a plan where it can."""
+    tensors = (q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
+               batch_id_per_token, mha_kv_slots, mha_kv_cu)
+    key = decode_plans.core_key(tensors, cache, (scale, rope_dim, group, window, sinks))
+    plan = decode_plans.lookup(key)
+    if plan is not None:
+        return _replay_core(plan, q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                            batch_id_per_token, scale, group)
     _check_core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_encoder, seq_lens_decoder,
                 batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, rope_dim, group, window, sinks)
-    return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
-                 mha_kv_slots, mha_kv_cu, scale, window, sinks, group, cuda=True)
+    if key is None or mha_kv_slots.shape[-1] > 0:
+        return _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                     batch_id_per_token, mha_kv_slots, mha_kv_cu, scale, window or 0, sinks, group, cuda=True)
+    from ..kernels import paged_mla
+
+    seen: dict = {}
+    with decode_plans.recording() as launches, paged_mla.gluon_calls() as calls:
+        o = _core(q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token,
+                  mha_kv_slots, mha_kv_cu, scale, window or 0, sinks, group, cuda=True, seen=seen)
+    # A plan only where the call went straight to the Gluon path with the very tensors a replay passes it.
+    if len(calls) == 1 and decode_plans.complete(launches):
+        q, c, bt, cu, dec, bid, call_scale, (out_t, lse_t), tiles_plan, call_window, config = calls[0]
+        T, H = q_nope.shape[0], q_nope.shape[1]
+        R = kv_b_weight.shape[1]
+        if (q is seen["q_abs"] and c is cache and bt is seen["bt"] and cu is cu_seqlens_q and dec is seq_lens_decoder
+                and bid is seen["bid"] and bid is batch_id_per_token and call_scale == scale
+                and out_t.shape == (T, H, R) and out_t.dtype == q.dtype and out_t.is_contiguous()
+                and lse_t.shape == (T, H) and lse_t.dtype == torch.float32 and lse_t.is_contiguous()):
+            decode_plans.store(key, decode_plans.Plan(launches, (paged_mla.gluon_fwd, tiles_plan, call_window,
+                                                                 config, R)))
+    return o
+
+
+def _replay_core(plan, q_nope, q_pe, kv_b_weight, cache, block_tables, cu_seqlens_q, seq_lens_decoder,
+                 batch_id_per_token, scale, group) -> torch.Tensor:
+    """What a recorded core call did (``_cuda_core``): absorb, the Gluon path with the recorded route and launches,
+    un-absorb."""
+    gluon_fwd, tiles_plan, window, config, R = plan.route
+    q_abs = absorb_query(q_nope, q_pe, kv_b_weight)
+    T, H = q_abs.shape[0], q_abs.shape[1]
+    out = (torch.empty((T, H, R), dtype=q_abs.dtype, device=q_abs.device),
+           torch.empty((T, H), dtype=torch.float32, device=q_abs.device))
+    o_lat, _ = decode_plans.replayed(plan, gluon_fwd, q_abs, cache, block_tables[group], cu_seqlens_q,
+                                     seq_lens_decoder, batch_id_per_token, scale, out, tiles_plan, window, config,
+                                     None)
+    return unabsorb_output(o_lat, kv_b_weight, q_nope.shape[-1])
 
 
 for _op in (mla_attention, swa_attention):

@@ -118,6 +118,32 @@ def test_mla_rope_latent_kernel(device, dtype, interleave, H, R, P, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N", [48, 1536, 18432])
+def test_silu_mul_kernel(device, dtype, N, seed):
+    """The MLP's ``F.silu(gate) * up`` in one launch: PyTorch's bits on the GPU (``expf``, a correctly rounded division,
+    two roundings); in the interpreter (numpy's ``exp``, truncation to bf16) to two units of the dtype."""
+    _skip_without(device)
+    g = torch.Generator().manual_seed(seed)
+    T = 3 if device == "cpu" else 37
+    wide = (torch.randn(T, 2 * N + 8, generator=g) * 4).to(dtype).to(device)
+    gate, up = wide[:, :N], wide[:, N + 8:]                  # strided rows, as slices of a wider output
+    gate[0, :4] = torch.tensor([0.0, -30.0, 30.0, -100.0], dtype=dtype)    # zero, saturating, underflowing exp
+    out = _nan((T, N), dtype, device)
+    got = model_ops.silu_mul(gate, up, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+    want = F.silu(gate) * up
+    if device == "cpu":
+        s = gate.double() * torch.sigmoid(gate.double())
+        ref = s.to(dtype).double() * up.double()
+        tol = 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * 1e-3)
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
+    else:
+        assert torch.equal(got, want), f"differs at {(got != want).nonzero()[:4].tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("interleave", [True, False])
 def test_step_rope_table_kernel(device, dtype, interleave, seed):
     """The step's rope table in one launch: ``rope_rotation(*rope_cos_sin(...))`` — the angles' cosines and sines
@@ -170,7 +196,7 @@ class _Spy:
     """Counts the calls of ``kernels.model_ops``' launchers."""
 
     def __init__(self, monkeypatch):
-        self.calls = {"rms_norm": 0, "mla_rope_latent": 0, "rope_table": 0}
+        self.calls = {"rms_norm": 0, "mla_rope_latent": 0, "rope_table": 0, "silu_mul": 0}
         for name in self.calls:
             real = getattr(model_ops, name)
 
@@ -188,8 +214,8 @@ def _cpu_kernels(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rewrite", [False, True])
 def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeypatch, dtype, rewrite, seed):
-    """A tiny model's step under no_grad, and the rewritten model's: each layer's four norms (one with the residual
-    add) and its rope / latent go through the kernels, and the logits are the op-by-op forms' (float32: to its
+    """A tiny model's step under no_grad, and the rewritten model's: each layer's norms (the input and post-attention
+    ones with the residual adds before them), its rope / latent and its MLP's activation go through the kernels, and the logits are the op-by-op forms' (float32: to its
     rounding; bf16 in the interpreter, which truncates every rounding, the FP8 caches amplifying it: to a few %,
     norm-wise: a wrong wire is off by ~100 %)."""
     _cpu_kernels(monkeypatch)
@@ -204,11 +230,11 @@ def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeyp
     step_ref = _step(model)
     with torch.no_grad():
         got = step()
-        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L, "rope_table": 1}
+        launched = {"rms_norm": 3 * L + 1, "mla_rope_latent": L, "rope_table": 1, "silu_mul": L}
+        assert spy.calls == launched
         with fused.op_by_op():
             want = step_ref()
-        assert spy.calls == {"rms_norm": 3 * L + 1, "mla_rope_latent": L, "rope_table": 1}, \
-            "op_by_op() must not launch them"
+        assert spy.calls == launched, "op_by_op() must not launch them"
     err = rel_err(got, want)
     assert err < (1e-5 if dtype == torch.float32 else 6e-2 if rewrite else 3e-2), err  # bf16: max 3.5 / 2.2 % (16 seeds)
 
@@ -305,4 +331,5 @@ def test_cuda_model_step_takes_the_kernels_and_matches_op_by_op(monkeypatch, see
         assert spy.calls["mla_rope_latent"] - before["mla_rope_latent"] == L
         assert spy.calls["rope_table"] - before["rope_table"] == 1
         assert spy.calls["rms_norm"] - before["rms_norm"] == 3 * L + 1
+        assert spy.calls["silu_mul"] - before["silu_mul"] == L
         assert rel_err(got, want) < 1e-2
