@@ -211,12 +211,16 @@ class Relaunch:
             return None
         if any(position >= n for position, _ in entry.descs):
             return None
+        try:      # held weakly: a plan must not keep a dropped cache's descriptors (their encodings are kept here)
+            descs = tuple((position, weakref.ref(args[position])) for position, _ in entry.descs)
+        except TypeError:
+            return None
         self = cls()
         self.kernel, self.grid, self.grid3, self.device = kernel, grid, grid3, device
         self.kwargs = dict(kwargs)
         self.scalars = tuple(i for i, a in enumerate(args) if isinstance(a, (int, float)))   # bools are ints
         self.scalar_values = tuple(args[i] for i in self.scalars)
-        self.descs = tuple((position, args[position]) for position, _ in entry.descs)
+        self.descs = descs
         # The launcher's values: args[lo:hi] then a descriptor's encoded arguments, piece by piece, then the
         # keyword and default values (constexprs and what the key pins).
         pieces, last = [], 0
@@ -236,7 +240,7 @@ class Relaunch:
         return (kernel is self.kernel and device == self.device and tuple(grid) == self.grid
                 and len(args) == self.pieces[-1][1] and kwargs == self.kwargs
                 and tuple(args[i] for i in self.scalars) == self.scalar_values
-                and all(args[position] is desc for position, desc in self.descs)
+                and all(args[position] is desc() for position, desc in self.descs)
                 and knobs.runtime.debug == self.debug
                 and knobs.compilation.instrumentation_mode == self.instrumentation)
 

@@ -11,6 +11,7 @@ Oracles: the ops without plans (``no_plans``) on the same inputs, and the writes
 poisoned (NaN) where nothing is written.
 """
 
+import gc
 import sys
 
 import pytest
@@ -271,10 +272,16 @@ def test_gpu_core_replays_are_bit_identical_to_calls_without_plans(seed, window,
             assert not torch.isnan(want).any()
             assert torch.equal(got, want), step
     gluon_route = gluon_mla.supports(q_nope.new_empty(B, Hg, Rg + Pg), cache, Pg, window, window > 0)
+    if window and B * 2 >= _common._sm_count(q_nope.device):
+        gluon_route = False     # (W = 128 over many tokens takes the gathered kernel: no plan, checked above)
     if gluon_route and launch_mod._direct_ok():
-        if window and B * 2 >= _common._sm_count(q_nope.device):
-            return            # (W = 128 over many tokens takes the gathered kernel: no plan, checked above)
         assert launch_mod.replayed_calls() - replays >= 2, "steps 2-4 replayed their launches"
+    # the plans hold the cache's descriptors weakly: dropped with the cache, as without plans
+    kept = [ref for ref, _ in launch_mod._DESC_ARGS.values()]
+    del cache, args
+    gluon_mla._REMEMBERED.clear()
+    gc.collect()
+    assert all(ref() is None for ref in kept)
 
 
 @pytest.mark.gpu
