@@ -48,15 +48,16 @@ _INDEX: dict = {}          # (P, interleave, device) -> a RopeRotation's index
 def _eager(*tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` may take a one-launch form, dtypes and shapes aside (module docstring)."""
     first = tensors[0]
-    if (not _STATE["on"] or getattr(_LOCAL, "op_by_op", False) or first.device.type not in _DEVICES
-            or _traced()):
+    cuda = first.is_cuda        # (cheaper than .device: every norm, rope and activation of a step asks)
+    if (not _STATE["on"] or getattr(_LOCAL, "op_by_op", False) or not (cuda or first.device.type in _DEVICES)
+            or (cuda and "cuda" not in _DEVICES) or _traced()):
         return False
     grad, device = torch.is_grad_enabled(), first.get_device()
     for t in tensors:
         if (type(t) not in _PLAIN or t.stride(-1) != 1 or (grad and t.requires_grad)
                 or t.get_device() != device):
             return False
-    return not torch.is_autocast_enabled(first.device.type)
+    return not torch.is_autocast_enabled("cuda" if cuda else first.device.type)
 
 
 def _traced() -> bool:

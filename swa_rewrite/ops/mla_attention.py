@@ -53,24 +53,38 @@ def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Te
     128 heads fell from ~1420 to ~390 µs)."""
     T, H, N = q_nope.shape
     R, P = kv_b_weight.shape[1], q_pe.shape[-1]
-    w_uk = kv_b_weight.view(H, -1, R)[:, :N, :]                                   # [H, N, R]
     if _differentiable(q_nope, q_pe, kv_b_weight):      # bmm(out=) does not record a graph
-        return _absorbed(q_nope, q_pe, w_uk)
-    q_abs = q_nope.new_empty(T, H, R + P)
-    torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[:, :, :R].transpose(0, 1))  # [H, T, R] view of q_abs
+        return _absorbed(q_nope, q_pe, kv_b_weight.view(H, -1, R)[:, :N, :])
+    D = R + P
+    q_abs = q_nope.new_empty(T, H, D)
+    # [H, T, R] view of q_abs; W_UK [H, N, R] (each one view: issued per layer and step)
+    torch.bmm(q_nope.transpose(0, 1), _weight_view(kv_b_weight, H, N, R, False),
+              out=q_abs.as_strided((H, T, R), (D, H * D, 1)))
     q_abs[:, :, R:].copy_(q_pe)
     return q_abs
+
+
+def _weight_view(kv_b_weight: torch.Tensor, H: int, N: int, R: int, value: bool) -> torch.Tensor:
+    """``W_UK [H, N, R]`` (``value``: ``W_UVᵀ [H, R, V]``) of ``kv_b_weight [H·(N + V), R]``, one view."""
+    rows = kv_b_weight.shape[0] // H                                              # N + V
+    if kv_b_weight.stride() != (R, 1):
+        w = kv_b_weight.view(H, rows, R)
+        return w[:, N:, :].transpose(1, 2) if value else w[:, :N, :]
+    offset = kv_b_weight.storage_offset()
+    if value:
+        return kv_b_weight.as_strided((H, R, rows - N), (rows * R, 1, R), offset + N * R)
+    return kv_b_weight.as_strided((H, N, R), (rows * R, R, 1), offset)
 
 
 def unabsorb_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, N: int) -> torch.Tensor:
     """``o [T, H, V]`` (contiguous) from the latent output ``o_lat [T, H, R]`` with ``W_UV`` (one BMM, written
     straight into ``o`` through its ``[H, T, V]`` view, as ``absorb_query``)."""
     T, H, R = o_lat.shape[0], o_lat.shape[1], kv_b_weight.shape[1]
-    w_uv = kv_b_weight.view(H, -1, R)[:, N:, :]                                   # [H, V, R]
     if _differentiable(o_lat, kv_b_weight):
-        return _unabsorbed(o_lat, w_uv)
-    o = o_lat.new_empty(T, H, w_uv.shape[1])
-    torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+        return _unabsorbed(o_lat, kv_b_weight.view(H, -1, R)[:, N:, :])
+    w_uv_t = _weight_view(kv_b_weight, H, N, R, True)                             # [H, R, V]
+    o = o_lat.new_empty(T, H, w_uv_t.shape[2])
+    torch.bmm(o_lat.transpose(0, 1), w_uv_t, out=o.transpose(0, 1))
     return o
 
 
