@@ -19,8 +19,8 @@ calls are exactly ``kernel[grid]``.
 Replay (``recording`` / ``replaying``, issue 14): an op that decides its kernels from its arguments' shapes once
 (``ops.decode_plans``) records the launches of a call and replays them on later calls of the same shapes, each
 launch then skipping the binder too: a recorded launch (``Relaunch``) is reused when the same kernel is launched
-with the same grid, the same keyword arguments, the same integer and float arguments and the same descriptor
-objects, on the same device — the tensors are the new call's; the op's plan key pins their dtypes and 16-byte
+with the same grid, the same keyword arguments, the same other positional arguments (value and type) and the same
+descriptor objects, on the same device — the tensors are the new call's; the op's plan key pins their dtypes and 16-byte
 alignment, the rest of what the binder would specialise on. Anything else takes the ordinary path.
 """
 
@@ -32,6 +32,7 @@ import threading
 import weakref
 from typing import Optional
 
+import torch
 import triton
 
 from . import interpreting
@@ -150,6 +151,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
             relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
                          *relaunch.fixed, *relaunch.values(args))
             _STATE["replays"] = _STATE.get("replays", 0) + 1
+            if record is not None:
+                record.append(relaunch)
             return relaunch.compiled
     try:
         bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
@@ -218,8 +221,12 @@ class Relaunch:
         self = cls()
         self.kernel, self.grid, self.grid3, self.device = kernel, grid, grid3, device
         self.kwargs = dict(kwargs)
-        self.scalars = tuple(i for i, a in enumerate(args) if isinstance(a, (int, float)))   # bools are ints
-        self.scalar_values = tuple(args[i] for i in self.scalars)
+        # Every positional argument but the tensors and descriptors is pinned, with its type (True, 1 and 1.0
+        # specialise differently).
+        desc_positions = {position for position, _ in entry.descs}
+        self.scalars = tuple(i for i, a in enumerate(args)
+                             if i not in desc_positions and not isinstance(a, torch.Tensor))
+        self.scalar_values = tuple((type(args[i]), args[i]) for i in self.scalars)
         self.descs = descs
         # The launcher's values: args[lo:hi] then a descriptor's encoded arguments, piece by piece, then the
         # keyword and default values (constexprs and what the key pins).
@@ -239,7 +246,7 @@ class Relaunch:
         """Whether a launch of ``kernel[grid](*args, **kwargs)`` on ``device`` is this one's with new tensors."""
         return (kernel is self.kernel and device == self.device and tuple(grid) == self.grid
                 and len(args) == self.pieces[-1][1] and kwargs == self.kwargs
-                and tuple(args[i] for i in self.scalars) == self.scalar_values
+                and tuple((type(args[i]), args[i]) for i in self.scalars) == self.scalar_values
                 and all(args[position] is desc() for position, desc in self.descs)
                 and knobs.runtime.debug == self.debug
                 and knobs.compilation.instrumentation_mode == self.instrumentation)

@@ -15,8 +15,10 @@ under a key of everything those decisions read, and a later call with an equal k
   page-tile kernels, sinks, MHA rows) are not planned: they run as before.
 
 The key holds every tensor argument's shape, strides, dtype and device, the 16-byte alignment of those the kernels
-read in place, the cache's identity, every scalar argument (with its type) and the attention backend; a plan holds
-no tensor. A recorded call is checked before it becomes a plan: the Gluon function ran once, on the very tensors the
+read in place, the cache's identity and every scalar argument (with its type); cores are planned under the Triton
+attention backend only; a plan holds no tensor. The kernels' module-level tunables (``kernels.paged_mla``'s
+``PAGED_DECODE_CONFIG``, ``SWA_DECODE_CONFIG`` and thresholds, ``kernels._common.DEFAULT_CONFIG``) are read when a
+signature is planned: after changing one, ``clear()``. A recorded call is checked before it becomes a plan: the Gluon function ran once, on the very tensors the
 replay passes (``is``). A replayed launch falls back to the ordinary launch where anything it pins differs
 (``launch.Relaunch.fits``), so a plan can cost speed, never correctness. ``SWA_REWRITE_DECODE_PLANS=0`` (read once)
 or ``no_plans()`` (this thread, a block) turn plans off; ``clear()`` forgets them all.
@@ -106,10 +108,13 @@ def write_key(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Ten
 
 
 def core_key(tensors: tuple, cache: torch.Tensor, scalars: tuple) -> Optional[tuple]:
-    """An attention core's key (as ``write_key``): ``tensors`` every tensor argument, ``scalars`` every other one."""
-    if cache.device.type not in _DEVICES or not _enabled() or checks_enabled():
+    """An attention core's key (as ``write_key``): ``tensors`` every tensor argument, ``scalars`` every other one.
+    None under the FlashMLA backend too: its route depends on more than shapes (whether a CUDA-graph capture is on,
+    its scheduling metadata built) and it counts its fallbacks per call."""
+    if (cache.device.type not in _DEVICES or not _enabled() or checks_enabled()
+            or get_attention_backend() != "triton"):
         return None
-    return (*map(_tensor_key, tensors), id(cache), *((type(s), s) for s in scalars), get_attention_backend())
+    return (*map(_tensor_key, tensors), id(cache), *((type(s), s) for s in scalars))
 
 
 def store(key: tuple, plan: Plan) -> None:

@@ -67,7 +67,7 @@ def absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Te
 def _weight_view(kv_b_weight: torch.Tensor, H: int, N: int, R: int, value: bool) -> torch.Tensor:
     """``W_UK [H, N, R]`` (``value``: ``W_UVᵀ [H, R, V]``) of ``kv_b_weight [H·(N + V), R]``, one view."""
     rows = kv_b_weight.shape[0] // H                                              # N + V
-    if kv_b_weight.stride() != (R, 1):
+    if kv_b_weight.stride() != (R, 1) or kv_b_weight.shape[0] % H:     # (the view says what is wrong)
         w = kv_b_weight.view(H, rows, R)
         return w[:, N:, :].transpose(1, 2) if value else w[:, :N, :]
     offset = kv_b_weight.storage_offset()

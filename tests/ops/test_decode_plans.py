@@ -219,6 +219,26 @@ def test_a_core_plan_is_keyed_by_what_its_route_read(planned, gluon, seed):
     with pytest.raises(ValueError, match="window"):
         fn(*args)
     assert decode_plans.plans_made() == made
+    # the same metadata as views at other offsets and strides, and as a second cache group: new keys, and each
+    # call's output that of the call without plans
+    two = decode_step([3, 9], ps).meta
+    tables = torch.stack([torch.full_like(two.block_tables[0], 3), two.block_tables[0]])          # [2, B, nb]
+    wide = torch.zeros(len(two.batch_id_per_token) + 1, dtype=two.batch_id_per_token.dtype)
+    wide[1:] = two.batch_id_per_token
+    variants = [{8: wide[1:]},                                        # an offset view: 4-byte aligned only
+                {4: tables, 9: torch.zeros(2, 0, dtype=torch.int32),
+                 10: torch.zeros(2, 3, dtype=two.mha_kv_cu.dtype), 15: 1}]          # group 1 of two
+    for change in variants:
+        args = list(base)
+        for i, value in change.items():
+            args[i] = value
+        for _ in range(2):
+            got = fn(*args)
+            with decode_plans.no_plans():
+                want = fn(*args)
+            assert torch.equal(got, want) and not torch.isnan(want).any()
+        made += 1
+        assert decode_plans.plans_made() == made
 
 
 def test_no_core_plan_off_the_gluon_route(planned, seed):
@@ -252,6 +272,8 @@ def _gpu_layers(window, B, ctx, ps=64):
 def test_gpu_core_replays_are_bit_identical_to_calls_without_plans(seed, window, B, ctx):
     """Real launches: from the second call of a signature each of the op's launches is a replay (``Relaunch``); the
     outputs equal the calls without plans bit for bit, steps after steps, with fresh inputs and metadata values."""
+    if not launch_mod._direct_ok():
+        pytest.skip(f"replays are written for Triton {launch_mod.DIRECT_TRITON}'s launcher")
     decode_plans.clear()
     cache, (Hg, Ng, Vg, Rg, Pg) = _gpu_layers(window, B, ctx)
     fn = cuda_kernel(swa_attention if window else mla_attention)
@@ -274,8 +296,11 @@ def test_gpu_core_replays_are_bit_identical_to_calls_without_plans(seed, window,
     gluon_route = gluon_mla.supports(q_nope.new_empty(B, Hg, Rg + Pg), cache, Pg, window, window > 0)
     if window and B * 2 >= _common._sm_count(q_nope.device):
         gluon_route = False     # (W = 128 over many tokens takes the gathered kernel: no plan, checked above)
-    if gluon_route and launch_mod._direct_ok():
-        assert launch_mod.replayed_calls() - replays >= 2, "steps 2-4 replayed their launches"
+    if gluon_route:
+        assert decode_plans.plans_made() == 1
+        assert launch_mod.replayed_calls() - replays >= 3, "steps 2-4 replayed their launches"
+    else:
+        assert decode_plans.plans_made() == 0 and launch_mod.replayed_calls() == replays
     # the plans hold the cache's descriptors weakly: dropped with the cache, as without plans
     kept = [ref for ref, _ in launch_mod._DESC_ARGS.values()]
     del cache, args
@@ -289,6 +314,8 @@ def test_gpu_a_launch_hook_sees_replayed_calls():
     """With a launch hook set (a profiler), a planned call launches through ``kernel[grid]``: the hook sees it."""
     from triton import knobs
 
+    if not launch_mod._direct_ok():
+        pytest.skip(f"replays are written for Triton {launch_mod.DIRECT_TRITON}'s launcher")
     decode_plans.clear()
     cache = torch.zeros(16, 64, R + P, dtype=torch.bfloat16, device="cuda")
     slots = torch.arange(8, device="cuda").view(1, 8)
@@ -302,8 +329,7 @@ def test_gpu_a_launch_hook_sees_replayed_calls():
         before = launch_mod.replayed_calls()
         latent = torch.randn(8, R + P, device="cuda", dtype=torch.bfloat16)
         fn(latent, cache, slots, 0, 0)
-        if launch_mod._direct_ok():
-            assert launch_mod.replayed_calls() == before + 1, "unhooked: the plan's launch is replayed"
+        assert launch_mod.replayed_calls() == before + 1, "unhooked: the plan's launch is replayed"
         knobs.runtime.launch_enter_hook.add(hook)
         try:
             before = launch_mod.replayed_calls()
@@ -323,6 +349,9 @@ def test_gpu_model_decode_steps_with_plans_equal_those_without(seed):
     from swa_rewrite import Schedule, apply
     from swa_rewrite.models import MLAConfig, MLAModel
     from swa_rewrite.runtime import num_cache_groups
+
+    if not launch_mod._direct_ok():
+        pytest.skip(f"replays are written for Triton {launch_mod.DIRECT_TRITON}'s launcher")
 
     cfg = MLAConfig.named("tiny").replace(num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64,
                                           hidden_size=256, q_lora_rank=128)
@@ -353,6 +382,57 @@ def test_gpu_model_decode_steps_with_plans_equal_those_without(seed):
                 assert torch.equal(got, want), step
                 for c, d in zip(caches, mirror):
                     assert torch.equal(c.view(torch.uint8), d.view(torch.uint8)), step
-        assert decode_plans.plans_made() >= 2 * cfg.num_hidden_layers - 1
-        if launch_mod._direct_ok():
-            assert launch_mod.replayed_calls() - replays >= 3 * cfg.num_hidden_layers
+        assert decode_plans.plans_made() == 2 * cfg.num_hidden_layers       # a write and a core a layer
+        assert launch_mod.replayed_calls() - replays >= 3 * 2 * cfg.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------- launch.Relaunch
+class _Knobs:
+    class runtime:
+        debug = False
+
+    class compilation:
+        instrumentation_mode = ""
+
+
+def test_a_relaunch_passes_new_tensors_and_pins_everything_else(monkeypatch):
+    """``launch.Relaunch`` (no direct launches here, so its parts alone): the launcher values are the new call's
+    tensors in place, each descriptor's recorded encoding, the recorded constexpr tail; it fits only the same
+    kernel, device, grid, keyword arguments, other positional arguments (value and type) and live descriptor."""
+    monkeypatch.setattr(launch_mod, "_desc_args", lambda desc, k, meta: [f"enc{k}", 7, 8])
+
+    class Desc:
+        pass
+
+    class Compiled:
+        function = 99
+
+    class Entry:
+        descs = ((1, 0),)
+        metas = ("m",)
+        raw, compiled, fixed = print, Compiled(), ("fixed",)
+
+    kernel, desc = object(), Desc()
+    t0, t1 = torch.zeros(2), torch.zeros(3)
+    args = (t0, desc, t1, 5, 2.0, True, None)
+    kwargs = {"BLOCK": 16}
+    bound = list(args) + [16, "default"]
+    rel = launch_mod.Relaunch.make(Entry, kernel, (4, 1, 1), (4,), 0, args, kwargs, bound, _Knobs)
+    n0, n1 = torch.ones(2), torch.ones(3)
+    new = (n0, desc, n1, 5, 2.0, True, None)
+    assert rel.values(new) == (n0, "enc0", 7, 8, n1, 5, 2.0, True, None, 16, "default")
+    assert rel.fits(kernel, (4,), 0, new, {"BLOCK": 16}, _Knobs)
+    changed = [(object(), (4,), 0, new, kwargs), (kernel, (5,), 0, new, kwargs), (kernel, (4,), 1, new, kwargs),
+               (kernel, (4,), 0, new, {"BLOCK": 32}), (kernel, (4,), 0, (n0, Desc(), n1, 5, 2.0, True, None), kwargs),
+               (kernel, (4,), 0, (n0, desc, n1, 6, 2.0, True, None), kwargs),
+               (kernel, (4,), 0, (n0, desc, n1, 5, 2.0, 1, None), kwargs),                # True -> 1
+               (kernel, (4,), 0, (n0, desc, n1, 5, 2, True, None), kwargs),               # 2.0 -> 2
+               (kernel, (4,), 0, (n0, desc, n1, 5, 2.0, True, 0), kwargs),
+               (kernel, (4,), 0, new[:-1], kwargs)]
+    for i, (k, grid, device, a, kw) in enumerate(changed):
+        assert not rel.fits(k, grid, device, a, kw, _Knobs), i
+    del desc, new, args
+    gc.collect()
+    assert not rel.fits(kernel, (4,), 0, (n0, Desc(), n1, 5, 2.0, True, None), kwargs, _Knobs)
+    # positional arguments that are not the binder's first values: no relaunch
+    assert launch_mod.Relaunch.make(Entry, kernel, (4, 1, 1), (4,), 0, (t0, Desc()), {}, [t1, None], _Knobs) is None
