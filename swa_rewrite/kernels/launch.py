@@ -16,6 +16,11 @@ launch hook set (profilers), with a kernel needing scratch memory, with a Triton
 written against (``DIRECT_TRITON``) or with ``SWA_REWRITE_DIRECT_LAUNCH=0`` in the environment (read once): those
 calls are exactly ``kernel[grid]``.
 
+Every direct launch is also kept as a ``Relaunch`` among its kernel's latest few; a later launch of that kernel that
+one of them fits in full — ``Relaunch.fits`` and the tensors' dtypes and 16-byte alignment (``tensors_fit``): all
+the binder specialises on — is issued through it, without the binder (the model's norms, rope and activation launch
+this way from their second step).
+
 Replay (``recording`` / ``replaying``, issue 14): an op that decides its kernels from its arguments' shapes once
 (``ops.decode_plans``) records the launches of a call and replays them on later calls of the same shapes, each
 launch then skipping the binder too: a recorded launch (``Relaunch``) is reused when the same kernel is launched
@@ -47,6 +52,8 @@ _MAX = 4096
 _STATE: dict = {}          # "ok": whether this Triton has what ``launch`` reads (checked once), "triton": its
                            # knobs and driver modules; "calls", "replays"
 _LOCAL = threading.local()  # .record: the list ``recording`` fills; .replay: the Relaunches ``replaying`` hands out
+_RECENT: dict = {}         # kernel -> its latest Relaunches, newest first (``launch`` tries them before the binder)
+_RECENT_MAX = 8
 
 
 class _Entry:
@@ -147,10 +154,20 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     replay = getattr(_LOCAL, "replay", None)
     if replay:
         relaunch = replay.pop()
-        if relaunch is not None and relaunch.fits(kernel, grid, device, args, kwargs, knobs):
+        if relaunch is not None and relaunch.fits(kernel, grid, device, args, _pinned(kwargs), knobs):
             relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
                          *relaunch.fixed, *relaunch.values(args))
             _STATE["replays"] = _STATE.get("replays", 0) + 1
+            if record is not None:
+                record.append(relaunch)
+            return relaunch.compiled
+    recent = _RECENT.get(kernel)
+    pinned = _pinned(kwargs) if recent else None
+    for relaunch in recent or ():
+        if relaunch.fits(kernel, grid, device, args, pinned, knobs) and relaunch.tensors_fit(args):
+            relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
+                         *relaunch.fixed, *relaunch.values(args))
+            _STATE["calls"] = _STATE.get("calls", 0) + 1
             if record is not None:
                 record.append(relaunch)
             return relaunch.compiled
@@ -185,9 +202,13 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     compiled = entry.compiled
     entry.raw(g0, g1, g2, driver.active.get_current_stream(device), compiled.function, *entry.fixed, *values)
     _STATE["calls"] = _STATE.get("calls", 0) + 1
+    relaunch = Relaunch.make(entry, kernel, (g0, g1, g2), tuple(grid), device, args, kwargs, bound_values, knobs)
+    if relaunch is not None:
+        recent = _RECENT.setdefault(kernel, [])
+        recent.insert(0, relaunch)
+        del recent[_RECENT_MAX:]
     if record is not None:
-        record.append(Relaunch.make(entry, kernel, (g0, g1, g2), tuple(grid), device, args, kwargs, bound_values,
-                                    knobs))
+        record.append(relaunch)
     return compiled
 
 
@@ -198,12 +219,18 @@ def _jit(record, kernel, grid, args, kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+def _pinned(kwargs: dict) -> tuple:
+    """``kwargs`` as ``(name, type, value)`` triples: compared as a tuple, a type differs before any value is compared
+    (a tensor's ``==`` is never asked; ``True``, ``1`` and ``1.0`` specialise differently)."""
+    return tuple((k, type(v), v) for k, v in kwargs.items())
+
+
 class Relaunch:
     """One launch recorded by ``launch`` (``recording``), to be issued again through the compiled kernel's C launcher
     with a later call's positional arguments and without the binder (``launch`` checks ``fits`` first)."""
 
-    __slots__ = ("kernel", "grid", "grid3", "device", "kwargs", "scalars", "scalar_values", "descs", "pieces",
-                 "tail", "raw", "function", "fixed", "compiled", "debug", "instrumentation")
+    __slots__ = ("kernel", "grid", "grid3", "device", "kwargs", "scalars", "scalar_values", "tensors", "descs",
+                 "pieces", "tail", "raw", "function", "fixed", "compiled", "debug", "instrumentation")
 
     @classmethod
     def make(cls, entry, kernel, grid3, grid, device, args, kwargs, bound_values, knobs) -> Optional["Relaunch"]:
@@ -219,14 +246,19 @@ class Relaunch:
         except TypeError:
             return None
         self = cls()
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return None
         self.kernel, self.grid, self.grid3, self.device = kernel, grid, grid3, device
-        self.kwargs = dict(kwargs)
+        self.kwargs = _pinned(kwargs)
         # Every positional argument but the tensors and descriptors is pinned, with its type (True, 1 and 1.0
         # specialise differently).
         desc_positions = {position for position, _ in entry.descs}
         self.scalars = tuple(i for i, a in enumerate(args)
                              if i not in desc_positions and not isinstance(a, torch.Tensor))
         self.scalar_values = tuple((type(args[i]), args[i]) for i in self.scalars)
+        # what the binder specialises a tensor on: its dtype and whether its address is 16-byte aligned
+        self.tensors = tuple((i, a.dtype, a.data_ptr() % 16 == 0) for i, a in enumerate(args)
+                             if isinstance(a, torch.Tensor))
         self.descs = descs
         # The launcher's values: args[lo:hi] then a descriptor's encoded arguments, piece by piece, then the
         # keyword and default values (constexprs and what the key pins).
@@ -242,14 +274,24 @@ class Relaunch:
         self.debug, self.instrumentation = knobs.runtime.debug, knobs.compilation.instrumentation_mode
         return self
 
-    def fits(self, kernel, grid, device, args, kwargs, knobs) -> bool:
-        """Whether a launch of ``kernel[grid](*args, **kwargs)`` on ``device`` is this one's with new tensors."""
+    def fits(self, kernel, grid, device, args, pinned_kwargs, knobs) -> bool:
+        """Whether a launch of ``kernel[grid](*args, **kwargs)`` on ``device`` (``pinned_kwargs``: ``_pinned(kwargs)``)
+        is this one's with new tensors."""
         return (kernel is self.kernel and device == self.device and tuple(grid) == self.grid
-                and len(args) == self.pieces[-1][1] and kwargs == self.kwargs
+                and len(args) == self.pieces[-1][1] and pinned_kwargs == self.kwargs
                 and tuple((type(args[i]), args[i]) for i in self.scalars) == self.scalar_values
                 and all(args[position] is desc() for position, desc in self.descs)
                 and knobs.runtime.debug == self.debug
                 and knobs.compilation.instrumentation_mode == self.instrumentation)
+
+    def tensors_fit(self, args: tuple) -> bool:
+        """Whether ``args``' tensors specialise as the recorded ones (dtype, 16-byte alignment): with ``fits``, the
+        binder's whole specialisation, so the call is the recorded kernel's."""
+        for i, dtype, aligned in self.tensors:
+            t = args[i]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or (t.data_ptr() % 16 == 0) != aligned:
+                return False
+        return True
 
     def values(self, args: tuple) -> tuple:
         out: tuple = ()

@@ -298,7 +298,8 @@ def test_gpu_core_replays_are_bit_identical_to_calls_without_plans(seed, window,
         gluon_route = False     # (W = 128 over many tokens takes the gathered kernel: no plan, checked above)
     if gluon_route:
         assert decode_plans.plans_made() == 1
-        assert launch_mod.replayed_calls() - replays >= 3, "steps 2-4 replayed their launches"
+        # (a launch compiled at step 1 leaves that step without a plan: step 2 records it, steps 3-4 replay)
+        assert launch_mod.replayed_calls() - replays >= 2, "steps 3-4 replayed their launches"
     else:
         assert decode_plans.plans_made() == 0 and launch_mod.replayed_calls() == replays
     # the plans hold the cache's descriptors weakly: dropped with the cache, as without plans
@@ -383,7 +384,7 @@ def test_gpu_model_decode_steps_with_plans_equal_those_without(seed):
                 for c, d in zip(caches, mirror):
                     assert torch.equal(c.view(torch.uint8), d.view(torch.uint8)), step
         assert decode_plans.plans_made() == 2 * cfg.num_hidden_layers       # a write and a core a layer
-        assert launch_mod.replayed_calls() - replays >= 3 * 2 * cfg.num_hidden_layers
+        assert launch_mod.replayed_calls() - replays >= 2 * 2 * cfg.num_hidden_layers     # steps 3-4 at least
 
 
 # ------------------------------------------------------------------------------------------- launch.Relaunch
@@ -421,9 +422,12 @@ def test_a_relaunch_passes_new_tensors_and_pins_everything_else(monkeypatch):
     n0, n1 = torch.ones(2), torch.ones(3)
     new = (n0, desc, n1, 5, 2.0, True, None)
     assert rel.values(new) == (n0, "enc0", 7, 8, n1, 5, 2.0, True, None, 16, "default")
-    assert rel.fits(kernel, (4,), 0, new, {"BLOCK": 16}, _Knobs)
+    pinned = launch_mod._pinned
+    assert rel.fits(kernel, (4,), 0, new, pinned({"BLOCK": 16}), _Knobs)
+    kwargs = pinned(kwargs)
     changed = [(object(), (4,), 0, new, kwargs), (kernel, (5,), 0, new, kwargs), (kernel, (4,), 1, new, kwargs),
-               (kernel, (4,), 0, new, {"BLOCK": 32}), (kernel, (4,), 0, (n0, Desc(), n1, 5, 2.0, True, None), kwargs),
+               (kernel, (4,), 0, new, pinned({"BLOCK": 32})),
+               (kernel, (4,), 0, (n0, Desc(), n1, 5, 2.0, True, None), kwargs),
                (kernel, (4,), 0, (n0, desc, n1, 6, 2.0, True, None), kwargs),
                (kernel, (4,), 0, (n0, desc, n1, 5, 2.0, 1, None), kwargs),                # True -> 1
                (kernel, (4,), 0, (n0, desc, n1, 5, 2, True, None), kwargs),               # 2.0 -> 2
@@ -431,6 +435,14 @@ def test_a_relaunch_passes_new_tensors_and_pins_everything_else(monkeypatch):
                (kernel, (4,), 0, new[:-1], kwargs)]
     for i, (k, grid, device, a, kw) in enumerate(changed):
         assert not rel.fits(k, grid, device, a, kw, _Knobs), i
+    # the binder's view of a tensor: its dtype and 16-byte alignment
+    assert rel.tensors_fit(new)
+    assert not rel.tensors_fit((n0.double(), desc, n1, 5, 2.0, True, None))
+    assert not rel.tensors_fit((torch.zeros(3)[1:], desc, n1, 5, 2.0, True, None))       # 4-byte aligned
+    assert not rel.tensors_fit((0, desc, n1, 5, 2.0, True, None))
+    assert not rel.fits(kernel, (4,), 0, new, pinned({"BLOCK": torch.tensor(16)}), _Knobs)   # no tensor compared
+    assert not rel.fits(kernel, (4,), 0, new, pinned({"BLOCK": True}), _Knobs)
+    assert launch_mod.Relaunch.make(Entry, kernel, (4, 1, 1), (4,), 0, args, {"X": t0}, bound, _Knobs) is None
     del desc, new, args
     gc.collect()
     assert not rel.fits(kernel, (4,), 0, (n0, Desc(), n1, 5, 2.0, True, None), kwargs, _Knobs)
