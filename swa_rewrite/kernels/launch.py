@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import triton
 
+from .._threads import thread_value
 from . import interpreting
 
 # The Triton versions whose JIT internals ``launch`` reads (``JITFunction.device_caches``, the NVIDIA
@@ -300,17 +301,10 @@ class Relaunch:
         return out + self.tail
 
 
-@contextlib.contextmanager
 def recording():
     """Within it each ``launch`` appends its ``Relaunch`` (None: a launch that cannot be replayed) to the list it
     yields (this thread's launches)."""
-    saved = getattr(_LOCAL, "record", None)
-    launches: list = []
-    _LOCAL.record = launches
-    try:
-        yield launches
-    finally:
-        _LOCAL.record = saved
+    return thread_value(_LOCAL, "record", [])
 
 
 def replay_begin(launches: list) -> object:

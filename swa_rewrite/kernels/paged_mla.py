@@ -20,7 +20,6 @@ depend on shapes only (CUDA-graph capturable). Measurements and reasons: ``bench
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_format
+from .._threads import thread_value
 from . import cdiv, gluon_mla, interpreting, next_pow2
 from ._common import (_LOG2E, _M_INIT, _TILE, KEYS_PAGED, _attend_tile, _combine_splits_kernel, _dequantize_tile,
                       _load_queries, _load_tile, _plan, _sm_count, _split_range, _store_rows, split_targets)
@@ -435,17 +435,10 @@ def _combine(o_t, l_t, out_t, lse_t, o_strides, l_strides, splits: int):
 _TAP = threading.local()
 
 
-@contextlib.contextmanager
 def gluon_calls():
     """Within it (this thread) every ``gluon_fwd`` call appends its arguments to the list it yields: what
     ``ops.decode_plans`` checks a recorded call against before replaying that route."""
-    saved = getattr(_TAP, "calls", None)
-    calls: list = []
-    _TAP.calls = calls
-    try:
-        yield calls
-    finally:
-        _TAP.calls = saved
+    return thread_value(_TAP, "calls", [])
 
 
 def gluon_fwd(q, cache, block_tables, cu_seqlens_q, seq_lens_decoder, batch_id_per_token, scale, out, plan,

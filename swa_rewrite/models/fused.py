@@ -26,7 +26,6 @@ the original does, so both take the same path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from typing import Optional
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._threads import thread_value
 from .rope import RopeRotation, rope_cos_sin, rope_index, rope_rotation, rotate
 
 _STATE = {"on": os.environ.get("SWA_REWRITE_FUSED_MODEL_OPS", "1") != "0"}
@@ -76,15 +76,9 @@ def _fused(*tensors: torch.Tensor) -> bool:
     return dtype in _DTYPES and all(t.dtype == dtype for t in tensors) and _eager(*tensors)
 
 
-@contextlib.contextmanager
 def op_by_op():
     """Within it the model's small ops take their op-by-op forms, in this thread (A/B benchmarks, tests)."""
-    saved = getattr(_LOCAL, "op_by_op", False)
-    _LOCAL.op_by_op = True
-    try:
-        yield
-    finally:
-        _LOCAL.op_by_op = saved
+    return thread_value(_LOCAL, "op_by_op", True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):

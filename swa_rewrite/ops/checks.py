@@ -31,20 +31,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .._threads import thread_value
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _state = threading.local()
 
 
-@contextlib.contextmanager
 def checks_disabled():
     """Turn data checks off in this thread for the block (e.g. around a compiled step)."""
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = True
-    try:
-        yield
-    finally:
-        _state.disabled = previous
+    return thread_value(_state, "disabled", True)
 
 
 class compiled_graph:

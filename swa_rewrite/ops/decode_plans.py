@@ -26,13 +26,13 @@ or ``no_plans()`` (this thread, a block) turn plans off; ``clear()`` forgets the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from typing import Callable, Optional
 
 import torch
 
+from .._threads import thread_value
 from .checks import checks_enabled
 from .flashmla_backend import get_attention_backend
 
@@ -60,15 +60,9 @@ def _enabled() -> bool:
     return _ENV[0] and not getattr(_local, "off", False)
 
 
-@contextlib.contextmanager
 def no_plans():
     """Within it (this thread) the ops neither record nor replay plans: every call decides afresh (A/B, debugging)."""
-    saved = getattr(_local, "off", False)
-    _local.off = True
-    try:
-        yield
-    finally:
-        _local.off = saved
+    return thread_value(_local, "off", True)
 
 
 def clear() -> None:
