@@ -18,9 +18,9 @@ The key holds every tensor argument's shape, strides, dtype and device, the 16-b
 read in place, the cache's identity and every scalar argument (with its type); cores are planned under the Triton
 attention backend only; a plan holds no tensor. The kernels' module-level tunables (``kernels.paged_mla``'s
 ``PAGED_DECODE_CONFIG``, ``SWA_DECODE_CONFIG`` and thresholds, ``kernels._common.DEFAULT_CONFIG``) are read when a
-signature is planned: after changing one, ``clear()``. A recorded call is checked before it becomes a plan: the Gluon function ran once, on the very tensors the
-replay passes (``is``). A replayed launch falls back to the ordinary launch where anything it pins differs
-(``launch.Relaunch.fits``), so a plan can cost speed, never correctness. ``SWA_REWRITE_DECODE_PLANS=0`` (read once)
+signature is planned: after changing one, ``clear()``. A recorded core call is checked before it becomes a plan: the
+Gluon function ran once, on the very tensors the replay passes (``is``). A replayed launch falls back to the ordinary
+launch where anything it pins differs (``launch.Relaunch.fits``), so a stale launch costs speed, never correctness. ``SWA_REWRITE_DECODE_PLANS=0`` (read once)
 or ``no_plans()`` (this thread, a block) turn plans off; ``clear()`` forgets them all.
 """
 
