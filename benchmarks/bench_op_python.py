@@ -10,12 +10,12 @@ is called with CPU tensors of the GPU step's shapes (bf16 queries, packed FP8 / 
 ``--batch`` one-token decodes at ``--context``), checks off as in serving, with: the Gluon kernels taken as
 supported on a 132-SM device, every Triton launch (``kernels.launch``) a no-op, and the two matrix products
 (absorb / un-absorb) replaced by empty outputs of their shapes (their CPU arithmetic would swamp the rest). So a
-row is the Python and the small tensor operations (views, empties, checks) of one call; its second column the same
-inside ``checks.compiled_graph`` (an op in an Inductor graph of ``swa_rewrite.backend``: no shape checks), those two with
-decode plans off (``ops.decode_plans.no_plans``); the "planned" column the eager call replaying its signature's decode
-plan, as every call after a signature's first does in serving. Under ``torch.inference_mode()``, as a serving step.
-The CPU's host is ~2-3×
-faster per operation than the lent H200's: compare rows of one run, and between commits.
+row is the Python and the small tensor operations (views, empties, checks) of one call, with decode plans off
+(``ops.decode_plans.no_plans``); the "planned" column the eager call replaying its signature's decode plan, as every
+call after a signature's first does in serving; the last column the call without plans inside
+``checks.compiled_graph`` (an op in an Inductor graph of ``swa_rewrite.backend``: no shape checks). Under
+``torch.inference_mode()``, as a serving step. The CPU's host is ~2-3× faster per operation than the lent H200's:
+compare rows of one run, and between commits.
 """
 
 from __future__ import annotations

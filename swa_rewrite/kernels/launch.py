@@ -25,8 +25,8 @@ Replay (``recording`` / ``replaying``, issue 14): an op that decides its kernels
 (``ops.decode_plans``) records the launches of a call and replays them on later calls of the same shapes, each
 launch then skipping the binder too: a recorded launch (``Relaunch``) is reused when the same kernel is launched
 with the same grid, the same keyword arguments, the same other positional arguments (value and type) and the same
-descriptor objects, on the same device — the tensors are the new call's; the op's plan key pins their dtypes and 16-byte
-alignment, the rest of what the binder would specialise on. Anything else takes the ordinary path.
+descriptor objects, on the same device — the tensors are the new call's; the op's plan key pins their dtypes and
+16-byte alignment, the rest of what the binder would specialise on. Anything else takes the ordinary path.
 """
 
 from __future__ import annotations

@@ -215,9 +215,9 @@ def _cpu_kernels(monkeypatch):
 @pytest.mark.parametrize("rewrite", [False, True])
 def test_model_takes_the_kernels_in_eager_inference_and_matches_op_by_op(monkeypatch, dtype, rewrite, seed):
     """A tiny model's step under no_grad, and the rewritten model's: each layer's norms (the input and post-attention
-    ones with the residual adds before them), its rope / latent and its MLP's activation go through the kernels, and the logits are the op-by-op forms' (float32: to its
-    rounding; bf16 in the interpreter, which truncates every rounding, the FP8 caches amplifying it: to a few %,
-    norm-wise: a wrong wire is off by ~100 %)."""
+    ones with the residual adds before them), its rope / latent and its MLP's activation go through the kernels, and
+    the logits are the op-by-op forms' (float32: to its rounding; bf16 in the interpreter, which truncates every
+    rounding, the FP8 caches amplifying it: to a few %, norm-wise: a wrong wire is off by ~100 %)."""
     _cpu_kernels(monkeypatch)
     spy = _Spy(monkeypatch)
     model = MLAModel(MLAConfig.named("tiny"), seed=seed % 1000, dtype=dtype)

@@ -58,7 +58,8 @@ def decode_step(contexts, ps, device="cpu", shuffle=False):
 def test_a_write_replays_its_launch_for_new_tensors_of_its_signature(planned, monkeypatch, seed, packed):
     T, ps, D = 6, 4, R + P
     width = fp8_format.row_bytes(R, P) if packed else D
-    op, reference = (write_fp8_cache, write_fp8_cache_reference) if packed else (write_kv_cache, write_kv_cache_reference)
+    op, reference = ((write_fp8_cache, write_fp8_cache_reference) if packed
+                     else (write_kv_cache, write_kv_cache_reference))
     fn = cuda_kernel(op)
     checks = []
     name = "_check_fp8_write" if packed else "_check_write"
