@@ -156,22 +156,12 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     if replay:
         relaunch = replay.pop()
         if relaunch is not None and relaunch.fits(kernel, grid, device, args, _pinned(kwargs), knobs):
-            relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
-                         *relaunch.fixed, *relaunch.values(args))
-            _STATE["replays"] = _STATE.get("replays", 0) + 1
-            if record is not None:
-                record.append(relaunch)
-            return relaunch.compiled
+            return relaunch.issue(driver, device, args, record, "replays")
     recent = _RECENT.get(kernel)
     pinned = _pinned(kwargs) if recent else None
     for relaunch in recent or ():
         if relaunch.fits(kernel, grid, device, args, pinned, knobs) and relaunch.tensors_fit(args):
-            relaunch.raw(*relaunch.grid3, driver.active.get_current_stream(device), relaunch.function,
-                         *relaunch.fixed, *relaunch.values(args))
-            _STATE["calls"] = _STATE.get("calls", 0) + 1
-            if record is not None:
-                record.append(relaunch)
-            return relaunch.compiled
+            return relaunch.issue(driver, device, args, record, "calls")
     try:
         bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
         key = (kernel, device, tuple(specialization), tuple(options.items()), runtime.debug,
@@ -242,13 +232,13 @@ class Relaunch:
             return None
         if any(position >= n for position, _ in entry.descs):
             return None
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return None
         try:      # held weakly: a plan must not keep a dropped cache's descriptors (their encodings are kept here)
             descs = tuple((position, weakref.ref(args[position])) for position, _ in entry.descs)
         except TypeError:
             return None
         self = cls()
-        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            return None
         self.kernel, self.grid, self.grid3, self.device = kernel, grid, grid3, device
         self.kwargs = _pinned(kwargs)
         # Every positional argument but the tensors and descriptors is pinned, with its type (True, 1 and 1.0
@@ -293,6 +283,16 @@ class Relaunch:
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or (t.data_ptr() % 16 == 0) != aligned:
                 return False
         return True
+
+    def issue(self, driver, device, args: tuple, record: Optional[list], counter: str):
+        """Launch it with ``args``' tensors on ``device``'s current stream (counted as ``counter``, appended to an
+        open ``record``); returns the compiled kernel, as ``launch`` does."""
+        self.raw(*self.grid3, driver.active.get_current_stream(device), self.function, *self.fixed,
+                 *self.values(args))
+        _STATE[counter] = _STATE.get(counter, 0) + 1
+        if record is not None:
+            record.append(self)
+        return self.compiled
 
     def values(self, args: tuple) -> tuple:
         out: tuple = ()

@@ -20,8 +20,9 @@ attention backend only; a plan holds no tensor. The kernels' module-level tunabl
 ``PAGED_DECODE_CONFIG``, ``SWA_DECODE_CONFIG`` and thresholds, ``kernels._common.DEFAULT_CONFIG``) are read when a
 signature is planned: after changing one, ``clear()``. A recorded core call is checked before it becomes a plan: the
 Gluon function ran once, on the very tensors the replay passes (``is``). A replayed launch falls back to the ordinary
-launch where anything it pins differs (``launch.Relaunch.fits``), so a stale launch costs speed, never correctness. ``SWA_REWRITE_DECODE_PLANS=0`` (read once)
-or ``no_plans()`` (this thread, a block) turn plans off; ``clear()`` forgets them all.
+launch where anything it pins differs (``launch.Relaunch.fits``), so a stale launch costs speed, never correctness.
+``SWA_REWRITE_DECODE_PLANS=0`` (read once) or ``no_plans()`` (this thread, a block) turn plans off; ``clear()``
+forgets them all.
 """
 
 from __future__ import annotations
