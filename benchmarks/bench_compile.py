@@ -15,6 +15,11 @@ Modes, each run on both models (original: ``MLAModel``; rewritten: ``swa_rewrite
   norms, rope and latent as separate PyTorch ops instead of one Triton launch each), the A/B of those launches;
 - ``eager-no-plans``: ``eager`` with our ops deciding every call afresh (``ops.decode_plans.no_plans``: checks,
   kernel choice, launch plan and Triton's binder on every call), the A/B of the decode plans;
+- ``eager-overlap``: ``eager`` steps issued back to back, ``OVERLAP_STEPS`` per timed call (the time reported per
+  step), each fed the previous step's greedy tokens on the device with no synchronisation between steps: the
+  host issues step ``i + 1`` while the device runs step ``i``, as an engine that overlaps its scheduling with the
+  device does (``runtime.Engine(overlap=True)``); a step then takes the longer of the host's and the device's time
+  instead of their sum less what overlaps within it;
 - ``eager+graphs``: the eager step as a CUDA graph, ``runtime.cuda_graphs.DecodeGraphs`` (the step's inputs
   packed on the host and sent in one copy, then a replay);
 - ``inductor``: ``swa_rewrite.compile(model, schedule, fullgraph=True)``; the original through the same call with
@@ -62,10 +67,11 @@ from swa_rewrite.runtime import StepBatch, StepItem, num_cache_groups
 from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
 from swa_rewrite.timing import paired_us
 
-MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager+graphs", "inductor", "inductor-py",
-         "reduce-overhead", "inductor+graphs")
-CPU_MODES = ("eager", "eager+checks", "eager+graphs")
-EAGER_MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager+graphs")
+MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager-overlap", "eager+graphs", "inductor",
+         "inductor-py", "reduce-overhead", "inductor+graphs")
+CPU_MODES = ("eager", "eager+checks", "eager-overlap", "eager+graphs")
+EAGER_MODES = ("eager", "eager+checks", "eager-op-by-op", "eager-no-plans", "eager-overlap", "eager+graphs")
+OVERLAP_STEPS = 8         # eager-overlap: steps per timed call
 
 
 def decode_batch(batch: int, context: int, page_size: int, num_groups: int, device) -> StepBatch:
@@ -131,6 +137,16 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
                               max_blocks=b.meta.block_tables.shape[2], buckets=[b.input_ids.shape[0]], device=device,
                               graphs=device.type == "cuda")
         fn: Callable[[], object] = lambda: graphs.run(host_b)  # noqa: E731
+    elif mode == "eager-overlap":
+        idx = b.last_token_index
+
+        def fn():
+            # Back to back, each step fed the previous step's greedy tokens where they are (the device): nothing
+            # waits for the device between steps, so the host issues step i + 1 while the device runs step i.
+            ids = b.input_ids
+            for _ in range(OVERLAP_STEPS):
+                ids = step(ids, kv_caches=caches, meta=b.meta, logits_indices=idx).argmax(-1)
+            return ids
     else:
         idx = b.last_token_index
         fn = lambda: step(b.input_ids, kv_caches=caches, meta=b.meta, logits_indices=idx)  # noqa: E731
@@ -188,13 +204,15 @@ def run(args) -> list[dict]:
             names = list(built)
             trials = {w: [] for w in names}
             ratios = []
+            per_call = OVERLAP_STEPS if mode == "eager-overlap" else 1
             for _ in range(args.trials):
                 times = paired_us([built[w][0] for w in names], args.iters, warmup=args.warmup, device=device)
+                times = [[t / per_call for t in ts] for ts in times]
                 for w, ts in zip(names, times):
                     trials[w].append(statistics.median(ts))
                 ratios.extend(a / b for a, b in zip(*times))
             paired = statistics.median(ratios)
-            host = {w: host_issue_us(built[w][0], device) for w in built}
+            host = {w: host_issue_us(built[w][0], device) / per_call for w in built}
             for which, (_, setup_s) in built.items():
                 result[(which, ctx, mode)] = (min(trials[which]), setup_s, host[which], paired)
             print("    medians (us): " + "; ".join(f"{w} " + ", ".join(f"{x:.0f}" for x in v) for w, v in trials.items()),

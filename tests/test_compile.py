@@ -524,7 +524,8 @@ def test_bench_compile_cpu_smoke(capsys):
     bench = _bench_compile()
     rows = bench.main(["--cpu", "--contexts", "16", "--iters", "1", "--warmup", "0"])
     out = capsys.readouterr().out
-    assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+checks"), (16, "eager+graphs")]
+    assert [(r["context"], r["mode"]) for r in rows] == [(16, "eager"), (16, "eager+checks"), (16, "eager-overlap"),
+                                                         (16, "eager+graphs")]
     assert "| context | mode | original (µs) | rewritten (µs) |" in out and "| 16 | eager+graphs |" in out
     # B = 2 requests, 17 positions read per full layer, min(W = 8, 17) per sliding layer (layers 0 and 2).
     original, rewritten = 4 * 2 * 17 * 576, 2 * 2 * 17 * 576 + 2 * 2 * 8 * 164

@@ -80,9 +80,11 @@ class StepMetadata:
         metadata every attention op takes after ``block_tables``."""
         return self.cu_seqlens_q, self.seq_lens_encoder, self.seq_lens_decoder, self.batch_id_per_token
 
-    def to(self, device: torch.device | str) -> "StepMetadata":
-        """The same metadata on ``device``."""
-        return StepMetadata(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "StepMetadata":
+        """The same metadata on ``device`` (``non_blocking``: host-to-device copies that do not wait for the
+        device's queued work, as ``Tensor.to``)."""
+        return StepMetadata(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                               for f in dataclasses.fields(self)})
 
 
 def token_positions(cu_seqlens_q: torch.Tensor, seq_lens_decoder: torch.Tensor,

@@ -159,6 +159,14 @@ class StepBatch:
     meta: StepMetadata
     last_token_index: torch.Tensor
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "StepBatch":
+        """The same step on ``device``. ``non_blocking``: the host-to-device copies do not wait for work already
+        queued on the device (PyTorch's blocking copy synchronises with it), so a host building the next step
+        keeps ahead of the device (``Engine(overlap=True)``)."""
+        return StepBatch(input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+                         meta=self.meta.to(device, non_blocking=non_blocking),
+                         last_token_index=self.last_token_index.to(device, non_blocking=non_blocking))
+
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
               max_blocks: Optional[int] = None, num_groups: int = 1, mha: Optional[MHAPlan] = None,

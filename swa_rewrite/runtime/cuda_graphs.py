@@ -294,25 +294,33 @@ class DecodeGraphs:
         return self.rejection(batch) is None
 
     # ---------------------------------------------------------------------------------------------- run
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the ``B``-request decode step ``batch`` (one token per request), through
         its bucket's graph (captured on the bucket's first step) or, with ``graphs=False``, eagerly.
 
+        ``input_ids``: the step's ``[B]`` int64 token ids on the device, used instead of ``batch.input_ids`` (an
+        engine overlapping its steps passes the previous step's greedy tokens, which the host has not read).
         The step's latents are written to its slots in ``kv_caches``; padding writes nothing. The result is a
         view valid until the next ``run``. ``ValueError`` for a step that is not a one-token-per-request
-        decode the buffers can hold (``rejection``); ``TypeError`` for anything but a ``StepBatch``.
+        decode the buffers can hold (``rejection``) or ``input_ids`` of another shape, dtype or device;
+        ``TypeError`` for anything but a ``StepBatch``.
         """
         reason = self.rejection(batch)
         if reason is not None:
             raise (TypeError if not isinstance(batch, StepBatch) else ValueError)(reason)
         B = batch.input_ids.shape[0]
+        if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.shape != (B,)
+                                      or input_ids.dtype != torch.int64 or input_ids.device != self.device):
+            raise ValueError(f"input_ids must be a [{B}] int64 tensor on {self.device}, got "
+                             + (f"{tuple(input_ids.shape)} {input_ids.dtype} on {input_ids.device}"
+                                if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
         bucket = self.bucket_for(B)
         # Under inference mode throughout: the buffers' views may first be made inside it (a capture, an engine
         # step), and inference-mode views take in-place writes only inside it.
         with torch.inference_mode():
-            return self._run(batch, B, bucket)
+            return self._run(batch, B, bucket, input_ids)
 
-    def _run(self, batch: StepBatch, B: int, bucket: int) -> torch.Tensor:
+    def _run(self, batch: StepBatch, B: int, bucket: int, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if batch.input_ids.device.type == "cpu":
             cu = batch.meta.cu_seqlens_q
             if not torch.equal(cu.long(), torch.arange(B + 1)):
@@ -321,6 +329,8 @@ class DecodeGraphs:
             self._fill_from_host(batch, bucket)
         else:
             _fill(self._bucket_views(bucket), batch, B)
+        if input_ids is not None:
+            self._bucket_views(bucket)["input_ids"][:B].copy_(input_ids)
         self.bytes_copied += self._layouts[bucket][1]
         if not self.graphs:
             out = self._call(bucket)

@@ -35,6 +35,7 @@ class _Request:
     block_keys: list = dataclasses.field(default_factory=list)  # prefix keys of the full, written blocks
     published: list = dataclasses.field(default_factory=list)   # (group, block, key) it published
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    dropped: bool = False        # aborted, or dropped with a failed step (an in-flight step's tokens are ignored)
 
     @property
     def generated(self) -> list[int]:
@@ -73,6 +74,24 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     reused_tokens: int = 0       # prompt tokens served from shared prefix blocks
+    in_flight_steps: int = 0     # steps left in flight (``overlap``): issued before the previous one's tokens were read
+
+
+PLACEHOLDER = -1       # a generated token the host has not read yet (overlap): the device feeds the next step
+
+
+@dataclasses.dataclass(eq=False)
+class _InFlight:
+    """A step issued without waiting for its tokens (``Engine(overlap=True)``): its greedy tokens on the device
+    (the next step's input ids), their copy on the way to the host, and what to do once they arrive."""
+
+    ran: list[_Request]          # the requests that ran, in the step's order (one StepOutput each)
+    finished: list[bool]         # per request: it finished in this step (its blocks are already released)
+    slots: list[int]             # per request: the index in ``tokens`` of its new token, or -1 for none
+    greedy: torch.Tensor         # [B] int64, on the device
+    host: torch.Tensor           # its host copy (pinned on CUDA), valid once ``event`` completes
+    event: Optional[torch.cuda.Event]
+    landed: bool = False         # its tokens were read
 
 
 class Engine:
@@ -88,6 +107,10 @@ class Engine:
     ``max_new_tokens``) fits beside what the running requests have reserved, so an admitted request never
     waits for blocks. Model steps run under ``torch.inference_mode()``, as serving engines run them (a custom op
     then skips its Python autograd layer: ~6 µs of host per call on the H200, RESULTS.md issue 14 run 7).
+
+    With ``overlap=True`` the host prepares and issues decode step ``i + 1`` while the device still runs step ``i``
+    (the step's greedy tokens stay on the device as the next step's input ids; the host reads them one step later),
+    so a decode step costs the longer of the host's and the device's time, not their sum.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: Optional[int] = None, page_size: int,
@@ -95,7 +118,8 @@ class Engine:
                  kv_caches: Optional[list[torch.Tensor]] = None, kv_cache_spec: Optional[Sequence] = None,
                  kv_cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None,
                  window_bounded: bool = True, poison_blocks: bool = False, cuda_graphs: bool = False,
-                 max_decode_batch: Optional[int] = None, mha_prefill: Union[str, int, None] = "auto"):
+                 max_decode_batch: Optional[int] = None, mha_prefill: Union[str, int, None] = "auto",
+                 overlap: bool = False):
         """
         Args:
             model: an ``MLAModel``, or what ``swa_rewrite.apply`` / ``swa_rewrite.compile`` return.
@@ -130,6 +154,13 @@ class Engine:
                 FLOP count; an
                 int — chunks of at least that many tokens, in every group; ``"off"`` or None — none. A model
                 without a ``config`` runs ``"auto"`` as ``"off"``.
+            overlap: leave decode-only steps in flight: ``step`` issues the next decode step before it reads the
+                previous one's tokens, which the device passes on as the next step's input ids. Its outputs (and
+                a finished request's last token) then come from the following ``step`` call, or from one that
+                runs nothing (``has_unfinished`` stays true until they are out); ``generate`` returns the same
+                tokens either way. Steps that run prompt chunks, keep logits (``logits``), or run eagerly with data
+                checks on (their deferred checks are read at the step's end) do not overlap: they read their
+                tokens, and any step in flight's, before returning.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (an MLAModel, or what swa_rewrite.apply / "
@@ -165,7 +196,10 @@ class Engine:
         self.cache = KVCacheManager(self.group_specs, counts, page_size, bounded=self.window_bounded,
                                     on_allocate=self._poison if poison_blocks else None)
         self.decode_graphs = self._decode_graphs(model, max_decode_batch) if cuda_graphs else None
+        self.overlap = bool(overlap)
         self.stats = EngineStats()
+        self._in_flight: Optional[_InFlight] = None
+        self._ready: list[StepOutput] = []      # outputs read from a step in flight that no call returned yet
         self._next_id = 0
         self._waiting: list[_Request] = []      # admission order
         self._running: list[_Request] = []      # admission order
@@ -269,54 +303,69 @@ class Engine:
         fails, the requests that ran in it are dropped (blocks freed, their prefix-cache entries withdrawn)
         and the exception is re-raised (a ``NonFiniteLatentError`` names the request and position); the
         other requests are untouched and later steps run them.
+
+        With ``overlap=True`` a decode-only step is left in flight: this call returns the outputs of the step
+        in flight before it (if any), and the next call returns this step's; a call with nothing left to run
+        returns the last ones.
         """
+        ready, self._ready = self._ready, []
         self._admit()
+        flight = self._in_flight
+        if flight is not None and not self._continues():
+            # The next step needs the tokens on the host (a prompt chunk, kept logits) or there is none.
+            self._in_flight = None
+            ready += self._land(flight)
+            flight = None
         if not self._running:
             if self._waiting:     # cannot happen: a checked prompt fits the whole pool, and nothing holds blocks
                 raise OutOfBlocksError(f"request {self._waiting[0].rid} cannot be admitted into an idle engine")
-            return []
+            return ready
+        self._in_flight = None
         reqs: list[_Request] = []
         try:
             items = self._schedule(reqs)
-            new_tokens = self._step(items, reqs)
+            return ready + self._step(items, reqs, flight)
         except BaseException as e:
             # Blocks of the failed step are half written (some layers only) and were never published; what
             # its requests published earlier is withdrawn too, since the cause (e.g. a non-finite weight)
             # may have tainted it.
             for r in reqs:
                 self._drop(r)
+            if flight is not None and not flight.landed:
+                # The step before it ran: what it gave the requests not dropped comes out of the next call.
+                self._ready = ready + self._land(flight)
+            else:
+                self._ready = ready
             ids = [r.rid for r in reqs]
             log.info("engine step failed (%s): dropped its request(s) %s", type(e).__name__, ids)
             e.add_note(f"swa_rewrite Engine: the failed step's requests {ids} were dropped, their blocks freed")
             raise
-        out = []
-        for r, tokens in zip(reqs, new_tokens):
-            finished = r.finished
-            if finished:
-                self._release(r)
-                self._running.remove(r)
-                log.debug("request %d finished: %d prompt + %d generated tokens", r.rid, r.num_prompt,
-                          len(r.generated))
-            out.append(StepOutput(r.rid, tokens, finished))
-        return out
 
     def abort(self, request_id: int) -> None:
         """Drop an unfinished request: its blocks are freed and what it published is withdrawn from the prefix
         cache. Aborting a request that already finished (or was aborted, or failed in a step) is a no-op;
-        an id ``add_request`` never returned raises ``KeyError`` naming it."""
+        an id ``add_request`` never returned raises ``KeyError`` naming it. With ``overlap``, a request whose
+        last outputs no call has returned yet counts as unfinished: they are never returned."""
         request_id = check_int("request_id", request_id)
-        for queue in (self._waiting, self._running):
+        in_flight = [] if self._in_flight is None else self._in_flight.ran
+        for queue in (self._waiting, self._running, in_flight):
             for r in queue:
-                if r.rid == request_id:
+                if r.rid == request_id and not r.dropped:
                     self._drop(r)
+                    self._ready = [o for o in self._ready if o.request_id != request_id]
                     log.debug("request %d aborted", request_id)
                     return
+        if any(o.request_id == request_id for o in self._ready):
+            self._ready = [o for o in self._ready if o.request_id != request_id]
+            log.debug("request %d aborted", request_id)
+            return
         if not 0 <= request_id < self._next_id:
             raise KeyError(f"request id {request_id} is unknown to this engine (ids so far: [0, {self._next_id}))")
 
     def has_unfinished(self) -> bool:
-        """Whether any added request is waiting or running."""
-        return bool(self._waiting or self._running)
+        """Whether any added request is waiting or running, or a step's outputs are yet to be returned
+        (``overlap``)."""
+        return bool(self._waiting or self._running or self._in_flight is not None or self._ready)
 
     # ------------------------------------------------------------------------------------------ whole calls
     @torch.inference_mode()
@@ -405,6 +454,7 @@ class Engine:
 
     def _drop(self, r: _Request) -> None:
         """Take ``r`` out of the queues and release it, withdrawing its publications (a no-op when repeated)."""
+        r.dropped = True
         for queue in (self._waiting, self._running):
             if r in queue:
                 queue.remove(r)
@@ -456,45 +506,74 @@ class Engine:
         assert items, "a running request always has work"
         return items
 
-    def _step(self, items: list[StepItem], reqs: list[_Request]) -> list[list[int]]:
-        """Run the model on ``items``; returns the new tokens of each request."""
+    def _continues(self) -> bool:
+        """Whether the next step can take its input ids from the step in flight: every running request decodes
+        and none keeps logits."""
+        return bool(self._running) and not any(r.in_prefill or r.keep_logits for r in self._running)
+
+    def _step(self, items: list[StepItem], reqs: list[_Request], flight: Optional[_InFlight]) -> list[StepOutput]:
+        """Run the model on ``items`` (``flight``: the step in flight, whose greedy tokens are the placeholders
+        among the items' input ids); returns the outputs read in this call (``flight``'s, then this step's
+        unless it is left in flight)."""
         keep_logits = any(r.keep_logits for r in reqs)
+        decode_only = all(len(it.tokens) == 1 and not it.is_prefill for it in items)
         graphs = self.decode_graphs
-        if graphs is not None and not keep_logits and all(len(it.tokens) == 1 and not it.is_prefill for it in items):
+        if graphs is not None and not keep_logits and decode_only:
             # Built on the host: the runner sends the whole step to its buffers in one copy.
             batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device="cpu")
             if not graphs.accepts(batch):
                 graphs = None
         else:
             graphs = None
+        ids = None if flight is None else self._input_ids(items, reqs, flight)
         greedy = None
+        in_flight = False
         try:
             if graphs is not None:
-                logits = graphs.run(batch).float()
+                logits = graphs.run(batch, input_ids=ids).float()
+                in_flight = self.overlap
             else:
+                # Built on the host and sent without waiting for the device (a blocking copy would wait for the
+                # step in flight: PyTorch synchronises a pageable host-to-device copy).
                 batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
-                                        device=self.device)
+                                        device="cpu").to(self.device, non_blocking=True)
+                if ids is not None:
+                    batch = dataclasses.replace(batch, input_ids=ids)
                 logits_indices = None if keep_logits else batch.last_token_index
                 # The model's checks deferred to the step's end (the cache writes' finite-latent flags) are read
                 # in the same device-to-host copy as the greedy tokens: one synchronisation per checked step.
                 with validated_step() as scope:
                     logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
                                         logits_indices=logits_indices).float()
-                    if not keep_logits and scope is not None:
+                    # A step whose checks queued nothing to read at its end may stay in flight.
+                    in_flight = self.overlap and decode_only and not keep_logits and not (scope is not None and scope.deferred)
+                    if not keep_logits and not in_flight and scope is not None:
                         greedy = scope.read(logits.argmax(-1))
         except NonFiniteLatentError as e:
             raise self._name_token(e, items, reqs) from e
         self.stats.steps += 1
+        if in_flight:
+            self.stats.in_flight_steps += 1
+            tokens = logits.argmax(-1)
+            host, event = tokens, None
+            if tokens.device.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
         cu = [0]
         for it in items:
             cu.append(cu[-1] + len(it.tokens))
-        # One device-to-host copy per step: the greedy token of every request (and all logits if kept).
         if keep_logits:
+            # One device-to-host copy: all logits (the greedy tokens come from them).
             logits = logits.cpu()
             greedy = logits[torch.tensor(cu[1:]) - 1].argmax(-1).tolist()
-        elif greedy is None:
+        elif greedy is None and not in_flight:
             greedy = logits.argmax(-1).tolist()
-        new_tokens = []
+        # The step in flight's tokens are needed before this step's bookkeeping (publishing a full block names
+        # its tokens); waiting for them here overlaps this step's device work.
+        out = [] if flight is None else self._land(flight)
+        slots = []
         for b, (it, r) in enumerate(zip(items, reqs)):
             n = len(it.tokens)
             if it.is_prefill:
@@ -504,15 +583,62 @@ class Engine:
             if r.keep_logits:
                 r.logits.append(logits[cu[b]:cu[b + 1]])
             r.num_computed += n
-            new = []
+            slots.append(-1)
             if not r.in_prefill and not r.done:
-                new.append(greedy[b])
-                r.tokens.append(greedy[b])
-            new_tokens.append(new)
+                slots[-1] = len(r.tokens)
+                r.tokens.append(PLACEHOLDER if in_flight else greedy[b])
             if self.prefix_caching:
                 self._publish_full_blocks(r)
             self.cache.slide(r.tables, r.num_computed)   # release what left the sliding groups' windows
-        return new_tokens
+        finished = [self._finish(r) for r in reqs]
+        if in_flight:
+            self._in_flight = _InFlight(reqs, finished, slots, tokens, host, event)
+            return out
+        return out + [StepOutput(r.rid, [] if i < 0 else [r.tokens[i]], f) for r, i, f in zip(reqs, slots, finished)]
+
+    def _finish(self, r: _Request) -> bool:
+        """Release ``r`` if it has all its tokens; returns whether it finished."""
+        if not r.finished:
+            return False
+        self._release(r)
+        self._running.remove(r)
+        log.debug("request %d finished: %d prompt + %d generated tokens", r.rid, r.num_prompt, len(r.generated))
+        return True
+
+    def _input_ids(self, items: list[StepItem], reqs: list[_Request], flight: _InFlight) -> Optional[torch.Tensor]:
+        """The step's input ids on the device with the placeholders taken from ``flight``'s greedy tokens
+        (None when the step has none: every input is on the host)."""
+        row_of = {id(r): b for b, (r, i) in enumerate(zip(flight.ran, flight.slots)) if i >= 0}
+        src, dst, host_ids = [], [], []
+        for it, r in zip(items, reqs):
+            if it.tokens[0] == PLACEHOLDER:
+                assert len(it.tokens) == 1 and id(r) in row_of, "a placeholder token is the step in flight's"
+                src.append(row_of[id(r)])
+                dst.append(len(host_ids))
+            host_ids += it.tokens
+        if not src:
+            return None
+        if dst == src == list(range(len(host_ids))) and len(src) == flight.greedy.shape[0]:
+            return flight.greedy            # the same requests in the same order: the tokens as they are
+        ids = torch.tensor(host_ids, dtype=torch.int64, device=self.device)
+        index = torch.tensor([src, dst], dtype=torch.int64, device=self.device)
+        ids[index[1]] = flight.greedy[index[0]]
+        return ids
+
+    def _land(self, flight: _InFlight) -> list[StepOutput]:
+        """Wait for ``flight``'s tokens, put them in its requests' token lists and return its outputs (none for
+        a request dropped since)."""
+        flight.landed = True
+        if flight.event is not None:
+            flight.event.synchronize()
+        tokens = flight.host.tolist()
+        out = []
+        for b, (r, i, f) in enumerate(zip(flight.ran, flight.slots, flight.finished)):
+            if i >= 0:
+                r.tokens[i] = tokens[b]
+            if not r.dropped:
+                out.append(StepOutput(r.rid, [] if i < 0 else [tokens[b]], f))
+        return out
 
     def _name_token(self, e: NonFiniteLatentError, items: list[StepItem], reqs: list[_Request]) -> Exception:
         """``e`` (a cache write's row and slot) restated as the request and token position that caused it."""
