@@ -620,9 +620,10 @@ class Engine:
             return None
         if dst == src == list(range(len(host_ids))) and len(src) == flight.greedy.shape[0]:
             return flight.greedy            # the same requests in the same order: the tokens as they are
-        ids = torch.tensor(host_ids, dtype=torch.int64, device=self.device)
-        index = torch.tensor([src, dst], dtype=torch.int64, device=self.device)
-        ids[index[1]] = flight.greedy[index[0]]
+        # One copy that does not wait for the device (ids and the gather's rows), then the gather on the device.
+        packed = torch.tensor(host_ids + src + dst, dtype=torch.int64).to(self.device, non_blocking=True)
+        ids, n = packed[:len(host_ids)], len(src)
+        ids[packed[len(host_ids) + n:]] = flight.greedy[packed[len(host_ids):len(host_ids) + n]]
         return ids
 
     def _land(self, flight: _InFlight) -> list[StepOutput]:

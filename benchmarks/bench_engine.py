@@ -1,0 +1,164 @@
+"""Decode steps as the engine runs them (issue 14): ``runtime.Engine`` with and without CUDA graphs, with and without
+overlapped steps, for the original and the rewritten model, with the speed-up the bytes predict beside each.
+
+    PYTHONPATH=. python benchmarks/bench_engine.py                    # v3-attn, 32 requests at 4K and 32K
+    PYTHONPATH=. python benchmarks/bench_engine.py --contexts 32768 --batch 64
+    PYTHONPATH=. python benchmarks/bench_engine.py --cpu              # CPU smoke path: tiny config, tiny contexts
+
+``bench_compile.py`` times one model call on fixed inputs; this times what a serving loop adds around it: the
+engine's scheduling, its step inputs built on the host and sent to the device, the greedy tokens read back. Each
+model gets one engine (data checks off, as in serving) whose requests (``--batch`` random prompts of ``context``
+tokens) are prefilled once; every timed ``generate`` of the same prompts then maps them from the prefix cache and
+computes one prompt token each, then decodes. A decode step's time is the difference of two ``generate`` calls'
+times (``--short`` and ``--long`` new tokens) over the difference of their steps, so the prompt step and the call's
+setup cancel. Modes, on the same engine: ``eager`` (the model called step by step, tokens read after each step),
+``eager-overlap`` (``overlap=True``: the next step issued before the previous step's tokens are read), ``graphs``
+(``cuda_graphs=True``: each decode step a CUDA-graph replay) and ``graphs-overlap``. Every time is the median of
+``--trials`` trials, the two models alternating. Predicted speed-up: as ``bench_compile.py`` (bytes one decode step
+reads: every weight once, each full layer ``ctx + 1`` rows a request, each sliding layer its window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_compile import kv_bytes, weight_bytes  # noqa: E402
+
+from swa_rewrite import Schedule, apply  # noqa: E402
+from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
+from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
+from swa_rewrite.runtime import Engine  # noqa: E402
+
+MODES = ("eager", "eager-overlap", "graphs", "graphs-overlap")
+
+
+def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:
+    """Seconds of one ``generate`` call, from an idle device to its last token on the host."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.generate(prompts, new_tokens)
+    return time.perf_counter() - t0
+
+
+def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], short: int, long: int,
+            device: torch.device) -> float:
+    """µs of one decode step of ``engine`` in ``mode`` (the difference of a ``long`` and a ``short`` generation)."""
+    engine.decode_graphs = graphs if mode.startswith("graphs") else None
+    engine.overlap = mode.endswith("overlap")
+    t_short = timed_generate(engine, prompts, short, device)
+    t_long = timed_generate(engine, prompts, long, device)
+    return (t_long - t_short) / (long - short) * 1e6
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cpu" if args.cpu else "cuda")
+    cfg = MLAConfig.named(args.config)
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    model = MLAModel(cfg, device=device, dtype=dtype, seed=0)
+    schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
+    models = {"original": model, "rewritten": apply(model, schedule)}
+    weights = weight_bytes(model, args.batch)
+    rng = random.Random(0)
+    rows = []
+    for ctx in args.contexts:
+        prompts = [[rng.randrange(cfg.vocab_size) for _ in range(ctx)] for _ in range(args.batch)]
+        max_len = ctx + args.long + 1
+        engines, graphs, times = {}, {}, {}
+        with checks_disabled():
+            for which, m in models.items():
+                # Room for the prompts (kept in the prefix cache) and for the generations that map them.
+                nb = -(-max_len // args.page_size) * args.batch + args.batch
+                e = Engine(m, num_blocks=nb, page_size=args.page_size, max_tokens_per_step=args.chunk,
+                           max_model_len=max_len, cuda_graphs=True, max_decode_batch=args.batch)
+                print(f"  {which}, context {ctx}: prefill ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                e.generate(prompts, 1)
+                print(f"    {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                engines[which], graphs[which] = e, e.decode_graphs
+                for mode in args.modes:                      # warm-up: captures, compiles, plans
+                    step_us(e, graphs[which], mode, prompts, 1, 3, device)
+            for _ in range(args.trials):
+                for mode in args.modes:
+                    for which in models:
+                        t = step_us(engines[which], graphs[which], mode, prompts, args.short, args.long, device)
+                        times.setdefault((which, mode), []).append(t)
+            print("    " + "; ".join(f"{w} {m}: " + ", ".join(f"{t:.0f}" for t in ts)
+                                     for (w, m), ts in times.items()), file=sys.stderr, flush=True)
+        kv = {w: kv_bytes(m.kv_cache_spec(), ctx, args.batch) for w, m in models.items()}
+        for mode in args.modes:
+            o, r = (statistics.median(times[(w, mode)]) for w in models)
+            rows.append(dict(context=ctx, mode=mode, original_us=o, rewritten_us=r, speedup=o / r,
+                             predicted=(weights + kv["original"]) / (weights + kv["rewritten"])))
+        engines = graphs = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| context | mode | original (µs / step) | rewritten (µs / step) | speed-up | bytes predict |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['mode']} | {r['original_us']:.0f} | {r['rewritten_us']:.0f} | "
+                     f"{r['speedup']:.2f}x | {r['predicted']:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default=None, help="comma-separated prompt tokens per request (default 4096,32768; "
+                   "--cpu 24)")
+    p.add_argument("--batch", type=int, default=None, help="requests (default 32; --cpu 2)")
+    p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
+    p.add_argument("--skip-freq", type=int, default=2, help="window_attn_skip_freq: layer i is SWA iff (i+1) %% n")
+    p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
+    p.add_argument("--chunk", type=int, default=None, help="the engine's max_tokens_per_step (default 8192; --cpu 64)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
+    p.add_argument("--short", type=int, default=None, help="new tokens of the shorter generation (default 4)")
+    p.add_argument("--long", type=int, default=None, help="new tokens of the longer generation (default 36; --cpu 8)")
+    p.add_argument("--trials", type=int, default=None, help="timed pairs of generations per model and mode "
+                   "(default 3; --cpu 1)")
+    p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
+    args = p.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        p.error("no CUDA device: pass --cpu for the CPU smoke path")
+    args.config = "tiny" if args.cpu else "v3-attn"
+    args.contexts = [int(c) for c in (args.contexts or ("24" if args.cpu else "4096,32768")).split(",")]
+    args.batch = args.batch or (2 if args.cpu else 32)
+    args.window = args.window or (8 if args.cpu else 128)
+    args.page_size = args.page_size or (8 if args.cpu else 64)
+    args.chunk = args.chunk or (64 if args.cpu else 8192)
+    args.short = args.short or 4
+    args.long = args.long or (8 if args.cpu else 36)
+    args.trials = args.trials or (1 if args.cpu else 3)
+    args.modes = args.modes.split(",")
+    if set(args.modes) - set(MODES):
+        p.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}; known: {', '.join(MODES)}")
+    if not 1 <= args.short < args.long:
+        p.error(f"need 1 <= --short < --long, got {args.short}, {args.long}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    args = parse_args(argv)
+    rows = run(args)
+    card = torch.cuda.get_device_name() if not args.cpu else "CPU"
+    import triton
+    print(f"\n{card}, torch {torch.__version__}, triton {triton.__version__}; {args.config}, SWA every "
+          f"{args.skip_freq} W={args.window}; {args.batch} requests, page {args.page_size}; decode step = "
+          f"(generate {args.long} - generate {args.short}) / {args.long - args.short}, median of {args.trials}\n")
+    print(render(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
