@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import array
+
 import dataclasses
 from typing import Optional, Sequence
 
@@ -190,7 +192,16 @@ class StepBatch:
         ids, pos, bids, cu = [], [], [], [0]
         slots: list[list[int]] = [[] for _ in range(num_groups)]
         width = max([len(t) for per_group in tables for t in per_group] + [max_blocks or 0, 1])
-        table = torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
+        # The tables as one flat int32 array, converted at C speed (a tensor per row cost ~30 µs of a decode
+        # step's host time per request and group at 32K context).
+        flat = []
+        for g in range(num_groups):
+            for per_group in tables:
+                row = per_group[g]
+                flat += row
+                flat += [-1] * (width - len(row))
+        table = torch.frombuffer(array.array("i", flat), dtype=torch.int32).view(num_groups, len(items), width) \
+            if flat else torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
         for b, (it, per_group) in enumerate(zip(items, tables)):
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
@@ -201,7 +212,6 @@ class StepBatch:
                 if end > len(row) * page_size:
                     raise ValueError(f"request {b} reaches position {end - 1} but has {len(row)} blocks of "
                                      f"{page_size}" + (f" in cache group {g}" if num_groups > 1 else ""))
-                table[g, b, :len(row)] = torch.tensor(list(row), dtype=torch.int32)
                 for p in range(it.num_cached, end):
                     block = row[p // page_size]
                     if block < 0:
