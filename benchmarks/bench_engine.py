@@ -8,10 +8,9 @@ overlapped steps, for the original and the rewritten model, with the speed-up th
 ``bench_compile.py`` times one model call on fixed inputs; this times what a serving loop adds around it: the
 engine's scheduling, its step inputs built on the host and sent to the device, the greedy tokens read back. Each
 model gets one engine (data checks off, as in serving) whose requests (``--batch`` random prompts of ``context``
-tokens) are prefilled once; every timed ``generate`` of the same prompts then maps them from the prefix cache and
-computes one prompt token each, then decodes. A decode step's time is the difference of two ``generate`` calls'
-times (``--short`` and ``--long`` new tokens) over the difference of their steps, so the prompt step and the call's
-setup cancel. Modes, on the same engine: ``eager`` (the model called step by step, tokens read after each step),
+tokens) are prefilled once; each timed run adds the same prompts again (mapped from the prefix cache: one prompt
+token each to compute), runs them to their first token and ``--warmup`` decode steps untimed, then times
+``--steps`` ``Engine.step`` calls (``step_us``). Modes, on the same engine: ``eager`` (the model called step by step, tokens read after each step),
 ``eager-overlap`` (``overlap=True``: the next step issued before the previous step's tokens are read), ``graphs``
 (``cuda_graphs=True``: each decode step a CUDA-graph replay) and ``graphs-overlap``. Every time is the median of
 ``--trials`` trials, the two models alternating. Predicted speed-up: as ``bench_compile.py`` (bytes one decode step
@@ -41,28 +40,36 @@ from swa_rewrite.runtime import Engine  # noqa: E402
 MODES = ("eager", "eager-overlap", "graphs", "graphs-overlap")
 
 
-def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:
-    """Seconds of one ``generate`` call, from an idle device to its last token on the host."""
+def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], steps: int, warmup: int,
+            device: torch.device) -> float:
+    """µs of one decode step of ``engine`` in ``mode``: the prompts added (their prefixes from the prefix cache)
+    and run until each has its first token (untimed), ``warmup`` decode steps, then ``steps`` timed ``step`` calls
+    from an idle device to the last one's return, the device drained after (with ``overlap`` the last call's step
+    is still in flight: its device time is in the next call's, as in a serving loop)."""
+    engine.decode_graphs = graphs if mode.startswith("graphs") else None
+    engine.overlap = mode.endswith("overlap")
+    rids = {engine.add_request(p, 2 + warmup + steps) for p in prompts}
+    started: set[int] = set()
+    while started != rids:
+        started |= {o.request_id for o in engine.step() if o.new_token_ids}
+    for _ in range(warmup):
+        engine.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     gc.collect()
-    gc.disable()              # a collection over the prompts' million token ints would land in one call's time
+    gc.disable()              # a collection over the prompts' token lists would land in one step's time
     try:
         t0 = time.perf_counter()
-        engine.generate(prompts, new_tokens)
-        return time.perf_counter() - t0
+        for _ in range(steps):
+            engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
     finally:
         gc.enable()
-
-
-def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], short: int, long: int,
-            device: torch.device) -> float:
-    """µs of one decode step of ``engine`` in ``mode`` (the difference of a ``long`` and a ``short`` generation)."""
-    engine.decode_graphs = graphs if mode.startswith("graphs") else None
-    engine.overlap = mode.endswith("overlap")
-    t_short = timed_generate(engine, prompts, short, device)
-    t_long = timed_generate(engine, prompts, long, device)
-    return (t_long - t_short) / (long - short) * 1e6
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed / steps * 1e6
 
 
 def run(args) -> list[dict]:
@@ -77,7 +84,7 @@ def run(args) -> list[dict]:
     rows = []
     for ctx in args.contexts:
         prompts = [[rng.randrange(cfg.vocab_size) for _ in range(ctx)] for _ in range(args.batch)]
-        max_len = ctx + args.long + 1
+        max_len = ctx + args.steps + args.warmup + 3
         engines, graphs, times = {}, {}, {}
         with checks_disabled():
             for which, m in models.items():
@@ -91,11 +98,11 @@ def run(args) -> list[dict]:
                 print(f"    {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 engines[which], graphs[which] = e, e.decode_graphs
                 for mode in args.modes:                      # warm-up: captures, compiles, plans
-                    step_us(e, graphs[which], mode, prompts, 1, 3, device)
+                    step_us(e, graphs[which], mode, prompts, 2, 1, device)
             for _ in range(args.trials):
                 for mode in args.modes:
                     for which in models:
-                        t = step_us(engines[which], graphs[which], mode, prompts, args.short, args.long, device)
+                        t = step_us(engines[which], graphs[which], mode, prompts, args.steps, args.warmup, device)
                         times.setdefault((which, mode), []).append(t)
             print("    " + "; ".join(f"{w} {m}: " + ", ".join(f"{t:.0f}" for t in ts)
                                      for (w, m), ts in times.items()), file=sys.stderr, flush=True)
@@ -129,10 +136,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
     p.add_argument("--chunk", type=int, default=None, help="the engine's max_tokens_per_step (default 8192; --cpu 64)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
-    p.add_argument("--short", type=int, default=None, help="new tokens of the shorter generation (default 4)")
-    p.add_argument("--long", type=int, default=None, help="new tokens of the longer generation (default 68; --cpu 8)")
-    p.add_argument("--trials", type=int, default=None, help="timed pairs of generations per model and mode "
-                   "(default 3; --cpu 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps per trial (default 32; --cpu 4)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
+    p.add_argument("--trials", type=int, default=None, help="timed runs per model and mode (default 3; --cpu 1)")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
@@ -143,14 +149,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.window = args.window or (8 if args.cpu else 128)
     args.page_size = args.page_size or (8 if args.cpu else 64)
     args.chunk = args.chunk or (64 if args.cpu else 8192)
-    args.short = args.short or 4
-    args.long = args.long or (8 if args.cpu else 68)
+    args.steps = args.steps or (4 if args.cpu else 32)
     args.trials = args.trials or (1 if args.cpu else 3)
     args.modes = args.modes.split(",")
     if set(args.modes) - set(MODES):
         p.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}; known: {', '.join(MODES)}")
-    if not 1 <= args.short < args.long:
-        p.error(f"need 1 <= --short < --long, got {args.short}, {args.long}")
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
     return args
 
 
@@ -160,8 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     card = torch.cuda.get_device_name() if not args.cpu else "CPU"
     import triton
     print(f"\n{card}, torch {torch.__version__}, triton {triton.__version__}; {args.config}, SWA every "
-          f"{args.skip_freq} W={args.window}; {args.batch} requests, page {args.page_size}; decode step = "
-          f"(generate {args.long} - generate {args.short}) / {args.long - args.short}, median of {args.trials}\n")
+          f"{args.skip_freq} W={args.window}; {args.batch} requests, page {args.page_size}; {args.steps} decode steps "
+          f"timed after {args.warmup}, median of {args.trials}\n")
     print(render(rows))
     return rows
 

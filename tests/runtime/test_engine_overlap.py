@@ -263,7 +263,8 @@ def test_overlapped_cuda_steps_match_and_do_not_wait_for_the_device(graphs, seed
                     engine.step()
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+            # (The mode's own notice that it is a prototype is not a synchronisation.)
+            syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
             assert engine._in_flight is not None and not syncs, syncs
             while engine.has_unfinished():
                 engine.step()
