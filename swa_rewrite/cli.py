@@ -348,8 +348,10 @@ def _demo_generate(model, prompts, args, cuda: bool) -> dict:
 
     from .runtime import Engine
 
-    # On CUDA, decode steps replay CUDA graphs per batch bucket, as a serving engine runs them.
-    graphs = dict(cuda_graphs=True, max_model_len=max(map(len, prompts)) + args.max_new_tokens) if cuda else {}
+    # On CUDA, decode steps replay CUDA graphs per batch bucket and overlap the host's next step with the device's
+    # current one, as a serving engine runs them.
+    graphs = dict(cuda_graphs=True, overlap=True,
+                  max_model_len=max(map(len, prompts)) + args.max_new_tokens) if cuda else {}
     engine = Engine(model, **_engine_kw(args), **graphs)
     t0 = time.perf_counter()
     try:
