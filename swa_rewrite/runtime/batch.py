@@ -172,7 +172,8 @@ class StepBatch:
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
               max_blocks: Optional[int] = None, num_groups: int = 1, mha: Optional[MHAPlan] = None,
-              device: torch.device | str | None = None) -> "StepBatch":
+              device: torch.device | str | None = None,
+              block_tables: Optional[torch.Tensor] = None) -> "StepBatch":
         """Pack ``items`` into step tensors; pad to ``pad_to`` tokens and ``max_blocks`` table columns if given.
 
         ``num_groups``: the model's cache groups ``G`` (``ops.kv_cache_spec.cache_groups`` of its specs), the
@@ -180,7 +181,9 @@ class StepBatch:
         serves every group, or it gives one per group (``StepItem``). ``mha``: the chunks that run MHA-mode
         prefill and the groups' windows; their rows (``ops.mha_prefill.plan_mha_rows``, on the host) go into
         ``meta.mha_kv_slots [G, M]`` / ``mha_kv_cu [G, B + 1]`` (each group's rows padded with ``-1`` to the
-        longest); without it, or with no chunk selected, ``M = 0``.
+        longest); without it, or with no chunk selected, ``M = 0``. ``block_tables``: the items' tables already as
+        one ``[G, B, nb]`` int32 host tensor (``nb`` at least their longest, ``-1`` past each), as an engine keeps
+        them between steps (``runtime.table_mirror``); the items' own tables still give the slots.
         """
         page_size = check_int("page_size", page_size, minimum=1)
         num_groups = check_int("num_groups", num_groups, minimum=1)
@@ -192,16 +195,19 @@ class StepBatch:
         ids, pos, bids, cu = [], [], [], [0]
         slots: list[list[int]] = [[] for _ in range(num_groups)]
         width = max([len(t) for per_group in tables for t in per_group] + [max_blocks or 0, 1])
-        # The tables as one flat int32 array, converted at C speed (a tensor per row cost ~30 µs of a decode
-        # step's host time per request and group at 32K context).
-        flat = []
-        for g in range(num_groups):
-            for per_group in tables:
-                row = per_group[g]
-                flat += row
-                flat += [-1] * (width - len(row))
-        table = torch.frombuffer(array.array("i", flat), dtype=torch.int32).view(num_groups, len(items), width) \
-            if flat else torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
+        if block_tables is not None:
+            table = _given_tables(block_tables, num_groups, len(items), width)
+        else:
+            # The tables as one flat int32 array, converted at C speed (a tensor per row cost ~30 µs of a decode
+            # step's host time per request and group at 32K context).
+            flat = []
+            for g in range(num_groups):
+                for per_group in tables:
+                    row = per_group[g]
+                    flat += row
+                    flat += [-1] * (width - len(row))
+            table = torch.frombuffer(array.array("i", flat), dtype=torch.int32).view(num_groups, len(items), width) \
+                if flat else torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
         for b, (it, per_group) in enumerate(zip(items, tables)):
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
@@ -245,6 +251,21 @@ class StepBatch:
         )
         return StepBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=device), meta=meta,
                          last_token_index=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1)
+
+
+def _given_tables(block_tables: torch.Tensor, num_groups: int, batch: int, width: int) -> torch.Tensor:
+    """``block_tables`` checked (``[G, B, ≥ width]`` int32 on the host) and padded to ``width`` columns."""
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32 \
+            or block_tables.device.type != "cpu" or block_tables.dim() != 3 \
+            or tuple(block_tables.shape[:2]) != (num_groups, batch):
+        raise ValueError(f"block_tables must be a [{num_groups}, {batch}, nb] int32 host tensor, got "
+                         + (f"{tuple(block_tables.shape)} {block_tables.dtype} on {block_tables.device}"
+                            if isinstance(block_tables, torch.Tensor) else type(block_tables).__name__))
+    if block_tables.shape[2] >= width:
+        return block_tables
+    table = torch.full((num_groups, batch, width), -1, dtype=torch.int32)
+    table[:, :, :block_tables.shape[2]] = block_tables
+    return table
 
 
 def _mha_rows(mha: Optional[MHAPlan], items: Sequence[StepItem], table: torch.Tensor, cu: list[int],

@@ -17,6 +17,7 @@ from ..ops.step_check import check_kv_caches
 from .batch import MHAPlan, StepBatch, StepItem, mha_crossover_tokens, token_of_row
 from .block_manager import OutOfBlocksError, chain_block_key, prefix_block_keys
 from .kv_cache_manager import GroupUsage, KVCacheManager
+from .table_mirror import TableMirror
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class Engine:
         self.kv_caches = kv_caches
         self.cache = KVCacheManager(self.group_specs, counts, page_size, bounded=self.window_bounded,
                                     on_allocate=self._poison if poison_blocks else None)
+        self._mirror = TableMirror(self.cache, self.num_groups)      # the running requests' tables, on the host
         self.decode_graphs = self._decode_graphs(model, max_decode_batch) if cuda_graphs else None
         self.overlap = bool(overlap)
         self.stats = EngineStats()
@@ -467,6 +469,7 @@ class Engine:
         if withdraw:
             self.cache.withdraw(r.published)
             r.published = []
+        self._mirror.drop(r)
         self.cache.release(r.tables)
 
     def _admit(self) -> None:
@@ -500,8 +503,9 @@ class Engine:
             n = 1 if not r.in_prefill else min(budget, r.num_prompt - r.num_computed)
             reqs.append(r)
             self.cache.prepare(r.tables, r.num_computed, r.num_computed + n)
-            items.append(StepItem(r.tokens[r.num_computed:r.num_computed + n], r.num_computed,
-                                  [list(t) for t in r.tables], r.in_prefill))
+            # The live tables (not copies: the step is built before anything changes them again).
+            items.append(StepItem(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.tables,
+                                  r.in_prefill))
             budget -= n
         assert items, "a running request always has work"
         return items
@@ -518,9 +522,12 @@ class Engine:
         keep_logits = any(r.keep_logits for r in reqs)
         decode_only = all(len(it.tokens) == 1 and not it.is_prefill for it in items)
         graphs = self.decode_graphs
+        width = max([len(t) for r in reqs for t in r.tables] + [1])
+        tables = self._mirror.tables(reqs, [r.tables for r in reqs], width)
         if graphs is not None and not keep_logits and decode_only:
             # Built on the host: the runner sends the whole step to its buffers in one copy.
-            batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device="cpu")
+            batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device="cpu",
+                                    block_tables=tables)
             if not graphs.accepts(batch):
                 graphs = None
         else:
@@ -536,7 +543,7 @@ class Engine:
                 # Built on the host and sent without waiting for the device (a blocking copy would wait for the
                 # step in flight: PyTorch synchronises a pageable host-to-device copy).
                 batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
-                                        device="cpu").to(self.device, non_blocking=True)
+                                        device="cpu", block_tables=tables).to(self.device, non_blocking=True)
                 if ids is not None:
                     batch = dataclasses.replace(batch, input_ids=ids)
                 logits_indices = None if keep_logits else batch.last_token_index

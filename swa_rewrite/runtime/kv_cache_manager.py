@@ -92,6 +92,9 @@ class KVCacheManager:
         self._on_allocate = on_allocate
         self._parent: dict[Hashable, Optional[Hashable]] = {}     # published key -> the key of the page before
         self._children: dict[Hashable, set] = {}
+        # id(table) -> the lowest page ``prepare`` / ``slide`` changed since ``take_changes`` last asked: what a
+        # host copy of the table kept between steps (the engine's ``TableMirror``) must copy again.
+        self._changed: dict[int, int] = {}
         for group in self.groups:
             group.pool.on_evict = self._evicted
 
@@ -198,7 +201,10 @@ class KVCacheManager:
         plans = []
         for group in self.groups:
             table = tables[group.index]
-            table.extend([RELEASED] * (_cdiv(end, self.page_size) - len(table)))
+            grow = _cdiv(end, self.page_size) - len(table)
+            if grow > 0:
+                self._note_change(table, len(table))
+                table.extend([RELEASED] * grow)
             pages = group.needed_pages(start, end)
             if isinstance(pages, range) and pages.start == 0:
                 # Every page up to the step's end: those before its first page hold computed positions and must
@@ -219,12 +225,15 @@ class KVCacheManager:
                                        f"{group.pool.num_free} free of {group.pool.num_blocks}")
         for group, missing in zip(self.groups, plans):
             table = tables[group.index]
+            if missing:
+                self._note_change(table, missing[0])
             blocks = group.pool.allocate(len(missing))
             for p, b in zip(missing, blocks):
                 table[p] = b
-            if blocks and self._on_allocate is not None:
-                self._on_allocate(group.index, blocks)
-            group.peak_per_request = max(group.peak_per_request, _held(table))
+            if blocks:                       # (what a table holds grows only here)
+                if self._on_allocate is not None:
+                    self._on_allocate(group.index, blocks)
+                group.peak_per_request = max(group.peak_per_request, _held(table))
 
     def slide(self, tables: list[list[int]], computed: int) -> None:
         """Release, in every sliding group, the pages wholly below the window of the next token (position
@@ -238,14 +247,28 @@ class KVCacheManager:
             if hi <= lo or table[lo:hi].count(RELEASED) == hi - lo:            # C speed: usually nothing to drop
                 continue
             drop = [p for p in range(lo, hi) if table[p] != RELEASED]
+            if drop:
+                self._note_change(table, drop[0])
             group.pool.free([table[p] for p in drop])
             for p in drop:
                 table[p] = RELEASED
+
+    def _note_change(self, table: list[int], page: int) -> None:
+        key = id(table)
+        low = self._changed.get(key)
+        if low is None or page < low:
+            self._changed[key] = page
+
+    def take_changes(self, table: list[int]) -> Optional[int]:
+        """The lowest page of ``table`` that ``prepare`` or ``slide`` changed since the last call for it (None:
+        none), forgetting it."""
+        return self._changed.pop(id(table), None)
 
     def release(self, tables: list[list[int]]) -> None:
         """Drop every reference the tables hold (a no-op for emptied tables)."""
         for group in self.groups:
             table = tables[group.index]
+            self._changed.pop(id(table), None)
             group.pool.free([b for b in table if b != RELEASED])
             table.clear()
 

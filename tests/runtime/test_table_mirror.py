@@ -1,0 +1,103 @@
+"""``runtime.table_mirror.TableMirror`` (issue 14): the engine's host copies of its requests' block tables, updated
+where ``KVCacheManager`` changed them, always equal the tables converted afresh — over random arrivals, aborts,
+prefix reuse and sliding windows (pages released mid-table, sinks kept)."""
+
+import random
+
+import pytest
+import torch
+
+from engine_helpers import assert_idle
+from swa_rewrite import Schedule, apply
+from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.runtime import Engine, StepBatch
+from swa_rewrite.runtime import engine as engine_module
+from swa_rewrite.runtime.kv_cache_manager import KVCacheManager
+from swa_rewrite.runtime.table_mirror import TableMirror
+
+TINY = MLAConfig.named("tiny")
+
+
+def afresh(tables, width):
+    """The reference: every table converted from its list, ``-1`` past its pages."""
+    G = len(tables[0]) if tables else 1
+    out = torch.full((G, len(tables), width), -1, dtype=torch.int32)
+    for b, per_group in enumerate(tables):
+        for g, row in enumerate(per_group):
+            out[g, b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("page_size,budget,overlap", [(1, 3, False), (2, 7, True), (4, 16, True)])
+def test_engine_steps_get_the_tables_converted_afresh(page_size, budget, overlap, seed, monkeypatch):
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    rewritten = apply(model, Schedule.from_skip_freq(2, TINY.num_hidden_layers, 3))   # windows of 3 positions
+    checked = []
+    real_build = StepBatch.build
+
+    def build(items, page_size, **kw):
+        given = kw.get("block_tables")
+        assert given is not None, "the engine passes its mirrored tables"
+        G = given.shape[0]
+        tables = [it.block_table for it in items]
+        want = afresh(tables, given.shape[2])
+        assert torch.equal(given, want), (given, want)
+        assert all(len(t) <= given.shape[2] for per in tables for t in per)
+        checked.append(G)
+        return real_build(items, page_size, **kw)
+
+    monkeypatch.setattr(engine_module.StepBatch, "build", staticmethod(build))
+    engine = Engine(rewritten, num_blocks=48, page_size=page_size, max_tokens_per_step=budget, overlap=overlap)
+    prefix = [rng.randrange(TINY.vocab_size) for _ in range(7)]
+    live = []
+    for i in range(60):
+        if rng.random() < 0.3:
+            prompt = rng.choice([prefix, []]) + [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(1, 6))]
+            live.append(engine.add_request(prompt, rng.randrange(1, 8)))
+        if live and rng.random() < 0.05:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert len(checked) > 20 and set(checked) == {2}
+    assert len(engine._mirror) == 0                            # every finished or aborted request's row is freed
+    assert_idle(engine)
+
+
+def test_rows_are_reused_and_grow(seed):
+    """Rows come back when their owner leaves; the array grows in rows and pages as needed, old rows intact."""
+    model = MLAModel(TINY, seed=seed)
+    specs = model.kv_cache_spec()[:1]
+    cache = KVCacheManager(specs, [4096], 1)
+    mirror = TableMirror(cache, 1)
+    owners, tables = [], []
+    for k in range(20):                                        # more rows than the first allocation's 8
+        t = [[]]
+        cache.prepare(t, 0, k + 1)                             # k + 1 pages
+        owners.append(object())
+        tables.append(t)
+    got = mirror.tables(owners, tables, 20)
+    assert torch.equal(got, afresh(tables, 20))
+    cache.prepare(tables[3], 4, 40)                            # grows past the array's pages
+    got = mirror.tables(owners[:5], tables[:5], 40)
+    assert torch.equal(got, afresh(tables[:5], 40))
+    mirror.drop(owners[3])
+    cache.release(tables[3])
+    fresh = [[]]
+    cache.prepare(fresh, 0, 2)
+    got = mirror.tables([owners[0], "new"], [tables[0], fresh], 2)   # the freed row, cleared, for a new owner
+    assert torch.equal(got, afresh([tables[0], fresh], 2))
+    assert len(mirror) == 20
+
+
+def test_build_checks_given_tables():
+    from swa_rewrite.runtime import StepItem
+
+    items = [StepItem([1], 2, [0], False)]
+    for bad in (torch.zeros(1, 1, 1, dtype=torch.int64), torch.zeros(2, 1, 1, dtype=torch.int32), [[[0]]]):
+        with pytest.raises(ValueError, match="block_tables must be a \\[1, 1, nb\\] int32 host tensor"):
+            StepBatch.build(items, 4, block_tables=bad)
+    given = torch.zeros(1, 1, 1, dtype=torch.int32)
+    got = StepBatch.build(items, 4, block_tables=given, max_blocks=3)
+    assert got.meta.block_tables.tolist() == [[[0, -1, -1]]]  # padded to max_blocks with -1
