@@ -271,7 +271,7 @@ def _given_tables(block_tables: torch.Tensor, num_groups: int, batch: int, width
 def _mha_rows(mha: Optional[MHAPlan], items: Sequence[StepItem], table: torch.Tensor, cu: list[int],
               page_size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(mha_kv_slots [G, M], mha_kv_cu [G, B + 1])`` on the host for the chunks ``mha`` selects, or None."""
-    if mha is None:
+    if mha is None or not any(it.is_prefill for it in items):      # a decode step runs MQA mode throughout
         return None
     if len(mha.groups) != table.shape[0]:
         raise ValueError(f"the MHA plan gives {len(mha.groups)} cache groups, the step has {table.shape[0]}")

@@ -44,7 +44,7 @@ class _Request:
 
     @property
     def done(self) -> bool:
-        return len(self.generated) >= self.max_new_tokens
+        return len(self.tokens) - self.num_prompt >= self.max_new_tokens     # (no copy of the generated tokens)
 
     @property
     def in_prefill(self) -> bool:

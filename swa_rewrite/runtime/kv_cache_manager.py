@@ -219,14 +219,17 @@ class KVCacheManager:
                     raise AssertionError(f"group {group.index}: page {p} holds computed positions but is not "
                                          f"held (window {group.window}); the step from position {start} reads it")
             plans.append(missing)
+        if not any(plans):                   # most decode steps: every page already held
+            return
         for group, missing in zip(self.groups, plans):
             if len(missing) > group.pool.num_free:
                 raise OutOfBlocksError(f"cache group {group.index} needs {len(missing)} blocks, "
                                        f"{group.pool.num_free} free of {group.pool.num_blocks}")
         for group, missing in zip(self.groups, plans):
             table = tables[group.index]
-            if missing:
-                self._note_change(table, missing[0])
+            if not missing:
+                continue
+            self._note_change(table, missing[0])
             blocks = group.pool.allocate(len(missing))
             for p, b in zip(missing, blocks):
                 table[p] = b
