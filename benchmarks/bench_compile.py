@@ -165,13 +165,19 @@ def build(mode: str, which: str, model: MLAModel, rewritten: torch.nn.Module, sc
     return fn, time.perf_counter() - t0
 
 
-def run(args) -> list[dict]:
+def models_of(args) -> tuple[torch.device, MLAConfig, MLAModel, Schedule, torch.nn.Module]:
+    """``(device, config, original, schedule, rewritten)`` of a benchmark's arguments (``--cpu``: float32 on the
+    CPU, else bf16 on CUDA; the model's weights from seed 0)."""
     device = torch.device("cpu" if args.cpu else "cuda")
     cfg = MLAConfig.named(args.config)
     dtype = torch.float32 if args.cpu else torch.bfloat16
     model = MLAModel(cfg, device=device, dtype=dtype, seed=0)
     schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
-    rewritten = apply(model, schedule)
+    return device, cfg, model, schedule, apply(model, schedule)
+
+
+def run(args) -> list[dict]:
+    device, cfg, model, schedule, rewritten = models_of(args)
     specs = {"original": model.kv_cache_spec(), "rewritten": rewritten.kv_cache_spec()}
     groups = {"original": num_cache_groups(model), "rewritten": num_cache_groups(rewritten)}
     weights = weight_bytes(model, args.batch)
@@ -401,14 +407,19 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """``--window``, ``--skip-freq`` and ``--page-size`` (the benchmarks' schedule and cache layout)."""
+    p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
+    p.add_argument("--skip-freq", type=int, default=2, help="window_attn_skip_freq: layer i is SWA iff (i+1) %% n")
+    p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default=None, help="comma-separated cached tokens per request "
                    "(default 4096,32768,131072; --quick 4096; --cpu 24,40)")
     p.add_argument("--batch", type=int, default=None, help="requests per decode step (default 32; --quick 8; --cpu 2)")
-    p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
-    p.add_argument("--skip-freq", type=int, default=2, help="window_attn_skip_freq: layer i is SWA iff (i+1) %% n")
-    p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
+    add_schedule_args(p)
     p.add_argument("--modes", default=None, help=f"comma-separated, of {','.join(MODES)} (default all; --cpu "
                    f"{','.join(CPU_MODES)})")
     p.add_argument("--iters", type=int, default=None, help="timed calls per median (default 20; --quick 5)")

@@ -30,10 +30,9 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_compile import kv_bytes, weight_bytes  # noqa: E402
+from bench_compile import add_schedule_args, kv_bytes, models_of, weight_bytes  # noqa: E402
 
-from swa_rewrite import Schedule, apply  # noqa: E402
-from swa_rewrite.models import MLAConfig, MLAModel  # noqa: E402
+from swa_rewrite.models import MLAConfig  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
 from swa_rewrite.runtime import Engine  # noqa: E402
 
@@ -73,12 +72,8 @@ def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], steps: 
 
 
 def run(args) -> list[dict]:
-    device = torch.device("cpu" if args.cpu else "cuda")
-    cfg = MLAConfig.named(args.config)
-    dtype = torch.float32 if args.cpu else torch.bfloat16
-    model = MLAModel(cfg, device=device, dtype=dtype, seed=0)
-    schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
-    models = {"original": model, "rewritten": apply(model, schedule)}
+    device, cfg, model, _, rewritten = models_of(args)
+    models = {"original": model, "rewritten": rewritten}
     weights = weight_bytes(model, args.batch)
     rng = random.Random(0)
     rows = []
@@ -131,9 +126,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--contexts", default=None, help="comma-separated prompt tokens per request (default 4096,32768; "
                    "--cpu 24)")
     p.add_argument("--batch", type=int, default=None, help="requests (default 32; --cpu 2)")
-    p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
-    p.add_argument("--skip-freq", type=int, default=2, help="window_attn_skip_freq: layer i is SWA iff (i+1) %% n")
-    p.add_argument("--page-size", type=int, default=None, help="positions per block (default 64; --cpu 8)")
+    add_schedule_args(p)
     p.add_argument("--chunk", type=int, default=None, help="the engine's max_tokens_per_step (default 8192; --cpu 64)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per trial (default 32; --cpu 4)")

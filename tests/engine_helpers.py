@@ -1,6 +1,15 @@
-"""Engine test helpers shared by the runtime tests: an idle-engine check and a model that fails on cue."""
+"""Engine test helpers shared by the runtime tests: poisoned caches, an idle-engine check and a model that fails on
+cue."""
 
 import torch
+
+
+def poison(engine):
+    """Fill every cache of ``engine`` with NaN (0xFF in a uint8 FP8 cache: an FP8 NaN), so a read of a slot no step
+    wrote shows up; returns ``engine``."""
+    for c in engine.kv_caches:
+        c.fill_(255 if c.dtype == torch.uint8 else float("nan"))
+    return engine
 
 
 def assert_idle(engine):

@@ -10,7 +10,7 @@ import torch
 
 from mla_reference import dense_greedy
 from swa_rewrite import Schedule, apply
-from engine_helpers import FailingModel, assert_idle
+from engine_helpers import FailingModel, assert_idle, poison
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.ops.cache_write_checks import NonFiniteLatentError
 from swa_rewrite.runtime import Engine
@@ -18,11 +18,6 @@ from swa_rewrite.runtime import Engine
 TINY = MLAConfig.named("tiny")
 V = TINY.vocab_size
 
-
-def poison(engine):
-    for c in engine.kv_caches:
-        c.fill_(255 if c.dtype == torch.uint8 else float("nan"))     # 0xFF: an FP8 NaN
-    return engine
 
 
 

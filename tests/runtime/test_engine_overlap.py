@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import FailingModel, assert_idle
+from engine_helpers import FailingModel, assert_idle, poison
 from mla_reference import dense_greedy
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
@@ -18,11 +18,6 @@ from swa_rewrite.runtime.cuda_graphs import DecodeGraphs
 TINY = MLAConfig.named("tiny")
 V = TINY.vocab_size
 
-
-def poison(engine):
-    for c in engine.kv_caches:
-        c.fill_(255 if c.dtype == torch.uint8 else float("nan"))
-    return engine
 
 
 def prompts_of(rng, lengths):

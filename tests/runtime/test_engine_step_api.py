@@ -5,20 +5,14 @@ block comes back, and a failed step drops only its own requests."""
 import random
 
 import pytest
-import torch
 
-from engine_helpers import FailingModel, assert_idle
+from engine_helpers import FailingModel, assert_idle, poison
 from swa_rewrite.models import MLAConfig, MLAModel
 from swa_rewrite.runtime import Engine, StepOutput
 
 TINY = MLAConfig.named("tiny")
 V = TINY.vocab_size
 
-
-def poison(engine):
-    for c in engine.kv_caches:
-        c.fill_(255 if c.dtype == torch.uint8 else float("nan"))
-    return engine
 
 
 
