@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_compile import add_schedule_args, kv_bytes, models_of, weight_bytes  # noqa: E402
 
-from swa_rewrite.models import MLAConfig  # noqa: E402
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
 from swa_rewrite.runtime import Engine  # noqa: E402
 
