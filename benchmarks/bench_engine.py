@@ -141,7 +141,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.window = args.window or (8 if args.cpu else 128)
     args.page_size = args.page_size or (8 if args.cpu else 64)
     args.chunk = args.chunk or (64 if args.cpu else 8192)
-    args.steps = args.steps or (4 if args.cpu else 32)
+    args.steps = (4 if args.cpu else 32) if args.steps is None else args.steps
     args.trials = args.trials or (1 if args.cpu else 3)
     args.modes = args.modes.split(",")
     if set(args.modes) - set(MODES):
