@@ -20,6 +20,7 @@ reads: every weight once, each full layer ``ctx + 1`` rows a request, each slidi
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import random
 import statistics
@@ -30,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_compile import add_schedule_args, kv_bytes, models_of, weight_bytes  # noqa: E402
+from bench_compile import add_schedule_args, kv_bytes, models_of, profile_table, weight_bytes  # noqa: E402
 
 from swa_rewrite.ops.checks import checks_disabled  # noqa: E402
 from swa_rewrite.runtime import Engine  # noqa: E402
@@ -39,11 +40,12 @@ MODES = ("eager", "eager-overlap", "graphs", "graphs-overlap")
 
 
 def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], steps: int, warmup: int,
-            device: torch.device) -> float:
+            device: torch.device, profiler=None) -> float:
     """µs of one decode step of ``engine`` in ``mode``: the prompts added (their prefixes from the prefix cache)
     and run until each has its first token (untimed), ``warmup`` decode steps, then ``steps`` timed ``step`` calls
     from an idle device to the last one's return, the device drained after (with ``overlap`` the last call's step
-    is still in flight: its device time is in the next call's, as in a serving loop)."""
+    is still in flight: its device time is in the next call's, as in a serving loop). ``profiler``: a
+    ``cProfile.Profile`` enabled around the timed calls."""
     engine.decode_graphs = graphs if mode.startswith("graphs") else None
     engine.overlap = mode.endswith("overlap")
     rids = {engine.add_request(p, 2 + warmup + steps) for p in prompts}
@@ -57,12 +59,16 @@ def step_us(engine: Engine, graphs, mode: str, prompts: list[list[int]], steps: 
     gc.collect()
     gc.disable()              # a collection over the prompts' token lists would land in one step's time
     try:
+        if profiler is not None:
+            profiler.enable()
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
     finally:
         gc.enable()
     while engine.has_unfinished():
@@ -100,6 +106,16 @@ def run(args) -> list[dict]:
                         times.setdefault((which, mode), []).append(t)
             print("    " + "; ".join(f"{w} {m}: " + ", ".join(f"{t:.0f}" for t in ts)
                                      for (w, m), ts in times.items()), file=sys.stderr, flush=True)
+            if args.profile:
+                for which in models:
+                    # (profile_table's rows, under the same inference mode and checks as the timed steps)
+                    prof = cProfile.Profile()
+                    t = step_us(engines[which], graphs[which], args.profile, prompts, args.steps, args.warmup, device,
+                                profiler=prof)
+                    for order in ("tottime", "cumtime"):
+                        print(f"\n## cProfile: {which}, {args.profile}, context {ctx}, {args.steps} steps "
+                              f"({t:.0f} µs a step under the profiler), by {order}\n"
+                              + profile_table(prof, order, rows=args.profile_rows), flush=True)
         kv = {w: kv_bytes(m.kv_cache_spec(), ctx, args.batch) for w, m in models.items()}
         for mode in args.modes:
             o, r = (statistics.median(times[(w, mode)]) for w in models)
@@ -131,6 +147,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per trial (default 32; --cpu 4)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
     p.add_argument("--trials", type=int, default=None, help="timed runs per model and mode (default 3; --cpu 1)")
+    p.add_argument("--profile", default=None, choices=MODES,
+                   help="also cProfile one run of --steps steps of each model in this mode, per context")
+    p.add_argument("--profile-rows", type=int, default=30, help="functions per cProfile table (default 30)")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():

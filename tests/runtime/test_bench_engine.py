@@ -21,8 +21,13 @@ def _bench(name):
 
 def test_bench_engine_cpu_smoke(capsys):
     bench = _bench("bench_engine")
-    rows = bench.main(["--cpu", "--contexts", "16", "--steps", "2", "--warmup", "1"])
+    rows = bench.main(["--cpu", "--contexts", "16", "--steps", "2", "--warmup", "1", "--profile", "eager",
+                       "--profile-rows", "3"])
     out = capsys.readouterr().out
+    for which in ("original", "rewritten"):                   # cProfile of each model's eager engine steps
+        assert f"## cProfile: {which}, eager, context 16, 2 steps" in out
+        by_cumulative = out.split(f"## cProfile: {which}, eager")[2]             # the second table: by cumtime
+        assert "by cumtime" in by_cumulative.splitlines()[0] and "engine.py" in by_cumulative
     assert [(r["context"], r["mode"]) for r in rows] == [(16, m) for m in bench.MODES]
     assert "| context | mode | original (µs / step) |" in out and "| 16 | graphs-overlap |" in out
     assert all(r["original_us"] > 0 and r["rewritten_us"] > 0 for r in rows)
