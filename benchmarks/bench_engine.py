@@ -10,7 +10,8 @@ engine's scheduling, its step inputs built on the host and sent to the device, t
 model gets one engine (data checks off, as in serving) whose requests (``--batch`` random prompts of ``context``
 tokens) are prefilled once; each timed run adds the same prompts again (mapped from the prefix cache: one prompt
 token each to compute), runs them to their first token and ``--warmup`` decode steps untimed, then times
-``--steps`` ``Engine.step`` calls (``step_us``). Modes, on the same engine: ``eager`` (the model called step by step, tokens read after each step),
+``--steps`` ``Engine.step`` calls (``step_us``). Modes, on the same engine: ``eager`` (the model called step by
+step, tokens read after each step),
 ``eager-overlap`` (``overlap=True``: the next step issued before the previous step's tokens are read), ``graphs``
 (``cuda_graphs=True``: each decode step a CUDA-graph replay) and ``graphs-overlap``. Every time is the median of
 ``--trials`` trials, the two models alternating. Predicted speed-up: as ``bench_compile.py`` (bytes one decode step

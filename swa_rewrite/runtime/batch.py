@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import array
-
 import dataclasses
 from typing import Optional, Sequence
 

@@ -312,17 +312,15 @@ class Engine:
         """
         ready, self._ready = self._ready, []
         self._admit()
-        flight = self._in_flight
+        flight, self._in_flight = self._in_flight, None
         if flight is not None and not self._continues():
             # The next step needs the tokens on the host (a prompt chunk, kept logits) or there is none.
-            self._in_flight = None
             ready += self._land(flight)
             flight = None
         if not self._running:
             if self._waiting:     # cannot happen: a checked prompt fits the whole pool, and nothing holds blocks
                 raise OutOfBlocksError(f"request {self._waiting[0].rid} cannot be admitted into an idle engine")
             return ready
-        self._in_flight = None
         reqs: list[_Request] = []
         try:
             items = self._schedule(reqs)
@@ -349,16 +347,16 @@ class Engine:
         an id ``add_request`` never returned raises ``KeyError`` naming it. With ``overlap``, a request whose
         last outputs no call has returned yet counts as unfinished: they are never returned."""
         request_id = check_int("request_id", request_id)
+        ready = [o for o in self._ready if o.request_id != request_id]
+        aborted = len(ready) < len(self._ready)          # outputs no call returned yet (overlap): never returned
+        self._ready = ready
         in_flight = [] if self._in_flight is None else self._in_flight.ran
-        for queue in (self._waiting, self._running, in_flight):
-            for r in queue:
-                if r.rid == request_id and not r.dropped:
-                    self._drop(r)
-                    self._ready = [o for o in self._ready if o.request_id != request_id]
-                    log.debug("request %d aborted", request_id)
-                    return
-        if any(o.request_id == request_id for o in self._ready):
-            self._ready = [o for o in self._ready if o.request_id != request_id]
+        for r in itertools.chain(self._waiting, self._running, in_flight):
+            if r.rid == request_id and not r.dropped:
+                self._drop(r)
+                aborted = True
+                break
+        if aborted:
             log.debug("request %d aborted", request_id)
             return
         if not 0 <= request_id < self._next_id:
@@ -553,7 +551,8 @@ class Engine:
                     logits = self.model(batch.input_ids, kv_caches=self.kv_caches, meta=batch.meta,
                                         logits_indices=logits_indices).float()
                     # A step whose checks queued nothing to read at its end may stay in flight.
-                    in_flight = self.overlap and decode_only and not keep_logits and not (scope is not None and scope.deferred)
+                    deferred = scope is not None and bool(scope.deferred)
+                    in_flight = self.overlap and decode_only and not keep_logits and not deferred
                     if not keep_logits and not in_flight and scope is not None:
                         greedy = scope.read(logits.argmax(-1))
         except NonFiniteLatentError as e:
@@ -615,12 +614,12 @@ class Engine:
     def _input_ids(self, items: list[StepItem], reqs: list[_Request], flight: _InFlight) -> Optional[torch.Tensor]:
         """The step's input ids on the device with the placeholders taken from ``flight``'s greedy tokens
         (None when the step has none: every input is on the host)."""
-        row_of = {id(r): b for b, (r, i) in enumerate(zip(flight.ran, flight.slots)) if i >= 0}
+        row_of = {r: b for b, (r, i) in enumerate(zip(flight.ran, flight.slots)) if i >= 0}
         src, dst, host_ids = [], [], []
         for it, r in zip(items, reqs):
             if it.tokens[0] == PLACEHOLDER:
-                assert len(it.tokens) == 1 and id(r) in row_of, "a placeholder token is the step in flight's"
-                src.append(row_of[id(r)])
+                assert len(it.tokens) == 1 and r in row_of, "a placeholder token is the step in flight's"
+                src.append(row_of[r])
                 dst.append(len(host_ids))
             host_ids += it.tokens
         if not src:

@@ -233,10 +233,9 @@ class KVCacheManager:
             blocks = group.pool.allocate(len(missing))
             for p, b in zip(missing, blocks):
                 table[p] = b
-            if blocks:                       # (what a table holds grows only here)
-                if self._on_allocate is not None:
-                    self._on_allocate(group.index, blocks)
-                group.peak_per_request = max(group.peak_per_request, _held(table))
+            if self._on_allocate is not None:
+                self._on_allocate(group.index, blocks)
+            group.peak_per_request = max(group.peak_per_request, _held(table))   # (what a table holds grows here)
 
     def slide(self, tables: list[list[int]], computed: int) -> None:
         """Release, in every sliding group, the pages wholly below the window of the next token (position
@@ -250,8 +249,7 @@ class KVCacheManager:
             if hi <= lo or table[lo:hi].count(RELEASED) == hi - lo:            # C speed: usually nothing to drop
                 continue
             drop = [p for p in range(lo, hi) if table[p] != RELEASED]
-            if drop:
-                self._note_change(table, drop[0])
+            self._note_change(table, drop[0])
             group.pool.free([table[p] for p in drop])
             for p in drop:
                 table[p] = RELEASED
