@@ -253,7 +253,8 @@ class StepBatch:
 
 
 def _given_tables(block_tables: torch.Tensor, num_groups: int, batch: int, width: int) -> torch.Tensor:
-    """``block_tables`` checked (``[G, B, ≥ width]`` int32 on the host) and padded to ``width`` columns."""
+    """``block_tables`` checked (``[G, B, ≥ width]`` int32 on the host), padded to ``width`` columns, contiguous
+    (each group's table a dense ``[B, nb]`` view, as the attention ops take it without a copy)."""
     if not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32 \
             or block_tables.device.type != "cpu" or block_tables.dim() != 3 \
             or tuple(block_tables.shape[:2]) != (num_groups, batch):
@@ -261,7 +262,7 @@ def _given_tables(block_tables: torch.Tensor, num_groups: int, batch: int, width
                          + (f"{tuple(block_tables.shape)} {block_tables.dtype} on {block_tables.device}"
                             if isinstance(block_tables, torch.Tensor) else type(block_tables).__name__))
     if block_tables.shape[2] >= width:
-        return block_tables
+        return block_tables.contiguous()
     table = torch.full((num_groups, batch, width), -1, dtype=torch.int32)
     table[:, :, :block_tables.shape[2]] = block_tables
     return table

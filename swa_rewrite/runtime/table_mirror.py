@@ -59,11 +59,14 @@ class TableMirror:
         return row
 
     def tables(self, owners: list[Hashable], tables: list[list[list[int]]], width: int) -> torch.Tensor:
-        """``[G, B, width]`` int32 (a fresh host tensor): the tables of ``owners`` (``tables[b]``: owner ``b``'s
+        """``[G, B, width]`` int32 (a fresh, contiguous host tensor): the tables of ``owners`` (``tables[b]``: owner ``b``'s
         per-group lists, as ``KVCacheManager`` keeps them), ``-1`` past each one's pages."""
         rows = [self._sync(o, t) for o, t in zip(owners, tables)]
         self._grow(0, width)
-        return torch.from_numpy(self._array[:, rows, :width])     # fancy indexing: a copy
+        # A contiguous copy ([G][B][width] in memory): ``array[:, rows]`` would lay it out [B][G][width], and a
+        # group's table would then reach the attention ops as a strided view, which they copy every layer and for
+        # which they keep no decode plan.
+        return torch.from_numpy(self._array[:, :, :width].take(rows, axis=1))
 
     def drop(self, owner: Hashable) -> None:
         """Forget ``owner``'s row (a no-op for an unknown owner)."""

@@ -388,6 +388,60 @@ def test_gpu_model_decode_steps_with_plans_equal_those_without(seed):
         assert launch_mod.replayed_calls() - replays >= 2 * 2 * cfg.num_hidden_layers     # steps 3-4 at least
 
 
+@pytest.mark.gpu
+def test_gpu_engine_decode_steps_replay_every_core(seed, monkeypatch):
+    """The engine's eager decode steps (serving mode), both models: after the first steps of a signature every
+    attention core replays its plan — none decides afresh — and the tokens are those of an engine without plans.
+    (The engine's mirrored tables were once strided for two cache groups: every core of the rewritten model then
+    copied its table and kept no plan, the rewritten engine step slower than the original's.)"""
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+    from swa_rewrite.runtime import Engine
+
+    cfg = MLAConfig.named("tiny").replace(num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64,
+                                          hidden_size=256, q_lora_rank=128)
+    model = MLAModel(cfg, seed=seed % 1000, device="cuda", dtype=torch.bfloat16)
+    rewritten = apply(model, Schedule.from_skip_freq(2, cfg.num_hidden_layers, 128))
+    g = torch.Generator().manual_seed(seed)
+    B, ps, ctx, warm, timed = 8, 64, 300, 3, 4           # positions 300-307: five pages throughout (one signature)
+    prompts = [torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist() for _ in range(B)]
+    calls = {"core": 0, "replay": 0}
+    real_core, real_replay = MLA._core, MLA._replay_core
+
+    def core(*a, **k):
+        calls["core"] += 1
+        return real_core(*a, **k)
+
+    def replay(*a, **k):
+        calls["replay"] += 1
+        return real_replay(*a, **k)
+
+    monkeypatch.setattr(MLA, "_core", core)
+    monkeypatch.setattr(MLA, "_replay_core", replay)
+
+    def run(m):
+        engine = Engine(m, num_blocks=B * 6 + 8, page_size=ps, max_tokens_per_step=B * ctx, max_model_len=ctx + 16)
+        rids = [engine.add_request(p, 1 + warm + timed) for p in prompts]
+        out = {r: [] for r in rids}
+        for k in range(1 + warm + timed):
+            if k == 1 + warm:
+                calls.update(core=0, replay=0)
+            for o in engine.step():
+                out[o.request_id] += o.new_token_ids
+        assert not engine.has_unfinished()
+        return [out[r] for r in rids]
+
+    for m in (model, rewritten):
+        decode_plans.clear()
+        with checks_disabled():
+            got = run(m)
+            steady = dict(calls)
+            with decode_plans.no_plans():
+                want = run(m)
+        assert steady == {"core": 0, "replay": timed * cfg.num_hidden_layers}, (m is rewritten, steady)
+        assert got == want and all(len(t) == 1 + warm + timed for t in got)
+
+
 # ------------------------------------------------------------------------------------------- launch.Relaunch
 class _Knobs:
     class runtime:

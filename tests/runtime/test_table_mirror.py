@@ -43,9 +43,12 @@ def test_engine_steps_get_the_tables_converted_afresh(page_size, budget, overlap
         tables = [it.block_table for it in items]
         want = afresh(tables, given.shape[2])
         assert torch.equal(given, want), (given, want)
+        assert given.is_contiguous(), given.stride()     # a group's table a dense view (the ops' plans need it)
         assert all(len(t) <= given.shape[2] for per in tables for t in per)
         checked.append(G)
-        return real_build(items, page_size, **kw)
+        built = real_build(items, page_size, **kw)
+        assert built.meta.block_tables.is_contiguous()
+        return built
 
     monkeypatch.setattr(engine_module.StepBatch, "build", staticmethod(build))
     engine = Engine(rewritten, num_blocks=48, page_size=page_size, max_tokens_per_step=budget, overlap=overlap)
@@ -78,7 +81,7 @@ def test_rows_are_reused_and_grow(seed):
         owners.append(object())
         tables.append(t)
     got = mirror.tables(owners, tables, 20)
-    assert torch.equal(got, afresh(tables, 20))
+    assert torch.equal(got, afresh(tables, 20)) and got.is_contiguous()
     cache.prepare(tables[3], 4, 40)                            # grows past the array's pages
     got = mirror.tables(owners[:5], tables[:5], 40)
     assert torch.equal(got, afresh(tables[:5], 40))
@@ -101,3 +104,21 @@ def test_build_checks_given_tables():
     given = torch.zeros(1, 1, 1, dtype=torch.int32)
     got = StepBatch.build(items, 4, block_tables=given, max_blocks=3)
     assert got.meta.block_tables.tolist() == [[[0, -1, -1]]]  # padded to max_blocks with -1
+
+
+def test_build_makes_given_tables_contiguous():
+    """Tables given as a strided view (``[B, G, nb]`` in memory) reach the step contiguous, values unchanged."""
+    from swa_rewrite.runtime import StepItem
+
+    items = [StepItem([1], 2, [[b, 4 + b], [8 + b]], False) for b in range(3)]
+    dense = torch.full((2, 3, 2), -1, dtype=torch.int32)
+    for b, it in enumerate(items):
+        for k, row in enumerate(it.block_table):
+            dense[k, b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    strided = dense.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    for width in (None, 4):
+        got = StepBatch.build(items, 4, num_groups=2, block_tables=strided, max_blocks=width).meta.block_tables
+        assert got.is_contiguous()
+        assert torch.equal(got[:, :, :2], dense)
+        assert (got[:, :, 2:] == -1).all()
