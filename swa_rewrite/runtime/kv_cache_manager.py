@@ -95,6 +95,9 @@ class KVCacheManager:
         # id(table) -> the lowest page ``prepare`` / ``slide`` changed since ``take_changes`` last asked: what a
         # host copy of the table kept between steps (the engine's ``TableMirror``) must copy again.
         self._changed: dict[int, int] = {}
+        # id(table) -> (table, hi): ``slide`` released that sliding table's pages below ``hi`` (sinks excepted); the
+        # table itself is held so that its id is not reused while the entry lives (``release`` drops it).
+        self._slid: dict[int, tuple[list[int], int]] = {}
         for group in self.groups:
             group.pool.on_evict = self._evicted
 
@@ -198,6 +201,15 @@ class KVCacheManager:
     def prepare(self, tables: list[list[int]], start: int, end: int) -> None:
         """Give a request the blocks its tokens at ``[start, end)`` need in every group (fresh blocks for its
         new pages). Every group is checked before any allocates, so a failure takes nothing."""
+        if end == start + 1:
+            # A one-token step whose page every group holds needs nothing (63 of 64 decode steps at page 64): the
+            # pages before it were checked when they were last needed.
+            page = start // self.page_size
+            for table in tables:
+                if page >= len(table) or table[page] == RELEASED:
+                    break
+            else:
+                return
         plans = []
         for group in self.groups:
             table = tables[group.index]
@@ -246,13 +258,18 @@ class KVCacheManager:
             table = tables[group.index]
             first = max(0, computed - group.window + 1) // self.page_size      # page of the window's start
             lo, hi = group.sink_pages, min(first, len(table))
-            if hi <= lo or table[lo:hi].count(RELEASED) == hi - lo:            # C speed: usually nothing to drop
+            if hi <= lo:
                 continue
-            drop = [p for p in range(lo, hi) if table[p] != RELEASED]
-            self._note_change(table, drop[0])
-            group.pool.free([table[p] for p in drop])
-            for p in drop:
-                table[p] = RELEASED
+            slid = self._slid.get(id(table))
+            if slid is not None and slid[0] is table and hi <= slid[1]:
+                continue                 # released up to there already: most steps (the window's page unchanged)
+            if table[lo:hi].count(RELEASED) != hi - lo:                        # C speed
+                drop = [p for p in range(lo, hi) if table[p] != RELEASED]
+                self._note_change(table, drop[0])
+                group.pool.free([table[p] for p in drop])
+                for p in drop:
+                    table[p] = RELEASED
+            self._slid[id(table)] = (table, hi)
 
     def _note_change(self, table: list[int], page: int) -> None:
         key = id(table)
@@ -270,6 +287,7 @@ class KVCacheManager:
         for group in self.groups:
             table = tables[group.index]
             self._changed.pop(id(table), None)
+            self._slid.pop(id(table), None)
             group.pool.free([b for b in table if b != RELEASED])
             table.clear()
 

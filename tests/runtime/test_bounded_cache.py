@@ -433,3 +433,39 @@ def test_a_hit_is_backed_by_a_cached_page_in_every_group(seed):
     engine.generate([fresh], 1)
     assert engine.stats.reused_tokens == before               # never computed: no hit
     assert_idle(engine)
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4])
+def test_manager_holds_exactly_the_window_over_random_chunks(page_size, seed):
+    """``KVCacheManager.prepare`` / ``slide`` directly (their one-token and already-slid fast paths included): after
+    every step each request holds, per group, exactly the pages the formula gives; the pool's count is the tables'
+    sum; a released table leaves nothing behind, and a new table (its id possibly reused) slides from scratch."""
+    from swa_rewrite.runtime.kv_cache_manager import RELEASED, KVCacheManager
+
+    rng = random.Random(seed)
+    specs = [KVCacheSpec.full(8, 4, torch.float32), KVCacheSpec.sliding(8, 4, rng.randrange(2, 9), 0),
+             KVCacheSpec.sliding(8, 4, rng.randrange(2, 9), rng.randrange(1, 4))]
+    cache = KVCacheManager(specs, [400] * 3, page_size)
+    for round_ in range(3):
+        reqs = [{"tables": [[], [], []], "n": 0} for _ in range(rng.randrange(1, 4))]
+        for _ in range(40):
+            r = rng.choice(reqs)
+            step = 1 if rng.random() < 0.7 else rng.randrange(2, 6)           # decodes mostly, chunks sometimes
+            cache.prepare(r["tables"], r["n"], r["n"] + step)
+            r["n"] += step
+            cache.slide(r["tables"], r["n"])
+            for q in reqs:
+                n = q["n"]
+                for g, spec in enumerate(specs):
+                    pages = [p for p, b in enumerate(q["tables"][g]) if b != RELEASED]
+                    if spec.kind == "sliding":
+                        want = sorted(set(range(cdiv(min(spec.sinks, n), page_size)))
+                                      | set(range(max(0, n - spec.window + 1) // page_size, cdiv(n, page_size))))
+                    else:
+                        want = list(range(cdiv(n, page_size)))
+                    assert pages == want, (round_, g, n, pages, want)
+            for g, u in enumerate(cache.usage()):
+                assert u.in_use == sum(sum(b != RELEASED for b in q["tables"][g]) for q in reqs)
+        for q in reqs:
+            cache.release(q["tables"])
+        assert all(u.in_use == 0 for u in cache.usage()) and not cache._slid and not cache._changed
