@@ -163,10 +163,18 @@ class StepBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "StepBatch":
         """The same step on ``device``. ``non_blocking``: the host-to-device copies do not wait for work already
         queued on the device (PyTorch's blocking copy synchronises with it), so a host building the next step
-        keeps ahead of the device (``Engine(overlap=True)``)."""
-        return StepBatch(input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-                         meta=self.meta.to(device, non_blocking=non_blocking),
-                         last_token_index=self.last_token_index.to(device, non_blocking=non_blocking))
+        keeps ahead of the device (``Engine(overlap=True)``). A step wholly on the host goes to another device
+        in one copy: its tensors packed back to back (each 16-byte aligned), then viewed there."""
+        device = torch.device(device)
+        names = [f.name for f in dataclasses.fields(self.meta)]
+        tensors = [self.input_ids, self.last_token_index, *(getattr(self.meta, n) for n in names)]
+        if device.type == "cpu" or any(t.device.type != "cpu" for t in tensors):
+            return StepBatch(input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+                             meta=self.meta.to(device, non_blocking=non_blocking),
+                             last_token_index=self.last_token_index.to(device, non_blocking=non_blocking))
+        moved = _packed_to(tensors, device, non_blocking)
+        return StepBatch(input_ids=moved[0], last_token_index=moved[1],
+                         meta=StepMetadata(**dict(zip(names, moved[2:]))))
 
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
@@ -208,6 +216,21 @@ class StepBatch:
             table = torch.frombuffer(array.array("i", flat), dtype=torch.int32).view(num_groups, len(items), width) \
                 if flat else torch.full((num_groups, len(items), width), -1, dtype=torch.int32)
         for b, (it, per_group) in enumerate(zip(items, tables)):
+            c = it.num_cached
+            if len(it.tokens) == 1 and c >= 0:
+                # One token (a decode): its slot in each group, or on a page it does not hold the checks below
+                # (which then raise).
+                page, offset = divmod(c, page_size)
+                for g, row in enumerate(per_group):
+                    if page >= len(row) or row[page] < 0:
+                        break
+                    slots[g].append(row[page] * page_size + offset)
+                else:
+                    ids.append(it.tokens[0])
+                    pos.append(c)
+                    bids.append(b)
+                    cu.append(cu[-1] + 1)
+                    continue
             if it.num_cached < 0:
                 raise ValueError(f"request {b}: num_cached must be >= 0, got {it.num_cached}")
             if not it.tokens:
@@ -288,6 +311,22 @@ def _mha_rows(mha: Optional[MHAPlan], items: Sequence[StepItem], table: torch.Te
     for g, (rows, _) in enumerate(planned):
         slots[g, :rows.shape[0]] = rows
     return slots, torch.stack([kv_cu for _, kv_cu in planned])
+
+
+def _packed_to(tensors: Sequence[torch.Tensor], device: torch.device, non_blocking: bool) -> list[torch.Tensor]:
+    """Host ``tensors`` on ``device`` through one host-to-device copy: packed into one byte buffer (each at a 16-byte
+    aligned offset, as the kernels' alignment assumptions and the decode plans' keys read), then viewed there as
+    contiguous tensors of their own dtypes and shapes."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // 16) * 16
+    host = torch.empty(total, dtype=torch.uint8)
+    for t, o in zip(tensors, offsets):
+        if t.numel():
+            host[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+    moved = host.to(device, non_blocking=non_blocking)
+    return [moved[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(tensors, offsets)]
 
 
 def _group_tables(b: int, block_table, num_groups: int) -> list:

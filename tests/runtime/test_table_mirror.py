@@ -122,3 +122,43 @@ def test_build_makes_given_tables_contiguous():
         assert got.is_contiguous()
         assert torch.equal(got[:, :, :2], dense)
         assert (got[:, :, 2:] == -1).all()
+
+
+def test_a_host_step_packs_into_one_buffer(seed):
+    """``batch._packed_to`` (what ``StepBatch.to`` does for a host step going to the GPU): every tensor's values,
+    dtype and shape, contiguous, at a 16-byte aligned offset of one buffer, none overlapping — empty ones too."""
+    from swa_rewrite.runtime.batch import _packed_to
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randint(-5, 1 << 30, shape, generator=g, dtype=dtype)
+               for shape, dtype in [((7,), torch.int64), ((2, 3, 5), torch.int32), ((2, 0), torch.int32),
+                                    ((3,), torch.int32), ((2, 9), torch.int64), ((1,), torch.int32)]]
+    tensors.append(tensors[1].transpose(0, 1))                   # a strided one: packed contiguous
+    moved = _packed_to(tensors, torch.device("cpu"), False)
+    base = moved[0].data_ptr()
+    spans = []
+    for t, m in zip(tensors, moved):
+        assert m.dtype == t.dtype and m.shape == t.shape and m.is_contiguous() and torch.equal(m, t)
+        assert (m.data_ptr() - base) % 16 == 0
+        assert m.untyped_storage().data_ptr() == moved[0].untyped_storage().data_ptr()   # one buffer
+        if m.numel():
+            spans.append((m.data_ptr(), m.data_ptr() + m.numel() * m.element_size()))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_a_step_sent_to_another_device_keeps_every_field():
+    """``StepBatch.to`` of a host step: the fields of the step as built (the packed path when the device is not the
+    CPU: ``meta`` stands for it here; on the GPU the engine's tests run it)."""
+    from swa_rewrite.runtime import StepItem
+
+    items = [StepItem([3, 4], 0, [[0], [2]], True), StepItem([5], 6, [[1, 3], [4, 5]], False)]
+    batch = StepBatch.build(items, 4, num_groups=2)
+    moved = batch.to("meta")
+    for name in ("input_ids", "last_token_index"):
+        a, b = getattr(batch, name), getattr(moved, name)
+        assert b.device.type == "meta" and (a.shape, a.dtype) == (b.shape, b.dtype)
+    for f in ("positions", "cu_seqlens_q", "seq_lens_encoder", "seq_lens_decoder", "batch_id_per_token",
+              "block_tables", "slot_mapping", "mha_kv_slots", "mha_kv_cu"):
+        a, b = getattr(batch.meta, f), getattr(moved.meta, f)
+        assert b.device.type == "meta" and (a.shape, a.dtype) == (b.shape, b.dtype) and b.is_contiguous(), f
