@@ -158,8 +158,9 @@ class Engine:
             overlap: leave decode-only steps in flight: ``step`` issues the next decode step before it reads the
                 previous one's tokens, which the device passes on as the next step's input ids. Its outputs (and
                 a finished request's last token) then come from the following ``step`` call, or from one that
-                runs nothing (``has_unfinished`` stays true until they are out); ``generate`` returns the same
-                tokens either way. Steps that run prompt chunks, keep logits (``logits``), or run eagerly with data
+                runs nothing (``has_unfinished`` stays true until they are out). ``generate``, whose result comes
+                whole, overlaps its decode steps on CUDA whatever this says (the same tokens). Steps that run
+                prompt chunks, keep logits (``logits``), or run eagerly with data
                 checks on (their deferred checks are read at the step's end) do not overlap: they read their
                 tokens, and any step in flight's, before returning.
         """
@@ -199,6 +200,7 @@ class Engine:
         self._mirror = TableMirror(self.cache, self.num_groups)      # the running requests' tables, on the host
         self.decode_graphs = self._decode_graphs(model, max_decode_batch) if cuda_graphs else None
         self.overlap = bool(overlap)
+        self.overlap_runs = self.device.type == "cuda"     # generate's decode steps overlap (see ``overlap``)
         self.stats = EngineStats()
         self._in_flight: Optional[_InFlight] = None
         self._ready: list[StepOutput] = []      # outputs read from a step in flight that no call returned yet
@@ -442,14 +444,21 @@ class Engine:
                                f"{len(self._waiting) + len(self._running)} unfinished request(s) from add_request: "
                                f"step or abort them first")
         reqs = [self._add(p, n, reuse=reuse, keep_logits=keep) for p, n, reuse, keep in calls]
+        # Its result comes whole, so on CUDA its decode steps overlap (the next issued before the last is read).
+        saved, self.overlap = self.overlap, self.overlap or self.overlap_runs
         try:
             while self.has_unfinished():
                 self.step()
         except BaseException:
             for r in reqs:
                 self._drop(r)
+            # (outputs a failed step read from the step in flight before it: this call's requests', not returned)
+            ids = {r.rid for r in reqs}
+            self._ready = [o for o in self._ready if o.request_id not in ids]
             log.debug("engine call failed: released the blocks of its %d request(s)", len(reqs))
             raise
+        finally:
+            self.overlap = saved
         return reqs
 
     def _drop(self, r: _Request) -> None:

@@ -264,3 +264,44 @@ def test_overlapped_cuda_steps_match_and_do_not_wait_for_the_device(graphs, seed
             while engine.has_unfinished():
                 engine.step()
             assert_idle(engine)
+
+
+def test_generate_overlaps_where_the_engine_runs_on_cuda(seed):
+    """``generate`` overlaps its decode steps on CUDA (``overlap_runs``, set here for a CPU engine) whatever
+    ``overlap`` says, and gives the dense reference's tokens; ``overlap`` itself is left as it was, so the step API
+    still returns each step's outputs on time."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    prompts = prompts_of(rng, (11, 2, 7))
+    engine = poison(Engine(model, num_blocks=64, page_size=4, max_tokens_per_step=16))
+    assert engine.overlap_runs is False and engine.overlap is False           # a CPU engine: no
+    engine.overlap_runs = True
+    assert engine.generate(prompts, 6) == [dense_greedy(model, p, 6) for p in prompts]
+    assert engine.stats.in_flight_steps >= 3 and engine.overlap is False
+    steps = engine.stats.in_flight_steps
+    rid = engine.add_request(prompts[0], 3)
+    assert engine.step()[0].request_id == rid and engine.step()[0].new_token_ids   # on time: nothing in flight
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats.in_flight_steps == steps
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("lengths,fail_at,budget", [((5, 9), 3, 16), ((5, 9), 4, 16), ((5, 9), 6, 16),
+                                                    ((5, 20), 7, 16), ((5, 9), 20, 1)])
+def test_a_failed_overlapped_generate_leaves_the_engine_as_it_was(lengths, fail_at, budget, seed):
+    """A model failure in an overlapped ``generate`` (at a decode step with another in flight, or the one after;
+    or, prompts of 5 and 20, the step after the one in flight gave the first request its last token): the call
+    raises, nothing stays in flight, held or unreturned, and the engine then generates the reference's tokens."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    prompts = prompts_of(rng, lengths)
+    failing = FailingModel(model, fail_at=fail_at)
+    engine = poison(Engine(failing, num_blocks=32, page_size=4, max_tokens_per_step=budget))
+    engine.overlap_runs = True
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.generate(prompts, 6)
+    assert not engine.has_unfinished() and engine.overlap is False
+    assert_idle(engine)
+    assert engine.generate(prompts, 6) == [dense_greedy(model, p, 6) for p in prompts]
+    assert_idle(engine)
