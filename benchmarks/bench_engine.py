@@ -4,6 +4,7 @@ overlapped steps, for the original and the rewritten model, with the speed-up th
     PYTHONPATH=. python benchmarks/bench_engine.py                    # v3-attn, 32 requests at 4K and 32K
     PYTHONPATH=. python benchmarks/bench_engine.py --contexts 32768 --batch 64
     PYTHONPATH=. python benchmarks/bench_engine.py --cpu              # CPU smoke path: tiny config, tiny contexts
+    PYTHONPATH=. python benchmarks/bench_engine.py --host-only        # the engine's own host time a decode step
 
 ``bench_compile.py`` times one model call on fixed inputs; this times what a serving loop adds around it: the
 engine's scheduling, its step inputs built on the host and sent to the device, the greedy tokens read back. Each
@@ -16,6 +17,10 @@ step, tokens read after each step),
 (``cuda_graphs=True``: each decode step a CUDA-graph replay) and ``graphs-overlap``. Every time is the median of
 ``--trials`` trials, the two models alternating. Predicted speed-up: as ``bench_compile.py`` (bytes one decode step
 reads: every weight once, each full layer ``ctx + 1`` rows a request, each sliding layer its window).
+
+``--host-only``: the engine's own host time a decode step, nothing else — each model's cache layout (the tiny
+config's dims: the engine's work depends on requests, pages and cache groups, not on the layers' widths) behind a
+stub model that returns zero logits on the CPU at once; ``--batch`` requests at each context, decoding.
 """
 
 from __future__ import annotations
@@ -128,7 +133,58 @@ def run(args) -> list[dict]:
     return rows
 
 
+class _Stub(torch.nn.Module):
+    """``model``'s cache layout and config with no work: zero logits on the CPU (``--host-only``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = [model], model.config        # (a list: not a submodule, no parameters of its)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))       # the engine's device: the CPU
+
+    def kv_cache_spec(self):
+        return self.inner[0].kv_cache_spec()
+
+    def allocate_kv_cache(self, *args, **kwargs):
+        return self.inner[0].allocate_kv_cache(*args, **kwargs)
+
+    def forward(self, input_ids, kv_caches=None, meta=None, logits_indices=None):
+        rows = input_ids.shape[0] if logits_indices is None else logits_indices.shape[0]
+        return torch.zeros(rows, self.config.vocab_size)
+
+
+def host_run(args) -> list[dict]:
+    """``--host-only``: µs of ``Engine.step`` a decode step with stub models (median of ``--trials``)."""
+    from swa_rewrite import Schedule, apply
+    from swa_rewrite.models import MLAConfig, MLAModel
+
+    cfg = MLAConfig.named("tiny")
+    model = MLAModel(cfg, seed=0)
+    stubs = {"original": _Stub(model),
+             "rewritten": _Stub(apply(model, Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers,
+                                                                    args.window)))}
+    rng = random.Random(0)
+    rows = []
+    for ctx in args.contexts:
+        prompts = [[rng.randrange(cfg.vocab_size) for _ in range(ctx)] for _ in range(args.batch)]
+        max_len = ctx + args.steps + args.warmup + 3
+        times = {}
+        for which, stub in stubs.items():
+            nb = -(-max_len // args.page_size) * args.batch + args.batch
+            e = Engine(stub, num_blocks=nb, page_size=args.page_size, max_tokens_per_step=args.chunk,
+                       max_model_len=max_len)
+            e.generate(prompts, 1)
+            times[which] = sorted(step_us(e, None, "eager", prompts, args.steps, args.warmup, torch.device("cpu"))
+                                  for _ in range(args.trials))
+        o, r = (statistics.median(times[w]) for w in stubs)
+        rows.append(dict(context=ctx, original_us=o, rewritten_us=r))
+    return rows
+
+
 def render(rows: list[dict]) -> str:
+    if rows and "mode" not in rows[0]:
+        return "\n".join(["| context | original: engine host µs / step | rewritten: engine host µs / step |",
+                          "|---|---|---|"] + [f"| {r['context']} | {r['original_us']:.0f} | {r['rewritten_us']:.0f} |"
+                                              for r in rows])
     lines = ["| context | mode | original (µs / step) | rewritten (µs / step) | speed-up | bytes predict |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -152,8 +208,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                    help="also cProfile one run of --steps steps of each model in this mode, per context")
     p.add_argument("--profile-rows", type=int, default=30, help="functions per cProfile table (default 30)")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
+    p.add_argument("--host-only", action="store_true", help="the engine's own host time a decode step (stub models, "
+                   "no device work; default context 32768)")
     args = p.parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
+    if args.host_only and not args.contexts:
+        args.contexts = "24" if args.cpu else "32768"
+    if not args.cpu and not args.host_only and not torch.cuda.is_available():
         p.error("no CUDA device: pass --cpu for the CPU smoke path")
     args.config = "tiny" if args.cpu else "v3-attn"
     args.contexts = [int(c) for c in (args.contexts or ("24" if args.cpu else "4096,32768")).split(",")]
@@ -173,6 +233,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
+    if args.host_only:
+        rows = host_run(args)
+        print(f"\nengine host time a decode step, stub models (tiny config's caches), SWA every {args.skip_freq} "
+              f"W={args.window}; {args.batch} requests, page {args.page_size}; {args.steps} steps timed after "
+              f"{args.warmup}, median of {args.trials}; torch {torch.__version__}\n")
+        print(render(rows))
+        return rows
     rows = run(args)
     card = torch.cuda.get_device_name() if not args.cpu else "CPU"
     import triton

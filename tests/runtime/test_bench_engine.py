@@ -42,3 +42,13 @@ def test_bench_engine_refuses_bad_arguments():
     for argv in (["--cpu", "--modes", "eager,fast"], ["--cpu", "--steps", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def test_bench_engine_host_only_smoke(capsys):
+    """``--host-only``: the engine's own host time a decode step with stub models, both cache layouts."""
+    bench = _bench("bench_engine")
+    rows = bench.main(["--host-only", "--cpu", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert [r["context"] for r in rows] == [24] and all(r["original_us"] > 0 and r["rewritten_us"] > 0 for r in rows)
+    assert "| context | original: engine host µs / step | rewritten: engine host µs / step |" in out
+    assert "| 24 |" in out
