@@ -46,8 +46,9 @@
 #   plans       the ops' decode plans, the residual folded into the next norm and the one-launch silu_mul (session 19):
 #               their GPU tests and those of the code they touch, then bench_compile.py eager beside eager-no-plans and
 #               eager-op-by-op (best of 5) (issue 14)
-#   engine      bench_engine.py (decode steps as the engine runs them: eager / overlap / graphs, both models) at 4K and
-#               32K, then at 4K with a cProfile of each model's eager engine steps (issue 14: the engine-eager gap)
+#   engine      the engine's GPU tests, bench_engine.py (decode steps as the engine runs them: eager / overlap / graphs,
+#               both models) at 4K and 32K, at 4K with a cProfile of each model's eager engine steps, and the engine's
+#               own host time a step (--host-only, stub models) at 32K and 128K (issue 14)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -174,4 +175,5 @@ has engine && run engine-tests 200 python3 -m pytest -q -ra -m gpu -p no:cachepr
 has engine && run bench-engine 330 python3 benchmarks/bench_engine.py
 has engine && run bench-engine-profile 200 python3 benchmarks/bench_engine.py --contexts 4096 --modes eager,graphs \
     --trials 1 --profile eager --profile-rows 40
+has engine && run bench-engine-host 120 python3 benchmarks/bench_engine.py --host-only --contexts 32768,131072
 exit 0
