@@ -20,7 +20,9 @@ reads: every weight once, each full layer ``ctx + 1`` rows a request, each slidi
 
 ``--host-only``: the engine's own host time a decode step, nothing else — each model's cache layout (the tiny
 config's dims: the engine's work depends on requests, pages and cache groups, not on the layers' widths) behind a
-stub model that returns zero logits on the CPU at once; ``--batch`` requests at each context, decoding.
+stub model that returns zero logits on the CPU at once; ``--batch`` requests at each context, decoding. The step's
+inputs stay on the host: the copy to a GPU (``StepBatch.to``'s packing and send, ~0.1-0.2 ms a step on a CPU) is not
+in these times.
 """
 
 from __future__ import annotations

@@ -452,7 +452,9 @@ class Engine:
         except BaseException:
             for r in reqs:
                 self._drop(r)
-            # (outputs a failed step read from the step in flight before it: this call's requests', not returned)
+            # Only this call's requests ran: nothing of theirs stays in flight or unreturned (a failure in
+            # admission leaves the step in flight in place; a failed step, the outputs it read from it).
+            self._in_flight = None
             ids = {r.rid for r in reqs}
             self._ready = [o for o in self._ready if o.request_id not in ids]
             log.debug("engine call failed: released the blocks of its %d request(s)", len(reqs))

@@ -202,8 +202,10 @@ class KVCacheManager:
         """Give a request the blocks its tokens at ``[start, end)`` need in every group (fresh blocks for its
         new pages). Every group is checked before any allocates, so a failure takes nothing."""
         if end == start + 1:
-            # A one-token step whose page every group holds needs nothing (63 of 64 decode steps at page 64): the
-            # pages before it were checked when they were last needed.
+            # A one-token step whose page every group holds needs nothing (63 of 64 decode steps at page 64). The
+            # check below that the pages before it are held is skipped: they were checked when the previous step
+            # needed them, ``slide`` releases none of them, and a prefix hit's first step takes the full path (its
+            # page is past the hit's table).
             page = start // self.page_size
             for table in tables:
                 if page >= len(table) or table[page] == RELEASED:

@@ -241,7 +241,10 @@ def test_overlapped_cuda_steps_match_and_do_not_wait_for_the_device(graphs, seed
     for m in (model, rewritten):
         kw = dict(num_blocks=96, page_size=4, max_tokens_per_step=64, cuda_graphs=graphs, max_model_len=64)
         with checks_disabled():
-            want = Engine(m, **kw).generate(prompts, 12)
+            reference = Engine(m, **kw)
+            reference.overlap_runs = False                      # synchronous (generate overlaps on CUDA)
+            want = reference.generate(prompts, 12)
+            assert reference.stats.in_flight_steps == 0
             engine = poison(Engine(m, overlap=True, **kw))
             assert engine.generate(prompts, 12) == want
             assert engine.stats.in_flight_steps >= 10
@@ -304,4 +307,30 @@ def test_a_failed_overlapped_generate_leaves_the_engine_as_it_was(lengths, fail_
     assert not engine.has_unfinished() and engine.overlap is False
     assert_idle(engine)
     assert engine.generate(prompts, 6) == [dense_greedy(model, p, 6) for p in prompts]
+    assert_idle(engine)
+
+
+def test_a_generate_failing_in_admission_leaves_no_step_in_flight(seed):
+    """An exception while ``generate`` admits a request (a step of its other requests in flight): the call raises,
+    nothing stays in flight or held, and the next ``generate`` runs."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    prompts = prompts_of(rng, (5, 5, 5))
+    engine = poison(Engine(model, num_blocks=6, page_size=4, max_tokens_per_step=16))   # two requests fit at once
+    engine.overlap_runs = True
+    real, calls = engine.cache.match_prefix, []
+
+    def flaky(keys):
+        calls.append(keys)
+        if len(calls) == 3:                     # the third request, admitted while the others' decode is in flight
+            raise KeyboardInterrupt("injected in admission")
+        return real(keys)
+
+    engine.cache.match_prefix = flaky
+    with pytest.raises(KeyboardInterrupt, match="injected in admission"):
+        engine.generate(prompts, 4)
+    assert engine._in_flight is None and not engine.has_unfinished()
+    assert_idle(engine)
+    engine.cache.match_prefix = real
+    assert engine.generate(prompts, 4) == [dense_greedy(model, p, 4) for p in prompts]
     assert_idle(engine)
