@@ -176,6 +176,29 @@ class StepBatch:
         return StepBatch(input_ids=moved[0], last_token_index=moved[1],
                          meta=StepMetadata(**dict(zip(names, moved[2:]))))
 
+    def advanced(self, input_ids: Sequence[int] | torch.Tensor) -> "StepBatch":
+        """The next step of a decode step's requests — each one token on, on the same pages: ``input_ids`` (one a
+        request: a list, or an int64 tensor on the step's device) at positions, cached lengths and slots one
+        further (computed where the step lives: on a GPU, three small launches and no copy), everything else this
+        step's tensors (shared, not copied). Only for a step of one token a request without padding or MHA rows,
+        whose requests' next positions are on the pages they held (the caller knows: no table changed)."""
+        meta = self.meta
+        B = meta.seq_lens_decoder.shape[0]
+        if self.input_ids.shape[0] != B or len(input_ids) != B or meta.has_mha:
+            raise ValueError(f"advanced() takes a step of one token a request without padding or MHA rows and one "
+                             f"id a request: this step has {self.input_ids.shape[0]} tokens for {B} requests, "
+                             f"{len(input_ids)} ids given")
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor(input_ids, dtype=torch.int64, device=self.input_ids.device)
+        elif input_ids.device != self.input_ids.device or input_ids.dtype != torch.int64 or input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be a [{B}] int64 tensor on {self.input_ids.device}, got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype} on {input_ids.device}")
+        return StepBatch(
+            input_ids=input_ids,
+            meta=dataclasses.replace(meta, positions=meta.positions + 1, seq_lens_decoder=meta.seq_lens_decoder + 1,
+                                     slot_mapping=meta.slot_mapping + 1),
+            last_token_index=self.last_token_index)
+
     @staticmethod
     def build(items: Sequence[StepItem], page_size: int, *, pad_to: Optional[int] = None,
               max_blocks: Optional[int] = None, num_groups: int = 1, mha: Optional[MHAPlan] = None,

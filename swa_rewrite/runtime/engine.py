@@ -198,6 +198,8 @@ class Engine:
         self.cache = KVCacheManager(self.group_specs, counts, page_size, bounded=self.window_bounded,
                                     on_allocate=self._poison if poison_blocks else None)
         self._mirror = TableMirror(self.cache, self.num_groups)      # the running requests' tables, on the host
+        # The last decode step's requests, inputs on the host and (eager steps) on the device: the next advances them
+        self._last_decode: Optional[tuple[list[_Request], StepBatch, Optional[StepBatch]]] = None
         self.decode_graphs = self._decode_graphs(model, max_decode_batch) if cuda_graphs else None
         self.overlap = bool(overlap)
         self.overlap_runs = self.device.type == "cuda"     # generate's decode steps overlap (see ``overlap``)
@@ -328,6 +330,7 @@ class Engine:
             items = self._schedule(reqs)
             return ready + self._step(items, reqs, flight)
         except BaseException as e:
+            self._last_decode = None
             # Blocks of the failed step are half written (some layers only) and were never published; what
             # its requests published earlier is withdrawn too, since the cause (e.g. a non-finite weight)
             # may have tainted it.
@@ -531,15 +534,11 @@ class Engine:
         keep_logits = any(r.keep_logits for r in reqs)
         decode_only = all(len(it.tokens) == 1 and not it.is_prefill for it in items)
         graphs = self.decode_graphs
-        width = max([len(t) for r in reqs for t in r.tables] + [1])
-        tables = self._mirror.tables(reqs, [r.tables for r in reqs], width)
-        if graphs is not None and not keep_logits and decode_only:
-            # Built on the host: the runner sends the whole step to its buffers in one copy.
-            batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, device="cpu",
-                                    block_tables=tables)
-            if not graphs.accepts(batch):
-                graphs = None
-        else:
+        # Built on the host (and sent without waiting for the device: a blocking copy would wait for the step in
+        # flight, PyTorch synchronising a pageable host-to-device copy); the graph runner sends it to its buffers
+        # in one copy.
+        batch, last_sent = self._host_batch(items, reqs, decode_only and not keep_logits)
+        if graphs is None or keep_logits or not decode_only or not graphs.accepts(batch):
             graphs = None
         ids = None if flight is None else self._input_ids(items, reqs, flight)
         greedy = None
@@ -549,12 +548,19 @@ class Engine:
                 logits = graphs.run(batch, input_ids=ids).float()
                 in_flight = self.overlap
             else:
-                # Built on the host and sent without waiting for the device (a blocking copy would wait for the
-                # step in flight: PyTorch synchronises a pageable host-to-device copy).
-                batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
-                                        device="cpu", block_tables=tables).to(self.device, non_blocking=True)
-                if ids is not None:
-                    batch = dataclasses.replace(batch, input_ids=ids)
+                host = batch
+                if last_sent is not None:
+                    # The last step's inputs on the device, one position on there: only the ids are sent (or
+                    # are already there: the step in flight's tokens).
+                    if ids is None:
+                        ids = host.input_ids.to(self.device, non_blocking=True)
+                    batch = last_sent.advanced(ids)
+                else:
+                    batch = batch.to(self.device, non_blocking=True)
+                    if ids is not None:
+                        batch = dataclasses.replace(batch, input_ids=ids)
+                if self._last_decode is not None:
+                    self._last_decode = (*self._last_decode[:2], batch)
                 logits_indices = None if keep_logits else batch.last_token_index
                 # The model's checks deferred to the step's end (the cache writes' finite-latent flags) are read
                 # in the same device-to-host copy as the greedy tokens: one synchronisation per checked step.
@@ -612,6 +618,29 @@ class Engine:
             self._in_flight = _InFlight(reqs, finished, slots, tokens, host, event)
             return out
         return out + [StepOutput(r.rid, [] if i < 0 else [r.tokens[i]], f) for r, i, f in zip(reqs, slots, finished)]
+
+    def _host_batch(self, items: list[StepItem], reqs: list[_Request],
+                    decode: bool) -> tuple[StepBatch, Optional[StepBatch]]:
+        """The step's inputs on the host, and the last step's as sent to the device when this step advances them.
+        ``decode`` (one token a request, no kept logits): when the same requests decoded in the last step, none
+        starts a page and none of their tables changed since (nothing allocated, nothing slid out: most decode
+        steps), the last step's inputs one position on (``StepBatch.advanced``); otherwise built from the items and
+        the mirrored tables."""
+        last, self._last_decode = self._last_decode, None
+        ps = self.page_size
+        sent = None
+        if (decode and last is not None and last[0] == reqs and all(it.num_cached % ps for it in items)
+                and not self.cache.changed([r.tables for r in reqs])):
+            batch = last[1].advanced([it.tokens[0] for it in items])
+            sent = last[2]
+        else:
+            width = max([len(t) for r in reqs for t in r.tables] + [1])
+            tables = self._mirror.tables(reqs, [r.tables for r in reqs], width)
+            batch = StepBatch.build(items, self.page_size, num_groups=self.num_groups, mha=self.mha_plan,
+                                    device="cpu", block_tables=tables)
+        if decode:
+            self._last_decode = (list(reqs), batch, None)     # (the device copy: the eager path adds it)
+        return batch, sent
 
     def _finish(self, r: _Request) -> bool:
         """Release ``r`` if it has all its tokens; returns whether it finished."""

@@ -279,6 +279,12 @@ class KVCacheManager:
         if low is None or page < low:
             self._changed[key] = page
 
+    def changed(self, tables: list[list[list[int]]]) -> bool:
+        """Whether ``prepare`` or ``slide`` changed any of these requests' tables (``tables[b]``: one per group)
+        since ``take_changes`` last asked for it."""
+        changed = self._changed
+        return any(id(t) in changed for per_request in tables for t in per_request)
+
     def take_changes(self, table: list[int]) -> Optional[int]:
         """The lowest page of ``table`` that ``prepare`` or ``slide`` changed since the last call for it (None:
         none), forgetting it."""

@@ -162,3 +162,104 @@ def test_a_step_sent_to_another_device_keeps_every_field():
               "block_tables", "slot_mapping", "mha_kv_slots", "mha_kv_cu"):
         a, b = getattr(batch.meta, f), getattr(moved.meta, f)
         assert b.device.type == "meta" and (a.shape, a.dtype) == (b.shape, b.dtype) and b.is_contiguous(), f
+
+
+@pytest.mark.parametrize("page_size,budget,overlap,graphs", [(1, 3, False, False), (4, 16, True, False),
+                                                             (4, 9, False, True), (8, 64, True, True)])
+def test_every_engine_step_gets_the_inputs_built_afresh(page_size, budget, overlap, graphs, seed, monkeypatch):
+    """Decode steps advanced from the last one (``StepBatch.advanced``) and steps built from the mirror: every step's
+    host inputs equal ``StepBatch.build`` from the items' own tables (the oracle), over random arrivals, aborts,
+    prefix reuse and windows of 3 positions (with pages of one position none can be advanced)."""
+    rng = random.Random(seed)
+    model = MLAModel(TINY, seed=seed)
+    rewritten = apply(model, Schedule.from_skip_freq(2, TINY.num_hidden_layers, 3))
+    engine = Engine(rewritten, num_blocks=64, page_size=page_size, max_tokens_per_step=budget, overlap=overlap,
+                    cuda_graphs=graphs, max_decode_batch=8 if graphs else None)
+    real, advanced, steps, wanted, sent = engine._host_batch, [], [], [], []
+    fields = ("positions", "cu_seqlens_q", "seq_lens_encoder", "seq_lens_decoder", "batch_id_per_token",
+              "block_tables", "slot_mapping", "mha_kv_slots", "mha_kv_cu")
+
+    def host_batch(items, reqs, decode):
+        last = engine._last_decode
+        got, last_sent = real(items, reqs, decode)
+        advanced.append(last is not None and got.meta.block_tables is last[1].meta.block_tables)
+        sent.append(last_sent is not None)
+        want = StepBatch.build(items, page_size, num_groups=engine.num_groups, mha=engine.mha_plan)
+        assert torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.last_token_index, want.last_token_index)
+        for f in fields:
+            a, b = getattr(got.meta, f), getattr(want.meta, f)
+            assert a.dtype == b.dtype and torch.equal(a, b), (f, a, b)
+        steps.append(decode)
+        wanted[:] = [want]
+        return got, last_sent
+
+    class Checked(torch.nn.Module):
+        """The model, its eager calls' inputs (advanced from the last step's on the device, or sent) checked
+        against the oracle's (the ids where the host had them: the step in flight's come from the device)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, kv_caches, meta, logits_indices=None):
+            if wanted and meta.positions.shape == wanted[0].meta.positions.shape:    # (graph runs: the bucket's)
+                want = wanted[0]
+                known = want.input_ids >= 0
+                assert torch.equal(input_ids[known], want.input_ids[known])
+                for f in fields:
+                    assert torch.equal(getattr(meta, f), getattr(want.meta, f)), f
+            return self.inner(input_ids, kv_caches=kv_caches, meta=meta, logits_indices=logits_indices)
+
+    monkeypatch.setattr(engine, "_host_batch", host_batch)
+    engine.model = Checked(engine.model)
+    prefix = [rng.randrange(TINY.vocab_size) for _ in range(7)]
+    live = []
+    for i in range(80):
+        if rng.random() < 0.15:
+            prompt = rng.choice([prefix, []]) + [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(1, 6))]
+            live.append(engine.add_request(prompt, rng.randrange(3, 20)))
+        if live and rng.random() < 0.03:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert sum(steps) > 20
+    # A budget below the decoding requests: a step runs the first of them; when one finishes, the next step runs
+    # another set of the same size (not the last step's requests: built, not advanced).
+    engine.max_tokens_per_step = 64
+    for n in (3, 9, 9):
+        engine.add_request([rng.randrange(TINY.vocab_size) for _ in range(3)], n)
+    engine.step()                                                  # the three prompts
+    engine.max_tokens_per_step = 2
+    while engine.has_unfinished():
+        engine.step()
+    if page_size == 1:
+        assert sum(advanced) == 0          # every position starts a page
+    else:
+        assert sum(advanced) > 5, (sum(steps), sum(advanced))
+        assert graphs or sum(sent) > 5     # eager steps advanced on the device
+    assert_idle(engine)
+
+
+def test_advanced_is_the_next_decode_step(seed):
+    """``StepBatch.advanced``: the next decode step of the same requests on the same pages equals its build; steps
+    with padding, several tokens a request or a wrong count of ids are refused."""
+    from swa_rewrite.runtime import StepItem
+
+    rng = random.Random(seed)
+    tables = [[[rng.randrange(50) for _ in range(3)], [rng.randrange(50) for _ in range(3)]] for _ in range(4)]
+    cached = [rng.randrange(0, 3) * 4 + rng.randrange(0, 3) for _ in range(4)]      # never a page's last slot
+    step = StepBatch.build([StepItem([1], c, t, False) for c, t in zip(cached, tables)], 4, num_groups=2)
+    got = step.advanced([5, 6, 7, 8])
+    want = StepBatch.build([StepItem([5 + b], c + 1, t, False) for b, (c, t) in enumerate(zip(cached, tables))], 4,
+                           num_groups=2)
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.last_token_index, want.last_token_index)
+    for f in ("positions", "cu_seqlens_q", "seq_lens_encoder", "seq_lens_decoder", "batch_id_per_token",
+              "block_tables", "slot_mapping", "mha_kv_slots", "mha_kv_cu"):
+        assert torch.equal(getattr(got.meta, f), getattr(want.meta, f)), f
+    with pytest.raises(ValueError, match="one token a request"):
+        step.advanced([5, 6])
+    padded = StepBatch.build([StepItem([1], 1, [[0], [1]], False)], 4, num_groups=2, pad_to=2)
+    with pytest.raises(ValueError, match="one token a request"):
+        padded.advanced([3])
