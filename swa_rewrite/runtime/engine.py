@@ -483,6 +483,8 @@ class Engine:
             r.published = []
         self._mirror.drop(r)
         self.cache.release(r.tables)
+        if self._last_decode is not None and r in self._last_decode[0]:
+            self._last_decode = None      # (its step cannot be advanced again: keep no released request's inputs)
 
     def _admit(self) -> None:
         """Admit waiting requests in order while their whole generation fits beside the running ones in every

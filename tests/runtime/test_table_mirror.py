@@ -2,6 +2,7 @@
 where ``KVCacheManager`` changed them, always equal the tables converted afresh — over random arrivals, aborts,
 prefix reuse and sliding windows (pages released mid-table, sinks kept)."""
 
+import contextlib
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from engine_helpers import assert_idle
 from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.ops.checks import checks_disabled
 from swa_rewrite.runtime import Engine, StepBatch
 from swa_rewrite.runtime import engine as engine_module
 from swa_rewrite.runtime.kv_cache_manager import KVCacheManager
@@ -164,17 +166,42 @@ def test_a_step_sent_to_another_device_keeps_every_field():
         assert b.device.type == "meta" and (a.shape, a.dtype) == (b.shape, b.dtype) and b.is_contiguous(), f
 
 
-@pytest.mark.parametrize("page_size,budget,overlap,graphs", [(1, 3, False, False), (4, 16, True, False),
-                                                             (4, 9, False, True), (8, 64, True, True)])
-def test_every_engine_step_gets_the_inputs_built_afresh(page_size, budget, overlap, graphs, seed, monkeypatch):
-    """Decode steps advanced from the last one (``StepBatch.advanced``) and steps built from the mirror: every step's
-    host inputs equal ``StepBatch.build`` from the items' own tables (the oracle), over random arrivals, aborts,
-    prefix reuse and windows of 3 positions (with pages of one position none can be advanced)."""
+ADVANCE_CASES = [(1, 3, False, False, True), (4, 16, True, False, False), (4, 16, True, False, True),
+                 (4, 9, False, True, True), (8, 64, True, True, False)]
+
+
+def _every_step_built_afresh(page_size, budget, overlap, graphs, checks, seed, monkeypatch, device):
     rng = random.Random(seed)
-    model = MLAModel(TINY, seed=seed)
+    model = MLAModel(TINY, seed=seed, device=device)
     rewritten = apply(model, Schedule.from_skip_freq(2, TINY.num_hidden_layers, 3))
     engine = Engine(rewritten, num_blocks=64, page_size=page_size, max_tokens_per_step=budget, overlap=overlap,
                     cuda_graphs=graphs, max_decode_batch=8 if graphs else None)
+    with contextlib.nullcontext() if checks else checks_disabled():
+        _drive_checked(engine, page_size, graphs, rng, monkeypatch)
+    if overlap and not checks:
+        assert engine.stats.in_flight_steps > 5     # eager steps advanced with their ids from the device
+
+
+@pytest.mark.parametrize("page_size,budget,overlap,graphs,checks", ADVANCE_CASES)
+def test_every_engine_step_gets_the_inputs_built_afresh(page_size, budget, overlap, graphs, checks, seed,
+                                                        monkeypatch):
+    """Decode steps advanced from the last one (``StepBatch.advanced``) and steps built from the mirror: every step's
+    host inputs, and an eager step's inputs as the model receives them, equal ``StepBatch.build`` from the items'
+    own tables (the oracle), over random arrivals, aborts, prefix reuse and windows of 3 positions (with pages of one
+    position none can be advanced); with checks off, overlapped eager steps take their ids from the device."""
+    _every_step_built_afresh(page_size, budget, overlap, graphs, checks, seed, monkeypatch, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,budget,overlap,graphs,checks", ADVANCE_CASES)
+def test_every_cuda_engine_step_gets_the_inputs_built_afresh(page_size, budget, overlap, graphs, checks, seed,
+                                                             monkeypatch):
+    """As above on CUDA, where an advanced eager step's inputs are the last step's device tensors one on."""
+    _every_step_built_afresh(page_size, budget, overlap, graphs, checks, seed, monkeypatch, "cuda")
+
+
+def _drive_checked(engine, page_size, graphs, rng, monkeypatch):
+    """Random arrivals, aborts and a budget that shifts which requests decode, every step's inputs checked."""
     real, advanced, steps, wanted, sent = engine._host_batch, [], [], [], []
     fields = ("positions", "cu_seqlens_q", "seq_lens_encoder", "seq_lens_decoder", "batch_id_per_token",
               "block_tables", "slot_mapping", "mha_kv_slots", "mha_kv_cu")
@@ -203,17 +230,19 @@ def test_every_engine_step_gets_the_inputs_built_afresh(page_size, budget, overl
             self.inner = inner
 
         def forward(self, input_ids, kv_caches, meta, logits_indices=None):
-            if wanted and meta.positions.shape == wanted[0].meta.positions.shape:    # (graph runs: the bucket's)
+            if wanted:           # (graph runs call the model the runner holds: not this wrapper)
                 want = wanted[0]
                 known = want.input_ids >= 0
-                assert torch.equal(input_ids[known], want.input_ids[known])
+                assert torch.equal(input_ids.cpu()[known], want.input_ids[known])
                 for f in fields:
-                    assert torch.equal(getattr(meta, f), getattr(want.meta, f)), f
+                    assert torch.equal(getattr(meta, f).cpu(), getattr(want.meta, f)), f
             return self.inner(input_ids, kv_caches=kv_caches, meta=meta, logits_indices=logits_indices)
 
     monkeypatch.setattr(engine, "_host_batch", host_batch)
     engine.model = Checked(engine.model)
     prefix = [rng.randrange(TINY.vocab_size) for _ in range(7)]
+    for _ in range(2):              # two long generations, never aborted: decode steps in every workload
+        engine.add_request([rng.randrange(TINY.vocab_size) for _ in range(4)], 24)
     live = []
     for i in range(80):
         if rng.random() < 0.15:
@@ -240,6 +269,7 @@ def test_every_engine_step_gets_the_inputs_built_afresh(page_size, budget, overl
         assert sum(advanced) > 5, (sum(steps), sum(advanced))
         assert graphs or sum(sent) > 5     # eager steps advanced on the device
     assert_idle(engine)
+    assert engine._last_decode is None          # an idle engine keeps no step's inputs
 
 
 def test_advanced_is_the_next_decode_step(seed):
