@@ -171,7 +171,8 @@ has launch && run launch-tiles 330 python3 -m pytest -q -ra -m gpu -p no:cachepr
     -k "gluon or default_on_hopper or remembered or split"
 has launch && run bench-launch 90 python3 benchmarks/bench_launch.py
 has launch && run bench-checks-32k 200 python3 benchmarks/bench_checks_gpu.py --context 32768
-has engine && run engine-tests 200 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/runtime
+has engine && run engine-tests 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/runtime \
+    tests/ops/test_decode_plans.py tests/ops/test_validated_step.py
 has engine && run bench-engine 330 python3 benchmarks/bench_engine.py
 has engine && run bench-engine-profile 200 python3 benchmarks/bench_engine.py --contexts 4096 --modes eager,graphs \
     --trials 1 --profile eager --profile-rows 40
