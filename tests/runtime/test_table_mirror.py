@@ -30,6 +30,22 @@ def afresh(tables, width):
     return out
 
 
+def random_arrivals(engine, rng, prefix, *, steps, arrive, abort, new_tokens):
+    """``steps`` engine steps with a request arriving at each with probability ``arrive`` (a random prompt, half of
+    them after ``prefix``; ``new_tokens`` the range of its generation) and one of them aborted with probability
+    ``abort``; then steps until nothing is left."""
+    live = []
+    for _ in range(steps):
+        if rng.random() < arrive:
+            prompt = rng.choice([prefix, []]) + [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(1, 6))]
+            live.append(engine.add_request(prompt, rng.randrange(*new_tokens)))
+        if live and rng.random() < abort:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+
+
 @pytest.mark.parametrize("page_size,budget,overlap", [(1, 3, False), (2, 7, True), (4, 16, True)])
 def test_engine_steps_get_the_tables_converted_afresh(page_size, budget, overlap, seed, monkeypatch):
     rng = random.Random(seed)
@@ -55,16 +71,7 @@ def test_engine_steps_get_the_tables_converted_afresh(page_size, budget, overlap
     monkeypatch.setattr(engine_module.StepBatch, "build", staticmethod(build))
     engine = Engine(rewritten, num_blocks=48, page_size=page_size, max_tokens_per_step=budget, overlap=overlap)
     prefix = [rng.randrange(TINY.vocab_size) for _ in range(7)]
-    live = []
-    for i in range(60):
-        if rng.random() < 0.3:
-            prompt = rng.choice([prefix, []]) + [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(1, 6))]
-            live.append(engine.add_request(prompt, rng.randrange(1, 8)))
-        if live and rng.random() < 0.05:
-            engine.abort(live.pop(rng.randrange(len(live))))
-        engine.step()
-    while engine.has_unfinished():
-        engine.step()
+    random_arrivals(engine, rng, prefix, steps=60, arrive=0.3, abort=0.05, new_tokens=(1, 8))
     assert len(checked) > 20 and set(checked) == {2}
     assert len(engine._mirror) == 0                            # every finished or aborted request's row is freed
     assert_idle(engine)
@@ -243,16 +250,7 @@ def _drive_checked(engine, page_size, graphs, rng, monkeypatch):
     prefix = [rng.randrange(TINY.vocab_size) for _ in range(7)]
     for _ in range(2):              # two long generations, never aborted: decode steps in every workload
         engine.add_request([rng.randrange(TINY.vocab_size) for _ in range(4)], 24)
-    live = []
-    for i in range(80):
-        if rng.random() < 0.15:
-            prompt = rng.choice([prefix, []]) + [rng.randrange(TINY.vocab_size) for _ in range(rng.randrange(1, 6))]
-            live.append(engine.add_request(prompt, rng.randrange(3, 20)))
-        if live and rng.random() < 0.03:
-            engine.abort(live.pop(rng.randrange(len(live))))
-        engine.step()
-    while engine.has_unfinished():
-        engine.step()
+    random_arrivals(engine, rng, prefix, steps=80, arrive=0.15, abort=0.03, new_tokens=(3, 20))
     assert sum(steps) > 20
     # A budget below the decoding requests: a step runs the first of them; when one finishes, the next step runs
     # another set of the same size (not the last step's requests: built, not advanced).
