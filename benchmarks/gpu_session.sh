@@ -49,6 +49,8 @@
 #   engine      the engine's GPU tests, bench_engine.py (decode steps as the engine runs them: eager / overlap / graphs,
 #               both models) at 4K and 32K, at 4K with a cProfile of each model's eager engine steps, and the engine's
 #               own host time a step (--host-only, stub models) at 32K and 128K (issue 14)
+#   stacked     the stacked projections (session 22: q_a / kv_a and gate / up as one GEMM each): the GPU tests of the
+#               model ops, the models and the decode plans, then bench_compile.py eager and eager + graphs (issue 14)
 #
 # Usage on the device (repo root, carry `.whl` for FlashMLA), calls of under 10 minutes each, e.g.:
 #     bash benchmarks/gpu_session.sh new
@@ -177,4 +179,7 @@ has engine && run bench-engine 330 python3 benchmarks/bench_engine.py
 has engine && run bench-engine-profile 200 python3 benchmarks/bench_engine.py --contexts 4096 --modes eager,graphs \
     --trials 1 --profile eager --profile-rows 40
 has engine && run bench-engine-host 120 python3 benchmarks/bench_engine.py --host-only --contexts 32768,131072
+has stacked && run stacked-tests 240 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/models \
+    tests/ops/test_decode_plans.py
+has stacked && run bench-compile-stacked 200 python3 benchmarks/bench_compile.py --modes eager,eager+graphs --trials 3
 exit 0

@@ -14,6 +14,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from swa_rewrite.models.fused_weights import split_parts
+
 
 def _rms(x, w, eps):
     return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
@@ -94,7 +96,7 @@ def dense_logits(model, tokens, windows: Optional[Mapping[int, int]] = None, fp8
     if sinks and any(s and (not windows or layer not in windows) for layer, s in sinks.items()):
         raise ValueError(f"sinks {dict(sinks)} are given for a layer without a window ({dict(windows or {})})")
     cfg = model.config
-    sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().double().cpu() for k, v in split_parts(model.state_dict(), model.config).items()}
     H, N, P, V, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank)
     eps = cfg.rms_norm_eps

@@ -12,9 +12,9 @@ compute, in the same order and with the same roundings:
 * ``mla_rope_latent``: one MLA layer's rope and latent: ``q_pe`` rotated (``models.rope.rotate``: each product
   rounded, then their sum), and the latent row ``[kv_a_layernorm(c_kv) | rotate(k_pe)]`` the layer writes into its
   cache — the kv norm, two rotations and the concatenation, five to nine ops, in one launch;
-* ``silu_mul``: the MLP's ``F.silu(gate) * up``, two ops in one launch — ``x / (1 + exp(-x))`` in float32 with
-  CUDA's ``expf`` and a correctly rounded division, as PyTorch's kernel computes it, rounded to the dtype, then the
-  product rounded again.
+* ``silu_mul``: the MLP's ``F.silu(gate) * up`` of its ``[gate | up]`` GEMM output in one launch — ``x / (1 +
+  exp(-x))`` in float32 with CUDA's ``expf`` and a correctly rounded division, as PyTorch's kernel computes it,
+  rounded to the dtype, then the product rounded again.
 
 The rotations read the step's ``RopeRotation`` table and index, and their kernel is compiled without floating-point
 contraction (``enable_fp_fusion=False``: Triton's default fuses ``a·c + b·s`` into one FMA, which rounds once where
@@ -120,14 +120,13 @@ def _mla_rope_latent_kernel(q_ptr, kv_ptr, tab_ptr, idx_ptr, w_ptr, qo_ptr, lat_
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, stride_y, BLOCK: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+def _silu_mul_kernel(x_ptr, y_ptr, N, stride_x, stride_y, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
     if INTERPRET:                                             # (the interpreter has no libdevice: numpy's)
         s = g / (1.0 + tl.exp(-g))
     else:                                                     # PyTorch's silu: x / (1 + expf(-x)), IEEE division
@@ -135,15 +134,14 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, stride_y, BLOCK
     tl.store(y_ptr + row * stride_y + cols, (s.to(DTYPE).to(tl.float32) * u).to(DTYPE), mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
-             block: int = 1024) -> torch.Tensor:
-    """``F.silu(gate) * up`` of ``gate, up [T, N]`` (unit last strides, one dtype) → ``[T, N]`` (``out`` to write,
-    unit last stride; default new). Not validated here (``models.fused`` chooses when to call it)."""
-    T, N = gate.shape
-    y = out if out is not None else torch.empty((T, N), dtype=gate.dtype, device=gate.device)
+def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
+    """``F.silu(gate) * up`` of ``gate_up [T, 2N]`` = ``[gate | up]`` (unit last stride) → ``[T, N]`` (``out`` to
+    write, unit last stride; default new). Not validated here (``models.fused`` chooses when to call it)."""
+    T, N = gate_up.shape[0], gate_up.shape[1] // 2
+    y = out if out is not None else torch.empty((T, N), dtype=gate_up.dtype, device=gate_up.device)
     if T and N:
         block = min(block, next_pow2(N))
-        launch(_silu_mul_kernel, (T, cdiv(N, block)), gate, up, y, N, gate.stride(0), up.stride(0), y.stride(0),
+        launch(_silu_mul_kernel, (T, cdiv(N, block)), gate_up, y, N, gate_up.stride(0), y.stride(0),
                BLOCK=block, INTERPRET=interpreting(), num_warps=4, enable_fp_fusion=False)
     return y
 

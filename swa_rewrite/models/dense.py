@@ -25,12 +25,10 @@ def _attention(attn: MLAAttention, x: torch.Tensor, cos: torch.Tensor, sin: torc
     """``x [B*L, hidden]`` → ``[B*L, hidden]``: causal MLA over each of the ``B`` sequences."""
     T = x.shape[0]
     H, N, P, V, R = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
-    if attn.config.q_lora_rank is None:
-        q = attn.q_proj(x)
-    else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q_a, kv = attn.a_projections(x)
+    q = attn.q_proj(x) if q_a is None else attn.q_b_proj(attn.q_a_layernorm(q_a))
     q_nope, q_pe = q.view(T, H, N + P).split([N, P], dim=-1)
-    c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([R, P], dim=-1)
+    c_kv, k_pe = kv.split([R, P], dim=-1)
     c_kv = attn.kv_a_layernorm(c_kv)                                            # [T, R], the cached latent
     interleave = attn.config.rope_interleave
     q_pe = apply_rope(q_pe, cos, sin, interleave)                               # [T, H, P]

@@ -95,11 +95,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     return y if residual is None else (y, h)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation ``F.silu(gate) * up`` (``gate, up [T, N]``)."""
-    if gate.dim() == 2 and up.shape == gate.shape and _fused(gate, up):
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation ``F.silu(gate) * up`` of ``gate_up [T, 2N]`` = ``[gate | up]`` → ``[T, N]``."""
+    if gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and _fused(gate_up):
         from ..kernels import model_ops
-        return model_ops.silu_mul(gate, up)
+        return model_ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

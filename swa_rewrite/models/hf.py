@@ -52,6 +52,7 @@ import torch
 
 from ..timing import progress
 from .config import MLAConfig, yarn_mscale
+from .fused_weights import parts_of
 from .mla import MLAModel
 from .saving import SAVED_KEY, saved_schedule
 
@@ -319,6 +320,15 @@ def _load_weights(model: MLAModel, source: _TensorSource, num_mtp_layers: int) -
         stacked = _EXPERT_STACK.fullmatch(key)
         if stacked and key not in available:
             _load_expert_stack(stacked[1], stacked[2], target, fetch)
+            continue
+        parts = parts_of(key, target.shape[0], config)
+        if parts and key not in available:          # one weight of DeepSeek's two (models.fused_weights)
+            row = 0
+            for name, rows in parts:
+                t = fetch(name, (rows, *target.shape[1:]), target.dtype)
+                if t is not None:
+                    target.data[row:row + rows].copy_(t)
+                row += rows
             continue
         t = fetch(key, tuple(target.shape), target.dtype)
         if t is not None:

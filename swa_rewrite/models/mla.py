@@ -21,6 +21,7 @@ from ..ops.step_check import FULL_KEY, checked_step_metadata
 from .config import MLAConfig
 from .fused import mla_rope_latent, silu_mul, step_rope
 from .fused import rms_norm as fused_rms_norm
+from .fused_weights import merge_parts
 from .moe import MoE
 from .rope import RopeRotation, reset_rope_buffer, rope_inv_freq, rope_inv_freq_bits
 
@@ -78,33 +79,48 @@ class MLAAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
         q_dim = self.num_heads * (self.nope_dim + self.rope_dim)
+        kv_a = c.kv_lora_rank + self.rope_dim
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, q_dim, bias=False)
+            self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, kv_a, bias=False)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            # DeepSeek's q_a_proj and kv_a_proj_with_mqa read the same input: one GEMM (``fused_weights``)
+            self.fused_qkv_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank + kv_a, bias=False)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=False)
         self.softmax_scale = c.softmax_scale
         self.cache_group = cache_group(c, layer_idx)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict with DeepSeek's q_a_proj / kv_a_proj_with_mqa loads into their stack
+        if self.config.q_lora_rank is not None:
+            merge_parts(state_dict, prefix, "fused_qkv_a_proj", ("q_a_proj", "kv_a_proj_with_mqa"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def a_projections(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(q_a, kv)``: DeepSeek's ``q_a_proj(x) [T, q_lora_rank]`` (None without a q LoRA) and
+        ``kv_a_proj_with_mqa(x) [T, R + P]``, views of one GEMM's output where the layer has a q LoRA."""
+        if self.config.q_lora_rank is None:
+            return None, self.kv_a_proj_with_mqa(x)
+        parts = self.fused_qkv_a_proj(x).split_with_sizes([self.config.q_lora_rank, self.kv_lora_rank + self.rope_dim],
+                                                         -1)
+        return parts[0], parts[1]
+
     def forward(self, x: torch.Tensor, rope: RopeRotation, cache: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """``x [T, hidden]`` → ``[T, hidden]``; writes this step's latents into ``cache`` (the rows
         ``meta.slot_mapping[self.cache_group]``), then attends from it."""
         T = x.shape[0]
         H, N, P, R = self.num_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
-        if self.config.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(T, H, N + P)
-        q_nope, q_pe = q[..., :N], q[..., N:]
+        q_a, kv = self.a_projections(x)
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(self.q_a_layernorm(q_a))
+        q = q.view(T, H, N + P).split_with_sizes([N, P], -1)          # (a native method: no Python frame)
+        q_nope, q_pe = q[0], q[1]
         # q_pe rotated [T, H, P] and the latent [T, D] = [kv_a_layernorm(c_kv) | rotate(k_pe)]: apply_rope's bits
         # (one launch in eager CUDA steps: models/fused.py).
-        rotated = mla_rope_latent(q_pe, self.kv_a_proj_with_mqa(x), rope.tokens, rope.heads, rope.index,
+        rotated = mla_rope_latent(q_pe, kv, rope.tokens, rope.heads, rope.index,
                                   self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
         q_pe, latent = rotated[0], rotated[1]
 
@@ -124,13 +140,17 @@ class MLAAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        # DeepSeek's gate_proj and up_proj, stacked [gate; up]: one GEMM (``fused_weights``)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        merge_parts(state_dict, prefix, "gate_up_proj", ("gate_proj", "up_proj"))     # DeepSeek's names load too
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.silu(gate) * up (one launch in eager CUDA steps: models/fused.py)
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        # F.silu(gate) * up of [gate | up] (one launch in eager CUDA steps: models/fused.py)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -27,6 +27,7 @@ import torch
 
 from ..schedule import Schedule
 from .config import MLAConfig
+from .fused_weights import split_parts
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,10 @@ def _moe_generation(config: MLAConfig) -> str:
 
 def _hf_state_dict(model: torch.nn.Module, config: MLAConfig) -> dict[str, torch.Tensor]:
     """``model``'s weights under DeepSeek checkpoint names: ``model.`` prefix, one tensor per routed expert
-    (``[E, 2I, H]`` gate/up and ``[E, H, I]`` down stacks split), no tied ``lm_head``. Contiguous CPU tensors."""
+    (``[E, 2I, H]`` gate/up and ``[E, H, I]`` down stacks split), stacked projections as their parts
+    (``models.fused_weights``), no tied ``lm_head``. Contiguous CPU tensors."""
     out: dict[str, torch.Tensor] = {}
-    for key, t in model.state_dict().items():
+    for key, t in split_parts(model.state_dict(), config).items():       # DeepSeek's q_a / kv_a, gate / up
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue                 # tied: transformers saves embed_tokens only
         t = t.detach().cpu()

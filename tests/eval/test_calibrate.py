@@ -15,6 +15,7 @@ from swa_rewrite.calibrate import (Calibration, WindowCost, compare_schedules, m
                                    nearest_skip_freq, propose_schedule)
 from swa_rewrite.evaluate import kv_cache_bytes, random_sequences
 from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.models.fused_weights import split_parts
 from swa_rewrite.rewrite import apply
 
 
@@ -29,7 +30,7 @@ def brute_force_costs(model, tokens, options):
     and for each option the mass on causal positions the window does not keep and the attention output (after
     ``o_proj``) of the softmax restricted to what it keeps."""
     cfg = model.config
-    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().double() for k, v in split_parts(model.state_dict(), model.config).items()}
     H, N, P, V, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank)
     L, eps = len(tokens), cfg.rms_norm_eps

@@ -126,10 +126,11 @@ def test_silu_mul_kernel(device, dtype, N, seed):
     g = torch.Generator().manual_seed(seed)
     T = 3 if device == "cpu" else 37
     wide = (torch.randn(T, 2 * N + 8, generator=g) * 4).to(dtype).to(device)
-    gate, up = wide[:, :N], wide[:, N + 8:]                  # strided rows, as slices of a wider output
+    gate_up = wide[:, 8:]                                    # [gate | up], strided rows: a slice of a wider output
+    gate, up = gate_up[:, :N], gate_up[:, N:]
     gate[0, :4] = torch.tensor([0.0, -30.0, 30.0, -100.0], dtype=dtype)    # zero, saturating, underflowing exp
     out = _nan((T, N), dtype, device)
-    got = model_ops.silu_mul(gate, up, out=out)
+    got = model_ops.silu_mul(gate_up, out=out)
     assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
     want = F.silu(gate) * up
     if device == "cpu":

@@ -263,7 +263,10 @@ def test_block_fp8_checkpoint_is_dequantized(tmp_path, seed):
     up = state["layers.1.mlp.experts.gate_up_proj"][7, 24:]   # [gate; up] of expert 7
     assert torch.equal(up, want["layers.1.mlp.experts.7.up_proj.weight"])
     original = hf.model.layers[0].self_attn.q_a_proj.weight
-    assert rel_err(state["layers.0.self_attn.q_a_proj.weight"], original) < 0.05   # e4m3 keeps ~3 bits
+    q_a = state["layers.0.self_attn.fused_qkv_a_proj.weight"][:original.shape[0]]     # [q_a; kv_a]
+    assert rel_err(q_a, original) < 0.05   # e4m3 keeps ~3 bits
+    kv_a = state["layers.0.self_attn.fused_qkv_a_proj.weight"][original.shape[0]:]
+    assert torch.equal(kv_a, hf.model.layers[0].self_attn.kv_a_proj_with_mqa.weight)   # (not quantized here)
     assert not any(k.endswith("scale_inv") for k in state)
 
 

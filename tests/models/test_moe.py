@@ -209,7 +209,7 @@ def test_router_stays_float32_when_the_model_is_cast(seed):
     assert block.gate.e_score_correction_bias.dtype == torch.float32
     assert block.experts.gate_up_proj.dtype == torch.bfloat16
     model.to(torch.float16)
-    assert block.gate.weight.dtype == torch.float32 and block.shared_experts.up_proj.weight.dtype == torch.float16
+    assert block.gate.weight.dtype == torch.float32 and block.shared_experts.gate_up_proj.weight.dtype == torch.float16
     out = block(torch.randn(9, H, dtype=torch.float16))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
