@@ -169,7 +169,7 @@ def models_of(args) -> tuple[torch.device, MLAConfig, MLAModel, Schedule, torch.
     """``(device, config, original, schedule, rewritten)`` of a benchmark's arguments (``--cpu``: float32 on the
     CPU, else bf16 on CUDA; the model's weights from seed 0)."""
     device = torch.device("cpu" if args.cpu else "cuda")
-    cfg = MLAConfig.named(args.config)
+    cfg = config_of(args)
     dtype = torch.float32 if args.cpu else torch.bfloat16
     model = MLAModel(cfg, device=device, dtype=dtype, seed=0)
     schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
@@ -270,7 +270,7 @@ def profile(args) -> None:
     from torch.profiler import profile as torch_profile
 
     device = torch.device("cpu" if args.cpu else "cuda")
-    cfg = MLAConfig.named(args.config)
+    cfg = config_of(args)
     model = MLAModel(cfg, device=device, dtype=torch.float32 if args.cpu else torch.bfloat16, seed=0)
     schedule = Schedule.from_skip_freq(args.skip_freq, cfg.num_hidden_layers, args.window)
     rewritten = apply(model, schedule)
@@ -407,6 +407,12 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def config_of(args) -> MLAConfig:
+    """The benchmark's model config: ``args.config``, ``--layers`` deep where given."""
+    cfg = MLAConfig.named(args.config)
+    return cfg.replace(num_hidden_layers=args.layers) if getattr(args, "layers", None) else cfg
+
+
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
     """``--window``, ``--skip-freq`` and ``--page-size`` (the benchmarks' schedule and cache layout)."""
     p.add_argument("--window", type=int, default=None, help="the SWA layers' window (default 128; --cpu 8)")
@@ -429,6 +435,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         "--quick, --cpu 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small context, batch 8, 5 iterations")
     p.add_argument("--cpu", action="store_true", help="CPU smoke path: the tiny config at tiny contexts")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the model's depth (default the config's: v3-attn 4, tiny 4): a step's start, where the host "
+                        "issues layer 0 while the device has little to do, weighs less in a deeper model")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each model at the first context in each of --profile-modes: top "
                         "ops by device time, host-side time and device-to-host copies")
@@ -447,6 +456,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.trials = args.trials or (1 if args.cpu or args.quick else 3)
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
     args.profile_modes = args.profile_modes.split(",")
     if set(args.profile_modes) - {"eager", "inductor", "inductor-py"}:
         p.error(f"--profile-modes takes eager, inductor and inductor-py, got {args.profile_modes}")
@@ -463,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         rows = run(args)
         if args.profile:
             profile(args)
-    cfg = MLAConfig.named(args.config)
+    cfg = config_of(args)
     card = torch.cuda.get_device_name() if not args.cpu else "CPU"
     try:
         import triton

@@ -539,6 +539,18 @@ def test_bench_compile_cpu_smoke(capsys):
     assert "host µs to issue (orig / rewr)" in out
 
 
+def test_bench_compile_layers_sets_the_depth(capsys):
+    """``--layers 2``: a two-layer model of the config (layer 0 sliding, layer 1 full), its bytes in the prediction."""
+    bench = _bench_compile()
+    rows = bench.main(["--cpu", "--contexts", "16", "--iters", "1", "--warmup", "0", "--layers", "2", "--modes",
+                       "eager"])
+    assert "tiny (2 layers" in capsys.readouterr().out
+    original, rewritten = 2 * 2 * 17 * 576, 1 * 2 * 17 * 576 + 1 * 2 * 8 * 164
+    assert rows[0]["kv_ratio"] == pytest.approx(original / rewritten)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu", "--layers", "0"])
+
+
 def test_bench_compile_device_timeline():
     """``bench_compile.device_timeline``: busy time as the union of device activities (overlaps counted once), idle
     gaps between them (host events ignored), the longest gaps with their neighbours, idle by the activity after it."""
