@@ -41,7 +41,7 @@ def _label(node: torch.fx.Node) -> str:
     if name is not None:
         return f"{node.op}:{name}"
     if node.op == "get_attr" or node.op == "call_module":
-        # Layer-relative path, so layer 3's q_a_proj and layer 5's compare equal.
+        # Layer-relative path, so layer 3's q_b_proj and layer 5's compare equal.
         return f"{node.op}:{LAYER_IN_PATH.sub('layers.#', str(node.target))}"
     return f"{node.op}:{getattr(node.target, '__name__', node.target)}"
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from .formatting import format_bytes
+from .models.fused_weights import merge_parts
 from .models.hf import from_hf, is_hf_deepseek
 from .models.rope import reset_rope_buffer
 from .passes import AdapterRegistry, PassManager, PassResult, RewriteError, Role, TracedModel, swa_passes
@@ -50,6 +51,12 @@ class SWAModule(torch.fx.GraphModule):
     ``to_empty()`` and ``load_state_dict(..., assign=True)``. ``swa_schedule`` and ``swa_report`` describe
     the rewrite. The module deep-copies and pickles (``torch.save``) with all of it.
     """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Its submodules are plain modules (fx copies only what the graph uses): a state dict with DeepSeek's
+        # names for the stacked projections is merged here, for every layer at once.
+        merge_parts(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def allocate_kv_cache(self, num_blocks: int, page_size: int,
                           device: torch.device | str | None = None) -> list[torch.Tensor]:

@@ -100,6 +100,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and _fused(gate_up):
         from ..kernels import model_ops
         return model_ops.silu_mul(gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul takes [gate | up] of an even width, got shape {tuple(gate_up.shape)}")
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -2,11 +2,13 @@
 ``kv_a_proj_with_mqa``, stacked in that order) and an MLP's ``gate_up_proj`` (``gate_proj`` then ``up_proj``).
 
 One GEMM where DeepSeek's checkpoints have two: one launch and one weight read fewer per pair, which an eager decode
-step pays for in host time (issue 14; serving engines stack them the same way). The gate / up stack gives the same
-bits as the two GEMMs; the q_a / kv_a stack may round differently where the GEMM library picks another kernel for
-the wider output. Checkpoints keep DeepSeek's names: ``models.from_pretrained`` / ``from_hf`` fill a stack from its
-parts, ``save_pretrained`` writes the parts, and the modules' ``load_state_dict`` takes a state dict with the parts
-too (``merge_parts``). ``parts_of`` is the one table of which stacked weight holds which parts.
+step pays for in host time (issue 14; serving engines stack them the same way). Each output element is the same dot
+product, but the GEMM library may pick another kernel for the wider output and round differently (on the H200 at
+decode sizes the gate / up stack gave the same bits, the q_a / kv_a stack did not: benchmarks/RESULTS.md, issue 14
+run 16). Checkpoints keep DeepSeek's names: ``models.from_pretrained`` / ``from_hf`` fill a stack from its parts,
+``save_pretrained`` writes the parts, and ``load_state_dict`` of the model, its layers and the rewritten module takes
+a state dict with the parts too (``merge_parts``; the parts are copied into the stack, also under ``assign=True``).
+``parts_of`` is the one table of which stacked weight holds which parts.
 """
 
 from __future__ import annotations
@@ -52,11 +54,18 @@ def split_parts(state: dict, config: MLAConfig) -> dict:
     return out
 
 
-def merge_parts(state: dict, prefix: str, stacked: str, parts: tuple[str, ...]) -> None:
-    """In place: where ``state`` has every part ``prefix + part + ".weight"`` and not ``prefix + stacked + ".weight"``,
-    replace the parts by their stack (a ``load_state_dict`` pre-hook's work)."""
-    key = prefix + stacked + ".weight"
-    names = [prefix + part + ".weight" for part in parts]
-    if key in state or not all(n in state for n in names):
-        return
-    state[key] = torch.cat([state.pop(n) for n in names], dim=0)
+_PART_NAMES = {"fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def merge_parts(module: torch.nn.Module, state: dict, prefix: str) -> None:
+    """In place, for each stacked weight of ``module`` (its parameters, nested ones included) whose key under
+    ``prefix`` ``state`` lacks: where ``state`` has every one of its parts, replace them by their stack (the
+    ``load_state_dict`` of ``MLAModel``'s modules and of the rewritten module calls it, so a state dict with DeepSeek's
+    names loads). A partial set of parts is left as it is, for ``load_state_dict`` to report."""
+    for name, _ in module.named_parameters(prefix=prefix.rstrip(".")) if prefix else module.named_parameters():
+        m = _STACKED.fullmatch(name)
+        if m is None or name in state:
+            continue
+        names = [m["prefix"] + part + ".weight" for part in _PART_NAMES[m["name"]]]
+        if all(n in state for n in names):
+            state[name] = torch.cat([state.pop(n) for n in names], dim=0)

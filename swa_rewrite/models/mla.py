@@ -69,7 +69,8 @@ class RMSNorm(nn.Module):
 
 
 class MLAAttention(nn.Module):
-    """Multi-head latent attention of layer ``layer_idx`` (weights named as in DeepSeek-V3 checkpoints)."""
+    """Multi-head latent attention of layer ``layer_idx`` (weights named as in DeepSeek-V3 checkpoints, but for
+    ``fused_qkv_a_proj``: their ``q_a_proj`` and ``kv_a_proj_with_mqa`` stacked, ``models.fused_weights``)."""
 
     def __init__(self, config: MLAConfig, layer_idx: int):
         super().__init__()
@@ -95,9 +96,7 @@ class MLAAttention(nn.Module):
         self.cache_group = cache_group(c, layer_idx)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a state dict with DeepSeek's q_a_proj / kv_a_proj_with_mqa loads into their stack
-        if self.config.q_lora_rank is not None:
-            merge_parts(state_dict, prefix, "fused_qkv_a_proj", ("q_a_proj", "kv_a_proj_with_mqa"))
+        merge_parts(self, state_dict, prefix)       # DeepSeek's q_a_proj / kv_a_proj_with_mqa load into their stack
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def a_projections(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -145,7 +144,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        merge_parts(state_dict, prefix, "gate_up_proj", ("gate_proj", "up_proj"))     # DeepSeek's names load too
+        merge_parts(self, state_dict, prefix)       # DeepSeek's gate_proj / up_proj load into their stack
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

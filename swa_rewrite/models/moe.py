@@ -2,7 +2,8 @@
 
 Parameter names and layouts follow ``transformers`` 5 (``mlp.gate.weight``,
 ``mlp.gate.e_score_correction_bias``, ``mlp.experts.gate_up_proj [E, 2I, H]``,
-``mlp.experts.down_proj [E, H, I]``, ``mlp.shared_experts.*``), so a loaded model's state dict maps one to one;
+``mlp.experts.down_proj [E, H, I]``, ``mlp.shared_experts.*``, whose ``gate_proj`` and ``up_proj`` are one stacked
+``gate_up_proj``: ``models.fused_weights``), so a loaded model's state dict maps one to one but for that stack;
 checkpoints that store one tensor per expert are stacked by the loader (``models/hf.py``).
 
 The routed-expert computation is one custom op, ``torch.ops.swa_rewrite.moe_experts`` (``ops/moe.py``),

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from swa_rewrite import Schedule, apply
 from swa_rewrite.models import MLAConfig, MLAModel
+from swa_rewrite.models.fused import silu_mul
 from swa_rewrite.models.fused_weights import parts_of, split_parts
 
 TINY = MLAConfig.named("tiny")
@@ -51,6 +53,24 @@ def test_deepseek_names_load_into_the_stacks(config, seed):
         assert torch.equal(t, state[key]), key
 
 
+@pytest.mark.parametrize("config", [TINY, moe_tiny()], ids=["dense", "moe"])
+def test_the_rewritten_module_loads_deepseek_names(config, seed):
+    """``apply``'s module (plain submodules: fx copies what the graph uses) takes DeepSeek's names too, into a model
+    built on the meta device (``to_empty`` / ``load_state_dict(assign=True)``, its docstring's flow)."""
+    source = MLAModel(config, seed=seed)
+    state = deepseek_state(source)
+    schedule = Schedule.from_skip_freq(2, config.num_hidden_layers, 8)
+    for assign in (False, True):
+        rewritten = apply(MLAModel(config, device="meta" if assign else "cpu", seed=seed + 1), schedule)
+        if not assign:
+            rewritten.load_state_dict(state)
+        else:
+            rewritten.load_state_dict(state, assign=True)
+        got = rewritten.state_dict()
+        for name, want in source.state_dict().items():
+            assert torch.equal(got[name], want), (assign, name)
+
+
 def test_a_partial_set_of_parts_is_reported_not_merged(seed):
     state = deepseek_state(MLAModel(TINY, seed=seed))
     state.pop("layers.1.mlp.up_proj.weight")
@@ -92,3 +112,8 @@ def test_a_model_without_q_lora_keeps_its_projections(seed):
     assert not any("fused_qkv_a_proj" in n for n in names)
     q_a, kv = model.layers[0].self_attn.a_projections(torch.randn(3, H))
     assert q_a is None and kv.shape == (3, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def test_silu_mul_names_an_odd_width():
+    with pytest.raises(ValueError, match=r"even width, got shape \(3, 5\)"):
+        silu_mul(torch.randn(3, 5))
