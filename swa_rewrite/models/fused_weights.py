@@ -8,7 +8,7 @@ decode sizes the gate / up stack gave the same bits, the q_a / kv_a stack did no
 run 16). Checkpoints keep DeepSeek's names: ``models.from_pretrained`` / ``from_hf`` fill a stack from its parts,
 ``save_pretrained`` writes the parts, and ``load_state_dict`` of the model, its layers and the rewritten module takes
 a state dict with the parts too (``merge_parts``; the parts are copied into the stack, also under ``assign=True``).
-``parts_of`` is the one table of which stacked weight holds which parts.
+``_PART_NAMES`` is the one table of which stacked weight holds which parts.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .config import MLAConfig
 __all__ = ["merge_parts", "parts_of", "split_parts"]
 
 _STACKED = re.compile(r"(?P<prefix>(?:.*\.)?)(?P<name>fused_qkv_a_proj|gate_up_proj)\.weight")
+_PART_NAMES = {"fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def parts_of(key: str, rows: int, config: MLAConfig) -> Optional[list[tuple[str, int]]]:
@@ -32,11 +33,9 @@ def parts_of(key: str, rows: int, config: MLAConfig) -> Optional[list[tuple[str,
     m = _STACKED.fullmatch(key)
     if m is None:
         return None
-    p = m["prefix"]
-    if m["name"] == "gate_up_proj":
-        return [(p + "gate_proj.weight", rows // 2), (p + "up_proj.weight", rows - rows // 2)]
-    q = config.q_lora_rank
-    return [(p + "q_a_proj.weight", q), (p + "kv_a_proj_with_mqa.weight", rows - q)]
+    first = rows // 2 if m["name"] == "gate_up_proj" else config.q_lora_rank
+    names = [m["prefix"] + part + ".weight" for part in _PART_NAMES[m["name"]]]
+    return [(names[0], first), (names[1], rows - first)]
 
 
 def split_parts(state: dict, config: MLAConfig) -> dict:
@@ -54,15 +53,12 @@ def split_parts(state: dict, config: MLAConfig) -> dict:
     return out
 
 
-_PART_NAMES = {"fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def merge_parts(module: torch.nn.Module, state: dict, prefix: str) -> None:
     """In place, for each stacked weight of ``module`` (its parameters, nested ones included) whose key under
     ``prefix`` ``state`` lacks: where ``state`` has every one of its parts, replace them by their stack (the
     ``load_state_dict`` of ``MLAModel``'s modules and of the rewritten module calls it, so a state dict with DeepSeek's
     names loads). A partial set of parts is left as it is, for ``load_state_dict`` to report."""
-    for name, _ in module.named_parameters(prefix=prefix.rstrip(".")) if prefix else module.named_parameters():
+    for name, _ in module.named_parameters(prefix=prefix.rstrip(".")):
         m = _STACKED.fullmatch(name)
         if m is None or name in state:
             continue

@@ -18,8 +18,8 @@ an unreadable or malformed file raises ``ValueError`` naming it, a missing one `
 What is mapped and how it matches ``transformers`` (the parity tests check each point):
 
 - Attention weights map one to one (``model.`` prefix dropped), but for ``q_a_proj`` and ``kv_a_proj_with_mqa``
-  (and an MLP's ``gate_proj`` and ``up_proj``), which fill one stacked weight each (``models.fused_weights``). ``attention_bias=True``, ``mlp_bias=True``
-  and activations other than SiLU are rejected with a ``ValueError``.
+  (and an MLP's ``gate_proj`` and ``up_proj``), which fill one stacked weight each (``models.fused_weights``).
+  ``attention_bias=True``, ``mlp_bias=True`` and activations other than SiLU are rejected with a ``ValueError``.
 - Rope: V3's ``rope_interleave`` is kept. transformers' interleaved rope writes its output de-interleaved
   (``[rotated evens | rotated odds]``), and so does ``models/rope.py``; V2 rotates the same adjacent pairs
   as complex numbers and writes them back interleaved. Queries and keys share the layout, so attention

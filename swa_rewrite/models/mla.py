@@ -104,8 +104,8 @@ class MLAAttention(nn.Module):
         ``kv_a_proj_with_mqa(x) [T, R + P]``, views of one GEMM's output where the layer has a q LoRA."""
         if self.config.q_lora_rank is None:
             return None, self.kv_a_proj_with_mqa(x)
-        parts = self.fused_qkv_a_proj(x).split_with_sizes([self.config.q_lora_rank, self.kv_lora_rank + self.rope_dim],
-                                                         -1)
+        widths = [self.config.q_lora_rank, self.kv_lora_rank + self.rope_dim]
+        parts = self.fused_qkv_a_proj(x).split_with_sizes(widths, -1)
         return parts[0], parts[1]
 
     def forward(self, x: torch.Tensor, rope: RopeRotation, cache: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
